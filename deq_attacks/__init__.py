@@ -1,0 +1,61 @@
+"""deq-attacks: honest white-box robustness evaluation and adversarial training of DEQs.
+
+Data flow: x -> injection -> solver over f(z; x) -> Trajectory -> readout -> head -> logits,
+with gradients for attacks chosen among the estimates of Yang, Pang & Liu (NeurIPS 2022).
+"""
+
+from deq_attacks.deq import (
+    DEQ,
+    Early,
+    Ensemble,
+    Final,
+    ImplicitGradient,
+    JacobianRegularization,
+    PhantomGradient,
+    Readout,
+    SolverDivergedError,
+    spectral_radius,
+)
+from deq_attacks.gradients import (
+    Adjoint,
+    AdjointBroyden,
+    Exact,
+    GradientEnsemble,
+    GradientEstimate,
+    InverseEstimate,
+    Phantom,
+    Unrolled,
+)
+from deq_attacks.interfaces import DEQEstimator, DEQFoolboxModel, WhiteBoxModule
+from deq_attacks.solvers import Anderson, Broyden, FixedPointIteration, StopMode, Trajectory
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEQ",
+    "Adjoint",
+    "AdjointBroyden",
+    "Anderson",
+    "Broyden",
+    "DEQEstimator",
+    "DEQFoolboxModel",
+    "Early",
+    "Ensemble",
+    "Exact",
+    "Final",
+    "FixedPointIteration",
+    "GradientEnsemble",
+    "GradientEstimate",
+    "ImplicitGradient",
+    "InverseEstimate",
+    "JacobianRegularization",
+    "Phantom",
+    "PhantomGradient",
+    "Readout",
+    "SolverDivergedError",
+    "StopMode",
+    "Trajectory",
+    "Unrolled",
+    "WhiteBoxModule",
+    "spectral_radius",
+]

@@ -1,0 +1,33 @@
+"""The DEQ module, its readouts (defenses), training gradients and Jacobian tools."""
+
+from deq_attacks.deq.backward import (
+    ImplicitGradient,
+    PhantomGradient,
+    TrainingGradient,
+    damped_unroll,
+)
+from deq_attacks.deq.dropout import VariationalDropout
+from deq_attacks.deq.model import DEQ, SolverDivergedError
+from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
+from deq_attacks.deq.regularization import (
+    JacobianRegularization,
+    hutchinson_frobenius,
+    spectral_radius,
+)
+
+__all__ = [
+    "DEQ",
+    "Early",
+    "Ensemble",
+    "Final",
+    "ImplicitGradient",
+    "JacobianRegularization",
+    "PhantomGradient",
+    "Readout",
+    "SolverDivergedError",
+    "TrainingGradient",
+    "VariationalDropout",
+    "damped_unroll",
+    "hutchinson_frobenius",
+    "spectral_radius",
+]

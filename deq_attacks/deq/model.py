@@ -1,0 +1,173 @@
+"""The DEQ module: injection -> solver over f(z; x) -> trajectory -> readout -> head -> logits."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Collection
+
+import torch
+from torch import Tensor, nn
+
+from deq_attacks.deq.backward import ImplicitGradient, TrainingGradient
+from deq_attacks.deq.dropout import VariationalDropout
+from deq_attacks.deq.readout import Final, Readout, check_readout
+from deq_attacks.deq.regularization import JacobianRegularization, attach_penalty
+from deq_attacks.solvers import Broyden, Solver, Trajectory
+
+
+class SolverDivergedError(RuntimeError):
+    """The forward solver produced NaN or inf for some sample."""
+
+
+class DEQ(nn.Module):
+    """A deep equilibrium classifier.
+
+    Args:
+        f: ``f(z, injection) -> z`` on states (B, *S); may define ``init_state(injection)``
+            (default: zeros shaped like the injection).
+        injection: the stem, ``injection(x) -> injection``.
+        head: ``head(z) -> logits`` (B, classes) on states (B, *S).
+        solver: the forward solver (paper: Broyden, 8 iterates).
+        training_gradient: how gradients reach the parameters (ImplicitGradient or
+            PhantomGradient); used in train and eval mode.
+        readout: the default defense (Final, Early(n) or Ensemble).
+        jacobian_regularization: adds the Hutchinson penalty to training losses, or None.
+        raise_on_divergence: raise SolverDivergedError instead of warning when a sample's
+            forward solve turns NaN or inf.
+
+    After each forward, ``last_trajectory`` holds the solve (flat states (B, d)).
+    """
+
+    def __init__(
+        self,
+        f: nn.Module,
+        injection: nn.Module,
+        head: nn.Module,
+        *,
+        solver: Solver | None = None,
+        training_gradient: TrainingGradient | None = None,
+        readout: Readout | None = None,
+        jacobian_regularization: JacobianRegularization | None = None,
+        raise_on_divergence: bool = False,
+    ) -> None:
+        super().__init__()
+        self.f = f
+        self.injection = injection
+        self.head = head
+        self.solver = solver if solver is not None else Broyden(threshold=8)
+        if not isinstance(self.solver, Solver):
+            raise TypeError(f"solver must be a deq_attacks Solver, got {self.solver!r}")
+        self.training_gradient = training_gradient or ImplicitGradient()
+        if not isinstance(self.training_gradient, TrainingGradient):
+            raise TypeError(
+                "training_gradient must be ImplicitGradient(...) or PhantomGradient(...), "
+                f"got {self.training_gradient!r}"
+            )
+        self.readout = check_readout(readout if readout is not None else Final())
+        self.readout.check(self.solver.threshold)
+        if jacobian_regularization is not None and not isinstance(
+            jacobian_regularization, JacobianRegularization
+        ):
+            raise TypeError(f"expected JacobianRegularization, got {jacobian_regularization!r}")
+        self.jacobian_regularization = jacobian_regularization
+        self.raise_on_divergence = raise_on_divergence
+        self.last_trajectory: Trajectory | None = None
+        self.last_backward_trajectory: Trajectory | None = None
+        self.last_jacobian_penalty: Tensor | None = None
+        self._training_forwards = 0
+        self._state_shape: tuple[tuple[int, ...], torch.Size] | None = None
+
+    # --- the pieces of the data flow, on flat states (B, d) -------------------------------
+
+    def inject(self, x: Tensor) -> Tensor:
+        """Validate the input batch (B, ...) and apply the injection (stem)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be floating point, got {x.dtype}")
+        param = next(self.parameters(), None)
+        if param is not None and x.dtype != param.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {param.dtype}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or inf")
+        return self.injection(x)
+
+    def initial_state(self, injection: Tensor) -> Tensor:
+        """``z_0`` (B, *S): ``f.init_state(injection)`` or zeros shaped like the injection."""
+        init = getattr(self.f, "init_state", None)
+        z0 = init(injection) if callable(init) else torch.zeros_like(injection)
+        self._state_shape = (tuple(injection.shape), z0.shape[1:])
+        return z0
+
+    def _shape_for(self, injection: Tensor) -> torch.Size:
+        if self._state_shape is None or self._state_shape[0] != tuple(injection.shape):
+            self.initial_state(injection)
+        assert self._state_shape is not None
+        return self._state_shape[1]
+
+    def step(self, z: Tensor, injection: Tensor) -> Tensor:
+        """One application of f on flat states: (B, d) -> (B, d)."""
+        shape = self._shape_for(injection)
+        return self.f(z.reshape(z.shape[0], *shape), injection).reshape(z.shape[0], -1)
+
+    def logits(self, z: Tensor, injection: Tensor) -> Tensor:
+        """The head on a flat state (B, d) -> logits (B, classes)."""
+        return self.head(z.reshape(z.shape[0], *self._shape_for(injection)))
+
+    def solve(self, injection: Tensor, keep: bool | Collection[int] = False) -> Trajectory:
+        """Run the forward solver from ``z_0`` without autograd; record it as
+        ``last_trajectory`` and report divergence."""
+        for module in self.f.modules():
+            if isinstance(module, VariationalDropout):
+                module.reset_mask()
+        z0 = self.initial_state(injection).reshape(injection.shape[0], -1)
+        trajectory = self.solver.solve(lambda z: self.step(z, injection), z0.detach(), keep)
+        self.last_trajectory = trajectory
+        if trajectory.diverged.any():
+            message = (
+                f"forward solver diverged (NaN/inf) for {int(trajectory.diverged.sum())} of "
+                f"{trajectory.diverged.numel()} samples; each was frozen at its last finite iterate"
+            )
+            if self.raise_on_divergence:
+                raise SolverDivergedError(message)
+            warnings.warn(message, stacklevel=3)
+        return trajectory
+
+    # --- the module -------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, readout: Readout | None = None) -> Tensor:
+        """Logits (B, classes) of the readout state (default: ``self.readout``).
+
+        The Final readout is differentiable through the training gradient. Early and Ensemble
+        states have no gradient of their own; differentiating them w.r.t. the input needs a
+        gradient estimate (``deq_attacks.WhiteBoxModule`` or ``DEQEstimator``).
+        """
+        readout = check_readout(readout if readout is not None else self.readout)
+        readout.check(self.solver.threshold)
+        if not isinstance(readout, Final) and torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError(
+                f"{readout} has no gradient of its own w.r.t. the input: wrap the model in "
+                "deq_attacks.WhiteBoxModule (or DEQEstimator) to choose a gradient estimate"
+            )
+        injection = self.inject(x)
+        trajectory = self.solve(injection, keep=readout.keep_steps())
+        state = readout.state(self, trajectory, injection)
+        logits = self.logits(state, injection)
+        if self.training and torch.is_grad_enabled() and self.jacobian_regularization is not None:
+            index = self._training_forwards
+            self._training_forwards += 1
+            if self.jacobian_regularization.applies_at(index):
+                penalty = self.jacobian_regularization.penalty(
+                    lambda z: self.step(z, injection), trajectory.final
+                )
+                self.last_jacobian_penalty = penalty.detach()
+                logits = attach_penalty(logits, penalty)
+        return logits
+
+    def relative_residuals(self) -> Tensor:
+        """(B, N) relative residuals ``||f(z_n)-z_n|| / ||f(z_n)||`` of the last forward."""
+        if self.last_trajectory is None:
+            raise RuntimeError("no forward pass has been run yet")
+        return self.last_trajectory.residuals

@@ -1,0 +1,29 @@
+"""Gradient estimates of dL/dx for DEQs (Sec. 2.1, 4, 5.1), each a typed, validated object."""
+
+from deq_attacks.gradients.adjoint import Adjoint, AdjointBroyden, InverseEstimate
+from deq_attacks.gradients.base import (
+    Cotangent,
+    GradientEstimate,
+    constant_cotangent,
+    input_gradient,
+    loss_cotangent,
+)
+from deq_attacks.gradients.ensemble import GradientEnsemble
+from deq_attacks.gradients.exact import Exact
+from deq_attacks.gradients.phantom import Phantom
+from deq_attacks.gradients.unrolled import Unrolled
+
+__all__ = [
+    "Adjoint",
+    "AdjointBroyden",
+    "Cotangent",
+    "GradientEnsemble",
+    "Exact",
+    "GradientEstimate",
+    "InverseEstimate",
+    "Phantom",
+    "Unrolled",
+    "constant_cotangent",
+    "input_gradient",
+    "loss_cotangent",
+]

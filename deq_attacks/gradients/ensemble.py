@@ -1,0 +1,80 @@
+"""Gradient ensemble over intermediate states (Eq. 17), from one forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from deq_attacks.gradients.adjoint import Adjoint, AdjointBroyden, StepWeights
+from deq_attacks.gradients.base import Cotangent, GradientEstimate
+from deq_attacks.gradients.unrolled import Unrolled
+from deq_attacks.solvers import Solver, Trajectory
+
+if TYPE_CHECKING:
+    from deq_attacks.deq.model import DEQ
+
+PerStepEstimate = Adjoint | Unrolled | AdjointBroyden
+
+
+@dataclass(frozen=True)
+class GradientEnsemble(GradientEstimate):
+    """Mean over n of the per-step estimates ``of`` at ``n = 1..N_i`` (each sample's own
+    iterates), from the one trajectory of the forward pass.
+
+    ``GradientEnsemble(Adjoint(beta=0.5))`` costs one adjoint sweep (as ``Adjoint(n=N)`` does);
+    ``GradientEnsemble(Unrolled(k=1, lam=1.0))`` and ``GradientEnsemble(AdjointBroyden())``
+    cost one unrolling or one VJP per step.
+
+    Args:
+        of: the per-step estimate, with ``n`` left None.
+    """
+
+    of: PerStepEstimate
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.of, (Adjoint, Unrolled, AdjointBroyden)):
+            raise TypeError(
+                "GradientEnsemble(of=...) takes Adjoint, Unrolled or AdjointBroyden, "
+                f"got {self.of!r}"
+            )
+        if self.of.n is not None:
+            raise ValueError(
+                f"GradientEnsemble averages over every step n; leave n unset in {self.of!r}"
+            )
+
+    def check(self, solver: Solver) -> None:
+        self.of.check(solver)
+
+    def keep_steps(self, threshold: int) -> bool:
+        return True
+
+    @staticmethod
+    def step_weights(trajectory: Trajectory) -> StepWeights:
+        """Per-sample weights ``1/N_i`` for steps ``n <= N_i`` (0 beyond a sample's own steps)."""
+        steps = trajectory.steps
+        inverse_count = 1.0 / steps.clamp(min=1).to(trajectory.z0.dtype)
+        return {
+            n: torch.where(steps >= n, inverse_count, torch.zeros_like(inverse_count))
+            for n in range(1, trajectory.num_steps + 1)
+        }
+
+    def injection_gradient(
+        self, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
+    ) -> Tensor:
+        weights = self.step_weights(trajectory)
+        if isinstance(self.of, Adjoint):
+            return self.of.weighted(deq, trajectory, injection, cotangent, weights)
+        total = torch.zeros_like(injection)
+        shape = (-1, *[1] * (injection.dim() - 1))
+        for n, weight in weights.items():
+            if isinstance(self.of, Unrolled):
+                term = self.of.gradient_at(n, deq, trajectory, injection, cotangent)
+            else:
+                term = self.of.gradient_at(
+                    n, trajectory.state(n), deq, trajectory, injection, cotangent
+                )
+            total = total + weight.to(injection.dtype).reshape(shape) * term
+        return total

@@ -1,0 +1,34 @@
+"""The unrolling-based phantom gradient at the solver's answer (Eq. 4-6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from deq_attacks.deq.backward import check_unroll
+from deq_attacks.gradients.base import Cotangent, GradientEstimate, unrolled_injection_gradient
+from deq_attacks.solvers import Trajectory
+
+if TYPE_CHECKING:
+    from deq_attacks.deq.model import DEQ
+
+
+@dataclass(frozen=True)
+class Phantom(GradientEstimate):
+    """Autograd through ``k`` damped steps ``z <- (1-lam) z + lam f(z; x)`` from the detached
+    ``z*``; loss at the last one. Cost: k forward and k backward steps of f."""
+
+    k: int = 5
+    lam: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_unroll(self.k, self.lam)
+
+    def injection_gradient(
+        self, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
+    ) -> Tensor:
+        return unrolled_injection_gradient(
+            deq, trajectory.final, injection, cotangent, self.k, self.lam
+        )

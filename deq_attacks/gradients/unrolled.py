@@ -1,0 +1,65 @@
+"""Unrolled intermediates (Sec. 4.2, Eq. 13-16): the phantom gradient started at z_n."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from deq_attacks.deq.backward import check_unroll
+from deq_attacks.gradients.base import (
+    Cotangent,
+    GradientEstimate,
+    check_step,
+    check_within,
+    unrolled_injection_gradient,
+)
+from deq_attacks.solvers import Solver, Trajectory
+
+if TYPE_CHECKING:
+    from deq_attacks.deq.model import DEQ
+
+
+@dataclass(frozen=True)
+class Unrolled(GradientEstimate):
+    """Autograd through ``k`` damped steps from the detached intermediate ``z_n``.
+
+    Args:
+        n: the iterate to unroll, 1..threshold; None for the last one (``z_threshold``).
+            Inside ``GradientEnsemble`` leave it None.
+        k: unrolling steps >= 1 (paper's ablation: k=1, lam=1 on z_1 is strongest).
+        lam: damping in (0, 1].
+    """
+
+    n: int | None = None
+    k: int = 1
+    lam: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_step(self.n, "Unrolled")
+        check_unroll(self.k, self.lam)
+
+    def step_index(self, threshold: int) -> int:
+        return threshold if self.n is None else self.n
+
+    def check(self, solver: Solver) -> None:
+        check_within(self.n, solver, "Unrolled")
+
+    def keep_steps(self, threshold: int) -> frozenset[int]:
+        return frozenset({self.step_index(threshold)})
+
+    def injection_gradient(
+        self, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
+    ) -> Tensor:
+        return self.gradient_at(
+            self.step_index(trajectory.threshold), deq, trajectory, injection, cotangent
+        )
+
+    def gradient_at(
+        self, n: int, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
+    ) -> Tensor:
+        """The estimate unrolled from ``z_n``."""
+        return unrolled_injection_gradient(
+            deq, trajectory.state(n), injection, cotangent, self.k, self.lam
+        )

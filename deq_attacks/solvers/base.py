@@ -1,0 +1,202 @@
+"""What every fixed-point solver shares: validated settings and the per-sample bookkeeping."""
+
+from __future__ import annotations
+
+import enum
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from deq_attacks.solvers.trajectory import BroydenInverse, Trajectory
+
+FixedPointMap = Callable[[Tensor], Tensor]
+"""A batched map ``z -> f(z)`` on flat states (B, d)."""
+
+_NORM_EPS = 1e-12
+
+
+class StopMode(enum.Enum):
+    """Which residual a solver compares to its tolerance."""
+
+    ABS = "abs"  # ||f(z) - z||
+    REL = "rel"  # ||f(z) - z|| / ||f(z)||
+
+
+def relative_residual(z: Tensor, fz: Tensor) -> Tensor:
+    """``||f(z) - z|| / ||f(z)||`` per sample, for flat (B, d) states; 0/0 gives 0."""
+    return (fz - z).norm(dim=-1) / fz.norm(dim=-1).clamp(min=_NORM_EPS)
+
+
+@dataclass(frozen=True)
+class Solver(ABC):
+    """Settings shared by all solvers, validated at construction.
+
+    Args:
+        threshold: the most iterates ``z_1..z_N`` to produce (N), at least 1.
+        tol: a sample stops once its residual (per ``stop_mode``) is at most ``tol``;
+            0 runs every sample for ``threshold`` steps unless it reaches an exact fixed point.
+        stop_mode: compare the absolute or the relative residual to ``tol``.
+        return_best: the answer is each sample's lowest-residual iterate (else its last one).
+    """
+
+    threshold: int = 8
+    tol: float = 1e-3
+    stop_mode: StopMode = StopMode.REL
+    return_best: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int):
+            raise TypeError(f"threshold must be an int, got {type(self.threshold).__name__}")
+        if self.threshold < 1:
+            raise ValueError(f"threshold must be at least 1, got {self.threshold}")
+        if not isinstance(self.tol, (int, float)) or not math.isfinite(self.tol) or self.tol < 0:
+            raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
+        if not isinstance(self.stop_mode, StopMode):
+            try:
+                object.__setattr__(self, "stop_mode", StopMode(self.stop_mode))
+            except ValueError:
+                options = ", ".join(repr(m.value) for m in StopMode)
+                raise ValueError(
+                    f"unknown stop_mode {self.stop_mode!r}; choose one of {options}"
+                ) from None
+
+    @property
+    def keeps_inverse(self) -> bool:
+        """Whether the trajectory carries an inverse-Jacobian estimate ``B_n``."""
+        return False
+
+    def solve(
+        self, fn: FixedPointMap, z0: Tensor, keep: bool | Collection[int] = False
+    ) -> Trajectory:
+        """Solve ``z = fn(z)`` from ``z0`` (B, d) without recording autograd.
+
+        Args:
+            fn: the batched map on flat states.
+            z0: initial states (B, d), floating point and finite.
+            keep: which iterates to keep in ``Trajectory.states``: True for all, False for
+                none, or a collection of steps n (1-based).
+        """
+        if not isinstance(z0, Tensor) or z0.dim() != 2:
+            shape = tuple(z0.shape) if isinstance(z0, Tensor) else type(z0).__name__
+            raise ValueError(f"z0 must be a (batch, dim) tensor, got {shape}")
+        if not z0.is_floating_point():
+            raise TypeError(f"z0 must be floating point, got {z0.dtype}")
+        if not torch.isfinite(z0).all():
+            raise ValueError("z0 contains NaN or inf")
+        with torch.no_grad():
+            return self._solve(_Recorder(self, fn, z0, keep))
+
+    @abstractmethod
+    def _solve(self, rec: _Recorder) -> Trajectory:
+        """Run the iteration through ``rec`` and return ``rec.finish(...)``."""
+
+
+class _Recorder:
+    """Per-sample bookkeeping for one solve: residuals, stopping, divergence, best, kept states.
+
+    Every quantity is computed per sample, so one sample never changes another's result.
+    """
+
+    def __init__(
+        self, solver: Solver, fn: FixedPointMap, z0: Tensor, keep: bool | Collection[int]
+    ) -> None:
+        self.solver = solver
+        self._fn = fn
+        self.nfe = 0
+        self.z0 = z0
+        batch = z0.shape[0]
+        self.keep_all = keep is True
+        self.keep_steps = frozenset() if isinstance(keep, bool) else frozenset(keep)
+        bad = [n for n in self.keep_steps if not 1 <= n <= solver.threshold]
+        if bad:
+            raise ValueError(
+                f"cannot keep steps {sorted(bad)}: valid steps are 1..{solver.threshold}"
+            )
+        fz0 = self.evaluate(z0)
+        self.z = z0
+        self.fz = fz0
+        finite = torch.isfinite(fz0).all(dim=-1)
+        self.diverged = ~finite
+        self.active = finite.clone()
+        self.converged = torch.zeros(batch, dtype=torch.bool, device=z0.device)
+        self.steps = torch.zeros(batch, dtype=torch.long, device=z0.device)
+        self.state_sum = torch.zeros_like(z0)
+        self.states: dict[int, Tensor] = {}
+        self._abs = (fz0 - z0).norm(dim=-1)
+        self._rel = relative_residual(z0, fz0)
+        self._abs_hist: list[Tensor] = []
+        self._rel_hist: list[Tensor] = []
+        self.best = z0
+        self._best_crit = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
+
+    def evaluate(self, z: Tensor) -> Tensor:
+        """``fn(z)``, counted, with its shape checked."""
+        fz = self._fn(z)
+        self.nfe += 1
+        if fz.shape != z.shape:
+            raise ValueError(
+                f"f returned shape {tuple(fz.shape)} for a state of shape {tuple(z.shape)}"
+            )
+        return fz
+
+    def _criterion(self, abs_res: Tensor, rel_res: Tensor) -> Tensor:
+        return abs_res if self.solver.stop_mode is StopMode.ABS else rel_res
+
+    def record(self, n: int, z_new: Tensor, f_new: Tensor) -> Tensor:
+        """Record iterate ``z_n`` and ``f(z_n)``; return the (B,) mask of samples that took it.
+
+        Samples not active (stopped earlier) and samples whose candidate is not finite keep
+        their previous iterate; the latter are marked diverged and stop.
+        """
+        finite = torch.isfinite(z_new).all(dim=-1) & torch.isfinite(f_new).all(dim=-1)
+        took = self.active & finite
+        self.diverged |= self.active & ~finite
+        col = took.unsqueeze(-1)
+        self.z = torch.where(col, z_new, self.z)
+        self.fz = torch.where(col, f_new, self.fz)
+        abs_res = (self.fz - self.z).norm(dim=-1)
+        rel_res = relative_residual(self.z, self.fz)
+        self._abs = torch.where(took, abs_res, self._abs)
+        self._rel = torch.where(took, rel_res, self._rel)
+        self._abs_hist.append(self._abs)
+        self._rel_hist.append(self._rel)
+        self.steps += took.long()
+        self.state_sum += torch.where(col, self.z, torch.zeros_like(self.z))
+        crit = self._criterion(self._abs, self._rel)
+        better = took & (crit < self._best_crit)
+        self.best = torch.where(better.unsqueeze(-1), self.z, self.best)
+        self._best_crit = torch.where(better, crit, self._best_crit)
+        now_converged = took & (crit <= self.solver.tol)
+        self.converged |= now_converged
+        self.active = took & ~now_converged
+        if self.keep_all or n in self.keep_steps:
+            self.states[n] = self.z
+        return took
+
+    def finish(self, inverse: BroydenInverse | None = None) -> Trajectory:
+        """Close the record after the last step run."""
+        num_steps = len(self._rel_hist)
+        if any(n > num_steps for n in self.keep_steps):
+            # steps beyond the last one run are frozen copies of the last iterate
+            self.states[num_steps] = self.z
+        final = self.best if self.solver.return_best else self.z
+        # a sample that diverged before its first finite iterate keeps z_0
+        final = torch.where((self.steps == 0).unsqueeze(-1), self.z, final)
+        return Trajectory(
+            z0=self.z0,
+            final=final,
+            residuals=torch.stack(self._rel_hist, dim=1),
+            abs_residuals=torch.stack(self._abs_hist, dim=1),
+            steps=self.steps,
+            converged=self.converged,
+            diverged=self.diverged,
+            state_sum=self.state_sum,
+            states=self.states,
+            threshold=self.solver.threshold,
+            nfe=self.nfe,
+            inverse=inverse,
+        )
