@@ -1,0 +1,436 @@
+"""The measured ratios. Each case times (or measures) two things side by side and returns rows.
+
+Every forward solve here uses ``tol=0`` so that it runs all its iterates: the cost then does not
+depend on how far an untrained model happens to converge (a trained DEQ is far from its fixed
+point after 8 steps anyway: relative residual ~0.2). Each row says whether that held.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from benchmarks.memory import peak_bytes
+from benchmarks.timing import paired_ratio
+from benchmarks.workloads import Settings, Workload
+from deq_attacks import (
+    DEQ,
+    Adjoint,
+    Anderson,
+    Broyden,
+    DEQEstimator,
+    Early,
+    Ensemble,
+    FixedPointIteration,
+    GradientEnsemble,
+    GradientEstimate,
+    ImplicitGradient,
+    PhantomGradient,
+    Readout,
+    Unrolled,
+)
+from deq_attacks.gradients import input_gradient, loss_cotangent
+from deq_attacks.solvers import Solver
+
+EPS = 8 / 255
+EPS_STEP = 2 / 255
+
+
+@dataclass
+class Context:
+    """What every case needs: the workload, the settings and the device."""
+
+    workload: Workload
+    settings: Settings
+    device: torch.device
+
+
+@dataclass
+class Result:
+    """One row of the table.
+
+    measured = numerator / denominator (median over repetitions); target None = reported
+    only. unit: "s" (seconds per call) or "bytes" (peak). samples: per-repetition ratios.
+    """
+
+    id: str
+    ratio: str
+    measured: float
+    target: float | None
+    workload: str
+    timed: str
+    notes: str
+    numerator: float
+    denominator: float
+    unit: str
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.target is None else self.measured <= self.target
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["met"] = self.met
+        return data
+
+
+def _timed_row(
+    ctx: Context,
+    id_: str,
+    ratio: str,
+    target: float | None,
+    numerator: Callable[[], object],
+    denominator: Callable[[], object],
+    timed: str,
+    notes: str,
+) -> Result:
+    s = ctx.settings
+    timing = paired_ratio(
+        numerator,
+        denominator,
+        device=ctx.device,
+        repeats=s.repeats,
+        warmup=s.warmup,
+        min_block_s=s.min_block_s,
+    )
+    spread = f"per-repeat ratios {min(timing.ratios):.3f}..{max(timing.ratios):.3f}"
+    return Result(
+        id=id_,
+        ratio=ratio,
+        measured=timing.ratio,
+        target=target,
+        workload=ctx.workload.name,
+        timed=timed,
+        notes=f"{notes}; {_ms(timing.numerator_s)} vs {_ms(timing.denominator_s)}; {spread}",
+        numerator=timing.numerator_s,
+        denominator=timing.denominator_s,
+        unit="s",
+        samples=list(timing.ratios),
+    )
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _solver(cls: type[Solver], threshold: int) -> Solver:
+    """``cls`` running every one of its ``threshold`` iterates (tol=0)."""
+    return cls(threshold=threshold, tol=0.0)
+
+
+def _full_run_note(deq: DEQ, threshold: int) -> str:
+    """Whether the last forward solve of ``deq`` ran all ``threshold`` iterates per sample."""
+    trajectory = deq.last_trajectory
+    if trajectory is None:
+        return "no solve recorded"
+    if int(trajectory.steps.min()) == threshold:
+        return f"all {threshold} iterates ran"
+    return f"WARNING: some samples stopped after {int(trajectory.steps.min())} iterates"
+
+
+def _estimator(
+    ctx: Context,
+    deq: DEQ,
+    estimate: GradientEstimate | None = None,
+    defense: Readout | None = None,
+) -> DEQEstimator:
+    return DEQEstimator(
+        deq,
+        input_shape=ctx.workload.input_shape,
+        nb_classes=ctx.workload.num_classes,
+        estimate=estimate,
+        defense=defense,
+        clip_values=(0.0, 1.0),
+        device_type="gpu" if ctx.device.type == "cuda" else "cpu",
+    )
+
+
+def _one_hot(y: Tensor, classes: int) -> Tensor:
+    return nn.functional.one_hot(y, classes).to(torch.float32)
+
+
+def _loss_gradient(estimator: DEQEstimator, estimate: GradientEstimate, x: Tensor, y: Tensor):
+    def call() -> object:
+        with estimator.using(estimate=estimate):
+            return estimator.loss_gradient(x, y)
+
+    return call
+
+
+def gradient_estimates(ctx: Context) -> list[Result]:
+    """Ensemble / single-step estimates, and adjoint(n) / unrolled(n, k=1), by loss_gradient."""
+    n = ctx.settings.threshold
+    deq = ctx.workload.model(ctx.device, solver=_solver(Broyden, n))
+    x, y = ctx.workload.batch_data(ctx.device)
+    y1 = _one_hot(y, ctx.workload.num_classes)
+    est = _estimator(ctx, deq)
+
+    def grad(estimate: GradientEstimate) -> Callable[[], object]:
+        return _loss_gradient(est, estimate, x, y1)
+
+    grad(Adjoint())()
+    full = _full_run_note(deq, n)
+    how = f"DEQEstimator.loss_gradient (ART entry point), Broyden({n} iterates), batch {len(x)}"
+    return [
+        _timed_row(
+            ctx,
+            "ensemble_adjoint",
+            "GradientEnsemble(Adjoint) / Adjoint(n=N)",
+            1.5,
+            grad(GradientEnsemble(Adjoint())),
+            grad(Adjoint(n=n)),
+            f"{how}; ensemble over all N={n} states vs the estimate at z_N",
+            f"naive ensemble (one estimate per state) would be ~N={n}; {full}",
+        ),
+        _timed_row(
+            ctx,
+            "ensemble_unrolled",
+            "GradientEnsemble(Unrolled(k=1)) / Unrolled(n=N, k=1)",
+            None,
+            grad(GradientEnsemble(Unrolled(k=1))),
+            grad(Unrolled(n=n, k=1)),
+            f"{how}; one k=1 unrolling per state vs one at z_N",
+            f"reported only: its naive cost is N={n} unrollings (shared forward solve); {full}",
+        ),
+        _timed_row(
+            ctx,
+            "adjoint_vs_unrolled",
+            "Adjoint(n) / Unrolled(n, k=1)",
+            1.15,
+            grad(Adjoint(n=n)),
+            grad(Unrolled(n=n, k=1)),
+            f"{how}; n=N={n}",
+            f"paper App. F.2: 1.21 (PGD-10 on DEQ-Large); {full}",
+        ),
+    ]
+
+
+def plain_pgd(
+    deq: DEQ, estimate: GradientEstimate, x: Tensor, y: Tensor, steps: int, loss: nn.Module
+) -> Tensor:
+    """L-inf PGD (eps 8/255, step 2/255, uniform random start) by ``estimate``, in plain torch."""
+    cotangent = loss_cotangent(loss, y)
+    x_adv = (x + torch.empty_like(x).uniform_(-EPS, EPS)).clamp(0.0, 1.0)
+    for _ in range(steps):
+        grad = input_gradient(deq, estimate, x_adv, cotangent)
+        x_adv = torch.minimum(torch.maximum(x_adv + EPS_STEP * grad.sign(), x - EPS), x + EPS)
+        x_adv = x_adv.clamp(0.0, 1.0)
+    return x_adv
+
+
+def art_pgd(ctx: Context) -> list[Result]:
+    """ART's ProjectedGradientDescent through DEQEstimator / the same PGD in plain torch."""
+    from art.attacks.evasion import ProjectedGradientDescent
+
+    s = ctx.settings
+    n = s.threshold
+    deq = ctx.workload.model(ctx.device, solver=_solver(Broyden, n))
+    x, y = ctx.workload.batch_data(ctx.device)
+    x_np, y_np = x.cpu().numpy(), y.cpu().numpy()
+    loss = nn.CrossEntropyLoss()
+    rows = []
+    for id_, estimate in (("art_pgd_unrolled", Unrolled(k=1)), ("art_pgd_adjoint", Adjoint())):
+        est = _estimator(ctx, deq, estimate=estimate)
+        attack = ProjectedGradientDescent(
+            est,
+            norm=np.inf,
+            eps=EPS,
+            eps_step=EPS_STEP,
+            max_iter=s.pgd_steps,
+            num_random_init=1,
+            batch_size=len(x_np),
+            verbose=False,
+        )
+
+        def art_call(attack: ProjectedGradientDescent = attack) -> object:
+            return attack.generate(x_np, y_np)
+
+        def plain_call(estimate: GradientEstimate = estimate) -> object:
+            return plain_pgd(deq, estimate, x, y, s.pgd_steps, loss)
+
+        rows.append(
+            _timed_row(
+                ctx,
+                id_,
+                f"ART PGD-{s.pgd_steps} / plain torch PGD-{s.pgd_steps}, {estimate!r}",
+                1.2,
+                art_call,
+                plain_call,
+                f"ProjectedGradientDescent(eps 8/255, step 2/255, {s.pgd_steps} steps, random "
+                f"start).generate on numpy vs a torch loop of input_gradient with the same "
+                f"estimate; Broyden({n}), batch {len(x)}",
+                "ART adds per step the defended logits (Final: one f step + head + loss) and "
+                "after the attack two predicts for its success-rate log",
+            )
+        )
+    return rows
+
+
+def broyden_vs_torchdeq(ctx: Context) -> list[Result]:
+    """Our Broyden solve / torchdeq 0.1.0's broyden_solver on the same f, batch, iterations."""
+    from torchdeq.solver import get_solver
+
+    n = ctx.settings.threshold
+    deq = ctx.workload.model(ctx.device)
+    x, _ = ctx.workload.batch_data(ctx.device)
+    with torch.no_grad():
+        injection = deq.inject(x)
+        z0 = deq.initial_state(injection).reshape(len(x), -1)
+    calls = [0]
+
+    def fn(z: Tensor) -> Tensor:
+        calls[0] += 1
+        return deq.step(z, injection)
+
+    ours = _solver(Broyden, n)
+    torchdeq_broyden = get_solver("broyden")
+
+    def ours_call() -> Tensor:
+        return ours.solve(fn, z0).final
+
+    def torchdeq_call() -> Tensor:
+        with torch.no_grad():
+            z_star, _, _ = torchdeq_broyden(fn, z0, max_iter=n, tol=0.0, stop_mode="rel")
+        return z_star
+
+    calls[0] = 0
+    ours_final = ours_call()
+    ours_nfe = calls[0]
+    calls[0] = 0
+    theirs_final = torchdeq_call()
+    theirs_nfe = calls[0]
+    diff = float((ours_final - theirs_final).norm() / theirs_final.norm().clamp(min=1e-30))
+    return [
+        _timed_row(
+            ctx,
+            "broyden_vs_torchdeq",
+            "our Broyden / torchdeq 0.1.0 broyden_solver",
+            1.0,
+            ours_call,
+            torchdeq_call,
+            f"Broyden(threshold={n}, tol=0).solve vs torchdeq broyden_solver(max_iter={n}, "
+            f"tol=0, stop_mode='rel', no line search) on the same flat f (B, d), batch {len(x)}",
+            f"f evaluations {ours_nfe} vs {theirs_nfe}; answers differ by {diff:.1e} (relative); "
+            "ours also keeps per-sample residuals, stopping, divergence and the B_n factors",
+        )
+    ]
+
+
+def defense_memory(ctx: Context) -> list[Result]:
+    """Peak memory of predict with the early and ensemble defenses, long / short solve."""
+    s = ctx.settings
+    short, long = s.threshold, s.long_threshold
+    early = Early(n=max(1, short // 2))
+    deq = ctx.workload.model(ctx.device)
+    x, _ = ctx.workload.batch_data(ctx.device)
+    x_np = x.cpu().numpy()
+    repeats = max(1, min(s.repeats, 3))
+    kinds: tuple[tuple[type[Solver], str], ...] = (
+        (Broyden, "keeps its factors U (B,d,N) and V (B,N,d) by design: B_n is needed by the "
+         "adjoint estimates, so its memory grows with N"),
+        (Anderson, "keeps a fixed window of memory=5 iterates: O(1) in N"),
+        (FixedPointIteration, "keeps only the current iterate: O(1) in N"),
+    )
+    rows = []
+    for cls, why in kinds:
+        for defense in (early, Ensemble()):
+            peaks: dict[int, int] = {}
+            for threshold in (long, short):
+                deq.solver = _solver(cls, threshold)
+                est = _estimator(ctx, deq, defense=defense)
+
+                def call(est: DEQEstimator = est) -> object:
+                    return est.predict(x_np, batch_size=len(x_np))
+
+                call()
+                peaks[threshold] = int(
+                    statistics.median(peak_bytes(call, ctx.device) for _ in range(repeats))
+                )
+            rows.append(
+                Result(
+                    id=f"memory_{defense.__class__.__name__.lower()}_{cls.__name__.lower()}",
+                    ratio=f"peak memory, {defense!r}, {cls.__name__}: {long} / {short} iterates",
+                    measured=peaks[long] / peaks[short],
+                    target=1.1,
+                    workload=ctx.workload.name,
+                    timed=f"DEQEstimator.predict (no grad) of batch {len(x_np)}, "
+                    f"{cls.__name__}(threshold={long} vs {short}, tol=0)",
+                    notes=f"{peaks[long] / 2**20:.1f} MiB vs {peaks[short] / 2**20:.1f} MiB; "
+                    f"{cls.__name__} {why}",
+                    numerator=float(peaks[long]),
+                    denominator=float(peaks[short]),
+                    unit="bytes",
+                )
+            )
+    deq.solver = _solver(Broyden, short)
+    return rows
+
+
+def training_step(ctx: Context) -> list[Result]:
+    """One optimizer step with the phantom training gradient / with the exact one."""
+    s = ctx.settings
+    n = s.threshold
+    x, y = ctx.workload.batch_data(ctx.device)
+    phantom = ctx.workload.model(
+        ctx.device,
+        solver=_solver(Broyden, n),
+        training_gradient=PhantomGradient(k=s.phantom_k, lam=s.phantom_lam),
+    )
+    exact = ctx.workload.model(
+        ctx.device,
+        solver=_solver(Broyden, n),
+        training_gradient=ImplicitGradient(
+            backward_solver=_solver(Broyden, s.backward_threshold)
+        ),
+    )
+
+    def step_of(deq: DEQ) -> Callable[[], object]:
+        optimizer = torch.optim.Adam(deq.parameters(), lr=1e-3)
+
+        def step() -> object:
+            deq.train()
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(deq(x), y)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        return step
+
+    phantom_step, exact_step = step_of(phantom), step_of(exact)
+    exact_step()
+    backward = exact.last_backward_trajectory
+    backward_note = (
+        f"exact backward ran {backward.num_steps} iterates" if backward is not None else ""
+    )
+    return [
+        _timed_row(
+            ctx,
+            "train_phantom_vs_exact",
+            f"phantom ({n} forward, k={s.phantom_k}) / exact ({n}/{s.backward_threshold}) "
+            "training step",
+            0.85,
+            phantom_step,
+            exact_step,
+            f"Adam step (forward + backward + step) on batch {len(x)}: PhantomGradient(k="
+            f"{s.phantom_k}, lam={s.phantom_lam}) vs ImplicitGradient(Broyden(threshold="
+            f"{s.backward_threshold}, tol=0)), both Broyden({n}, tol=0) forward",
+            f"paper Table 10: 28.3/35.4 samples/s = 0.80; {_full_run_note(exact, n)}; "
+            f"{backward_note}",
+        )
+    ]
+
+
+CASES: tuple[Callable[[Context], list[Result]], ...] = (
+    gradient_estimates,
+    art_pgd,
+    broyden_vs_torchdeq,
+    defense_memory,
+    training_step,
+)

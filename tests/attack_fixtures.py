@@ -1,0 +1,242 @@
+"""Shared set-up for the attack-library tests: a tiny conv DEQ trained on real 8x8 digits,
+and instruments that show which gradient an attack received.
+
+The model is trained once per test process (``digits_deq`` is cached), through
+``DEQEstimator.fit``, so ART's training loop over our estimator is exercised too. Test modules
+import these helpers directly (no conftest needed).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deq_attacks import (
+    DEQ,
+    Broyden,
+    DEQEstimator,
+    DEQFoolboxModel,
+    Exact,
+    GradientEstimate,
+    Readout,
+    Trajectory,
+    WhiteBoxModule,
+)
+from deq_attacks.data import load_digits
+from deq_attacks.gradients import Cotangent, constant_cotangent, input_gradient
+from deq_attacks.models import small_conv_deq
+from deq_attacks.solvers import Solver
+
+#: Forward threshold of the fixture's Broyden solver (the Unrolled(n=N) of the paper uses it).
+THRESHOLD = 6
+#: Training images (the rest, 297, are held out).
+N_TRAIN = 1500
+INPUT_SHAPE = (1, 8, 8)
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True, eq=False)
+class DigitsDEQ:
+    """The trained model and its data.
+
+    Attributes:
+        deq: the trained DEQ, in eval mode (do not train it further in a test).
+        x_test, y_test: held-out digits, float32 (297, 1, 8, 8) in [0, 1] and int64 (297,).
+        clean_accuracy: accuracy of the Final readout on the held-out digits.
+        train_seconds: wall time of ``fit``.
+    """
+
+    deq: DEQ
+    x_test: np.ndarray
+    y_test: np.ndarray
+    clean_accuracy: float
+    train_seconds: float
+
+
+@cache
+def digits_deq() -> DigitsDEQ:
+    """Train ``small_conv_deq(channels=8)`` on 1,500 real digits (Adam 3e-3, 4 epochs, batch 100)
+    with ``DEQEstimator.fit``; cached, so it is trained once per process. Seeded locally; the
+    global random state is restored afterwards."""
+    data = load_digits()
+    order = np.random.default_rng(0).permutation(len(data))
+    train, test = data.subset(order).split(N_TRAIN)
+    np_state = np.random.get_state()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        np.random.seed(0)
+        deq = small_conv_deq(
+            in_channels=1,
+            num_classes=NUM_CLASSES,
+            channels=8,
+            image_size=8,
+            solver=Broyden(threshold=THRESHOLD),
+        )
+        estimator = DEQEstimator(
+            deq,
+            input_shape=INPUT_SHAPE,
+            nb_classes=NUM_CLASSES,
+            optimizer=torch.optim.Adam(deq.parameters(), lr=3e-3),
+        )
+        start = time.perf_counter()
+        estimator.fit(train.x, train.y, batch_size=100, nb_epochs=4)
+        seconds = time.perf_counter() - start
+    np.random.set_state(np_state)
+    deq.eval()
+    accuracy = float((estimator.predict(test.x).argmax(1) == test.y).mean())
+    return DigitsDEQ(deq, test.x, test.y, accuracy, seconds)
+
+
+def make_estimator(
+    estimate: GradientEstimate | None = None, defense: Readout | None = None
+) -> DEQEstimator:
+    """A fresh ART estimator over the trained DEQ (default: Exact() and Final())."""
+    return DEQEstimator(
+        digits_deq().deq,
+        input_shape=INPUT_SHAPE,
+        nb_classes=NUM_CLASSES,
+        estimate=estimate,
+        defense=defense,
+    )
+
+
+def make_foolbox_model(
+    estimate: GradientEstimate | None = None, defense: Readout | None = None
+) -> DEQFoolboxModel:
+    """A fresh Foolbox model over the trained DEQ (default: Exact() and Final())."""
+    return DEQFoolboxModel(digits_deq().deq, estimate=estimate, defense=defense)
+
+
+def make_white_box(
+    estimate: GradientEstimate | None = None, defense: Readout | None = None
+) -> WhiteBoxModule:
+    """A fresh WhiteBoxModule over the trained DEQ, in eval mode."""
+    return WhiteBoxModule(digits_deq().deq, estimate, defense).eval()
+
+
+def correct_batch(size: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``size`` held-out digits (from position ``offset`` on) that the Final readout classifies
+    correctly: x float32 (size, 1, 8, 8), y int64 (size,)."""
+    model = digits_deq()
+    x, y = model.x_test[offset:], model.y_test[offset:]
+    with torch.no_grad():
+        pred = make_white_box()(torch.from_numpy(x)).argmax(1).numpy()
+    keep = np.flatnonzero(pred == y)[:size]
+    assert keep.size == size, "not enough correctly classified held-out digits"
+    return np.ascontiguousarray(x[keep]), np.ascontiguousarray(y[keep])
+
+
+def defended_predictions(
+    x: np.ndarray | Tensor, estimate: GradientEstimate | None = None, defense: Readout | None = None
+) -> np.ndarray:
+    """Class predictions (B,) of the trained DEQ under ``defense`` (computed independently of
+    any attack library)."""
+    xt = torch.as_tensor(np.asarray(x))
+    with torch.no_grad():
+        return make_white_box(estimate, defense)(xt).argmax(1).numpy()
+
+
+def direct_input_gradient(
+    estimate: GradientEstimate, x: np.ndarray | Tensor, cotangent: Cotangent
+) -> Tensor:
+    """dL/dx (shaped like x) by ``estimate``, computed with ``input_gradient`` alone."""
+    xt = torch.as_tensor(np.asarray(x))
+    return input_gradient(digits_deq().deq, estimate, xt, cotangent)
+
+
+def defended_logits(x: np.ndarray | Tensor, defense: Readout | None = None) -> Tensor:
+    """The defense's logits (B, classes), without gradient."""
+    with torch.no_grad():
+        return make_white_box(defense=defense)(torch.as_tensor(np.asarray(x)))
+
+
+def ce_sum_cotangent(logits: Tensor, labels: Tensor) -> Tensor:
+    """d/dlogits of the summed cross-entropy: softmax(logits) - onehot(labels), (B, classes)."""
+    onehot = torch.nn.functional.one_hot(labels.long(), logits.shape[1]).to(logits.dtype)
+    return torch.softmax(logits, dim=1) - onehot
+
+
+def constant_ce_cotangent(x: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> Cotangent:
+    """The cotangent an autograd attack sends back for summed cross-entropy on the defended
+    (Final) logits at x: a constant, used straight-through."""
+    logits = defended_logits(x)
+    return constant_cotangent(ce_sum_cotangent(logits, torch.as_tensor(np.asarray(labels))))
+
+
+@dataclass
+class SpyCall:
+    """One call of a spied estimate: the cotangent it saw (at the head of the solver's answer)
+    and the dL/d(injection) it returned."""
+
+    cotangent: Tensor
+    grad: Tensor
+
+
+@dataclass(eq=False)
+class SpyEstimate(GradientEstimate):
+    """Wraps an estimate and records each ``injection_gradient`` call; otherwise identical."""
+
+    inner: GradientEstimate = field(default_factory=Exact)
+    calls: list[SpyCall] = field(default_factory=list)
+
+    def check(self, solver: Solver) -> None:
+        self.inner.check(solver)
+
+    def keep_steps(self, threshold: int) -> bool | frozenset[int]:
+        return self.inner.keep_steps(threshold)
+
+    def injection_gradient(
+        self, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
+    ) -> Tensor:
+        grad = self.inner.injection_gradient(deq, trajectory, injection, cotangent)
+        with torch.enable_grad():
+            z = trajectory.final.detach().requires_grad_()
+            seen = cotangent(deq.logits(z, injection.detach()))
+        self.calls.append(SpyCall(seen.detach().clone(), grad.detach().clone()))
+        return grad
+
+
+@dataclass(eq=False)
+class ZeroEstimate(GradientEstimate):
+    """A poisoned estimate: dL/d(injection) = 0 always; counts its calls."""
+
+    calls: int = 0
+
+    def injection_gradient(
+        self, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
+    ) -> Tensor:
+        self.calls += 1
+        return torch.zeros_like(injection)
+
+
+def linf_distance(adv: np.ndarray | Tensor, x: np.ndarray | Tensor) -> np.ndarray:
+    """Per-sample max |adv - x| (B,)."""
+    diff = np.asarray(adv, dtype=np.float64) - np.asarray(x, dtype=np.float64)
+    return np.abs(diff.reshape(diff.shape[0], -1)).max(axis=1)
+
+
+def l2_distance(adv: np.ndarray | Tensor, x: np.ndarray | Tensor) -> np.ndarray:
+    """Per-sample L2 norm of adv - x (B,)."""
+    diff = np.asarray(adv, dtype=np.float64) - np.asarray(x, dtype=np.float64)
+    return np.linalg.norm(diff.reshape(diff.shape[0], -1), axis=1)
+
+
+def assert_valid_adversarial(
+    adv: np.ndarray | Tensor, x: np.ndarray | Tensor, eps: float | None, norm: str = "inf"
+) -> None:
+    """adv lies in [0, 1] and (when eps is given) within eps of x in the L-inf or L2 norm."""
+    a = np.asarray(adv)
+    assert a.shape == np.asarray(x).shape
+    assert np.isfinite(a).all()
+    assert a.min() >= 0.0 and a.max() <= 1.0, (a.min(), a.max())
+    if eps is None:
+        return
+    if norm == "inf":
+        assert linf_distance(a, x).max() <= eps + 1e-6
+    else:
+        assert l2_distance(a, x).max() <= eps + 1e-5
