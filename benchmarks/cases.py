@@ -235,7 +235,10 @@ def art_pgd(ctx: Context) -> list[Result]:
     x_np, y_np = x.cpu().numpy(), y.cpu().numpy()
     loss = nn.CrossEntropyLoss()
     rows = []
-    for id_, estimate in (("art_pgd_unrolled", Unrolled(k=1)), ("art_pgd_adjoint", Adjoint())):
+    for id_, label, estimate in (
+        ("art_pgd_unrolled", "Unrolled(k=1)", Unrolled(k=1)),
+        ("art_pgd_adjoint", "Adjoint(beta=0.5)", Adjoint()),
+    ):
         est = _estimator(ctx, deq, estimate=estimate)
         attack = ProjectedGradientDescent(
             est,
@@ -258,7 +261,7 @@ def art_pgd(ctx: Context) -> list[Result]:
             _timed_row(
                 ctx,
                 id_,
-                f"ART PGD-{s.pgd_steps} / plain torch PGD-{s.pgd_steps}, {estimate!r}",
+                f"ART PGD-{s.pgd_steps} / plain torch PGD-{s.pgd_steps}, {label} at z_N",
                 1.2,
                 art_call,
                 plain_call,

@@ -36,14 +36,22 @@ from deq_attacks.training import TrainingConfig, matching_estimate, train
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deq-attacks", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="digits",
-                        help="'digits' (embedded, default) or an arrays file (.npz) such as "
-                        "../shared/data/mnist_t10k.npz or cifar10_subset.npz")
-    parser.add_argument("--out-dir", type=Path, default=Path("runs/demo"),
-                        help="results, plot and checkpoints (a rerun resumes here)")
+    parser.add_argument(
+        "--data",
+        default="digits",
+        help="'digits' (embedded, default) or an arrays file (.npz) such as "
+        "../shared/data/mnist_t10k.npz or cifar10_subset.npz",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("runs/demo"),
+        help="results, plot and checkpoints (a rerun resumes here)",
+    )
     parser.add_argument("--n-test", type=int, default=200, help="test images attacked")
-    parser.add_argument("--n-dev", type=int, default=100,
-                        help="development images for the early-exit choice")
+    parser.add_argument(
+        "--n-dev", type=int, default=100, help="development images for the early-exit choice"
+    )
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--threshold", type=int, default=8, help="forward Broyden iterates")
     parser.add_argument("--training-gradient", choices=["phantom", "exact"], default="phantom")
@@ -114,11 +122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     train_set, held_out = load_data(args.data)
     if len(held_out) < args.n_dev + args.n_test:
-        print(f"only {len(held_out)} held-out images for --n-dev {args.n_dev} + --n-test "
-              f"{args.n_test}", file=sys.stderr)
+        print(
+            f"only {len(held_out)} held-out images for --n-dev {args.n_dev} + --n-test "
+            f"{args.n_test}",
+            file=sys.stderr,
+        )
         return 2
-    dev, test = held_out.subset(np.arange(args.n_dev)), held_out.subset(
-        np.arange(args.n_dev, args.n_dev + args.n_test)
+    dev, test = (
+        held_out.subset(np.arange(args.n_dev)),
+        held_out.subset(np.arange(args.n_dev, args.n_dev + args.n_test)),
     )
     deq = build_model(args, train_set).to(args.device)
     estimator = DEQEstimator(
@@ -137,8 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         step=args.step,
         steps=args.steps,
     )
-    print(f"data {train_set.name}: {len(train_set)} training, {len(dev)} development, "
-          f"{len(test)} test images; model: {sum(p.numel() for p in deq.parameters())} parameters")
+    print(
+        f"data {train_set.name}: {len(train_set)} training, {len(dev)} development, "
+        f"{len(test)} test images; model: {sum(p.numel() for p in deq.parameters())} parameters"
+    )
     train(
         estimator,
         train_set.x,
@@ -182,12 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n".join(summary)
     (args.out_dir / "results.md").write_text(text + "\n")
     plot = plot_states(result, args.out_dir / "states.png")
-    (args.out_dir / "summary.json").write_text(json.dumps(
-        {"white_box_robustness": robustness, "best_defense": best, "signals": signals}, indent=2
-    ))
+    (args.out_dir / "summary.json").write_text(
+        json.dumps(
+            {"white_box_robustness": robustness, "best_defense": best, "signals": signals}, indent=2
+        )
+    )
     print("\n" + text)
-    print(f"\nwritten: {args.out_dir / 'results.json'}, {args.out_dir / 'results.md'}"
-          + (f", {plot}" if plot else ""))
+    print(
+        f"\nwritten: {args.out_dir / 'results.json'}, {args.out_dir / 'results.md'}"
+        + (f", {plot}" if plot else "")
+    )
     return 0
 
 

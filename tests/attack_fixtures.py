@@ -9,6 +9,8 @@ import these helpers directly (no conftest needed).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -67,7 +69,7 @@ def digits_deq() -> DigitsDEQ:
     order = np.random.default_rng(0).permutation(len(data))
     train, test = data.subset(order).split(N_TRAIN)
     np_state = np.random.get_state()
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), one_thread():
         torch.manual_seed(0)
         np.random.seed(0)
         deq = small_conv_deq(
@@ -131,41 +133,39 @@ def correct_batch(size: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x[keep]), np.ascontiguousarray(y[keep])
 
 
+def as_input(x: np.ndarray | Tensor) -> Tensor:
+    """x as a detached float32 tensor (B, 1, 8, 8)."""
+    if isinstance(x, Tensor):
+        return x.detach().to(torch.float32)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
 def defended_predictions(
     x: np.ndarray | Tensor, estimate: GradientEstimate | None = None, defense: Readout | None = None
 ) -> np.ndarray:
     """Class predictions (B,) of the trained DEQ under ``defense`` (computed independently of
     any attack library)."""
-    xt = torch.as_tensor(np.asarray(x))
     with torch.no_grad():
-        return make_white_box(estimate, defense)(xt).argmax(1).numpy()
+        return make_white_box(estimate, defense)(as_input(x)).argmax(1).numpy()
 
 
 def direct_input_gradient(
     estimate: GradientEstimate, x: np.ndarray | Tensor, cotangent: Cotangent
 ) -> Tensor:
     """dL/dx (shaped like x) by ``estimate``, computed with ``input_gradient`` alone."""
-    xt = torch.as_tensor(np.asarray(x))
-    return input_gradient(digits_deq().deq, estimate, xt, cotangent)
+    return input_gradient(digits_deq().deq, estimate, as_input(x), cotangent)
 
 
 def defended_logits(x: np.ndarray | Tensor, defense: Readout | None = None) -> Tensor:
     """The defense's logits (B, classes), without gradient."""
     with torch.no_grad():
-        return make_white_box(defense=defense)(torch.as_tensor(np.asarray(x)))
+        return make_white_box(defense=defense)(as_input(x))
 
 
 def ce_sum_cotangent(logits: Tensor, labels: Tensor) -> Tensor:
     """d/dlogits of the summed cross-entropy: softmax(logits) - onehot(labels), (B, classes)."""
     onehot = torch.nn.functional.one_hot(labels.long(), logits.shape[1]).to(logits.dtype)
     return torch.softmax(logits, dim=1) - onehot
-
-
-def constant_ce_cotangent(x: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> Cotangent:
-    """The cotangent an autograd attack sends back for summed cross-entropy on the defended
-    (Final) logits at x: a constant, used straight-through."""
-    logits = defended_logits(x)
-    return constant_cotangent(ce_sum_cotangent(logits, torch.as_tensor(np.asarray(labels))))
 
 
 @dataclass
@@ -214,15 +214,22 @@ class ZeroEstimate(GradientEstimate):
         return torch.zeros_like(injection)
 
 
+def as_numpy(a: np.ndarray | Tensor) -> np.ndarray:
+    """A float64 numpy copy of an array or (possibly grad-carrying) tensor."""
+    if isinstance(a, Tensor):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
 def linf_distance(adv: np.ndarray | Tensor, x: np.ndarray | Tensor) -> np.ndarray:
     """Per-sample max |adv - x| (B,)."""
-    diff = np.asarray(adv, dtype=np.float64) - np.asarray(x, dtype=np.float64)
+    diff = as_numpy(adv) - as_numpy(x)
     return np.abs(diff.reshape(diff.shape[0], -1)).max(axis=1)
 
 
 def l2_distance(adv: np.ndarray | Tensor, x: np.ndarray | Tensor) -> np.ndarray:
     """Per-sample L2 norm of adv - x (B,)."""
-    diff = np.asarray(adv, dtype=np.float64) - np.asarray(x, dtype=np.float64)
+    diff = as_numpy(adv) - as_numpy(x)
     return np.linalg.norm(diff.reshape(diff.shape[0], -1), axis=1)
 
 
@@ -230,8 +237,8 @@ def assert_valid_adversarial(
     adv: np.ndarray | Tensor, x: np.ndarray | Tensor, eps: float | None, norm: str = "inf"
 ) -> None:
     """adv lies in [0, 1] and (when eps is given) within eps of x in the L-inf or L2 norm."""
-    a = np.asarray(adv)
-    assert a.shape == np.asarray(x).shape
+    a = as_numpy(adv)
+    assert a.shape == as_numpy(x).shape
     assert np.isfinite(a).all()
     assert a.min() >= 0.0 and a.max() <= 1.0, (a.min(), a.max())
     if eps is None:
@@ -240,3 +247,66 @@ def assert_valid_adversarial(
         assert linf_distance(a, x).max() <= eps + 1e-6
     else:
         assert l2_distance(a, x).max() <= eps + 1e-5
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread: these models are tiny, and on a shared, loaded CPU
+    two spinning OpenMP threads made training about 40x slower (measured)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@dataclass
+class Tap:
+    """What one forward of a tapped module saw: its input x and, for each backward through
+    it, the cotangent of its output (B, classes) and the gradient that reached x."""
+
+    x: Tensor
+    cotangents: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+
+
+def tap_gradients(module: torch.nn.Module) -> list[Tap]:
+    """Record, with a forward hook (public torch API, the module itself is unchanged), every
+    differentiable forward of ``module`` and every backward through it."""
+    taps: list[Tap] = []
+
+    def hook(_: torch.nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        (x,) = inputs
+        if not (x.requires_grad and output.requires_grad):
+            return
+        tap = Tap(x.detach().clone())
+        taps.append(tap)
+        output.register_hook(lambda g: tap.cotangents.append(g.detach().clone()))
+        x.register_hook(lambda g: tap.grads.append(g.detach().clone()))
+
+    module.register_forward_hook(hook)
+    return taps
+
+
+def check_taps(
+    taps: list[Tap], estimate: GradientEstimate, other: GradientEstimate, limit: int = 4
+) -> int:
+    """Assert that the gradient each recorded backward delivered to x equals ``estimate``'s
+    ``input_gradient`` for the recorded cotangent (used straight-through), and differs from
+    ``other``'s. Checks at most ``limit`` backwards, spread over the record; returns how many
+    backwards were recorded in all."""
+    pairs = [(t.x, c, g) for t in taps for c, g in zip(t.cotangents, t.grads)]
+    assert all(len(t.cotangents) == len(t.grads) for t in taps)
+    chosen = np.unique(np.linspace(0, len(pairs) - 1, min(limit, len(pairs))).round().astype(int))
+    for index in chosen:
+        x, cot, grad = pairs[index]
+        expected = direct_input_gradient(estimate, x, constant_cotangent(cot))
+        alternative = direct_input_gradient(other, x, constant_cotangent(cot))
+        scale = expected.abs().max().item()
+        if scale == 0:  # a zero cotangent (e.g. a sample whose loss is flat): nothing to tell
+            torch.testing.assert_close(grad, expected)
+            continue
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5 * scale)
+        assert (grad - alternative).abs().max().item() > 1e-2 * scale
+    return len(pairs)

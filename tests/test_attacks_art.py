@@ -11,7 +11,9 @@ estimate stops gradient attacks but not the query attack.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import sys
+import types
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -38,7 +40,7 @@ from attack_fixtures import (
 )
 from torch import nn
 
-from deq_attacks import DEQEstimator, Early, Exact, GradientEstimate, Unrolled
+from deq_attacks import Early, Exact, Final, GradientEstimate, Readout, Unrolled
 from deq_attacks.gradients import constant_cotangent, loss_cotangent
 
 EPS = 0.1
@@ -67,12 +69,12 @@ def _record_loss_gradient(
 
 
 def _art_loss_cotangent(
-    art_estimator: PyTorchClassifier, x: np.ndarray, y: np.ndarray
+    art_estimator: PyTorchClassifier, x: np.ndarray, y: np.ndarray, defense: Readout
 ) -> torch.Tensor:
-    """dL/dlogits (B, classes) of ``art_estimator``'s own loss at the defended (Final) logits,
-    with the labels prepared as its ``loss_gradient`` prepares them."""
+    """dL/dlogits (B, classes) of ``art_estimator``'s own loss at the defended logits, with
+    the labels prepared as its ``loss_gradient`` prepares them."""
     labels = torch.as_tensor(np.asarray(art_estimator.reduce_labels(y)))
-    logits = defended_logits(x).requires_grad_()
+    logits = defended_logits(x, defense).requires_grad_()
     (grad,) = torch.autograd.grad(art_estimator._loss(logits, labels), logits)
     return grad
 
@@ -80,8 +82,10 @@ def _art_loss_cotangent(
 def test_fit_through_deq_estimator_trains_on_real_digits() -> None:
     """ART's fit loop over DEQEstimator trains the fixture (held-out accuracy)."""
     model = digits_deq()
-    print(f"fixture: clean held-out accuracy {model.clean_accuracy:.3f}, "
-          f"fit {model.train_seconds:.1f} s")
+    print(
+        f"fixture: clean held-out accuracy {model.clean_accuracy:.3f}, "
+        f"fit {model.train_seconds:.1f} s"
+    )
     assert model.clean_accuracy >= 0.85
 
 
@@ -93,7 +97,12 @@ def test_art_pgd_calls_selected_estimate_once_per_step_with_loss_aware_cotangent
     spy = SpyEstimate(Exact())
     estimator = make_estimator(spy)
     attack = ProjectedGradientDescent(
-        estimator, eps=EPS, eps_step=0.02, max_iter=3, num_random_init=0, batch_size=8,
+        estimator,
+        eps=EPS,
+        eps_step=0.02,
+        max_iter=3,
+        num_random_init=0,
+        batch_size=8,
         verbose=False,
     )
     adv = attack.generate(x, y)
@@ -121,8 +130,13 @@ def test_art_pgd_step_is_sign_of_the_selected_estimate() -> None:
     results: dict[str, np.ndarray] = {}
     for name, estimate in [("exact", Exact()), ("unrolled", Unrolled(n=1, k=1))]:
         attack = ProjectedGradientDescent(
-            make_estimator(estimate), eps=EPS, eps_step=step, max_iter=1, num_random_init=0,
-            batch_size=8, verbose=False,
+            make_estimator(estimate),
+            eps=EPS,
+            eps_step=step,
+            max_iter=1,
+            num_random_init=0,
+            batch_size=8,
+            verbose=False,
         )
         adv = attack.generate(x, y)
         grad = direct_input_gradient(
@@ -142,8 +156,13 @@ def test_art_pgd_with_poisoned_estimate_makes_no_progress() -> None:
     x, y = correct_batch(8)
     zero = ZeroEstimate()
     attack = ProjectedGradientDescent(
-        make_estimator(zero), eps=EPS, eps_step=0.02, max_iter=4, num_random_init=0,
-        batch_size=8, verbose=False,
+        make_estimator(zero),
+        eps=EPS,
+        eps_step=0.02,
+        max_iter=4,
+        num_random_init=0,
+        batch_size=8,
+        verbose=False,
     )
     adv = attack.generate(x, y)
     assert zero.calls == 4
@@ -166,7 +185,12 @@ def test_art_pgd_labels_and_success_come_from_the_defense(
     spy = SpyEstimate(Exact())
     estimator = make_estimator(spy, Early(1))
     attack = ProjectedGradientDescent(
-        estimator, eps=EPS, eps_step=0.02, max_iter=2, num_random_init=0, batch_size=16,
+        estimator,
+        eps=EPS,
+        eps_step=0.02,
+        max_iter=2,
+        num_random_init=0,
+        batch_size=16,
         verbose=False,
     )
     with caplog.at_level(logging.INFO, logger="art.attacks.evasion.projected_gradient_descent"):
@@ -191,12 +215,13 @@ def _check_recorded_gradients(
     art_estimator: PyTorchClassifier,
     estimate: GradientEstimate,
     other: GradientEstimate,
+    defense: Readout,
 ) -> None:
     """Each recorded gradient equals the selected estimate's ``input_gradient`` for the
     attack's own loss cotangent at the defended logits (straight-through), and not the other
     estimate's."""
     for x_k, y_k, grad in records:
-        cot = constant_cotangent(_art_loss_cotangent(art_estimator, x_k, y_k))
+        cot = constant_cotangent(_art_loss_cotangent(art_estimator, x_k, y_k, defense))
         expected = direct_input_gradient(estimate, x_k, cot).numpy()
         alternative = direct_input_gradient(other, x_k, cot).numpy()
         scale = np.abs(expected).max()
@@ -214,8 +239,14 @@ def test_art_apgd_differentiates_the_module_through_the_selected_estimate(
     estimator = make_estimator(spy)
     ours = _record_loss_gradient(estimator)
     attack = AutoProjectedGradientDescent(
-        estimator, eps=EPS, eps_step=0.03, max_iter=4, nb_random_init=1, batch_size=8,
-        loss_type=loss_type, verbose=False,
+        estimator,
+        eps=EPS,
+        eps_step=0.03,
+        max_iter=4,
+        nb_random_init=1,
+        batch_size=8,
+        loss_type=loss_type,
+        verbose=False,
     )
     assert attack.estimator is not estimator
     assert attack.estimator.model is estimator.white_box
@@ -225,35 +256,39 @@ def test_art_apgd_differentiates_the_module_through_the_selected_estimate(
     assert len(theirs) == 4
     assert len(spy.calls) == 4
     assert estimator.white_box.backward_calls == 4
-    _check_recorded_gradients(theirs, attack.estimator, Exact(), Unrolled(n=1, k=1))
+    _check_recorded_gradients(theirs, attack.estimator, Exact(), Unrolled(n=1, k=1), Final())
     assert_valid_adversarial(adv, x, EPS)
 
 
-def test_art_apgd_with_poisoned_estimate_stays_at_its_random_start() -> None:
-    """A zero gradient gives sign 0: APGD's iterate never leaves its random start, so no
-    example is more than the random start away from x, and the estimate was called."""
+def test_art_apgd_first_step_with_poisoned_estimate_stays_at_its_random_start() -> None:
+    """APGD's first step is x_1 = P(x_0 + eta * sign(grad)): with an all-zero estimate it
+    stays at the random start x_0. (Later iterates may still move, by APGD's momentum along
+    x_k - x_init after a step-size checkpoint, which is not gradient information.)"""
     x, y = correct_batch(8)
     zero = ZeroEstimate()
     attack = AutoProjectedGradientDescent(
-        make_estimator(zero), eps=EPS, eps_step=0.03, max_iter=4, nb_random_init=1,
-        batch_size=8, loss_type="cross_entropy", verbose=False,
+        make_estimator(zero),
+        eps=EPS,
+        eps_step=0.03,
+        max_iter=4,
+        nb_random_init=1,
+        batch_size=8,
+        loss_type="cross_entropy",
+        verbose=False,
     )
-    starts: list[np.ndarray] = []
-    losses: list[np.ndarray] = []
+    visited: list[np.ndarray] = []
     original = attack.estimator.compute_loss
 
     def recording(x: np.ndarray, y: np.ndarray, **kwargs: Any) -> np.ndarray:
-        starts.append(np.array(x, copy=True))
-        out = original(x, y, **kwargs)
-        losses.append(out)
-        return out
+        visited.append(np.array(x, copy=True))
+        return original(x, y, **kwargs)
 
     attack.estimator.compute_loss = recording  # type: ignore[method-assign]
     adv = attack.generate(x, y)
     assert zero.calls == 4
-    # Every iterate APGD evaluated equals its random start x_0 (the first one evaluated).
-    for visited in starts[1:]:
-        np.testing.assert_array_equal(visited, starts[0])
+    assert len(visited) == 4 + 1  # f(x_0), f(x_1), then one per later iteration
+    assert np.abs(visited[0] - x).max() > 0  # the random start
+    np.testing.assert_allclose(visited[1], visited[0], atol=1e-7)
     assert_valid_adversarial(adv, x, EPS)
 
 
@@ -269,7 +304,12 @@ def test_art_square_ignores_the_gradient_estimate() -> None:
     for estimate in (ZeroEstimate(), Exact()):
         estimator = make_estimator(estimate)
         attack = SquareAttack(
-            estimator, eps=eps, max_iter=40, p_init=0.8, nb_restarts=1, batch_size=16,
+            estimator,
+            eps=eps,
+            max_iter=40,
+            p_init=0.8,
+            nb_restarts=1,
+            batch_size=16,
             verbose=False,
         )
         np.random.seed(0)
@@ -277,7 +317,6 @@ def test_art_square_ignores_the_gradient_estimate() -> None:
         assert estimator.white_box.backward_calls == 0
         assert_valid_adversarial(adv, x, eps)
         outputs.append(adv)
-    assert isinstance(outputs, list)
     zero_adv, exact_adv = outputs
     np.testing.assert_array_equal(zero_adv, exact_adv)
     fooled = defended_predictions(zero_adv) != y
@@ -288,7 +327,20 @@ def test_art_square_ignores_the_gradient_estimate() -> None:
 # --- AutoAttack: APGD-CE, APGD-DLR and Square through ART's AutoAttack class ----------------
 
 
-def test_art_autoattack_uses_selected_estimate_and_judges_the_defense() -> None:
+def _multiprocess_or_stub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ART's ``AutoAttack.generate`` imports ``multiprocess`` (not declared by ART; used only
+    with ``parallel_pool_size > 0``). Where it is not installed, an empty stand-in lets the
+    serial path run; the package should be a declared dependency of deq-attacks."""
+    try:
+        import multiprocess  # noqa: F401
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "multiprocess", types.ModuleType("multiprocess"))
+
+
+def test_art_autoattack_uses_selected_estimate_and_judges_the_defense(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _multiprocess_or_stub(monkeypatch)
     model = digits_deq()
     x, y = model.x_test[:12], model.y_test[:12]
     defense = Early(1)
@@ -297,8 +349,14 @@ def test_art_autoattack_uses_selected_estimate_and_judges_the_defense() -> None:
     iters = 3
     apgd = [
         AutoProjectedGradientDescent(
-            estimator, eps=EPS, eps_step=0.03, max_iter=iters, nb_random_init=1, batch_size=16,
-            loss_type=loss, verbose=False,
+            estimator,
+            eps=EPS,
+            eps_step=0.03,
+            max_iter=iters,
+            nb_random_init=1,
+            batch_size=16,
+            loss_type=loss,
+            verbose=False,
         )
         for loss in ("cross_entropy", "difference_logits_ratio")
     ]
@@ -315,7 +373,9 @@ def test_art_autoattack_uses_selected_estimate_and_judges_the_defense() -> None:
     assert len(spy.calls) == sum(len(r) for r in records)
     assert estimator.white_box.backward_calls == len(spy.calls)
     for attack_records, a in zip(records, apgd):
-        _check_recorded_gradients(attack_records[:1], a.estimator, Exact(), Unrolled(n=1, k=1))
+        _check_recorded_gradients(
+            attack_records[:1], a.estimator, Exact(), Unrolled(n=1, k=1), defense
+        )
 
     # Success is judged on the defended output (Early(1)), as estimator.predict gives it.
     clean = defended_predictions(x, defense=defense)
@@ -331,7 +391,3 @@ def test_art_autoattack_uses_selected_estimate_and_judges_the_defense() -> None:
         f"AutoAttack (reduced) vs Early(1): clean {np.mean(clean == y):.2f}, "
         f"robust {np.mean(after == y):.2f}, best attacks {best.tolist()}"
     )
-
-
-def _estimate_names() -> list[Callable[[], DEQEstimator]]:
-    return []

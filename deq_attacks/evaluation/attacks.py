@@ -84,7 +84,12 @@ class AttackSpec:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
 
     def generate(
-        self, estimator: DEQEstimator, x: np.ndarray, y: np.ndarray, threat: ThreatModel, batch_size: int
+        self,
+        estimator: DEQEstimator,
+        x: np.ndarray,
+        y: np.ndarray,
+        threat: ThreatModel,
+        batch_size: int,
     ) -> np.ndarray:
         """Adversarial examples for ``x`` against the estimator's current defense."""
         steps = self.steps or (1000 if self.kind is AttackKind.SQUARE else threat.steps)
@@ -116,11 +121,16 @@ class AttackSpec:
             )
         elif self.kind is AttackKind.SQUARE:
             attack = SquareAttack(
-                estimator, norm=np.inf, eps=threat.eps, max_iter=steps, batch_size=batch_size,
+                estimator,
+                norm=np.inf,
+                eps=threat.eps,
+                max_iter=steps,
+                batch_size=batch_size,
                 verbose=False,
             )
         else:
-            attack = AutoAttack(estimator, norm=np.inf, eps=threat.eps, eps_step=threat.step,
-                                batch_size=batch_size)
+            attack = AutoAttack(
+                estimator, norm=np.inf, eps=threat.eps, eps_step=threat.step, batch_size=batch_size
+            )
         labels = np.eye(estimator.nb_classes, dtype=np.float32)[y]
         return attack.generate(x, labels).astype(np.float32)

@@ -118,6 +118,12 @@ class DEQEstimator(PyTorchClassifier):
         Accepts numpy arrays or torch tensors (returned in kind), labels as indices or one-hot.
         """
         self._check_input(x)
+        if y.ndim == 1:  # class indices: ART's own path expects one-hot labels
+            y = (
+                torch.nn.functional.one_hot(y.long(), self.nb_classes).float()
+                if isinstance(y, torch.Tensor)
+                else np.eye(self.nb_classes, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
+            )
         labels = self.reduce_labels(y)
         labels_t = (
             labels if isinstance(labels, torch.Tensor) else torch.from_numpy(np.asarray(labels))

@@ -115,11 +115,11 @@ class WhiteBoxModule(nn.Module):
     ) -> Iterator[WhiteBoxModule]:
         """Temporarily switch the estimate and/or the defense."""
         saved = (self._estimate, self._defense)
-        if estimate is not None:
-            self.estimate = estimate
-        if defense is not None:
-            self.defense = defense
         try:
+            if estimate is not None:
+                self.estimate = estimate
+            if defense is not None:
+                self.defense = defense
             yield self
         finally:
             self._estimate, self._defense = saved

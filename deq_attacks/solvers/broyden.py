@@ -18,8 +18,9 @@ class Broyden(Solver):
 
     ``z_{n+1} = z_n - alpha B_n g(z_n)`` with ``B_0 = -I`` and the rank-one update
     ``B_{n+1} = B_n + (dz - B_n dg) / (dz^T B_n dg) dz^T B_n``. An update whose denominator is
-    tiny relative to ``||dz|| ||B_n dg||`` (or of a sample that did not move) is skipped and leaves
-    a zero column, so no division by ~0 happens. The factors of every ``B_n`` are kept.
+    tiny relative to ``||dz|| ||B_n dg||``, of a sample that stopped, or whose residual change is
+    at rounding level (a converged sample) is skipped and leaves a zero column, so no division
+    by ~0 happens. The factors of every ``B_n`` are kept.
 
     Args:
         alpha: step size, > 0.
@@ -53,7 +54,11 @@ class Broyden(Solver):
             bt_dz = inverse.rmatvec(n - 1, dz)
             denom = (bt_dz * dg).sum(dim=-1)
             scale = dz.norm(dim=-1) * b_dg.norm(dim=-1)
+            # a residual change at rounding level carries no curvature information (it would
+            # corrupt B_n for a sample that has converged), so such an update is skipped too
+            noise = 1e3 * torch.finfo(dg.dtype).eps * f_new.norm(dim=-1)
             ok = took & torch.isfinite(denom) & (denom.abs() > _UPDATE_EPS * scale) & (scale > 0)
+            ok &= dg.norm(dim=-1) > noise
             safe = torch.where(ok, denom, torch.ones_like(denom)).unsqueeze(-1)
             keep = ok.unsqueeze(-1)
             U[:, :, n - 1] = torch.where(keep, (dz - b_dg) / safe, torch.zeros_like(dz))

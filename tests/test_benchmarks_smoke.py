@@ -1,0 +1,60 @@
+"""Smoke test of the benchmark suite: it runs end to end and reports every ratio.
+
+Timings are never asserted against targets here (they depend on the machine); only that each
+ratio came out as a finite positive number and that the JSON and the markdown table agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+EXPECTED = {
+    "ensemble_adjoint",
+    "ensemble_unrolled",
+    "adjoint_vs_unrolled",
+    "art_pgd_unrolled",
+    "art_pgd_adjoint",
+    "broyden_vs_torchdeq",
+    "memory_early_broyden",
+    "memory_ensemble_broyden",
+    "memory_early_anderson",
+    "memory_ensemble_anderson",
+    "memory_early_fixedpointiteration",
+    "memory_ensemble_fixedpointiteration",
+    "train_phantom_vs_exact",
+}
+
+
+def test_quick_suite_reports_every_ratio(tmp_path: Path) -> None:
+    out_dir, docs = tmp_path / "results", tmp_path / "benchmarks.md"
+    command = [
+        sys.executable, "-m", "benchmarks.run", "--quick", "--workload", "small",
+        "--repeats", "1", "--threads", "1", "--out-dir", str(out_dir), "--docs", str(docs),
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    data = json.loads((out_dir / "cpu.json").read_text())
+    run = data["workloads"]["small"]
+    assert run["machine"]["threads"] == 1
+    results = {r["id"]: r for r in run["results"]}
+    assert set(results) == EXPECTED
+    for id_, r in results.items():
+        for key in ("measured", "numerator", "denominator"):
+            value = r[key]
+            assert isinstance(value, float) and math.isfinite(value) and value > 0, (id_, key)
+        # one repetition: the median ratio is that repetition's numerator / denominator
+        assert math.isclose(r["measured"], r["numerator"] / r["denominator"], rel_tol=1e-9)
+        assert r["unit"] in ("s", "bytes")
+        assert r["met"] is None if r["target"] is None else isinstance(r["met"], bool)
+
+    table = docs.read_text()
+    assert "| ratio | measured | target | met? | workload | what was timed | notes |" in table
+    for r in results.values():
+        assert f"{r['measured']:.3f}" in table

@@ -1,0 +1,242 @@
+"""Evaluation protocol, training loop, checkpoints and the command-line main job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deq_attacks import Broyden, DEQEstimator, Early, Ensemble, Final, Phantom, PhantomGradient
+from deq_attacks.checkpoints import load_weights, save_weights
+from deq_attacks.cli import main
+from deq_attacks.data import load_digits
+from deq_attacks.evaluation import (
+    AttackKind,
+    AttackSpec,
+    EvaluationResult,
+    ThreatModel,
+    evaluate,
+    markdown_table,
+    per_state_accuracy,
+    select_early_exit,
+)
+from deq_attacks.evaluation.attacks import AttackSpec as Spec
+from deq_attacks.models import mlp_deq
+from deq_attacks.training import TrainingConfig, train
+
+
+def tiny_estimator(hidden: int = 16) -> DEQEstimator:
+    deq = mlp_deq(
+        64,
+        10,
+        hidden=hidden,
+        solver=Broyden(threshold=4),
+        training_gradient=PhantomGradient(2, 0.5),
+    )
+    return DEQEstimator(
+        deq,
+        input_shape=(1, 8, 8),
+        nb_classes=10,
+        optimizer=torch.optim.Adam(deq.parameters(), 1e-2),
+    )
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits()
+    return data.x[:300], data.y[:300], data.x[300:340], data.y[300:340]
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path: Path) -> None:
+    source, target = tiny_estimator().deq, tiny_estimator().deq
+    path = save_weights(source, tmp_path / "m.safetensors")
+    load_weights(target, path)
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    other = tiny_estimator(hidden=8).deq
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit the model: shape mismatch"):
+        load_weights(other, path)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(FileNotFoundError):
+        load_weights(other, tmp_path / "missing.safetensors")
+
+
+def test_training_learns_and_resumes(tmp_path: Path, digits) -> None:
+    x, y, xv, yv = digits
+    estimator = tiny_estimator()
+    config = TrainingConfig(clean_epochs=2, batch_size=32, lr=1e-2)
+    state = train(
+        estimator,
+        x,
+        y,
+        TrainingConfig(clean_epochs=1, batch_size=32, lr=1e-2),
+        checkpoint_dir=tmp_path,
+        validation=(xv, yv),
+    )
+    assert state.epochs_done == 1
+    resumed_model = tiny_estimator()
+    state = train(resumed_model, x, y, config, checkpoint_dir=tmp_path, validation=(xv, yv))
+    assert state.epochs_done == 2 and [h["epoch"] for h in state.history] == [1, 2]
+    assert state.history[-1]["val_clean_accuracy"] > 0.5
+
+
+def test_adversarial_training_runs_with_matching_estimate(digits) -> None:
+    x, y, _, _ = digits
+    estimator = tiny_estimator()
+    seen = []
+    original = Phantom.injection_gradient
+
+    def spy(self, *args, **kwargs):
+        seen.append(self)
+        return original(self, *args, **kwargs)
+
+    Phantom.injection_gradient = spy  # type: ignore[method-assign]
+    try:
+        train(
+            estimator,
+            x[:64],
+            y[:64],
+            TrainingConfig(
+                clean_epochs=0, adversarial_epochs=1, batch_size=32, eps=0.1, step=0.05, steps=2
+            ),
+        )
+    finally:
+        Phantom.injection_gradient = original  # type: ignore[method-assign]
+    assert seen and all(s == Phantom(2, 0.5) for s in seen)
+
+
+def test_training_config_validation() -> None:
+    with pytest.raises(ValueError, match="at least one epoch"):
+        TrainingConfig(clean_epochs=0, adversarial_epochs=0)
+    with pytest.raises(ValueError):
+        TrainingConfig(eps=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        est = tiny_estimator()
+        est._optimizer = None
+        train(est, np.zeros((2, 1, 8, 8), np.float32), np.zeros(2, np.int64), TrainingConfig())
+
+
+def test_evaluation_grid_min_max_and_resume(tmp_path: Path, digits, monkeypatch) -> None:
+    x, y, xv, yv = digits
+    estimator = tiny_estimator()
+    estimator.fit(x, y, batch_size=32, nb_epochs=3)
+    threat = ThreatModel(eps=0.2, step=0.05, steps=3)
+    attacks = [
+        AttackSpec("phantom", AttackKind.PGD, Phantom(2, 0.5)),
+        AttackSpec("square", AttackKind.SQUARE, steps=20),
+    ]
+    defenses = {"final": Final(), "early": Early(1), "ensemble": Ensemble()}
+    path = tmp_path / "r.json"
+    result = evaluate(
+        estimator,
+        attacks,
+        defenses,
+        xv[:20],
+        yv[:20],
+        threat,
+        development=(xv[20:], yv[20:]),
+        ready_made=AttackSpec("ready", AttackKind.PGD, Phantom(2, 0.5)),
+        batch_size=10,
+        results_path=path,
+    )
+    assert result.early_exit is not None and 1 <= result.early_exit <= 4
+    assert set(result.robust) == set(defenses)
+    for cells in result.robust.values():
+        assert set(cells) == {"phantom", "square"}
+        assert all(0.0 <= v <= 1.0 for v in cells.values())
+    assert estimator.defense == Final()  # restored
+    saved = json.loads(path.read_text())
+    assert saved["robust"] == result.robust
+    calls = []
+    monkeypatch.setattr(Spec, "generate", lambda *a, **k: calls.append(a))
+    again = evaluate(
+        estimator,
+        attacks,
+        defenses,
+        xv[:20],
+        yv[:20],
+        threat,
+        development=(xv[20:], yv[20:]),
+        ready_made=AttackSpec("ready", AttackKind.PGD, Phantom(2, 0.5)),
+        batch_size=10,
+        results_path=path,
+    )
+    assert calls == [] and again.robust == result.robust
+    table = markdown_table(again, ["phantom", "square"])
+    assert "**" in table and f"early (z_{again.early_exit})" in table
+
+
+def test_white_box_robustness_is_max_of_min() -> None:
+    result = EvaluationResult(robust={"final": {"a": 0.5, "b": 0.2}, "early": {"a": 0.4, "b": 0.3}})
+    assert result.worst_case() == {"final": 0.2, "early": 0.3}
+    assert result.white_box_robustness() == ("early", 0.3)
+    result.robust["final"]["square"] = 0.1
+    assert any("square" in s for s in result.obfuscation_signals(["square"]))
+
+
+def test_per_state_accuracy_and_early_exit(digits) -> None:
+    x, y, xv, yv = digits
+    estimator = tiny_estimator()
+    estimator.fit(x, y, batch_size=32, nb_epochs=2)
+    accuracy, residual = per_state_accuracy(estimator, xv, yv, batch_size=16)
+    assert accuracy.shape == residual.shape == (4,)
+    deq = estimator.deq
+    with torch.no_grad():
+        injection = deq.inject(torch.from_numpy(xv))
+        trajectory = deq.solve(injection, keep=True)
+        logits = deq.logits(trajectory.state(2), injection)
+    assert accuracy[1] == pytest.approx(float((logits.argmax(1).numpy() == yv).mean()))
+    n, dev = select_early_exit(
+        estimator,
+        AttackSpec("r", AttackKind.PGD, Phantom(2, 0.5)),
+        xv,
+        yv,
+        ThreatModel(eps=0.1, step=0.05, steps=2),
+        16,
+    )
+    assert n == int(np.argmax(dev["pgd_accuracy_per_state"])) + 1
+
+
+def test_attack_spec_validation() -> None:
+    with pytest.raises(ValueError, match="needs a gradient estimate"):
+        AttackSpec("pgd", AttackKind.PGD)
+    with pytest.raises(TypeError):
+        AttackSpec("pgd", "pgd", Phantom())  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        ThreatModel(eps=2.0)
+
+
+def test_cli_main_job_writes_table(tmp_path: Path, capsys) -> None:
+    code = main(
+        [
+            "--out-dir",
+            str(tmp_path),
+            "--clean-epochs",
+            "1",
+            "--adv-epochs",
+            "0",
+            "--n-test",
+            "8",
+            "--n-dev",
+            "8",
+            "--steps",
+            "1",
+            "--square-queries",
+            "5",
+            "--channels",
+            "4",
+            "--threshold",
+            "3",
+            "--batch-size",
+            "64",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "White-box robustness" in out and "| defense | clean |" in out
+    assert (tmp_path / "results.json").exists() and (tmp_path / "results.md").exists()
+    assert (tmp_path / "states.png").exists()
