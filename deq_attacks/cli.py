@@ -48,21 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("runs/demo"),
         help="results, plot and checkpoints (a rerun resumes here)",
     )
-    parser.add_argument("--n-test", type=int, default=200, help="test images attacked")
+    parser.add_argument("--n-test", type=int, default=100, help="test images attacked")
     parser.add_argument(
         "--n-dev", type=int, default=100, help="development images for the early-exit choice"
     )
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--threshold", type=int, default=8, help="forward Broyden iterates")
     parser.add_argument("--training-gradient", choices=["phantom", "exact"], default="phantom")
-    parser.add_argument("--clean-epochs", type=int, default=8)
-    parser.add_argument("--adv-epochs", type=int, default=2)
+    parser.add_argument("--clean-epochs", type=int, default=6)
+    parser.add_argument("--adv-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eps", type=float, default=0.1, help="L-inf budget (inputs in [0, 1])")
     parser.add_argument("--step", type=float, default=0.025, help="PGD step size")
     parser.add_argument("--steps", type=int, default=10, help="PGD iterations")
-    parser.add_argument("--square-queries", type=int, default=200)
+    parser.add_argument("--square-queries", type=int, default=100)
+    parser.add_argument("--attack-batch-size", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     return parser
@@ -174,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         threat,
         development=(dev.x, dev.y),
         ready_made=ready_made,
-        batch_size=args.batch_size,
+        batch_size=args.attack_batch_size,
         results_path=args.out_dir / "results.json",
         settings={"data": args.data, "seed": args.seed, "training": vars(args).__repr__()},
     )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 #: ../shared beside the repository root (holds data/ with real arrays files).
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"

@@ -20,6 +20,7 @@ from attack_fixtures import (
     defended_predictions,
     digits_deq,
     direct_input_gradient,
+    make_estimator,
     make_foolbox_model,
     one_thread,
 )
@@ -93,6 +94,16 @@ def test_foolbox_linf_pgd_with_poisoned_estimate_makes_no_progress() -> None:
     assert zero.calls == 3
     torch.testing.assert_close(clipped, x, rtol=0, atol=0)
     assert not success.any()
+
+
+def test_foolbox_on_a_fresh_estimator_model_gets_the_selected_estimate() -> None:
+    x, y = _batch(8)
+    spy = SpyEstimate(Exact())
+    estimator = make_estimator(spy, Early(1))
+    fmodel = fb.PyTorchModel(estimator.model, bounds=(0.0, 1.0))
+    attack = fb.attacks.LinfPGD(abs_stepsize=0.02, steps=1, random_start=False)
+    attack(fmodel, x, y, epsilons=EPS)
+    assert len(spy.calls) == 1
 
 
 # --- L2CarliniWagnerAttack -------------------------------------------------------------------

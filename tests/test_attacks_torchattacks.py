@@ -21,6 +21,7 @@ from attack_fixtures import (
     defended_predictions,
     digits_deq,
     direct_input_gradient,
+    make_estimator,
     make_white_box,
     one_thread,
     tap_gradients,
@@ -67,11 +68,12 @@ def test_torchattacks_pgd_first_step_follows_the_selected_estimate() -> None:
 
 
 def test_torchattacks_pgd_every_step_gets_the_selected_estimate() -> None:
-    """With random start and 4 steps: 4 calls of the estimate, and every gradient that reached
-    the input equals the selected estimate's for the attack's own cotangent."""
+    """On ``estimator.model``, with random start and 4 steps: 4 calls of the estimate, and
+    every gradient that reached the input equals the selected estimate's for the attack's own
+    cotangent at the defended (Early(2)) logits."""
     x, y = _batch(8)
     spy = SpyEstimate(Exact())
-    module = make_white_box(spy, Early(2))
+    module = make_estimator(spy, Early(2)).model  # torchattacks puts it in eval mode itself
     taps = tap_gradients(module)
     adv = torchattacks.PGD(module, eps=EPS, alpha=0.03, steps=4, random_start=True)(x, y)
     assert len(spy.calls) == 4

@@ -27,6 +27,8 @@ EXPECTED = {
     "memory_ensemble_anderson",
     "memory_early_fixedpointiteration",
     "memory_ensemble_fixedpointiteration",
+    "memory_early_vs_final",
+    "memory_ensemble_vs_final",
     "train_phantom_vs_exact",
 }
 

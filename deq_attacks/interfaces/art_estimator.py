@@ -51,7 +51,7 @@ class DEQEstimator(PyTorchClassifier):
         clip_values: tuple[float, float] | None = (0.0, 1.0),
         **kwargs: Any,
     ) -> None:
-        module = WhiteBoxModule(deq, estimate, defense)
+        module = WhiteBoxModule(deq, estimate, defense).eval()
         super().__init__(
             model=module,
             loss=loss if loss is not None else nn.CrossEntropyLoss(),
@@ -92,6 +92,15 @@ class DEQEstimator(PyTorchClassifier):
         """Temporarily switch the estimate and/or the defense."""
         with self.white_box.using(estimate, defense):
             yield self
+
+    def fit(self, x: np.ndarray, y: np.ndarray, batch_size: int = 128, nb_epochs: int = 10,
+            **kwargs: Any) -> None:
+        """ART's ``fit``; afterwards the module is back in eval mode, so that libraries which
+        differentiate ``estimator.model`` without calling ``eval()`` get the selected estimate."""
+        try:
+            super().fit(x, y, batch_size=batch_size, nb_epochs=nb_epochs, **kwargs)
+        finally:
+            self.white_box.eval()
 
     def _check_input(self, x: np.ndarray | torch.Tensor) -> None:
         shape = tuple(x.shape[1:])
