@@ -88,7 +88,7 @@ def train(
     x: np.ndarray,
     y: np.ndarray,
     config: TrainingConfig,
-    checkpoint_dir: Path | None = None,
+    checkpoint_dir: str | Path | None = None,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TrainingState:
     """Train the estimator's DEQ; with ``checkpoint_dir``, every epoch is saved and a rerun
@@ -99,6 +99,7 @@ def train(
     """
     if estimator.optimizer is None:
         raise ValueError("the estimator needs an optimizer to train")
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     state = TrainingState()
     if checkpoint_dir is not None and (checkpoint_dir / "state.json").exists():
         state = TrainingState(**json.loads((checkpoint_dir / "state.json").read_text()))

@@ -92,9 +92,18 @@ class AttackSpec:
         batch_size: int,
     ) -> np.ndarray:
         """Adversarial examples for ``x`` against the estimator's current defense."""
+        with estimator.using(estimate=self.estimate):
+            return self._generate(estimator, x, y, threat, batch_size)
+
+    def _generate(
+        self,
+        estimator: DEQEstimator,
+        x: np.ndarray,
+        y: np.ndarray,
+        threat: ThreatModel,
+        batch_size: int,
+    ) -> np.ndarray:
         steps = self.steps or (1000 if self.kind is AttackKind.SQUARE else threat.steps)
-        if self.estimate is not None:
-            estimator.gradient_estimate = self.estimate
         attack: ProjectedGradientDescent | AutoProjectedGradientDescent | SquareAttack | AutoAttack
         if self.kind is AttackKind.PGD:
             attack = ProjectedGradientDescent(

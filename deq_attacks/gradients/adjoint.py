@@ -37,9 +37,14 @@ def _check_inverse(inverse: InverseEstimate, solver: Solver, name: str) -> None:
     if not isinstance(inverse, InverseEstimate):
         raise TypeError(f"inverse must be an InverseEstimate, got {inverse!r}")
     if inverse is InverseEstimate.BROYDEN and not solver.keeps_inverse:
+        remedy = (
+            "use a Broyden solver, or ask for inverse=InverseEstimate.NEGATIVE_IDENTITY"
+            if name == "Adjoint"
+            else "use a Broyden solver"
+        )
         raise ValueError(
             f"{name} reuses Broyden's inverse estimates B_n, but {type(solver).__name__} keeps "
-            "none: use a Broyden solver, or ask for inverse=InverseEstimate.NEGATIVE_IDENTITY"
+            f"none: {remedy}"
         )
 
 
@@ -144,8 +149,8 @@ class Adjoint(GradientEstimate):
         check_within(self.n, solver, "Adjoint")
         _check_inverse(self.inverse, solver, "Adjoint")
 
-    def keep_steps(self, threshold: int) -> bool:
-        return True
+    def keep_steps(self, threshold: int) -> frozenset[int]:
+        return frozenset(range(1, self.step_index(threshold) + 1))
 
     def injection_gradient(
         self, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
