@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deq_attacks.checkpoints import load_weights
 from deq_attacks.data import ImageDataset, load_arrays_file, load_digits
 from deq_attacks.deq import DEQ, Early, Ensemble, Final, ImplicitGradient, PhantomGradient
 from deq_attacks.evaluation import (
@@ -161,13 +162,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"data {train_set.name}: {len(train_set)} training, {len(dev)} development, "
         f"{len(test)} test images; model: {sum(p.numel() for p in deq.parameters())} parameters"
     )
-    train(
+    state = train(
         estimator,
         train_set.x,
         train_set.y,
         config,
         checkpoint_dir=args.out_dir / "checkpoint",
         validation=(dev.x, dev.y),
+    )
+    load_weights(deq, args.out_dir / "checkpoint" / "best.safetensors")
+    print(
+        f"evaluating epoch {state.best_epoch} (best development PGD accuracy "
+        f"{state.best_val_pgd_accuracy:.1%})"
     )
     threat = ThreatModel(eps=args.eps, step=args.step, steps=args.steps)
     attacks = attack_columns(args.threshold)

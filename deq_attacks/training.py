@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from art.attacks.evasion import ProjectedGradientDescent
 from art.defences.trainer import AdversarialTrainerMadryPGD
 from tqdm.auto import tqdm
 
@@ -81,6 +82,33 @@ class TrainingState:
 
     epochs_done: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_val_pgd_accuracy: float | None = None
+
+
+def validate(
+    estimator: DEQEstimator,
+    validation: tuple[np.ndarray, np.ndarray],
+    config: TrainingConfig,
+    estimate: GradientEstimate,
+) -> dict[str, float]:
+    """Clean and PGD accuracy on the validation split, PGD using ``estimate``."""
+    x_val, y_val = validation
+    clean = estimator.predict(x_val, batch_size=config.batch_size).argmax(1)
+    with estimator.using(estimate=estimate):
+        x_adv = ProjectedGradientDescent(
+            estimator,
+            eps=config.eps,
+            eps_step=config.step,
+            max_iter=config.steps,
+            batch_size=config.batch_size,
+            verbose=False,
+        ).generate(x_val, np.eye(estimator.nb_classes, dtype=np.float32)[y_val])
+    robust = estimator.predict(x_adv, batch_size=config.batch_size).argmax(1)
+    return {
+        "val_clean_accuracy": float((clean == y_val).mean()),
+        "val_pgd_accuracy": float((robust == y_val).mean()),
+    }
 
 
 def train(
@@ -95,7 +123,10 @@ def train(
     resumes after the last finished epoch.
 
     The estimator needs an optimizer. Its gradient estimate is set to the one matching the
-    DEQ's training gradient while adversaries are generated, and restored afterwards.
+    DEQ's training gradient while adversaries are generated, and restored afterwards. With
+    ``validation``, each epoch records clean and PGD accuracy on it (PGD with the training
+    gradient, the config's eps, step and steps) and the best epoch by PGD accuracy is kept as
+    ``best.safetensors`` (Appendix A's checkpoint choice).
     """
     if estimator.optimizer is None:
         raise ValueError("the estimator needs an optimizer to train")
@@ -129,15 +160,24 @@ def train(
                     eps_step=min(config.step, eps),
                     max_iter=config.steps,
                 ).fit(x, y)
+        improved = False
         if validation is not None:
-            predictions = estimator.predict(validation[0], batch_size=config.batch_size)
-            record["val_clean_accuracy"] = float((predictions.argmax(1) == validation[1]).mean())
+            record.update(validate(estimator, validation, config, estimate))
+            best = state.best_val_pgd_accuracy
+            improved = best is None or record["val_pgd_accuracy"] > best
+            if improved:
+                state.best_epoch, state.best_val_pgd_accuracy = (
+                    epoch + 1,
+                    record["val_pgd_accuracy"],
+                )
         state.history.append(record)
         state.epochs_done = epoch + 1
         epochs.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
         if checkpoint_dir is not None:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             save_weights(estimator.deq, checkpoint_dir / "model.safetensors")
+            if improved:
+                save_weights(estimator.deq, checkpoint_dir / "best.safetensors")
             torch.save(estimator.optimizer.state_dict(), checkpoint_dir / "optimizer.pt")
             (checkpoint_dir / "state.json").write_text(json.dumps(asdict(state), indent=2))
     return state

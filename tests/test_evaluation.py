@@ -82,6 +82,15 @@ def test_training_learns_and_resumes(tmp_path: Path, digits) -> None:
     state = train(resumed_model, x, y, config, checkpoint_dir=tmp_path, validation=(xv, yv))
     assert state.epochs_done == 2 and [h["epoch"] for h in state.history] == [1, 2]
     assert state.history[-1]["val_clean_accuracy"] > 0.5
+    pgd = [h["val_pgd_accuracy"] for h in state.history]
+    assert all(0.0 <= a <= h["val_clean_accuracy"] for a, h in zip(pgd, state.history))
+    assert state.best_epoch == 1 + int(np.argmax(pgd))
+    assert state.best_val_pgd_accuracy == max(pgd)
+    best = tiny_estimator().deq
+    load_weights(best, tmp_path / "best.safetensors")
+    if state.best_epoch == 2:
+        last = resumed_model.deq.state_dict()
+        assert all(torch.equal(v, last[k]) for k, v in best.state_dict().items())
 
 
 def test_adversarial_training_runs_with_matching_estimate(digits) -> None:
