@@ -1,7 +1,7 @@
 """Run the benchmark suite: ``python -m benchmarks.run [--workload small|large|all] ...``.
 
-Writes ``<out-dir>/<device>.json`` (merged per workload with earlier runs on that device) and
-renders every device's results into ``--docs`` (default docs/benchmarks.md).
+Writes ``<out-dir>/<device>.json`` (each workload's entry replaces the one an earlier run on
+that device left) and renders every device's results into ``--docs`` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -35,6 +35,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per ratio")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall clock, or this process's CPU seconds (CPU only: robust to other jobs on a "
+        "shared machine when run with --threads 1)",
+    )
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--quick", action="store_true", help="smoke mode: tiny model, few steps")
@@ -43,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--repeats must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but torch sees no CUDA device")
+    if args.device == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu does not see GPU time: use --clock wall with --device cuda")
     return args
 
 
@@ -77,14 +86,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    settings = Settings.quick(args.repeats) if args.quick else Settings(repeats=args.repeats)
+    settings = (
+        Settings.quick(args.repeats, args.clock)
+        if args.quick
+        else Settings(repeats=args.repeats, clock=args.clock)
+    )
     available = workloads(args.quick)
     names = ["small", "large"] if args.workload == "all" else [args.workload]
     out = args.out_dir / f"{device.type}.json"
-    data: dict[str, Any] = (
-        json.loads(out.read_text()) if out.exists() else {"device": device.type, "workloads": {}}
-    )
-    data["memory_method"] = memory.method(device)
+    runs: dict[str, Any] = {}
     command = "python -m benchmarks.run " + shlex.join(argv if argv is not None else sys.argv[1:])
     for name in names:
         workload = available[name]
@@ -98,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"    {row.id}: {row.measured:.3f} (target {row.target})", flush=True)
                 results.append(row.to_json())
         info["load_after"] = round(os.getloadavg()[0], 1)
-        data["workloads"][name] = {
+        runs[name] = {
             "machine": info,
             "settings": vars(settings),
             "description": workload.description,
@@ -106,6 +116,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "wall_s": time.perf_counter() - start,
             "results": results,
         }
+    # merge with what earlier runs on this device left (read now: runs may overlap in time)
+    data: dict[str, Any] = (
+        json.loads(out.read_text()) if out.exists() else {"device": device.type, "workloads": {}}
+    )
+    data["memory_method"] = memory.method(device)
+    data["workloads"].update(runs)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
     report.render(args.out_dir, args.docs)

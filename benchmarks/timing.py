@@ -1,4 +1,9 @@
-"""Paired wall-clock timing: two callables timed alternately in one process, median ratio."""
+"""Paired timing: two callables timed alternately in one process, median ratio.
+
+Two clocks: "wall" (``time.perf_counter``, synchronised on CUDA) and "cpu" (``time.process_time``,
+the CPU seconds of this process). On a CPU shared with other jobs, single-threaded runs timed
+by CPU seconds are not inflated by the time the process waits for a core; wall time is.
+"""
 
 from __future__ import annotations
 
@@ -18,14 +23,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_once(fn: Callable[[], object], device: torch.device, calls: int = 1) -> float:
-    """Seconds per call of ``fn``, averaged over ``calls`` back-to-back calls (synchronised)."""
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_once(
+    fn: Callable[[], object], device: torch.device, calls: int = 1, clock: str = "wall"
+) -> float:
+    """Seconds per call of ``fn`` by ``clock``, averaged over ``calls`` back-to-back calls."""
+    now = CLOCKS[clock]
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     for _ in range(calls):
         fn()
     synchronize(device)
-    return (time.perf_counter() - start) / calls
+    return (now() - start) / calls
 
 
 @dataclass(frozen=True)
@@ -53,19 +64,22 @@ def paired_ratio(
     repeats: int,
     warmup: int = 1,
     min_block_s: float = 0.0,
+    clock: str = "wall",
 ) -> PairedTiming:
     """Time ``numerator`` and ``denominator`` alternately ``repeats`` times; median ratio.
 
     Each repetition times one block of each side, the order swapped every repetition so that
     a slow drift of the machine (other processes, clocks) biases neither side; the reported
     ratio is the median of the per-repetition ratios. ``warmup`` untimed calls of each side
-    come first (allocator, lazy initialisation, oneDNN/cuDNN kernel choice).
+    come first (allocator, lazy initialisation, oneDNN/cuDNN kernel choice); the slowest of
+    them sets how many calls one block holds (none: one call per block).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     probe = 0.0
-    for _ in range(max(warmup, 1)):
-        probe = max(probe, time_once(numerator, device), time_once(denominator, device))
+    for _ in range(warmup):
+        for fn in (numerator, denominator):
+            probe = max(probe, time_once(fn, device, clock=clock))
     calls = max(1, math.ceil(min_block_s / probe)) if probe > 0 else 1
     num_times: list[float] = []
     den_times: list[float] = []
@@ -75,11 +89,11 @@ def paired_ratio(
     try:
         for rep in range(repeats):
             if rep % 2 == 0:
-                num_times.append(time_once(numerator, device, calls))
-                den_times.append(time_once(denominator, device, calls))
+                num_times.append(time_once(numerator, device, calls, clock))
+                den_times.append(time_once(denominator, device, calls, clock))
             else:
-                den_times.append(time_once(denominator, device, calls))
-                num_times.append(time_once(numerator, device, calls))
+                den_times.append(time_once(denominator, device, calls, clock))
+                num_times.append(time_once(numerator, device, calls, clock))
             gc.collect()
     finally:
         if gc_was_enabled:

@@ -22,6 +22,7 @@ class Settings:
     phantom_k, phantom_lam: the phantom training gradient (5, 0.5). pgd_steps: PGD iterations
     (10). repeats: timed repetitions per ratio (median reported). warmup: untimed calls per
     side first. min_block_s: short calls are repeated until one timed block lasts this long.
+    clock: "wall" or "cpu" (see ``benchmarks.timing``).
     """
 
     threshold: int = 8
@@ -33,10 +34,11 @@ class Settings:
     repeats: int = 5
     warmup: int = 1
     min_block_s: float = 0.3
+    clock: str = "wall"
 
     @classmethod
-    def quick(cls, repeats: int) -> Settings:
-        """A smoke run: fewer iterations, no warm-up beyond one call, single calls."""
+    def quick(cls, repeats: int, clock: str = "wall") -> Settings:
+        """A smoke run: fewer iterations, no warm-up, one call per timed block."""
         return cls(
             threshold=3,
             long_threshold=6,
@@ -44,8 +46,9 @@ class Settings:
             phantom_k=2,
             pgd_steps=2,
             repeats=repeats,
-            warmup=1,
+            warmup=0,
             min_block_s=0.0,
+            clock=clock,
         )
 
 
