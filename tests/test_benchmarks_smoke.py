@@ -12,7 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the benchmarks package lives beside deq_attacks, not in it
+
+from benchmarks.memory import peak_bytes  # noqa: E402
 
 EXPECTED = {
     "ensemble_adjoint",
@@ -60,3 +65,21 @@ def test_quick_suite_reports_every_ratio(tmp_path: Path) -> None:
     assert "| ratio | measured | target | met? | workload | what was timed | notes |" in table
     for r in results.values():
         assert f"{r['measured']:.3f}" in table
+
+
+def test_cpu_peak_bytes_counts_tensors_alive_at_once() -> None:
+    """4 MB, then 4 MB more while the first lives, then the first freed: the peak is 8 MB; a
+    tensor from before the call that is freed inside it does not lower the count."""
+    before = torch.ones(250_000)
+
+    def call() -> None:
+        nonlocal before
+        before = None  # frees a block allocated before recording started
+        a = torch.ones(1000, 1000)
+        b = a * 2
+        del a
+        c = b + 1
+        del b, c
+
+    peak = peak_bytes(call, torch.device("cpu"))
+    assert 8_000_000 <= peak < 8_100_000, peak
