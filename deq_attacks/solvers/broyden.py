@@ -39,8 +39,10 @@ class Broyden(Solver):
 
     def _solve(self, rec: _Recorder) -> Trajectory:
         batch, dim = rec.z0.shape
-        U = rec.z0.new_zeros(batch, dim, self.threshold)
-        V = rec.z0.new_zeros(batch, self.threshold, dim)
+        # U is stored step-major, (B, N, d) transposed to (B, d, N), so that each step's column
+        # is one contiguous row; every column is written before it is read
+        U = rec.z0.new_empty(batch, self.threshold, dim).transpose(1, 2)
+        V = rec.z0.new_empty(batch, self.threshold, dim)
         inverse = BroydenInverse(U, V)
         z, g = rec.z, rec.fz - rec.z
         for n in range(1, self.threshold + 1):
@@ -61,8 +63,8 @@ class Broyden(Solver):
             ok &= dg.norm(dim=-1) > noise
             safe = torch.where(ok, denom, torch.ones_like(denom)).unsqueeze(-1)
             keep = ok.unsqueeze(-1)
-            U[:, :, n - 1] = torch.where(keep, (dz - b_dg) / safe, torch.zeros_like(dz))
-            V[:, n - 1, :] = torch.where(keep, bt_dz, torch.zeros_like(dz))
+            U[:, :, n - 1] = torch.where(keep, (dz - b_dg) / safe, 0.0)
+            V[:, n - 1, :] = torch.where(keep, bt_dz, 0.0)
             z, g = rec.z, rec.fz - rec.z
             if not rec.active.any():
                 break

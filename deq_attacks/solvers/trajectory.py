@@ -36,16 +36,18 @@ class BroydenInverse:
         self._check(n)
         if n == 0:
             return -v
-        vv = torch.bmm(self.V[:, :n, :], v.unsqueeze(-1))
-        return -v + torch.bmm(self.U[:, :, :n], vv).squeeze(-1)
+        row = v.unsqueeze(1)  # (B, 1, d): row-vector products are far faster than bmm on columns
+        coeff = torch.bmm(row, self.V[:, :n, :].transpose(1, 2))  # (B, 1, n)
+        return torch.baddbmm(row, coeff, self.U[:, :, :n].transpose(1, 2), beta=-1).squeeze(1)
 
     def rmatvec(self, n: int, v: Tensor) -> Tensor:
         """``B_n^T v`` for v of shape (B, d)."""
         self._check(n)
         if n == 0:
             return -v
-        uv = torch.bmm(self.U[:, :, :n].transpose(1, 2), v.unsqueeze(-1))
-        return -v + torch.bmm(self.V[:, :n, :].transpose(1, 2), uv).squeeze(-1)
+        row = v.unsqueeze(1)
+        coeff = torch.bmm(row, self.U[:, :, :n])  # (B, 1, n)
+        return torch.baddbmm(row, coeff, self.V[:, :n, :], beta=-1).squeeze(1)
 
     def dense(self, n: int) -> Tensor:
         """The dense matrices ``B_n`` (B, d, d); for tests and small problems only."""
