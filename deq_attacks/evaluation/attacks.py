@@ -55,6 +55,8 @@ class AttackKind(enum.Enum):
 
 _QUERY_BASED = {AttackKind.SQUARE}
 
+ArtAttack = ProjectedGradientDescent | AutoProjectedGradientDescent | SquareAttack | AutoAttack
+
 
 @dataclass(frozen=True)
 class AttackSpec:
@@ -93,18 +95,16 @@ class AttackSpec:
     ) -> np.ndarray:
         """Adversarial examples for ``x`` against the estimator's current defense."""
         with estimator.using(estimate=self.estimate):
-            return self._generate(estimator, x, y, threat, batch_size)
+            attack = self._build(estimator, threat, batch_size)
+            labels = np.eye(estimator.nb_classes, dtype=np.float32)[y]
+            return attack.generate(x, labels).astype(np.float32)
 
-    def _generate(
-        self,
-        estimator: DEQEstimator,
-        x: np.ndarray,
-        y: np.ndarray,
-        threat: ThreatModel,
-        batch_size: int,
-    ) -> np.ndarray:
+    def _build(
+        self, estimator: DEQEstimator, threat: ThreatModel, batch_size: int
+    ) -> ArtAttack:
+        """The ART attack object for this column."""
         steps = self.steps or (1000 if self.kind is AttackKind.SQUARE else threat.steps)
-        attack: ProjectedGradientDescent | AutoProjectedGradientDescent | SquareAttack | AutoAttack
+        attack: ArtAttack
         if self.kind is AttackKind.PGD:
             attack = ProjectedGradientDescent(
                 estimator,
@@ -141,5 +141,4 @@ class AttackSpec:
             attack = AutoAttack(
                 estimator, norm=np.inf, eps=threat.eps, eps_step=threat.step, batch_size=batch_size
             )
-        labels = np.eye(estimator.nb_classes, dtype=np.float32)[y]
-        return attack.generate(x, labels).astype(np.float32)
+        return attack
