@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
 from art.attacks.evasion import (
@@ -55,7 +56,7 @@ class AttackKind(enum.Enum):
 
 _QUERY_BASED = {AttackKind.SQUARE}
 
-ArtAttack = ProjectedGradientDescent | AutoProjectedGradientDescent | SquareAttack | AutoAttack
+ArtAttack: TypeAlias = ProjectedGradientDescent | AutoProjectedGradientDescent | SquareAttack | AutoAttack
 
 
 @dataclass(frozen=True)
