@@ -56,7 +56,9 @@ class AttackKind(enum.Enum):
 
 _QUERY_BASED = {AttackKind.SQUARE}
 
-ArtAttack: TypeAlias = ProjectedGradientDescent | AutoProjectedGradientDescent | SquareAttack | AutoAttack
+ArtAttack: TypeAlias = (
+    ProjectedGradientDescent | AutoProjectedGradientDescent | SquareAttack | AutoAttack
+)
 
 
 @dataclass(frozen=True)
@@ -100,9 +102,7 @@ class AttackSpec:
             labels = np.eye(estimator.nb_classes, dtype=np.float32)[y]
             return attack.generate(x, labels).astype(np.float32)
 
-    def _build(
-        self, estimator: DEQEstimator, threat: ThreatModel, batch_size: int
-    ) -> ArtAttack:
+    def _build(self, estimator: DEQEstimator, threat: ThreatModel, batch_size: int) -> ArtAttack:
         """The ART attack object for this column."""
         steps = self.steps or (1000 if self.kind is AttackKind.SQUARE else threat.steps)
         attack: ArtAttack
