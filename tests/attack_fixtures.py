@@ -9,8 +9,6 @@ import these helpers directly (no conftest needed).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -69,7 +67,7 @@ def digits_deq() -> DigitsDEQ:
     order = np.random.default_rng(0).permutation(len(data))
     train, test = data.subset(order).split(N_TRAIN)
     np_state = np.random.get_state()
-    with torch.random.fork_rng(), one_thread():
+    with torch.random.fork_rng():
         torch.manual_seed(0)
         np.random.seed(0)
         deq = small_conv_deq(
@@ -131,6 +129,12 @@ def correct_batch(size: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     keep = np.flatnonzero(pred == y)[:size]
     assert keep.size == size, "not enough correctly classified held-out digits"
     return np.ascontiguousarray(x[keep]), np.ascontiguousarray(y[keep])
+
+
+def correct_tensor_batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``correct_batch`` as torch tensors."""
+    x, y = correct_batch(size)
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def as_input(x: np.ndarray | Tensor) -> Tensor:
@@ -247,18 +251,6 @@ def assert_valid_adversarial(
         assert linf_distance(a, x).max() <= eps + 1e-6
     else:
         assert l2_distance(a, x).max() <= eps + 1e-5
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread: these models are tiny, and on a shared, loaded CPU
-    two spinning OpenMP threads made training about 40x slower (measured)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 @dataclass

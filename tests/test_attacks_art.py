@@ -11,7 +11,6 @@ estimate stops gradient attacks but not the query attack.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,6 @@ from attack_fixtures import (
     digits_deq,
     direct_input_gradient,
     make_estimator,
-    one_thread,
 )
 from torch import nn
 
@@ -42,12 +40,6 @@ from deq_attacks import Early, Exact, Final, GradientEstimate, Readout, Unrolled
 from deq_attacks.gradients import constant_cotangent, loss_cotangent
 
 EPS = 0.1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
 
 
 def _record_loss_gradient(

@@ -4,25 +4,21 @@ the attack's step from ``input_gradient`` alone, and by a poisoned (all-zero) es
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import foolbox as fb
 import numpy as np
-import pytest
 import torch
 from attack_fixtures import (
     SpyEstimate,
     ZeroEstimate,
     assert_valid_adversarial,
     ce_sum_cotangent,
-    correct_batch,
+    correct_tensor_batch,
     defended_logits,
     defended_predictions,
     digits_deq,
     direct_input_gradient,
     make_estimator,
     make_foolbox_model,
-    one_thread,
 )
 from torch import Tensor
 
@@ -33,17 +29,6 @@ EPS = 0.1
 L2_EPS = 1.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
-
-
-def _batch(size: int) -> tuple[Tensor, Tensor]:
-    x, y = correct_batch(size)
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
 # --- LinfPGD ---------------------------------------------------------------------------------
 
 
@@ -51,7 +36,7 @@ def test_foolbox_linf_pgd_first_step_follows_the_selected_estimate() -> None:
     """Without random start, PGD's first step is clip(x + step * sign(g)) where g is the
     selected estimate's gradient for the cotangent of summed cross-entropy at the defended
     logits; Exact and Unrolled(n=1) give different steps, each as predicted."""
-    x, y = _batch(8)
+    x, y = correct_tensor_batch(8)
     step = 0.02
     cot = constant_cotangent(ce_sum_cotangent(defended_logits(x), y))
     outputs: list[Tensor] = []
@@ -87,7 +72,7 @@ def test_foolbox_linf_pgd_calls_the_estimate_once_per_step_and_judges_the_defens
 
 
 def test_foolbox_linf_pgd_with_poisoned_estimate_makes_no_progress() -> None:
-    x, y = _batch(8)
+    x, y = correct_tensor_batch(8)
     zero = ZeroEstimate()
     attack = fb.attacks.LinfPGD(abs_stepsize=0.03, steps=3, random_start=False)
     _, clipped, success = attack(make_foolbox_model(zero), x, y, epsilons=EPS)
@@ -97,7 +82,7 @@ def test_foolbox_linf_pgd_with_poisoned_estimate_makes_no_progress() -> None:
 
 
 def test_foolbox_on_a_fresh_estimator_model_gets_the_selected_estimate() -> None:
-    x, y = _batch(8)
+    x, y = correct_tensor_batch(8)
     spy = SpyEstimate(Exact())
     estimator = make_estimator(spy, Early(1))
     fmodel = fb.PyTorchModel(estimator.model, bounds=(0.0, 1.0))
@@ -122,7 +107,7 @@ def _cw(steps: int, binary_search_steps: int) -> fb.attacks.L2CarliniWagnerAttac
 def test_foolbox_cw_gets_its_margin_cotangent_through_the_selected_estimate() -> None:
     """Every Adam step of C&W calls the estimate once; the first call carries C&W's own
     cotangent const * (e_label - e_best_other) from the defended logits."""
-    x, y = _batch(8)
+    x, y = correct_tensor_batch(8)
     spy = SpyEstimate(Exact())
     fmodel = make_foolbox_model(spy)
     _, clipped, success = _cw(steps=5, binary_search_steps=2)(fmodel, x, y, epsilons=L2_EPS)
@@ -140,7 +125,7 @@ def test_foolbox_cw_gets_its_margin_cotangent_through_the_selected_estimate() ->
 def test_foolbox_cw_needs_the_estimate_poisoned_estimate_finds_nothing() -> None:
     """With Exact, C&W finds adversarials (raw, unbounded); with an all-zero estimate its
     iterate never leaves x, so it finds none and returns its all-zero "not found" marker."""
-    x, y = _batch(8)
+    x, y = correct_tensor_batch(8)
     found: dict[str, Tensor] = {}
     for name, estimate in [("exact", Exact()), ("zero", ZeroEstimate())]:
         fmodel = make_foolbox_model(estimate)
@@ -176,7 +161,7 @@ def _deepfool_step(estimate: GradientEstimate, x: Tensor, overshoot: float) -> T
 
 
 def test_foolbox_deepfool_step_follows_the_selected_estimate() -> None:
-    x, y = _batch(8)
+    x, y = correct_tensor_batch(8)
     outputs: list[Tensor] = []
     for estimate in (Exact(), Unrolled(n=1, k=1)):
         spy = SpyEstimate(estimate)
@@ -190,7 +175,7 @@ def test_foolbox_deepfool_step_follows_the_selected_estimate() -> None:
 
 
 def test_foolbox_deepfool_runs_on_the_estimate_and_judges_the_defense() -> None:
-    x, y = _batch(8)
+    x, y = correct_tensor_batch(8)
     spy = SpyEstimate(Exact())
     fmodel = make_foolbox_model(spy, Early(2))
     attack = fb.attacks.LinfDeepFoolAttack(steps=6, candidates=3, overshoot=0.02)
@@ -208,7 +193,7 @@ def test_foolbox_deepfool_runs_on_the_estimate_and_judges_the_defense() -> None:
 
 
 def test_foolbox_deepfool_with_poisoned_estimate_does_not_move() -> None:
-    x, y = _batch(8)
+    x, y = correct_tensor_batch(8)
     zero = ZeroEstimate()
     attack = fb.attacks.LinfDeepFoolAttack(steps=3, candidates=3, overshoot=0.02)
     raw, _, success = attack(make_foolbox_model(zero), x, y, epsilons=EPS)

@@ -4,10 +4,7 @@ by a spy estimate, by taps on every backward through the module, and by a poison
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
-import pytest
 import torch
 import torchattacks
 from attack_fixtures import (
@@ -16,14 +13,13 @@ from attack_fixtures import (
     assert_valid_adversarial,
     ce_sum_cotangent,
     check_taps,
-    correct_batch,
+    correct_tensor_batch,
     defended_logits,
     defended_predictions,
     digits_deq,
     direct_input_gradient,
     make_estimator,
     make_white_box,
-    one_thread,
     tap_gradients,
 )
 from torch import Tensor
@@ -34,22 +30,11 @@ from deq_attacks.gradients import constant_cotangent
 EPS = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with one_thread():
-        yield
-
-
-def _batch(size: int) -> tuple[Tensor, Tensor]:
-    x, y = correct_batch(size)
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
 def test_torchattacks_pgd_first_step_follows_the_selected_estimate() -> None:
     """Without random start, PGD's first step is clip(x + alpha * sign(g)), g the selected
     estimate's gradient for cross-entropy at the defended logits; Exact and Unrolled(n=1) give
     different steps, each as predicted."""
-    x, y = _batch(8)
+    x, y = correct_tensor_batch(8)
     alpha = 0.02
     cot = constant_cotangent(ce_sum_cotangent(defended_logits(x), y))
     outputs: list[Tensor] = []
@@ -71,7 +56,7 @@ def test_torchattacks_pgd_every_step_gets_the_selected_estimate() -> None:
     """On ``estimator.model``, with random start and 4 steps: 4 calls of the estimate, and
     every gradient that reached the input equals the selected estimate's for the attack's own
     cotangent at the defended (Early(2)) logits."""
-    x, y = _batch(8)
+    x, y = correct_tensor_batch(8)
     spy = SpyEstimate(Exact())
     module = make_estimator(spy, Early(2)).model  # torchattacks puts it in eval mode itself
     taps = tap_gradients(module)
@@ -83,7 +68,7 @@ def test_torchattacks_pgd_every_step_gets_the_selected_estimate() -> None:
 
 
 def test_torchattacks_pgd_with_poisoned_estimate_makes_no_progress() -> None:
-    x, y = _batch(8)
+    x, y = correct_tensor_batch(8)
     zero = ZeroEstimate()
     adv = torchattacks.PGD(make_white_box(zero), eps=EPS, alpha=0.03, steps=3, random_start=False)(
         x, y

@@ -9,7 +9,7 @@ dense linear solve ``u* = (I - J_f(z*)^T)^{-1} dL/dz*`` at the forward answer ``
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -38,15 +38,6 @@ CLASSES = 5
 N = 40  # forward Broyden iterates for the convergence tests
 STEPS = (5, 10, 20, 40)  # the adjoint steps n at which the error is measured
 REFERENCE = Exact(Broyden(threshold=80, tol=1e-13))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tensors are tiny: one thread is several times faster than two on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TanhLayer(nn.Module):

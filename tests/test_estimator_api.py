@@ -7,7 +7,7 @@ from a fixed seed; x has 6 features, the state 10, and there are 4 classes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -58,15 +58,6 @@ ESTIMATES: list[GradientEstimate] = [
     GradientEnsemble(Unrolled(k=1, lam=1.0)),
     GradientEnsemble(AdjointBroyden()),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tensors are tiny: one thread is several times faster than two on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TanhLayer(nn.Module):

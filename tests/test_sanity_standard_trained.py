@@ -23,7 +23,6 @@ from attack_fixtures import (
     defended_predictions,
     digits_deq,
     make_estimator,
-    one_thread,
 )
 
 from deq_attacks import (
@@ -61,8 +60,7 @@ CASES: list[tuple[str, GradientEstimate, Readout]] = [
 def table() -> Iterator[list[tuple[str, str, float, float]]]:
     """Rows (estimate, defense, clean accuracy, PGD accuracy), printed after the module."""
     rows: list[tuple[str, str, float, float]] = []
-    with one_thread():
-        yield rows
+    yield rows
     print(f"\nART PGD-{STEPS}, L-inf eps {EPS}, step {STEP}, {N_IMAGES} held-out digits")
     print(f"{'estimate':<36}{'defense':<12}{'clean':>7}{'PGD':>7}")
     for estimate, defense, clean, robust in rows:
