@@ -35,6 +35,23 @@ def check_unroll(k: int, lam: float) -> None:
         raise ValueError(f"lambda (damping) must be in (0, 1], got {lam!r}")
 
 
+def solve_adjoint(deq: DEQ, solver: Solver, fz: Tensor, z_leaf: Tensor, forcing: Tensor) -> Tensor:
+    """``u*`` solving ``u = J_f(z)^T u + forcing`` (B, d), where ``fz = f(z_leaf)`` carries the
+    graph to ``z_leaf``; the solve is kept as ``deq.last_backward_trajectory`` and a diverged
+    sample is reported."""
+
+    def adjoint_map(u: Tensor) -> Tensor:
+        (vjp,) = torch.autograd.grad(fz, z_leaf, u, retain_graph=True)
+        return vjp + forcing
+
+    trajectory = solver.solve(adjoint_map, torch.zeros_like(forcing))
+    deq.last_backward_trajectory = trajectory
+    if trajectory.diverged.any():
+        count = int(trajectory.diverged.sum())
+        warnings.warn(f"adjoint (backward) solve diverged for {count} sample(s)", stacklevel=3)
+    return trajectory.final
+
+
 class TrainingGradient(ABC):
     """Maps the detached solver answer ``z*`` (B, d) to a state whose autograd graph carries
     this gradient to the parameters and the injection. Under ``torch.no_grad`` it is just the
@@ -70,18 +87,7 @@ class ImplicitGradient(TrainingGradient):
         solver = self.backward_solver
 
         def implicit(cotangent: Tensor) -> Tensor:
-            def adjoint_map(u: Tensor) -> Tensor:
-                (vjp,) = torch.autograd.grad(f_leaf, z_leaf, u, retain_graph=True)
-                return vjp + cotangent
-
-            trajectory = solver.solve(adjoint_map, torch.zeros_like(cotangent))
-            deq.last_backward_trajectory = trajectory
-            if trajectory.diverged.any():
-                count = int(trajectory.diverged.sum())
-                warnings.warn(
-                    f"implicit backward solve diverged for {count} sample(s)", stacklevel=2
-                )
-            return trajectory.final
+            return solve_adjoint(deq, solver, f_leaf, z_leaf, cotangent)
 
         z_out.register_hook(implicit)
         return z_out

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from deq_attacks.deq.backward import solve_adjoint
 from deq_attacks.gradients.base import Cotangent, GradientEstimate, head_gradient
 from deq_attacks.solvers import Broyden, Solver, Trajectory
 
@@ -37,18 +37,6 @@ class Exact(GradientEstimate):
             z_leaf = z_star.detach().requires_grad_()
             inj = injection.detach().requires_grad_()
             fz = deq.step(z_leaf, inj)
-
-            def adjoint_map(u: Tensor) -> Tensor:
-                (vjp,) = torch.autograd.grad(fz, z_leaf, u, retain_graph=True)
-                return vjp + forcing
-
-            backward = self.backward_solver.solve(adjoint_map, torch.zeros_like(forcing))
-            deq.last_backward_trajectory = backward
-            if backward.diverged.any():
-                warnings.warn(
-                    f"exact-gradient backward solve diverged for {int(backward.diverged.sum())} "
-                    "sample(s)",
-                    stacklevel=2,
-                )
-            (grad,) = torch.autograd.grad(fz, inj, backward.final)
+            u_star = solve_adjoint(deq, self.backward_solver, fz, z_leaf, forcing)
+            (grad,) = torch.autograd.grad(fz, inj, u_star)
         return grad
