@@ -302,3 +302,19 @@ def check_taps(
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5 * scale)
         assert (grad - alternative).abs().max().item() > 1e-2 * scale
     return len(pairs)
+
+
+def assert_sign_step_of(
+    adv: torch.Tensor,
+    x: torch.Tensor,
+    step: float,
+    estimate: GradientEstimate,
+    cotangent: Cotangent,
+) -> None:
+    """``adv`` is one step ``clip(x + step * sign(g))`` with ``g`` the estimate's gradient for
+    ``cotangent``, wherever the sign of ``g`` is decided (over 90% of the pixels)."""
+    grad = direct_input_gradient(estimate, x, cotangent)
+    decided = grad.abs() > 1e-6 * grad.abs().max()
+    assert decided.float().mean() > 0.9
+    predicted = (x + step * grad.sign()).clamp(0.0, 1.0)
+    torch.testing.assert_close(adv[decided], predicted[decided], rtol=0, atol=1e-6)

@@ -140,18 +140,22 @@ def test_evaluation_grid_min_max_and_resume(tmp_path: Path, digits, monkeypatch)
     ]
     defenses = {"final": Final(), "early": Early(1), "ensemble": Ensemble()}
     path = tmp_path / "r.json"
-    result = evaluate(
-        estimator,
-        attacks,
-        defenses,
-        xv[:20],
-        yv[:20],
-        threat,
-        development=(xv[20:], yv[20:]),
-        ready_made=AttackSpec("ready", AttackKind.PGD, Phantom(2, 0.5)),
-        batch_size=10,
-        results_path=path,
-    )
+
+    def run() -> EvaluationResult:
+        return evaluate(
+            estimator,
+            attacks,
+            defenses,
+            xv[:20],
+            yv[:20],
+            threat,
+            development=(xv[20:], yv[20:]),
+            ready_made=AttackSpec("ready", AttackKind.PGD, Phantom(2, 0.5)),
+            batch_size=10,
+            results_path=path,
+        )
+
+    result = run()
     assert result.early_exit is not None and 1 <= result.early_exit <= 4
     assert set(result.robust) == set(defenses)
     for cells in result.robust.values():
@@ -162,18 +166,7 @@ def test_evaluation_grid_min_max_and_resume(tmp_path: Path, digits, monkeypatch)
     assert saved["robust"] == result.robust
     calls = []
     monkeypatch.setattr(Spec, "generate", lambda *a, **k: calls.append(a))
-    again = evaluate(
-        estimator,
-        attacks,
-        defenses,
-        xv[:20],
-        yv[:20],
-        threat,
-        development=(xv[20:], yv[20:]),
-        ready_made=AttackSpec("ready", AttackKind.PGD, Phantom(2, 0.5)),
-        batch_size=10,
-        results_path=path,
-    )
+    again = run()
     assert calls == [] and again.robust == result.robust
     table = markdown_table(again, ["phantom", "square"])
     assert "**" in table and f"early (z_{again.early_exit})" in table
