@@ -328,9 +328,7 @@ def load_arrays_file(
         keys = sorted(data.files)
         missing = [k for k in (x_key, y_key) if k not in keys]
         if missing:
-            splits = sorted(
-                k[2:] for k in keys if k.startswith("x_") and f"y_{k[2:]}" in keys
-            )
+            splits = sorted(k[2:] for k in keys if k.startswith("x_") and f"y_{k[2:]}" in keys)
             hint = f"; splits available: {splits}" if splits else ""
             if split is None and splits:
                 hint += " (pass split=...)"

@@ -93,8 +93,14 @@ class DEQEstimator(PyTorchClassifier):
         with self.white_box.using(estimate, defense):
             yield self
 
-    def fit(self, x: np.ndarray, y: np.ndarray, batch_size: int = 128, nb_epochs: int = 10,
-            **kwargs: Any) -> None:
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        batch_size: int = 128,
+        nb_epochs: int = 10,
+        **kwargs: Any,
+    ) -> None:
         """ART's ``fit``; afterwards the module is back in eval mode, so that libraries which
         differentiate ``estimator.model`` without calling ``eval()`` get the selected estimate."""
         try:
