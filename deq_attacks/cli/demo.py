@@ -36,7 +36,7 @@ from deq_attacks.training import TrainingConfig, matching_estimate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deq-attacks", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="deq-attacks demo", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--data",
         default="digits",
