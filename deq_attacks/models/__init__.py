@@ -10,16 +10,20 @@ from deq_attacks.models.mdeq import (
     mdeq_parts,
 )
 from deq_attacks.models.mlp import mlp_deq, mlp_deq_parts
+from deq_attacks.models.registry import create_model, list_models, register_model
 
 __all__ = [
     "MDEQ_LARGE",
     "MDEQ_XL",
     "MDEQConfig",
     "conv_deq_parts",
+    "create_model",
     "deq_large",
     "deq_xl",
+    "list_models",
     "mdeq_parts",
     "mlp_deq",
     "mlp_deq_parts",
+    "register_model",
     "small_conv_deq",
 ]

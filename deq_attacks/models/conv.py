@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from deq_attacks.deq.dropout import VariationalDropout
+from deq_attacks.models.registry import register_model
 
 if TYPE_CHECKING:
     from deq_attacks.deq.model import DEQ
@@ -114,6 +115,7 @@ def conv_deq_parts(
     )
 
 
+@register_model
 def small_conv_deq(
     in_channels: int = 1,
     num_classes: int = 10,

@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from deq_attacks.deq.dropout import VariationalDropout
+from deq_attacks.models.registry import register_model
 
 if TYPE_CHECKING:
     from deq_attacks.deq.model import DEQ
@@ -376,6 +377,7 @@ def mdeq_parts(
     )
 
 
+@register_model
 def deq_large(num_classes: int = 10, **deq_kwargs: Any) -> DEQ:
     """DEQ-Large of the paper (MDEQ_LARGE, 32x32 RGB input) as a `DEQ`."""
     from deq_attacks.deq.model import DEQ
@@ -384,6 +386,7 @@ def deq_large(num_classes: int = 10, **deq_kwargs: Any) -> DEQ:
     return DEQ(f=f, injection=injection, head=head, **deq_kwargs)
 
 
+@register_model
 def deq_xl(num_classes: int = 10, **deq_kwargs: Any) -> DEQ:
     """DEQ-XL of the paper (MDEQ_XL, 32x32 RGB input) as a `DEQ`."""
     from deq_attacks.deq.model import DEQ

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from deq_attacks.models.registry import register_model
+
 if TYPE_CHECKING:
     from deq_attacks.deq.model import DEQ
 
@@ -53,6 +55,7 @@ def mlp_deq_parts(
     return MLPInjection(in_features, hidden), MLPLayer(hidden), nn.Linear(hidden, num_classes)
 
 
+@register_model
 def mlp_deq(in_features: int, num_classes: int, hidden: int = 64, **deq_kwargs: Any) -> DEQ:
     """The MLP DEQ as a `DEQ`; deq_kwargs go to `DEQ` (solver and gradient settings)."""
     from deq_attacks.deq.model import DEQ
