@@ -24,11 +24,10 @@ from deq_attacks import (
     Exact,
     GradientEstimate,
     Readout,
-    Trajectory,
     WhiteBoxModule,
 )
 from deq_attacks.data import load_digits
-from deq_attacks.gradients import Cotangent, constant_cotangent, input_gradient
+from deq_attacks.gradients import BackwardPass, Cotangent, constant_cotangent, input_gradient
 from deq_attacks.models import small_conv_deq
 from deq_attacks.solvers import Solver
 
@@ -194,13 +193,12 @@ class SpyEstimate(GradientEstimate):
     def keep_steps(self, threshold: int) -> bool | frozenset[int]:
         return self.inner.keep_steps(threshold)
 
-    def injection_gradient(
-        self, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
-    ) -> Tensor:
-        grad = self.inner.injection_gradient(deq, trajectory, injection, cotangent)
+    def injection_gradient(self, backward: BackwardPass) -> Tensor:
+        grad = self.inner.injection_gradient(backward)
+        deq, injection = backward.deq, backward.injection
         with torch.enable_grad():
-            z = trajectory.final.detach().requires_grad_()
-            seen = cotangent(deq.logits(z, injection.detach()))
+            z = backward.trajectory.final.detach().requires_grad_()
+            seen = backward.cotangent(deq.logits(z, injection.detach()))
         self.calls.append(SpyCall(seen.detach().clone(), grad.detach().clone()))
         return grad
 
@@ -211,11 +209,9 @@ class ZeroEstimate(GradientEstimate):
 
     calls: int = 0
 
-    def injection_gradient(
-        self, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
-    ) -> Tensor:
+    def injection_gradient(self, backward: BackwardPass) -> Tensor:
         self.calls += 1
-        return torch.zeros_like(injection)
+        return torch.zeros_like(backward.injection)
 
 
 def as_numpy(a: np.ndarray | Tensor) -> np.ndarray:

@@ -2,8 +2,10 @@
 
 from deq_attacks.gradients.adjoint import Adjoint, AdjointBroyden, InverseEstimate
 from deq_attacks.gradients.base import (
+    BackwardPass,
     Cotangent,
     GradientEstimate,
+    PerStepEstimate,
     constant_cotangent,
     input_gradient,
     loss_cotangent,
@@ -16,11 +18,13 @@ from deq_attacks.gradients.unrolled import Unrolled
 __all__ = [
     "Adjoint",
     "AdjointBroyden",
+    "BackwardPass",
     "Cotangent",
     "GradientEnsemble",
     "Exact",
     "GradientEstimate",
     "InverseEstimate",
+    "PerStepEstimate",
     "Phantom",
     "Unrolled",
     "constant_cotangent",

@@ -5,25 +5,20 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from deq_attacks.gradients.base import (
-    Cotangent,
-    GradientEstimate,
+    BackwardPass,
+    PerStepEstimate,
+    StepWeights,
     check_step,
     check_within,
     head_gradient,
+    weighted_sum,
 )
 from deq_attacks.solvers import Solver, Trajectory
-
-if TYPE_CHECKING:
-    from deq_attacks.deq.model import DEQ
-
-StepWeights = dict[int, Tensor]
-"""Step n -> per-sample weight (B,) of that step's term in a weighted sum of estimates."""
 
 
 class InverseEstimate(enum.Enum):
@@ -62,10 +57,7 @@ def _inverse_operator(
 
 
 def adjoint_sweep(
-    deq: DEQ,
-    trajectory: Trajectory,
-    injection: Tensor,
-    cotangent: Cotangent,
+    backward: BackwardPass,
     beta: float,
     inverse: InverseEstimate,
     transpose: bool,
@@ -78,6 +70,8 @@ def adjoint_sweep(
     forward of f and the head with autograd and one backward; the term for step n comes out of
     the same backward as ``J_f(z_n)^T u_n``.
     """
+    deq, trajectory, cotangent = backward.deq, backward.trajectory, backward.cotangent
+    injection = backward.injection
     last = max(weights)
     apply_inverse = _inverse_operator(trajectory, inverse, transpose)
     inj = injection.detach().requires_grad_()
@@ -119,7 +113,7 @@ def _check_beta(beta: float) -> None:
 
 
 @dataclass(frozen=True)
-class Adjoint(GradientEstimate):
+class Adjoint(PerStepEstimate):
     """Simultaneous adjoint state ``u_n`` paired with ``z_n``: ``(df(z_n; x)/dx)^T u_n`` (Eq. 11).
 
     Args:
@@ -152,29 +146,18 @@ class Adjoint(GradientEstimate):
     def keep_steps(self, threshold: int) -> frozenset[int]:
         return frozenset(range(1, self.step_index(threshold) + 1))
 
-    def injection_gradient(
-        self, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
-    ) -> Tensor:
-        n = self.step_index(trajectory.threshold)
-        ones = torch.ones(injection.shape[0], device=injection.device)
-        return self.weighted(deq, trajectory, injection, cotangent, {n: ones})
+    def injection_gradient(self, backward: BackwardPass) -> Tensor:
+        n = self.step_index(backward.trajectory.threshold)
+        ones = torch.ones(backward.injection.shape[0], device=backward.injection.device)
+        return self.weighted(backward, {n: ones})
 
-    def weighted(
-        self,
-        deq: DEQ,
-        trajectory: Trajectory,
-        injection: Tensor,
-        cotangent: Cotangent,
-        weights: StepWeights,
-    ) -> Tensor:
+    def weighted(self, backward: BackwardPass, weights: StepWeights) -> Tensor:
         """Weighted sum of the per-step estimates, in one sweep."""
-        return adjoint_sweep(
-            deq, trajectory, injection, cotangent, self.beta, self.inverse, self.transpose, weights
-        )
+        return adjoint_sweep(backward, self.beta, self.inverse, self.transpose, weights)
 
 
 @dataclass(frozen=True)
-class AdjointBroyden(GradientEstimate):
+class AdjointBroyden(PerStepEstimate):
     """The adjoint-Broyden baseline (SHINE, Appendix D): ``u = -B^T dL(z)/dz`` from an inverse
     estimate alone, then ``(df(z; x)/dx)^T u``.
 
@@ -194,29 +177,25 @@ class AdjointBroyden(GradientEstimate):
     def keep_steps(self, threshold: int) -> frozenset[int]:
         return frozenset() if self.n is None else frozenset({self.n})
 
-    def injection_gradient(
-        self, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
-    ) -> Tensor:
+    def injection_gradient(self, backward: BackwardPass) -> Tensor:
+        trajectory = backward.trajectory
         if self.n is None:
             factors = trajectory.inverse
             steps = factors.num_updates if factors is not None else 0
-            return self.gradient_at(steps, trajectory.final, deq, trajectory, injection, cotangent)
-        return self.gradient_at(
-            self.n, trajectory.state(self.n), deq, trajectory, injection, cotangent
-        )
+            return self.gradient_at(steps, trajectory.final, backward)
+        return self.gradient_at(self.n, trajectory.state(self.n), backward)
 
-    def gradient_at(
-        self,
-        n: int,
-        z: Tensor,
-        deq: DEQ,
-        trajectory: Trajectory,
-        injection: Tensor,
-        cotangent: Cotangent,
-    ) -> Tensor:
+    def weighted(self, backward: BackwardPass, weights: StepWeights) -> Tensor:
+        state = backward.trajectory.state
+        return weighted_sum(backward, weights, lambda n: self.gradient_at(n, state(n), backward))
+
+    def gradient_at(self, n: int, z: Tensor, backward: BackwardPass) -> Tensor:
         """The estimate at state ``z`` with inverse estimate ``B_n``."""
-        apply_inverse = _inverse_operator(trajectory, InverseEstimate.BROYDEN, transpose=True)
-        u = -apply_inverse(n, head_gradient(deq, z, injection, cotangent))
+        deq, injection = backward.deq, backward.injection
+        apply_inverse = _inverse_operator(
+            backward.trajectory, InverseEstimate.BROYDEN, transpose=True
+        )
+        u = -apply_inverse(n, head_gradient(deq, z, injection, backward.cotangent))
         with torch.enable_grad():
             inj = injection.detach().requires_grad_()
             fz = deq.step(z.detach(), inj)

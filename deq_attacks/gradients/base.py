@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,6 +14,7 @@ from deq_attacks.solvers import Solver, Trajectory
 
 if TYPE_CHECKING:
     from deq_attacks.deq.model import DEQ
+    from deq_attacks.deq.readout import Readout
 
 Cotangent = Callable[[Tensor], Tensor]
 """Maps logits (B, classes) computed at a surrogate state to dL/dlogits (B, classes)."""
@@ -34,11 +36,33 @@ def constant_cotangent(grad: Tensor) -> Cotangent:
     return lambda logits: grad.to(logits.dtype)
 
 
+@dataclass(frozen=True)
+class BackwardPass:
+    """Everything one estimate needs for one backward, passed as one argument.
+
+    Attributes:
+        deq: the model.
+        trajectory: the record of the forward solve (flat states (B, d)).
+        injection: the detached injection (B, ...) of that forward.
+        cotangent: dL/dlogits at any logits (B, classes) the estimate computes.
+        readout: the defense whose logits the forward returned (estimates that differentiate
+            the defended computation itself need it; the paper's estimates ignore it).
+    """
+
+    deq: DEQ
+    trajectory: Trajectory
+    injection: Tensor
+    cotangent: Cotangent
+    readout: Readout
+
+
 class GradientEstimate(ABC):
-    """An estimate of dL/dx for a DEQ: computes dL/d(injection) from one forward trajectory.
+    """An estimate of dL/dx for a DEQ: computes dL/d(injection) from one forward pass.
 
     The gradient w.r.t. the input follows by one vector-Jacobian product through the
-    injection (see ``input_gradient``).
+    injection (see ``input_gradient``). A new estimate subclasses this, implements
+    ``injection_gradient`` (and ``keep_steps``/``check`` where it needs iterates or a solver
+    feature), and is exported from ``deq_attacks.gradients``.
     """
 
     def check(self, solver: Solver) -> None:
@@ -50,10 +74,35 @@ class GradientEstimate(ABC):
         return frozenset()
 
     @abstractmethod
-    def injection_gradient(
-        self, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
-    ) -> Tensor:
-        """The estimate of dL/d(injection), shaped like ``injection``."""
+    def injection_gradient(self, backward: BackwardPass) -> Tensor:
+        """The estimate of dL/d(injection), shaped like ``backward.injection``."""
+
+
+StepWeights = dict[int, Tensor]
+"""Step n -> per-sample weight (B,) of that step's term in a weighted sum of estimates."""
+
+
+class PerStepEstimate(GradientEstimate):
+    """An estimate defined at an intermediate step ``n`` (its field; None: the last step), which
+    ``GradientEnsemble`` averages over n."""
+
+    n: int | None
+
+    @abstractmethod
+    def weighted(self, backward: BackwardPass, weights: StepWeights) -> Tensor:
+        """``sum_n weights[n] * (the estimate at step n)``, shaped like the injection."""
+
+
+def weighted_sum(
+    backward: BackwardPass, weights: StepWeights, term: Callable[[int], Tensor]
+) -> Tensor:
+    """``sum_n weights[n] * term(n)`` with per-sample weights broadcast over the injection."""
+    injection = backward.injection
+    total = torch.zeros_like(injection)
+    shape = (-1, *[1] * (injection.dim() - 1))
+    for n, weight in weights.items():
+        total = total + weight.to(injection.dtype).reshape(shape) * term(n)
+    return total
 
 
 def input_gradient(
@@ -62,8 +111,10 @@ def input_gradient(
     x: Tensor,
     cotangent: Cotangent,
     trajectory: Trajectory | None = None,
+    readout: Readout | None = None,
 ) -> Tensor:
-    """dL/dx (shaped like x) by ``estimate``, solving the forward pass unless given."""
+    """dL/dx (shaped like x) by ``estimate`` for the defense ``readout`` (default the DEQ's
+    own), solving the forward pass unless given."""
     estimate.check(deq.solver)
     with torch.enable_grad():
         x_leaf = x.detach().requires_grad_()
@@ -71,7 +122,10 @@ def input_gradient(
         if trajectory is None:
             keep = estimate.keep_steps(deq.solver.threshold)
             trajectory = deq.solve(injection.detach(), keep=keep)
-        grad_injection = estimate.injection_gradient(deq, trajectory, injection.detach(), cotangent)
+        backward = BackwardPass(
+            deq, trajectory, injection.detach(), cotangent, readout or deq.readout
+        )
+        grad_injection = estimate.injection_gradient(backward)
         (grad_x,) = torch.autograd.grad(injection, x_leaf, grad_injection)
     return grad_x
 
@@ -102,11 +156,12 @@ def head_gradient(deq: DEQ, z: Tensor, injection: Tensor, cotangent: Cotangent) 
 
 
 def unrolled_injection_gradient(
-    deq: DEQ, z_start: Tensor, injection: Tensor, cotangent: Cotangent, k: int, lam: float
+    backward: BackwardPass, z_start: Tensor, k: int, lam: float
 ) -> Tensor:
     """dL/d(injection) through ``k`` damped steps from the detached ``z_start`` (Eq. 13-16)."""
     from deq_attacks.deq.backward import damped_unroll
 
+    deq, injection, cotangent = backward.deq, backward.injection, backward.cotangent
     with torch.enable_grad():
         inj = injection.detach().requires_grad_()
         z = damped_unroll(lambda s: deq.step(s, inj), z_start.detach(), k, lam)

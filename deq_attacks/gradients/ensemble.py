@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from deq_attacks.gradients.adjoint import Adjoint, AdjointBroyden, StepWeights
-from deq_attacks.gradients.base import Cotangent, GradientEstimate
-from deq_attacks.gradients.unrolled import Unrolled
+from deq_attacks.gradients.base import (
+    BackwardPass,
+    GradientEstimate,
+    PerStepEstimate,
+    StepWeights,
+)
 from deq_attacks.solvers import Solver, Trajectory
-
-if TYPE_CHECKING:
-    from deq_attacks.deq.model import DEQ
-
-PerStepEstimate = Adjoint | Unrolled | AdjointBroyden
 
 
 @dataclass(frozen=True)
@@ -29,16 +26,17 @@ class GradientEnsemble(GradientEstimate):
     cost one unrolling or one VJP per step.
 
     Args:
-        of: the per-step estimate, with ``n`` left None.
+        of: the per-step estimate (Adjoint, Unrolled, AdjointBroyden or any PerStepEstimate),
+            with ``n`` left None.
     """
 
     of: PerStepEstimate
 
     def __post_init__(self) -> None:
-        if not isinstance(self.of, (Adjoint, Unrolled, AdjointBroyden)):
+        if not isinstance(self.of, PerStepEstimate):
             raise TypeError(
-                "GradientEnsemble(of=...) takes Adjoint, Unrolled or AdjointBroyden, "
-                f"got {self.of!r}"
+                "GradientEnsemble(of=...) takes a per-step estimate (Adjoint, Unrolled or "
+                f"AdjointBroyden), got {self.of!r}"
             )
         if self.of.n is not None:
             raise ValueError(
@@ -61,20 +59,5 @@ class GradientEnsemble(GradientEstimate):
             for n in range(1, trajectory.num_steps + 1)
         }
 
-    def injection_gradient(
-        self, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
-    ) -> Tensor:
-        weights = self.step_weights(trajectory)
-        if isinstance(self.of, Adjoint):
-            return self.of.weighted(deq, trajectory, injection, cotangent, weights)
-        total = torch.zeros_like(injection)
-        shape = (-1, *[1] * (injection.dim() - 1))
-        for n, weight in weights.items():
-            if isinstance(self.of, Unrolled):
-                term = self.of.gradient_at(n, deq, trajectory, injection, cotangent)
-            else:
-                term = self.of.gradient_at(
-                    n, trajectory.state(n), deq, trajectory, injection, cotangent
-                )
-            total = total + weight.to(injection.dtype).reshape(shape) * term
-        return total
+    def injection_gradient(self, backward: BackwardPass) -> Tensor:
+        return self.of.weighted(backward, self.step_weights(backward.trajectory))

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from deq_attacks.deq.backward import solve_adjoint
-from deq_attacks.gradients.base import Cotangent, GradientEstimate, head_gradient
-from deq_attacks.solvers import Broyden, Solver, Trajectory
-
-if TYPE_CHECKING:
-    from deq_attacks.deq.model import DEQ
+from deq_attacks.gradients.base import BackwardPass, GradientEstimate, head_gradient
+from deq_attacks.solvers import Broyden, Solver
 
 
 @dataclass(frozen=True)
@@ -28,10 +24,9 @@ class Exact(GradientEstimate):
         if not isinstance(self.backward_solver, Solver):
             raise TypeError(f"backward_solver must be a Solver, got {self.backward_solver!r}")
 
-    def injection_gradient(
-        self, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
-    ) -> Tensor:
-        z_star = trajectory.final
+    def injection_gradient(self, backward: BackwardPass) -> Tensor:
+        deq, injection, cotangent = backward.deq, backward.injection, backward.cotangent
+        z_star = backward.trajectory.final
         forcing = head_gradient(deq, z_star, injection, cotangent)
         with torch.enable_grad():
             z_leaf = z_star.detach().requires_grad_()

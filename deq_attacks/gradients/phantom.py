@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from deq_attacks.deq.backward import check_unroll
-from deq_attacks.gradients.base import Cotangent, GradientEstimate, unrolled_injection_gradient
-from deq_attacks.solvers import Trajectory
-
-if TYPE_CHECKING:
-    from deq_attacks.deq.model import DEQ
+from deq_attacks.gradients.base import BackwardPass, GradientEstimate, unrolled_injection_gradient
 
 
 @dataclass(frozen=True)
@@ -26,9 +21,5 @@ class Phantom(GradientEstimate):
     def __post_init__(self) -> None:
         check_unroll(self.k, self.lam)
 
-    def injection_gradient(
-        self, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
-    ) -> Tensor:
-        return unrolled_injection_gradient(
-            deq, trajectory.final, injection, cotangent, self.k, self.lam
-        )
+    def injection_gradient(self, backward: BackwardPass) -> Tensor:
+        return unrolled_injection_gradient(backward, backward.trajectory.final, self.k, self.lam)

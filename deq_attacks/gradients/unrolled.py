@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from deq_attacks.deq.backward import check_unroll
 from deq_attacks.gradients.base import (
-    Cotangent,
-    GradientEstimate,
+    BackwardPass,
+    PerStepEstimate,
+    StepWeights,
     check_step,
     check_within,
     unrolled_injection_gradient,
+    weighted_sum,
 )
-from deq_attacks.solvers import Solver, Trajectory
-
-if TYPE_CHECKING:
-    from deq_attacks.deq.model import DEQ
+from deq_attacks.solvers import Solver
 
 
 @dataclass(frozen=True)
-class Unrolled(GradientEstimate):
+class Unrolled(PerStepEstimate):
     """Autograd through ``k`` damped steps from the detached intermediate ``z_n``.
 
     Args:
@@ -49,17 +47,12 @@ class Unrolled(GradientEstimate):
     def keep_steps(self, threshold: int) -> frozenset[int]:
         return frozenset({self.step_index(threshold)})
 
-    def injection_gradient(
-        self, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
-    ) -> Tensor:
-        return self.gradient_at(
-            self.step_index(trajectory.threshold), deq, trajectory, injection, cotangent
-        )
+    def injection_gradient(self, backward: BackwardPass) -> Tensor:
+        return self.gradient_at(self.step_index(backward.trajectory.threshold), backward)
 
-    def gradient_at(
-        self, n: int, deq: DEQ, trajectory: Trajectory, injection: Tensor, cotangent: Cotangent
-    ) -> Tensor:
+    def weighted(self, backward: BackwardPass, weights: StepWeights) -> Tensor:
+        return weighted_sum(backward, weights, lambda n: self.gradient_at(n, backward))
+
+    def gradient_at(self, n: int, backward: BackwardPass) -> Tensor:
         """The estimate unrolled from ``z_n``."""
-        return unrolled_injection_gradient(
-            deq, trajectory.state(n), injection, cotangent, self.k, self.lam
-        )
+        return unrolled_injection_gradient(backward, backward.trajectory.state(n), self.k, self.lam)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from deq_attacks.deq.model import DEQ
 from deq_attacks.deq.readout import Readout, check_readout
-from deq_attacks.gradients import Exact, GradientEstimate
+from deq_attacks.gradients import Exact, GradientEstimate, input_gradient
 from deq_attacks.gradients.base import Cotangent, constant_cotangent, loss_cotangent
 from deq_attacks.solvers import Trajectory
 
@@ -45,6 +45,7 @@ class _Surrogate(torch.autograd.Function):
         logits = deq.logits(module.defense.state(deq, trajectory, injection), injection)
         ctx.module = module
         ctx.estimate = module.estimate
+        ctx.defense = module.defense
         ctx.trajectory = trajectory
         ctx.save_for_backward(x)
         return logits
@@ -55,7 +56,7 @@ class _Surrogate(torch.autograd.Function):
         module: WhiteBoxModule = ctx.module
         cotangent = module.cotangent_override or constant_cotangent(grad)
         trajectory: Trajectory = ctx.trajectory
-        grad_x = module.input_gradient(x, cotangent, ctx.estimate, trajectory)
+        grad_x = input_gradient(module.deq, ctx.estimate, x, cotangent, trajectory, ctx.defense)
         module.backward_calls += 1
         return grad_x, None
 
@@ -143,10 +144,11 @@ class WhiteBoxModule(nn.Module):
         estimate: GradientEstimate | None = None,
         trajectory: Trajectory | None = None,
     ) -> Tensor:
-        """dL/dx by ``estimate`` (default: the current one) for a given cotangent source."""
-        from deq_attacks.gradients import input_gradient
-
-        return input_gradient(self.deq, estimate or self._estimate, x, cotangent, trajectory)
+        """dL/dx by ``estimate`` (default: the current one) for a given cotangent source, for
+        the current defense."""
+        return input_gradient(
+            self.deq, estimate or self._estimate, x, cotangent, trajectory, self._defense
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
