@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from deq_attacks.solvers import Broyden, Solver
+from deq_attacks.solvers import Broyden, Solver, Trajectory
 
 if TYPE_CHECKING:
-    from deq_attacks.deq.model import DEQ
+    from deq_attacks.deq.contract import DEQModel
+    from deq_attacks.gradients.base import GradientEstimate
 
 StepFn = Callable[[Tensor], Tensor]
 
@@ -35,21 +36,19 @@ def check_unroll(k: int, lam: float) -> None:
         raise ValueError(f"lambda (damping) must be in (0, 1], got {lam!r}")
 
 
-def solve_adjoint(deq: DEQ, solver: Solver, fz: Tensor, z_leaf: Tensor, forcing: Tensor) -> Tensor:
-    """``u*`` solving ``u = J_f(z)^T u + forcing`` (B, d), where ``fz = f(z_leaf)`` carries the
-    graph to ``z_leaf``; the solve is kept as ``deq.last_backward_trajectory`` and a diverged
-    sample is reported."""
+def solve_adjoint(solver: Solver, fz: Tensor, z_leaf: Tensor, forcing: Tensor) -> Trajectory:
+    """The solve of ``u = J_f(z)^T u + forcing`` (B, d) from ``u_0 = 0``, where ``fz = f(z_leaf)``
+    carries the graph to ``z_leaf``; ``u*`` is its ``final``. A diverged sample is reported."""
 
     def adjoint_map(u: Tensor) -> Tensor:
         (vjp,) = torch.autograd.grad(fz, z_leaf, u, retain_graph=True)
         return vjp + forcing
 
     trajectory = solver.solve(adjoint_map, torch.zeros_like(forcing))
-    deq.last_backward_trajectory = trajectory
     if trajectory.diverged.any():
         count = int(trajectory.diverged.sum())
         warnings.warn(f"adjoint (backward) solve diverged for {count} sample(s)", stacklevel=3)
-    return trajectory.final
+    return trajectory
 
 
 class TrainingGradient(ABC):
@@ -58,8 +57,13 @@ class TrainingGradient(ABC):
     forward map, so the model's output does not depend on the grad mode."""
 
     @abstractmethod
-    def attach(self, deq: DEQ, z_star: Tensor, injection: Tensor) -> Tensor:
+    def attach(self, deq: DEQModel, z_star: Tensor, injection: Tensor) -> Tensor:
         """The output state (B, d)."""
+
+    @abstractmethod
+    def attack_estimate(self) -> GradientEstimate:
+        """The attack-side estimate equal to this gradient: PGD-AT makes its adversaries with
+        the gradient it trains with (Appendix A)."""
 
 
 @dataclass(frozen=True)
@@ -69,25 +73,41 @@ class ImplicitGradient(TrainingGradient):
     Output ``f(z*)``; its backward replaces the incoming cotangent ``c`` by ``u*`` solving
     ``u = J_f(z*)^T u + c`` with ``backward_solver`` (its own threshold), then continues into
     ``f``'s parameters and injection.
+
+    Args:
+        backward_solver: the solver of the adjoint system.
+        on_backward: called with the backward solve's Trajectory after each backward, to
+            inspect it (e.g. ``records.append``); None: nothing is kept.
     """
 
     backward_solver: Solver = field(default_factory=lambda: Broyden(threshold=7, tol=1e-4))
+    on_backward: Callable[[Trajectory], object] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.backward_solver, Solver):
             raise TypeError(f"backward_solver must be a Solver, got {self.backward_solver!r}")
 
-    def attach(self, deq: DEQ, z_star: Tensor, injection: Tensor) -> Tensor:
+    def attack_estimate(self) -> GradientEstimate:
+        from deq_attacks.gradients.exact import Exact
+
+        return Exact(self.backward_solver)
+
+    def attach(self, deq: DEQModel, z_star: Tensor, injection: Tensor) -> Tensor:
         z_star = z_star.detach()
         z_out = deq.step(z_star, injection)
         if not z_out.requires_grad:
             return z_out
         z_leaf = z_star.clone().requires_grad_()
         f_leaf = deq.step(z_leaf, injection.detach())
-        solver = self.backward_solver
+        solver, on_backward = self.backward_solver, self.on_backward
 
         def implicit(cotangent: Tensor) -> Tensor:
-            return solve_adjoint(deq, solver, f_leaf, z_leaf, cotangent)
+            trajectory = solve_adjoint(solver, f_leaf, z_leaf, cotangent)
+            if on_backward is not None:
+                on_backward(trajectory)
+            return trajectory.final
 
         z_out.register_hook(implicit)
         return z_out
@@ -104,5 +124,10 @@ class PhantomGradient(TrainingGradient):
     def __post_init__(self) -> None:
         check_unroll(self.k, self.lam)
 
-    def attach(self, deq: DEQ, z_star: Tensor, injection: Tensor) -> Tensor:
+    def attack_estimate(self) -> GradientEstimate:
+        from deq_attacks.gradients.phantom import Phantom
+
+        return Phantom(self.k, self.lam)
+
+    def attach(self, deq: DEQModel, z_star: Tensor, injection: Tensor) -> Tensor:
         return damped_unroll(lambda z: deq.step(z, injection), z_star.detach(), self.k, self.lam)

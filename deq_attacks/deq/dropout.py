@@ -46,3 +46,10 @@ class VariationalDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def reset_variational_dropout(f: nn.Module) -> None:
+    """Reset hook: forget the mask of every ``VariationalDropout`` in ``f``."""
+    for module in f.modules():
+        if isinstance(module, VariationalDropout):
+            module.reset_mask()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from deq_attacks.deq.backward import ImplicitGradient, TrainingGradient
-from deq_attacks.deq.dropout import VariationalDropout
+from deq_attacks.deq.contract import DEQModel, ResetHook
+from deq_attacks.deq.dropout import reset_variational_dropout
 from deq_attacks.deq.readout import Final, Readout, check_readout
 from deq_attacks.deq.regularization import JacobianRegularization, attach_penalty
 from deq_attacks.solvers import Broyden, Solver, Trajectory
@@ -19,8 +20,8 @@ class SolverDivergedError(RuntimeError):
     """The forward solver produced NaN or inf for some sample."""
 
 
-class DEQ(nn.Module):
-    """A deep equilibrium classifier.
+class DEQ(DEQModel):
+    """A deep equilibrium classifier: the implementation of the ``DEQModel`` contract.
 
     Args:
         f: ``f(z, injection) -> z`` on states (B, *S); may define ``init_state(injection)``
@@ -34,8 +35,11 @@ class DEQ(nn.Module):
         jacobian_regularization: adds the Hutchinson penalty to training losses, or None.
         raise_on_divergence: raise SolverDivergedError instead of warning when a sample's
             forward solve turns NaN or inf.
+        resets: hooks called with ``f`` before each forward solve (default: reset the masks of
+            ``VariationalDropout``); torchdeq models add its ``reset_norm`` and ``reset_dropout``.
 
-    After each forward, ``last_trajectory`` holds the solve (flat states (B, d)).
+    After each forward, ``last_trajectory`` holds the solve (flat states (B, d)), for
+    inspection only: no computation of this package reads it.
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class DEQ(nn.Module):
         readout: Readout | None = None,
         jacobian_regularization: JacobianRegularization | None = None,
         raise_on_divergence: bool = False,
+        resets: Sequence[ResetHook] = (reset_variational_dropout,),
     ) -> None:
         super().__init__()
         self.f = f
@@ -71,8 +76,11 @@ class DEQ(nn.Module):
             raise TypeError(f"expected JacobianRegularization, got {jacobian_regularization!r}")
         self.jacobian_regularization = jacobian_regularization
         self.raise_on_divergence = raise_on_divergence
+        self.resets = tuple(resets)
+        for hook in self.resets:
+            if not callable(hook):
+                raise TypeError(f"resets must be callables taking f, got {hook!r}")
         self.last_trajectory: Trajectory | None = None
-        self.last_backward_trajectory: Trajectory | None = None
         self.last_jacobian_penalty: Tensor | None = None
         self._training_forwards = 0
         self._state_shape: tuple[tuple[int, ...], torch.Size] | None = None
@@ -116,12 +124,15 @@ class DEQ(nn.Module):
         """The head on a flat state (B, d) -> logits (B, classes)."""
         return self.head(z.reshape(z.shape[0], *self._shape_for(injection)))
 
+    def reset(self) -> None:
+        """Run the reset hooks on f (weight normalisation, dropout masks)."""
+        for hook in self.resets:
+            hook(self.f)
+
     def solve(self, injection: Tensor, keep: bool | Collection[int] = False) -> Trajectory:
-        """Run the forward solver from ``z_0`` without autograd; record it as
-        ``last_trajectory`` and report divergence."""
-        for module in self.f.modules():
-            if isinstance(module, VariationalDropout):
-                module.reset_mask()
+        """Reset, then run the forward solver from ``z_0`` without autograd; record the solve
+        as ``last_trajectory`` and report divergence."""
+        self.reset()
         z0 = self.initial_state(injection).reshape(injection.shape[0], -1)
         trajectory = self.solver.solve(lambda z: self.step(z, injection), z0.detach(), keep)
         self.last_trajectory = trajectory

@@ -11,7 +11,7 @@ from torch import Tensor
 from deq_attacks.solvers import Trajectory
 
 if TYPE_CHECKING:
-    from deq_attacks.deq.model import DEQ
+    from deq_attacks.deq.contract import DEQModel
 
 
 class Readout(ABC):
@@ -26,7 +26,7 @@ class Readout(ABC):
         return None
 
     @abstractmethod
-    def state(self, deq: DEQ, trajectory: Trajectory, injection: Tensor) -> Tensor:
+    def state(self, deq: DEQModel, trajectory: Trajectory, injection: Tensor) -> Tensor:
         """The readout state (B, d) of a finished solve."""
 
 
@@ -35,7 +35,7 @@ class Final(Readout):
     """The state the model's training gradient produces from the solver's answer ``z*``:
     ``f(z*)`` for the implicit gradient, the damped unrolling of ``z*`` for the phantom one."""
 
-    def state(self, deq: DEQ, trajectory: Trajectory, injection: Tensor) -> Tensor:
+    def state(self, deq: DEQModel, trajectory: Trajectory, injection: Tensor) -> Tensor:
         return deq.training_gradient.attach(deq, trajectory.final, injection)
 
 
@@ -58,7 +58,7 @@ class Early(Readout):
                 f"Early(n={self.n}) is beyond the solver's threshold of {threshold} iterates"
             )
 
-    def state(self, deq: DEQ, trajectory: Trajectory, injection: Tensor) -> Tensor:
+    def state(self, deq: DEQModel, trajectory: Trajectory, injection: Tensor) -> Tensor:
         return trajectory.state(self.n)
 
 
@@ -66,7 +66,7 @@ class Early(Readout):
 class Ensemble(Readout):
     """The running mean of each sample's iterates ``z_1..z_{N_i}``, kept in one accumulator."""
 
-    def state(self, deq: DEQ, trajectory: Trajectory, injection: Tensor) -> Tensor:
+    def state(self, deq: DEQModel, trajectory: Trajectory, injection: Tensor) -> Tensor:
         return trajectory.mean_state()
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from deq_attacks.solvers import Solver, Trajectory
 
 if TYPE_CHECKING:
-    from deq_attacks.deq.model import DEQ
+    from deq_attacks.deq.contract import DEQModel
     from deq_attacks.deq.readout import Readout
 
 Cotangent = Callable[[Tensor], Tensor]
@@ -49,7 +49,7 @@ class BackwardPass:
             the defended computation itself need it; the paper's estimates ignore it).
     """
 
-    deq: DEQ
+    deq: DEQModel
     trajectory: Trajectory
     injection: Tensor
     cotangent: Cotangent
@@ -106,7 +106,7 @@ def weighted_sum(
 
 
 def input_gradient(
-    deq: DEQ,
+    deq: DEQModel,
     estimate: GradientEstimate,
     x: Tensor,
     cotangent: Cotangent,
@@ -146,7 +146,7 @@ def check_within(n: int | None, solver: Solver, name: str) -> None:
         )
 
 
-def head_gradient(deq: DEQ, z: Tensor, injection: Tensor, cotangent: Cotangent) -> Tensor:
+def head_gradient(deq: DEQModel, z: Tensor, injection: Tensor, cotangent: Cotangent) -> Tensor:
     """dL(head(z))/dz (B, d) with dL/dlogits from ``cotangent``."""
     with torch.enable_grad():
         z_leaf = z.detach().requires_grad_()

@@ -32,6 +32,6 @@ class Exact(GradientEstimate):
             z_leaf = z_star.detach().requires_grad_()
             inj = injection.detach().requires_grad_()
             fz = deq.step(z_leaf, inj)
-            u_star = solve_adjoint(deq, self.backward_solver, fz, z_leaf, forcing)
+            u_star = solve_adjoint(self.backward_solver, fz, z_leaf, forcing).final
             (grad,) = torch.autograd.grad(fz, inj, u_star)
         return grad

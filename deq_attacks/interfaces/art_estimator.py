@@ -11,9 +11,11 @@ import torch
 from art.estimators.classification import PyTorchClassifier
 from torch import nn
 
-from deq_attacks.deq.model import DEQ
+from deq_attacks.deq.contract import DEQModel
+from deq_attacks.deq.convergence import warn_unconverged
 from deq_attacks.deq.readout import Readout
 from deq_attacks.gradients import GradientEstimate
+from deq_attacks.interfaces.inputs import check_images, check_labels
 from deq_attacks.interfaces.whitebox import WhiteBoxModule
 
 
@@ -24,7 +26,14 @@ class DEQEstimator(PyTorchClassifier):
     is evaluated at each surrogate state of the estimate (Eq. 11, 13, 17). ``class_gradient``
     and every attack that differentiates ``estimator.model`` itself (ART's APGD and AutoAttack,
     Foolbox, torchattacks) receive the same estimate through the module's backward, with the
-    incoming cotangent used straight-through.
+    incoming cotangent used straight-through. Attacks always see the DEQ in eval mode; only
+    ``fit`` and ``fit_generator`` train it, and leave it in eval mode.
+
+    Input contract (``deq_attacks.interfaces.inputs``), checked before any work: x a non-empty
+    floating-point batch of ``input_shape`` samples, finite, inside ``clip_values``; labels
+    class indices (N,) in [0, nb_classes) or one-hot / scores (N, nb_classes). Anything else
+    (label -1, labels (N, 1), uint8 images, ...) raises. A predict call whose solves leave
+    samples above ``RESIDUAL_LIMIT`` warns once, with their fraction.
 
     Args:
         deq: the model.
@@ -40,7 +49,7 @@ class DEQEstimator(PyTorchClassifier):
 
     def __init__(
         self,
-        deq: DEQ,
+        deq: DEQModel,
         *,
         input_shape: tuple[int, ...],
         nb_classes: int,
@@ -64,7 +73,7 @@ class DEQEstimator(PyTorchClassifier):
         self.white_box = module
 
     @property
-    def deq(self) -> DEQ:
+    def deq(self) -> DEQModel:
         return self.white_box.deq
 
     @property
@@ -93,6 +102,11 @@ class DEQEstimator(PyTorchClassifier):
         with self.white_box.using(estimate, defense):
             yield self
 
+    def _check_x(self, x: np.ndarray | torch.Tensor) -> None:
+        clip = self.clip_values
+        bounds = None if clip is None else (float(clip[0]), float(clip[1]))
+        check_images(x, tuple(self.input_shape), bounds)
+
     def fit(
         self,
         x: np.ndarray,
@@ -101,25 +115,64 @@ class DEQEstimator(PyTorchClassifier):
         nb_epochs: int = 10,
         **kwargs: Any,
     ) -> None:
-        """ART's ``fit``; afterwards the module is back in eval mode, so that libraries which
-        differentiate ``estimator.model`` without calling ``eval()`` get the selected estimate."""
+        """ART's ``fit`` on the DEQ's training forward; afterwards the module is back in eval
+        mode."""
+        self._check_x(x)
+        check_labels(y, len(x), self.nb_classes)
         try:
-            super().fit(x, y, batch_size=batch_size, nb_epochs=nb_epochs, **kwargs)
+            with self.white_box.fitting():
+                super().fit(x, y, batch_size=batch_size, nb_epochs=nb_epochs, **kwargs)
         finally:
             self.white_box.eval()
 
-    def _check_input(self, x: np.ndarray | torch.Tensor) -> None:
-        shape = tuple(x.shape[1:])
-        if shape != tuple(self.input_shape):
+    def fit_generator(self, generator: Any, nb_epochs: int = 20, **kwargs: Any) -> None:
+        """ART's ``fit_generator`` on the DEQ's training forward; afterwards the module is back
+        in eval mode, as after ``fit``."""
+        try:
+            with self.white_box.fitting():
+                super().fit_generator(generator, nb_epochs=nb_epochs, **kwargs)
+        finally:
+            self.white_box.eval()
+
+    def class_gradient(
+        self,
+        x: np.ndarray | torch.Tensor,
+        label: Any = None,
+        training_mode: bool = False,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """ART's ``class_gradient`` through the module's backward (the selected estimate)."""
+        self._refuse_training_mode(training_mode, "class_gradient")
+        self._check_x(x)
+        return super().class_gradient(x, label=label, training_mode=False, **kwargs)
+
+    @staticmethod
+    def _refuse_training_mode(training_mode: bool, method: str) -> None:
+        if training_mode:
             raise ValueError(
-                f"x has sample shape {shape}, expected {tuple(self.input_shape)} (batch first)"
+                f"{method}(training_mode=True) is not supported: attacks and predictions always "
+                "use the DEQ in eval mode with the selected estimate and defense; train with "
+                "fit() or the DEQ itself"
             )
 
     def predict(
         self, x: np.ndarray, batch_size: int = 128, training_mode: bool = False, **kwargs: Any
     ) -> np.ndarray:
-        self._check_input(x)
-        return super().predict(x, batch_size=batch_size, training_mode=training_mode, **kwargs)
+        """Defended logits (N, nb_classes) as float32, in batches; warns once per call if some
+        samples ended their solve above the residual limit."""
+        self._refuse_training_mode(training_mode, "predict")
+        self._check_x(x)
+        x_pre, _ = self._apply_preprocessing(x, y=None, fit=False)
+        x_tensor = x_pre if isinstance(x_pre, torch.Tensor) else torch.from_numpy(x_pre)
+        outputs, residuals = [], []
+        with torch.no_grad():
+            for start in range(0, len(x_tensor), batch_size):
+                batch = x_tensor[start : start + batch_size].to(self._device)
+                logits, res = self.white_box.defended(batch)
+                outputs.append(logits.cpu().numpy().astype(np.float32))
+                residuals.append(res.cpu())
+        warn_unconverged(torch.cat(residuals))
+        return self._apply_postprocessing(preds=np.concatenate(outputs), fit=False)
 
     def loss_gradient(
         self,
@@ -130,19 +183,30 @@ class DEQEstimator(PyTorchClassifier):
     ) -> np.ndarray | torch.Tensor:
         """dL/dx by the selected estimate, with the loss evaluated at its surrogate states.
 
-        Accepts numpy arrays or torch tensors (returned in kind), labels as indices or one-hot.
+        Accepts numpy arrays or torch tensors (returned in kind), labels as indices (N,) or
+        one-hot (N, nb_classes). The labels travel with this call's forward, not on the module.
         """
-        self._check_input(x)
-        if y.ndim == 1:  # class indices: ART's own path expects one-hot labels
-            y = (
-                torch.nn.functional.one_hot(y.long(), self.nb_classes).float()
-                if isinstance(y, torch.Tensor)
-                else np.eye(self.nb_classes, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
+        self._refuse_training_mode(training_mode, "loss_gradient")
+        self._check_x(x)
+        labels = check_labels(y, len(x), self.nb_classes).to(self._device)
+        if self.all_framework_preprocessing:
+            x_t = x.detach().clone() if isinstance(x, torch.Tensor) else torch.from_numpy(x)
+            x_grad = x_t.to(self._device).requires_grad_()
+            inputs, _ = self._apply_preprocessing(x_grad, y=None, fit=False, no_grad=False)
+        elif isinstance(x, np.ndarray):
+            x_pre, _ = self._apply_preprocessing(x, y=None, fit=False, no_grad=True)
+            x_grad = torch.from_numpy(x_pre).to(self._device).requires_grad_()
+            inputs = x_grad
+        else:
+            raise NotImplementedError(
+                "torch inputs need preprocessing written in torch (ART's framework preprocessing)"
             )
-        labels = self.reduce_labels(y)
-        labels_t = (
-            labels if isinstance(labels, torch.Tensor) else torch.from_numpy(np.asarray(labels))
-        )
-        labels_t = labels_t.to(self._device).long()
-        with self.white_box.loss_aware(self._loss, labels_t):
-            return super().loss_gradient(x, y, training_mode=training_mode, **kwargs)
+        with torch.enable_grad():
+            logits, _ = self.white_box.defended(inputs, self._loss, labels)
+            (grad,) = torch.autograd.grad(self._loss(logits, labels), x_grad)
+        if isinstance(x, torch.Tensor):
+            return grad
+        grads = grad.cpu().numpy().copy()
+        if not self.all_framework_preprocessing:
+            grads = self._apply_preprocessing_gradient(x, grads)
+        return grads

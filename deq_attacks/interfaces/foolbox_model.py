@@ -8,7 +8,7 @@ from typing import Any
 
 import foolbox as fb
 
-from deq_attacks.deq.model import DEQ
+from deq_attacks.deq.contract import DEQModel
 from deq_attacks.deq.readout import Readout
 from deq_attacks.gradients import GradientEstimate
 from deq_attacks.interfaces.whitebox import WhiteBoxModule
@@ -27,7 +27,7 @@ class DEQFoolboxModel(fb.PyTorchModel):
 
     def __init__(
         self,
-        deq: DEQ,
+        deq: DEQModel,
         bounds: tuple[float, float] = (0.0, 1.0),
         estimate: GradientEstimate | None = None,
         defense: Readout | None = None,

@@ -5,19 +5,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from deq_attacks.deq.model import DEQ
+from deq_attacks.deq.contract import DEQModel
+from deq_attacks.deq.convergence import last_residuals, warn_unconverged
 from deq_attacks.deq.readout import Readout, check_readout
 from deq_attacks.gradients import Exact, GradientEstimate, input_gradient
 from deq_attacks.gradients.base import Cotangent, constant_cotangent, loss_cotangent
 from deq_attacks.solvers import Trajectory
 
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``loss(logits (B, classes), labels (B,)) -> scalar``."""
 
-def check_estimate(estimate: object, deq: DEQ) -> GradientEstimate:
+
+def check_estimate(estimate: object, deq: DEQModel) -> GradientEstimate:
     """Return ``estimate`` if it is a GradientEstimate computable over ``deq``'s solver."""
     if not isinstance(estimate, GradientEstimate):
         raise TypeError(
@@ -28,36 +33,90 @@ def check_estimate(estimate: object, deq: DEQ) -> GradientEstimate:
     return estimate
 
 
-class _Surrogate(torch.autograd.Function):
-    """Forward: defended logits. Backward: the estimate's dL/dx for the incoming cotangent."""
+def check_deq(deq: object) -> DEQModel:
+    """Return ``deq`` if it is a torch module that fulfils the ``DEQModel`` contract."""
+    if not isinstance(deq, DEQModel):
+        raise TypeError(
+            f"deq must be a deq_attacks.deq.DEQModel (e.g. a deq_attacks.DEQ, or one built by "
+            f"deq_attacks.adapters; see docs/own_deq.md), got {type(deq).__name__}"
+        )
+    return deq
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` in eval mode and restore every submodule's own mode afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@dataclass(frozen=True, eq=False)
+class DefendedCall:
+    """What one defended forward needs, fixed when it runs and read again by its backward.
+
+    Attributes:
+        deq: the model.
+        estimate: the gradient estimate of this call.
+        defense: the readout whose logits are returned.
+        loss, labels: loss-aware backward (Eq. 11/13/17): the loss is evaluated at each
+            surrogate state with these labels (B,); None: the incoming cotangent is used
+            straight-through.
+        on_backward: called once per backward (instrumentation), or None.
+    """
+
+    deq: DEQModel
+    estimate: GradientEstimate
+    defense: Readout
+    loss: LossFn | None = None
+    labels: Tensor | None = None
+    on_backward: Callable[[], None] | None = None
+
+    def cotangent(self, grad: Tensor) -> Cotangent:
+        if self.loss is not None and self.labels is not None:
+            return loss_cotangent(self.loss, self.labels)
+        return constant_cotangent(grad)
+
+
+class _Defended(torch.autograd.Function):
+    """Forward: defended logits and the per-sample residuals of the solve. Backward: the
+    estimate's dL/dx for the incoming cotangent (or the call's loss and labels)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, module: WhiteBoxModule) -> Tensor:  # type: ignore[override]
-        deq = module.deq
-        keep = set(module.defense.keep_steps())
+    def forward(ctx: Any, x: Tensor, call: DefendedCall) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        deq = call.deq
+        keep = set(call.defense.keep_steps())
         estimate_keep: bool | frozenset[int] = False
         if ctx.needs_input_grad[0]:
-            estimate_keep = module.estimate.keep_steps(deq.solver.threshold)
-        injection = deq.inject(x)
-        trajectory = deq.solve(
-            injection, keep=True if estimate_keep is True else keep | set(estimate_keep or ())
-        )
-        logits = deq.logits(module.defense.state(deq, trajectory, injection), injection)
-        ctx.module = module
-        ctx.estimate = module.estimate
-        ctx.defense = module.defense
+            estimate_keep = call.estimate.keep_steps(deq.solver.threshold)
+        with eval_mode(deq):
+            injection = deq.inject(x)
+            trajectory = deq.solve(
+                injection, keep=True if estimate_keep is True else keep | set(estimate_keep or ())
+            )
+            logits = deq.logits(call.defense.state(deq, trajectory, injection), injection)
+        residuals = last_residuals(trajectory)
+        ctx.call = call
         ctx.trajectory = trajectory
         ctx.save_for_backward(x)
-        return logits
+        ctx.mark_non_differentiable(residuals)
+        return logits, residuals
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor, _: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        module: WhiteBoxModule = ctx.module
-        cotangent = module.cotangent_override or constant_cotangent(grad)
+        call: DefendedCall = ctx.call
         trajectory: Trajectory = ctx.trajectory
-        grad_x = input_gradient(module.deq, ctx.estimate, x, cotangent, trajectory, ctx.defense)
-        module.backward_calls += 1
+        with eval_mode(call.deq):
+            grad_x = input_gradient(
+                call.deq, call.estimate, x, call.cotangent(grad), trajectory, call.defense
+            )
+        if call.on_backward is not None:
+            call.on_backward()
         return grad_x, None
 
 
@@ -65,26 +124,33 @@ class WhiteBoxModule(nn.Module):
     """A DEQ as a plain torch module for attacks that differentiate the model themselves
     (ART's APGD/AutoAttack, Foolbox, torchattacks, AutoAttack).
 
-    In eval mode, ``forward(x)`` returns the logits of ``defense`` and its backward gives
-    the ``estimate`` of dL/dx. In train mode it is the DEQ's own training forward (Final
-    readout, training gradient), so optimisers and ART's ``fit`` train it as usual.
+    ``forward(x)`` returns the logits of ``defense``, computed with the DEQ in eval mode, and
+    its backward gives the ``estimate`` of dL/dx: whatever ``module.training`` says, since
+    libraries flip it (torchattacks restores the train mode of the module it was handed). The
+    estimate, defense and labels of a forward are fixed when it runs: a backward that runs
+    later, after ``using(...)`` has closed or another forward, still uses its own. A solve that
+    leaves samples above ``RESIDUAL_LIMIT`` warns once per call.
+
+    Training goes through the DEQ itself (``deq(x)``: Final readout, training gradient), or,
+    for ART's ``fit``, through ``fitting()``, which only ``DEQEstimator`` enters.
 
     Args:
-        deq: the model.
+        deq: the model (any ``DEQModel`` module, usually a ``deq_attacks.DEQ``).
         estimate: the gradient estimate attacks receive (default Exact()).
-        defense: the readout that is classified (default Final()).
+        defense: the readout that is classified (default the DEQ's own).
     """
 
     def __init__(
-        self, deq: DEQ, estimate: GradientEstimate | None = None, defense: Readout | None = None
+        self,
+        deq: DEQModel,
+        estimate: GradientEstimate | None = None,
+        defense: Readout | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(deq, DEQ):
-            raise TypeError(f"deq must be a deq_attacks DEQ, got {type(deq).__name__}")
-        self.deq = deq
+        self.deq = check_deq(deq)
         self._estimate = check_estimate(estimate if estimate is not None else Exact(), deq)
         self._defense = self._checked_defense(defense if defense is not None else deq.readout)
-        self.cotangent_override: Cotangent | None = None
+        self._fitting = False
         self.backward_calls = 0
 
     def _checked_defense(self, defense: object) -> Readout:
@@ -114,7 +180,7 @@ class WhiteBoxModule(nn.Module):
     def using(
         self, estimate: GradientEstimate | None = None, defense: Readout | None = None
     ) -> Iterator[WhiteBoxModule]:
-        """Temporarily switch the estimate and/or the defense."""
+        """Temporarily switch the estimate and/or the defense (for forwards run inside)."""
         saved = (self._estimate, self._defense)
         try:
             if estimate is not None:
@@ -126,16 +192,32 @@ class WhiteBoxModule(nn.Module):
             self._estimate, self._defense = saved
 
     @contextmanager
-    def loss_aware(
-        self, loss: Callable[[Tensor, Tensor], Tensor], labels: Tensor
-    ) -> Iterator[None]:
-        """While active, backward evaluates ``loss(logits, labels)`` at each surrogate state
-        (Eq. 11/13/17) instead of using the incoming cotangent straight-through."""
-        self.cotangent_override = loss_cotangent(loss, labels)
+    def fitting(self) -> Iterator[None]:
+        """While active, ``forward`` is the DEQ's own training forward (for ART's ``fit``)."""
+        saved = self._fitting
+        self._fitting = True
         try:
             yield
         finally:
-            self.cotangent_override = None
+            self._fitting = saved
+
+    def _count_backward(self) -> None:
+        self.backward_calls += 1
+
+    def defended(
+        self, x: Tensor, loss: LossFn | None = None, labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Defended logits (B, classes) and the relative residual (B,) of each sample's last
+        iterate, with the current estimate and defense; with ``loss`` and ``labels`` (B,), the
+        backward evaluates the loss at each surrogate state (loss-aware) instead of using the
+        incoming cotangent straight-through."""
+        if (loss is None) != (labels is None):
+            raise ValueError("give both loss and labels for a loss-aware backward, or neither")
+        call = DefendedCall(
+            self.deq, self._estimate, self._defense, loss, labels, self._count_backward
+        )
+        logits, residuals = _Defended.apply(x, call)
+        return logits, residuals
 
     def input_gradient(
         self,
@@ -145,15 +227,19 @@ class WhiteBoxModule(nn.Module):
         trajectory: Trajectory | None = None,
     ) -> Tensor:
         """dL/dx by ``estimate`` (default: the current one) for a given cotangent source, for
-        the current defense."""
-        return input_gradient(
-            self.deq, estimate or self._estimate, x, cotangent, trajectory, self._defense
-        )
+        the current defense, with the DEQ in eval mode."""
+        with eval_mode(self.deq):
+            return input_gradient(
+                self.deq, estimate or self._estimate, x, cotangent, trajectory, self._defense
+            )
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
-            return self.deq(x)
-        return _Surrogate.apply(x, self)
+        """Defended logits (B, classes); inside ``fitting()``, the DEQ's training forward."""
+        if self._fitting:
+            return cast(Tensor, self.deq(x))
+        logits, residuals = self.defended(x)
+        warn_unconverged(residuals)
+        return logits
 
     def extra_repr(self) -> str:
         return f"estimate={self._estimate!r}, defense={self._defense!r}"

@@ -1,0 +1,91 @@
+"""The input contract of the front ends: what a batch of images and its labels must be.
+
+Every check raises before any work starts, naming the problem. There are no silent
+conversions: integer images are not rescaled, labels of shape (N, 1) are not squeezed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ArrayLike = np.ndarray | Tensor
+
+CLIP_TOLERANCE = 1e-6
+"""How far (absolute) an input may lie outside ``clip_values`` before it is refused."""
+
+
+def check_images(
+    x: object, input_shape: tuple[int, ...], clip_values: tuple[float, float] | None
+) -> None:
+    """Raise unless ``x`` is a non-empty, finite, floating-point batch (N, *input_shape) whose
+    values lie inside ``clip_values`` (None: any finite values)."""
+    if not isinstance(x, (np.ndarray, Tensor)):
+        raise TypeError(f"x must be a numpy array or torch tensor, got {type(x).__name__}")
+    if x.ndim == 0 or tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(
+            f"x has sample shape {tuple(x.shape[1:])}, expected {tuple(input_shape)} "
+            "(batch first)"
+        )
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch (0 samples)")
+    if isinstance(x, Tensor):
+        floating = x.is_floating_point()
+    else:
+        floating = bool(np.issubdtype(x.dtype, np.floating))
+    if not floating:
+        raise TypeError(
+            f"x has dtype {x.dtype}: images must be floating point in the clip range "
+            f"{clip_values} (e.g. uint8 pixels divided by 255); they are not rescaled here"
+        )
+    lo, hi = _range(x)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError("x contains NaN or inf")
+    if clip_values is not None:
+        low, high = clip_values
+        if lo < low - CLIP_TOLERANCE or hi > high + CLIP_TOLERANCE:
+            raise ValueError(
+                f"x spans [{lo:.4g}, {hi:.4g}], outside clip_values [{low:g}, {high:g}]: an "
+                "attack would leave the threat model; rescale the inputs or set clip_values"
+            )
+
+
+def _range(x: ArrayLike) -> tuple[float, float]:
+    if isinstance(x, Tensor):
+        with torch.no_grad():
+            return float(x.min()), float(x.max())
+    return float(np.min(x)), float(np.max(x))
+
+
+def check_labels(y: object, n: int, nb_classes: int) -> Tensor:
+    """Class indices (n,) int64 (on y's device) from labels given as indices (n,) or as one-hot
+    vectors / scores (n, nb_classes), reduced by argmax. Raise on any other shape, a count
+    other than ``n``, a non-integral index, or an index outside [0, nb_classes)."""
+    if not isinstance(y, (np.ndarray, Tensor)):
+        raise TypeError(f"labels must be a numpy array or torch tensor, got {type(y).__name__}")
+    t = y.detach() if isinstance(y, Tensor) else torch.from_numpy(np.asarray(y))
+    if t.dim() == 2 and t.shape[1] == nb_classes and nb_classes > 1:
+        indices = t.argmax(dim=1)
+    elif t.dim() == 1:
+        if t.is_floating_point():
+            if not torch.equal(t, t.round()):
+                raise ValueError("labels of shape (N,) must be integral class indices")
+        elif t.dtype == torch.bool:
+            raise TypeError("labels must be class indices or one-hot vectors, not booleans")
+        indices = t.long()
+    else:
+        hint = " (squeeze it to (N,) if these are class indices)" if t.dim() == 2 else ""
+        raise ValueError(
+            f"labels have shape {tuple(t.shape)}: give class indices (N,) or one-hot vectors "
+            f"(N, {nb_classes}){hint}"
+        )
+    if indices.shape[0] != n:
+        raise ValueError(f"{indices.shape[0]} labels for {n} inputs")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= nb_classes):
+        bad = indices[(indices < 0) | (indices >= nb_classes)]
+        raise ValueError(
+            f"label {int(bad[0])} is outside [0, {nb_classes}) (negative labels are not "
+            "wrapped around)"
+        )
+    return indices
