@@ -1,0 +1,142 @@
+"""Checkpoints of the official MDEQ (locuslab/deq, ``MDEQ-Vision/lib/models/mdeq.py`` and
+``mdeq_core.py``) and of the paper's code (minicheshire/DEQ-White-Box-Robustness, the same
+model files) loaded into ``deq_large`` / ``deq_xl``.
+
+Their ``MDEQClsNet`` names its parts ``downsample`` + ``stage0`` (our injection),
+``fullstage`` (our f: ``branches``, ``fuse_layers``, ``post_fuse_layers``) and
+``incre_modules`` + ``downsamp_modules`` + ``final_layer`` + ``classifier`` (our head). Their
+weight normalisation keeps ``weight_g`` / ``weight_v``, which are torch's parametrization
+``original0`` / ``original1``. ``convert_mdeq_state_dict`` maps every key, in the style of
+timm's ``pretrained_filter_fn``; ``load_mdeq_checkpoint`` reads a ``.pth`` file with
+``torch.load(weights_only=True)`` and loads it only if every key maps and every shape fits.
+Supported: one residual block per branch, ``DOWNSAMPLE_TIMES`` <= 2 and the CIFAR settings
+of ``MDEQ_LARGE`` / ``MDEQ_XL`` (block and fusion GroupNorms affine, post-fusion GroupNorm
+not); anything else is refused with the keys that do not fit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+_WNORM = {
+    "weight_g": "parametrizations.weight.original0",
+    "weight_v": "parametrizations.weight.original1",
+}
+_BOTTLENECK = {"conv1": "0", "bn1": "1", "conv2": "3", "bn2": "4", "conv3": "6", "bn3": "7"}
+
+# (official pattern, our key): the official key must match the whole pattern.
+_RULES: tuple[tuple[str, str], ...] = (
+    (r"downsample\.([0-5])\.(.+)", r"injection.net.\1.\2"),
+    (r"stage0\.0\.(.+)", r"injection.net.6.\1"),
+    (r"stage0\.1\.(.+)", r"injection.net.7.\1"),
+    (r"fullstage\.branches\.(\d+)\.blocks\.0\.(conv[12])\.(weight_[gv])", "BLOCK_WNORM"),
+    (r"fullstage\.branches\.(\d+)\.blocks\.0\.(conv[12]|gn[123])\.(.+)", r"f.blocks.\1.\2.\3"),
+    (r"fullstage\.fuse_layers\.(\d+)\.(\d+)\.net\.(\d+)\.conv\.(.+)", r"f.fuse.\1.\2.\3.0.\4"),
+    (r"fullstage\.fuse_layers\.(\d+)\.(\d+)\.net\.(\d+)\.gnorm\.(.+)", r"f.fuse.\1.\2.\3.1.\4"),
+    (r"fullstage\.fuse_layers\.(\d+)\.(\d+)\.net\.conv\.(.+)", r"f.fuse.\1.\2.0.\3"),
+    (r"fullstage\.fuse_layers\.(\d+)\.(\d+)\.net\.gnorm\.(.+)", r"f.fuse.\1.\2.1.\3"),
+    (r"fullstage\.post_fuse_layers\.(\d+)\.conv\.(weight_[gv])", "POST_WNORM"),
+    (r"fullstage\.post_fuse_layers\.(\d+)\.conv\.(.+)", r"f.post_fuse.\1.1.\2"),
+    (r"fullstage\.post_fuse_layers\.(\d+)\.gnorm\.(.+)", r"f.post_fuse.\1.2.\2"),
+    (r"incre_modules\.(\d+)\.0\.(conv[123]|bn[123])\.(.+)", "BOTTLENECK"),
+    (r"incre_modules\.(\d+)\.0\.downsample\.([01])\.(.+)", r"head.incre.\1.shortcut.\2.\3"),
+    (r"downsamp_modules\.(\d+)\.([01])\.(.+)", r"head.down.\1.\2.\3"),
+    (r"final_layer\.([01])\.(.+)", r"head.final.\1.\2"),
+    (r"classifier\.(.+)", r"head.classifier.\1"),
+)
+_COMPILED = tuple((re.compile(pattern), target) for pattern, target in _RULES)
+
+
+def mdeq_key(official: str) -> str | None:
+    """Our key for one official MDEQ key (a leading ``module.`` of DataParallel dropped), or
+    None when the official key has no counterpart."""
+    key = official.removeprefix("module.")
+    for pattern, target in _COMPILED:
+        match = pattern.fullmatch(key)
+        if match is None:
+            continue
+        groups = match.groups()
+        if target == "BLOCK_WNORM":
+            return f"f.blocks.{groups[0]}.{groups[1]}.{_WNORM[groups[2]]}"
+        if target == "POST_WNORM":
+            return f"f.post_fuse.{groups[0]}.1.{_WNORM[groups[1]]}"
+        if target == "BOTTLENECK":
+            return f"head.incre.{groups[0]}.body.{_BOTTLENECK[groups[1]]}.{groups[2]}"
+        return match.expand(target)
+    return None
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model; the message names the keys."""
+
+
+def _listing(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def convert_mdeq_state_dict(
+    state_dict: Mapping[str, Tensor], model: nn.Module
+) -> dict[str, Tensor]:
+    """The official MDEQ ``state_dict`` under ``model``'s keys (a ``pretrained_filter_fn``).
+
+    Raises:
+        CheckpointMismatchError: naming the official keys with no counterpart, the model's
+            keys the checkpoint lacks, and the tensors whose shapes differ.
+    """
+    expected = model.state_dict()
+    converted: dict[str, Tensor] = {}
+    unmapped: list[str] = []
+    for official, tensor in state_dict.items():
+        ours = mdeq_key(official)
+        if ours is None or ours not in expected:
+            unmapped.append(official)
+        else:
+            converted[ours] = tensor
+    missing = sorted(set(expected) - set(converted))
+    shapes = [
+        f"{key} {tuple(tensor.shape)} vs model {tuple(expected[key].shape)}"
+        for key, tensor in converted.items()
+        if tuple(tensor.shape) != tuple(expected[key].shape)
+    ]
+    problems = []
+    if unmapped:
+        problems.append(f"checkpoint keys with no place in the model: {_listing(unmapped)}")
+    if missing:
+        problems.append(f"model keys missing from the checkpoint: {_listing(missing)}")
+    if shapes:
+        problems.append(f"shape mismatches: {_listing(shapes)}")
+    if problems:
+        raise CheckpointMismatchError(
+            "MDEQ checkpoint does not fit the model; " + "; ".join(problems)
+        )
+    return converted
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The state dict of a ``.pth`` file (tensors only, ``weights_only=True``); a training
+    checkpoint's ``state_dict`` entry is taken when present."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{path} holds no state dict of tensors")
+    return dict(obj)
+
+
+def load_mdeq_checkpoint(model: nn.Module, source: str | Path | Mapping[str, Tensor]) -> nn.Module:
+    """Load an official MDEQ checkpoint (a ``.pth`` path or a state dict) into ``model``
+    (``deq_large()`` or ``deq_xl()``); the model is untouched unless every key and shape fits.
+    """
+    state = read_state_dict(source) if isinstance(source, (str, Path)) else source
+    converted = convert_mdeq_state_dict(state, model)
+    model.load_state_dict(converted, strict=True)
+    return model

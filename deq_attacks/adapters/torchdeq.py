@@ -1,0 +1,140 @@
+"""A DEQ built with torchdeq, evaluated and trained here (``pip install deq-attacks[torchdeq]``).
+
+A torchdeq model has three parts of its own: an encoder (our injection), a layer ``f(z, x)``
+and a head; the torchdeq core (``torchdeq.get_deq(...)``) only runs the solver and attaches
+the training gradient. ``from_torchdeq`` keeps the three parts (their parameters are shared,
+not copied), replaces the core by our solver and training gradient with the same settings, and
+calls torchdeq's own ``reset_norm`` and ``reset_dropout`` on f before each forward solve.
+
+Mapping of the core's settings:
+
+============================  ==============================================================
+torchdeq                      deq-attacks
+============================  ==============================================================
+``f_solver``                  ``fixed_point_iter``, ``simple_fixed_point_iter`` ->
+                              ``FixedPointIteration``; ``anderson`` -> ``Anderson(memory=6)``;
+                              ``broyden`` -> ``Broyden``
+``eval_f_max_iter``           ``threshold`` (``f_max_iter * eval_factor``; by default
+                              ``f_max_iter``: the solve the model is evaluated with)
+``f_tol``                     ``tol``
+``f_stop_mode`` abs / rel     ``StopMode.ABS`` / ``StopMode.REL``
+``ift`` / ``hook_ift``        ``ImplicitGradient(b_solver, b_max_iter, b_tol, b_stop_mode)``
+``grad`` = k, ``tau``         ``PhantomGradient(k, lam=tau)``
+============================  ==============================================================
+
+torchdeq stops a batch when its worst sample converges and returns the lowest-residual
+iterate; ours stops each sample on its own (one sample never changes another's result) and
+also returns the lowest-residual iterate.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from deq_attacks.adapters.plain import with_state_shape
+from deq_attacks.deq.backward import ImplicitGradient, PhantomGradient, TrainingGradient
+from deq_attacks.deq.dropout import reset_variational_dropout
+from deq_attacks.deq.model import DEQ
+from deq_attacks.solvers import Anderson, Broyden, FixedPointIteration, Solver, StopMode
+
+_SOLVERS: dict[str, Callable[..., Solver]] = {
+    "fixed_point_iter": FixedPointIteration,
+    "simple_fixed_point_iter": FixedPointIteration,
+    "anderson_solver": lambda **kw: Anderson(memory=6, **kw),
+    "broyden_solver": Broyden,
+}
+
+
+def _torchdeq() -> Any:
+    try:
+        import torchdeq
+    except ImportError as error:  # pragma: no cover - the extra is installed in the tests
+        raise ImportError(
+            "the torchdeq adapter needs torchdeq: pip install 'deq-attacks[torchdeq]'"
+        ) from error
+    return torchdeq
+
+
+def _solver(fn: Callable[..., Any], max_iter: int, tol: float, stop_mode: str) -> Solver:
+    name = getattr(fn, "__name__", repr(fn))
+    if name not in _SOLVERS:
+        raise ValueError(
+            f"torchdeq solver {name!r} has no counterpart here; use one of "
+            "'fixed_point_iter', 'simple_fixed_point_iter', 'anderson' or 'broyden'"
+        )
+    return _SOLVERS[name](threshold=int(max_iter), tol=float(tol), stop_mode=StopMode(stop_mode))
+
+
+def torchdeq_solver(core: Any) -> Solver:
+    """Our forward solver with the settings of a torchdeq core (``DEQIndexing``/``DEQSliced``)."""
+    return _solver(core.f_solver, core.eval_f_max_iter, core.f_tol, core.f_stop_mode)
+
+
+def torchdeq_training_gradient(core: Any) -> TrainingGradient:
+    """Our training gradient equal to the one a torchdeq core attaches to its last state:
+    implicit differentiation (``ift``/``hook_ift``) or the phantom gradient (``grad``, ``tau``).
+
+    Warns when the core supervises several states (``n_states``, ``indexing``, ``sup_gap``):
+    only the last one has a counterpart here.
+    """
+    produce = list(core.produce_grad)
+    last = produce[-1]
+    name = getattr(last, "__name__", "")
+    if len(produce) > 1 or name == "sup_gap_grad_func":
+        warnings.warn(
+            "the torchdeq core supervises several states (fixed-point correction); only the "
+            "gradient of its last state is reproduced here",
+            stacklevel=3,
+        )
+    if name in ("func_ift", "hook_ift_grad"):
+        backward = _solver(core.b_solver, core.b_max_iter, core.b_tol, core.b_stop_mode)
+        return ImplicitGradient(backward)
+    closure = inspect.getclosurevars(last).nonlocals
+    if "n_grad_step" not in closure or "tau" not in closure:
+        raise ValueError(f"unrecognised torchdeq gradient function {name!r}")
+    return PhantomGradient(k=int(closure["n_grad_step"]), lam=float(closure["tau"]))
+
+
+def torchdeq_resets() -> tuple[Callable[[nn.Module], None], ...]:
+    """Reset hooks of a torchdeq model: its weight (spectral) norm recomputation and its
+    variational dropout masks, plus ours."""
+    torchdeq = _torchdeq()
+    return (reset_variational_dropout, torchdeq.norm.reset_norm, torchdeq.dropout.reset_dropout)
+
+
+def from_torchdeq(
+    f: nn.Module,
+    injection: nn.Module,
+    head: nn.Module,
+    core: Any,
+    *,
+    state_shape: tuple[int, ...] | None = None,
+    **deq_kwargs: Any,
+) -> DEQ:
+    """A ``DEQ`` over the parts of a torchdeq model.
+
+    Args:
+        f: the layer, ``f(z, injection) -> z`` (single-tensor states).
+        injection: the encoder, ``injection(x) -> injection``.
+        head: ``head(z) -> logits`` (B, classes).
+        core: the torchdeq core the model was built with (``torchdeq.get_deq(...)``); its
+            solver and gradient settings are mapped (see the module docs).
+        state_shape: the shape (without batch) of z when it differs from the injection's;
+            z_0 is zeros of that shape (torchdeq's usual ``torch.zeros``).
+        **deq_kwargs: passed to ``DEQ`` (readout, jacobian_regularization, ...); ``solver``
+            or ``training_gradient`` given here override the mapped ones.
+    """
+    core_type = type(core).__name__
+    if not hasattr(core, "f_solver") or not hasattr(core, "produce_grad"):
+        raise TypeError(f"core must be a torchdeq DEQ core (get_deq(...)), got {core_type}")
+    deq_kwargs.setdefault("solver", torchdeq_solver(core))
+    if "training_gradient" not in deq_kwargs:
+        deq_kwargs["training_gradient"] = torchdeq_training_gradient(core)
+    deq_kwargs.setdefault("resets", torchdeq_resets())
+    layer = f if state_shape is None else with_state_shape(f, state_shape)
+    return DEQ(layer, injection, head, **deq_kwargs)
