@@ -5,6 +5,8 @@ Each path yields a ``deq_attacks.DEQ`` (see docs/own_deq.md). The torchdeq adapt
 """
 
 from deq_attacks.adapters.mdeq import (
+    MDEQ_CIFAR_MEAN,
+    MDEQ_CIFAR_STD,
     CheckpointMismatchError,
     convert_mdeq_state_dict,
     load_mdeq_checkpoint,
@@ -14,6 +16,8 @@ from deq_attacks.adapters.mdeq import (
 from deq_attacks.adapters.plain import WithStateShape, from_f, with_state_shape
 
 __all__ = [
+    "MDEQ_CIFAR_MEAN",
+    "MDEQ_CIFAR_STD",
     "CheckpointMismatchError",
     "WithStateShape",
     "convert_mdeq_state_dict",

@@ -23,6 +23,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+MDEQ_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+MDEQ_CIFAR_STD = (0.2023, 0.1994, 0.2010)
+"""The per-channel normalisation the official CIFAR-10 training applied (cls_train.py): give
+it to ``DEQEstimator(preprocessing=...)`` so that attacks work on [0, 1] pixels."""
+
 _WNORM = {
     "weight_g": "parametrizations.weight.original0",
     "weight_v": "parametrizations.weight.original1",
