@@ -3,14 +3,16 @@ passed to f as is, and the Exact estimate equal to finite differences."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
-from deq_attacks import Broyden, DEQEstimator, Exact, WhiteBoxModule
+from deq_attacks import Broyden, DEQEstimator, Exact, Phantom, WhiteBoxModule
 from deq_attacks.adapters import WithStateShape, from_f
-from deq_attacks.gradients import loss_cotangent
+from deq_attacks.gradients import BackwardPass, GradientEstimate, loss_cotangent
 
 
 class Coupled(nn.Module):
@@ -76,3 +78,30 @@ def test_plain_deq_works_behind_the_estimator() -> None:
     x = torch.rand(4, 3, dtype=torch.float64).numpy()
     assert est.predict(x).shape == (4, 4)
     assert est.loss_gradient(x, np.arange(4)).shape == (4, 3)
+
+
+@dataclass(frozen=True)
+class OneStep(GradientEstimate):
+    """The user estimate of docs/own_deq.md: autograd through one application of f at z*."""
+
+    def injection_gradient(self, backward: BackwardPass) -> Tensor:
+        deq, inj = backward.deq, backward.injection
+        with torch.enable_grad():
+            inj = inj.detach().requires_grad_()
+            z = deq.step(backward.trajectory.final.detach(), inj)
+            logits = deq.logits(z, inj)
+            (grad,) = torch.autograd.grad(logits, inj, backward.cotangent(logits))
+        return grad
+
+
+def test_documented_user_estimate_runs_on_both_paths_and_equals_phantom_1_1() -> None:
+    est = DEQEstimator(plain_deq(), input_shape=(3,), nb_classes=4, estimate=OneStep())
+    x = torch.rand(4, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3])
+    with est.using(estimate=Phantom(k=1, lam=1.0)):
+        want = est.loss_gradient(x, y)
+    torch.testing.assert_close(est.loss_gradient(x, y), want, rtol=1e-12, atol=1e-15)
+    x_leaf = x.clone().requires_grad_()
+    nn.functional.cross_entropy(est.model(x_leaf), y).backward()
+    torch.testing.assert_close(x_leaf.grad, want, rtol=1e-12, atol=1e-15)
+    assert est.white_box.backward_calls == 3  # two loss_gradient calls and this backward
