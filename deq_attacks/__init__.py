@@ -6,6 +6,7 @@ with gradients for attacks chosen among the estimates of Yang, Pang & Liu (NeurI
 
 from deq_attacks.deq import (
     DEQ,
+    DEQModel,
     Early,
     Ensemble,
     Final,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEQ",
+    "DEQModel",
     "Adjoint",
     "AdjointBroyden",
     "Anderson",

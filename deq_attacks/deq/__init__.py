@@ -6,7 +6,9 @@ from deq_attacks.deq.backward import (
     TrainingGradient,
     damped_unroll,
 )
-from deq_attacks.deq.dropout import VariationalDropout
+from deq_attacks.deq.contract import DEQModel, ResetHook
+from deq_attacks.deq.convergence import RESIDUAL_LIMIT, NotConvergedWarning
+from deq_attacks.deq.dropout import VariationalDropout, reset_variational_dropout
 from deq_attacks.deq.model import DEQ, SolverDivergedError
 from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
 from deq_attacks.deq.regularization import (
@@ -17,6 +19,10 @@ from deq_attacks.deq.regularization import (
 
 __all__ = [
     "DEQ",
+    "RESIDUAL_LIMIT",
+    "DEQModel",
+    "NotConvergedWarning",
+    "ResetHook",
     "Early",
     "Ensemble",
     "Final",
@@ -28,6 +34,7 @@ __all__ = [
     "TrainingGradient",
     "VariationalDropout",
     "damped_unroll",
+    "reset_variational_dropout",
     "hutchinson_frobenius",
     "spectral_radius",
 ]

@@ -25,8 +25,7 @@ def check_images(
         raise TypeError(f"x must be a numpy array or torch tensor, got {type(x).__name__}")
     if x.ndim == 0 or tuple(x.shape[1:]) != tuple(input_shape):
         raise ValueError(
-            f"x has sample shape {tuple(x.shape[1:])}, expected {tuple(input_shape)} "
-            "(batch first)"
+            f"x has sample shape {tuple(x.shape[1:])}, expected {tuple(input_shape)} (batch first)"
         )
     if x.shape[0] == 0:
         raise ValueError("x is an empty batch (0 samples)")
