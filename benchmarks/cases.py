@@ -354,12 +354,9 @@ def defense_memory(ctx: Context) -> list[Result]:
 
     how = f"DEQEstimator.predict (no grad) of batch {len(x_np)}"
     kinds: tuple[tuple[type[Solver], str], ...] = (
-        (
-            Broyden,
-            "keeps its factors U (B,d,N) and V (B,N,d): every step applies B_n, built "
-            "from all earlier updates, and the adjoint estimates reuse them, so its memory "
-            "grows with N whatever the defense",
-        ),
+        (Broyden, "keeps its factors U (B,d,N) and V (B,N,d): every step applies B_n, built "
+         "from all earlier updates, and the adjoint estimates reuse them, so its memory "
+         "grows with N whatever the defense"),
         (Anderson, "keeps a fixed window of memory=5 iterates: O(1) in N"),
         (FixedPointIteration, "keeps only the current iterate: O(1) in N"),
     )
