@@ -238,7 +238,7 @@ class WhiteBoxModule(nn.Module):
         if self._fitting:
             return cast(Tensor, self.deq(x))
         logits, residuals = self.defended(x)
-        warn_unconverged(residuals)
+        warn_unconverged(residuals, stacklevel=4)  # the caller of module(x)
         return logits
 
     def extra_repr(self) -> str:
