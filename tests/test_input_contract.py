@@ -227,3 +227,16 @@ def test_torchattacks_on_a_sequential_wrapper_keeps_the_selected_estimate_and_de
 
     torchattacks.FGSM(wrapped, eps=0.1)(x, y)  # again, now starting from train mode
     assert len(spy.calls) == 3
+
+
+def test_normalisation_as_art_preprocessing_is_differentiated_through() -> None:
+    mean, std = 0.3, 0.2  # ART keeps them as float32: agreement to ~1e-8 relative
+    deq = tanh_deq()
+    plain = estimator(deq, clip_values=None)
+    normalising = estimator(deq, preprocessing=(mean, std))
+    x, y = batch()
+    want = plain.loss_gradient((x - mean) / std, y) / std
+    np.testing.assert_allclose(normalising.loss_gradient(x, y), want, rtol=1e-6, atol=1e-12)
+    got_t = normalising.loss_gradient(torch.from_numpy(x), torch.from_numpy(y))
+    np.testing.assert_allclose(got_t.numpy(), want, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(normalising.predict(x), plain.predict((x - mean) / std), rtol=1e-6)
