@@ -44,7 +44,7 @@ def test_backward_after_using_closed_uses_its_own_estimate_and_defense() -> None
     module = est.white_box
     first, second = Recorder(Unrolled(n=2)), Recorder(Exact())
     module.estimate = second
-    x1, x2 = inputs(1), inputs(2)
+    x1, x2 = inputs(1), inputs(2)[:2].detach().requires_grad_()  # another batch size too
     with module.using(estimate=first, defense=Early(3)):
         out1 = module(x1)
     out2 = module(x2)  # another forward on the same module, with the module's own settings
@@ -52,10 +52,11 @@ def test_backward_after_using_closed_uses_its_own_estimate_and_defense() -> None
     out1.sum().backward()  # runs after its context closed and after another forward
     assert first.defenses == [Early(3)] and second.defenses == [Final()]
     ones = constant_cotangent(torch.ones(3, 4, dtype=torch.float64))
-    want1 = module.input_gradient(x1.detach(), ones, Unrolled(n=2))
+    with module.using(defense=Early(3)):
+        want1 = module.input_gradient(x1.detach(), ones, Unrolled(n=2))
     assert x1.grad is not None and x2.grad is not None
     torch.testing.assert_close(x1.grad, want1, rtol=1e-12, atol=1e-14)
-    want2 = module.input_gradient(x2.detach(), ones, Exact())
+    want2 = module.input_gradient(x2.detach(), constant_cotangent(torch.ones(2, 4)), Exact())
     torch.testing.assert_close(x2.grad, want2, rtol=1e-12, atol=1e-14)
     assert (x1.grad - module.input_gradient(x1.detach(), ones, Exact())).abs().max() > 1e-4
 
