@@ -19,6 +19,7 @@ from deq_attacks.deq import (
 from deq_attacks.gradients import (
     Adjoint,
     AdjointBroyden,
+    BackpropThroughSolver,
     Exact,
     GradientEnsemble,
     GradientEstimate,
@@ -36,6 +37,7 @@ __all__ = [
     "Adjoint",
     "AdjointBroyden",
     "Anderson",
+    "BackpropThroughSolver",
     "Broyden",
     "DEQEstimator",
     "DEQFoolboxModel",

@@ -61,6 +61,11 @@ class TrainingGradient(ABC):
     def attach(self, deq: DEQ, z_star: Tensor, injection: Tensor) -> Tensor:
         """The output state (B, d)."""
 
+    @abstractmethod
+    def forward_state(self, deq: DEQ, z_star: Tensor, injection: Tensor) -> Tensor:
+        """The output state (B, d) as ``attach`` computes it, differentiable in ``z_star`` and
+        ``injection`` by plain autograd (no gradient substituted, ``z_star`` not detached)."""
+
 
 @dataclass(frozen=True)
 class ImplicitGradient(TrainingGradient):
@@ -77,9 +82,12 @@ class ImplicitGradient(TrainingGradient):
         if not isinstance(self.backward_solver, Solver):
             raise TypeError(f"backward_solver must be a Solver, got {self.backward_solver!r}")
 
+    def forward_state(self, deq: DEQ, z_star: Tensor, injection: Tensor) -> Tensor:
+        return deq.step(z_star, injection)
+
     def attach(self, deq: DEQ, z_star: Tensor, injection: Tensor) -> Tensor:
         z_star = z_star.detach()
-        z_out = deq.step(z_star, injection)
+        z_out = self.forward_state(deq, z_star, injection)
         if not z_out.requires_grad:
             return z_out
         z_leaf = z_star.clone().requires_grad_()
@@ -104,5 +112,8 @@ class PhantomGradient(TrainingGradient):
     def __post_init__(self) -> None:
         check_unroll(self.k, self.lam)
 
+    def forward_state(self, deq: DEQ, z_star: Tensor, injection: Tensor) -> Tensor:
+        return damped_unroll(lambda z: deq.step(z, injection), z_star, self.k, self.lam)
+
     def attach(self, deq: DEQ, z_star: Tensor, injection: Tensor) -> Tensor:
-        return damped_unroll(lambda z: deq.step(z, injection), z_star.detach(), self.k, self.lam)
+        return self.forward_state(deq, z_star.detach(), injection)
