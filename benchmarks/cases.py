@@ -514,10 +514,15 @@ def through_solver(ctx: Context) -> list[Result]:
         return int(statistics.median(peak_bytes(call, ctx.device) for _ in range(repeats)))
 
     base = peak(unrolled)
-    for name, label, estimate in (
-        ("bptt", "BackpropThroughSolver()", bptt),
-        ("bptt_checkpoint", "BackpropThroughSolver(checkpoint=True)", recomputed),
-        ("adjoint", f"Adjoint(n={n})", adjoint),
+    for name, label, estimate, why in (
+        ("bptt", "BackpropThroughSolver()", bptt, "keeps every step's activations: O(N)"),
+        (
+            "bptt_checkpoint",
+            "BackpropThroughSolver(checkpoint=True)",
+            recomputed,
+            "keeps the solver's own states per step, recomputes f's activations",
+        ),
+        ("adjoint", f"Adjoint(n={n})", adjoint, "keeps Broyden's factors and u_m"),
     ):
         value = peak(estimate)
         rows.append(
@@ -528,9 +533,7 @@ def through_solver(ctx: Context) -> list[Result]:
                 target=None,
                 workload=ctx.workload.name,
                 timed=f"{how}: one call each",
-                notes=f"reported only: {_mib(value)} vs {_mib(base)}; backprop through the "
-                "solver keeps every step (O(N)), checkpointing keeps the solver's own states "
-                "and recomputes f in the backward",
+                notes=f"reported only: {_mib(value)} vs {_mib(base)}; {why}",
                 numerator=float(value),
                 denominator=float(base),
                 unit="bytes",
