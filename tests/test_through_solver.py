@@ -340,3 +340,36 @@ def test_torchattacks_pgd_step_follows_the_true_gradient() -> None:
     expected = (x + alpha * grad.sign()).clamp(0, 1)
     torch.testing.assert_close(adv[decided], expected[decided], rtol=0, atol=1e-6)
     assert (grad.sign() != exact.sign()).any()  # the step is not Exact's
+
+
+class ScaledTanh(nn.Module):
+    """``f(z, inj) = tanh(z W^T + inj) * exp(inj_0)``: overflows for inj_0 > ~709."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, z: Tensor, inj: Tensor) -> Tensor:
+        return torch.tanh(z @ self.weight.T + inj) * inj[:, :1].exp()
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=list(SOLVERS))
+def test_a_diverging_sample_does_not_touch_the_others(solver: str) -> None:
+    """A sample whose f overflows is frozen by the solver; the other sample's gradient is
+    finite and the same as computed alone."""
+    weight = 0.3 * torch.randn(
+        4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    deq = DEQ(
+        ScaledTanh(weight), nn.Identity(), nn.Linear(4, CLASSES).double(), solver=SOLVERS[solver]()
+    ).eval()
+    x = torch.tensor([[0.1, 0.2, -0.3, 0.4], [720.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    y = torch.tensor([0, 1])
+    for readout in READOUTS.values():
+        with pytest.warns(UserWarning, match="diverged"):
+            batch = bptt(deq, x, y, readout)
+        assert deq.last_trajectory is not None
+        assert deq.last_trajectory.diverged.tolist() == [False, True]
+        alone = bptt(deq, x[:1], y[:1], readout)
+        assert torch.isfinite(batch[0]).all()
+        torch.testing.assert_close(batch[:1], alone, rtol=1e-12, atol=1e-15)

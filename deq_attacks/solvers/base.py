@@ -166,7 +166,14 @@ class _Recorder:
         self._best_crit = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
 
     def evaluate(self, z: Tensor) -> Tensor:
-        """``fn(z)``, counted, with its shape checked."""
+        """``fn(z)``, counted, with its shape checked.
+
+        In a differentiable solve, a sample whose candidate is not finite is evaluated at 0
+        instead (it is recorded as diverged and its value is never used): f's backward at
+        inf/NaN would otherwise turn its zero cotangent into NaN for that sample's history.
+        """
+        if self.differentiable:
+            z = torch.where(torch.isfinite(z).all(dim=-1, keepdim=True), z, 0.0)
         fz = recompute(self._fn, z, use_reentrant=False) if self._checkpoint else self._fn(z)
         self.nfe += 1
         if fz.shape != z.shape:

@@ -110,9 +110,11 @@ class Broyden(Solver):
             dz = -self.alpha * factors.matvec(g)
             z_new = z + dz
             f_new = rec.evaluate(z_new)
-            g_new = f_new - z_new
             took = rec.record(n, z_new, f_new)
-            dg = g_new - g
+            # the step taken: none for a sample that kept its iterate (stopped or diverged), so
+            # no inf/NaN of a rejected candidate enters the update or its backward
+            dz = torch.where(took.unsqueeze(-1), dz, 0.0)
+            dg = rec.fz - rec.z - g
             b_dg = factors.matvec(dg)
             bt_dz = factors.rmatvec(dz)
             denom = (bt_dz * dg).sum(dim=-1)
