@@ -485,7 +485,7 @@ def through_solver(ctx: Context) -> list[Result]:
     rows = [
         _timed_row(
             ctx,
-            f"bptt_vs_{name}",
+            id_,
             f"BackpropThroughSolver({label}) / {other}",
             None,
             grad(numerator),
@@ -494,11 +494,11 @@ def through_solver(ctx: Context) -> list[Result]:
             f"{n} steps, vs the estimate at z_N",
             f"reported only; {full}",
         )
-        for name, label, numerator, other, denominator in (
-            ("unrolled", "", bptt, f"Unrolled(n={n}, k=1)", unrolled),
-            ("adjoint", "", bptt, f"Adjoint(n={n})", adjoint),
+        for id_, label, numerator, other, denominator in (
+            ("bptt_vs_unrolled", "", bptt, f"Unrolled(n={n}, k=1)", unrolled),
+            ("bptt_vs_adjoint", "", bptt, f"Adjoint(n={n})", adjoint),
             (
-                "checkpoint_unrolled",
+                "bptt_checkpoint_vs_unrolled",
                 "checkpoint=True",
                 recomputed,
                 f"Unrolled(n={n}, k=1)",

@@ -37,7 +37,7 @@ EXPECTED = {
     "train_phantom_vs_exact",
     "bptt_vs_unrolled",
     "bptt_vs_adjoint",
-    "bptt_vs_checkpoint_unrolled",
+    "bptt_checkpoint_vs_unrolled",
     "memory_bptt_vs_unrolled",
     "memory_bptt_checkpoint_vs_unrolled",
     "memory_adjoint_vs_unrolled",
