@@ -12,7 +12,9 @@ defense (Final, Early(n), Ensemble), ART's AutoProjectedGradientDescent (loss_ty
 "cross_entropy", L-inf eps 0.1, ``--max-iter`` iterations, one restart) runs on the test
 images once per estimate; it differentiates ``estimator.model`` (the autograd path). Writes
 ``results.json`` and prints a table: accuracy per estimate, the best (lowest) other estimate,
-and the per-sample worst case over the other estimates.
+and the per-sample worst case over the other estimates; with each defense, the median and
+worst cosine of each other estimate's gradient with backprop through the solver
+(``--alignment-only``: just those, into ``alignment.json``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from deq_attacks import (  # noqa: E402
 )
 from deq_attacks.checkpoints import load_weights  # noqa: E402
 from deq_attacks.data import load_digits  # noqa: E402
+from deq_attacks.evaluation.alignment import gradient_alignment  # noqa: E402
 from deq_attacks.models import small_conv_deq  # noqa: E402
 from deq_attacks.training import TrainingConfig, matching_estimate, train  # noqa: E402
 
@@ -70,6 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--alignment-only",
+        action="store_true",
+        help="only the cosines of each estimate with backprop through the solver (no APGD)",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but torch sees no CUDA device")
@@ -195,6 +203,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         estimates = {"bptt": BackpropThroughSolver(), **other_estimates(early_n)}
         rows: dict[str, Any] = {}
         for label, defense in defenses.items():
+            with estimator.using(defense=defense):
+                alignment = gradient_alignment(
+                    estimator, other_estimates(early_n), test.x, test.y, args.batch_size
+                ).to_json()["estimates"]
+            if args.alignment_only:
+                rows[label] = {"alignment": _cosine_summary(alignment)}
+                print(f"[{name}] {label}: {json.dumps(rows[label])}", flush=True)
+                continue
             robust = {
                 est_name: apgd(estimator, estimate, defense, test.x, test.y, args)
                 for est_name, estimate in estimates.items()
@@ -207,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "best_other": best_other,
                 "worst_case_others": float(np.logical_and.reduce(list(others.values())).mean()),
                 "worst_case_all": float(np.logical_and.reduce(list(robust.values())).mean()),
+                "alignment": _cosine_summary(alignment),
             }
             print(f"[{name}] {label}: {json.dumps(rows[label])}", flush=True)
         out["models"][name] = {
@@ -217,9 +234,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seconds": time.perf_counter() - start,
         }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+    filename = "alignment.json" if args.alignment_only else "results.json"
+    (args.out_dir / filename).write_text(json.dumps(out, indent=2) + "\n")
     print(render(out))
     return out
+
+
+def _cosine_summary(alignment: dict[str, Any]) -> dict[str, Any]:
+    """name -> (median, worst) cosine with backprop through the solver."""
+    return {name: [a["median"], a["worst"]] for name, a in alignment.items()}
 
 
 def render(out: dict[str, Any]) -> str:
@@ -231,6 +254,8 @@ def render(out: dict[str, Any]) -> str:
     ]
     for name, model in out["models"].items():
         for label, row in model["defenses"].items():
+            if "apgd" not in row:
+                continue
             best = row["best_other"]
             lines.append(
                 f"| {name} | {model['median_relative_residual_z_N']:.3f} | {label} | "
