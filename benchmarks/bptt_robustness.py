@@ -51,7 +51,7 @@ from deq_attacks import (  # noqa: E402
     Unrolled,
 )
 from deq_attacks.checkpoints import load_weights  # noqa: E402
-from deq_attacks.data import load_digits  # noqa: E402
+from deq_attacks.cli.demo import load_data  # noqa: E402
 from deq_attacks.evaluation.alignment import gradient_alignment  # noqa: E402
 from deq_attacks.models import small_conv_deq  # noqa: E402
 from deq_attacks.training import TrainingConfig, matching_estimate, train  # noqa: E402
@@ -65,6 +65,11 @@ MODELS = {"main": (6, 1), "clean": (6, 0), "short": (2, 0)}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bptt_robustness"))
+    parser.add_argument(
+        "--data",
+        default="digits",
+        help="'digits' (embedded) or a 10-class arrays file, as for `python -m deq_attacks demo`",
+    )
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["main", "clean"])
     parser.add_argument("--n-test", type=int, default=100)
     parser.add_argument("--n-dev", type=int, default=100)
@@ -107,16 +112,16 @@ def trained_model(
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     deq: DEQ = small_conv_deq(
-        in_channels=1,
+        in_channels=train_x.shape[1],
         num_classes=10,
         channels=16,
-        image_size=8,
+        image_size=train_x.shape[2],
         solver=Broyden(threshold=THRESHOLD, tol=1e-4),
         training_gradient=PhantomGradient(5, 0.5),
     ).to(args.device)
     estimator = DEQEstimator(
         deq,
-        input_shape=(1, 8, 8),
+        input_shape=train_x.shape[1:],
         nb_classes=10,
         optimizer=torch.optim.Adam(deq.parameters(), lr=3e-3),
         device_type="gpu" if args.device == "cuda" else "cpu",
@@ -187,7 +192,9 @@ def apgd(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    train_set, held_out = load_digits().split(1200)
+    train_set, held_out = load_data(args.data)
+    if len(held_out) < args.n_dev + args.n_test:
+        raise SystemExit(f"only {len(held_out)} held-out images for --n-dev + --n-test")
     dev = held_out.subset(np.arange(args.n_dev))
     test = held_out.subset(np.arange(args.n_dev, args.n_dev + args.n_test))
     out: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}, "models": {}}
