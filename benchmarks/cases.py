@@ -22,6 +22,7 @@ from deq_attacks import (
     DEQ,
     Adjoint,
     Anderson,
+    BackpropThroughSolver,
     Broyden,
     DEQEstimator,
     Early,
@@ -354,9 +355,12 @@ def defense_memory(ctx: Context) -> list[Result]:
 
     how = f"DEQEstimator.predict (no grad) of batch {len(x_np)}"
     kinds: tuple[tuple[type[Solver], str], ...] = (
-        (Broyden, "keeps its factors U (B,d,N) and V (B,N,d): every step applies B_n, built "
-         "from all earlier updates, and the adjoint estimates reuse them, so its memory "
-         "grows with N whatever the defense"),
+        (
+            Broyden,
+            "keeps its factors U (B,d,N) and V (B,N,d): every step applies B_n, built "
+            "from all earlier updates, and the adjoint estimates reuse them, so its memory "
+            "grows with N whatever the defense",
+        ),
         (Anderson, "keeps a fixed window of memory=5 iterates: O(1) in N"),
         (FixedPointIteration, "keeps only the current iterate: O(1) in N"),
     )
@@ -464,10 +468,88 @@ def training_step(ctx: Context) -> list[Result]:
     ]
 
 
+def through_solver(ctx: Context) -> list[Result]:
+    """Backprop through the solver (plain and checkpointed) against Unrolled(n=N, k=1) and
+    Adjoint(n=N), by loss_gradient: time and peak memory."""
+    n = ctx.settings.threshold
+    deq = ctx.workload.model(ctx.device, solver=_solver(Broyden, n))
+    x, y = ctx.workload.batch_data(ctx.device)
+    y1 = _one_hot(y, ctx.workload.num_classes)
+    est = _estimator(ctx, deq)
+    bptt, recomputed = BackpropThroughSolver(), BackpropThroughSolver(checkpoint=True)
+    unrolled, adjoint = Unrolled(n=n, k=1), Adjoint(n=n)
+
+    def grad(estimate: GradientEstimate) -> Callable[[], object]:
+        return _loss_gradient(est, estimate, x, y1)
+
+    grad(bptt)()
+    full = _full_run_note(deq, n)
+    how = f"DEQEstimator.loss_gradient, Broyden({n} iterates, tol=0), batch {len(x)}"
+    rows = [
+        _timed_row(
+            ctx,
+            id_,
+            f"BackpropThroughSolver({label}) / {other}",
+            None,
+            grad(numerator),
+            grad(denominator),
+            f"{how}; the forward solve again with autograd, then one backward through its "
+            f"{n} steps, vs the estimate at z_N",
+            f"reported only; {full}",
+        )
+        for id_, label, numerator, other, denominator in (
+            ("bptt_vs_unrolled", "", bptt, f"Unrolled(n={n}, k=1)", unrolled),
+            ("bptt_vs_adjoint", "", bptt, f"Adjoint(n={n})", adjoint),
+            (
+                "bptt_checkpoint_vs_unrolled",
+                "checkpoint=True",
+                recomputed,
+                f"Unrolled(n={n}, k=1)",
+                unrolled,
+            ),
+        )
+    ]
+    repeats = max(1, min(ctx.settings.repeats, 3))
+
+    def peak(estimate: GradientEstimate) -> int:
+        call = grad(estimate)
+        call()
+        return int(statistics.median(peak_bytes(call, ctx.device) for _ in range(repeats)))
+
+    base = peak(unrolled)
+    for name, label, estimate, why in (
+        ("bptt", "BackpropThroughSolver()", bptt, "keeps every step's activations: O(N)"),
+        (
+            "bptt_checkpoint",
+            "BackpropThroughSolver(checkpoint=True)",
+            recomputed,
+            "keeps the solver's own states per step, recomputes f's activations",
+        ),
+        ("adjoint", f"Adjoint(n={n})", adjoint, "keeps Broyden's factors and u_m"),
+    ):
+        value = peak(estimate)
+        rows.append(
+            Result(
+                id=f"memory_{name}_vs_unrolled",
+                ratio=f"peak memory, {label} / Unrolled(n={n}, k=1)",
+                measured=value / base,
+                target=None,
+                workload=ctx.workload.name,
+                timed=f"{how}: one call each",
+                notes=f"reported only: {_mib(value)} vs {_mib(base)}; {why}",
+                numerator=float(value),
+                denominator=float(base),
+                unit="bytes",
+            )
+        )
+    return rows
+
+
 CASES: tuple[Callable[[Context], list[Result]], ...] = (
     gradient_estimates,
     art_pgd,
     broyden_vs_torchdeq,
     defense_memory,
     training_step,
+    through_solver,
 )

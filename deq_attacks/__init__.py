@@ -20,6 +20,7 @@ from deq_attacks.deq import (
 from deq_attacks.gradients import (
     Adjoint,
     AdjointBroyden,
+    BackpropThroughSolver,
     Exact,
     GradientEnsemble,
     GradientEstimate,
@@ -38,6 +39,7 @@ __all__ = [
     "Adjoint",
     "AdjointBroyden",
     "Anderson",
+    "BackpropThroughSolver",
     "Broyden",
     "DEQEstimator",
     "DEQFoolboxModel",

@@ -35,6 +35,12 @@ EXPECTED = {
     "memory_early_vs_final",
     "memory_ensemble_vs_final",
     "train_phantom_vs_exact",
+    "bptt_vs_unrolled",
+    "bptt_vs_adjoint",
+    "bptt_checkpoint_vs_unrolled",
+    "memory_bptt_vs_unrolled",
+    "memory_bptt_checkpoint_vs_unrolled",
+    "memory_adjoint_vs_unrolled",
 }
 
 

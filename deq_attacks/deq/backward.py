@@ -65,6 +65,11 @@ class TrainingGradient(ABC):
         """The attack-side estimate equal to this gradient: PGD-AT makes its adversaries with
         the gradient it trains with (Appendix A)."""
 
+    @abstractmethod
+    def forward_state(self, deq: DEQModel, z_star: Tensor, injection: Tensor) -> Tensor:
+        """The output state (B, d) as ``attach`` computes it, differentiable in ``z_star`` and
+        ``injection`` by plain autograd (no gradient substituted, ``z_star`` not detached)."""
+
 
 @dataclass(frozen=True)
 class ImplicitGradient(TrainingGradient):
@@ -94,9 +99,12 @@ class ImplicitGradient(TrainingGradient):
 
         return Exact(self.backward_solver)
 
+    def forward_state(self, deq: DEQModel, z_star: Tensor, injection: Tensor) -> Tensor:
+        return deq.step(z_star, injection)
+
     def attach(self, deq: DEQModel, z_star: Tensor, injection: Tensor) -> Tensor:
         z_star = z_star.detach()
-        z_out = deq.step(z_star, injection)
+        z_out = self.forward_state(deq, z_star, injection)
         if not z_out.requires_grad:
             return z_out
         z_leaf = z_star.clone().requires_grad_()
@@ -129,5 +137,8 @@ class PhantomGradient(TrainingGradient):
 
         return Phantom(self.k, self.lam)
 
+    def forward_state(self, deq: DEQModel, z_star: Tensor, injection: Tensor) -> Tensor:
+        return damped_unroll(lambda z: deq.step(z, injection), z_star, self.k, self.lam)
+
     def attach(self, deq: DEQModel, z_star: Tensor, injection: Tensor) -> Tensor:
-        return damped_unroll(lambda z: deq.step(z, injection), z_star.detach(), self.k, self.lam)
+        return self.forward_state(deq, z_star.detach(), injection)

@@ -29,6 +29,11 @@ class Readout(ABC):
     def state(self, deq: DEQModel, trajectory: Trajectory, injection: Tensor) -> Tensor:
         """The readout state (B, d) of a finished solve."""
 
+    def traced_state(self, deq: DEQModel, trajectory: Trajectory, injection: Tensor) -> Tensor:
+        """The readout state (B, d) of a differentiable solve, as ``state`` computes it but
+        differentiable by plain autograd through the solve (no gradient substituted)."""
+        return self.state(deq, trajectory, injection)
+
 
 @dataclass(frozen=True)
 class Final(Readout):
@@ -37,6 +42,9 @@ class Final(Readout):
 
     def state(self, deq: DEQModel, trajectory: Trajectory, injection: Tensor) -> Tensor:
         return deq.training_gradient.attach(deq, trajectory.final, injection)
+
+    def traced_state(self, deq: DEQModel, trajectory: Trajectory, injection: Tensor) -> Tensor:
+        return deq.training_gradient.forward_state(deq, trajectory.final, injection)
 
 
 @dataclass(frozen=True)

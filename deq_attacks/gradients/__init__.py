@@ -13,11 +13,13 @@ from deq_attacks.gradients.base import (
 from deq_attacks.gradients.ensemble import GradientEnsemble
 from deq_attacks.gradients.exact import Exact
 from deq_attacks.gradients.phantom import Phantom
+from deq_attacks.gradients.through_solver import BackpropThroughSolver, traced_logits
 from deq_attacks.gradients.unrolled import Unrolled
 
 __all__ = [
     "Adjoint",
     "AdjointBroyden",
+    "BackpropThroughSolver",
     "BackwardPass",
     "Cotangent",
     "GradientEnsemble",
@@ -30,4 +32,5 @@ __all__ = [
     "constant_cotangent",
     "input_gradient",
     "loss_cotangent",
+    "traced_logits",
 ]

@@ -18,7 +18,8 @@ class Anderson(Solver):
     of ``G`` are the residuals ``f(z_i) - z_i`` in memory and ``s`` is the mean of their squared
     norms (so the regularisation keeps its strength as residuals shrink); they come from one batched
     ``torch.linalg.solve`` of the bordered system, one independent system per sample. The next
-    iterate is ``beta * sum a_i f(z_i) + (1 - beta) * sum a_i z_i``.
+    iterate is ``beta * sum a_i f(z_i) + (1 - beta) * sum a_i z_i``. A differentiable solve
+    differentiates the mixing weights through the solve.
 
     Args:
         memory: number of past iterates mixed, at least 1.
@@ -64,6 +65,8 @@ class Anderson(Solver):
             z_new = self.beta * mix_f + (1 - self.beta) * mix_x
             rec.record(n, z_new, rec.evaluate(z_new))
             slot = filled % self.memory
+            if rec.differentiable:  # the old window is saved for the backward: write a copy
+                xs, fs = xs.clone(), fs.clone()
             xs[:, slot], fs[:, slot] = rec.z, rec.fz
             filled += 1
             if not rec.active.any():

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint as recompute
 
 from deq_attacks.solvers.trajectory import BroydenInverse, Trajectory
 
@@ -70,15 +71,28 @@ class Solver(ABC):
         return False
 
     def solve(
-        self, fn: FixedPointMap, z0: Tensor, keep: bool | Collection[int] = False
+        self,
+        fn: FixedPointMap,
+        z0: Tensor,
+        keep: bool | Collection[int] = False,
+        *,
+        differentiable: bool = False,
+        checkpoint: bool = False,
     ) -> Trajectory:
-        """Solve ``z = fn(z)`` from ``z0`` (B, d) without recording autograd.
+        """Solve ``z = fn(z)`` from ``z0`` (B, d), by default without recording autograd.
 
         Args:
             fn: the batched map on flat states.
             z0: initial states (B, d), floating point and finite.
             keep: which iterates to keep in ``Trajectory.states``: True for all, False for
                 none, or a collection of steps n (1-based).
+            differentiable: record autograd through every step, so that ``final``, the kept
+                ``states`` and ``state_sum`` are differentiable functions of ``z0`` and of
+                whatever ``fn`` closes over, exactly as computed. Discrete decisions (stopping,
+                the lowest-residual choice, skipped updates) are constants of that function;
+                residuals are recorded detached. Memory grows linearly with the steps run.
+            checkpoint: with ``differentiable``, recompute each evaluation of ``fn`` in the
+                backward instead of keeping its activations (``torch.utils.checkpoint``).
         """
         if not isinstance(z0, Tensor) or z0.dim() != 2:
             shape = tuple(z0.shape) if isinstance(z0, Tensor) else type(z0).__name__
@@ -87,6 +101,13 @@ class Solver(ABC):
             raise TypeError(f"z0 must be floating point, got {z0.dtype}")
         if not torch.isfinite(z0).all():
             raise ValueError("z0 contains NaN or inf")
+        if checkpoint and not differentiable:
+            raise ValueError(
+                "checkpoint=True needs differentiable=True (it recomputes f in the backward)"
+            )
+        if differentiable:
+            with torch.enable_grad():
+                return self._solve(_Recorder(self, fn, z0, keep, differentiable, checkpoint))
         with torch.no_grad():
             return self._solve(_Recorder(self, fn, z0, keep))
 
@@ -99,12 +120,23 @@ class _Recorder:
     """Per-sample bookkeeping for one solve: residuals, stopping, divergence, best, kept states.
 
     Every quantity is computed per sample, so one sample never changes another's result.
+    Residuals and the decisions taken from them are computed on detached values, so in a
+    differentiable solve they are constants (and a zero residual never meets the norm's
+    infinite derivative).
     """
 
     def __init__(
-        self, solver: Solver, fn: FixedPointMap, z0: Tensor, keep: bool | Collection[int]
+        self,
+        solver: Solver,
+        fn: FixedPointMap,
+        z0: Tensor,
+        keep: bool | Collection[int],
+        differentiable: bool = False,
+        checkpoint: bool = False,
     ) -> None:
         self.solver = solver
+        self.differentiable = differentiable
+        self._checkpoint = checkpoint
         self._fn = fn
         self.nfe = 0
         self.z0 = z0
@@ -126,16 +158,23 @@ class _Recorder:
         self.steps = torch.zeros(batch, dtype=torch.long, device=z0.device)
         self.state_sum = torch.zeros_like(z0)
         self.states: dict[int, Tensor] = {}
-        self._abs = (fz0 - z0).norm(dim=-1)
-        self._rel = relative_residual(z0, fz0)
+        self._abs = (fz0 - z0).detach().norm(dim=-1)
+        self._rel = relative_residual(z0.detach(), fz0.detach())
         self._abs_hist: list[Tensor] = []
         self._rel_hist: list[Tensor] = []
         self.best = z0
         self._best_crit = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
 
     def evaluate(self, z: Tensor) -> Tensor:
-        """``fn(z)``, counted, with its shape checked."""
-        fz = self._fn(z)
+        """``fn(z)``, counted, with its shape checked.
+
+        In a differentiable solve, a sample whose candidate is not finite is evaluated at 0
+        instead (it is recorded as diverged and its value is never used): f's backward at
+        inf/NaN would otherwise turn its zero cotangent into NaN for that sample's history.
+        """
+        if self.differentiable:
+            z = torch.where(torch.isfinite(z).all(dim=-1, keepdim=True), z, 0.0)
+        fz = recompute(self._fn, z, use_reentrant=False) if self._checkpoint else self._fn(z)
         self.nfe += 1
         if fz.shape != z.shape:
             raise ValueError(
@@ -158,8 +197,9 @@ class _Recorder:
         col = took.unsqueeze(-1)
         self.z = torch.where(col, z_new, self.z)
         self.fz = torch.where(col, f_new, self.fz)
-        abs_res = (self.fz - self.z).norm(dim=-1)
-        rel_res = relative_residual(self.z, self.fz)
+        z, fz = self.z.detach(), self.fz.detach()
+        abs_res = (fz - z).norm(dim=-1)
+        rel_res = relative_residual(z, fz)
         self._abs = torch.where(took, abs_res, self._abs)
         self._rel = torch.where(took, rel_res, self._rel)
         self._abs_hist.append(self._abs)
