@@ -12,7 +12,7 @@ from deq_attacks.models.mdeq import (
 from deq_attacks.models.mlp import mlp_deq, mlp_deq_parts
 from deq_attacks.models.registry import create_model, list_models, register_model
 from deq_attacks.models.resnet import ResNet, resnet18
-from deq_attacks.models.wrn import WideResNet, wide_resnet, wrn34_10
+from deq_attacks.models.wrn import WideResNet, wrn34_10
 
 __all__ = [
     "MDEQ_LARGE",
@@ -31,6 +31,5 @@ __all__ = [
     "register_model",
     "resnet18",
     "small_conv_deq",
-    "wide_resnet",
     "wrn34_10",
 ]

@@ -63,14 +63,6 @@ class WideResNet(nn.Module):
 
 
 @register_model
-def wrn34_10(num_classes: int = 10, in_channels: int = 3) -> WideResNet:
-    """WRN-34-10."""
-    return WideResNet(34, 10, num_classes, in_channels)
-
-
-@register_model
-def wide_resnet(
-    depth: int = 34, widen: int = 10, num_classes: int = 10, in_channels: int = 3
-) -> WideResNet:
-    """Any WRN-depth-widen (for small test models: ``wide_resnet(depth=10, widen=1)``)."""
-    return WideResNet(depth, widen, num_classes, in_channels)
+def wrn34_10(num_classes: int = 10, in_channels: int = 3, widen: int = 10) -> WideResNet:
+    """WRN-34-10 (``widen`` other than 10 gives WRN-34-k, e.g. a small model for tests)."""
+    return WideResNet(34, widen, num_classes, in_channels)

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 #: Registered models that are not DEQs: trained with plain autograd, no DEQ-only steps.
-BASELINE_MODELS = frozenset({"resnet18", "wrn34_10", "wide_resnet"})
-#: Builders that take ``channels``/``dropout`` (the small conv DEQ) or ``width`` (ResNet).
-_WIDTH_MODELS = frozenset({"small_conv_deq", "resnet18"})
+BASELINE_MODELS = frozenset({"resnet18", "wrn34_10"})
+#: Models with a width setting: channels of the small conv DEQ, base width of ResNet-18, widen
+#: factor of WRN-34.
+_WIDTH_MODELS = frozenset({"small_conv_deq", "resnet18", "wrn34_10"})
 
 #: Settings that change how a run executes but not what it computes: a resumed run may differ
-#: in these (threads, loader workers, where CIFAR-10 lives, whether it may be downloaded).
-RUN_ONLY_KEYS = frozenset({"threads", "num_workers", "data_root", "download"})
+#: in these (threads, loader workers, where CIFAR-10 lives, whether it may be downloaded, plots).
+RUN_ONLY_KEYS = frozenset({"threads", "num_workers", "data_root", "download", "plots"})
 
 
 class Gradient(str, enum.Enum):
@@ -50,13 +51,16 @@ class TrainConfig:
     model: str = field(
         default="deq_large",
         metadata=_help(
-            "registered model (deq_large, deq_xl, small_conv_deq, resnet18, wrn34_10, "
-            "wide_resnet) or a 'module:function' entry point"
+            "registered model (deq_large, deq_xl, small_conv_deq, resnet18, wrn34_10) or a "
+            "'module:function' entry point"
         ),
     )
     width: int | None = field(
         default=None,
-        metadata=_help("channels of small_conv_deq / base width of resnet18 (None: default)"),
+        metadata=_help(
+            "channels of small_conv_deq, base width of resnet18, widen factor of wrn34_10 "
+            "(None: the model's default)"
+        ),
     )
     dropout: float | None = field(
         default=None,
@@ -127,6 +131,7 @@ class TrainConfig:
     spectral_samples: int = field(
         default=32, metadata=_help("dev images for the spectral radius of J_f at z* (0: skip)")
     )
+    plots: bool = field(default=True, metadata=_help("redraw training.png after every epoch"))
     # --- execution ------------------------------------------------------------------------
     seed: int = field(default=0, metadata=_help("seed of everything random"))
     device: Device = field(default=Device.CUDA, metadata=_help("cpu or cuda"))

@@ -203,9 +203,10 @@ def _train_epoch(
             adversarial=config.adversarial and not pretraining,
             unrolled=pretraining and isinstance(model, DEQ),
         )
-        if isinstance(model, DEQ) and model.jacobian_regularization is not None:
-            if model.jacobian_regularization.applies_at(forwards_before):
-                penalties.append(float(model.last_jacobian_penalty or 0.0))
+        regularizer = getattr(model, "jacobian_regularization", None)
+        counted = getattr(model, "_training_forwards", 0) > forwards_before  # a DEQ-mode step
+        if regularizer is not None and counted and regularizer.applies_at(forwards_before):
+            penalties.append(float(model.last_jacobian_penalty))  # type: ignore[arg-type]
         totals += torch.tensor([loss * len(y), correct, len(y)], dtype=torch.float64)
         state.global_step += 1
     seconds = time.perf_counter() - start
@@ -270,7 +271,8 @@ def _finish_epoch(
         if improved:
             resume.save_best(run_dir, ctx.model)
         resume.write_metrics(run_dir, state.history)
-        plot_history(state.history, run_dir / "training.png")
+        if config.plots:
+            plot_history(state.history, run_dir / "training.png")
         resume.publish(run_dir, epoch + 1, state)
         log(_summary(record, config.epochs))
     distributed.barrier(processes)

@@ -39,7 +39,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
     ax = axes[1][1]
     ax.plot(epochs, [r["samples_per_s"] for r in history], "o-")
     ax.set(xlabel="epoch", ylabel="training samples / s", title="throughput")
-    fig.tight_layout()
+    fig.subplots_adjust(hspace=0.35, wspace=0.3)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=90)
     plt.close(fig)

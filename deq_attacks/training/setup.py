@@ -55,10 +55,10 @@ def build_model(
             kwargs["channels"] = config.width
         if config.dropout is not None:
             kwargs["dropout"] = config.dropout
-    elif config.model in ("resnet18", "wrn34_10", "wide_resnet"):
+    elif config.model in ("resnet18", "wrn34_10"):
         kwargs["in_channels"] = channels
         if config.width is not None:
-            kwargs["width"] = config.width
+            kwargs["width" if config.model == "resnet18" else "widen"] = config.width
     model = create_model(config.model, **kwargs)
     if config.is_deq and not isinstance(model, DEQ):
         raise TypeError(
