@@ -35,6 +35,7 @@ EXPECTED = {
     "memory_early_vs_final",
     "memory_ensemble_vs_final",
     "train_phantom_vs_exact",
+    "pgd_at_phantom_vs_exact",
 }
 
 
