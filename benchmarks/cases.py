@@ -39,8 +39,8 @@ from deq_attacks import (
 )
 from deq_attacks.gradients import input_gradient, loss_cotangent
 from deq_attacks.solvers import Solver
-from deq_attacks.training.adversary import art_classifier, pgd_attack
 from deq_attacks.training import loop as training_loop
+from deq_attacks.training.adversary import art_classifier, pgd_attack
 from deq_attacks.training.presets import PAPER
 from deq_attacks.training.setup import TrainingModule, optimizer_and_schedule
 
@@ -360,9 +360,12 @@ def defense_memory(ctx: Context) -> list[Result]:
 
     how = f"DEQEstimator.predict (no grad) of batch {len(x_np)}"
     kinds: tuple[tuple[type[Solver], str], ...] = (
-        (Broyden, "keeps its factors U (B,d,N) and V (B,N,d): every step applies B_n, built "
-         "from all earlier updates, and the adjoint estimates reuse them, so its memory "
-         "grows with N whatever the defense"),
+        (
+            Broyden,
+            "keeps its factors U (B,d,N) and V (B,N,d): every step applies B_n, built "
+            "from all earlier updates, and the adjoint estimates reuse them, so its memory "
+            "grows with N whatever the defense",
+        ),
         (Anderson, "keeps a fixed window of memory=5 iterates: O(1) in N"),
         (FixedPointIteration, "keeps only the current iterate: O(1) in N"),
     )
@@ -427,9 +430,7 @@ def training_step(ctx: Context) -> list[Result]:
     exact = ctx.workload.model(
         ctx.device,
         solver=_solver(Broyden, n),
-        training_gradient=ImplicitGradient(
-            backward_solver=_solver(Broyden, s.backward_threshold)
-        ),
+        training_gradient=ImplicitGradient(backward_solver=_solver(Broyden, s.backward_threshold)),
     )
 
     def step_of(deq: DEQ) -> Callable[[], object]:

@@ -109,8 +109,15 @@ def render_device(device: str, data: dict[str, Any]) -> str:
     lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         target = "—" if r["target"] is None else f"<= {r['target']:g}"
-        cells = (r["ratio"], f"{r['measured']:.3f}", target, _met(r["met"]), r["workload"],
-                 r["timed"], r["notes"])
+        cells = (
+            r["ratio"],
+            f"{r['measured']:.3f}",
+            target,
+            _met(r["met"]),
+            r["workload"],
+            r["timed"],
+            r["notes"],
+        )
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     for name in data["workloads"]:
         missed = [r["id"] for r in rows if r["met"] is False and r["workload"] == name]

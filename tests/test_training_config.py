@@ -32,9 +32,12 @@ def test_paper_presets_carry_table_7() -> None:
         else:  # baselines: no DEQ-only steps
             assert c.pretrain_steps == 0 and c.jac_weight == 0
     thresholds = {
-        (preset(f"deq_large_exact_{f}_{b}").forward_threshold, preset(f"deq_large_exact_{f}_{b}").backward_threshold)
+        (
+            preset(f"deq_large_exact_{f}_{b}").forward_threshold,
+            preset(f"deq_large_exact_{f}_{b}").backward_threshold,
+        )
         for f, b in ((8, 7), (18, 20), (30, 30), (50, 50))
-    }  # fmt: skip
+    }
     assert thresholds == {(8, 7), (18, 20), (30, 30), (50, 50)}
     unrolling = preset("deq_xl_unrolling")
     assert (unrolling.gradient, unrolling.phantom_k, unrolling.phantom_lam) == (
@@ -105,8 +108,17 @@ def test_cli_resolves_preset_file_set_and_options(tmp_path: Path, capsys) -> Non
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"epochs": 3, "eps": 0.2}))
     args = train_cli.build_parser().parse_args(
-        ["--preset", "cpu_unrolling", "--config", str(settings), "--set", "eps=0.15", "--lr", "0.005"]
-    )  # fmt: skip
+        [
+            "--preset",
+            "cpu_unrolling",
+            "--config",
+            str(settings),
+            "--set",
+            "eps=0.15",
+            "--lr",
+            "0.005",
+        ]
+    )
     config = train_cli.resolve(args)
     assert (config.epochs, config.eps, config.lr) == (3, 0.15, 0.005)
     assert config.gradient is Gradient.PHANTOM

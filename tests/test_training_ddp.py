@@ -49,10 +49,19 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     config_file.write_text(json.dumps(to_jsonable(config)))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "deq_attacks", "train", "--config", str(config_file),
-        "--out-dir", str(tmp_path / "two"),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "deq_attacks",
+        "train",
+        "--config",
+        str(config_file),
+        "--out-dir",
+        str(tmp_path / "two"),
+    ]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     assert "2 process(es)" in proc.stdout

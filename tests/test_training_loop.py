@@ -14,13 +14,12 @@ import torch.nn.functional as F
 
 from deq_attacks.deq import DEQ, Early, Ensemble
 from deq_attacks.models import small_conv_deq
-from deq_attacks.training import run_training
 from deq_attacks.training import monitor as monitor_module
+from deq_attacks.training import run_training
 from deq_attacks.training.data_loading import GlobalBatchSampler
 from deq_attacks.training.plots import plot_history
 from deq_attacks.training.setup import unrolled_logits
 from tests.training_fixtures import PAPER_PRESETS, tiny_preset
-
 
 #: One preset per code path (exact with short and long solves, phantom, both baselines, both
 #: DEQ sizes); the others differ from these only in thresholds (checked in test_training_config).
@@ -39,9 +38,7 @@ def test_code_paths_cover_every_paper_preset() -> None:
     """Every paper preset's tiny version differs from one of CODE_PATHS in thresholds only."""
     for name in PAPER_PRESETS:
         config = tiny_preset(name)
-        keys = [
-            {d.split(":")[0] for d in tiny_preset(p).differences(config)} for p in CODE_PATHS
-        ]
+        keys = [{d.split(":")[0] for d in tiny_preset(p).differences(config)} for p in CODE_PATHS]
         assert any(k <= {"forward_threshold", "backward_threshold"} for k in keys), name
 
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from safetensors.torch import load_file
 
 from deq_attacks.cli import train as train_cli
@@ -51,9 +50,22 @@ def _weights(run_dir: Path) -> dict:
 def _launch(config_file: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "deq_attacks", "train", "--config", str(config_file), "--out-dir", str(out)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "deq_attacks",
+            "train",
+            "--config",
+            str(config_file),
+            "--out-dir",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -114,4 +126,6 @@ def test_changed_config_is_refused(tmp_path: Path, capsys) -> None:
     assert code == 2
     assert "lr: 0.001 -> 0.002" in err and "eps: 0.1 -> 0.2" in err
     # run-only settings may change: this reruns nothing (all epochs done) and succeeds
-    assert train_cli.main(["--config", str(config_file), "--out-dir", str(out), "--threads", "2"]) == 0
+    assert (
+        train_cli.main(["--config", str(config_file), "--out-dir", str(out), "--threads", "2"]) == 0
+    )

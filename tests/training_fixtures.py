@@ -10,12 +10,16 @@ from deq_attacks.training.config import Device, Gradient
 
 #: The paper presets (Table 7, 10 and the Table 4 baselines).
 PAPER_PRESETS = [
-    *(f"{m}_exact_{f}_{b}" for m in ("deq_large", "deq_xl") for f, b in ((8, 7), (18, 20), (30, 30), (50, 50))),
+    *(
+        f"{m}_exact_{f}_{b}"
+        for m in ("deq_large", "deq_xl")
+        for f, b in ((8, 7), (18, 20), (30, 30), (50, 50))
+    ),
     "deq_large_unrolling",
     "deq_xl_unrolling",
     "resnet18_pgd_at",
     "wrn34_10_pgd_at",
-]  # fmt: skip
+]
 
 
 def tiny(config: TrainConfig, **changes: Any) -> TrainConfig:

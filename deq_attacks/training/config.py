@@ -77,7 +77,9 @@ class TrainConfig:
         default=1e-3, metadata=_help("relative-residual tolerance of both solvers")
     )
     phantom_k: int = field(default=5, metadata=_help("unrolling steps k of the phantom gradient"))
-    phantom_lam: float = field(default=0.5, metadata=_help("damping lambda of the phantom gradient"))
+    phantom_lam: float = field(
+        default=0.5, metadata=_help("damping lambda of the phantom gradient")
+    )
     # --- data -----------------------------------------------------------------------------
     data: str = field(
         default="cifar10",
@@ -233,7 +235,9 @@ def _problems(c: TrainConfig) -> list[str]:
     if c.dropout is not None and not 0 <= finite("dropout") < 1:
         out.append(f"dropout must be in [0, 1), got {c.dropout!r}")
     if not isinstance(c.gradient, Gradient):
-        out.append(f"gradient must be a Gradient ({[g.value for g in Gradient]}), got {c.gradient!r}")
+        out.append(
+            f"gradient must be a Gradient ({[g.value for g in Gradient]}), got {c.gradient!r}"
+        )
     if not isinstance(c.device, Device):
         out.append(f"device must be cpu or cuda, got {c.device!r}")
     if not c.model:

@@ -128,9 +128,7 @@ def _arrays(config: TrainConfig) -> TrainingData:
     x, y = torch.from_numpy(pool.x), torch.from_numpy(pool.y)
     side = pool.x.shape[-1]
     steps = augmentation(config, side)
-    train = TensorImages(
-        x[train_idx], y[train_idx], transforms.Compose(steps) if steps else None
-    )
+    train = TensorImages(x[train_idx], y[train_idx], transforms.Compose(steps) if steps else None)
     num_classes = pool.num_classes or int(pool.y.max()) + 1
     shape = tuple(int(s) for s in pool.x.shape[1:])
     return TrainingData(train, x[dev_idx], y[dev_idx], shape, num_classes, pool.name)  # type: ignore[arg-type]

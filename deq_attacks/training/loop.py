@@ -292,4 +292,3 @@ def _summary(record: dict[str, Any], epochs: int) -> str:
         parts.append(f"rho(J_f) {record['dev_spectral_radius']:.2f}")
     parts.append(f"{record['samples_per_s']:.1f} samples/s")
     return ", ".join(parts)
-
