@@ -41,8 +41,8 @@ from deq_attacks.gradients import input_gradient, loss_cotangent
 from deq_attacks.solvers import Solver
 from deq_attacks.training import loop as training_loop
 from deq_attacks.training.adversary import art_classifier, pgd_attack
+from deq_attacks.training.build import TrainingModule, optimizer_and_schedule
 from deq_attacks.training.presets import PAPER
-from deq_attacks.training.setup import TrainingModule, optimizer_and_schedule
 
 EPS = 8 / 255
 EPS_STEP = 2 / 255

@@ -14,8 +14,8 @@ from deq_attacks.cli import train as train_cli
 from deq_attacks.config import override, to_jsonable
 from deq_attacks.models import create_model
 from deq_attacks.training import PRESETS, TrainConfig, preset
+from deq_attacks.training.build import build_model
 from deq_attacks.training.config import Device, Gradient
-from deq_attacks.training.setup import build_model
 from tests.training_fixtures import PAPER_PRESETS
 
 

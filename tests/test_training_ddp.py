@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from deq_attacks.config import to_jsonable
 from deq_attacks.training import run_training
-from deq_attacks.training.setup import build_model
+from deq_attacks.training.build import build_model
 from tests.training_fixtures import tiny_preset
 
 ROOT = Path(__file__).resolve().parents[1]

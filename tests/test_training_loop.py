@@ -16,9 +16,9 @@ from deq_attacks.deq import DEQ, Early, Ensemble
 from deq_attacks.models import small_conv_deq
 from deq_attacks.training import monitor as monitor_module
 from deq_attacks.training import run_training
+from deq_attacks.training.build import unrolled_logits
 from deq_attacks.training.data_loading import GlobalBatchSampler
 from deq_attacks.training.plots import plot_history
-from deq_attacks.training.setup import unrolled_logits
 from tests.training_fixtures import PAPER_PRESETS, tiny_preset
 
 #: One preset per code path (exact with short and long solves, phantom, both baselines, both

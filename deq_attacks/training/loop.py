@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 from deq_attacks.deq import DEQ
 from deq_attacks.training import distributed, resume
 from deq_attacks.training.adversary import adversarial_batch, art_classifier, pgd_attack
+from deq_attacks.training.build import TrainingModule, build_model, optimizer_and_schedule
 from deq_attacks.training.config import TrainConfig
 from deq_attacks.training.data_loading import TrainingData, epoch_loader, load_training_data
 from deq_attacks.training.monitor import evaluate_dev
 from deq_attacks.training.plots import plot_history
 from deq_attacks.training.resume import RunState
-from deq_attacks.training.setup import TrainingModule, build_model, optimizer_and_schedule
 
 
 @dataclass
