@@ -4,10 +4,12 @@ the refusal to train through an Early/Ensemble readout."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,11 @@ from deq_attacks.models import small_conv_deq
 from deq_attacks.training import monitor as monitor_module
 from deq_attacks.training import run_training
 from deq_attacks.training.build import unrolled_logits
-from deq_attacks.training.data_loading import GlobalBatchSampler
+from deq_attacks.training.data_loading import (
+    GlobalBatchSampler,
+    _split_indices,
+    load_training_data,
+)
 from deq_attacks.training.plots import plot_history
 from tests.training_fixtures import PAPER_PRESETS, tiny_preset
 
@@ -147,3 +153,28 @@ def test_training_through_early_or_ensemble_is_refused(readout) -> None:
     deq.eval()  # evaluation through the defense still works
     with torch.no_grad():
         assert deq(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_arrays_file_split_and_augmentation(shared_dir: Path) -> None:
+    """A CIFAR-10 arrays file: x_train only is read, 100 dev images held out of it (disjoint
+    from the training images), RandomCrop(32, padding=4) + flip applied per item."""
+    path = shared_dir / "data" / "cifar10_subset.npz"
+    config = tiny_preset("deq_large_unrolling", data=str(path), dev_size=100, train_limit=None)
+    config = dataclasses.replace(config, crop_padding=4, flip=True)
+    data = load_training_data(config)
+    assert data.image_shape == (3, 32, 32) and data.num_classes == 10
+    assert len(data) == 4660 - 100 and len(data.dev_y) == 100
+    train_idx, dev_idx = _split_indices(4660, 100, None)
+    assert not set(train_idx.tolist()) & set(dev_idx.tolist())
+    raw = torch.from_numpy(np.load(path)["x_train"][train_idx[:20]]).float() / 255
+    torch.manual_seed(0)
+    augmented = torch.stack([data.train[i][0] for i in range(20)])
+    assert augmented.shape == raw.shape
+    assert not torch.equal(augmented, raw)  # shifted and/or mirrored
+    assert torch.equal(torch.stack([data.train[i][1] for i in range(20)]), data.train.y[:20])
+
+
+def test_missing_cifar10_is_a_clear_error(tmp_path: Path) -> None:
+    config = tiny_preset("deq_large_unrolling", data="cifar10", data_root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="--download true"):
+        load_training_data(config)
