@@ -123,8 +123,9 @@ def _run(
         resume.write_config(run_dir, config)
     distributed.barrier(processes)
     state = resume.read_state(run_dir)
+    rng: dict[str, Any] | None = None  # the saved random streams of this rank, if resuming
     if state.checkpoint is not None:
-        counters = resume.restore(run_dir, state, processes.rank, model, optimizer, schedule)
+        counters, rng = resume.restore(run_dir, state, processes.rank, model, optimizer, schedule)
         if counters["world"] != processes.world:
             raise ValueError(
                 f"{run_dir} was trained by {counters['world']} processes; resume with as many "
@@ -134,8 +135,6 @@ def _run(
             model._training_forwards = counters["training_forwards"]
         if main:
             log(f"resuming {run_dir} after epoch {state.epochs_done} (step {state.global_step})")
-    else:
-        resume.seed_everything(config.seed + 1009 * processes.rank)
     if state.epochs_done >= config.epochs:
         if main:
             log(f"{run_dir}: all {config.epochs} epochs are done")
@@ -161,6 +160,11 @@ def _run(
             f"{len(data)} images, dev {len(data.dev_y)}, {steps_per_epoch} steps/epoch x "
             f"{config.epochs} epochs, {processes.world} process(es) on {device}"
         )
+    # the random streams start here: per rank, fresh or as the last finished epoch left them
+    if rng is not None:
+        resume.set_rng_state(rng)
+    else:
+        resume.seed_everything(config.seed + 1009 * processes.rank)
     for epoch in range(state.epochs_done, config.epochs):
         _train_epoch(ctx, config, data, epoch, state, processes)
         _finish_epoch(ctx, config, data, epoch, state, processes, run_dir, log)

@@ -173,8 +173,9 @@ def restore(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> dict[str, int]:
-    """Load the checkpoint ``state`` names into the objects; returns the saved counters."""
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Load the checkpoint ``state`` names into the objects; returns the saved counters and
+    this rank's RNG states (for ``set_rng_state`` just before training goes on)."""
     if state.checkpoint is None:
         raise ValueError("the run state names no checkpoint")
     folder = run_dir / "checkpoints" / state.checkpoint
@@ -188,8 +189,7 @@ def restore(
             f"{folder} has no RNG state for rank {rank}: resume with the number of processes "
             "that wrote it"
         )
-    set_rng_state(torch.load(rng_file, weights_only=True))
-    return dict(trainer["counters"])
+    return dict(trainer["counters"]), torch.load(rng_file, weights_only=True)
 
 
 def save_best(run_dir: Path, model: nn.Module) -> None:
