@@ -77,6 +77,7 @@ def test_baseline_models_have_their_sizes() -> None:
         ({"dropout": 0.1}, "dropout is a setting of small_conv_deq"),
         ({"data": "mnist.csv"}, "data must be"),
         ({"dev_size": 0}, "dev_size"),
+        ({"model": "resnet50"}, "unknown model 'resnet50': registered are"),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(changes: dict, message: str) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deq_attacks.models.registry import list_models
+
 #: Registered models that are not DEQs: trained with plain autograd, no DEQ-only steps.
 BASELINE_MODELS = frozenset({"resnet18", "wrn34_10"})
 #: Models with a width setting: channels of the small conv DEQ, base width of ResNet-18, widen
@@ -240,8 +242,11 @@ def _problems(c: TrainConfig) -> list[str]:
         )
     if not isinstance(c.device, Device):
         out.append(f"device must be cpu or cuda, got {c.device!r}")
-    if not c.model:
-        out.append("model must name a registered model or a 'module:function' entry point")
+    if not c.model or (":" not in c.model and c.model not in list_models()):
+        out.append(
+            f"unknown model {c.model!r}: registered are {', '.join(list_models())}, or give a "
+            "'module:function' entry point"
+        )
     if c.model in BASELINE_MODELS and c.gradient is not Gradient.AUTOGRAD:
         out.append(f"{c.model} is not a DEQ: use gradient=autograd")
     if c.gradient is Gradient.AUTOGRAD and c.model not in BASELINE_MODELS and ":" not in c.model:

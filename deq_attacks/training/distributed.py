@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,10 @@ def start(device: Device) -> Processes:
     else:
         where = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device is Device.CUDA else "gloo")
+        # the other ranks wait at a barrier while rank 0 runs the dev evaluation
+        dist.init_process_group(
+            backend="nccl" if device is Device.CUDA else "gloo", timeout=timedelta(hours=2)
+        )
     return Processes(rank, world, where)
 
 
