@@ -84,7 +84,7 @@ def test_killed_run_resumes_bit_identically(tmp_path: Path) -> None:
             if state_file.exists() and json.loads(state_file.read_text())["epochs_done"] >= 1:
                 break
             time.sleep(0.05)
-        time.sleep(0.3)  # into epoch 2 (seconds of PGD-AT steps)
+        time.sleep(0.1)  # into epoch 2 (about a second of PGD-AT steps or more)
         os.kill(proc.pid, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_in_epoch_2)
