@@ -22,6 +22,7 @@ from deq_attacks.training.build import unrolled_logits
 from deq_attacks.training.data_loading import (
     GlobalBatchSampler,
     _split_indices,
+    epoch_loader,
     load_training_data,
 )
 from deq_attacks.training.plots import plot_history
@@ -178,3 +179,39 @@ def test_missing_cifar10_is_a_clear_error(tmp_path: Path) -> None:
     config = tiny_preset("deq_large_unrolling", data="cifar10", data_root=tmp_path)
     with pytest.raises(FileNotFoundError, match="--download true"):
         load_training_data(config)
+
+
+def test_cifar10_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torchvision path on a CIFAR-10-format folder (random images, 5 batches of 40; the
+    archive's checksums are skipped): dev split from the training set, augmented loader."""
+    import pickle
+
+    import torchvision.datasets.cifar
+    from torchvision.datasets import CIFAR10
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (200, 3 * 32 * 32), dtype=np.uint8)
+    labels = rng.integers(0, 10, 200).tolist()
+    for i in range(5):
+        batch = {"data": images[40 * i : 40 * (i + 1)], "labels": labels[40 * i : 40 * (i + 1)]}
+        (folder / f"data_batch_{i + 1}").write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({"label_names": [str(c) for c in range(10)]})
+    )
+    monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+
+    config = tiny_preset(
+        "deq_large_exact_8_7", data="cifar10", data_root=tmp_path, dev_size=50, train_limit=None
+    )
+    data = load_training_data(config)
+    assert (len(data), len(data.dev_y), data.image_shape) == (150, 50, (3, 32, 32))
+    _, dev_idx = _split_indices(200, 50, None)
+    expected_dev = torch.from_numpy(images[dev_idx].reshape(50, 3, 32, 32)).float() / 255
+    torch.testing.assert_close(data.dev_x, expected_dev, rtol=0, atol=1e-7)
+    assert data.dev_y.tolist() == [labels[i] for i in dev_idx]
+    x, y = next(iter(epoch_loader(data, config, epoch=0, rank=0, world=1, pin=False)))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
