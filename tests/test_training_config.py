@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from deq_attacks.cli import SUBCOMMANDS
 from deq_attacks.cli import train as train_cli
@@ -130,6 +131,9 @@ def test_cli_resolves_preset_file_set_and_options(tmp_path: Path, capsys) -> Non
     assert "unknown preset 'nope'" in capsys.readouterr().err
     assert train_cli.main(["--preset", "cpu_exact", "--set", "bf16=true"]) == 2
     assert "bf16" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert train_cli.main(["--preset", "deq_large_unrolling", "--out-dir", str(tmp_path)]) == 2
+        assert "torch sees no CUDA device" in capsys.readouterr().err
     assert train_cli.main(["--preset", "cpu_exact", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "small_conv_deq"
     with pytest.raises(SystemExit):  # argparse: a bad single option

@@ -17,8 +17,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from deq_attacks.config import add_dataclass_options, dataclass_from_options, override
 from deq_attacks.training import PRESETS, TrainConfig, preset, run_training
+from deq_attacks.training.config import Device
 from deq_attacks.training.resume import ConfigMismatchError
 
 
@@ -91,6 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(json.dumps(to_jsonable(config), indent=2))
         return 0
+    if config.device is Device.CUDA and not torch.cuda.is_available():
+        print(
+            "deq-attacks train: device=cuda, but torch sees no CUDA device "
+            "(the paper presets are for GPUs; --device cpu runs them on the CPU)",
+            file=sys.stderr,
+        )
+        return 2
     out_dir = args.out_dir or Path("runs") / (args.preset or args.config.stem)
     try:
         result = run_training(config, out_dir)
