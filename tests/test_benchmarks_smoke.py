@@ -41,6 +41,7 @@ EXPECTED = {
     "memory_bptt_vs_unrolled",
     "memory_bptt_checkpoint_vs_unrolled",
     "memory_adjoint_vs_unrolled",
+    "pgd_at_phantom_vs_exact",
 }
 
 

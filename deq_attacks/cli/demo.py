@@ -32,7 +32,7 @@ from deq_attacks.gradients import Adjoint, Exact, GradientEnsemble, Phantom, Unr
 from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.models import small_conv_deq
 from deq_attacks.solvers import Broyden
-from deq_attacks.training import TrainingConfig, matching_estimate, train
+from deq_attacks.training import TrainingConfig, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threat = ThreatModel(eps=args.eps, step=args.step, steps=args.steps)
     attacks = attack_columns(args.threshold)
     attacks[-1] = AttackSpec("square", AttackKind.SQUARE, steps=args.square_queries)
-    ready_made = AttackSpec("ready-made", AttackKind.PGD, matching_estimate(deq.training_gradient))
+    ready_made = AttackSpec("ready-made", AttackKind.PGD, deq.training_gradient.attack_estimate())
     result = evaluate(
         estimator,
         attacks,

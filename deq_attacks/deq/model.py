@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,21 @@ from deq_attacks.solvers import Broyden, Solver, Trajectory
 
 class SolverDivergedError(RuntimeError):
     """The forward solver produced NaN or inf for some sample."""
+
+
+def _refuse_training_through(readout: Readout) -> Callable[[Tensor], Tensor]:
+    """A backward hook on train-mode logits of a non-Final readout: raise instead of training
+    the head alone."""
+
+    def hook(grad: Tensor) -> Tensor:
+        raise RuntimeError(
+            f"cannot train through the {readout} readout: its state is a detached solver iterate, "
+            "so only the head would get a gradient (f and the injection none). Train with "
+            "readout=Final() (the training gradient) and choose Early/Ensemble as a defense at "
+            "evaluation"
+        )
+
+    return hook
 
 
 class DEQ(DEQModel):
@@ -152,8 +167,10 @@ class DEQ(DEQModel):
         """Logits (B, classes) of the readout state (default: ``self.readout``).
 
         The Final readout is differentiable through the training gradient. Early and Ensemble
-        states have no gradient of their own; differentiating them w.r.t. the input needs a
-        gradient estimate (``deq_attacks.WhiteBoxModule`` or ``DEQEstimator``).
+        states have no gradient of their own: in train mode, backpropagating through them
+        raises (only the head would learn; f and the injection would get no gradient), and
+        differentiating them w.r.t. the input needs a gradient estimate
+        (``deq_attacks.WhiteBoxModule`` or ``DEQEstimator``).
         """
         readout = check_readout(readout if readout is not None else self.readout)
         readout.check(self.solver.threshold)
@@ -166,6 +183,8 @@ class DEQ(DEQModel):
         trajectory = self.solve(injection, keep=readout.keep_steps())
         state = readout.state(self, trajectory, injection)
         logits = self.logits(state, injection)
+        if not isinstance(readout, Final) and self.training and logits.requires_grad:
+            logits.register_hook(_refuse_training_through(readout))
         if self.training and torch.is_grad_enabled() and self.jacobian_regularization is not None:
             index = self._training_forwards
             self._training_forwards += 1

@@ -11,11 +11,15 @@ from deq_attacks.models.mdeq import (
 )
 from deq_attacks.models.mlp import mlp_deq, mlp_deq_parts
 from deq_attacks.models.registry import create_model, list_models, register_model
+from deq_attacks.models.resnet import ResNet, resnet18
+from deq_attacks.models.wrn import WideResNet, wrn34_10
 
 __all__ = [
     "MDEQ_LARGE",
     "MDEQ_XL",
     "MDEQConfig",
+    "ResNet",
+    "WideResNet",
     "conv_deq_parts",
     "create_model",
     "deq_large",
@@ -25,5 +29,7 @@ __all__ = [
     "mlp_deq",
     "mlp_deq_parts",
     "register_model",
+    "resnet18",
     "small_conv_deq",
+    "wrn34_10",
 ]

@@ -1,4 +1,6 @@
-"""Adversarial training of DEQs through ART (PGD-AT, Sec. 6 and Appendix A), resumable."""
+"""PGD-AT of a DEQ on in-memory arrays through ART's ``AdversarialTrainerMadryPGD``, resumable
+after each epoch (the quick path of ``deq-attacks demo``; the paper's recipe over a DataLoader
+is ``deq_attacks.training.loop``)."""
 
 from __future__ import annotations
 
@@ -14,19 +16,8 @@ from art.defences.trainer import AdversarialTrainerMadryPGD
 from tqdm.auto import tqdm
 
 from deq_attacks.checkpoints import load_weights, save_weights
-from deq_attacks.deq.backward import ImplicitGradient, PhantomGradient, TrainingGradient
-from deq_attacks.gradients import Exact, GradientEstimate, Phantom
+from deq_attacks.gradients import GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
-
-
-def matching_estimate(gradient: TrainingGradient) -> GradientEstimate:
-    """The attack-side estimate that equals a training gradient: adversaries in PGD-AT use
-    the same gradient as training (Appendix A)."""
-    if isinstance(gradient, PhantomGradient):
-        return Phantom(gradient.k, gradient.lam)
-    if isinstance(gradient, ImplicitGradient):
-        return Exact(gradient.backward_solver)
-    raise TypeError(f"no matching estimate for {gradient!r}")
 
 
 @dataclass(frozen=True)
@@ -138,7 +129,7 @@ def train(
         estimator.optimizer.load_state_dict(
             torch.load(checkpoint_dir / "optimizer.pt", weights_only=True)
         )
-    estimate = matching_estimate(estimator.deq.training_gradient)
+    estimate = estimator.deq.training_gradient.attack_estimate()
     epochs = tqdm(range(config.epochs), initial=state.epochs_done, desc="training epochs")
     for epoch in epochs:
         if epoch < state.epochs_done:

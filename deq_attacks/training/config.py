@@ -1,0 +1,264 @@
+"""``TrainConfig``: every setting of one PGD-AT run (Sec. 6, Appendix A, Table 7), validated.
+
+The defaults are the paper's exact-trained DEQ-Large recipe; `presets.PRESETS` names the others.
+Every field is a scalar, so the command line derives ``--field-name`` options from this class
+(``deq_attacks.config``) and the run folder records it as ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deq_attacks.models.registry import list_models
+
+#: Registered models that are not DEQs: trained with plain autograd, no DEQ-only steps.
+BASELINE_MODELS = frozenset({"resnet18", "wrn34_10"})
+#: Models with a width setting: channels of the small conv DEQ, base width of ResNet-18, widen
+#: factor of WRN-34.
+_WIDTH_MODELS = frozenset({"small_conv_deq", "resnet18", "wrn34_10"})
+
+#: Settings that change how a run executes but not what it computes: a resumed run may differ
+#: in these (threads, loader workers, where CIFAR-10 lives, whether it may be downloaded, plots).
+RUN_ONLY_KEYS = frozenset({"threads", "num_workers", "data_root", "download", "plots"})
+
+
+class Gradient(str, enum.Enum):
+    """How the training gradient reaches the parameters (and which gradient PGD-AT attacks
+    with: the same one, Appendix A)."""
+
+    EXACT = "exact"  # ImplicitGradient with a Broyden backward solve
+    PHANTOM = "phantom"  # PhantomGradient(k, lambda): the unrolling-trained DEQ
+    AUTOGRAD = "autograd"  # plain backpropagation: the ResNet / WRN baselines
+
+
+class Device(str, enum.Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Field help texts double as the command line's ``--help``."""
+
+    # --- model ----------------------------------------------------------------------------
+    model: str = field(
+        default="deq_large",
+        metadata=_help(
+            "registered model (deq_large, deq_xl, small_conv_deq, resnet18, wrn34_10) or a "
+            "'module:function' entry point"
+        ),
+    )
+    width: int | None = field(
+        default=None,
+        metadata=_help(
+            "channels of small_conv_deq, base width of resnet18, widen factor of wrn34_10 "
+            "(None: the model's default)"
+        ),
+    )
+    dropout: float | None = field(
+        default=None,
+        metadata=_help("variational dropout in f of small_conv_deq (MDEQs: built in, 0.22)"),
+    )
+    gradient: Gradient = field(
+        default=Gradient.EXACT, metadata=_help("training gradient: exact, phantom or autograd")
+    )
+    forward_threshold: int = field(default=8, metadata=_help("forward Broyden iterates"))
+    backward_threshold: int = field(
+        default=7, metadata=_help("backward Broyden iterates of the exact gradient")
+    )
+    solver_tol: float = field(
+        default=1e-3, metadata=_help("relative-residual tolerance of both solvers")
+    )
+    phantom_k: int = field(default=5, metadata=_help("unrolling steps k of the phantom gradient"))
+    phantom_lam: float = field(
+        default=0.5, metadata=_help("damping lambda of the phantom gradient")
+    )
+    # --- data -----------------------------------------------------------------------------
+    data: str = field(
+        default="cifar10",
+        metadata=_help("'cifar10' (torchvision), 'digits' (embedded) or an arrays file .npz"),
+    )
+    data_root: Path = field(default=Path("data"), metadata=_help("torchvision's CIFAR-10 folder"))
+    download: bool = field(default=False, metadata=_help("let torchvision download CIFAR-10"))
+    train_limit: int | None = field(
+        default=None, metadata=_help("use only the first N training images (None: all)")
+    )
+    dev_size: int = field(
+        default=1000, metadata=_help("development images held out from the training set")
+    )
+    crop_padding: int = field(
+        default=4, metadata=_help("RandomCrop padding of the augmentation (0: no crop)")
+    )
+    flip: bool = field(default=True, metadata=_help("random horizontal flip"))
+    # --- optimisation ---------------------------------------------------------------------
+    epochs: int = field(default=150, metadata=_help("epochs in all, pretraining included"))
+    batch_size: int = field(default=96, metadata=_help("global batch (split across ranks)"))
+    lr: float = field(default=1e-3, metadata=_help("initial Adam learning rate"))
+    lr_min: float = field(default=1e-6, metadata=_help("end of the per-step cosine decay"))
+    weight_decay: float = field(default=0.0, metadata=_help("Adam weight decay"))
+    pretrain_steps: int = field(
+        default=16000,
+        metadata=_help("clean optimizer steps first, the DEQ run as an unrolled network"),
+    )
+    pretrain_depth: int = field(
+        default=8, metadata=_help("applications of f in the unrolled pretraining network")
+    )
+    jac_weight: float = field(
+        default=0.4, metadata=_help("Jacobian regularisation weight (0: none)")
+    )
+    jac_frequency: float = field(
+        default=0.02, metadata=_help("fraction of DEQ-mode training steps that carry it")
+    )
+    jac_stop_epoch: int = field(
+        default=90, metadata=_help("0-based epoch from which it is no longer applied")
+    )
+    # --- adversary (PGD-AT and the development PGD) ---------------------------------------
+    adversarial: bool = field(default=True, metadata=_help("PGD-AT after pretraining"))
+    eps: float = field(default=8 / 255, metadata=_help("L-inf budget, inputs in [0, 1]"))
+    step: float = field(default=2 / 255, metadata=_help("PGD step size"))
+    steps: int = field(default=10, metadata=_help("PGD iterations"))
+    random_start: bool = field(
+        default=True,
+        metadata=_help("uniform random start of the training PGD (the dev PGD always has one)"),
+    )
+    # --- monitoring -----------------------------------------------------------------------
+    eval_batch_size: int = field(default=200, metadata=_help("batch of the dev evaluation"))
+    spectral_samples: int = field(
+        default=32, metadata=_help("dev images for the spectral radius of J_f at z* (0: skip)")
+    )
+    plots: bool = field(default=True, metadata=_help("redraw training.png after every epoch"))
+    # --- execution ------------------------------------------------------------------------
+    seed: int = field(default=0, metadata=_help("seed of everything random"))
+    device: Device = field(default=Device.CUDA, metadata=_help("cpu or cuda"))
+    bf16: bool = field(
+        default=False, metadata=_help("bfloat16 autocast for forward passes (CUDA only)")
+    )
+    threads: int | None = field(default=None, metadata=_help("torch CPU threads (None: torch's)"))
+    num_workers: int = field(default=2, metadata=_help("DataLoader worker processes"))
+
+    def __post_init__(self) -> None:
+        problems = list(_problems(self))
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+    @property
+    def is_deq(self) -> bool:
+        return self.gradient is not Gradient.AUTOGRAD
+
+    def differences(self, other: TrainConfig) -> list[str]:
+        """Keys (outside ``RUN_ONLY_KEYS``) whose values differ, as ``key: self -> other``."""
+        return [
+            f"{f.name}: {getattr(self, f.name)!r} -> {getattr(other, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name not in RUN_ONLY_KEYS and getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> TrainConfig:
+        """The config that ``deq_attacks.config.to_jsonable`` wrote (unknown keys raise)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; known: {sorted(known)}")
+        converted = dict(values)
+        converted["gradient"] = Gradient(values.get("gradient", Gradient.EXACT.value))
+        converted["device"] = Device(values.get("device", Device.CUDA.value))
+        if "data_root" in values:
+            converted["data_root"] = Path(values["data_root"])
+        return cls(**converted)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _problems(c: TrainConfig) -> list[str]:
+    """Every invalid setting of ``c``, each as one message."""
+    out: list[str] = []
+    positive = (
+        "forward_threshold",
+        "backward_threshold",
+        "phantom_k",
+        "epochs",
+        "batch_size",
+        "pretrain_depth",
+        "steps",
+        "eval_batch_size",
+    )
+    for name in positive:
+        if not _is_int(getattr(c, name)) or getattr(c, name) < 1:
+            out.append(f"{name} must be an int >= 1, got {getattr(c, name)!r}")
+    for name in ("pretrain_steps", "jac_stop_epoch", "crop_padding", "spectral_samples", "seed"):
+        if not _is_int(getattr(c, name)) or getattr(c, name) < 0:
+            out.append(f"{name} must be an int >= 0, got {getattr(c, name)!r}")
+    if not _is_int(c.num_workers) or c.num_workers < 0:
+        out.append(f"num_workers must be an int >= 0, got {c.num_workers!r}")
+    if not _is_int(c.dev_size) or c.dev_size < 1:
+        out.append(f"dev_size must be an int >= 1 (checkpoints are chosen on it), got {c.dev_size}")
+    for name in ("train_limit", "threads", "width"):
+        value = getattr(c, name)
+        if value is not None and (not _is_int(value) or value < 1):
+            out.append(f"{name} must be None or an int >= 1, got {value!r}")
+
+    def finite(name: str) -> float:
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            out.append(f"{name} must be a number, got {value!r}")
+            return math.nan
+        return float(value)
+
+    if not finite("lr") > 0:
+        out.append(f"lr must be > 0, got {c.lr!r}")
+    if not 0 <= finite("lr_min") <= c.lr:
+        out.append(f"lr_min must be in [0, lr={c.lr}], got {c.lr_min!r}")
+    if not finite("weight_decay") >= 0:
+        out.append(f"weight_decay must be >= 0, got {c.weight_decay!r}")
+    if not finite("solver_tol") >= 0:
+        out.append(f"solver_tol must be >= 0, got {c.solver_tol!r}")
+    if not 0 < finite("phantom_lam") <= 1:
+        out.append(f"phantom_lam must be in (0, 1], got {c.phantom_lam!r}")
+    if not finite("jac_weight") >= 0:
+        out.append(f"jac_weight must be >= 0, got {c.jac_weight!r}")
+    if not 0 < finite("jac_frequency") <= 1:
+        out.append(f"jac_frequency must be in (0, 1], got {c.jac_frequency!r}")
+    if not 0 < finite("eps") <= 1:
+        out.append(f"eps must be in (0, 1], got {c.eps!r}")
+    if not 0 < finite("step") <= 1:
+        out.append(f"step must be in (0, 1], got {c.step!r}")
+    if c.dropout is not None and not 0 <= finite("dropout") < 1:
+        out.append(f"dropout must be in [0, 1), got {c.dropout!r}")
+    if not isinstance(c.gradient, Gradient):
+        out.append(
+            f"gradient must be a Gradient ({[g.value for g in Gradient]}), got {c.gradient!r}"
+        )
+    if not isinstance(c.device, Device):
+        out.append(f"device must be cpu or cuda, got {c.device!r}")
+    if not c.model or (":" not in c.model and c.model not in list_models()):
+        out.append(
+            f"unknown model {c.model!r}: registered are {', '.join(list_models())}, or give a "
+            "'module:function' entry point"
+        )
+    if c.model in BASELINE_MODELS and c.gradient is not Gradient.AUTOGRAD:
+        out.append(f"{c.model} is not a DEQ: use gradient=autograd")
+    if c.gradient is Gradient.AUTOGRAD and c.model not in BASELINE_MODELS and ":" not in c.model:
+        out.append(f"{c.model} is a DEQ: use gradient=exact or phantom, not autograd")
+    if c.gradient is Gradient.AUTOGRAD and c.jac_weight > 0:
+        out.append("Jacobian regularisation is DEQ-only: set jac_weight=0 for gradient=autograd")
+    if c.width is not None and c.model not in _WIDTH_MODELS:
+        out.append(f"width applies to {sorted(_WIDTH_MODELS)} only, not {c.model}")
+    if c.dropout is not None and c.model != "small_conv_deq":
+        out.append(f"dropout is a setting of small_conv_deq only (MDEQs fix 0.22), not {c.model}")
+    if c.bf16 and c.device is not Device.CUDA:
+        out.append("bf16 autocast is for CUDA only; on CPU train in float32 (drop --bf16)")
+    if c.data not in ("cifar10", "digits") and not c.data.endswith(".npz"):
+        out.append(f"data must be 'cifar10', 'digits' or an arrays file ending in .npz: {c.data!r}")
+    return out

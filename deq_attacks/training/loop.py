@@ -1,0 +1,298 @@
+"""The training loop of Table 7: clean pretraining of the unrolled network for
+``pretrain_steps`` optimizer steps, then PGD-AT in DEQ mode; per-step cosine decay; the Jacobian
+regulariser on its schedule until ``jac_stop_epoch``; after each epoch, the dev measurements,
+the best checkpoint by dev PGD accuracy, logs, plots and an exact-resume checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from art.attacks.evasion import ProjectedGradientDescent
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from deq_attacks.deq import DEQ
+from deq_attacks.training import distributed, resume
+from deq_attacks.training.adversary import adversarial_batch, art_classifier, pgd_attack
+from deq_attacks.training.build import TrainingModule, build_model, optimizer_and_schedule
+from deq_attacks.training.config import TrainConfig
+from deq_attacks.training.data_loading import TrainingData, epoch_loader, load_training_data
+from deq_attacks.training.monitor import evaluate_dev
+from deq_attacks.training.plots import plot_history
+from deq_attacks.training.resume import RunState
+
+
+@dataclass
+class RunResult:
+    """A finished (or already complete) run: its folder, state and final model."""
+
+    run_dir: Path
+    state: RunState
+    model: nn.Module
+
+
+@dataclass
+class StepContext:
+    """What one optimizer step needs besides the batch."""
+
+    wrapped: nn.Module  # the TrainingModule, or its DistributedDataParallel wrapper
+    model: nn.Module  # the bare model (adversaries are made on it, outside DDP)
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    attack: ProjectedGradientDescent
+    num_classes: int
+    autocast: AbstractContextManager[Any]
+
+
+def training_step(
+    ctx: StepContext, x: Tensor, y: Tensor, adversarial: bool, unrolled: bool
+) -> tuple[float, int]:
+    """One optimizer step on (x, y): PGD adversaries first if ``adversarial`` (eval mode, the
+    training gradient), then cross-entropy in train mode (the unrolled network if
+    ``unrolled``), backward, Adam and the schedule. Returns (loss, correct predictions)."""
+    if adversarial:
+        with ctx.autocast:
+            x = adversarial_batch(ctx.attack, ctx.model, x, y, ctx.num_classes)
+    ctx.wrapped.train()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    with ctx.autocast:
+        logits = ctx.wrapped(x, unrolled=unrolled)
+    loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    ctx.optimizer.step()
+    ctx.schedule.step()
+    return float(loss.detach()), int((logits.detach().argmax(1) == y).sum())
+
+
+def _autocast(config: TrainConfig) -> AbstractContextManager[Any]:
+    if config.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _phase(config: TrainConfig, first_step: int, last_step: int) -> str:
+    pre = first_step < config.pretrain_steps
+    post = last_step >= config.pretrain_steps
+    after = "pgd-at" if config.adversarial else "clean"
+    return "pretrain" if pre and not post else (f"pretrain+{after}" if pre else after)
+
+
+def run_training(
+    config: TrainConfig, run_dir: str | Path, log: Callable[[str], None] = print
+) -> RunResult:
+    """Train as ``config`` says into ``run_dir``; a rerun with the same config resumes after the
+    last finished epoch (and a changed config is refused). Works alone or under torchrun."""
+    processes = distributed.start(config.device)
+    try:
+        return _run(config, Path(run_dir), processes, log)
+    finally:
+        distributed.finish(processes)
+
+
+def _run(
+    config: TrainConfig,
+    run_dir: Path,
+    processes: distributed.Processes,
+    log: Callable[[str], None],
+) -> RunResult:
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    device, main = processes.device, processes.is_main
+    data = load_training_data(config)
+    steps_per_epoch = len(data) // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(data)} training images are fewer than one batch")
+    if config.batch_size % processes.world:
+        raise ValueError(f"batch_size {config.batch_size} not divisible by {processes.world}")
+    resume.seed_everything(config.seed)  # identical initial weights on every rank
+    model = build_model(config, data.image_shape, data.num_classes).to(device)
+    optimizer, schedule = optimizer_and_schedule(model, config, config.epochs * steps_per_epoch)
+    resume.check_config(run_dir, config)
+    distributed.barrier(processes)
+    if main:
+        resume.write_config(run_dir, config)
+    distributed.barrier(processes)
+    state = resume.read_state(run_dir)
+    rng: dict[str, Any] | None = None  # the saved random streams of this rank, if resuming
+    if state.checkpoint is not None:
+        counters, rng = resume.restore(run_dir, state, processes.rank, model, optimizer, schedule)
+        if counters["world"] != processes.world:
+            raise ValueError(
+                f"{run_dir} was trained by {counters['world']} processes; resume with as many "
+                f"(now {processes.world})"
+            )
+        if isinstance(model, DEQ):
+            model._training_forwards = counters["training_forwards"]
+        if main:
+            log(f"resuming {run_dir} after epoch {state.epochs_done} (step {state.global_step})")
+    if state.epochs_done >= config.epochs:
+        if main:
+            log(f"{run_dir}: all {config.epochs} epochs are done")
+        return RunResult(run_dir, state, model)
+
+    module = TrainingModule(model, config.pretrain_depth)
+    wrapped: nn.Module = module
+    if processes.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped = DistributedDataParallel(module, device_ids=ids)
+    local_batch = config.batch_size // processes.world
+    classifier = art_classifier(model, data.image_shape, data.num_classes, device)
+    attack = pgd_attack(
+        classifier, config.eps, config.step, config.steps, config.random_start, local_batch
+    )
+    ctx = StepContext(
+        wrapped, model, optimizer, schedule, attack, data.num_classes, _autocast(config)
+    )
+    if main:
+        params = sum(p.numel() for p in model.parameters())
+        log(
+            f"training {config.model} ({params / 1e6:.2f}M parameters) on {data.name}: "
+            f"{len(data)} images, dev {len(data.dev_y)}, {steps_per_epoch} steps/epoch x "
+            f"{config.epochs} epochs, {processes.world} process(es) on {device}"
+        )
+    # the random streams start here: per rank, fresh or as the last finished epoch left them
+    if rng is not None:
+        resume.set_rng_state(rng)
+    else:
+        resume.seed_everything(config.seed + 1009 * processes.rank)
+    for epoch in range(state.epochs_done, config.epochs):
+        _train_epoch(ctx, config, data, epoch, state, processes)
+        _finish_epoch(ctx, config, data, epoch, state, processes, run_dir, log)
+    return RunResult(run_dir, state, model)
+
+
+def _train_epoch(
+    ctx: StepContext,
+    config: TrainConfig,
+    data: TrainingData,
+    epoch: int,
+    state: RunState,
+    processes: distributed.Processes,
+) -> None:
+    model = ctx.model
+    if isinstance(model, DEQ) and epoch >= config.jac_stop_epoch:
+        model.jacobian_regularization = None  # the schedule's stop epoch (Table 7: 90)
+    loader = epoch_loader(
+        data,
+        config,
+        epoch,
+        processes.rank,
+        processes.world,
+        pin=processes.device.type == "cuda",
+    )
+    first_step = state.global_step
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples
+    penalties: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not processes.is_main)
+    for x, y in bar:
+        x = x.to(processes.device, non_blocking=True)
+        y = y.to(processes.device, non_blocking=True)
+        pretraining = state.global_step < config.pretrain_steps
+        forwards_before = getattr(model, "_training_forwards", 0)
+        loss, correct = training_step(
+            ctx,
+            x,
+            y,
+            adversarial=config.adversarial and not pretraining,
+            unrolled=pretraining and isinstance(model, DEQ),
+        )
+        regularizer = getattr(model, "jacobian_regularization", None)
+        counted = getattr(model, "_training_forwards", 0) > forwards_before  # a DEQ-mode step
+        if regularizer is not None and counted and regularizer.applies_at(forwards_before):
+            penalties.append(float(model.last_jacobian_penalty))  # type: ignore[arg-type]
+        totals += torch.tensor([loss * len(y), correct, len(y)], dtype=torch.float64)
+        state.global_step += 1
+    seconds = time.perf_counter() - start
+    totals = distributed.sum_over_processes(totals.to(processes.device), processes).cpu()
+    state.history.append(
+        {
+            "epoch": epoch + 1,
+            "global_step": state.global_step,
+            "phase": _phase(config, first_step, state.global_step - 1),
+            "lr": ctx.schedule.get_last_lr()[0],
+            "train_loss": float(totals[0] / totals[2]),
+            "train_accuracy": float(totals[1] / totals[2]),
+            "jacobian_penalty": sum(penalties) / len(penalties) if penalties else None,
+            "samples_per_s": float(totals[2]) / seconds,
+            "train_seconds": seconds,
+        }
+    )
+
+
+def _finish_epoch(
+    ctx: StepContext,
+    config: TrainConfig,
+    data: TrainingData,
+    epoch: int,
+    state: RunState,
+    processes: distributed.Processes,
+    run_dir: Path,
+    log: Callable[[str], None],
+) -> None:
+    record = state.history[-1]
+    improved = False
+    if processes.is_main:
+        start = time.perf_counter()
+        record.update(
+            evaluate_dev(
+                ctx.model,
+                data.dev_x,
+                data.dev_y,
+                config,
+                data.num_classes,
+                processes.device,
+                ctx.autocast,
+            )
+        )
+        record["dev_seconds"] = time.perf_counter() - start
+        best = state.best_dev_pgd_accuracy
+        improved = best is None or record["dev_pgd_accuracy"] > best
+        if improved:
+            state.best_epoch, state.best_dev_pgd_accuracy = epoch + 1, record["dev_pgd_accuracy"]
+    state.epochs_done = epoch + 1
+    staging = resume.staging_dir(run_dir, epoch + 1)
+    distributed.barrier(processes)
+    resume.save_rng(staging, processes.rank)
+    if processes.is_main:
+        counters = {
+            "training_forwards": getattr(ctx.model, "_training_forwards", 0),
+            "world": processes.world,
+        }
+        resume.save_trainer(staging, ctx.model, ctx.optimizer, ctx.schedule, counters)
+    distributed.barrier(processes)
+    if processes.is_main:
+        if improved:
+            resume.save_best(run_dir, ctx.model)
+        resume.write_metrics(run_dir, state.history)
+        if config.plots:
+            plot_history(state.history, run_dir / "training.png")
+        resume.publish(run_dir, epoch + 1, state)
+        log(_summary(record, config.epochs))
+    distributed.barrier(processes)
+
+
+def _summary(record: dict[str, Any], epochs: int) -> str:
+    parts = [
+        f"epoch {record['epoch']}/{epochs} [{record['phase']}]",
+        f"loss {record['train_loss']:.3f}",
+        f"train acc {record['train_accuracy']:.1%}",
+        f"dev clean {record['dev_clean_accuracy']:.1%}",
+        f"dev PGD {record['dev_pgd_accuracy']:.1%}",
+    ]
+    if "dev_residuals" in record:
+        parts.append(f"residual z_N {record['dev_residuals'][-1]:.3f}")
+    if "dev_spectral_radius" in record:
+        parts.append(f"rho(J_f) {record['dev_spectral_radius']:.2f}")
+    parts.append(f"{record['samples_per_s']:.1f} samples/s")
+    return ", ".join(parts)

@@ -1,0 +1,76 @@
+"""Per-epoch measurements on the development split: clean and ready-made PGD-10 accuracy (the
+checkpoint choice), and for DEQs the mean relative residual of every state z_n and the spectral
+radius of J_f at z* (the traces of Fig. 12/13)."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deq_attacks.deq import DEQ, spectral_radius
+from deq_attacks.training.adversary import adversarial_batch, art_classifier, pgd_attack
+from deq_attacks.training.config import TrainConfig
+
+
+def _batches(x: Tensor, y: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
+
+
+def evaluate_dev(
+    model: nn.Module,
+    dev_x: Tensor,
+    dev_y: Tensor,
+    config: TrainConfig,
+    num_classes: int,
+    device: torch.device,
+    autocast: AbstractContextManager[Any],
+) -> dict[str, Any]:
+    """Clean and PGD accuracy on the dev split (PGD with the training gradient, random start),
+    residual per state and spectral radius; the model is left in eval mode."""
+    model.eval()
+    shape = tuple(int(s) for s in dev_x.shape[1:])
+    correct, adv_correct = 0, 0
+    residual_sums: Tensor | None = None
+    classifier = art_classifier(model, shape, num_classes, device)  # type: ignore[arg-type]
+    attack = pgd_attack(
+        classifier, config.eps, config.step, config.steps, True, config.eval_batch_size
+    )
+    for x, y in _batches(dev_x, dev_y, config.eval_batch_size):
+        x, y = x.to(device), y.to(device)
+        with torch.no_grad(), autocast:
+            correct += int((model(x).argmax(1) == y).sum())
+        if isinstance(model, DEQ):
+            trajectory = model.last_trajectory
+            assert trajectory is not None
+            per_state = torch.stack(
+                [trajectory.residual(n) for n in range(1, config.forward_threshold + 1)], dim=1
+            ).sum(0)
+            residual_sums = per_state if residual_sums is None else residual_sums + per_state
+        with autocast:
+            x_adv = adversarial_batch(attack, model, x, y, num_classes)
+        with torch.no_grad(), autocast:
+            adv_correct += int((model(x_adv).argmax(1) == y).sum())
+    n = len(dev_y)
+    record: dict[str, Any] = {
+        "dev_clean_accuracy": correct / n,
+        "dev_pgd_accuracy": adv_correct / n,
+    }
+    if isinstance(model, DEQ) and residual_sums is not None:
+        record["dev_residuals"] = [float(v) / n for v in residual_sums.float().cpu()]
+        if config.spectral_samples > 0:
+            record["dev_spectral_radius"] = dev_spectral_radius(
+                model, dev_x[: config.spectral_samples].to(device)
+            )
+    return record
+
+
+def dev_spectral_radius(deq: DEQ, x: Tensor, iterations: int = 20) -> float:
+    """Mean over samples of the power-iteration spectral radius of J_f at the solver's z*."""
+    with torch.no_grad():
+        injection = deq.inject(x)
+        z_star = deq.solve(injection).final
+    radius = spectral_radius(lambda z: deq.step(z, injection), z_star, iterations)
+    return float(radius.mean())

@@ -1,0 +1,204 @@
+"""Exact resume: what a run folder holds after each finished epoch, written so that a kill at any
+moment leaves either the previous epoch's state or the new one, never a mix.
+
+Layout of a run folder::
+
+    config.json             the TrainConfig (written once, before any work)
+    state.json              RunState: epochs done, global step, best epoch, history; points to
+    checkpoints/epoch-NNNN/ model.safetensors, trainer.pt (optimizer, scheduler, counters) and
+                            rng-rank<r>.pt (torch, CUDA, numpy and Python RNG states per rank)
+    best.safetensors        the weights of the best epoch by development PGD accuracy
+    metrics.jsonl, training.png
+
+An epoch's checkpoint folder is written under a temporary name and renamed when complete; then
+``state.json`` is replaced atomically (the state last); then older checkpoint folders go.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deq_attacks.checkpoints import load_weights, save_weights
+from deq_attacks.config import to_jsonable
+from deq_attacks.training.config import TrainConfig
+
+
+class ConfigMismatchError(ValueError):
+    """The run folder was started with another configuration."""
+
+
+@dataclass
+class RunState:
+    """What ``state.json`` records (history: one dict per finished epoch)."""
+
+    epochs_done: int = 0
+    global_step: int = 0
+    best_epoch: int | None = None
+    best_dev_pgd_accuracy: float | None = None
+    checkpoint: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def check_config(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse a run folder that was started with another configuration, naming every
+    differing key (run-only keys such as threads may differ)."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    saved = TrainConfig.from_json(json.loads(path.read_text()))
+    differences = saved.differences(config)
+    if differences:
+        raise ConfigMismatchError(
+            f"{run_dir} was started with another configuration; resuming under a changed one "
+            f"would not reproduce the run. Differences (saved -> now): {'; '.join(differences)}."
+            " Use a new --out-dir, or the saved settings."
+        )
+
+
+def write_config(run_dir: Path, config: TrainConfig) -> None:
+    """Record ``config`` as ``config.json`` (after ``check_config``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(to_jsonable(config), indent=2) + "\n")
+
+
+def read_state(run_dir: Path) -> RunState:
+    path = run_dir / "state.json"
+    if not path.exists():
+        return RunState()
+    return RunState(**json.loads(path.read_text()))
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
+
+
+def staging_dir(run_dir: Path, epoch: int) -> Path:
+    """Where every rank writes epoch ``epoch``'s checkpoint before it is published."""
+    path = run_dir / "checkpoints" / (checkpoint_name(epoch) + ".tmp")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_rng(staging: Path, rank: int) -> None:
+    torch.save(rng_state(), staging / f"rng-rank{rank}.pt")
+
+
+def save_trainer(
+    staging: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    counters: dict[str, int],
+) -> None:
+    """Rank 0's part: weights, optimizer, scheduler and counters."""
+    save_weights(model, staging / "model.safetensors")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "counters": counters,
+        },
+        staging / "trainer.pt",
+    )
+
+
+def publish(run_dir: Path, epoch: int, state: RunState) -> None:
+    """Rank 0, after every rank saved: rename the staging folder, then write ``state.json``,
+    then delete older checkpoints."""
+    folder = run_dir / "checkpoints"
+    final = folder / checkpoint_name(epoch)
+    if final.exists():  # a previous attempt renamed it but died before state.json
+        shutil.rmtree(final)
+    os.replace(folder / (checkpoint_name(epoch) + ".tmp"), final)
+    state.checkpoint = final.name
+    atomic_write_text(run_dir / "state.json", json.dumps(asdict(state), indent=2) + "\n")
+    for old in folder.iterdir():
+        if old.name != final.name:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def restore(
+    run_dir: Path,
+    state: RunState,
+    rank: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Load the checkpoint ``state`` names into the objects; returns the saved counters and
+    this rank's RNG states (for ``set_rng_state`` just before training goes on)."""
+    if state.checkpoint is None:
+        raise ValueError("the run state names no checkpoint")
+    folder = run_dir / "checkpoints" / state.checkpoint
+    load_weights(model, folder / "model.safetensors")
+    trainer = torch.load(folder / "trainer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    rng_file = folder / f"rng-rank{rank}.pt"
+    if not rng_file.exists():
+        raise ValueError(
+            f"{folder} has no RNG state for rank {rank}: resume with the number of processes "
+            "that wrote it"
+        )
+    return dict(trainer["counters"]), torch.load(rng_file, weights_only=True)
+
+
+def save_best(run_dir: Path, model: nn.Module) -> None:
+    """``best.safetensors``, replaced atomically."""
+    tmp = run_dir / "best.safetensors.tmp"
+    save_weights(model, tmp)
+    os.replace(tmp, run_dir / "best.safetensors")
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """``metrics.jsonl``: one JSON object per finished epoch."""
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))

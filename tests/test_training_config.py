@@ -1,0 +1,140 @@
+"""TrainConfig, the presets and the ``train`` command line: every setting validated before any
+work, presets carrying the paper's recipe (Table 7, 10), the run folder's config record."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deq_attacks.cli import SUBCOMMANDS
+from deq_attacks.cli import train as train_cli
+from deq_attacks.config import override, to_jsonable
+from deq_attacks.models import create_model
+from deq_attacks.training import PRESETS, TrainConfig, preset
+from deq_attacks.training.build import build_model
+from deq_attacks.training.config import Device, Gradient
+from tests.training_fixtures import PAPER_PRESETS
+
+
+def test_paper_presets_carry_table_7() -> None:
+    assert set(PAPER_PRESETS) <= set(PRESETS)
+    for name in PAPER_PRESETS:
+        c = preset(name)
+        assert (c.batch_size, c.lr, c.epochs, c.device) == (96, 1e-3, 150, Device.CUDA)
+        assert (c.eps, c.step, c.steps, c.random_start) == (8 / 255, 2 / 255, 10, True)
+        assert (c.data, c.crop_padding, c.flip) == ("cifar10", 4, True)
+        if c.is_deq:
+            assert c.pretrain_steps == 16000 and c.pretrain_depth == 8
+            assert (c.jac_weight, c.jac_frequency, c.jac_stop_epoch) == (0.4, 0.02, 90)
+        else:  # baselines: no DEQ-only steps
+            assert c.pretrain_steps == 0 and c.jac_weight == 0
+    thresholds = {
+        (
+            preset(f"deq_large_exact_{f}_{b}").forward_threshold,
+            preset(f"deq_large_exact_{f}_{b}").backward_threshold,
+        )
+        for f, b in ((8, 7), (18, 20), (30, 30), (50, 50))
+    }
+    assert thresholds == {(8, 7), (18, 20), (30, 30), (50, 50)}
+    unrolling = preset("deq_xl_unrolling")
+    assert (unrolling.gradient, unrolling.phantom_k, unrolling.phantom_lam) == (
+        Gradient.PHANTOM,
+        5,
+        0.5,
+    )
+    assert preset("deq_xl_unrolling").model == "deq_xl"
+
+
+def test_deq_large_preset_builds_the_table_7_model() -> None:
+    model = build_model(preset("deq_large_exact_8_7"), (3, 32, 32), 10)
+    params = sum(p.numel() for p in model.parameters())
+    assert 10e6 < params < 12e6, params
+    assert model.solver.threshold == 8  # type: ignore[union-attr]
+    assert model.training_gradient.backward_solver.threshold == 7  # type: ignore[union-attr]
+    assert model.jacobian_regularization.frequency == 0.02  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="3x32x32"):
+        build_model(preset("deq_large_exact_8_7"), (1, 8, 8), 10)
+
+
+def test_baseline_models_have_their_sizes() -> None:
+    assert 11.0e6 < sum(p.numel() for p in create_model("resnet18").parameters()) < 11.3e6
+    assert 46.0e6 < sum(p.numel() for p in create_model("wrn34_10").parameters()) < 46.3e6
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"lr": -1.0}, "lr must be > 0"),
+        ({"eps": 0.0}, "eps must be in"),
+        ({"batch_size": 0}, "batch_size must be"),
+        ({"jac_frequency": 1.5}, "jac_frequency"),
+        ({"bf16": True, "device": Device.CPU}, "bf16 autocast is for CUDA only"),
+        ({"model": "resnet18"}, "resnet18 is not a DEQ"),
+        ({"gradient": Gradient.AUTOGRAD}, "Jacobian regularisation is DEQ-only"),
+        ({"dropout": 0.1}, "dropout is a setting of small_conv_deq"),
+        ({"data": "mnist.csv"}, "data must be"),
+        ({"dev_size": 0}, "dev_size"),
+        ({"model": "resnet50"}, "unknown model 'resnet50': registered are"),
+    ],
+)
+def test_bad_settings_are_refused_with_their_name(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(TrainConfig(), **changes)
+
+
+def test_override_names_unknown_keys_and_parses_values() -> None:
+    config = override(preset("cpu_exact"), {"lr": "0.01", "gradient": "phantom"})
+    assert config.lr == 0.01 and config.gradient is Gradient.PHANTOM
+    with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
+        override(config, {"learning_rate": "0.1"})
+    with pytest.raises(ValueError, match="expected float"):
+        override(config, {"lr": "fast"})
+
+
+def test_config_json_round_trip_and_differences() -> None:
+    config = preset("deq_large_unrolling")
+    again = TrainConfig.from_json(json.loads(json.dumps(to_jsonable(config))))
+    assert again == config
+    other = dataclasses.replace(config, lr=2e-3, threads=4)
+    assert config.differences(other) == ["lr: 0.001 -> 0.002"]  # threads is run-only
+    with pytest.raises(ValueError, match="unknown TrainConfig keys"):
+        TrainConfig.from_json({"learning_rate": 1})
+
+
+def test_cli_resolves_preset_file_set_and_options(tmp_path: Path, capsys) -> None:
+    assert "train" in SUBCOMMANDS
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"epochs": 3, "eps": 0.2}))
+    args = train_cli.build_parser().parse_args(
+        [
+            "--preset",
+            "cpu_unrolling",
+            "--config",
+            str(settings),
+            "--set",
+            "eps=0.15",
+            "--lr",
+            "0.005",
+        ]
+    )
+    config = train_cli.resolve(args)
+    assert (config.epochs, config.eps, config.lr) == (3, 0.15, 0.005)
+    assert config.gradient is Gradient.PHANTOM
+
+    assert train_cli.main(["--preset", "cpu_exact", "--set", "bogus=1"]) == 2
+    assert "unknown setting 'bogus'" in capsys.readouterr().err
+    assert train_cli.main(["--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert train_cli.main(["--preset", "cpu_exact", "--set", "bf16=true"]) == 2
+    assert "bf16" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert train_cli.main(["--preset", "deq_large_unrolling", "--out-dir", str(tmp_path)]) == 2
+        assert "torch sees no CUDA device" in capsys.readouterr().err
+    assert train_cli.main(["--preset", "cpu_exact", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "small_conv_deq"
+    with pytest.raises(SystemExit):  # argparse: a bad single option
+        train_cli.main(["--preset", "cpu_exact", "--epochs", "many"])

@@ -1,0 +1,57 @@
+"""Tiny training configurations for the training tests (seconds on one CPU thread)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from deq_attacks.training import TrainConfig, preset
+from deq_attacks.training.config import Device, Gradient
+
+#: The paper presets (Table 7, 10 and the Table 4 baselines).
+PAPER_PRESETS = [
+    *(
+        f"{m}_exact_{f}_{b}"
+        for m in ("deq_large", "deq_xl")
+        for f, b in ((8, 7), (18, 20), (30, 30), (50, 50))
+    ),
+    "deq_large_unrolling",
+    "deq_xl_unrolling",
+    "resnet18_pgd_at",
+    "wrn34_10_pgd_at",
+]
+
+
+def tiny(config: TrainConfig, **changes: Any) -> TrainConfig:
+    """``config``'s code path on a tiny model and a few digits: 16 training images, batch 8,
+    one pretraining step then PGD-2, one epoch, one CPU thread, no plot."""
+    model = {"resnet18": ("resnet18", 4), "wrn34_10": ("wrn34_10", 1)}.get(
+        config.model, ("small_conv_deq", 4)
+    )
+    values: dict[str, Any] = dict(
+        model=model[0],
+        width=model[1],
+        data="digits",
+        train_limit=16,
+        dev_size=8,
+        batch_size=8,
+        epochs=1,
+        pretrain_steps=1,
+        steps=2,
+        eps=0.1,
+        step=0.05,
+        eval_batch_size=8,
+        spectral_samples=4,
+        device=Device.CPU,
+        threads=1,
+        num_workers=0,
+        plots=False,
+    )
+    if config.gradient is not Gradient.AUTOGRAD:
+        values["jac_frequency"] = 0.5
+    values.update(changes)
+    return dataclasses.replace(config, **values)
+
+
+def tiny_preset(name: str, **changes: Any) -> TrainConfig:
+    return tiny(preset(name), **changes)
