@@ -186,8 +186,15 @@ class AttackSpec:
         # Square queries = 50 * steps (ART's 100 : 5,000)
         apgd = [
             AutoProjectedGradientDescent(
-                estimator, norm=np.inf, eps=threat.eps, eps_step=threat.step, max_iter=steps,
-                nb_random_init=5, batch_size=batch, loss_type=loss, verbose=False,
+                estimator,
+                norm=np.inf,
+                eps=threat.eps,
+                eps_step=threat.step,
+                max_iter=steps,
+                nb_random_init=5,
+                batch_size=batch,
+                loss_type=loss,
+                verbose=False,
             )  # fmt: skip
             for loss in ("cross_entropy", "difference_logits_ratio")
         ]

@@ -65,14 +65,20 @@ def square_check(column_accuracy: Mapping[str, Mapping[str, float]], square: str
     return Check("square_beats_gradient", verdict(bool(beaten)), message, {"defenses": beaten})
 
 
-def more_steps_check(short: Mapping[str, np.ndarray], long: Mapping[str, np.ndarray], steps: tuple[int, int]) -> Check:
+def more_steps_check(
+    short: Mapping[str, np.ndarray], long: Mapping[str, np.ndarray], steps: tuple[int, int]
+) -> Check:
     """Per defense: does PGD with more steps leave accuracy higher (per-sample survival)?"""
     numbers = {}
     flagged = False
     for defense in short:
         a, b = float(short[defense].mean()), float(long[defense].mean())
         only_long = int((long[defense] & ~short[defense]).sum())
-        numbers[defense] = {f"pgd{steps[0]}": a, f"pgd{steps[1]}": b, "survive_long_only": only_long}
+        numbers[defense] = {
+            f"pgd{steps[0]}": a,
+            f"pgd{steps[1]}": b,
+            "survive_long_only": only_long,
+        }
         flagged |= b > a
     message = (
         f"PGD-{steps[1]} leaves a higher accuracy than PGD-{steps[0]}: the loss surface misleads"
@@ -185,9 +191,11 @@ def exact_backward_check(
     yt = torch.as_tensor(y, device=estimator.device)
     grad_1, residual = _exact_gradient(estimator, exact, xt, yt, 1.0)
     grad_small, _ = _exact_gradient(estimator, exact, xt, yt, 1e-3)
-    cosine = torch.nn.functional.cosine_similarity(
-        grad_1.flatten(1), grad_small.flatten(1), dim=1
-    ).cpu().numpy()
+    cosine = (
+        torch.nn.functional.cosine_similarity(grad_1.flatten(1), grad_small.flatten(1), dim=1)
+        .cpu()
+        .numpy()
+    )
     unconverged = np.flatnonzero(residual > BACKWARD_RESIDUAL_LIMIT)
     unstable = np.flatnonzero(cosine < SCALE_COSINE_LIMIT)
     arbitrary = sorted(set(unconverged.tolist()) | set(unstable.tolist()))

@@ -59,9 +59,7 @@ BlockResult = dict[str, np.ndarray]
 """Per-sample arrays of one block, each with the block's samples on axis 0."""
 
 
-def map_blocks(
-    fn: Callable[[slice], BlockResult], n: int, shards: Shards
-) -> dict[str, np.ndarray]:
+def map_blocks(fn: Callable[[slice], BlockResult], n: int, shards: Shards) -> dict[str, np.ndarray]:
     """Run ``fn`` on this process's blocks of ``n`` samples, gather every block from every
     process, and concatenate each array in sample order (all processes get the whole)."""
     blocks = shards.blocks(n)

@@ -271,7 +271,9 @@ def _check_split(name: str, x: np.ndarray, y: np.ndarray, estimator: DEQEstimato
     if x.ndim < 2 or len(x) == 0 or len(x) != len(y):
         raise ValueError(f"{name}: need a non-empty batch and one label per image, got {x.shape}")
     if tuple(x.shape[1:]) != tuple(estimator.input_shape):
-        raise ValueError(f"{name}: images {x.shape[1:]} but the model takes {estimator.input_shape}")
+        raise ValueError(
+            f"{name}: images {x.shape[1:]} but the model takes {estimator.input_shape}"
+        )
     if x.dtype != np.float32 or x.min() < 0 or x.max() > 1:
         raise ValueError(f"{name}: images must be float32 in [0, 1]")
     if y.min() < 0 or y.max() >= estimator.nb_classes:
@@ -341,7 +343,11 @@ def evaluate_model(
                 },
             )
         n_star = int(dev["early_exit"])
-        defenses: dict[str, Readout] = {"final": Final(), "early": Early(n_star), "ensemble": Ensemble()}
+        defenses: dict[str, Readout] = {
+            "final": Final(),
+            "early": Early(n_star),
+            "ensemble": Ensemble(),
+        }
 
         # 2. the sweep of intermediate attacks on the development split
         done = store.get("sweep") or {}
@@ -473,7 +479,9 @@ def _diagnostics(
     """The checks with verdicts (see ``deq_attacks.evaluation.diagnostics``)."""
     threat = config.threat
     ready = estimates[READY_MADE]
-    accuracy = {d: {c: float(np.mean(v)) for c, v in cells.items()} for d, cells in survived.items()}
+    accuracy = {
+        d: {c: float(np.mean(v)) for c, v in cells.items()} for d, cells in survived.items()
+    }
     checks = [diag.square_check(accuracy, "square")]
     ready_label = f"{READY_MADE} PGD"
     say(f"diagnostics: PGD-{config.long_steps} and eps={config.large_eps}")

@@ -21,13 +21,15 @@ from deq_attacks.interfaces import DEQEstimator
 
 
 def _parse(text: str, kind: type, name: str) -> tuple[Any, ...] | None:
-    """"all" -> None; "1,2,5" -> (1, 2, 5) of ``kind``."""
+    """ "all" -> None; "1,2,5" -> (1, 2, 5) of ``kind``."""
     if text.strip().lower() == "all":
         return None
     try:
         values = tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"{name}: expected comma-separated {kind.__name__}s, got {text!r}") from None
+        raise ValueError(
+            f"{name}: expected comma-separated {kind.__name__}s, got {text!r}"
+        ) from None
     if not values:
         raise ValueError(f"{name}: no values in {text!r}")
     return values
