@@ -35,6 +35,8 @@ EXPECTED = {
     "memory_early_vs_final",
     "memory_ensemble_vs_final",
     "train_phantom_vs_exact",
+    "shared_runs_vs_distinct",
+    "shared_runs_vs_cells",
 }
 
 

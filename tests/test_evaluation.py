@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from deq_attacks import Broyden, DEQEstimator, Early, Ensemble, Final, Phantom, PhantomGradient
+from deq_attacks import Broyden, DEQEstimator, Phantom, PhantomGradient
 from deq_attacks.checkpoints import load_weights, save_weights
 from deq_attacks.cli import main
 from deq_attacks.data import load_digits

@@ -8,7 +8,6 @@ from functools import cache
 
 import numpy as np
 import torch
-
 from attack_fixtures import (
     SpyEstimate,
     ZeroEstimate,
@@ -17,6 +16,7 @@ from attack_fixtures import (
     make_estimator,
     tap_gradients,
 )
+
 from deq_attacks import Exact, Unrolled
 from deq_attacks.evaluation import AttackKind, AttackSpec, AutoAttackSettings, ThreatModel
 from deq_attacks.evaluation.autoattack import STANDARD_ATTACKS, build_standard

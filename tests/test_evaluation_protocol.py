@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from art.attacks.evasion import ProjectedGradientDescent
-
 from evaluation_fixtures import TINY, splits, tiny_estimator
+
 from deq_attacks import Adjoint, Early, Ensemble, Final, Phantom, Unrolled
 from deq_attacks.evaluation import (
     EvaluationConfig,
