@@ -231,3 +231,18 @@ def test_cli_evaluate_on_a_checkpoint(tmp_path: Path, capsys) -> None:
     assert saved["settings"]["fingerprint"]["description"]["model"] == "mlp_deq"
     assert main(["evaluate", "--model", "no_such_model", "--out-dir", str(tmp_path)]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_early_exit_stops_the_solver_at_n() -> None:
+    deq = tiny_estimator(trained=True).deq.eval()
+    (x, _), _ = splits()
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        early = deq(xt, readout=Early(2))
+        short = deq.last_trajectory
+        injection = deq.inject(xt)
+        full = deq.solve(injection, keep=True)
+        expected = deq.logits(full.state(2), injection)
+    assert short is not None and short.num_steps == 2 and full.num_steps > 2
+    assert short.nfe < full.nfe
+    torch.testing.assert_close(early, expected, rtol=0, atol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Collection
 
@@ -116,14 +117,20 @@ class DEQ(nn.Module):
         """The head on a flat state (B, d) -> logits (B, classes)."""
         return self.head(z.reshape(z.shape[0], *self._shape_for(injection)))
 
-    def solve(self, injection: Tensor, keep: bool | Collection[int] = False) -> Trajectory:
+    def solve(
+        self, injection: Tensor, keep: bool | Collection[int] = False, steps: int | None = None
+    ) -> Trajectory:
         """Run the forward solver from ``z_0`` without autograd; record it as
-        ``last_trajectory`` and report divergence."""
+        ``last_trajectory`` and report divergence. ``steps`` (< threshold) stops the solver
+        after that many iterates (they equal the first iterates of a full solve)."""
         for module in self.f.modules():
             if isinstance(module, VariationalDropout):
                 module.reset_mask()
         z0 = self.initial_state(injection).reshape(injection.shape[0], -1)
-        trajectory = self.solver.solve(lambda z: self.step(z, injection), z0.detach(), keep)
+        solver = self.solver
+        if steps is not None and steps < solver.threshold:
+            solver = dataclasses.replace(solver, threshold=steps)
+        trajectory = solver.solve(lambda z: self.step(z, injection), z0.detach(), keep)
         self.last_trajectory = trajectory
         if trajectory.diverged.any():
             message = (
@@ -152,7 +159,9 @@ class DEQ(nn.Module):
                 "deq_attacks.WhiteBoxModule (or DEQEstimator) to choose a gradient estimate"
             )
         injection = self.inject(x)
-        trajectory = self.solve(injection, keep=readout.keep_steps())
+        # a readout that needs only the first iterates (Early(n)) stops the solver there
+        horizon = None if self.training else readout.horizon(self.solver.threshold)
+        trajectory = self.solve(injection, keep=readout.keep_steps(), steps=horizon)
         state = readout.state(self, trajectory, injection)
         logits = self.logits(state, injection)
         if self.training and torch.is_grad_enabled() and self.jacobian_regularization is not None:

@@ -58,9 +58,14 @@ def square_check(column_accuracy: Mapping[str, Mapping[str, float]], square: str
         if square in cells and gradient and cells[square] < min(gradient) - SQUARE_MARGIN:
             beaten[defense] = {"square": cells[square], "best_gradient": min(gradient)}
     message = (
-        "Square beats every gradient attack for " + ", ".join(beaten) + ": gradients are obfuscated"
+        "Square beats every gradient attack for "
+        + ", ".join(
+            f"{d} ({100 * v['square']:.1f} < {100 * v['best_gradient']:.1f}%)"
+            for d, v in beaten.items()
+        )  # fmt: skip
+        + ": the gradients are obfuscated"
         if beaten
-        else "no gradient attack is beaten by Square"
+        else "Square beats no defense's best gradient attack"
     )
     return Check("square_beats_gradient", verdict(bool(beaten)), message, {"defenses": beaten})
 
@@ -80,10 +85,15 @@ def more_steps_check(
             "survive_long_only": only_long,
         }
         flagged |= b > a
+    pairs = ", ".join(
+        f"{d} {100 * v[f'pgd{steps[0]}']:.1f} -> {100 * v[f'pgd{steps[1]}']:.1f}%"
+        for d, v in numbers.items()
+    )
     message = (
-        f"PGD-{steps[1]} leaves a higher accuracy than PGD-{steps[0]}: the loss surface misleads"
+        f"PGD-{steps[1]} leaves a higher accuracy than PGD-{steps[0]} ({pairs}): the attack "
+        "does not converge, or the loss surface misleads it"
         if flagged
-        else f"PGD-{steps[1]} is at most PGD-{steps[0]} for every defense"
+        else f"PGD-{steps[1]} is at most PGD-{steps[0]} for every defense ({pairs})"
     )
     return Check("more_steps_lower_accuracy", verdict(flagged), message, numbers)
 
@@ -92,10 +102,11 @@ def large_eps_check(scores: Mapping[str, np.ndarray], eps: float) -> Check:
     """At a large eps, does the accuracy fall to about 0 for every defense?"""
     numbers = {d: float(v.mean()) for d, v in scores.items()}
     high = {d: a for d, a in numbers.items() if a > LARGE_EPS_LIMIT}
+    accuracies = ", ".join(f"{d} {100 * a:.1f}%" for d, a in numbers.items())
     message = (
-        f"accuracy stays above {LARGE_EPS_LIMIT:.0%} at eps={eps} for {', '.join(high)}"
+        f"accuracy stays above {LARGE_EPS_LIMIT:.0%} at eps={eps} ({accuracies})"
         if high
-        else f"accuracy falls to <= {LARGE_EPS_LIMIT:.0%} at eps={eps}"
+        else f"accuracy falls to <= {LARGE_EPS_LIMIT:.0%} at eps={eps} ({accuracies})"
     )
     return Check("large_eps_accuracy", verdict(bool(high)), message, {"eps": eps, **numbers})
 
@@ -109,7 +120,11 @@ def forward_convergence_check(final_residual: np.ndarray) -> Check:
         "max_residual": float(final_residual.max()),
         "samples": bad.tolist(),
     }
-    message = f"{len(bad)} of {len(final_residual)} samples' forward solves did not converge"
+    message = (
+        f"{len(bad)} of {len(final_residual)} samples' forward solves ended above a relative "
+        f"residual of {RESIDUAL_LIMIT} (mean {final_residual.mean():.3f}, max "
+        f"{final_residual.max():.3f})"
+    )
     return Check("forward_not_converged", verdict(bool(len(bad))), message, numbers)
 
 
@@ -201,8 +216,10 @@ def exact_backward_check(
     arbitrary = sorted(set(unconverged.tolist()) | set(unstable.tolist()))
     message = (
         f"{len(unconverged)} of {len(x)} samples' Exact backward solves did not converge "
-        f"(residual > {BACKWARD_RESIDUAL_LIMIT}), {len(unstable)} change direction with the "
-        f"loss scale (cosine < {SCALE_COSINE_LIMIT}); their Exact gradients are arbitrary"
+        f"(residual > {BACKWARD_RESIDUAL_LIMIT}, max {residual.max():.2g}), {len(unstable)} "
+        f"change direction with the loss scale (cosine < {SCALE_COSINE_LIMIT}, min "
+        f"{cosine.min():.3f})"
+        + (f": the Exact gradients of samples {arbitrary} are arbitrary" if arbitrary else "")
     )
     numbers = {
         "backward_residual": residual.tolist(),
