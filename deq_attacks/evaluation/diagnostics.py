@@ -31,6 +31,8 @@ SQUARE_MARGIN = 0.002
 """AutoAttack's check_square_sr margin: Square beating the gradient attacks by more flags."""
 LARGE_EPS_LIMIT = 0.05
 """Accuracy at a large eps above this flags (it should fall to about 0)."""
+ACCUMULATION_MARGIN = 0.02
+"""An iterate more robust than the last one by more than this flags robustness accumulation."""
 
 
 @dataclass
@@ -109,6 +111,24 @@ def large_eps_check(scores: Mapping[str, np.ndarray], eps: float) -> Check:
         else f"accuracy falls to <= {LARGE_EPS_LIMIT:.0%} at eps={eps} ({accuracies})"
     )
     return Check("large_eps_accuracy", verdict(bool(high)), message, {"eps": eps, **numbers})
+
+
+def accumulation_check(state_correct: np.ndarray, margin: float = ACCUMULATION_MARGIN) -> Check:
+    """Robustness accumulation (Fig. 2a): is an intermediate iterate more robust than the last
+    one under the ready-made attack? ``state_correct`` bool (S, N)."""
+    accuracy = state_correct.mean(axis=0)
+    best = int(np.argmax(accuracy)) + 1
+    flagged = bool(accuracy.max() > accuracy[-1] + margin)
+    message = (
+        f"z_{best} is more robust ({100 * accuracy.max():.1f}%) than the last iterate "
+        f"({100 * accuracy[-1]:.1f}%) under the ready-made attack: the ready-made gradient "
+        "does not reach the intermediate states"
+        if flagged
+        else f"no iterate is more robust than the last one by over {100 * margin:.0f} points"
+    )
+    return Check(
+        "robustness_accumulation", verdict(flagged), message, {"per_state": accuracy.tolist()}
+    )
 
 
 def forward_convergence_check(final_residual: np.ndarray) -> Check:

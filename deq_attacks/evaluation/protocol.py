@@ -408,8 +408,9 @@ def evaluate_model(
         if checks is None:
             say("diagnostics")
             found = _diagnostics(
-                estimator, estimates, defenses, survived, clean, x, y, config, shards, say
-            )
+                estimator, estimates, defenses, survived, clean, ready_scores, x, y, config,
+                shards, say,
+            )  # fmt: skip
             checks = store.put("diagnostics", [c.to_json() for c in found])
     report = EvaluationReport(
         settings={
@@ -470,6 +471,7 @@ def _diagnostics(
     defenses: Mapping[str, Readout],
     survived: Mapping[str, Mapping[str, Any]],
     clean: Mapping[str, Any],
+    ready_scores: Mapping[str, Any],
     x: np.ndarray,
     y: np.ndarray,
     config: EvaluationConfig,
@@ -495,6 +497,7 @@ def _diagnostics(
     large = ThreatModel(config.large_eps, config.large_eps / 4, config.steps)
     wide = shared_pgd_scores(estimator, ready, x, y, large, defenses, shards, seed=config.seed)
     checks.append(diag.large_eps_check({d: wide[f"defense/{d}"] for d in defenses}, large.eps))
+    checks.append(diag.accumulation_check(np.asarray(ready_scores["states"], dtype=bool)))
     residual = np.asarray(clean["residuals"], dtype=float)[:, -1]
     checks.append(diag.forward_convergence_check(residual))
     few = slice(0, min(config.diagnostic_samples, len(x)))
