@@ -10,16 +10,13 @@ from deq_attacks.evaluation.aggregate import (
 )
 from deq_attacks.evaluation.attacks import AttackKind, AttackSpec, DefendedModel, ThreatModel
 from deq_attacks.evaluation.autoattack import AutoAttackSettings, run_standard_autoattack
+from deq_attacks.evaluation.columns import protocol_columns, protocol_estimates
 from deq_attacks.evaluation.pgd import fixed_step_pgd
-from deq_attacks.evaluation.protocol import (
-    EvaluationConfig,
-    EvaluationReport,
-    evaluate_model,
-    protocol_columns,
-    protocol_estimates,
-)
+from deq_attacks.evaluation.protocol import evaluate_model
 from deq_attacks.evaluation.report import markdown_report, markdown_table, write_outputs
+from deq_attacks.evaluation.result import EvaluationReport
 from deq_attacks.evaluation.scoring import per_state_accuracy, score_readouts
+from deq_attacks.evaluation.settings import EvaluationConfig
 from deq_attacks.evaluation.sweep import SweepConfig, run_sweep
 
 __all__ = [

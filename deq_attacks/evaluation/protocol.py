@@ -15,256 +15,28 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from deq_attacks.config import to_jsonable
 from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
 from deq_attacks.evaluation import diagnostics as diag
-from deq_attacks.evaluation.aggregate import SurvivalMatrix, choose_early_exit
-from deq_attacks.evaluation.attacks import AttackKind, AttackSpec, ThreatModel
-from deq_attacks.evaluation.autoattack import AutoAttackSettings
+from deq_attacks.evaluation.aggregate import choose_early_exit
+from deq_attacks.evaluation.attacks import AttackSpec, ThreatModel
+from deq_attacks.evaluation.columns import READY_MADE, protocol_columns, protocol_estimates
 from deq_attacks.evaluation.distributed import Shards, map_blocks
+from deq_attacks.evaluation.result import EvaluationReport
 from deq_attacks.evaluation.scoring import score_readouts
+from deq_attacks.evaluation.settings import EvaluationConfig
 from deq_attacks.evaluation.shared_runs import clean_scores, shared_pgd_scores
-from deq_attacks.evaluation.sweep import SweepConfig, run_sweep
-from deq_attacks.gradients import Adjoint, Exact, GradientEnsemble, GradientEstimate, Unrolled
+from deq_attacks.evaluation.store import ResultStore, data_hash, weights_hash
+from deq_attacks.evaluation.sweep import run_sweep
+from deq_attacks.gradients import Exact, GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.training import matching_estimate
-
-READY_MADE = "ready-made"
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
-@dataclass(frozen=True)
-class EvaluationConfig:
-    """Settings of the protocol (defaults: the paper's CIFAR-10 setting and the standard
-    AutoAttack). ``sweep`` is the grid of intermediate attacks."""
-
-    eps: float = field(default=8 / 255, metadata=_help("L-inf budget, inputs in [0, 1]"))
-    step: float = field(default=2 / 255, metadata=_help("PGD step size"))
-    steps: int = field(default=10, metadata=_help("PGD iterations"))
-    autoattack: bool = field(default=True, metadata=_help("run the standard AutoAttack columns"))
-    aa_iterations: int = field(default=100, metadata=_help("APGD-CE/APGD-T/FAB-T iterations"))
-    aa_queries: int = field(default=5000, metadata=_help("AutoAttack's Square queries"))
-    aa_target_classes: int = field(default=9, metadata=_help("APGD-T/FAB-T target classes"))
-    square_queries: int = field(default=5000, metadata=_help("the Square column's queries"))
-    long_steps: int = field(default=100, metadata=_help("PGD steps of the more-steps check"))
-    large_eps: float = field(default=0.5, metadata=_help("eps of the large-eps check"))
-    diagnostic_samples: int = field(default=32, metadata=_help("samples for costly checks"))
-    batch_size: int = field(default=100, metadata=_help("attack batch = shard block size"))
-    seed: int = field(default=0, metadata=_help("seed of every random start"))
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-
-    def __post_init__(self) -> None:
-        ThreatModel(self.eps, self.step, self.steps)
-        AutoAttackSettings(self.aa_iterations, self.aa_queries, self.aa_target_classes)
-        for name in ("square_queries", "long_steps", "diagnostic_samples", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not 0 < self.large_eps <= 1:
-            raise ValueError(f"large_eps must be in (0, 1], got {self.large_eps}")
-        if not isinstance(self.sweep, SweepConfig):
-            raise TypeError(f"sweep must be a SweepConfig, got {self.sweep!r}")
-
-    @property
-    def threat(self) -> ThreatModel:
-        return ThreatModel(self.eps, self.step, self.steps)
-
-    @property
-    def autoattack_settings(self) -> AutoAttackSettings:
-        return AutoAttackSettings(self.aa_iterations, self.aa_queries, self.aa_target_classes)
-
-
-def protocol_estimates(
-    ready_made: GradientEstimate,
-    chosen: Mapping[str, GradientEstimate],
-    extra: Mapping[str, GradientEstimate] | None = None,
-) -> dict[str, GradientEstimate]:
-    """The gradient estimates of the columns, by label: the ready-made (training) gradient,
-    Exact, the strongest intermediate Adjoint and Unrolled of the sweep, their gradient
-    ensembles, then ``extra`` (e.g. ``{"bptt": BackpropThroughSolver()}``)."""
-    adjoint, unrolled = chosen["adjoint"], chosen["unrolled"]
-    assert isinstance(adjoint, Adjoint) and isinstance(unrolled, Unrolled)
-    estimates: dict[str, GradientEstimate] = {READY_MADE: ready_made}
-    if ready_made != Exact():
-        estimates["exact"] = Exact()
-    estimates[f"adjoint z_{adjoint.n}"] = adjoint
-    estimates[f"unrolled z_{unrolled.n}"] = unrolled
-    estimates["ens. adjoint"] = GradientEnsemble(Adjoint(beta=adjoint.beta))
-    estimates["ens. unrolled"] = GradientEnsemble(Unrolled(k=unrolled.k, lam=unrolled.lam))
-    for label, estimate in (extra or {}).items():
-        if label in estimates:
-            raise ValueError(f"extra estimate label {label!r} is taken")
-        estimates[label] = estimate
-    return estimates
-
-
-def protocol_columns(
-    estimates: Mapping[str, GradientEstimate], config: EvaluationConfig
-) -> list[AttackSpec]:
-    """Each estimate with PGD (shared run) and, if asked, the standard AutoAttack; then
-    Square."""
-    columns = []
-    for label, estimate in estimates.items():
-        columns.append(AttackSpec(f"{label} PGD", AttackKind.PGD, estimate, config.steps))
-        if config.autoattack:
-            columns.append(
-                AttackSpec(
-                    f"{label} AA",
-                    AttackKind.AUTOATTACK,
-                    estimate,
-                    autoattack=config.autoattack_settings,
-                )
-            )
-    columns.append(AttackSpec("square", AttackKind.SQUARE, steps=config.square_queries))
-    return columns
-
-
-def weights_hash(module: torch.nn.Module) -> str:
-    """SHA-256 of the state dict (names, shapes, dtypes and values)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        value = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
-        digest.update(value.numpy().tobytes() if value.dtype != torch.bfloat16 else b"")
-    return digest.hexdigest()
-
-
-def data_hash(*arrays: np.ndarray) -> str:
-    """SHA-256 of arrays (shapes, dtypes and bytes)."""
-    digest = hashlib.sha256()
-    for array in arrays:
-        array = np.ascontiguousarray(array)
-        digest.update(f"{array.shape}:{array.dtype}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-class ResultStore:
-    """The per-sample results finished so far, in a JSON file under a fingerprint; a file
-    written under another fingerprint (settings, weights or data) is not reused. Only rank 0
-    writes."""
-
-    def __init__(self, path: Path | None, fingerprint: dict[str, Any], shards: Shards) -> None:
-        self.path, self.shards = path, shards
-        self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
-        self.data: dict[str, Any] = {"fingerprint": self.fingerprint, "steps": {}}
-        self.resumed = False
-        if path is not None and path.exists():
-            saved = json.loads(path.read_text())
-            if saved.get("fingerprint") == self.fingerprint:
-                self.data["steps"] = saved.get("steps", {})
-                self.resumed = True
-
-    def get(self, key: str) -> Any:
-        return self.data["steps"].get(key)
-
-    def put(self, key: str, value: Any) -> Any:
-        self.data["steps"][key] = _jsonable(value)
-        self.save()
-        return self.data["steps"][key]
-
-    def save(self) -> None:
-        if self.path is not None and self.shards.is_main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data))
-            tmp.replace(self.path)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return value.item()
-    return value
-
-
-@dataclass
-class EvaluationReport:
-    """Everything the protocol found. Per-sample arrays are lists of the test samples in order.
-
-    Attributes:
-        settings: the configuration, the threat model and the fingerprint.
-        early_exit: n*, chosen on the development split.
-        development: per-iterate clean and ready-made-PGD accuracy and residual (dev split).
-        sweep: one entry per intermediate-attack candidate (Fig. 3/4 data).
-        chosen: family -> repr of the chosen intermediate estimate.
-        defenses: defense name -> repr of its readout.
-        columns: column label -> its settings.
-        clean: defense -> per-sample clean correctness.
-        survived: defense -> column -> per-sample survival (clean-correct and correct under
-            the attack).
-        extras: "<defense>/<column>" -> per-sample extras (AutoAttack's per-attack results).
-        states: test-split per-iterate clean and ready-made accuracy and mean residual.
-        diagnostics: the checks with verdicts.
-    """
-
-    settings: dict[str, Any]
-    early_exit: int
-    development: dict[str, Any]
-    sweep: list[dict[str, Any]]
-    chosen: dict[str, str]
-    defenses: dict[str, str]
-    columns: dict[str, dict[str, Any]]
-    clean: dict[str, list[bool]]
-    survived: dict[str, dict[str, list[bool]]]
-    extras: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
-    states: dict[str, list[float]] = field(default_factory=dict)
-    diagnostics: list[diag.Check] = field(default_factory=list)
-
-    def matrix(self) -> SurvivalMatrix:
-        names, labels = list(self.defenses), list(self.columns)
-        survived = np.array([[self.survived[d][c] for c in labels] for d in names], dtype=bool)
-        clean = np.array([self.clean[d] for d in names], dtype=bool)
-        return SurvivalMatrix(names, labels, survived, clean)
-
-    def to_json(self) -> dict[str, Any]:
-        matrix = self.matrix()
-        return _jsonable(
-            {
-                "settings": self.settings,
-                "early_exit": self.early_exit,
-                "white_box_robustness": {
-                    "paper": matrix.paper_robustness().__dict__,
-                    "per_sample": matrix.per_sample_robustness().__dict__,
-                },
-                "per_defense": {
-                    "paper": [r.__dict__ for r in matrix.paper_worst()],
-                    "per_sample": [r.__dict__ for r in matrix.per_sample_worst()],
-                },
-                "column_accuracy": {
-                    d: dict(zip(matrix.columns, row.tolist(), strict=True))
-                    for d, row in zip(matrix.defenses, matrix.column_accuracy(), strict=True)
-                },
-                "development": self.development,
-                "sweep": self.sweep,
-                "chosen": self.chosen,
-                "defenses": self.defenses,
-                "columns": self.columns,
-                "clean": self.clean,
-                "survived": self.survived,
-                "extras": self.extras,
-                "states": self.states,
-                "diagnostics": [c.to_json() for c in self.diagnostics],
-            }
-        )
 
 
 def _check_split(name: str, x: np.ndarray, y: np.ndarray, estimator: DEQEstimator) -> None:

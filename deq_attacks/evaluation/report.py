@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from deq_attacks.evaluation.protocol import EvaluationReport
+from deq_attacks.evaluation.result import EvaluationReport
 
 
 def _pct(value: float) -> str:
