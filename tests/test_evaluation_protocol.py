@@ -198,6 +198,8 @@ def test_cli_evaluate_on_a_checkpoint(tmp_path: Path, capsys) -> None:
     assert saved["settings"]["fingerprint"]["description"]["model"] == "mlp_deq"
     assert main(["evaluate", "--model", "no_such_model", "--out-dir", str(tmp_path)]) == 2
     assert "unknown model" in capsys.readouterr().err
+    assert main([*common, "--n-test", "100000", "--out-dir", str(tmp_path)]) == 2
+    assert "held-out images" in capsys.readouterr().err
 
 
 def test_early_exit_stops_the_solver_at_n() -> None:

@@ -1,8 +1,8 @@
 """``deq-attacks evaluate``: the whole white-box protocol on a trained DEQ.
 
     deq-attacks evaluate --model small_conv_deq --model-arg in_channels=1 \
-        --model-arg image_size=8 --checkpoint runs/demo/checkpoint/best.safetensors \
-        --data digits --eps 0.1 --step 0.025
+        --model-arg image_size=8 --threshold 8 --training-gradient phantom \
+        --checkpoint runs/demo/checkpoint/best.safetensors --data digits --eps 0.1 --step 0.025
 
 The model is a registered name or a user's ``package.module:function`` returning a DEQ; the
 data is ``digits`` (embedded), an arrays file (``.npz``) or ``cifar10:ROOT`` (torchvision).
@@ -122,6 +122,12 @@ def build_model(args: argparse.Namespace) -> DEQ:
     return model
 
 
+def check_sizes(data: ImageDataset, n_dev: int, n_test: int) -> None:
+    """Raise unless ``data`` holds ``n_dev + n_test`` images (both at least 1)."""
+    if n_dev < 1 or n_test < 1 or len(data) < n_dev + n_test:
+        raise ValueError(f"{len(data)} held-out images for --n-dev {n_dev} + --n-test {n_test}")
+
+
 def init_distributed(device: str) -> bool:
     """Join the torchrun process group if launched by torchrun; True if this process did."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
@@ -142,8 +148,7 @@ def run(
     description: dict[str, Any],
 ) -> EvaluationReport:
     """Split, evaluate, write the outputs (rank 0) and print the report."""
-    if n_dev < 1 or n_test < 1 or len(data) < n_dev + n_test:
-        raise ValueError(f"{len(data)} held-out images for --n-dev {n_dev} + --n-test {n_test}")
+    check_sizes(data, n_dev, n_test)
     dev = data.subset(np.arange(n_dev))
     test = data.subset(np.arange(n_dev, n_dev + n_test))
     main_process = not dist.is_initialized() or dist.get_rank() == 0
@@ -179,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = dataclass_from_options(SweepConfig, args)
         config = dataclass_from_options(EvaluationConfig, args, base=EvaluationConfig(sweep=sweep))
         data = held_out_data(args.data)
+        check_sizes(data, args.n_dev, args.n_test)
         deq = build_model(args).to(args.device).eval()
     except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
         print(f"deq-attacks evaluate: {error}", file=sys.stderr)
