@@ -80,6 +80,16 @@ NOTES: tuple[tuple[tuple[str, ...], str], ...] = (
     ),
 )
 
+NOTES += (
+    (
+        ("shared_runs_vs_distinct", "shared_runs_vs_cells"),
+        "A fixed-step PGD with a loss-aware estimate never looks at the defended output, so one "
+        "run per estimate yields the adversarial examples of every defense and every state z_n; "
+        "scoring them costs one forward solve that keeps every iterate. Cell by cell, the "
+        "attack is rerun for each defense.",
+    ),
+)
+
 COLUMNS = ("ratio", "measured", "target", "met?", "workload", "what was timed", "notes")
 
 

@@ -42,6 +42,8 @@ EXPECTED = {
     "memory_bptt_checkpoint_vs_unrolled",
     "memory_adjoint_vs_unrolled",
     "pgd_at_phantom_vs_exact",
+    "shared_runs_vs_distinct",
+    "shared_runs_vs_cells",
 }
 
 

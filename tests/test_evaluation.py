@@ -9,21 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from deq_attacks import Broyden, DEQEstimator, Early, Ensemble, Final, Phantom, PhantomGradient
+from deq_attacks import Broyden, DEQEstimator, Phantom, PhantomGradient
 from deq_attacks.checkpoints import load_weights, save_weights
 from deq_attacks.cli import main
 from deq_attacks.data import load_digits
-from deq_attacks.evaluation import (
-    AttackKind,
-    AttackSpec,
-    EvaluationResult,
-    ThreatModel,
-    evaluate,
-    markdown_table,
-    per_state_accuracy,
-    select_early_exit,
-)
-from deq_attacks.evaluation.attacks import AttackSpec as Spec
+from deq_attacks.evaluation import AttackKind, AttackSpec, EvaluationConfig, ThreatModel
 from deq_attacks.models import mlp_deq
 from deq_attacks.training import TrainingConfig, train
 
@@ -129,87 +119,17 @@ def test_training_config_validation() -> None:
         train(est, np.zeros((2, 1, 8, 8), np.float32), np.zeros(2, np.int64), TrainingConfig())
 
 
-def test_evaluation_grid_min_max_and_resume(tmp_path: Path, digits, monkeypatch) -> None:
-    x, y, xv, yv = digits
-    estimator = tiny_estimator()
-    estimator.fit(x, y, batch_size=32, nb_epochs=3)
-    threat = ThreatModel(eps=0.2, step=0.05, steps=3)
-    attacks = [
-        AttackSpec("phantom", AttackKind.PGD, Phantom(2, 0.5)),
-        AttackSpec("square", AttackKind.SQUARE, steps=20),
-    ]
-    defenses = {"final": Final(), "early": Early(1), "ensemble": Ensemble()}
-    path = tmp_path / "r.json"
-
-    def run() -> EvaluationResult:
-        return evaluate(
-            estimator,
-            attacks,
-            defenses,
-            xv[:20],
-            yv[:20],
-            threat,
-            development=(xv[20:], yv[20:]),
-            ready_made=AttackSpec("ready", AttackKind.PGD, Phantom(2, 0.5)),
-            batch_size=10,
-            results_path=path,
-        )
-
-    result = run()
-    assert result.early_exit is not None and 1 <= result.early_exit <= 4
-    assert set(result.robust) == set(defenses)
-    for cells in result.robust.values():
-        assert set(cells) == {"phantom", "square"}
-        assert all(0.0 <= v <= 1.0 for v in cells.values())
-    assert estimator.defense == Final()  # restored
-    saved = json.loads(path.read_text())
-    assert saved["robust"] == result.robust
-    calls = []
-    monkeypatch.setattr(Spec, "generate", lambda *a, **k: calls.append(a))
-    again = run()
-    assert calls == [] and again.robust == result.robust
-    table = markdown_table(again, ["phantom", "square"])
-    assert "**" in table and f"early (z_{again.early_exit})" in table
-
-
-def test_white_box_robustness_is_max_of_min() -> None:
-    result = EvaluationResult(robust={"final": {"a": 0.5, "b": 0.2}, "early": {"a": 0.4, "b": 0.3}})
-    assert result.worst_case() == {"final": 0.2, "early": 0.3}
-    assert result.white_box_robustness() == ("early", 0.3)
-    result.robust["final"]["square"] = 0.1
-    assert any("square" in s for s in result.obfuscation_signals(["square"]))
-
-
-def test_per_state_accuracy_and_early_exit(digits) -> None:
-    x, y, xv, yv = digits
-    estimator = tiny_estimator()
-    estimator.fit(x, y, batch_size=32, nb_epochs=2)
-    accuracy, residual = per_state_accuracy(estimator, xv, yv, batch_size=16)
-    assert accuracy.shape == residual.shape == (4,)
-    deq = estimator.deq
-    with torch.no_grad():
-        injection = deq.inject(torch.from_numpy(xv))
-        trajectory = deq.solve(injection, keep=True)
-        logits = deq.logits(trajectory.state(2), injection)
-    assert accuracy[1] == pytest.approx(float((logits.argmax(1).numpy() == yv).mean()))
-    n, dev = select_early_exit(
-        estimator,
-        AttackSpec("r", AttackKind.PGD, Phantom(2, 0.5)),
-        xv,
-        yv,
-        ThreatModel(eps=0.1, step=0.05, steps=2),
-        16,
-    )
-    assert n == int(np.argmax(dev["pgd_accuracy_per_state"])) + 1
-
-
 def test_attack_spec_validation() -> None:
     with pytest.raises(ValueError, match="needs a gradient estimate"):
         AttackSpec("pgd", AttackKind.PGD)
     with pytest.raises(TypeError):
         AttackSpec("pgd", "pgd", Phantom())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="autoattack="):
+        AttackSpec("aa", AttackKind.AUTOATTACK, Phantom(), steps=3)
     with pytest.raises(ValueError):
         ThreatModel(eps=2.0)
+    with pytest.raises(ValueError, match="aa_iterations|iterations"):
+        EvaluationConfig(aa_iterations=0)
 
 
 def test_cli_main_job_writes_table(tmp_path: Path, capsys) -> None:
@@ -229,6 +149,12 @@ def test_cli_main_job_writes_table(tmp_path: Path, capsys) -> None:
             "1",
             "--square-queries",
             "5",
+            "--aa-iterations",
+            "2",
+            "--long-steps",
+            "2",
+            "--attack-batch-size",
+            "8",
             "--channels",
             "4",
             "--threshold",
@@ -239,6 +165,8 @@ def test_cli_main_job_writes_table(tmp_path: Path, capsys) -> None:
     )
     assert code == 0
     out = capsys.readouterr().out
-    assert "White-box robustness" in out and "| defense | clean |" in out
+    assert "White-box robustness (per sample" in out and "| defense | clean |" in out
     assert (tmp_path / "results.json").exists() and (tmp_path / "results.md").exists()
-    assert (tmp_path / "states.png").exists()
+    assert (tmp_path / "states.png").exists() and (tmp_path / "sweep.png").exists()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["survived"]["final"]["square"]) == 8

@@ -10,11 +10,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from deq_attacks.cli import demo, train
+from deq_attacks.cli import demo, evaluate, train
 
 #: subcommand -> (its main(argv) -> exit code, one-line help)
 SUBCOMMANDS: dict[str, tuple[Callable[[Sequence[str] | None], int], str]] = {
     "demo": (demo.main, "train a small DEQ on the embedded digits and evaluate it (default)"),
+    "evaluate": (evaluate.main, "the whole white-box protocol on a trained DEQ"),
     "train": (train.main, "adversarial training from a named preset (Table 7, CPU presets)"),
 }
 

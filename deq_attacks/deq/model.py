@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Collection, Sequence
 
@@ -144,12 +145,18 @@ class DEQ(DEQModel):
         for hook in self.resets:
             hook(self.f)
 
-    def solve(self, injection: Tensor, keep: bool | Collection[int] = False) -> Trajectory:
+    def solve(
+        self, injection: Tensor, keep: bool | Collection[int] = False, steps: int | None = None
+    ) -> Trajectory:
         """Reset, then run the forward solver from ``z_0`` without autograd; record the solve
-        as ``last_trajectory`` and report divergence."""
+        as ``last_trajectory`` and report divergence. ``steps`` (< threshold) stops the solver
+        after that many iterates (they equal the first iterates of a full solve)."""
         self.reset()
         z0 = self.initial_state(injection).reshape(injection.shape[0], -1)
-        trajectory = self.solver.solve(lambda z: self.step(z, injection), z0.detach(), keep)
+        solver = self.solver
+        if steps is not None and steps < solver.threshold:
+            solver = dataclasses.replace(solver, threshold=steps)
+        trajectory = solver.solve(lambda z: self.step(z, injection), z0.detach(), keep)
         self.last_trajectory = trajectory
         if trajectory.diverged.any():
             message = (
@@ -180,7 +187,9 @@ class DEQ(DEQModel):
                 "deq_attacks.WhiteBoxModule (or DEQEstimator) to choose a gradient estimate"
             )
         injection = self.inject(x)
-        trajectory = self.solve(injection, keep=readout.keep_steps())
+        # a readout that needs only the first iterates (Early(n)) stops the solver there
+        horizon = None if self.training else readout.horizon(self.solver.threshold)
+        trajectory = self.solve(injection, keep=readout.keep_steps(), steps=horizon)
         state = readout.state(self, trajectory, injection)
         logits = self.logits(state, injection)
         if not isinstance(readout, Final) and self.training and logits.requires_grad:

@@ -25,6 +25,10 @@ class Readout(ABC):
         """Raise if the readout cannot exist for a solver with this threshold."""
         return None
 
+    def horizon(self, threshold: int) -> int:
+        """The last iterate this readout needs: a solve for it alone may stop there."""
+        return threshold
+
     @abstractmethod
     def state(self, deq: DEQModel, trajectory: Trajectory, injection: Tensor) -> Tensor:
         """The readout state (B, d) of a finished solve."""
@@ -59,6 +63,9 @@ class Early(Readout):
 
     def keep_steps(self) -> frozenset[int]:
         return frozenset({self.n})
+
+    def horizon(self, threshold: int) -> int:
+        return min(self.n, threshold)
 
     def check(self, threshold: int) -> None:
         if self.n > threshold:

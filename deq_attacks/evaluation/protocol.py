@@ -1,220 +1,289 @@
-"""The white-box evaluation protocol of Sec. 6.2-6.3: attacks x defenses, min over attacks,
-max over defenses, early exit chosen on a development split, obfuscation signals."""
+"""The white-box evaluation protocol of Sec. 6.2-6.3, whole, in one call: ``evaluate_model``.
+
+1. Development split: the ready-made PGD (training gradient) scores every iterate z_n; the
+   early exit n* is the most robust one (chosen once, then fixed).
+2. Development split: the sweep of intermediate attacks (Adjoint over n, beta; Unrolled over
+   n, k, lambda); per family, the one with the largest drop of Early(n*) is chosen.
+3. Test split: for each gradient estimate (ready-made, Exact, the two chosen intermediate ones,
+   the two gradient ensembles; more by ``extra_estimates``), one shared PGD run scores every
+   defense (final, early(n*), ensemble) and every iterate; the standard AutoAttack runs per
+   defense with that estimate; Square runs per defense.
+4. Per-sample survival matrix, both aggregations with Wilson intervals, diagnostics with
+   verdicts. Every finished step is stored with a fingerprint of the settings, the weights and
+   the data; a rerun resumes from it. Under ``torchrun`` the samples are sharded by index.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from deq_attacks.deq.readout import Early, Readout
+from deq_attacks.config import to_jsonable
+from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
+from deq_attacks.evaluation import diagnostics as diag
+from deq_attacks.evaluation.aggregate import choose_early_exit
 from deq_attacks.evaluation.attacks import AttackSpec, ThreatModel
+from deq_attacks.evaluation.columns import READY_MADE, protocol_columns, protocol_estimates
+from deq_attacks.evaluation.distributed import Shards, map_blocks
+from deq_attacks.evaluation.result import EvaluationReport
+from deq_attacks.evaluation.scoring import score_readouts
+from deq_attacks.evaluation.settings import EvaluationConfig
+from deq_attacks.evaluation.shared_runs import clean_scores, shared_pgd_scores
+from deq_attacks.evaluation.store import ResultStore, data_hash, weights_hash
+from deq_attacks.evaluation.sweep import run_sweep
+from deq_attacks.gradients import Exact, GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
 
-RESIDUAL_LIMIT = 0.05
-"""Relative residuals above this mean the fixed point was not reached (Fig. 2b, 5a)."""
+
+def _check_split(name: str, x: np.ndarray, y: np.ndarray, estimator: DEQEstimator) -> None:
+    if x.ndim < 2 or len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"{name}: need a non-empty batch and one label per image, got {x.shape}")
+    if tuple(x.shape[1:]) != tuple(estimator.input_shape):
+        raise ValueError(
+            f"{name}: images {x.shape[1:]} but the model takes {estimator.input_shape}"
+        )
+    if x.dtype != np.float32 or x.min() < 0 or x.max() > 1:
+        raise ValueError(f"{name}: images must be float32 in [0, 1]")
+    if y.min() < 0 or y.max() >= estimator.nb_classes:
+        raise ValueError(f"{name}: labels must lie in 0..{estimator.nb_classes - 1}")
 
 
-def accuracy(estimator: DEQEstimator, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
-    """Top-1 accuracy of the estimator's current defense."""
-    return float((estimator.predict(x, batch_size=batch_size).argmax(1) == y).mean())
-
-
-def per_state_accuracy(
-    estimator: DEQEstimator, x: np.ndarray, y: np.ndarray, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Accuracy of every raw iterate ``z_n`` as the readout, and its mean relative residual.
-
-    Returns two arrays of shape (threshold,): accuracy and mean residual of z_1..z_N.
-    """
-    deq = estimator.deq
-    threshold = deq.solver.threshold
-    correct = np.zeros(threshold)
-    residual = np.zeros(threshold)
-    deq.eval()
-    device = next(deq.parameters()).device
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            xb = torch.from_numpy(x[start : start + batch_size]).to(device)
-            yb = torch.from_numpy(y[start : start + batch_size]).to(device)
-            injection = deq.inject(xb)
-            trajectory = deq.solve(injection, keep=True)
-            for n in range(1, threshold + 1):
-                logits = deq.logits(trajectory.state(n), injection)
-                correct[n - 1] += float((logits.argmax(1) == yb).sum())
-                residual[n - 1] += float(trajectory.residual(n).sum())
-    return correct / len(x), residual / len(x)
-
-
-@dataclass
-class EvaluationResult:
-    """Accuracies (fractions) of each defense under each attack, plus diagnostics."""
-
-    clean: dict[str, float] = field(default_factory=dict)
-    robust: dict[str, dict[str, float]] = field(default_factory=dict)
-    early_exit: int | None = None
-    development: dict[str, list[float]] = field(default_factory=dict)
-    settings: dict[str, object] = field(default_factory=dict)
-
-    def worst_case(self) -> dict[str, float]:
-        """Per defense: the minimum accuracy over all attacks run (its robustness)."""
-        return {d: min(cells.values()) for d, cells in self.robust.items() if cells}
-
-    def white_box_robustness(self) -> tuple[str, float]:
-        """The most robust defense and its worst-case accuracy (max over defenses of min)."""
-        worst = self.worst_case()
-        best = max(worst, key=lambda d: worst[d])
-        return best, worst[best]
-
-    def obfuscation_signals(self, query_labels: Sequence[str]) -> list[str]:
-        """Warnings of gradient obfuscation (Athalye et al. 2018, Carlini et al. 2019)."""
-        signals = []
-        for defense, cells in self.robust.items():
-            gradient = {a: v for a, v in cells.items() if a not in query_labels}
-            for q in query_labels:
-                if q in cells and gradient and cells[q] < min(gradient.values()):
-                    signals.append(
-                        f"{defense}: query attack {q} ({cells[q]:.1%}) beats every gradient "
-                        f"attack (best {min(gradient.values()):.1%})"
-                    )
-        states = self.development.get("pgd_accuracy_per_state")
-        if states and max(states) > states[-1] + 0.02:
-            n = int(np.argmax(states)) + 1
-            signals.append(
-                f"robustness accumulation: z_{n} is more robust ({max(states):.1%}) than the final "
-                f"iterate ({states[-1]:.1%}) under the ready-made attack"
-            )
-        residuals = self.development.get("residual_per_state")
-        if residuals and residuals[-1] > RESIDUAL_LIMIT:
-            signals.append(
-                f"fixed point not reached: relative residual {residuals[-1]:.3f} at the last "
-                f"iterate (> {RESIDUAL_LIMIT})"
-            )
-        return signals
-
-    def to_json(self) -> dict[str, object]:
-        return asdict(self)
-
-
-def select_early_exit(
+def evaluate_model(
     estimator: DEQEstimator,
-    ready_made: AttackSpec,
-    x_dev: np.ndarray,
-    y_dev: np.ndarray,
-    threat: ThreatModel,
-    batch_size: int,
-) -> tuple[int, dict[str, list[float]]]:
-    """Choose the early-exit step by the best accuracy under the ready-made attack on the
-    development split (Sec. 5.2). The ready-made attack's gradient does not depend on the
-    readout, so one attack run scores every state."""
-    x_adv = ready_made.generate(estimator, x_dev, y_dev, threat, batch_size)
-    robust, _ = per_state_accuracy(estimator, x_adv, y_dev, batch_size)
-    clean, residual = per_state_accuracy(estimator, x_dev, y_dev, batch_size)
-    best = int(np.argmax(robust)) + 1
-    return best, {
-        "pgd_accuracy_per_state": robust.tolist(),
-        "clean_accuracy_per_state": clean.tolist(),
-        "residual_per_state": residual.tolist(),
-    }
-
-
-class ResultStore:
-    """A JSON file of finished cells, so an interrupted evaluation resumes where it stopped.
-
-    Cells are keyed by defense and attack label under a fingerprint of the settings; a file
-    written under other settings is not reused.
-    """
-
-    def __init__(self, path: Path | None, settings: Mapping[str, object]) -> None:
-        self.path = path
-        self.settings = json.loads(json.dumps(settings, default=str))
-        self.result = EvaluationResult(settings=self.settings)
-        if path is not None and path.exists():
-            saved = json.loads(path.read_text())
-            if saved.get("settings") == self.settings:
-                self.result = EvaluationResult(**saved)
-
-    def save(self) -> None:
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.result.to_json(), indent=2))
-            tmp.replace(self.path)
-
-
-def evaluate(
-    estimator: DEQEstimator,
-    attacks: Sequence[AttackSpec],
-    defenses: Mapping[str, Readout],
-    x_test: np.ndarray,
-    y_test: np.ndarray,
-    threat: ThreatModel,
+    test: tuple[np.ndarray, np.ndarray],
+    development: tuple[np.ndarray, np.ndarray],
+    config: EvaluationConfig | None = None,
     *,
-    development: tuple[np.ndarray, np.ndarray] | None = None,
-    ready_made: AttackSpec | None = None,
-    batch_size: int = 100,
     results_path: Path | None = None,
-    settings: Mapping[str, object] | None = None,
-) -> EvaluationResult:
-    """Run every attack against every defense and record accuracies.
+    extra_estimates: Mapping[str, GradientEstimate] | None = None,
+    description: Mapping[str, Any] | None = None,
+    progress: Any = None,
+) -> EvaluationReport:
+    """Run the whole protocol (see the module docstring) and return its report.
 
     Args:
-        estimator: the model; its estimate and defense are switched per cell and restored.
-        attacks: the columns.
-        defenses: the rows by name; the name ``"early"`` with ``development`` and
-            ``ready_made`` given is replaced by ``Early(n)`` with n chosen on that split.
-        x_test, y_test: test images (N, C, H, W) float32 in [0, 1] and labels (N,).
-        threat: eps, step and steps.
-        development: the development split for the early-exit choice.
-        ready_made: the attack that chooses the early exit (paper: PGD-10, training gradient).
-        batch_size: attack and prediction batch size.
-        results_path: JSON file for resuming and for the result.
-        settings: extra descriptive settings stored with the result (part of its fingerprint).
+        estimator: the model; its estimate and defense are switched per step and restored.
+        test: images (S, C, H, W) float32 in [0, 1] and labels (S,).
+        development: the split for n* and the sweep (held out from training and test).
+        config: the settings (default ``EvaluationConfig()``).
+        results_path: the JSON of per-sample results to resume from and write.
+        extra_estimates: more gradient columns by label (e.g. BPTT).
+        description: what is evaluated (model name, checkpoint...), stored in the settings.
+        progress: callable(str) told of each step (e.g. print); None is silent.
     """
-    labels = [a.label for a in attacks]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"attack labels must be unique, got {labels}")
+    config = config or EvaluationConfig()
+    (x, y), (x_dev, y_dev) = test, development
+    _check_split("test", x, y, estimator)
+    _check_split("development", x_dev, y_dev, estimator)
+    deq = estimator.deq
+    threat = config.threat
+    shards = Shards.current(config.batch_size)
+    say = progress or (lambda _text: None)
+    ready = deq.training_gradient.attack_estimate()
     fingerprint = {
-        "threat": asdict(threat),
-        "attacks": [repr(a) for a in attacks],
-        "defenses": {k: repr(v) for k, v in defenses.items()},
-        "n_test": len(x_test),
-        **(settings or {}),
+        "config": to_jsonable(config),
+        "weights": weights_hash(deq),
+        "data": data_hash(x, y, x_dev, y_dev),
+        "solver": repr(deq.solver),
+        "training_gradient": repr(deq.training_gradient),
+        "extra_estimates": {k: repr(v) for k, v in (extra_estimates or {}).items()},
+        "description": dict(description or {}),
     }
-    store = ResultStore(results_path, fingerprint)
-    result = store.result
-    rows = dict(defenses)
+    store = ResultStore(results_path, fingerprint, shards)
+    if store.resumed:
+        say(f"resuming from {results_path}")
     with estimator.using():
-        if "early" in rows and development is not None and ready_made is not None:
-            if result.early_exit is None:
-                n, dev = select_early_exit(
-                    estimator, ready_made, development[0], development[1], threat, batch_size
-                )
-                result.early_exit, result.development = n, dev
-                store.save()
-            rows["early"] = Early(result.early_exit)
-        cells = [(d, a) for d in rows for a in attacks]
-        todo = [(d, a) for d, a in cells if a.label not in result.robust.get(d, {})]
-        progress = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="white-box cells")
-        for name, defense in rows.items():
-            estimator.defense = defense
-            if name not in result.clean:
-                result.clean[name] = accuracy(estimator, x_test, y_test, batch_size)
-                store.save()
-            for attack in attacks:
-                if attack.label in result.robust.get(name, {}):
-                    continue
-                progress.set_postfix_str(f"{name} / {attack.label}")
-                x_adv = attack.generate(estimator, x_test, y_test, threat, batch_size)
-                result.robust.setdefault(name, {})[attack.label] = accuracy(
-                    estimator, x_adv, y_test, batch_size
-                )
-                store.save()
-                progress.update()
-        progress.close()
-    return result
+        # 1. the early exit n*, by the ready-made PGD on the development split
+        dev = store.get("development")
+        if dev is None:
+            say("development split: ready-made PGD over every iterate")
+            attacked = shared_pgd_scores(
+                estimator, ready, x_dev, y_dev, threat, {"final": Final()}, shards, seed=config.seed
+            )
+            clean = clean_scores(estimator, x_dev, y_dev, {"final": Final()}, shards)
+            dev = store.put(
+                "development",
+                {
+                    "early_exit": choose_early_exit(attacked["states"]),
+                    "pgd_accuracy_per_state": attacked["states"].mean(0),
+                    "clean_accuracy_per_state": clean["states"].mean(0),
+                    "residual_per_state": clean["residuals"].mean(0),
+                },
+            )
+        n_star = int(dev["early_exit"])
+        defenses: dict[str, Readout] = {
+            "final": Final(),
+            "early": Early(n_star),
+            "ensemble": Ensemble(),
+        }
+
+        # 2. the sweep of intermediate attacks on the development split
+        done = store.get("sweep") or {}
+
+        def keep_entry(entry: dict[str, Any]) -> None:
+            done[entry["estimate"]] = entry
+            store.put("sweep", done)
+
+        say("development split: sweep of intermediate attacks")
+        chosen, sweep = run_sweep(
+            estimator, config.sweep, x_dev, y_dev, threat, defenses, "early", shards,
+            seed=config.seed, done=done, on_entry=keep_entry,
+        )  # fmt: skip
+
+        # 3. the test split: clean, shared PGD runs, per-defense attacks
+        estimates = protocol_estimates(ready, chosen, extra_estimates)
+        columns = protocol_columns(estimates, config)
+        clean = store.get("clean") or store.put(
+            "clean", clean_scores(estimator, x, y, defenses, shards)
+        )
+        survived: dict[str, dict[str, list[bool]]] = {d: {} for d in defenses}
+        extras: dict[str, dict[str, list[Any]]] = {}
+        ready_scores: dict[str, Any] = {}
+        for column in columns:
+            if column.kind.shared:
+                key = f"shared/{column.label}"
+                result = store.get(key)
+                if result is None:
+                    say(f"test split: {column.label} (one run for every defense)")
+                    assert column.estimate is not None
+                    result = store.put(
+                        key,
+                        shared_pgd_scores(
+                            estimator, column.estimate, x, y, threat, defenses, shards,
+                            seed=config.seed, steps=column.steps,
+                        ),
+                    )  # fmt: skip
+                for d in defenses:
+                    survived[d][column.label] = result[f"defense/{d}"]
+                if column.estimate == ready:
+                    ready_scores = result
+                continue
+            for name, readout in defenses.items():
+                key = f"{name}/{column.label}"
+                result = store.get(key)
+                if result is None:
+                    say(f"test split: {column.label} against {name}")
+                    result = store.put(
+                        key, _defended_run(estimator, column, readout, x, y, threat, config, shards)
+                    )
+                survived[name][column.label] = result["correct"]
+                rest = {k: v for k, v in result.items() if k != "correct"}
+                if rest:
+                    extras[key] = rest
+
+        # 4. diagnostics
+        checks = store.get("diagnostics")
+        if checks is None:
+            say("diagnostics")
+            found = _diagnostics(
+                estimator, estimates, defenses, survived, clean, ready_scores, x, y, config,
+                shards, say,
+            )  # fmt: skip
+            checks = store.put("diagnostics", [c.to_json() for c in found])
+    report = EvaluationReport(
+        settings={
+            "config": to_jsonable(config),
+            "threat": to_jsonable(threat),
+            "fingerprint": fingerprint,
+            "n_test": len(x),
+            "n_development": len(x_dev),
+            "processes": shards.world,
+        },
+        early_exit=n_star,
+        development=dev,
+        sweep=sweep,
+        chosen={k: repr(v) for k, v in chosen.items()},
+        defenses={k: repr(v) for k, v in defenses.items()},
+        columns={c.label: c.describe(threat) for c in columns},
+        clean={d: list(map(bool, clean[f"defense/{d}"])) for d in defenses},
+        survived={
+            d: {c: list(map(bool, v)) for c, v in cells.items()} for d, cells in survived.items()
+        },
+        extras=extras,
+        states={
+            "clean_accuracy": np.mean(clean["states"], axis=0).tolist(),
+            "ready_made_accuracy": np.mean(ready_scores["states"], axis=0).tolist(),
+            "residual": np.mean(clean["residuals"], axis=0).tolist(),
+        },
+        diagnostics=[diag.Check(**c) for c in checks],
+    )
+    return report
+
+
+def _defended_run(
+    estimator: DEQEstimator,
+    column: AttackSpec,
+    readout: Readout,
+    x: np.ndarray,
+    y: np.ndarray,
+    threat: ThreatModel,
+    config: EvaluationConfig,
+    shards: Shards,
+) -> dict[str, np.ndarray]:
+    """A per-defense attack, block by block: per-sample correctness under it and its extras."""
+
+    def block(part: slice) -> dict[str, np.ndarray]:
+        with estimator.using(defense=readout):
+            x_adv, extra = column.run_defended(
+                estimator, x[part], y[part], threat, seed=config.seed + part.start
+            )
+        correct = score_readouts(estimator, x_adv, y[part], {"d": readout}, len(x_adv))
+        return {"correct": correct["defense/d"], **extra}
+
+    return map_blocks(block, len(x), shards)
+
+
+def _diagnostics(
+    estimator: DEQEstimator,
+    estimates: Mapping[str, GradientEstimate],
+    defenses: Mapping[str, Readout],
+    survived: Mapping[str, Mapping[str, Any]],
+    clean: Mapping[str, Any],
+    ready_scores: Mapping[str, Any],
+    x: np.ndarray,
+    y: np.ndarray,
+    config: EvaluationConfig,
+    shards: Shards,
+    say: Any,
+) -> list[diag.Check]:
+    """The checks with verdicts (see ``deq_attacks.evaluation.diagnostics``)."""
+    threat = config.threat
+    ready = estimates[READY_MADE]
+    accuracy = {
+        d: {c: float(np.mean(v)) for c, v in cells.items()} for d, cells in survived.items()
+    }
+    checks = [diag.square_check(accuracy, "square")]
+    ready_label = f"{READY_MADE} PGD"
+    say(f"diagnostics: PGD-{config.long_steps} and eps={config.large_eps}")
+    longer = shared_pgd_scores(
+        estimator, ready, x, y, threat, defenses, shards, seed=config.seed, steps=config.long_steps
+    )
+    short = {d: np.asarray(survived[d][ready_label], dtype=bool) for d in defenses}
+    clean_ok = {d: np.asarray(clean[f"defense/{d}"], dtype=bool) for d in defenses}
+    long = {d: longer[f"defense/{d}"] & clean_ok[d] for d in defenses}
+    checks.append(diag.more_steps_check(short, long, (config.steps, config.long_steps)))
+    large = ThreatModel(config.large_eps, config.large_eps / 4, config.steps)
+    wide = shared_pgd_scores(estimator, ready, x, y, large, defenses, shards, seed=config.seed)
+    checks.append(diag.large_eps_check({d: wide[f"defense/{d}"] for d in defenses}, large.eps))
+    checks.append(diag.accumulation_check(np.asarray(ready_scores["states"], dtype=bool)))
+    residual = np.asarray(clean["residuals"], dtype=float)[:, -1]
+    checks.append(diag.forward_convergence_check(residual))
+    few = slice(0, min(config.diagnostic_samples, len(x)))
+    batch, random = diag.batch_and_randomness_check(estimator, x[few], config.batch_size)
+    checks += [batch, random]
+    checks.append(diag.gradient_health_check(estimator, estimates, x[few], y[few]))
+    checks.append(diag.exact_backward_check(estimator, Exact(), x[few], y[few]))
+    rho = diag.spectral_radius(estimator, x[few])
+    checks.append(
+        diag.Check(
+            "spectral_radius",
+            diag.verdict(bool((rho >= 1).any())),
+            f"spectral radius of J_f at z*: mean {rho.mean():.2f}, max {rho.max():.2f} "
+            "(>= 1: the fixed point is not attracting for plain iteration)",
+            {"per_sample": rho.tolist()},
+        )
+    )
+    return checks

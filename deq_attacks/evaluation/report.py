@@ -1,54 +1,154 @@
-"""Readable tables and plots of an evaluation result."""
+"""Readable output of an evaluation: a markdown table laid out like Table 2/3, the
+diagnostics with their verdicts, and PNG plots (iterates: Fig. 2; sweep: Fig. 3/4)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
 from pathlib import Path
 
-from deq_attacks.evaluation.protocol import EvaluationResult
+from deq_attacks.evaluation.result import EvaluationReport
 
 
-def markdown_table(result: EvaluationResult, attack_labels: Sequence[str]) -> str:
-    """Rows: defenses; columns: clean, each attack, worst case. Bold: the white-box robustness."""
-    worst = result.worst_case()
-    best, _ = result.white_box_robustness()
-    header = ["defense", "clean", *attack_labels, "worst case"]
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def markdown_table(report: EvaluationReport) -> str:
+    """Rows: defenses; columns: clean, every attack column, the paper's worst case (min over
+    columns of the mean) and the per-sample worst case with its 95% Wilson interval."""
+    matrix = report.matrix()
+    accuracy = matrix.column_accuracy()
+    paper, per_sample = matrix.paper_worst(), matrix.per_sample_worst()
+    best_paper = max(range(len(paper)), key=lambda i: paper[i].robust)
+    best_sample = max(range(len(per_sample)), key=lambda i: per_sample[i].robust)
+    header = ["defense", "clean", *matrix.columns, "worst (paper)", "worst per sample [95% CI]"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for defense, cells in result.robust.items():
-        values = [f"{100 * cells[a]:.1f}" if a in cells else "-" for a in attack_labels]
-        worst_cell = f"{100 * worst[defense]:.1f}"
-        if defense == best:
-            worst_cell = f"**{worst_cell}**"
-        label = defense if defense != "early" else f"early (z_{result.early_exit})"
-        clean = f"{100 * result.clean.get(defense, float('nan')):.1f}"
-        lines.append("| " + " | ".join([label, clean, *values, worst_cell]) + " |")
+    for d, name in enumerate(matrix.defenses):
+        label = name if name != "early" else f"early (z_{report.early_exit})"
+        worst = _pct(paper[d].accuracy)
+        sample = str(per_sample[d])
+        if d == best_paper:
+            worst = f"**{worst}**"
+        if d == best_sample:
+            sample = f"**{sample}**"
+        clean = _pct(float(matrix.clean[d].mean()))
+        cells = [_pct(v) for v in accuracy[d]]
+        lines.append("| " + " | ".join([label, clean, *cells, worst, sample]) + " |")
     return "\n".join(lines)
 
 
-def plot_states(result: EvaluationResult, path: Path) -> Path | None:
-    """Clean and ready-made-attack accuracy, and residual, of every iterate (Fig. 2)."""
-    dev = result.development
-    if not dev:
-        return None
-    import matplotlib
+def summary_lines(report: EvaluationReport) -> list[str]:
+    """The two white-box robustness numbers and the chosen settings."""
+    matrix = report.matrix()
+    paper, sample = matrix.paper_robustness(), matrix.per_sample_robustness()
+    return [
+        f"White-box robustness (paper: max over defenses of min over columns): {paper} "
+        f"({paper.defense} defense).",
+        f"White-box robustness (per sample: survives every column): {sample} "
+        f"({sample.defense} defense).",
+        f"Early exit n* = {report.early_exit} (development split, ready-made PGD).",
+        "Strongest intermediate attacks (development sweep of "
+        f"{len(report.sweep)} candidates, largest drop of early(n*)): "
+        + ", ".join(_chosen(report, family) for family in report.chosen)
+        + ".",
+    ]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    steps = range(1, len(dev["clean_accuracy_per_state"]) + 1)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.plot(steps, [100 * v for v in dev["clean_accuracy_per_state"]], "o-", label="clean")
-    left.plot(steps, [100 * v for v in dev["pgd_accuracy_per_state"]], "s-", label="ready-made PGD")
+def _chosen(report: EvaluationReport, family: str) -> str:
+    """``Adjoint(n=4, beta=1.0): early 73.0% (dev)`` for the chosen candidate of a family."""
+    entry = next(e for e in report.sweep if e["estimate"] == report.chosen[family])
+    params = ", ".join(f"{k}={v}" for k, v in entry["params"].items())
+    return f"{family.capitalize()}({params}): early {_pct(entry['accuracy']['early'])}% (dev)"
+
+
+def diagnostics_table(report: EvaluationReport) -> str:
+    """One row per check: its verdict and its sentence."""
+    lines = ["| check | verdict | finding |", "|---|---|---|"]
+    for check in report.diagnostics:
+        verdict = "**flag**" if check.verdict == "flag" else "pass"
+        lines.append(f"| {check.name} | {verdict} | {check.message} |")
+    return "\n".join(lines)
+
+
+def markdown_report(report: EvaluationReport, title: str) -> str:
+    threat = report.settings["threat"]
+    return "\n".join(
+        [
+            f"# {title}",
+            "",
+            f"L-inf eps={threat['eps']:.4g}, PGD-{threat['steps']} (step {threat['step']:.4g}); "
+            f"{report.settings['n_test']} test images. Accuracy (%) of each defense (rows) "
+            "under each attack (columns).",
+            "",
+            markdown_table(report),
+            "",
+            *summary_lines(report),
+            "",
+            "## Diagnostics",
+            "",
+            diagnostics_table(report),
+        ]
+    )
+
+
+def write_outputs(report: EvaluationReport, out_dir: Path, title: str) -> dict[str, Path]:
+    """``results.json`` (every cell, its settings, per-sample flags), ``results.md``, and the
+    plots ``states.png`` and ``sweep.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
+    paths["json"].write_text(json.dumps(report.to_json(), indent=1))
+    paths["markdown"].write_text(markdown_report(report, title) + "\n")
+    paths["states"] = plot_states(report, out_dir / "states.png")
+    paths["sweep"] = plot_sweep(report, out_dir / "sweep.png")
+    return paths
+
+
+def plot_states(report: EvaluationReport, path: Path) -> Path:
+    """Clean and ready-made-PGD accuracy of every iterate, and its residual (Fig. 2, 5)."""
+    from matplotlib.figure import Figure
+
+    states = report.states
+    steps = range(1, len(states["clean_accuracy"]) + 1)
+    fig = Figure(figsize=(9, 3.5))
+    left, right = fig.subplots(1, 2)
+    left.plot(steps, [100 * v for v in states["clean_accuracy"]], "o-", label="clean")
+    left.plot(steps, [100 * v for v in states["ready_made_accuracy"]], "s-", label="ready-made PGD")
+    left.axvline(report.early_exit, color="gray", linestyle=":", label="n*")
     left.set_xlabel("iterate n")
     left.set_ylabel("accuracy of z_n (%)")
     left.legend()
-    right.semilogy(steps, dev["residual_per_state"], "o-")
+    right.semilogy(steps, states["residual"], "o-")
     right.axhline(0.05, color="gray", linestyle="--", label="0.05")
     right.set_xlabel("iterate n")
     right.set_ylabel("relative residual")
     right.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return path
+
+
+def plot_sweep(report: EvaluationReport, path: Path) -> Path:
+    """Accuracy of the early-state defense under each intermediate attack against n, one line
+    per (beta) or (k, lambda) (Fig. 3 and 4)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.5))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, family in zip(axes, ("adjoint", "unrolled"), strict=True):
+        lines: dict[str, list[tuple[int, float]]] = {}
+        for entry in report.sweep:
+            if entry["family"] != family:
+                continue
+            params = {k: v for k, v in entry["params"].items() if k != "n"}
+            key = ", ".join(f"{k}={v}" for k, v in params.items())
+            lines.setdefault(key, []).append((entry["params"]["n"], entry["accuracy"]["early"]))
+        for key, points in lines.items():
+            points.sort()
+            ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=key)
+        ax.set_title(f"{family} z_n")
+        ax.set_xlabel("n")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel(f"early (z_{report.early_exit}) accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     return path

@@ -9,13 +9,11 @@ from typing import Any
 def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
     """Four panels: dev clean / PGD accuracy, mean relative residual per state (one line per
     epoch, late epochs darker), spectral radius of J_f at z*, training samples per second."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig = Figure(figsize=(11, 8))
+    axes = fig.subplots(2, 2)
     ax = axes[0][0]
     ax.plot(epochs, [100 * r["dev_clean_accuracy"] for r in history], "o-", label="clean")
     ax.plot(epochs, [100 * r["dev_pgd_accuracy"] for r in history], "s-", label="PGD (dev)")
@@ -42,6 +40,5 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
     fig.subplots_adjust(hspace=0.35, wspace=0.3)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=90)
-    plt.close(fig)
     tmp.replace(path)
     return path

@@ -1,0 +1,79 @@
+"""Scoring inputs against every defense and every iterate ``z_n`` from one forward solve.
+
+The input goes through the estimator's ART preprocessing first, exactly as in
+``estimator.predict``, so the prediction of ``Early(n)`` here equals ``predict`` under
+``Early(n)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deq_attacks.deq.readout import Readout
+from deq_attacks.interfaces import DEQEstimator
+
+
+def model_input(estimator: DEQEstimator, x: np.ndarray | Tensor) -> Tensor:
+    """``x`` after the estimator's preprocessing, as a tensor on its device (what the model
+    sees in ``predict``)."""
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().numpy()
+    processed, _ = estimator._apply_preprocessing(x, y=None, fit=False)
+    return torch.as_tensor(np.asarray(processed, dtype=np.float32), device=estimator.device)
+
+
+def score_readouts(
+    estimator: DEQEstimator,
+    x: np.ndarray,
+    y: np.ndarray,
+    defenses: Mapping[str, Readout],
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """Per-sample correctness of each defense and of each raw iterate, from one solve per batch.
+
+    Returns:
+        ``"defense/<name>"``: bool (B,) for each defense; ``"states"``: bool (B, N) whether
+        ``z_n`` classifies the sample correctly (n = 1..N, the solver's threshold);
+        ``"residuals"``: float (B, N) relative residual of ``z_n``.
+    """
+    deq = estimator.deq
+    threshold = deq.solver.threshold
+    for readout in defenses.values():
+        readout.check(threshold)
+    out: dict[str, list[np.ndarray]] = {f"defense/{k}": [] for k in defenses}
+    out["states"], out["residuals"] = [], []
+    was_training = deq.training
+    deq.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                xb = model_input(estimator, x[start : start + batch_size])
+                yb = torch.as_tensor(y[start : start + batch_size], device=xb.device)
+                injection = deq.inject(xb)
+                trajectory = deq.solve(injection, keep=True)
+                for name, readout in defenses.items():
+                    logits = deq.logits(readout.state(deq, trajectory, injection), injection)
+                    out[f"defense/{name}"].append((logits.argmax(1) == yb).cpu().numpy())
+                states = [
+                    deq.logits(trajectory.state(n), injection).argmax(1) == yb
+                    for n in range(1, threshold + 1)
+                ]
+                out["states"].append(torch.stack(states, dim=1).cpu().numpy())
+                residuals = [trajectory.residual(n) for n in range(1, threshold + 1)]
+                out["residuals"].append(torch.stack(residuals, dim=1).cpu().numpy())
+    finally:
+        deq.train(was_training)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def per_state_accuracy(
+    estimator: DEQEstimator, x: np.ndarray, y: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy of every raw iterate ``z_n`` as the readout and its mean relative residual,
+    both (N,), with the estimator's preprocessing applied as in ``predict``."""
+    scores = score_readouts(estimator, x, y, {}, batch_size)
+    return scores["states"].mean(axis=0), scores["residuals"].mean(axis=0)

@@ -1,0 +1,61 @@
+"""One shared attack run per gradient estimate: the fixed-step PGD's adversarial examples
+scored against every defense and every iterate ``z_n`` (the estimate does not depend on the
+readout, and the attack never looks at the defended output)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from deq_attacks.deq.readout import Readout
+from deq_attacks.evaluation.attacks import ThreatModel
+from deq_attacks.evaluation.distributed import Shards, map_blocks
+from deq_attacks.evaluation.pgd import fixed_step_pgd
+from deq_attacks.evaluation.scoring import score_readouts
+from deq_attacks.gradients import GradientEstimate
+from deq_attacks.interfaces import DEQEstimator
+
+
+def shared_pgd_scores(
+    estimator: DEQEstimator,
+    estimate: GradientEstimate,
+    x: np.ndarray,
+    y: np.ndarray,
+    threat: ThreatModel,
+    defenses: Mapping[str, Readout],
+    shards: Shards,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    eps: float | None = None,
+) -> dict[str, np.ndarray]:
+    """Run PGD with ``estimate`` once per block and score its adversarial examples.
+
+    Returns ``score_readouts``' arrays for all samples: ``"defense/<name>"`` bool (S,),
+    ``"states"`` bool (S, N), ``"residuals"`` float (S, N), gathered across processes.
+    """
+
+    def block(part: slice) -> dict[str, np.ndarray]:
+        x_adv = fixed_step_pgd(
+            estimator, estimate, x[part], y[part], threat,
+            steps=steps, eps=eps, seed=seed, first_index=part.start,
+        )  # fmt: skip
+        return score_readouts(estimator, x_adv, y[part], defenses, len(x_adv))
+
+    return map_blocks(block, len(x), shards)
+
+
+def clean_scores(
+    estimator: DEQEstimator,
+    x: np.ndarray,
+    y: np.ndarray,
+    defenses: Mapping[str, Readout],
+    shards: Shards,
+) -> dict[str, np.ndarray]:
+    """``score_readouts`` of the clean inputs, gathered across processes."""
+    return map_blocks(
+        lambda part: score_readouts(estimator, x[part], y[part], defenses, shards.block_size),
+        len(x),
+        shards,
+    )

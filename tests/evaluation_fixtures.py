@@ -1,0 +1,71 @@
+"""A tiny trained MLP DEQ on the digits and a tiny protocol configuration, for the
+evaluation tests (fast on 2 cores)."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+import torch
+
+from deq_attacks import Broyden, DEQEstimator, PhantomGradient
+from deq_attacks.data import load_digits
+from deq_attacks.evaluation import EvaluationConfig, SweepConfig
+from deq_attacks.models import mlp_deq
+
+TINY = EvaluationConfig(
+    eps=0.1,
+    step=0.05,
+    steps=2,
+    aa_iterations=2,
+    aa_queries=5,
+    aa_target_classes=2,
+    square_queries=5,
+    long_steps=3,
+    batch_size=8,
+    diagnostic_samples=4,
+    sweep=SweepConfig(
+        adjoint_steps="1,3",
+        adjoint_betas="1.0",
+        unrolled_steps="1,3",
+        unrolled_ks="1",
+        unrolled_lams="1.0",
+    ),
+)
+
+
+def tiny_deq_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    """State dict of a tiny MLP DEQ trained for 3 epochs on 300 digits (cached per seed)."""
+    return {k: v.clone() for k, v in _trained(seed).items()}
+
+
+@cache
+def _trained(seed: int) -> dict[str, torch.Tensor]:
+    data = load_digits()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        estimator = tiny_estimator()
+        estimator.fit(data.x[:300], data.y[:300], batch_size=32, nb_epochs=3)
+    return {k: v.detach().clone() for k, v in estimator.deq.state_dict().items()}
+
+
+def tiny_estimator(trained: bool = False, **kwargs) -> DEQEstimator:
+    deq = mlp_deq(
+        64, 10, hidden=16, solver=Broyden(threshold=4), training_gradient=PhantomGradient(2, 0.5)
+    )
+    if trained:
+        deq.load_state_dict(tiny_deq_weights())
+    return DEQEstimator(
+        deq,
+        input_shape=(1, 8, 8),
+        nb_classes=10,
+        optimizer=torch.optim.Adam(deq.parameters(), 1e-2),
+        **kwargs,
+    )
+
+
+def splits(n_dev: int = 16, n_test: int = 16) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """(development, test) held-out digits."""
+    data = load_digits()
+    x, y = data.x[1200:], data.y[1200:]
+    return (x[:n_dev], y[:n_dev]), (x[n_dev : n_dev + n_test], y[n_dev : n_dev + n_test])

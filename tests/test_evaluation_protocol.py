@@ -1,0 +1,217 @@
+"""The protocol: shared runs, scoring with preprocessing, the sweep, the whole evaluation with
+its JSON, resume and fingerprint, and torchrun-style sharding (2 gloo processes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from art.attacks.evasion import ProjectedGradientDescent
+from evaluation_fixtures import TINY, splits, tiny_estimator
+
+from deq_attacks import Adjoint, Early, Ensemble, Final, Phantom, Unrolled
+from deq_attacks.evaluation import (
+    EvaluationConfig,
+    SweepConfig,
+    ThreatModel,
+    evaluate_model,
+    fixed_step_pgd,
+    per_state_accuracy,
+    protocol_columns,
+    protocol_estimates,
+    run_sweep,
+    score_readouts,
+)
+from deq_attacks.evaluation import protocol as protocol_module
+from deq_attacks.evaluation.distributed import Shards
+
+THREAT = ThreatModel(eps=0.1, step=0.05, steps=2)
+
+
+def test_fixed_step_pgd_equals_arts_pgd_without_random_start() -> None:
+    estimator = tiny_estimator(trained=True)
+    (x, y), _ = splits()
+    threat = ThreatModel(eps=0.1, step=0.03, steps=3, random_start=False)
+    ours = fixed_step_pgd(estimator, Phantom(2, 0.5), x, y, threat)
+    with estimator.using(estimate=Phantom(2, 0.5)):
+        art = ProjectedGradientDescent(
+            estimator, eps=0.1, eps_step=0.03, max_iter=3, num_random_init=0, verbose=False
+        ).generate(x, np.eye(10, dtype=np.float32)[y])
+    np.testing.assert_allclose(ours, art, atol=1e-6)
+    assert np.abs(ours - x).max() > 0.05
+
+
+def test_shared_run_does_not_depend_on_the_defense_or_the_batch() -> None:
+    estimator = tiny_estimator(trained=True)
+    (x, y), _ = splits()
+    runs = []
+    for defense in (Final(), Early(2), Ensemble()):
+        with estimator.using(defense=defense):
+            runs.append(fixed_step_pgd(estimator, Unrolled(1, 1, 1.0), x, y, THREAT, seed=3))
+    assert all(np.array_equal(runs[0], r) for r in runs[1:])
+    # the random start of sample i depends on (seed, i) only: a batch that starts at i=4
+    part = fixed_step_pgd(estimator, Unrolled(1, 1, 1.0), x[4:8], y[4:8], THREAT, seed=3,
+                          first_index=4)  # fmt: skip
+    np.testing.assert_allclose(part, runs[0][4:8], atol=1e-6)
+
+
+def test_scoring_applies_preprocessing_like_predict() -> None:
+    estimator = tiny_estimator(trained=True, preprocessing=(0.2, 0.7))
+    (x, y), _ = splits()
+    scores = score_readouts(estimator, x, y, {"final": Final(), "ens": Ensemble()}, 5)
+    for n in (1, 2, 4):
+        with estimator.using(defense=Early(n)):
+            expected = estimator.predict(x).argmax(1) == y
+        np.testing.assert_array_equal(scores["states"][:, n - 1], expected)
+    np.testing.assert_array_equal(scores["defense/final"], estimator.predict(x).argmax(1) == y)
+    with estimator.using(defense=Ensemble()):
+        np.testing.assert_array_equal(scores["defense/ens"], estimator.predict(x).argmax(1) == y)
+    accuracy, residual = per_state_accuracy(estimator, x, y, 7)
+    np.testing.assert_allclose(accuracy, scores["states"].mean(0))
+    assert residual.shape == (4,) and (residual >= 0).all()
+    # without the preprocessing the model would see other inputs (the old bug)
+    plain = tiny_estimator(trained=True)
+    assert not np.array_equal(plain.predict(x), estimator.predict(x))
+
+
+def test_sweep_records_every_candidate_and_picks_the_largest_drop() -> None:
+    estimator = tiny_estimator(trained=True)
+    (x, y), _ = splits(24)
+    config = SweepConfig(adjoint_steps="all", adjoint_betas="0.5,1.0", unrolled_steps="1,3",
+                         unrolled_ks="1,2", unrolled_lams="1.0")  # fmt: skip
+    defenses = {"final": Final(), "early": Early(2)}
+    chosen, entries = run_sweep(estimator, config, x, y, THREAT, defenses, "early", Shards())
+    assert len(entries) == 4 * 2 + 2 * 2
+    for family in ("adjoint", "unrolled"):
+        mine = [e for e in entries if e["family"] == family]
+        best = min(mine, key=lambda e: e["accuracy"]["early"])
+        assert repr(chosen[family]) == best["estimate"]
+        assert all(len(e["state_accuracy"]) == 4 for e in mine)
+    # the old fixed column Adjoint(n=3, beta=0.5) is in the grid: the choice is never weaker
+    fixed = next(e for e in entries if e["estimate"] == repr(Adjoint(n=3, beta=0.5)))
+    chosen_entry = next(e for e in entries if e["estimate"] == repr(chosen["adjoint"]))
+    assert chosen_entry["accuracy"]["early"] <= fixed["accuracy"]["early"]
+    with pytest.raises(ValueError, match="beyond"):
+        SweepConfig(adjoint_steps="9").candidates(4)
+    with pytest.raises(ValueError, match="unrolled_lams"):
+        SweepConfig(unrolled_lams="0,1")
+
+
+def test_columns_are_data_and_extra_estimates_add_columns() -> None:
+    chosen = {"adjoint": Adjoint(n=2, beta=0.5), "unrolled": Unrolled(1, 2, 0.5)}
+    estimates = protocol_estimates(Phantom(2, 0.5), chosen, {"bptt": Unrolled(4, 1, 1.0)})
+    assert list(estimates) == ["ready-made", "exact", "adjoint z_2", "unrolled z_1",
+                               "ens. adjoint", "ens. unrolled", "bptt"]  # fmt: skip
+    columns = protocol_columns(estimates, TINY)
+    assert [c.label for c in columns][-3:] == ["bptt PGD", "bptt AA", "square"]
+    assert len(columns) == 2 * len(estimates) + 1
+
+
+def run_tiny(path: Path | None, config: EvaluationConfig = TINY):
+    dev, test = splits()
+    return evaluate_model(tiny_estimator(trained=True), test, dev, config, results_path=path)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "results.json"
+    return path, run_tiny(path)
+
+
+def test_whole_protocol_report(tiny_report) -> None:
+    path, report = tiny_report
+    matrix = report.matrix()
+    assert matrix.defenses == ["final", "early", "ensemble"]
+    assert len(matrix.columns) == 13 and matrix.n_samples == 16
+    assert report.defenses["early"] == repr(Early(report.early_exit))
+    assert report.development["early_exit"] == report.early_exit
+    assert matrix.per_sample_robustness().accuracy <= matrix.paper_robustness().accuracy
+    for key, extra in report.extras.items():
+        assert key.endswith(" AA") and len(extra["broken_by"]) == 16
+        defense, column = key.split("/")
+        assert extra["after/square"] == report.survived[defense][column]
+    names = {c.name for c in report.diagnostics}
+    assert {"square_beats_gradient", "more_steps_lower_accuracy", "large_eps_accuracy",
+            "forward_not_converged", "robustness_accumulation", "output_depends_on_batch",
+            "randomized_output", "zero_or_nan_gradients", "exact_backward_not_converged",
+            "spectral_radius"} <= names  # fmt: skip
+    assert all(c.verdict in ("pass", "flag") for c in report.diagnostics)
+    saved = json.loads(json.dumps(report.to_json()))
+    assert saved["columns"]["ready-made AA"]["autoattack"]["standard"] is False
+    assert len(saved["sweep"]) == 4
+    assert saved["white_box_robustness"]["per_sample"]["n"] == 16
+
+
+def test_resume_reuses_per_sample_results_and_checks_the_fingerprint(
+    tiny_report, monkeypatch
+) -> None:
+    path, report = tiny_report
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished step was recomputed")
+
+    monkeypatch.setattr(protocol_module, "shared_pgd_scores", fail)
+    monkeypatch.setattr(protocol_module, "_defended_run", fail)
+    monkeypatch.setattr("deq_attacks.evaluation.sweep.shared_pgd_scores", fail)
+    again = run_tiny(path)
+    assert again.survived == report.survived and again.early_exit == report.early_exit
+    # other weights: the fingerprint differs, so nothing is reused
+    dev, test = splits()
+    other = tiny_estimator(trained=True)
+    with torch.no_grad():
+        next(other.deq.parameters()).add_(1e-3)
+    with pytest.raises(AssertionError, match="recomputed"):
+        evaluate_model(other, test, dev, TINY, results_path=path)
+
+
+def test_bad_input_is_named_before_work() -> None:
+    dev, test = splits()
+    estimator = tiny_estimator()
+    with pytest.raises(ValueError, match="labels"):
+        evaluate_model(estimator, (test[0], test[1] + 20), dev, TINY)
+    with pytest.raises(ValueError, match="images"):
+        evaluate_model(estimator, (test[0][:, :, :4], test[1]), dev, TINY)
+
+
+def test_cli_evaluate_on_a_checkpoint(tmp_path: Path, capsys) -> None:
+    from deq_attacks.checkpoints import save_weights
+    from deq_attacks.cli import main
+
+    weights = save_weights(tiny_estimator(trained=True).deq, tmp_path / "w.safetensors")
+    common = ["evaluate", "--model", "mlp_deq", "--model-arg", "in_features=64",
+              "--model-arg", "num_classes=10", "--model-arg", "hidden=16"]  # fmt: skip
+    tiny = ["--threshold", "3", "--n-dev", "8", "--n-test", "8", "--steps", "1",
+            "--aa-iterations", "1", "--aa-queries", "3", "--aa-target-classes", "2",
+            "--square-queries", "3", "--long-steps", "2", "--batch-size", "8",
+            "--diagnostic-samples", "2", "--adjoint-steps", "1", "--adjoint-betas", "1.0",
+            "--unrolled-steps", "1", "--unrolled-ks", "1", "--unrolled-lams", "1.0",
+            "--eps", "0.1", "--step", "0.05"]  # fmt: skip
+    code = main([*common, "--checkpoint", str(weights), *tiny, "--out-dir", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "White-box robustness (paper" in out and "## Diagnostics" in out
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["settings"]["config"]["sweep"]["adjoint_steps"] == "1"
+    assert saved["settings"]["fingerprint"]["description"]["model"] == "mlp_deq"
+    assert main(["evaluate", "--model", "no_such_model", "--out-dir", str(tmp_path)]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main([*common, "--n-test", "100000", "--out-dir", str(tmp_path)]) == 2
+    assert "held-out images" in capsys.readouterr().err
+
+
+def test_early_exit_stops_the_solver_at_n() -> None:
+    deq = tiny_estimator(trained=True).deq.eval()
+    (x, _), _ = splits()
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        early = deq(xt, readout=Early(2))
+        short = deq.last_trajectory
+        injection = deq.inject(xt)
+        full = deq.solve(injection, keep=True)
+        expected = deq.logits(full.state(2), injection)
+    assert short is not None and short.num_steps == 2 and full.num_steps > 2
+    assert short.nfe < full.nfe
+    torch.testing.assert_close(early, expected, rtol=0, atol=0)
