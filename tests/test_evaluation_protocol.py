@@ -12,8 +12,10 @@ import torch
 from art.attacks.evasion import ProjectedGradientDescent
 from evaluation_fixtures import TINY, splits, tiny_estimator
 
-from deq_attacks import Adjoint, Early, Ensemble, Final, Phantom, Unrolled
+from deq_attacks import Adjoint, BackpropThroughSolver, Early, Ensemble, Final, Phantom, Unrolled
 from deq_attacks.evaluation import (
+    AttackKind,
+    AttackSpec,
     EvaluationConfig,
     SweepConfig,
     ThreatModel,
@@ -110,6 +112,18 @@ def test_columns_are_data_and_extra_estimates_add_columns() -> None:
     assert len(columns) == 2 * len(estimates) + 1
 
 
+def test_an_estimate_of_the_defended_computation_runs_once_per_defense() -> None:
+    defenses = {"final": Final(), "early": Early(2)}
+    shared = protocol_module._pgd_runs(AttackSpec("p PGD", AttackKind.PGD, Phantom()), defenses)
+    assert shared == {"shared/p PGD": defenses}
+    bptt = AttackSpec("bptt PGD", AttackKind.PGD, BackpropThroughSolver())
+    assert protocol_module._pgd_runs(bptt, defenses) == {
+        "final/bptt PGD": {"final": Final()},
+        "early/bptt PGD": {"early": Early(2)},
+    }
+    assert BackpropThroughSolver().depends_on_defense and not Phantom().depends_on_defense
+
+
 def run_tiny(path: Path | None, config: EvaluationConfig = TINY):
     dev, test = splits()
     return evaluate_model(tiny_estimator(trained=True), test, dev, config, results_path=path)
@@ -125,7 +139,8 @@ def test_whole_protocol_report(tiny_report) -> None:
     path, report = tiny_report
     matrix = report.matrix()
     assert matrix.defenses == ["final", "early", "ensemble"]
-    assert len(matrix.columns) == 13 and matrix.n_samples == 16
+    assert len(matrix.columns) == 15 and matrix.n_samples == 16
+    assert {"bptt PGD", "bptt AA"} <= set(matrix.columns)
     assert report.defenses["early"] == repr(Early(report.early_exit))
     assert report.development["early_exit"] == report.early_exit
     assert matrix.per_sample_robustness().accuracy <= matrix.paper_robustness().accuracy
@@ -137,7 +152,13 @@ def test_whole_protocol_report(tiny_report) -> None:
     assert {"square_beats_gradient", "more_steps_lower_accuracy", "large_eps_accuracy",
             "forward_not_converged", "robustness_accumulation", "output_depends_on_batch",
             "randomized_output", "zero_or_nan_gradients", "exact_backward_not_converged",
-            "spectral_radius"} <= names  # fmt: skip
+            "spectral_radius", "gradient_alignment"} <= names  # fmt: skip
+    alignment = next(c for c in report.diagnostics if c.name == "gradient_alignment")
+    assert set(alignment.numbers) == {"final", "early", "ensemble"}
+    for per_defense in alignment.numbers.values():
+        assert "bptt" not in per_defense["estimates"] and "ready-made" in per_defense["estimates"]
+        for entry in per_defense["estimates"].values():
+            assert entry["median"] is None or -1 - 1e-9 <= entry["median"] <= 1 + 1e-9
     assert all(c.verdict in ("pass", "flag") for c in report.diagnostics)
     saved = json.loads(json.dumps(report.to_json()))
     assert saved["columns"]["ready-made AA"]["autoattack"]["standard"] is False
@@ -215,3 +236,23 @@ def test_early_exit_stops_the_solver_at_n() -> None:
     assert short is not None and short.num_steps == 2 and full.num_steps > 2
     assert short.nfe < full.nfe
     torch.testing.assert_close(early, expected, rtol=0, atol=0)
+
+
+def test_early_exit_stops_the_attack_paths_solve_unless_a_gradient_is_needed() -> None:
+    estimator = tiny_estimator(trained=True)
+    (x, y), _ = splits()
+    xt = torch.from_numpy(x)
+    deq = estimator.deq
+    with estimator.using(defense=Early(2)):
+        with torch.no_grad():
+            short_logits = estimator.model(xt)
+        short = deq.last_trajectory
+        predicted = estimator.predict(x)
+        leaf = xt.clone().requires_grad_()
+        full_logits = estimator.model(leaf)
+        full = deq.last_trajectory
+        full_logits.sum().backward()  # the estimate reads the whole trajectory
+    assert short is not None and short.num_steps == 2
+    assert full is not None and full.num_steps > 2 and leaf.grad is not None
+    torch.testing.assert_close(short_logits, full_logits.detach(), rtol=0, atol=0)
+    np.testing.assert_array_equal(predicted, short_logits.numpy())

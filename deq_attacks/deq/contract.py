@@ -61,5 +61,8 @@ class DEQModel(nn.Module, ABC):
         """Run the reset hooks on f (called by ``solve`` before each forward solve)."""
 
     @abstractmethod
-    def solve(self, injection: Tensor, keep: bool | Collection[int] = False) -> Trajectory:
-        """Reset, then solve ``z = f(z; injection)`` from ``z_0`` without autograd."""
+    def solve(
+        self, injection: Tensor, keep: bool | Collection[int] = False, steps: int | None = None
+    ) -> Trajectory:
+        """Reset, then solve ``z = f(z; injection)`` from ``z_0`` without autograd; ``steps``
+        (below the solver's threshold) stops after that many iterates."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from deq_attacks.deq.readout import Final, Readout
+from deq_attacks.evaluation.diagnostics import Check, verdict
 from deq_attacks.gradients import BackpropThroughSolver, GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
 
@@ -170,7 +172,57 @@ def gradient_alignment(
 
 def _last_residuals(estimator: DEQEstimator, x: np.ndarray) -> np.ndarray:
     """Relative residual (B,) of each sample's last forward iterate, from its own solve."""
-    with torch.no_grad():
+    with torch.no_grad(), estimator.using(defense=Final()):  # the whole solve
         xt = torch.as_tensor(x, device=estimator.device)
         _, residuals = estimator.white_box.defended(xt)
     return residuals.double().cpu().numpy()
+
+
+ALIGNMENT_LIMIT = 0.9
+"""A ready-made gradient whose median cosine with the true gradient is below this is flagged."""
+
+
+def alignment_check(
+    estimator: DEQEstimator,
+    estimates: Mapping[str, GradientEstimate],
+    defenses: Mapping[str, Readout],
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    reference_label: str = "bptt",
+    ready_label: str = "ready-made",
+    batch_size: int = 64,
+) -> Check:
+    """Per defense, every estimate's cosine with ``estimates[reference_label]`` (median and
+    worst samples); flags a defense whose ready-made gradient has a median cosine below
+    ``ALIGNMENT_LIMIT`` (the attack a user would run follows an obfuscated gradient)."""
+    reference = estimates[reference_label]
+    others = {k: v for k, v in estimates.items() if k != reference_label}
+    numbers: dict[str, object] = {}
+    flagged: dict[str, float | None] = {}
+    for name, readout in defenses.items():
+        with estimator.using(defense=readout):
+            result = gradient_alignment(estimator, others, x, y, batch_size, reference=reference)
+        numbers[name] = result.to_json()
+        ready = result.estimates.get(ready_label)
+        if ready is not None and (ready.median is None or ready.median < ALIGNMENT_LIMIT):
+            flagged[name] = ready.median
+    summary = "; ".join(
+        f"{name}: "
+        + ", ".join(
+            f"{label} {_fmt(entry['median'])}/{_fmt(entry['worst'])}"
+            for label, entry in numbers[name]["estimates"].items()  # type: ignore[index]
+        )
+        for name in defenses
+    )
+    message = f"cosine with the true gradient (median/worst over {len(x)} samples) - {summary}" + (
+        f"; the ready-made gradient is misaligned (median < {ALIGNMENT_LIMIT}) for "
+        + ", ".join(flagged)
+        if flagged
+        else ""
+    )
+    return Check("gradient_alignment", verdict(bool(flagged)), message, numbers)
+
+
+def _fmt(value: object) -> str:
+    return "n/a" if value is None else f"{float(value):.2f}"  # type: ignore[arg-type]

@@ -11,6 +11,8 @@ from deq_attacks.gradients import Adjoint, Exact, GradientEnsemble, GradientEsti
 
 READY_MADE = "ready-made"
 """Label of the training gradient's column (the attack a user of a library would run)."""
+BPTT = "bptt"
+"""Label of the yardstick column: backprop through the solver, the true gradient."""
 
 
 def protocol_estimates(

@@ -25,8 +25,9 @@ from deq_attacks.config import to_jsonable
 from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
 from deq_attacks.evaluation import diagnostics as diag
 from deq_attacks.evaluation.aggregate import choose_early_exit
+from deq_attacks.evaluation.alignment import alignment_check
 from deq_attacks.evaluation.attacks import AttackSpec, ThreatModel
-from deq_attacks.evaluation.columns import READY_MADE, protocol_columns, protocol_estimates
+from deq_attacks.evaluation.columns import BPTT, READY_MADE, protocol_columns, protocol_estimates
 from deq_attacks.evaluation.distributed import Shards, map_blocks
 from deq_attacks.evaluation.result import EvaluationReport
 from deq_attacks.evaluation.scoring import score_readouts
@@ -34,7 +35,7 @@ from deq_attacks.evaluation.settings import EvaluationConfig
 from deq_attacks.evaluation.shared_runs import clean_scores, shared_pgd_scores
 from deq_attacks.evaluation.store import ResultStore, data_hash, weights_hash
 from deq_attacks.evaluation.sweep import run_sweep
-from deq_attacks.gradients import Exact, GradientEstimate
+from deq_attacks.gradients import BackpropThroughSolver, Exact, GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
 
 
@@ -134,7 +135,9 @@ def evaluate_model(
         )  # fmt: skip
 
         # 3. the test split: clean, shared PGD runs, per-defense attacks
-        estimates = protocol_estimates(ready, chosen, extra_estimates)
+        estimates = protocol_estimates(
+            ready, chosen, {**yardstick(config), **dict(extra_estimates or {})}
+        )
         columns = protocol_columns(estimates, config)
         clean = store.get("clean") or store.put(
             "clean", clean_scores(estimator, x, y, defenses, shards)
@@ -144,22 +147,23 @@ def evaluate_model(
         ready_scores: dict[str, Any] = {}
         for column in columns:
             if column.kind.shared:
-                key = f"shared/{column.label}"
-                result = store.get(key)
-                if result is None:
-                    say(f"test split: {column.label} (one run for every defense)")
-                    assert column.estimate is not None
-                    result = store.put(
-                        key,
-                        shared_pgd_scores(
-                            estimator, column.estimate, x, y, threat, defenses, shards,
-                            seed=config.seed, steps=column.steps,
-                        ),
-                    )  # fmt: skip
-                for d in defenses:
-                    survived[d][column.label] = result[f"defense/{d}"]
-                if column.estimate == ready:
-                    ready_scores = result
+                assert column.estimate is not None
+                for key, scored in _pgd_runs(column, defenses).items():
+                    result = store.get(key)
+                    if result is None:
+                        say(f"test split: {column.label} (one run for {', '.join(scored)})")
+                        with estimator.using(defense=next(iter(scored.values()))):
+                            result = store.put(
+                                key,
+                                shared_pgd_scores(
+                                    estimator, column.estimate, x, y, threat, scored, shards,
+                                    seed=config.seed, steps=column.steps,
+                                ),
+                            )  # fmt: skip
+                    for d in scored:
+                        survived[d][column.label] = result[f"defense/{d}"]
+                    if column.estimate == ready:
+                        ready_scores = result
                 continue
             for name, readout in defenses.items():
                 key = f"{name}/{column.label}"
@@ -236,6 +240,22 @@ def _defended_run(
     return map_blocks(block, len(x), shards)
 
 
+def yardstick(config: EvaluationConfig) -> dict[str, GradientEstimate]:
+    """The BPTT column (the true gradient of the defended logits), unless switched off."""
+    if not config.bptt:
+        return {}
+    return {BPTT: BackpropThroughSolver(checkpoint=config.bptt_checkpoint)}
+
+
+def _pgd_runs(column: AttackSpec, defenses: Mapping[str, Readout]) -> dict[str, dict[str, Readout]]:
+    """Store key -> the defenses one fixed-step PGD run scores: one shared run for an estimate
+    that ignores the defense, one run per defense for one that differentiates it (BPTT)."""
+    assert column.estimate is not None
+    if not column.estimate.depends_on_defense:
+        return {f"shared/{column.label}": dict(defenses)}
+    return {f"{name}/{column.label}": {name: readout} for name, readout in defenses.items()}
+
+
 def _diagnostics(
     estimator: DEQEstimator,
     estimates: Mapping[str, GradientEstimate],
@@ -276,6 +296,9 @@ def _diagnostics(
     checks += [batch, random]
     checks.append(diag.gradient_health_check(estimator, estimates, x[few], y[few]))
     checks.append(diag.exact_backward_check(estimator, Exact(), x[few], y[few]))
+    if BPTT in estimates:
+        say("diagnostics: alignment of every estimate with backprop through the solver")
+        checks.append(alignment_check(estimator, estimates, defenses, x[few], y[few]))
     rho = diag.spectral_radius(estimator, x[few])
     checks.append(
         diag.Check(

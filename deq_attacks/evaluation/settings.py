@@ -23,6 +23,13 @@ class EvaluationConfig:
     step: float = field(default=2 / 255, metadata=_help("PGD step size"))
     steps: int = field(default=10, metadata=_help("PGD iterations"))
     autoattack: bool = field(default=True, metadata=_help("run the standard AutoAttack columns"))
+    bptt: bool = field(
+        default=True,
+        metadata=_help("the yardstick column and alignment check: backprop through the solver"),
+    )
+    bptt_checkpoint: bool = field(
+        default=False, metadata=_help("recompute f per solver step in the BPTT backward (memory)")
+    )
     aa_iterations: int = field(default=100, metadata=_help("APGD-CE/APGD-T/FAB-T iterations"))
     aa_queries: int = field(default=5000, metadata=_help("AutoAttack's Square queries"))
     aa_target_classes: int = field(default=9, metadata=_help("APGD-T/FAB-T target classes"))

@@ -65,6 +65,10 @@ class GradientEstimate(ABC):
     feature), and is exported from ``deq_attacks.gradients``.
     """
 
+    #: True where the estimate differentiates the defended computation itself, so its gradient
+    #: (and a fixed-step attack with it) differs per defense; the paper's estimates do not.
+    depends_on_defense: bool = False
+
     def check(self, solver: Solver) -> None:
         """Raise if this estimate cannot be computed over ``solver``'s trajectories."""
         return None

@@ -69,6 +69,7 @@ class BackpropThroughSolver(GradientEstimate):
     """
 
     checkpoint: bool = False
+    depends_on_defense = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint, bool):

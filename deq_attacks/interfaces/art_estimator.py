@@ -171,7 +171,8 @@ class DEQEstimator(PyTorchClassifier):
                 logits, res = self.white_box.defended(batch)
                 outputs.append(logits.cpu().numpy().astype(np.float32))
                 residuals.append(res.cpu())
-        warn_unconverged(torch.cat(residuals), stacklevel=3)  # the caller of predict
+        if self.white_box.reads_fixed_point:
+            warn_unconverged(torch.cat(residuals), stacklevel=3)  # the caller of predict
         return self._apply_postprocessing(preds=np.concatenate(outputs), fit=False)
 
     def loss_gradient(

@@ -91,12 +91,17 @@ class _Defended(torch.autograd.Function):
         deq = call.deq
         keep = set(call.defense.keep_steps())
         estimate_keep: bool | frozenset[int] = False
+        # a solve that no estimate will read stops where the defense stops (Early(n): at n)
+        steps: int | None = call.defense.horizon(deq.solver.threshold)
         if ctx.needs_input_grad[0]:
             estimate_keep = call.estimate.keep_steps(deq.solver.threshold)
+            steps = None
         with eval_mode(deq):
             injection = deq.inject(x)
             trajectory = deq.solve(
-                injection, keep=True if estimate_keep is True else keep | set(estimate_keep or ())
+                injection,
+                keep=True if estimate_keep is True else keep | set(estimate_keep or ()),
+                steps=steps,
             )
             logits = deq.logits(call.defense.state(deq, trajectory, injection), injection)
         residuals = last_residuals(trajectory)
@@ -208,7 +213,8 @@ class WhiteBoxModule(nn.Module):
         self, x: Tensor, loss: LossFn | None = None, labels: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Defended logits (B, classes) and the relative residual (B,) of each sample's last
-        iterate, with the current estimate and defense; with ``loss`` and ``labels`` (B,), the
+        iterate (without a gradient, a solve for Early(n) stops at z_n: its residual), with the
+        current estimate and defense; with ``loss`` and ``labels`` (B,), the
         backward evaluates the loss at each surrogate state (loss-aware) instead of using the
         incoming cotangent straight-through."""
         if (loss is None) != (labels is None):
@@ -233,12 +239,19 @@ class WhiteBoxModule(nn.Module):
                 self.deq, estimate or self._estimate, x, cotangent, trajectory, self._defense
             )
 
+    @property
+    def reads_fixed_point(self) -> bool:
+        """Whether the defense reads the end of the solve (Final, Ensemble), so that an
+        unconverged solve is worth a warning; Early(n) stops short of it by design."""
+        return self._defense.horizon(self.deq.solver.threshold) >= self.deq.solver.threshold
+
     def forward(self, x: Tensor) -> Tensor:
         """Defended logits (B, classes); inside ``fitting()``, the DEQ's training forward."""
         if self._fitting:
             return cast(Tensor, self.deq(x))
         logits, residuals = self.defended(x)
-        warn_unconverged(residuals, stacklevel=4)  # the caller of module(x)
+        if self.reads_fixed_point:
+            warn_unconverged(residuals, stacklevel=4)  # the caller of module(x)
         return logits
 
     def extra_repr(self) -> str:
