@@ -222,8 +222,10 @@ class DefendedModel(nn.Module):
     def __init__(self, estimator: DEQEstimator) -> None:
         super().__init__()
         self.estimator = estimator
-        self.white_box = estimator.model
+        self.white_box = estimator.white_box
 
     def forward(self, x: Tensor) -> Tensor:
         processed, _ = self.estimator._apply_preprocessing(x, y=None, fit=False, no_grad=False)
-        return self.white_box(processed)
+        # convergence is reported once, by the protocol's diagnostics, not at every query
+        logits, _ = self.white_box.defended(processed)
+        return logits
