@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torchattacks
+from test_estimator_api import TanhLayer
 from torch import Tensor, nn
 
 from deq_attacks import (
@@ -41,17 +42,6 @@ from deq_attacks.solvers import Solver
 DIM, FEATURES, CLASSES = 6, 4, 3
 STEPS = 4  # forward iterates of the unconverged models
 H = 1e-6  # finite-difference step in x
-
-
-class TanhLayer(nn.Module):
-    """``f(z, inj) = tanh(z W^T + inj)`` on (B, d) states."""
-
-    def __init__(self, weight: Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-
-    def forward(self, z: Tensor, inj: Tensor) -> Tensor:
-        return torch.tanh(z @ self.weight.T + inj)
 
 
 def tanh_deq(
