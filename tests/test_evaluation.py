@@ -15,7 +15,7 @@ from deq_attacks.cli import main
 from deq_attacks.data import load_digits
 from deq_attacks.evaluation import AttackKind, AttackSpec, EvaluationConfig, ThreatModel
 from deq_attacks.models import mlp_deq
-from deq_attacks.training import TrainingConfig, train
+from deq_attacks.training import TrainingConfig, art_trainer, train
 
 
 def tiny_estimator(hidden: int = 16) -> DEQEstimator:
@@ -106,6 +106,21 @@ def test_adversarial_training_runs_with_matching_estimate(digits) -> None:
     finally:
         Phantom.injection_gradient = original  # type: ignore[method-assign]
     assert seen and all(s == Phantom(2, 0.5) for s in seen)
+
+
+def test_validation_pgd_starts_at_random(digits, monkeypatch) -> None:
+    _, _, x_val, y_val = digits
+    made = []
+    original = art_trainer.ProjectedGradientDescent
+
+    def spy(*args, **kwargs):
+        made.append(kwargs.get("num_random_init", 0))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(art_trainer, "ProjectedGradientDescent", spy)
+    config = TrainingConfig(clean_epochs=1, batch_size=20, eps=0.1, step=0.05, steps=2)
+    record = art_trainer.validate(tiny_estimator(), (x_val, y_val), config, Phantom(2, 0.5))
+    assert made == [1] and 0 <= record["val_pgd_accuracy"] <= 1
 
 
 def test_training_config_validation() -> None:

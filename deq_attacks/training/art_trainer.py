@@ -92,6 +92,7 @@ def validate(
             eps=config.eps,
             eps_step=config.step,
             max_iter=config.steps,
+            num_random_init=1,  # the threat model's uniform random start
             batch_size=config.batch_size,
             verbose=False,
         ).generate(x_val, np.eye(estimator.nb_classes, dtype=np.float32)[y_val])
