@@ -207,8 +207,8 @@ def eval_config(setup: Setup, **changes: Any) -> EvaluationConfig:
         return dataclasses.replace(EvaluationConfig(), **changes)
     if setup.preset == "cpu":
         base = EvaluationConfig(
-            eps=0.1, step=0.025, autoattack=False, aa_iterations=20, aa_target_classes=3,
-            aa_queries=300, square_queries=300, long_steps=50, diagnostic_samples=16,
+            eps=0.1, step=0.025, autoattack=False, aa_iterations=10, aa_target_classes=1,
+            aa_queries=100, square_queries=300, long_steps=50, diagnostic_samples=16,
         )  # fmt: skip
     else:
         base = EvaluationConfig(

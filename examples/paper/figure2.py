@@ -24,7 +24,7 @@ PAPER = [
      "note": ""},
     {"model": "unrolling (8/7)", "final PGD-10": 42.67, "best intermediate PGD-10": 51.90,
      "note": "residual 0.04 at the final state"},
-]
+]  # fmt: skip
 
 
 def run(setup: common.Setup) -> dict:

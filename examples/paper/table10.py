@@ -36,7 +36,7 @@ PAPER = [
      "PGD unroll": 42.67, "samples/s": 35.4},
     {"training": "unrolling (8/7)", "defense": "early", "clean": 79.57, "PGD exact": 54.01,
      "PGD unroll": 51.90, "samples/s": 35.4},
-]
+]  # fmt: skip
 KINDS = {
     "paper": ["exact", "exact_18_20", "exact_30_30", "exact_50_50", "unrolling"],
     "cpu": ["exact", "exact_18_20", "unrolling"],
