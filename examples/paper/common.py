@@ -422,3 +422,8 @@ def training_speed(result: RunResult) -> float | None:
     """Mean training samples per second over the adversarial-training epochs (None if none)."""
     values = [r["samples_per_s"] for r in result.state.history if "pgd-at" in r["phase"]]
     return round(float(np.mean(values)), 1) if values else None
+
+
+def diagnostic_notes(title: str, report: EvaluationReport) -> list[str]:
+    """One line per diagnostic of the protocol: verdict and sentence."""
+    return [f"{title}: {c.name} [{c.verdict}] {c.message}" for c in report.diagnostics]

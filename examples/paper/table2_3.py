@@ -61,6 +61,7 @@ def run(setup: common.Setup, autoattack: bool = False) -> dict:
     started = time.perf_counter()
     tables: dict[str, list[dict[str, Any]]] = {}
     summary: dict[str, Any] = {}
+    diagnostics: list[str] = []
     # Table 3 (AutoAttack) is the unrolling-trained DEQs'; the exact-trained one is Table 2's
     models = [("unrolling-trained (8/7)", "unrolling", autoattack),
               (f"exact-trained ({EXACT_KIND[setup.preset][6:].replace('_', '/') or '8/7'})",
@@ -75,6 +76,7 @@ def run(setup: common.Setup, autoattack: bool = False) -> dict:
             tables[f"{title}, AutoAttack"] = common.paper_layout(report, "AA")
         summary[title] = {"early_exit": report.early_exit, "chosen": report.chosen,
                           "white_box_robustness": robustness(report)}  # fmt: skip
+        diagnostics += common.diagnostic_notes(title, report)
     paper = {**PAPER_T2, **(PAPER_T3_AA if autoattack else {})}
     name = "Tables 2 and 3" if autoattack else "Table 2"
     return common.write_results(
@@ -83,7 +85,7 @@ def run(setup: common.Setup, autoattack: bool = False) -> dict:
                + (str(config.autoattack_settings.describe()) if autoattack else "off"),
                "adjoint final = exact gradient; unrolled final = phantom gradient (k=5, 0.5)"]
         + [f"{t}: n* = {s['early_exit']}, chosen {s['chosen']}, white-box robustness "
-           f"{s['white_box_robustness']}" for t, s in summary.items()],
+           f"{s['white_box_robustness']}" for t, s in summary.items()] + diagnostics,
         extra={"summary": summary},
     )  # fmt: skip
 

@@ -40,7 +40,8 @@ def run(setup: common.Setup) -> dict:
         {"table 5": table5, "table 6": common.paper_layout(report, "PGD")},
         {"table 5": PAPER_T5, "table 6": PAPER_T6}, started,
         notes=[f"n* = {report.early_exit}, chosen {report.chosen}",
-               f"white-box robustness {robustness(report)}"],
+               f"white-box robustness {robustness(report)}",
+               *common.diagnostic_notes("standard-trained", report)],
     )  # fmt: skip
 
 
