@@ -90,8 +90,9 @@ def run(setup: common.Setup) -> dict:
         setup, "Table 10: solver thresholds of exact-trained DEQs, with training speed",
         {"table 10": rows}, {"table 10": PAPER}, started,
         notes=["early = Early(n*), n* chosen on the development split by the ready-made PGD; "
-               "final clean = z_N's", "samples/s: mean over the PGD-AT epochs of training "
-               "(metrics.jsonl), on this machine"],
+               "final = the Final() readout",
+               "samples/s: mean over the PGD-AT epochs of training (metrics.jsonl), on this "
+               "machine, which may have run other jobs at the same time: compare with care"],
         extra={"profiles": profiles},
     )  # fmt: skip
 
