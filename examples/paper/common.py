@@ -312,14 +312,16 @@ def paper_layout(report: EvaluationReport, attack: str = "PGD") -> list[dict[str
 
 
 def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Rows (dicts with the same keys) as a markdown table."""
+    """Rows (dicts) as a markdown table; the columns are every key in first-seen order, a row
+    without one leaves its cell empty."""
     if not rows:
         return "(empty)"
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for row in rows for k in row))
     lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     for row in rows:
-        cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = [row.get(k, "") for k in keys]
+        text = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in cells]
+        lines.append("| " + " | ".join(text) + " |")
     return "\n".join(lines)
 
 
