@@ -1,0 +1,1 @@
+"""Scripts reproducing the paper's tables and figures (``--preset paper|cpu|tiny``)."""

@@ -1,0 +1,431 @@
+"""What every paper script shares: the presets (paper / cpu / tiny), the cache of trained models
+and of protocol runs, the held-out data, and the results writer (JSON + markdown, measured
+beside the paper's numbers).
+
+A script composes ``deq_attacks.training.run_training`` and ``deq_attacks.evaluation``; it
+does not reimplement them. Trained models live in ``<cache>/<kind>-<hash of the config>``
+(resumable: a second script asking for the same config finds the finished run at once), and
+protocol results in ``<cache>/eval-<hash>.json`` (``evaluate_model`` resumes from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deq_attacks.checkpoints import load_weights
+from deq_attacks.cli.evaluate import held_out_data
+from deq_attacks.config import to_jsonable
+from deq_attacks.data import ImageDataset, load_arrays_file, load_cifar10
+from deq_attacks.deq import DEQ
+from deq_attacks.deq.readout import Final, Readout
+from deq_attacks.evaluation import (
+    AttackKind,
+    AttackSpec,
+    EvaluationConfig,
+    EvaluationReport,
+    SweepConfig,
+    evaluate_model,
+    score_readouts,
+)
+from deq_attacks.evaluation.distributed import Shards
+from deq_attacks.evaluation.shared_runs import clean_scores, shared_pgd_scores
+from deq_attacks.evaluation.store import jsonable
+from deq_attacks.gradients import GradientEstimate, Phantom
+from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.training import RunResult, TrainConfig, preset, run_training
+from deq_attacks.training.config import RUN_ONLY_KEYS, Device, Gradient
+
+PRESETS = ("paper", "cpu", "tiny")
+DEFAULT_CACHE = Path("runs/paper_cache")
+
+#: Training preset per model kind for --preset paper (CIFAR-10, DEQ-Large unless named).
+PAPER_KINDS = {
+    "exact": "deq_large_exact_8_7",
+    "exact_18_20": "deq_large_exact_18_20",
+    "exact_30_30": "deq_large_exact_30_30",
+    "exact_50_50": "deq_large_exact_50_50",
+    "unrolling": "deq_large_unrolling",
+    "unrolling_xl": "deq_xl_unrolling",
+    "baseline": "resnet18_pgd_at",
+    "baseline_xl": "wrn34_10_pgd_at",
+}
+CPU_KINDS = {"exact": "cpu_exact", "unrolling": "cpu_unrolling", "clean": "cpu_clean"}
+
+#: Paper presets' GPU hours on one RTX 3090, from the paper's Table 10 throughput (see
+#: docs/training.md "Expected GPU time"); XL and the baselines: several times DEQ-Large.
+PAPER_GPU_HOURS = {
+    "deq_large_unrolling": 46,
+    "deq_large_exact_8_7": 57,
+    "deq_large_exact_18_20": 73,
+    "deq_large_exact_30_30": 216,
+    "deq_large_exact_50_50": 312,
+}
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every paper script takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", choices=PRESETS, default="cpu", help="paper (GPU) | cpu | tiny")
+    p.add_argument("--out-dir", type=Path, default=None, help="results (default runs/paper/..)")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="trained models, shared")
+    p.add_argument("--data", default="digits", help="cpu/tiny: digits or an .npz arrays file")
+    p.add_argument("--data-root", type=Path, default=Path("data"), help="paper: CIFAR-10 root")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: preset's")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    return p
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The resolved options of one script run."""
+
+    preset: str
+    out_dir: Path
+    cache: Path
+    data: str
+    data_root: Path
+    device: str
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, name: str) -> Setup:
+        if args.preset != "paper" and args.data != "digits" and not Path(args.data).is_file():
+            raise SystemExit(f"--data {args.data!r}: not 'digits' and not a file")
+        torch.set_num_threads(args.threads)
+        device = args.device or ("cuda" if args.preset == "paper" else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda (the paper preset's default): no CUDA device here")
+        out = args.out_dir or Path("runs/paper") / args.preset / name
+        return cls(args.preset, out, args.cache, args.data, args.data_root, device)
+
+
+def train_config(setup: Setup, kind: str, **changes: Any) -> TrainConfig:
+    """The training config of model ``kind`` (exact, unrolling, clean, baseline, ...) for the
+    preset, with ``changes`` (TrainConfig fields) applied."""
+    if setup.preset == "paper":
+        if kind == "clean":
+            base = dataclasses.replace(preset(PAPER_KINDS["exact"]), adversarial=False)
+        elif kind in PAPER_KINDS:
+            base = preset(PAPER_KINDS[kind])
+        else:
+            raise ValueError(f"no paper model {kind!r}; kinds: {sorted(PAPER_KINDS)} + clean")
+        base = dataclasses.replace(base, data_root=setup.data_root, device=Device(setup.device))
+    else:
+        if kind == "baseline":
+            base = dataclasses.replace(
+                preset("cpu_exact"), model="resnet18", width=8, dropout=None,
+                gradient=Gradient.AUTOGRAD, pretrain_steps=0, jac_weight=0.0,
+            )  # fmt: skip
+        elif kind.startswith("exact_"):
+            forward, backward = (int(v) for v in kind.split("_")[1:])
+            base = dataclasses.replace(
+                preset("cpu_exact"), forward_threshold=forward, backward_threshold=backward
+            )
+        elif kind in CPU_KINDS:
+            base = preset(CPU_KINDS[kind])
+        else:
+            raise ValueError(f"no cpu model {kind!r}; kinds: {sorted(CPU_KINDS)}, baseline")
+        base = dataclasses.replace(base, data=setup.data, device=Device(setup.device))
+        if setup.preset == "tiny":
+            base = dataclasses.replace(
+                base, width=8 if base.is_deq else 4, train_limit=60, dev_size=20, epochs=1,
+                batch_size=20, pretrain_steps=1, steps=2, eval_batch_size=20,
+                spectral_samples=2, plots=False,
+            )  # fmt: skip
+    return dataclasses.replace(base, **changes)
+
+
+def config_hash(config: TrainConfig) -> str:
+    values = {k: v for k, v in to_jsonable(config).items() if k not in RUN_ONLY_KEYS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def train_cached(setup: Setup, kind: str, **changes: Any) -> RunResult:
+    """Train (or find, already trained) model ``kind`` in the shared cache; its model holds
+    the best checkpoint's weights (by dev PGD), in eval mode."""
+    config = train_config(setup, kind, **changes)
+    if setup.preset == "paper":
+        name = PAPER_KINDS.get(kind, kind)
+        print(f"[paper] {name}: expected about {PAPER_GPU_HOURS.get(name, 'several x 50')} "
+              "GPU hours on one RTX 3090 (docs/training.md)")  # fmt: skip
+    run_dir = setup.cache / f"{kind}-{config_hash(config)}"
+    started = time.perf_counter()
+    result = run_training(config, run_dir, log=lambda text: print(f"  [{kind}] {text}"))
+    load_weights(result.model, run_dir / "best.safetensors")
+    result.model.eval()
+    print(f"  [{kind}] model ready in {time.perf_counter() - started:.0f} s ({run_dir})")
+    return result
+
+
+def estimator(result: RunResult, data: ImageDataset, setup: Setup) -> DEQEstimator:
+    """The ART estimator of a trained DEQ (defense and estimate switched by the protocol)."""
+    model = result.model
+    if not isinstance(model, DEQ):
+        raise TypeError(f"{type(model).__name__} is not a DEQ")
+    return DEQEstimator(
+        model,
+        input_shape=data.x.shape[1:],
+        nb_classes=int(data.num_classes or data.y.max() + 1),
+        device_type="gpu" if setup.device == "cuda" else "cpu",
+    )
+
+
+def held_out(setup: Setup) -> ImageDataset:
+    """Images no training run saw: the CIFAR-10 test set (paper), the digits past the training
+    pool, an arrays file's test split, or the last 20% of a file without one (training draws
+    from the first 80%)."""
+    if setup.preset == "paper":
+        return load_cifar10(setup.data_root, train=False)
+    if setup.data == "digits":
+        return held_out_data("digits")
+    with np.load(setup.data) as arrays:
+        has_test = "x_test" in arrays.files
+    if has_test:
+        return load_arrays_file(setup.data, split="test")
+    everything = load_arrays_file(setup.data)
+    return everything.split(int(0.8 * len(everything)))[1]
+
+
+#: Development / test images per preset.
+SPLITS = {"paper": (1000, 9000), "cpu": (100, 200), "tiny": (10, 20)}
+
+
+def eval_config(setup: Setup, **changes: Any) -> EvaluationConfig:
+    """The protocol's settings: the paper's (standard AutoAttack); on CPU eps 0.1 (the
+    training eps of the digits), the default sweep grid, no AutoAttack unless asked."""
+    if setup.preset == "paper":
+        return dataclasses.replace(EvaluationConfig(), **changes)
+    if setup.preset == "cpu":
+        base = EvaluationConfig(
+            eps=0.1, step=0.025, autoattack=False, aa_iterations=10, aa_target_classes=1,
+            aa_queries=100, square_queries=300, long_steps=50, diagnostic_samples=16,
+        )  # fmt: skip
+    else:
+        base = EvaluationConfig(
+            eps=0.1, step=0.025, steps=2, autoattack=False, aa_iterations=2,
+            aa_target_classes=1, aa_queries=5, square_queries=10, long_steps=3,
+            diagnostic_samples=2, batch_size=20,
+            sweep=SweepConfig(adjoint_steps="1,2", adjoint_betas="1.0", unrolled_steps="1,2",
+                              unrolled_ks="1", unrolled_lams="1.0"),
+        )  # fmt: skip
+    return dataclasses.replace(base, **changes)
+
+
+def splits(setup: Setup, data: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
+    """(development, test): the first n_dev held-out images, then the next n_test."""
+    n_dev, n_test = SPLITS[setup.preset]
+    n_test = min(n_test, len(data) - n_dev)
+    if n_test < 1:
+        raise SystemExit(f"{len(data)} held-out images: too few for {n_dev} development ones")
+    return data.subset(np.arange(n_dev)), data.subset(np.arange(n_dev, n_dev + n_test))
+
+
+def protocol_extras(result: RunResult) -> dict[str, GradientEstimate]:
+    """Extra columns so both 'final' attacks of the paper's tables exist: the phantom gradient
+    (k=5, lambda=0.5) when the model's ready-made attack is the exact gradient."""
+    model = result.model
+    assert isinstance(model, DEQ)
+    if model.training_gradient.attack_estimate() == Phantom(5, 0.5):
+        return {}
+    return {"phantom": Phantom(5, 0.5)}
+
+
+def run_protocol(
+    setup: Setup, kind: str, config: EvaluationConfig | None = None, **train_changes: Any
+) -> tuple[RunResult, EvaluationReport]:
+    """The whole protocol on model ``kind``, cached in the shared folder (a second script with
+    the same model and settings reads it back at once)."""
+    result = train_cached(setup, kind, **train_changes)
+    data = held_out(setup)
+    dev, test = splits(setup, data)
+    config = config or eval_config(setup)
+    extras = protocol_extras(result)
+    key = json.dumps(
+        [result.run_dir.name, to_jsonable(config), len(dev), len(test), sorted(extras)]
+    )
+    path = setup.cache / f"eval-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    started = time.perf_counter()
+    report = evaluate_model(
+        estimator(result, data, setup), (test.x, test.y), (dev.x, dev.y), config,
+        results_path=path, extra_estimates=extras,
+        description={"kind": kind, "run": str(result.run_dir)},
+        progress=lambda text: print(f"  [{kind} eval {time.perf_counter() - started:5.0f} s] "
+                                    f"{text}", flush=True),
+    )  # fmt: skip
+    return result, report
+
+
+def pct(value: float) -> float:
+    """A fraction in [0, 1] as a percentage rounded to 2 decimals."""
+    return round(100.0 * float(value), 2)
+
+
+def column_accuracy(report: EvaluationReport) -> dict[str, dict[str, float]]:
+    """defense -> column label -> accuracy (%), plus 'clean'."""
+    matrix = report.matrix()
+    out: dict[str, dict[str, float]] = {}
+    for d, row in zip(matrix.defenses, matrix.column_accuracy(), strict=True):
+        out[d] = {"clean": pct(np.mean(report.clean[d]))}
+        out[d].update({c: pct(v) for c, v in zip(matrix.columns, row, strict=True)})
+    return out
+
+
+def find_column(columns: Sequence[str], prefix: str, suffix: str = "PGD") -> str:
+    """The one column label starting with ``prefix`` and ending with ``suffix``."""
+    found = [c for c in columns if c.startswith(prefix) and c.endswith(suffix)]
+    if len(found) != 1:
+        raise KeyError(f"no single column {prefix}..{suffix} among {list(columns)}")
+    return found[0]
+
+
+def paper_layout(report: EvaluationReport, attack: str = "PGD") -> list[dict[str, Any]]:
+    """Table 2/3/6's layout: per defense, clean, then the simultaneous adjoint's final,
+    intermediate and ensemble attacks, then the unrolled intermediates' three."""
+    acc = column_accuracy(report)
+    labels = list(next(iter(acc.values())))
+    exact_trained = "phantom PGD" in labels
+    sources = {
+        "adjoint final": "ready-made " if exact_trained else "exact ",
+        "adjoint intermediate": "adjoint z_",
+        "adjoint ensemble": "ens. adjoint ",
+        "unrolled final": "phantom " if exact_trained else "ready-made ",
+        "unrolled intermediate": "unrolled z_",
+        "unrolled ensemble": "ens. unrolled ",
+    }
+    rows = []
+    for defense, cells in acc.items():
+        row: dict[str, Any] = {"defense": defense, "clean": cells["clean"]}
+        for name, prefix in sources.items():
+            row[name] = cells[find_column(labels, prefix, attack)]
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows (dicts) as a markdown table; the columns are every key in first-seen order, a row
+    without one leaves its cell empty."""
+    if not rows:
+        return "(empty)"
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    for row in rows:
+        cells = [row.get(k, "") for k in keys]
+        text = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in cells]
+        lines.append("| " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+def write_results(
+    setup: Setup,
+    title: str,
+    tables: Mapping[str, Sequence[Mapping[str, Any]]],
+    paper: Mapping[str, Sequence[Mapping[str, Any]]],
+    started: float,
+    notes: Sequence[str] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``results.json`` and ``results.md`` (measured tables, then the paper's, labelled
+    "paper") into the out dir, print the markdown, return the JSON."""
+    setup.out_dir.mkdir(parents=True, exist_ok=True)
+    wall = time.perf_counter() - started
+    payload = {
+        "title": title,
+        "preset": setup.preset,
+        "data": "cifar10" if setup.preset == "paper" else setup.data,
+        "wall_seconds": round(wall, 1),
+        "measured": {k: list(v) for k, v in tables.items()},
+        "paper": {k: list(v) for k, v in paper.items()},
+        "notes": list(notes),
+        **(dict(extra) if extra else {}),
+    }
+    (setup.out_dir / "results.json").write_text(json.dumps(jsonable(payload), indent=2))
+    parts = [f"# {title}", f"preset `{setup.preset}`, data `{payload['data']}`, "
+             f"wall time {wall:.0f} s", ""]  # fmt: skip
+    for name, rows in tables.items():
+        parts += [f"## measured: {name}", "", markdown(rows), ""]
+    for name, rows in paper.items():
+        parts += [f"## paper (CIFAR-10, DEQ-Large/XL): {name}", "", markdown(rows), ""]
+    parts += [f"- {n}" for n in notes]
+    text = "\n".join(parts) + "\n"
+    (setup.out_dir / "results.md").write_text(text)
+    print(text)
+    return payload
+
+
+def main_wrapper(run: Callable[[Setup], Any], description: str, name: str) -> Callable[..., int]:
+    """A ``main(argv)`` that parses the common options and calls ``run(setup)``."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        args = parser(description).parse_args(argv)
+        run(Setup.from_args(args, name))
+        return 0
+
+    return main
+
+
+def ready_made(result: RunResult) -> GradientEstimate:
+    """The attack a library user would run: the model's training gradient."""
+    model = result.model
+    assert isinstance(model, DEQ)
+    return model.training_gradient.attack_estimate()
+
+
+def pgd_scores(
+    est: DEQEstimator,
+    estimate: GradientEstimate,
+    test: ImageDataset,
+    config: EvaluationConfig,
+    defenses: Mapping[str, Readout] | None = None,
+    steps: int | None = None,
+) -> dict[str, np.ndarray]:
+    """One fixed-step PGD run with ``estimate`` (the protocol's shared run) scored for each
+    defense (default: final) and every iterate: ``score_readouts``' arrays."""
+    return shared_pgd_scores(
+        est, estimate, test.x, test.y, config.threat, defenses or {"final": Final()},
+        Shards(block_size=config.batch_size), seed=config.seed, steps=steps,
+    )  # fmt: skip
+
+
+def clean(est: DEQEstimator, test: ImageDataset, config: EvaluationConfig) -> dict[str, Any]:
+    """Clean per-sample correctness of the final state and every iterate, with residuals."""
+    shards = Shards(block_size=config.batch_size)
+    return clean_scores(est, test.x, test.y, {"final": Final()}, shards)
+
+
+def square_accuracy(
+    est: DEQEstimator, defense: Readout, test: ImageDataset, config: EvaluationConfig
+) -> float:
+    """Accuracy (%) of ``defense`` under Square (``config.square_queries``), clean-wrong
+    samples counted as wrong."""
+    spec = AttackSpec("square", AttackKind.SQUARE, steps=config.square_queries)
+    correct = []
+    with est.using(defense=defense):
+        for start in range(0, len(test), config.batch_size):
+            part = slice(start, start + config.batch_size)
+            x_adv, _ = spec.run_defended(est, test.x[part], test.y[part], config.threat,
+                                         seed=config.seed + start)  # fmt: skip
+            scores = score_readouts(est, x_adv, test.y[part], {"d": defense}, len(x_adv))
+            clean_ok = score_readouts(est, test.x[part], test.y[part], {"d": defense}, len(x_adv))
+            correct.append(scores["defense/d"] & clean_ok["defense/d"])
+    return pct(np.concatenate(correct).mean())
+
+
+def training_speed(result: RunResult) -> float | None:
+    """Mean training samples per second over the adversarial-training epochs (None if none)."""
+    values = [r["samples_per_s"] for r in result.state.history if "pgd-at" in r["phase"]]
+    return round(float(np.mean(values)), 1) if values else None
+
+
+def diagnostic_notes(title: str, report: EvaluationReport) -> list[str]:
+    """One line per diagnostic of the protocol: verdict and sentence."""
+    return [f"{title}: {c.name} [{c.verdict}] {c.message}" for c in report.diagnostics]
