@@ -120,3 +120,7 @@ def test_reprs_stay_short_enough_for_a_table_column() -> None:
         assert len(repr(obj)) <= 40, repr(obj)
     solver = Broyden(threshold=9)
     assert repr(ImplicitGradient(solver, on_backward=print)) == repr(ImplicitGradient(solver))
+    # solvers show only the settings that differ from their defaults
+    assert repr(solver) == "Broyden(threshold=9)" and repr(Broyden()) == "Broyden()"
+    assert repr(Broyden(stop_mode="abs", alpha=0.5)) == "Broyden(stop_mode='abs', alpha=0.5)"
+    assert repr(Exact()) == "Exact(backward_solver=Broyden(threshold=30, tol=1e-06))"

@@ -10,7 +10,7 @@ from deq_attacks.solvers.base import Solver, _Recorder
 from deq_attacks.solvers.trajectory import Trajectory
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # Solver's short repr
 class Anderson(Solver):
     """Anderson acceleration (type II) over the last ``memory`` iterates.
 

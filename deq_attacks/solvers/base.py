@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from abc import ABC, abstractmethod
@@ -64,6 +65,16 @@ class Solver(ABC):
                 raise ValueError(
                     f"unknown stop_mode {self.stop_mode!r}; choose one of {options}"
                 ) from None
+
+    def __repr__(self) -> str:
+        """Only the settings that differ from the defaults, short enough to label a column."""
+        changed = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != f.default:
+                shown = value.value if isinstance(value, enum.Enum) else value
+                changed.append(f"{f.name}={shown!r}")
+        return f"{type(self).__name__}({', '.join(changed)})"
 
     @property
     def keeps_inverse(self) -> bool:

@@ -77,7 +77,7 @@ class _Columns:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # Solver's short repr
 class Broyden(Solver):
     """Broyden's "good" method on ``g(z) = f(z) - z``.
 

@@ -8,7 +8,7 @@ from deq_attacks.solvers.base import Solver, _Recorder
 from deq_attacks.solvers.trajectory import Trajectory
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)  # Solver's short repr
 class FixedPointIteration(Solver):
     """``z_{n+1} = (1 - damping) z_n + damping f(z_n)``.
 
