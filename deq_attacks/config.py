@@ -19,7 +19,7 @@ import dataclasses
 import enum
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -129,6 +129,17 @@ def dataclass_from_options(cls: type[C], namespace: argparse.Namespace, base: C 
     }
     start = base if base is not None else cls()
     return dataclasses.replace(start, **values)  # type: ignore[type-var]
+
+
+def parse_pairs(items: Iterable[str], option: str = "--set") -> dict[str, str]:
+    """``KEY=VALUE`` strings as a dict (dashes in keys read as underscores)."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{option} expects KEY=VALUE, got {item!r}")
+        pairs[key.strip().replace("-", "_")] = value
+    return pairs
 
 
 def override(config: C, settings: Mapping[str, str]) -> C:

@@ -186,3 +186,22 @@ def test_bad_options_fail_before_work(tmp_path: Path) -> None:
         setup_for(tmp_path, tmp_path, "x", "--data", str(tmp_path / "missing.npz"))
     with pytest.raises(ValueError, match="no cpu model"):
         common.train_config(setup_for(tmp_path, tmp_path, "x"), "nonsense")
+
+
+def test_setting_changes_reach_the_configs_and_the_cache_key(tmp_path: Path) -> None:
+    setup = setup_for(tmp_path, tmp_path, "x", "--train-set", "epochs=3",
+                      "--train-set", "jac-weight=0", "--eval-set", "eps=0.2")  # fmt: skip
+    config = common.train_config(setup, "exact")
+    assert (config.epochs, config.jac_weight) == (3, 0.0)
+    # the script's own variable (Table 11's weight) wins over the user's setting
+    assert common.train_config(setup, "exact", jac_weight=1.2).jac_weight == 1.2
+    assert common.eval_config(setup).eps == 0.2
+    assert common.eval_config(setup, eps=0.3).eps == 0.3
+    plain = common.train_config(setup_for(tmp_path, tmp_path, "x"), "exact")
+    assert common.config_hash(plain) != common.config_hash(config)
+    with pytest.raises(SystemExit, match="unknown setting 'epoch'"):
+        setup_for(tmp_path, tmp_path, "x", "--train-set", "epoch=3")
+    with pytest.raises(SystemExit, match="bad value 'big'"):
+        setup_for(tmp_path, tmp_path, "x", "--eval-set", "eps=big")
+    with pytest.raises(SystemExit, match="expects KEY=VALUE"):
+        setup_for(tmp_path, tmp_path, "x", "--eval-set", "eps")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from deq_attacks.config import add_dataclass_options, dataclass_from_options, override
+from deq_attacks.config import add_dataclass_options, dataclass_from_options, override, parse_pairs
 from deq_attacks.training import PRESETS, TrainConfig, preset, run_training
 from deq_attacks.training.config import Device
 from deq_attacks.training.resume import ConfigMismatchError
@@ -61,13 +61,7 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
         if not isinstance(values, dict):
             raise ValueError(f"{args.config}: expected a JSON object of settings")
         config = override(config, {k: _as_text(v) for k, v in values.items()})
-    pairs = {}
-    for item in args.settings:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        pairs[key.strip().replace("-", "_")] = value
-    config = override(config, pairs)
+    config = override(config, parse_pairs(args.settings))
     return dataclass_from_options(TrainConfig, args, base=config)
 
 

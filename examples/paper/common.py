@@ -25,7 +25,7 @@ import torch
 
 from deq_attacks.checkpoints import load_weights
 from deq_attacks.cli.evaluate import held_out_data
-from deq_attacks.config import to_jsonable
+from deq_attacks.config import override, parse_pairs, to_jsonable
 from deq_attacks.data import ImageDataset, load_arrays_file, load_cifar10
 from deq_attacks.deq import DEQ
 from deq_attacks.deq.readout import Final, Readout
@@ -83,6 +83,10 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, default=Path("data"), help="paper: CIFAR-10 root")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: preset's")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a TrainConfig setting for every model trained (e.g. epochs=24)")
+    p.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an EvaluationConfig setting (e.g. eps=0.2)")  # fmt: skip
     return p
 
 
@@ -96,6 +100,8 @@ class Setup:
     data: str
     data_root: Path
     device: str
+    train_settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    eval_settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, name: str) -> Setup:
@@ -105,8 +111,16 @@ class Setup:
         device = args.device or ("cuda" if args.preset == "paper" else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("--device cuda (the paper preset's default): no CUDA device here")
+        try:  # bad keys or values fail here, before any training
+            train_settings = parse_pairs(args.train_set, "--train-set")
+            eval_settings = parse_pairs(args.eval_set, "--eval-set")
+            override(TrainConfig(), train_settings)
+            override(EvaluationConfig(), eval_settings)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
         out = args.out_dir or Path("runs/paper") / args.preset / name
-        return cls(args.preset, out, args.cache, args.data, args.data_root, device)
+        return cls(args.preset, out, args.cache, args.data, args.data_root, device,
+                   train_settings, eval_settings)  # fmt: skip
 
 
 def train_config(setup: Setup, kind: str, **changes: Any) -> TrainConfig:
@@ -142,7 +156,7 @@ def train_config(setup: Setup, kind: str, **changes: Any) -> TrainConfig:
                 batch_size=20, pretrain_steps=1, steps=2, eval_batch_size=20,
                 spectral_samples=2, plots=False,
             )  # fmt: skip
-    return dataclasses.replace(base, **changes)
+    return dataclasses.replace(override(base, setup.train_settings), **changes)
 
 
 def config_hash(config: TrainConfig) -> str:
@@ -204,7 +218,7 @@ def eval_config(setup: Setup, **changes: Any) -> EvaluationConfig:
     """The protocol's settings: the paper's (standard AutoAttack); on CPU eps 0.1 (the
     training eps of the digits), the default sweep grid, no AutoAttack unless asked."""
     if setup.preset == "paper":
-        return dataclasses.replace(EvaluationConfig(), **changes)
+        return dataclasses.replace(override(EvaluationConfig(), setup.eval_settings), **changes)
     if setup.preset == "cpu":
         base = EvaluationConfig(
             eps=0.1, step=0.025, autoattack=False, aa_iterations=10, aa_target_classes=1,
@@ -218,7 +232,7 @@ def eval_config(setup: Setup, **changes: Any) -> EvaluationConfig:
             sweep=SweepConfig(adjoint_steps="1,2", adjoint_betas="1.0", unrolled_steps="1,2",
                               unrolled_ks="1", unrolled_lams="1.0"),
         )  # fmt: skip
-    return dataclasses.replace(base, **changes)
+    return dataclasses.replace(override(base, setup.eval_settings), **changes)
 
 
 def splits(setup: Setup, data: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
@@ -346,6 +360,8 @@ def write_results(
         "measured": {k: list(v) for k, v in tables.items()},
         "paper": {k: list(v) for k, v in paper.items()},
         "notes": list(notes),
+        "train_settings": dict(setup.train_settings),
+        "eval_settings": dict(setup.eval_settings),
         **(dict(extra) if extra else {}),
     }
     (setup.out_dir / "results.json").write_text(json.dumps(jsonable(payload), indent=2))
@@ -355,7 +371,9 @@ def write_results(
         parts += [f"## measured: {name}", "", markdown(rows), ""]
     for name, rows in paper.items():
         parts += [f"## paper (CIFAR-10, DEQ-Large/XL): {name}", "", markdown(rows), ""]
+    changed = {**setup.train_settings, **setup.eval_settings}
     parts += [f"- {n}" for n in notes]
+    parts += [f"- changed from the preset: {changed}"] if changed else []
     text = "\n".join(parts) + "\n"
     (setup.out_dir / "results.md").write_text(text)
     print(text)
