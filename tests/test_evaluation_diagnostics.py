@@ -57,6 +57,8 @@ def test_batch_randomness_gradient_and_spectral_checks_pass_on_a_plain_deq() -> 
     (x, y), _ = splits(6)
     batch, random = diag.batch_and_randomness_check(estimator, x, 6)
     assert batch.verdict == "pass" and random.verdict == "pass"
+    assert batch.numbers["tolerance"] == diag.BATCH_TOLERANCE["cpu"] == 1e-4
+    assert batch.numbers["relative_difference"] <= 1e-4
     health = diag.gradient_health_check(estimator, {"phantom": Phantom(2, 0.5)}, x, y)
     assert health.verdict == "pass" and health.numbers["phantom"] == {"zero": [], "not_finite": []}
 

@@ -148,11 +148,19 @@ def forward_convergence_check(final_residual: np.ndarray) -> Check:
     return Check("forward_not_converged", verdict(bool(len(bad))), message, numbers)
 
 
+#: Relative logit difference (alone vs in a batch) counted as batch dependence, per device
+#: type: float32 CPU kernels agree to about 1e-6; GPU kernels (TF32, algorithms chosen by batch
+#: size) differ by about 1e-4 (measured 1.5e-4 on an H100) for identical inputs.
+BATCH_TOLERANCE = {"cpu": 1e-4, "cuda": 2e-3}
+
+
 def batch_and_randomness_check(
     estimator: DEQEstimator, x: np.ndarray, batch_size: int
 ) -> tuple[Check, Check]:
-    """Does a sample's output depend on its batch (alone vs together)? Do repeated forwards
+    """Does a sample's output depend on its batch (alone vs together, beyond the device's
+    float tolerance ``BATCH_TOLERANCE``, or any prediction changes)? Do repeated forwards
     differ?"""
+    tolerance = BATCH_TOLERANCE.get(estimator.device.type, max(BATCH_TOLERANCE.values()))
     together = estimator.predict(x, batch_size=batch_size)
     again = estimator.predict(x, batch_size=batch_size)
     alone = np.concatenate([estimator.predict(x[i : i + 1]) for i in range(len(x))])
@@ -162,10 +170,11 @@ def batch_and_randomness_check(
     random_diff = float(np.abs(together - again).max() / scale)
     batch = Check(
         "output_depends_on_batch",
-        verdict(batch_flips > 0 or batch_diff > 1e-4),
-        f"relative logit difference alone vs in a batch {batch_diff:.1e}, "
-        f"{batch_flips} predictions change",
-        {"relative_difference": batch_diff, "prediction_changes": batch_flips, "samples": len(x)},
+        verdict(batch_flips > 0 or batch_diff > tolerance),
+        f"relative logit difference alone vs in a batch {batch_diff:.1e} (tolerance "
+        f"{tolerance:.0e} on {estimator.device.type}), {batch_flips} predictions change",
+        {"relative_difference": batch_diff, "prediction_changes": batch_flips, "samples": len(x),
+         "tolerance": tolerance},  # fmt: skip
     )
     random = Check(
         "randomized_output",
