@@ -24,6 +24,7 @@ from examples.paper import (
     table8_9,
     table10,
     table11,
+    train_models,
 )
 
 #: Columns or rows whose numbers are not percentages.
@@ -205,3 +206,17 @@ def test_setting_changes_reach_the_configs_and_the_cache_key(tmp_path: Path) -> 
         setup_for(tmp_path, tmp_path, "x", "--eval-set", "eps=big")
     with pytest.raises(SystemExit, match="expects KEY=VALUE"):
         setup_for(tmp_path, tmp_path, "x", "--eval-set", "eps")
+
+
+def test_train_models_in_two_processes_trains_each_distinct_model_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # gamma 0.4 is the exact preset itself: two distinct models, one per process
+    argv = ["--preset", "tiny", "--cache", str(tmp_path), "--kinds", "exact",
+            "--jac-weights", "0.4,1.2", "--jobs", "2"]  # fmt: skip
+    assert train_models.main(argv) == 0
+    runs = sorted(p.name for p in tmp_path.iterdir())
+    assert len(runs) == 2 and all(r.startswith("exact-") for r in runs)
+    assert all((tmp_path / r / "best.safetensors").is_file() for r in runs)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith(" s")]
+    assert len(lines) == 2 and "jac_weight" in lines[1]
