@@ -220,3 +220,17 @@ def test_train_models_in_two_processes_trains_each_distinct_model_once(
     assert all((tmp_path / r / "best.safetensors").is_file() for r in runs)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith(" s")]
     assert len(lines) == 2 and "jac_weight" in lines[1]
+
+
+def test_protocol_runs_in_two_processes_equal_the_one_process_runs(tmp_path: Path) -> None:
+    runs = []
+    for jobs in ("2", "1"):
+        setup = setup_for(tmp_path / f"cache{jobs}", tmp_path, "x", "--jobs", jobs)
+        assert setup.jobs == int(jobs)
+        config = common.eval_config(setup)
+        runs.append(common.run_protocols(setup, [("unrolling", config), ("exact", config)]))
+    for (_, parallel), (_, single) in zip(*runs, strict=True):
+        assert parallel.early_exit == single.early_exit and parallel.chosen == single.chosen
+        assert parallel.survived == single.survived and parallel.clean == single.clean
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        setup_for(tmp_path, tmp_path, "x", "--jobs", "0")

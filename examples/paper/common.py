@@ -14,8 +14,10 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,9 @@ from deq_attacks.training import RunResult, TrainConfig, preset, run_training
 from deq_attacks.training.config import RUN_ONLY_KEYS, Device, Gradient
 
 PRESETS = ("paper", "cpu", "tiny")
+#: Processes for a script's independent protocol runs: the CPU preset's two cores (one thread
+#: each: these small models gain nothing from a second thread); one GPU runs one at a time.
+DEFAULT_JOBS = {"paper": 1, "cpu": 2, "tiny": 1}
 DEFAULT_CACHE = Path("runs/paper_cache")
 
 #: Training preset per model kind for --preset paper (CIFAR-10, DEQ-Large unless named).
@@ -82,7 +87,10 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits", help="cpu/tiny: digits or an .npz arrays file")
     p.add_argument("--data-root", type=Path, default=Path("data"), help="paper: CIFAR-10 root")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: preset's")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="independent protocol runs at once, each in a process (default: "
+                        f"{', '.join(f'{k} {v}' for k, v in DEFAULT_JOBS.items())})")
     p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a TrainConfig setting for every model trained (e.g. epochs=24)")
     p.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
@@ -102,11 +110,16 @@ class Setup:
     device: str
     train_settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
     eval_settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    threads: int = 1
+    jobs: int = 1
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, name: str) -> Setup:
         if args.preset != "paper" and args.data != "digits" and not Path(args.data).is_file():
             raise SystemExit(f"--data {args.data!r}: not 'digits' and not a file")
+        jobs = DEFAULT_JOBS[args.preset] if args.jobs is None else args.jobs
+        if args.threads < 1 or jobs < 1:
+            raise SystemExit(f"--threads and --jobs must be >= 1, got {args.threads}, {jobs}")
         torch.set_num_threads(args.threads)
         device = args.device or ("cuda" if args.preset == "paper" else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
@@ -120,7 +133,7 @@ class Setup:
             raise SystemExit(str(error)) from None
         out = args.out_dir or Path("runs/paper") / args.preset / name
         return cls(args.preset, out, args.cache, args.data, args.data_root, device,
-                   train_settings, eval_settings)  # fmt: skip
+                   train_settings, eval_settings, args.threads, jobs)  # fmt: skip
 
 
 def train_config(setup: Setup, kind: str, **changes: Any) -> TrainConfig:
@@ -277,6 +290,25 @@ def run_protocol(
                                     f"{text}", flush=True),
     )  # fmt: skip
     return result, report
+
+
+def run_protocols(
+    setup: Setup, runs: Sequence[tuple[str, EvaluationConfig]]
+) -> list[tuple[RunResult, EvaluationReport]]:
+    """``run_protocol`` for each (kind, config). With ``setup.jobs`` > 1 the runs first go to
+    that many processes, each filling the cache (its model trained if need be); then each is
+    read back here."""
+    if setup.jobs > 1 and len(runs) > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(setup.jobs, len(runs)), mp_context=context) as pool:
+            for future in [pool.submit(_protocol_job, setup, k, c) for k, c in runs]:
+                future.result()
+    return [run_protocol(setup, kind, config) for kind, config in runs]
+
+
+def _protocol_job(setup: Setup, kind: str, config: EvaluationConfig) -> None:
+    torch.set_num_threads(setup.threads)
+    run_protocol(setup, kind, config)
 
 
 def pct(value: float) -> float:

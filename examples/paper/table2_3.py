@@ -83,15 +83,16 @@ def run(setup: common.Setup, autoattack: bool = False) -> dict:
                EXACT_KIND[setup.preset], False)]  # fmt: skip
     if setup.preset == "paper" and autoattack:
         models.append(("XL unrolling-trained (8/7)", "unrolling_xl", True))
-    for title, kind, with_aa in models:
-        config = model_config(setup, kind, with_aa)
-        _, report = common.run_protocol(setup, kind, config)
+    configs = [(kind, model_config(setup, kind, with_aa)) for _, kind, with_aa in models]
+    reports = [report for _, report in common.run_protocols(setup, configs)]
+    for (title, _, with_aa), report in zip(models, reports, strict=True):
         tables[f"{title}, PGD-10"] = common.paper_layout(report, "PGD")
         if with_aa:
             tables[f"{title}, AutoAttack"] = common.paper_layout(report, "AA")
         summary[title] = {"early_exit": report.early_exit, "chosen": report.chosen,
                           "white_box_robustness": robustness(report)}  # fmt: skip
         diagnostics += common.diagnostic_notes(title, report)
+    config = configs[0][1]
     paper = {**PAPER_T2, **(PAPER_T3_AA if autoattack else {})}
     name = "Tables 2 and 3" if autoattack else "Table 2"
     return common.write_results(
