@@ -104,7 +104,10 @@ def test_table2_3_with_autoattack(cache: Path, tmp_path: Path) -> None:
     check_measured(payload, setup.out_dir, tables)
     for rows in payload["measured"].values():
         assert [r["defense"] for r in rows] == ["final", "early", "ensemble"]
-        assert list(rows[0]) == table2_3._COLS
+        assert list(rows[0]) == [*table2_3._COLS, "bptt (ours)", "worst (ours)"]
+        for row in rows:
+            attacked = [v for k, v in row.items() if k not in ("defense", "clean")]
+            assert row["worst (ours)"] <= min(attacked) and row["worst (ours)"] <= row["clean"]
 
 
 def test_table4(cache: Path, tmp_path: Path) -> None:

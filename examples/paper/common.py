@@ -40,6 +40,7 @@ from deq_attacks.evaluation import (
     evaluate_model,
     score_readouts,
 )
+from deq_attacks.evaluation.columns import BPTT
 from deq_attacks.evaluation.distributed import Shards
 from deq_attacks.evaluation.shared_runs import clean_scores, shared_pgd_scores
 from deq_attacks.evaluation.store import jsonable
@@ -89,7 +90,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: preset's")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     p.add_argument("--jobs", type=int, default=None,
-                   help="independent protocol runs at once, each in a process (default: "
+                   help="independent runs (protocols, models to train) at once, each in a "
+                        "process (default: "
                         f"{', '.join(f'{k} {v}' for k, v in DEFAULT_JOBS.items())})")
     p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a TrainConfig setting for every model trained (e.g. epochs=24)")
@@ -336,7 +338,9 @@ def find_column(columns: Sequence[str], prefix: str, suffix: str = "PGD") -> str
 
 def paper_layout(report: EvaluationReport, attack: str = "PGD") -> list[dict[str, Any]]:
     """Table 2/3/6's layout: per defense, clean, then the simultaneous adjoint's final,
-    intermediate and ensemble attacks, then the unrolled intermediates' three."""
+    intermediate and ensemble attacks, then the unrolled intermediates' three; then two columns
+    the paper does not have: backprop through the solver (when run) and the worst of every
+    column of this attack kind and Square (the protocol's white-box robustness per defense)."""
     acc = column_accuracy(report)
     labels = list(next(iter(acc.values())))
     exact_trained = "phantom PGD" in labels
@@ -353,6 +357,11 @@ def paper_layout(report: EvaluationReport, attack: str = "PGD") -> list[dict[str
         row: dict[str, Any] = {"defense": defense, "clean": cells["clean"]}
         for name, prefix in sources.items():
             row[name] = cells[find_column(labels, prefix, attack)]
+        if any(c.startswith(BPTT) for c in labels):
+            row["bptt (ours)"] = cells[find_column(labels, f"{BPTT} ", attack)]
+        row["worst (ours)"] = min(
+            v for c, v in cells.items() if c.endswith(f" {attack}") or c == "square"
+        )
         rows.append(row)
     return rows
 

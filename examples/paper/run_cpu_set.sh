@@ -7,7 +7,7 @@ set -u
 mkdir -p runs/paper/logs
 scripts=("$@")
 if [ ${#scripts[@]} -eq 0 ]; then
-    scripts=(train_models:jobs=2 table1 table4 table2_3:autoattack table5_6 table8_9 table10
+    scripts=(train_models table1 table4 table2_3:autoattack table5_6 table8_9 table10
              table11 figure2 figure3 figure4)
 fi
 for script in "${scripts[@]}"; do

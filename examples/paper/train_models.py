@@ -1,7 +1,7 @@
 """Train the models the paper scripts share into the cache (optional: each script trains what
 it needs on first use), ``--jobs`` of them at a time in separate processes.
 
-    python -m examples.paper.train_models --preset cpu --jobs 2   # every CPU model, 2 cores
+    python -m examples.paper.train_models --preset cpu   # every CPU model, 2 at a time
     python -m examples.paper.train_models --preset cpu --kinds exact,clean
 """
 
@@ -37,10 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--kinds", default=None, help="comma-separated model kinds")
     p.add_argument("--jac-weights", default=None,
                    help="exact models with these JR weights (default: Table 11's; '' none)")
-    p.add_argument("--jobs", type=int, default=1, help="models trained at once (processes)")
     args = p.parse_args(argv)
-    if args.jobs < 1:
-        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     setup = Setup.from_args(args, "train_models")
     if args.jac_weights is None:
         weights = WEIGHTS[args.preset]
@@ -55,12 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if key not in seen:
             seen.add(key)
             tasks.append((kind, changes))
-    if args.jobs == 1:
+    if setup.jobs == 1:
         for kind, changes in tasks:
             print(train_one(setup, kind, changes))
         return 0
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+    with ProcessPoolExecutor(setup.jobs, mp_context=context) as pool:
         futures = [pool.submit(train_one, setup, kind, changes) for kind, changes in tasks]
         for future in futures:
             print(future.result())
