@@ -16,11 +16,11 @@ import hashlib
 import json
 import multiprocessing
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.training import RunResult, TrainConfig, preset, run_training
 from deq_attacks.training.config import RUN_ONLY_KEYS, Device, Gradient
 
+T = TypeVar("T")
 PRESETS = ("paper", "cpu", "tiny")
 #: Processes for a script's independent protocol runs: the CPU preset's two cores (one thread
 #: each: these small models gain nothing from a second thread); one GPU runs one at a time.
@@ -294,6 +295,18 @@ def run_protocol(
     return result, report
 
 
+def in_processes(jobs: int, fn: Callable[..., T], calls: Sequence[tuple[Any, ...]]) -> Iterator[T]:
+    """``fn(*args)`` for each args in ``calls``, results in order: here one after another when
+    ``jobs`` is 1, else in up to ``jobs`` spawned processes (``fn`` must be importable)."""
+    if jobs == 1 or len(calls) <= 1:
+        yield from (fn(*args) for args in calls)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(jobs, len(calls)), mp_context=context) as pool:
+        futures = [pool.submit(fn, *args) for args in calls]
+        yield from (future.result() for future in futures)
+
+
 def run_protocols(
     setup: Setup, runs: Sequence[tuple[str, EvaluationConfig]]
 ) -> list[tuple[RunResult, EvaluationReport]]:
@@ -301,10 +314,7 @@ def run_protocols(
     that many processes, each filling the cache (its model trained if need be); then each is
     read back here."""
     if setup.jobs > 1 and len(runs) > 1:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(setup.jobs, len(runs)), mp_context=context) as pool:
-            for future in [pool.submit(_protocol_job, setup, k, c) for k, c in runs]:
-                future.result()
+        list(in_processes(setup.jobs, _protocol_job, [(setup, k, c) for k, c in runs]))
     return [run_protocol(setup, kind, config) for kind, config in runs]
 
 

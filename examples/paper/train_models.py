@@ -7,13 +7,18 @@ it needs on first use), ``--jobs`` of them at a time in separate processes.
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from examples.paper.common import Setup, config_hash, parser, train_cached, train_config
+from examples.paper.common import (
+    Setup,
+    config_hash,
+    in_processes,
+    parser,
+    train_cached,
+    train_config,
+)
 from examples.paper.table11 import WEIGHTS
 
 #: Every model kind a script asks for, per preset, the longest first.
@@ -52,15 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if key not in seen:
             seen.add(key)
             tasks.append((kind, changes))
-    if setup.jobs == 1:
-        for kind, changes in tasks:
-            print(train_one(setup, kind, changes))
-        return 0
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(setup.jobs, mp_context=context) as pool:
-        futures = [pool.submit(train_one, setup, kind, changes) for kind, changes in tasks]
-        for future in futures:
-            print(future.result())
+    for line in in_processes(setup.jobs, train_one, [(setup, k, c) for k, c in tasks]):
+        print(line)
     return 0
 
 
