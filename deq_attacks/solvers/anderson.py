@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from deq_attacks.solvers.base import Solver, _Recorder
+from deq_attacks.solvers.registry import register_solver
 from deq_attacks.solvers.trajectory import Trajectory
 
 
+@register_solver("anderson")
 @dataclass(frozen=True, repr=False)  # Solver's short repr
 class Anderson(Solver):
     """Anderson acceleration (type II) over the last ``memory`` iterates.

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from deq_attacks.solvers.base import Solver, _Recorder
+from deq_attacks.solvers.registry import register_solver
 from deq_attacks.solvers.trajectory import BroydenInverse, Trajectory
 
 _UPDATE_EPS = 1e-6
@@ -77,6 +78,7 @@ class _Columns:
         )
 
 
+@register_solver("broyden")
 @dataclass(frozen=True, repr=False)  # Solver's short repr
 class Broyden(Solver):
     """Broyden's "good" method on ``g(z) = f(z) - z``.

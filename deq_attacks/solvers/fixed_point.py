@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deq_attacks.solvers.base import Solver, _Recorder
+from deq_attacks.solvers.registry import register_solver
 from deq_attacks.solvers.trajectory import Trajectory
 
 
+@register_solver("fixed_point")
 @dataclass(frozen=True, repr=False)  # Solver's short repr
 class FixedPointIteration(Solver):
     """``z_{n+1} = (1 - damping) z_n + damping f(z_n)``.
