@@ -208,7 +208,7 @@ def run(
     return report
 
 
-def _config(args: argparse.Namespace) -> EvaluationConfig:
+def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
     """The preset (if any), then every option given explicitly."""
     sweep = dataclass_from_options(SweepConfig, args)
     base = EvaluationConfig(sweep=sweep)
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     with working_directory_on_path():
         try:
-            config = _config(args)
+            config = evaluation_config(args)
             split = select_split(args)
             built = build_model(args)
             deq = built.model.to(args.device)
