@@ -301,6 +301,8 @@ def test_a_checkpoint_that_does_not_fit_or_cannot_be_read_is_one_line(user_dir, 
     torch.save({"head.1.weight": torch.zeros(3, 3)}, small)
     err = _refused(["--model", f"{name}:build", "--checkpoint", str(small)], capsys)
     assert "the builder raised CheckpointMismatchError" in err and "does not fit" in err
+    err = _refused(["--model", f"{name}:build", "--checkpoint", str(directory / "no.pt")], capsys)
+    assert "no.pt: no such file" in err
 
 
 # --- data that does not fit, counts and ranges ----------------------------------------------

@@ -186,6 +186,8 @@ def build_model(args: argparse.Namespace) -> BuiltModel:
         if not keywords.accepts("training_gradient"):
             raise _refuse("--training-gradient", "training_gradient", args.model, keywords)
         passed["training_gradient"] = ("--training-gradient", gradient)
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
     if args.key_map and args.checkpoint is None:
         raise ValueError("--key-map renames the keys of --checkpoint: give --checkpoint too")
     key_map = KeyMap.parse(args.key_map) if args.key_map else None

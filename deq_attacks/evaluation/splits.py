@@ -233,8 +233,8 @@ class EvaluationSplit:
             if count:
                 lines.append(
                     f"  note: {count} {name} images lie outside the held-out part "
-                    f"{describe_indices(self.pool.held_out)} ({self.pool.note}): make sure "
-                    "the model was not trained on them"
+                    f"{describe_indices(self.pool.held_out)}: make sure the model was not "
+                    "trained on them"
                 )
         return "\n".join(lines)
 
