@@ -462,3 +462,29 @@ def test_preset_sets_the_budgets_and_explicit_options_override_it() -> None:
     assert (plain.eps, plain.steps) == (8 / 255, 10)
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", "--preset", "imagenet"])
+
+
+def test_the_example_builder_module_fits_its_documented_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/own_deq_builder.py, imported from its folder as its docstring says."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    monkeypatch.chdir(examples)
+    try:
+        _build("--model", "own_deq_builder:build")
+        module = sys.modules["own_deq_builder"]
+        net = module.DigitsDEQ()
+        path = tmp_path / "own_deq.pt"
+        torch.save({"epoch": 4, "state_dict": net.state_dict()}, path)
+        for argv in (
+            ["--model", "own_deq_builder:build"],
+            ["--model", "own_deq_builder:build_adapted", "--key-map", "encoder.=injection.",
+             "--key-map", "layer.=f."],
+        ):  # fmt: skip
+            built = _build(*argv, "--checkpoint", str(path))
+            assert torch.equal(built.model.f.conv.weight_v, net.layer.conv.weight_v)
+            assert built.model.input_shape == (1, 8, 8)
+            assert built.model.solver.threshold == 20
+    finally:
+        sys.modules.pop("own_deq_builder", None)
