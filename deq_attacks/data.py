@@ -26,6 +26,7 @@ import torch.nn.functional as F
 __all__ = [
     "FOOLBOX_SAMPLE_DATASETS",
     "ImageDataset",
+    "arrays_file_keys",
     "load_arrays_file",
     "load_cifar10",
     "load_digits",
@@ -293,6 +294,26 @@ def _to_unit_float(x: np.ndarray, what: str) -> np.ndarray:
     raise TypeError(f"{what}: images must be uint8 (0..255) or float in [0, 1], got {x.dtype}")
 
 
+def arrays_file_keys(path: str | Path) -> list[str]:
+    """The array names in an ``.npz`` file, sorted.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a readable ``.npz`` archive.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"arrays file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as error:  # zipfile, pickle and format errors alike: one clear message
+        raise ValueError(f"{path}: not a readable .npz arrays file ({error})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: a single array, not an .npz file of named arrays (x, y, ...)")
+    with data:
+        return sorted(data.files)
+
+
 def load_arrays_file(
     path: str | Path,
     split: str | None = None,
@@ -304,7 +325,8 @@ def load_arrays_file(
     The file holds either ``x`` and ``y`` (``split=None``), or ``x_<split>`` and ``y_<split>``
     for each split (e.g. ``x_train``, ``y_train``, ``x_test``, ``y_test``; choose with
     ``split="train"``). Images are (N, C, H, W), or (N, H, W) for one channel; uint8 values
-    are divided by 255, float values must already lie in [0, 1]. Labels are integers (N,).
+    are divided by 255, float values must already lie in [0, 1]. Labels are integers (N,)
+    (any other shape is refused, not reshaped).
 
     Args:
         path: the ``.npz`` file.
@@ -318,14 +340,13 @@ def load_arrays_file(
 
     Raises:
         FileNotFoundError: no such file.
+        ValueError: not a readable ``.npz`` file, or arrays of the wrong shape or range.
         KeyError: the file lacks the requested arrays; the message lists the keys it has.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"arrays file not found: {path}")
+    keys = arrays_file_keys(path)
     x_key, y_key = ("x", "y") if split is None else (f"x_{split}", f"y_{split}")
     with np.load(path, allow_pickle=False) as data:
-        keys = sorted(data.files)
         missing = [k for k in (x_key, y_key) if k not in keys]
         if missing:
             splits = sorted(k[2:] for k in keys if k.startswith("x_") and f"y_{k[2:]}" in keys)
@@ -342,11 +363,15 @@ def load_arrays_file(
         x_raw = x_raw[:, None, :, :]
     if x_raw.ndim != 4:
         raise ValueError(f"{what}: expected images (N, C, H, W) or (N, H, W), got {x_raw.shape}")
+    labels = f"{path.name}[{y_key!r}]"
     if not np.issubdtype(y_raw.dtype, np.integer):
-        raise TypeError(f"{path.name}[{y_key!r}]: labels must be integers, got {y_raw.dtype}")
+        raise TypeError(f"{labels}: labels must be integers, got {y_raw.dtype}")
+    if y_raw.ndim != 1:
+        raise ValueError(
+            f"{labels}: labels must be class indices of shape (N,), got {y_raw.shape} "
+            "(save y.reshape(-1) if these are indices, argmax(1) if one-hot)"
+        )
     x = np.ascontiguousarray(_to_unit_float(x_raw, what))
-    if y_raw.ndim == 2 and y_raw.shape[1] == 1:
-        y_raw = y_raw[:, 0]
     y = np.ascontiguousarray(y_raw)
     if name is None:
         name = path.stem if split is None else f"{path.stem}:{split}"

@@ -57,7 +57,8 @@ def main() -> None:
         b_max_iter=30,
         b_tol=1e-6,
     )
-    deq = from_torchdeq(layer, encoder, head, core)  # shares layer, encoder and head
+    # shares layer, encoder and head; refuses inputs of any other sample shape
+    deq = from_torchdeq(layer, encoder, head, core, input_shape=(1, 8, 8))
     print("solver:", deq.solver)
     print("training gradient:", deq.training_gradient)
 

@@ -15,12 +15,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from deq_attacks.adapters import (
-    CheckpointMismatchError,
-    convert_mdeq_state_dict,
-    load_mdeq_checkpoint,
-    mdeq_key,
-)
+from deq_attacks.adapters import convert_mdeq_state_dict, load_mdeq_checkpoint, mdeq_key
+from deq_attacks.checkpoints import CheckpointError, CheckpointMismatchError
 from deq_attacks.models import MDEQ_LARGE, MDEQ_XL, MDEQConfig, deq_large, deq_xl
 
 Shapes = dict[str, tuple[int, ...]]
@@ -170,15 +166,17 @@ def test_unexpected_official_key_is_refused_naming_it(large_state: dict[str, Ten
     bad = dict(large_state)
     bad["fullstage.post_fuse_layers.0.gnorm.weight"] = torch.ones(32)  # POST_GN_AFFINE: true
     bad["fullstage.branches.0.blocks.1.conv1.weight_g"] = torch.ones(160, 1, 1, 1)  # 2 blocks
-    with pytest.raises(CheckpointMismatchError) as error:
-        convert_mdeq_state_dict(bad, deq_large())
+    converted = convert_mdeq_state_dict(bad, deq_large())  # unmapped keys keep their names
+    assert "fullstage.post_fuse_layers.0.gnorm.weight" in converted
+    with pytest.raises(CheckpointMismatchError, match="no place in the model") as error:
+        load_mdeq_checkpoint(deq_large(), bad)
     assert "fullstage.post_fuse_layers.0.gnorm.weight" in str(error.value)
     assert "fullstage.branches.0.blocks.1.conv1.weight_g" in str(error.value)
 
 
 def test_a_large_checkpoint_is_refused_by_deq_xl(large_state: dict[str, Tensor]) -> None:
     with pytest.raises(CheckpointMismatchError, match="shape mismatches"):
-        convert_mdeq_state_dict(large_state, deq_xl())
+        load_mdeq_checkpoint(deq_xl(), large_state)
 
 
 def test_xl_checkpoint_maps_onto_deq_xl() -> None:
@@ -192,7 +190,7 @@ def test_xl_checkpoint_maps_onto_deq_xl() -> None:
 def test_not_a_state_dict_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "x.pth"
     torch.save([torch.zeros(1)], path)
-    with pytest.raises(ValueError, match="no state dict"):
+    with pytest.raises(CheckpointError, match="holds a list, not a state dict"):
         load_mdeq_checkpoint(deq_large(), path)
     with pytest.raises(FileNotFoundError):
         load_mdeq_checkpoint(deq_large(), tmp_path / "absent.pth")

@@ -266,3 +266,22 @@ def test_validation_shapes_and_labels() -> None:
         ImageDataset(x, y - 1, "toy")
     with pytest.raises(ValueError, match="out of range for num_classes=2"):
         ImageDataset(x, y, "toy", num_classes=2)
+
+
+def test_arrays_file_labels_must_be_indices_of_shape_n(tmp_path: Path) -> None:
+    for name, y in {
+        "column": np.zeros((3, 1), np.int64),
+        "onehot": np.eye(3, dtype=np.int64),
+    }.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, x=np.zeros((3, 4, 4), np.uint8), y=y)
+        with pytest.raises(ValueError, match=r"labels must be class indices of shape \(N,\)"):
+            load_arrays_file(path)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not an archive")
+    with pytest.raises(ValueError, match="not a readable .npz arrays file"):
+        load_arrays_file(junk)
+    single = tmp_path / "single.npy"
+    np.save(single, np.zeros(3))
+    with pytest.raises(ValueError, match="a single array, not an .npz file"):
+        load_arrays_file(single)

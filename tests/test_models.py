@@ -266,3 +266,26 @@ def test_builders_return_working_deqs() -> None:
         logits = model.eval()(torch.rand(3, 1, 28, 28))
         assert logits.shape == (3, 10)
         assert torch.isfinite(logits).all()
+
+
+def test_builders_declare_the_input_shape_and_inject_refuses_others() -> None:
+    """An 8x8 small conv DEQ once ran the whole protocol on 28x28 MNIST (its pooled head
+    accepts any size): the declared shape now refuses it."""
+    from deq_attacks.adapters import from_f
+    from deq_attacks.models import deq_large, small_conv_deq
+
+    small = small_conv_deq(in_channels=1, image_size=8).eval()
+    assert small.input_shape == (1, 8, 8) and deq_large().input_shape == (3, 32, 32)
+    assert small(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    with torch.no_grad():
+        small.injection(torch.rand(2, 1, 28, 28))  # the parts alone would run on it
+    with pytest.raises(ValueError, match=r"sample shape \(1, 28, 28\), but this DEQ was built"):
+        small(torch.rand(2, 1, 28, 28))
+    plain = from_f(nn.Linear(4, 4), nn.Linear(4, 2), input_shape=(4,))
+    assert plain.input_shape == (4,)
+    with pytest.raises(ValueError, match="built for"):
+        plain(torch.rand(3, 5))
+    assert from_f(nn.Linear(4, 4), nn.Linear(4, 2)).input_shape is None
+    for bad in ((), (1, 0), (1.5, 2), (True,)):
+        with pytest.raises(ValueError, match="input_shape must be positive ints"):
+            from_f(nn.Linear(4, 4), nn.Linear(4, 2), input_shape=bad)

@@ -7,8 +7,10 @@ Their ``MDEQClsNet`` names its parts ``downsample`` + ``stage0`` (our injection)
 ``incre_modules`` + ``downsamp_modules`` + ``final_layer`` + ``classifier`` (our head). Their
 weight normalisation keeps ``weight_g`` / ``weight_v``, which are torch's parametrization
 ``original0`` / ``original1``. ``convert_mdeq_state_dict`` maps every key, in the style of
-timm's ``pretrained_filter_fn``; ``load_mdeq_checkpoint`` reads a ``.pth`` file with
-``torch.load(weights_only=True)`` and loads it only if every key maps and every shape fits.
+timm's ``pretrained_filter_fn``; ``load_mdeq_checkpoint`` reads a ``.pth`` file through
+``deq_attacks.checkpoints`` (``torch.load(weights_only=True)``, the ``state_dict`` entry of a
+training checkpoint, DataParallel's ``module.`` prefix) and loads it only if every key maps and
+every shape fits.
 Supported: one residual block per branch, ``DOWNSAMPLE_TIMES`` <= 2 and the CIFAR settings
 of ``MDEQ_LARGE`` / ``MDEQ_XL`` (block and fusion GroupNorms affine, post-fusion GroupNorm
 not); anything else is refused with the keys that do not fit.
@@ -20,8 +22,9 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
+
+from deq_attacks.checkpoints import load_weights
 
 MDEQ_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 MDEQ_CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -58,11 +61,10 @@ _COMPILED = tuple((re.compile(pattern), target) for pattern, target in _RULES)
 
 
 def mdeq_key(official: str) -> str | None:
-    """Our key for one official MDEQ key (a leading ``module.`` of DataParallel dropped), or
-    None when the official key has no counterpart."""
-    key = official.removeprefix("module.")
+    """Our key for one official MDEQ key, or None when it has no counterpart (DataParallel's
+    ``module.`` prefix is removed by ``deq_attacks.checkpoints.read_checkpoint``)."""
     for pattern, target in _COMPILED:
-        match = pattern.fullmatch(key)
+        match = pattern.fullmatch(official)
         if match is None:
             continue
         groups = match.groups()
@@ -76,72 +78,29 @@ def mdeq_key(official: str) -> str | None:
     return None
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model; the message names the keys."""
-
-
-def _listing(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
 def convert_mdeq_state_dict(
     state_dict: Mapping[str, Tensor], model: nn.Module
 ) -> dict[str, Tensor]:
-    """The official MDEQ ``state_dict`` under ``model``'s keys (a ``pretrained_filter_fn``).
-
-    Raises:
-        CheckpointMismatchError: naming the official keys with no counterpart, the model's
-            keys the checkpoint lacks, and the tensors whose shapes differ.
-    """
+    """The official MDEQ ``state_dict`` under ``model``'s keys (a ``pretrained_filter_fn``):
+    every official key with a counterpart in ``model`` renamed, any other kept under its
+    official name (so that ``deq_attacks.checkpoints.check_fits`` lists it as unexpected)."""
     expected = model.state_dict()
     converted: dict[str, Tensor] = {}
-    unmapped: list[str] = []
     for official, tensor in state_dict.items():
         ours = mdeq_key(official)
-        if ours is None or ours not in expected:
-            unmapped.append(official)
-        else:
-            converted[ours] = tensor
-    missing = sorted(set(expected) - set(converted))
-    shapes = [
-        f"{key} {tuple(tensor.shape)} vs model {tuple(expected[key].shape)}"
-        for key, tensor in converted.items()
-        if tuple(tensor.shape) != tuple(expected[key].shape)
-    ]
-    problems = []
-    if unmapped:
-        problems.append(f"checkpoint keys with no place in the model: {_listing(unmapped)}")
-    if missing:
-        problems.append(f"model keys missing from the checkpoint: {_listing(missing)}")
-    if shapes:
-        problems.append(f"shape mismatches: {_listing(shapes)}")
-    if problems:
-        raise CheckpointMismatchError(
-            "MDEQ checkpoint does not fit the model; " + "; ".join(problems)
-        )
+        converted[ours if ours is not None and ours in expected else official] = tensor
     return converted
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """The state dict of a ``.pth`` file (tensors only, ``weights_only=True``); a training
-    checkpoint's ``state_dict`` entry is taken when present."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path} holds no state dict of tensors")
-    return dict(obj)
-
-
 def load_mdeq_checkpoint(model: nn.Module, source: str | Path | Mapping[str, Tensor]) -> nn.Module:
-    """Load an official MDEQ checkpoint (a ``.pth`` path or a state dict) into ``model``
-    (``deq_large()`` or ``deq_xl()``); the model is untouched unless every key and shape fits.
+    """Load an official MDEQ checkpoint (a ``.pth``/``.pth.tar`` path or a state dict) into
+    ``model`` (``deq_large()`` or ``deq_xl()``); the model is untouched unless every key and
+    shape fits.
+
+    Raises:
+        deq_attacks.checkpoints.CheckpointMismatchError: naming the official keys with no
+            counterpart, the model's keys the checkpoint lacks, and the shapes that differ.
+        deq_attacks.checkpoints.CheckpointError: a file that cannot be read.
     """
-    state = read_state_dict(source) if isinstance(source, (str, Path)) else source
-    converted = convert_mdeq_state_dict(state, model)
-    model.load_state_dict(converted, strict=True)
+    load_weights(model, source, filter_fn=convert_mdeq_state_dict)
     return model

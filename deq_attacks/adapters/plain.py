@@ -55,7 +55,8 @@ def from_f(
         injection: an optional stem; default the identity.
         state_shape: the shape (without batch) of z when it differs from the input's (or the
             injection's); z_0 is zeros of that shape. Default: zeros shaped like the input.
-        **deq_kwargs: passed to ``DEQ`` (solver, training_gradient, readout, resets, ...).
+        **deq_kwargs: passed to ``DEQ`` (solver, training_gradient, readout, resets,
+            ``input_shape``: the sample shape the model is for, checked on every input).
     """
     layer = f if state_shape is None else with_state_shape(f, state_shape)
     return DEQ(layer, injection if injection is not None else nn.Identity(), head, **deq_kwargs)

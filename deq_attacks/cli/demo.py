@@ -184,10 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run(
         estimator,
-        held_out,
+        dev,
+        test,
         demo_config(args),
-        args.n_dev,
-        args.n_test,
         args.out_dir,
         {"model": "small_conv_deq (demo)", "data": args.data, "training": vars(args).__repr__()},
     )

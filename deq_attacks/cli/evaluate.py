@@ -2,19 +2,26 @@
 
     deq-attacks evaluate --model small_conv_deq --model-arg in_channels=1 \
         --model-arg image_size=8 --threshold 8 --training-gradient phantom \
-        --checkpoint runs/demo/checkpoint/best.safetensors --data digits --eps 0.1 --step 0.025
+        --checkpoint runs/demo/checkpoint/best.safetensors --data digits --preset digits
 
-The model is a registered name or a user's ``package.module:function`` returning a DEQ; the
-data is ``digits`` (embedded), an arrays file (``.npz``) or ``cifar10:ROOT`` (torchvision).
-The development split (early exit, sweep) is the first ``--n-dev`` held-out images, the test
-split the next ``--n-test``. Under ``torchrun --nproc_per_node=K`` the test samples are
-sharded across the processes (gloo on CPU, NCCL on CUDA) and the results gathered.
+    deq-attacks evaluate --model mymodels:build --checkpoint model.pt --data mnist_t10k.npz \
+        --preset mnist --dev-range 8000:8100 --test-range 8100:9100
+
+The model is a registered name or a user's ``package.module:function`` (imported from the
+working directory) returning a DEQ; see docs/own_deq.md for the builder contract. The data is
+``digits`` (embedded), an arrays file (``.npz``) or ``cifar10:ROOT`` (torchvision's test set).
+The development split (early exit, sweep) and the test split are ranges or index files into
+that data, or by default the first ``--n-dev`` and next ``--n-test`` images of the part that
+training does not use (the digits past 1,200, a file's test split, or the last 20% of a file
+without one); the split used is printed and recorded in the results. ``--preset`` sets the
+threat model and budgets of a data set; explicit options override it. Under ``torchrun
+--nproc_per_node=K`` the test samples are sharded across the processes (gloo on CPU, NCCL on
+CUDA) and the results gathered.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 import time
@@ -26,10 +33,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from deq_attacks.checkpoints import load_weights
+from deq_attacks.cli.model_options import add_model_options, build_model
 from deq_attacks.config import add_dataclass_options, dataclass_from_options
-from deq_attacks.data import ImageDataset, load_arrays_file, load_cifar10, load_digits
-from deq_attacks.deq import DEQ, ImplicitGradient, PhantomGradient
+from deq_attacks.data import ImageDataset
+from deq_attacks.deq.contract import DEQModel
 from deq_attacks.evaluation import (
     EvaluationConfig,
     EvaluationReport,
@@ -38,9 +45,19 @@ from deq_attacks.evaluation import (
     markdown_report,
     write_outputs,
 )
+from deq_attacks.evaluation.presets import PRESETS, evaluation_preset
+from deq_attacks.evaluation.splits import (
+    EvaluationSplit,
+    choose_split,
+    evaluation_pool,
+    parse_range,
+    read_indices,
+)
 from deq_attacks.interfaces import DEQEstimator
-from deq_attacks.models import create_model
-from deq_attacks.solvers import Broyden
+from deq_attacks.models.registry import working_directory_on_path
+
+_DEV_NAME = "--n-dev / --dev-range / --dev-indices"
+_TEST_NAME = "--n-test / --test-range / --test-indices"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,25 +67,29 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    parser.add_argument("--model", required=True, help="registered name or package.module:func")
+    add_model_options(parser)
+    data = parser.add_argument_group("data and splits")
+    data.add_argument("--data", default="digits", help="digits | FILE.npz | cifar10:ROOT")
+    data.add_argument("--n-dev", type=int, help="development images (default 100 held-out)")
+    data.add_argument("--n-test", type=int, help="test images (default the next 100 held-out)")
+    for split in ("dev", "test"):
+        data.add_argument(
+            f"--{split}-range",
+            metavar="START:STOP",
+            help=f"the {split} images START..STOP-1 of the data (e.g. 9800:10000)",
+        )
+        data.add_argument(
+            f"--{split}-indices",
+            type=Path,
+            metavar="FILE",
+            help=f"the {split} images listed in FILE (.npy, or text with one index per line)",
+        )
     parser.add_argument(
-        "--model-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="keyword for the model builder (Python literal or string); repeatable",
+        "--preset",
+        choices=list(PRESETS),
+        help="threat model and budgets: "
+        + "; ".join(f"{name}: {p.summary}" for name, p in PRESETS.items()),
     )
-    parser.add_argument("--threshold", type=int, help="forward Broyden iterates (solver=...)")
-    parser.add_argument(
-        "--training-gradient",
-        choices=["phantom", "exact"],
-        help="the model's training gradient: phantom (k=5, lam=0.5) or exact (backward "
-        "Broyden threshold-1); it fixes the ready-made attack",
-    )
-    parser.add_argument("--checkpoint", type=Path, help="safetensors weights")
-    parser.add_argument("--data", default="digits", help="digits | FILE.npz | cifar10:ROOT")
-    parser.add_argument("--n-dev", type=int, default=100, help="development images")
-    parser.add_argument("--n-test", type=int, default=100, help="test images")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/evaluate"))
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -78,54 +99,72 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def held_out_data(spec: str) -> ImageDataset:
-    """The held-out images of a data spec (never the training split)."""
-    if spec == "digits":
-        return load_digits().split(1200)[1]
-    if spec.startswith("cifar10:"):
-        return load_cifar10(spec.split(":", 1)[1], train=False)
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {spec!r}: not 'digits', 'cifar10:ROOT' or a file")
-    with np.load(path) as arrays:
-        has_test = "x_test" in arrays.files
-    return load_arrays_file(path, split="test" if has_test else None)
+    """The images of a data spec that training does not use (never the training split)."""
+    pool = evaluation_pool(spec)
+    return pool.data.subset(pool.held_out)
 
 
-def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
-    """``["channels=16", "name=x"]`` -> ``{"channels": 16, "name": "x"}``."""
-    kwargs: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
-        try:
-            kwargs[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            kwargs[key] = text
-    return kwargs
+def select_split(args: argparse.Namespace) -> EvaluationSplit:
+    """The development and test splits the data options ask for, validated."""
+    pool = evaluation_pool(args.data)
+    chosen: dict[str, np.ndarray | None] = {}
+    for split in ("dev", "test"):
+        text, path = getattr(args, f"{split}_range"), getattr(args, f"{split}_indices")
+        if text is not None and path is not None:
+            raise ValueError(f"give --{split}-range or --{split}-indices, not both")
+        if text is not None:
+            chosen[split] = parse_range(text, len(pool), f"--{split}-range")
+        elif path is not None:
+            chosen[split] = read_indices(path, len(pool), f"--{split}-indices")
+        else:
+            chosen[split] = None
+    return choose_split(
+        pool,
+        dev=chosen["dev"],
+        test=chosen["test"],
+        n_dev=args.n_dev,
+        n_test=args.n_test,
+        names=(_DEV_NAME, _TEST_NAME),
+    )
 
 
-def build_model(args: argparse.Namespace) -> DEQ:
-    kwargs = parse_model_args(args.model_arg)
-    if args.threshold is not None:
-        kwargs["solver"] = Broyden(threshold=args.threshold, tol=1e-4)
-    if args.training_gradient == "phantom":
-        kwargs["training_gradient"] = PhantomGradient(5, 0.5)
-    elif args.training_gradient == "exact":
-        threshold = max(1, (args.threshold or 8) - 1)
-        kwargs["training_gradient"] = ImplicitGradient(Broyden(threshold=threshold, tol=1e-4))
-    model = create_model(args.model, **kwargs)
-    if not isinstance(model, DEQ):
-        raise TypeError(f"--model {args.model!r} built a {type(model).__name__}, not a DEQ")
-    if args.checkpoint is not None:
-        load_weights(model, args.checkpoint)
-    return model
+def check_model_fits_data(model: DEQModel, split: EvaluationSplit, device: str) -> int:
+    """Refuse data the model was not built for, before any work; return its class count.
 
-
-def check_sizes(data: ImageDataset, n_dev: int, n_test: int) -> None:
-    """Raise unless ``data`` holds ``n_dev + n_test`` images (both at least 1)."""
-    if n_dev < 1 or n_test < 1 or len(data) < n_dev + n_test:
-        raise ValueError(f"{len(data)} held-out images for --n-dev {n_dev} + --n-test {n_test}")
+    Checks the declared ``input_shape``, runs one development image through the model, and
+    checks that every label has a logit (and the data's class count, when known, equals the
+    model's).
+    """
+    data = split.pool.data
+    sample = data.image_shape
+    if model.input_shape is not None and tuple(model.input_shape) != sample:
+        raise ValueError(
+            f"the model was built for samples of shape {tuple(model.input_shape)} "
+            f"(its input_shape), but {data.name} has {sample}: choose the model or data that "
+            "fit (e.g. --model-arg image_size=... for small_conv_deq)"
+        )
+    x = torch.from_numpy(data.x[split.dev_indices[:1]]).to(device)
+    try:
+        with torch.no_grad():
+            logits = model.eval()(x)
+    except Exception as error:  # any failure of the user's model on this data: say which
+        raise ValueError(
+            f"the model does not run on one image of {data.name} (shape {sample}): "
+            f"{type(error).__name__}: {error}"
+        ) from None
+    if logits.dim() != 2 or logits.shape[0] != 1:
+        raise ValueError(f"the model returns shape {tuple(logits.shape)}, not logits (B, classes)")
+    classes = int(logits.shape[1])
+    labels = np.concatenate([data.y[split.dev_indices], data.y[split.test_indices]])
+    if int(labels.max()) >= classes:
+        raise ValueError(
+            f"{data.name} has label {int(labels.max())}, but the model has {classes} outputs"
+        )
+    if data.num_classes is not None and data.num_classes != classes:
+        raise ValueError(
+            f"{data.name} has {data.num_classes} classes, but the model has {classes} outputs"
+        )
+    return classes
 
 
 def init_distributed(device: str) -> bool:
@@ -140,17 +179,13 @@ def init_distributed(device: str) -> bool:
 
 def run(
     estimator: DEQEstimator,
-    data: ImageDataset,
+    dev: ImageDataset,
+    test: ImageDataset,
     config: EvaluationConfig,
-    n_dev: int,
-    n_test: int,
     out_dir: Path,
     description: dict[str, Any],
 ) -> EvaluationReport:
-    """Split, evaluate, write the outputs (rank 0) and print the report."""
-    check_sizes(data, n_dev, n_test)
-    dev = data.subset(np.arange(n_dev))
-    test = data.subset(np.arange(n_dev, n_dev + n_test))
+    """Evaluate on ``test`` (choices on ``dev``), write the outputs (rank 0), print the report."""
     main_process = not dist.is_initialized() or dist.get_rank() == 0
     start = time.perf_counter()
     report = evaluate_model(
@@ -165,12 +200,21 @@ def run(
         else None,
     )
     if main_process:
-        title = f"White-box evaluation ({data.name}, {description.get('model', 'model')})"
+        title = f"White-box evaluation ({test.name}, {description.get('model', 'model')})"
         paths = write_outputs(report, out_dir, title)
         print("\n" + markdown_report(report, title))
         print(f"\nwall time {time.perf_counter() - start:.0f} s; written: "
               + ", ".join(str(p) for p in paths.values()))  # fmt: skip
     return report
+
+
+def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
+    """The preset (if any), then every option given explicitly."""
+    sweep = dataclass_from_options(SweepConfig, args)
+    base = EvaluationConfig(sweep=sweep)
+    if args.preset is not None:
+        base = evaluation_preset(args.preset).apply(base)
+    return dataclass_from_options(EvaluationConfig, args, base=base)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,33 +224,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--device cuda: no CUDA device is available")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    try:
-        sweep = dataclass_from_options(SweepConfig, args)
-        config = dataclass_from_options(EvaluationConfig, args, base=EvaluationConfig(sweep=sweep))
-        data = held_out_data(args.data)
-        check_sizes(data, args.n_dev, args.n_test)
-        deq = build_model(args).to(args.device).eval()
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
-        print(f"deq-attacks evaluate: {error}", file=sys.stderr)
-        return 2
-    distributed = init_distributed(args.device)
-    try:
-        estimator = DEQEstimator(
-            deq,
-            input_shape=data.x.shape[1:],
-            nb_classes=int(data.num_classes or data.y.max() + 1),
-            device_type="gpu" if args.device == "cuda" else "cpu",
-        )
-        description = {
-            "model": args.model,
-            "model_args": args.model_arg,
-            "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-            "data": args.data,
-        }
-        run(estimator, data, config, args.n_dev, args.n_test, args.out_dir, description)
-    finally:
-        if distributed:
-            dist.destroy_process_group()
+    with working_directory_on_path():
+        try:
+            config = evaluation_config(args)
+            split = select_split(args)
+            built = build_model(args)
+            deq = built.model.to(args.device)
+            classes = check_model_fits_data(deq, split, args.device)
+        except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error
+            print(f"deq-attacks evaluate: {message}", file=sys.stderr)
+            return 2
+        print(split.summary())
+        for note in built.notes:
+            print(note)
+        distributed = init_distributed(args.device)
+        try:
+            estimator = DEQEstimator(
+                deq,
+                input_shape=split.pool.data.image_shape,
+                nb_classes=classes,
+                device_type="gpu" if args.device == "cuda" else "cpu",
+            )
+            description = {
+                "model": args.model,
+                "model_args": args.model_arg,
+                "data": args.data,
+                "preset": args.preset,
+                "input_shape": list(deq.input_shape) if deq.input_shape is not None else None,
+                "split": split.record(),
+                **built.record,
+            }
+            run(estimator, split.dev, split.test, config, args.out_dir, description)
+        finally:
+            if distributed:
+                dist.destroy_process_group()
     return 0
 
 

@@ -22,7 +22,6 @@ import torch
 from deq_attacks.config import add_dataclass_options, dataclass_from_options, override, parse_pairs
 from deq_attacks.training import PRESETS, TrainConfig, preset, run_training
 from deq_attacks.training.config import Device
-from deq_attacks.training.resume import ConfigMismatchError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +56,14 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
     """The preset, then the config file, then ``--set``, then single options."""
     config = preset(args.preset) if args.preset else TrainConfig()
     if args.config is not None:
-        values = json.loads(args.config.read_text())
+        if not args.config.is_file():
+            raise ValueError(f"--config {args.config}: no such file")
+        try:
+            values = json.loads(args.config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"--config {args.config}: not a JSON file ({error})") from None
         if not isinstance(values, dict):
-            raise ValueError(f"{args.config}: expected a JSON object of settings")
+            raise ValueError(f"--config {args.config}: expected a JSON object of settings")
         config = override(config, {k: _as_text(v) for k, v in values.items()})
     config = override(config, parse_pairs(args.settings))
     return dataclass_from_options(TrainConfig, args, base=config)
@@ -98,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = args.out_dir or Path("runs") / (args.preset or args.config.stem)
     try:
         result = run_training(config, out_dir)
-    except (ConfigMismatchError, FileNotFoundError) as error:
+    except (FileNotFoundError, ValueError) as error:  # a resume mismatch is a ValueError
         print(f"deq-attacks train: {error}", file=sys.stderr)
         return 2
     state = result.state

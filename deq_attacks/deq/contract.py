@@ -34,11 +34,14 @@ class DEQModel(nn.Module, ABC):
         solver: the forward solver (its ``threshold`` bounds every step index n).
         training_gradient: how the solver's answer re-enters autograd (also the Final readout).
         readout: the default defense.
+        input_shape: the sample shape (without batch) the model was built for, or None when
+            it declares none; front ends check data against it before any work.
     """
 
     solver: Solver
     training_gradient: TrainingGradient
     readout: Readout
+    input_shape: tuple[int, ...] | None = None
 
     @abstractmethod
     def inject(self, x: Tensor) -> Tensor:

@@ -36,6 +36,16 @@ def _refuse_training_through(readout: Readout) -> Callable[[Tensor], Tensor]:
     return hook
 
 
+def check_input_shape(shape: Sequence[int] | None) -> tuple[int, ...] | None:
+    """A declared sample shape as a tuple of positive ints (None stays None)."""
+    if shape is None:
+        return None
+    out = tuple(shape)
+    if not out or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in out):
+        raise ValueError(f"input_shape must be positive ints (without batch), got {shape!r}")
+    return out
+
+
 class DEQ(DEQModel):
     """A deep equilibrium classifier: the implementation of the ``DEQModel`` contract.
 
@@ -53,6 +63,9 @@ class DEQ(DEQModel):
             forward solve turns NaN or inf.
         resets: hooks called with ``f`` before each forward solve (default: reset the masks of
             ``VariationalDropout``); torchdeq models add its ``reset_norm`` and ``reset_dropout``.
+        input_shape: the sample shape (without batch) the model was built for, e.g.
+            ``(1, 28, 28)``; ``inject`` then refuses any other. None: not declared (any shape
+            the injection accepts).
 
     After each forward, ``last_trajectory`` holds the solve (flat states (B, d)), for
     inspection only: no computation of this package reads it.
@@ -70,6 +83,7 @@ class DEQ(DEQModel):
         jacobian_regularization: JacobianRegularization | None = None,
         raise_on_divergence: bool = False,
         resets: Sequence[ResetHook] = (reset_variational_dropout,),
+        input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.f = f
@@ -96,6 +110,7 @@ class DEQ(DEQModel):
         for hook in self.resets:
             if not callable(hook):
                 raise TypeError(f"resets must be callables taking f, got {hook!r}")
+        self.input_shape = check_input_shape(input_shape)
         self.last_trajectory: Trajectory | None = None
         self.last_jacobian_penalty: Tensor | None = None
         self._training_forwards = 0
@@ -109,6 +124,11 @@ class DEQ(DEQModel):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"x has sample shape {tuple(x.shape[1:])}, but this DEQ was built for "
+                f"{self.input_shape} (input_shape)"
+            )
         if not x.is_floating_point():
             raise TypeError(f"x must be floating point, got {x.dtype}")
         param = next(self.parameters(), None)

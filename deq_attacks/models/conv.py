@@ -124,8 +124,10 @@ def small_conv_deq(
     dropout: float = 0.0,
     **deq_kwargs: Any,
 ) -> DEQ:
-    """The small conv DEQ as a `DEQ`; deq_kwargs go to `DEQ` (solver and gradient settings)."""
+    """The small conv DEQ as a `DEQ` for images (in_channels, image_size, image_size), its
+    declared ``input_shape``; deq_kwargs go to `DEQ` (solver and gradient settings)."""
     from deq_attacks.deq.model import DEQ
 
     injection, f, head = conv_deq_parts(in_channels, num_classes, channels, image_size, dropout)
-    return DEQ(f=f, injection=injection, head=head, **deq_kwargs)
+    shape = (in_channels, image_size, image_size)
+    return DEQ(f=f, injection=injection, head=head, input_shape=shape, **deq_kwargs)

@@ -379,17 +379,17 @@ def mdeq_parts(
 
 @register_model
 def deq_large(num_classes: int = 10, **deq_kwargs: Any) -> DEQ:
-    """DEQ-Large of the paper (MDEQ_LARGE, 32x32 RGB input) as a `DEQ`."""
+    """DEQ-Large of the paper (MDEQ_LARGE) as a `DEQ` for 32x32 RGB images (its ``input_shape``)."""
     from deq_attacks.deq.model import DEQ
 
     injection, f, head = mdeq_parts(MDEQ_LARGE, num_classes)
-    return DEQ(f=f, injection=injection, head=head, **deq_kwargs)
+    return DEQ(f=f, injection=injection, head=head, input_shape=(3, 32, 32), **deq_kwargs)
 
 
 @register_model
 def deq_xl(num_classes: int = 10, **deq_kwargs: Any) -> DEQ:
-    """DEQ-XL of the paper (MDEQ_XL, 32x32 RGB input) as a `DEQ`."""
+    """DEQ-XL of the paper (MDEQ_XL) as a `DEQ` for 32x32 RGB images (its ``input_shape``)."""
     from deq_attacks.deq.model import DEQ
 
     injection, f, head = mdeq_parts(MDEQ_XL, num_classes)
-    return DEQ(f=f, injection=injection, head=head, **deq_kwargs)
+    return DEQ(f=f, injection=injection, head=head, input_shape=(3, 32, 32), **deq_kwargs)

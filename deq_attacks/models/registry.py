@@ -2,12 +2,19 @@
 
 A builder registers itself with ``@register_model``; a user's own model is reached by its Python
 entry point ``"package.module:function"``, which ``create_model`` imports and calls the same way.
+``builder_keywords`` reads what a builder accepts (its signature), so that a caller can refuse
+an option the builder would not take before building anything.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import inspect
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from torch import nn
@@ -33,17 +40,47 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+@contextmanager
+def working_directory_on_path() -> Iterator[None]:
+    """Put the working directory first on ``sys.path`` for the duration, as ``python -m``
+    does (a console script such as ``deq-attacks`` has its own folder there instead)."""
+    cwd = os.getcwd()
+    if cwd in sys.path or "" in sys.path:
+        yield
+        return
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def resolve_builder(name: str) -> ModelBuilder:
-    """The builder for a registered name or a ``"module:function"`` entry point."""
+    """The builder for a registered name or a ``"module:function"`` entry point.
+
+    Raises:
+        ValueError: an unknown name, a module that does not import (any error while importing
+            it, named), or an attribute that is missing or not callable.
+    """
     if ":" in name:
         module_name, _, attr = name.partition(":")
+        if not module_name or not attr:
+            raise ValueError(f"model entry point {name!r}: expected 'package.module:function'")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as error:
-            raise ValueError(f"cannot import {module_name!r} for model {name!r}: {error}") from None
-        builder = getattr(module, attr, None)
+        except Exception as error:  # the user's module may fail in any way while importing
+            raise ValueError(
+                f"cannot import {module_name!r} for model {name!r} ({type(error).__name__}: "
+                f"{error}; looked on sys.path, which starts with {sys.path[:2]})"
+            ) from None
+        if not hasattr(module, attr):
+            raise ValueError(f"{module_name!r} has no attribute {attr!r} (model {name!r})")
+        builder = getattr(module, attr)
         if not callable(builder):
-            raise ValueError(f"{module_name!r} has no callable {attr!r} (model {name!r})")
+            raise ValueError(
+                f"{module_name}.{attr} is a {type(builder).__name__}, not callable (model {name!r})"
+            )
         return builder
     if name not in _REGISTRY:
         raise ValueError(
@@ -56,3 +93,36 @@ def resolve_builder(name: str) -> ModelBuilder:
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the model ``name`` (registered or an entry point) with ``kwargs``."""
     return resolve_builder(name)(**kwargs)
+
+
+@dataclass(frozen=True)
+class BuilderKeywords:
+    """What a builder's signature accepts: ``names`` (keyword-capable parameters, in order)
+    and ``var_keyword`` (it has ``**kwargs``)."""
+
+    names: tuple[str, ...]
+    var_keyword: bool
+
+    def accepts(self, keyword: str, explicit: bool = False) -> bool:
+        """Whether ``keyword=`` may be passed (``explicit``: only a named parameter counts)."""
+        return keyword in self.names or (self.var_keyword and not explicit)
+
+    def __str__(self) -> str:
+        shown = ", ".join(self.names) if self.names else "no named keywords"
+        return shown + (", **kwargs" if self.var_keyword else "")
+
+
+def builder_keywords(builder: ModelBuilder) -> BuilderKeywords:
+    """The keywords ``builder`` accepts, read with ``inspect.signature``."""
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"cannot read the signature of the model builder {builder!r}: {error}"
+        ) from None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = signature.parameters.values()
+    return BuilderKeywords(
+        tuple(p.name for p in params if p.kind in kinds),
+        any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params),
+    )
