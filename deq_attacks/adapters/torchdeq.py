@@ -126,7 +126,7 @@ def from_torchdeq(
             solver and gradient settings are mapped (see the module docs).
         state_shape: the shape (without batch) of z when it differs from the injection's;
             z_0 is zeros of that shape (torchdeq's usual ``torch.zeros``).
-        **deq_kwargs: passed to ``DEQ`` (readout, jacobian_regularization, ...); ``solver``
+        **deq_kwargs: passed to ``DEQ`` (readout, resets, ...); ``solver``
             or ``training_gradient`` given here override the mapped ones.
     """
     core_type = type(core).__name__

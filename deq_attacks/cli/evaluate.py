@@ -2,7 +2,7 @@
 
     deq-attacks evaluate --model small_conv_deq --model-arg in_channels=1 \
         --model-arg image_size=8 --threshold 8 --training-gradient phantom \
-        --checkpoint runs/demo/checkpoint/best.safetensors --data digits --eps 0.1 --step 0.025
+        --checkpoint runs/demo/training/best.safetensors --data digits --eps 0.1 --step 0.025
 
 The model is a registered name or a user's ``package.module:function`` returning a DEQ; the
 data is ``digits`` (embedded), an arrays file (``.npz``) or ``cifar10:ROOT`` (torchvision).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from deq_attacks.checkpoints import load_weights
 from deq_attacks.config import add_dataclass_options, dataclass_from_options
 from deq_attacks.data import ImageDataset, load_arrays_file, load_cifar10, load_digits
 from deq_attacks.deq import DEQ, ImplicitGradient, PhantomGradient
+from deq_attacks.distributed import process_group
 from deq_attacks.evaluation import (
     EvaluationConfig,
     EvaluationReport,
@@ -128,16 +128,6 @@ def check_sizes(data: ImageDataset, n_dev: int, n_test: int) -> None:
         raise ValueError(f"{len(data)} held-out images for --n-dev {n_dev} + --n-test {n_test}")
 
 
-def init_distributed(device: str) -> bool:
-    """Join the torchrun process group if launched by torchrun; True if this process did."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return True
-
-
 def run(
     estimator: DEQEstimator,
     data: ImageDataset,
@@ -189,8 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
         print(f"deq-attacks evaluate: {error}", file=sys.stderr)
         return 2
-    distributed = init_distributed(args.device)
-    try:
+    with process_group(args.device):  # the torchrun group, when launched by torchrun
         estimator = DEQEstimator(
             deq,
             input_shape=data.x.shape[1:],
@@ -204,9 +193,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "data": args.data,
         }
         run(estimator, data, config, args.n_dev, args.n_test, args.out_dir, description)
-    finally:
-        if distributed:
-            dist.destroy_process_group()
     return 0
 
 
