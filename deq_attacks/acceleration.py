@@ -89,7 +89,8 @@ class Acceleration:
         return self.compile or self.channels_last or self.tf32 or self.bf16
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Convert (channels_last) and compile ``model`` in place; returns it. For a DEQ only
+        """Convert (channels_last) and compile ``model`` in place; returns it (an unknown
+        compile backend raises ValueError here, before any work). For a DEQ only
         ``f`` is compiled (the solver's Python loop, per-sample stopping and the readout stay
         eager); the penalty of ``JacobianRegularization`` runs f eagerly (no double backward
         through compiled code). Compiling turns off AOT autograd's donated buffers for the
@@ -99,6 +100,12 @@ class Acceleration:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         if self.compile:
+            backends = torch.compiler.list_backends(exclude_tags=())
+            if self.compile_backend not in backends:
+                raise ValueError(
+                    f"unknown compile_backend {self.compile_backend!r}; torch has "
+                    f"{', '.join(backends)}"
+                )
             import torch._functorch.config as aot_config
 
             aot_config.donated_buffer = False

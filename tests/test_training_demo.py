@@ -21,7 +21,7 @@ def test_demo_resolves_the_preset_with_its_shared_settings() -> None:
     assert (config.eps, config.steps, config.seed, config.epochs) == (0.2, 5, 3, 4)
     assert (config.step, config.device, config.threads) == (0.025, Device.CPU, 1)
     assert config.differences(expected) == [
-        "epochs: 4 -> 9",
+        "epochs: 4 -> 8",
         "eps: 0.2 -> 0.1",
         "steps: 5 -> 10",
         "seed: 3 -> 0",
