@@ -2,11 +2,12 @@
 
 ``python -m benchmarks.bptt_robustness [--out-dir DIR] [--n-test 100] [--max-iter 100]``
 
-Trains (or reloads from ``--out-dir``) two small conv DEQs on the embedded digits the way the
-README's main job (``python -m deq_attacks demo``) trains: 16 channels, Broyden(8, tol 1e-4),
-the phantom training gradient (k=5, lambda=0.5), Adam 3e-3, batch 64, the best epoch by
-development PGD-10 accuracy; "main" with 6 clean epochs and 1 PGD-AT epoch (eps 0.1, step
-0.025, 10 steps), "clean" with the 6 clean epochs only. The early-exit step n is chosen on the
+Trains (or resumes in ``--out-dir``) two small conv DEQs on the embedded digits the way the
+README's main job (``python -m deq_attacks demo``) trains, through ``run_training`` and its
+``demo`` preset: 16 channels, Broyden(8, tol 1e-4), the phantom training gradient (k=5,
+lambda=0.5), Adam 3e-3 with cosine decay, batch 64, the best epoch by development PGD-10
+accuracy; "main" is the preset (unrolled clean pretraining, then PGD-AT at eps 0.1, step
+0.025, 10 steps), "clean" the same without PGD-AT. The early-exit step n is chosen on the
 development split (best accuracy under the ready-made PGD-10, Sec. 6.2). Then, per model and
 defense (Final, Early(n), Ensemble), ART's AutoProjectedGradientDescent (loss_type
 "cross_entropy", L-inf eps 0.1, ``--max-iter`` iterations, one restart) runs on the test
@@ -20,6 +21,7 @@ worst cosine of each other estimate's gradient with backprop through the solver
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -46,20 +48,23 @@ from deq_attacks import (  # noqa: E402
     GradientEnsemble,
     GradientEstimate,
     Phantom,
-    PhantomGradient,
     Readout,
     Unrolled,
 )
 from deq_attacks.checkpoints import load_weights  # noqa: E402
-from deq_attacks.cli.demo import load_data  # noqa: E402
 from deq_attacks.evaluation.alignment import gradient_alignment  # noqa: E402
-from deq_attacks.models import small_conv_deq  # noqa: E402
-from deq_attacks.training import TrainingConfig, train  # noqa: E402
+from deq_attacks.training import preset, run_training  # noqa: E402
+from deq_attacks.training.config import Device  # noqa: E402
+from deq_attacks.training.data_loading import held_out_split  # noqa: E402
 
 THRESHOLD = 8
 EPS, STEP = 0.1, 0.025
-# name -> (clean epochs, PGD-AT epochs); "short" (not run by default): 2 clean epochs only
-MODELS = {"main": (6, 1), "clean": (6, 0), "short": (2, 0)}
+# name -> changes to the demo preset; "short" (not run by default): 2 clean epochs only
+MODELS: dict[str, dict[str, Any]] = {
+    "main": {},
+    "clean": {"adversarial": False},
+    "short": {"epochs": 2, "pretrain_steps": 34, "adversarial": False},
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -117,41 +122,31 @@ def other_estimates(early_n: int) -> dict[str, GradientEstimate]:
     }
 
 
-def trained_model(
-    name: str, args: argparse.Namespace, train_x: np.ndarray, train_y: np.ndarray, dev: Any
-) -> DEQEstimator:
-    clean, adversarial = MODELS[name]
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    deq: DEQ = small_conv_deq(
-        in_channels=train_x.shape[1],
-        num_classes=10,
-        channels=16,
-        image_size=train_x.shape[2],
-        solver=Broyden(threshold=THRESHOLD, tol=1e-4),
-        training_gradient=PhantomGradient(5, 0.5),
-    ).to(args.device)
-    estimator = DEQEstimator(
-        deq,
-        input_shape=train_x.shape[1:],
-        nb_classes=10,
-        optimizer=torch.optim.Adam(deq.parameters(), lr=3e-3),
-        device_type="gpu" if args.device == "cuda" else "cpu",
+def trained_model(name: str, args: argparse.Namespace) -> DEQEstimator:
+    """Model ``name`` trained by ``run_training`` into ``--out-dir``/name (a rerun resumes),
+    with the weights of its best epoch, in eval mode."""
+    config = dataclasses.replace(
+        preset("demo"),
+        data=args.data,
+        seed=args.seed,
+        device=Device(args.device),
+        threads=args.threads,
+        **MODELS[name],
     )
-    config = TrainingConfig(
-        clean_epochs=clean,
-        adversarial_epochs=adversarial,
-        batch_size=64,
-        lr=3e-3,
-        eps=EPS,
-        step=STEP,
-        steps=10,
-    )
+    assert (config.forward_threshold, config.eps, config.step) == (THRESHOLD, EPS, STEP)
     directory = args.out_dir / name
-    train(estimator, train_x, train_y, config, directory, validation=(dev.x, dev.y))
+    result = run_training(config, directory)
+    deq = result.model
+    if not isinstance(deq, DEQ):
+        raise TypeError(f"the demo preset built a {type(deq).__name__}, not a DEQ")
     load_weights(deq, directory / "best.safetensors")
     deq.eval()
-    return estimator
+    return DEQEstimator(
+        deq,
+        input_shape=result.image_shape,
+        nb_classes=result.num_classes,
+        device_type="gpu" if args.device == "cuda" else "cpu",
+    )
 
 
 def accuracy(estimator: DEQEstimator, x: np.ndarray, y: np.ndarray, defense: Readout) -> np.ndarray:
@@ -204,7 +199,7 @@ def apgd(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    train_set, held_out = load_data(args.data)
+    held_out = held_out_split(args.data)  # images the training pool leaves out
     if len(held_out) < args.n_dev + args.n_test:
         raise SystemExit(f"only {len(held_out)} held-out images for --n-dev + --n-test")
     dev = held_out.subset(np.arange(args.n_dev))
@@ -212,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(args).items()}, "models": {}}
     for name in args.models:
         start = time.perf_counter()
-        estimator = trained_model(name, args, train_set.x, train_set.y, dev)
+        estimator = trained_model(name, args)
         early_n, dev_accs = choose_early_exit(estimator, dev)
         estimator.predict(test.x, batch_size=len(test.x))
         trajectory = estimator.deq.last_trajectory

@@ -7,7 +7,6 @@ point after 8 steps anyway: relative residual ~0.2). Each row says whether that 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import statistics
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from deq_attacks import (
     Readout,
     Unrolled,
 )
+from deq_attacks.acceleration import Acceleration
 from deq_attacks.gradients import input_gradient, loss_cotangent
 from deq_attacks.solvers import Solver, Trajectory
 from deq_attacks.training import loop as training_loop
@@ -575,7 +575,8 @@ def pgd_at_throughput(ctx: Context) -> list[Result]:
             schedule,
             attack,
             ctx.workload.num_classes,
-            contextlib.nullcontext(),
+            ctx.device,
+            Acceleration(),
         )
         steps[name] = functools.partial(training_loop.training_step, step_ctx, x, y, True, False)
     row = _timed_row(

@@ -1,10 +1,13 @@
 """Quickstart: train a small conv DEQ on real images, then attack it through ART.
 
-The DEQ is wrapped as a ``DEQEstimator`` (an ART ``PyTorchClassifier``) and attacked with
-ART's ProjectedGradientDescent (which calls the estimator's loss-aware ``loss_gradient``),
-AutoProjectedGradientDescent with the DLR loss and AutoAttack (which differentiate
-``estimator.model`` with autograd), and the query-based SquareAttack. Each gradient attack is
-run once per gradient estimate, switched with ``estimator.using(estimate=...)``.
+Training uses ART's own trainers on the estimator: ``estimator.fit`` for the clean epochs,
+then ``AdversarialTrainerMadryPGD`` (PGD-AT, its PGD with the training gradient's estimate),
+with a cosine learning rate per epoch. The DEQ is wrapped as a ``DEQEstimator`` (an ART
+``PyTorchClassifier``) and attacked with ART's ProjectedGradientDescent (which calls the
+estimator's loss-aware ``loss_gradient``), AutoProjectedGradientDescent with the DLR loss and
+AutoAttack (which differentiate ``estimator.model`` with autograd), and the query-based
+SquareAttack. Each gradient attack is run once per gradient estimate, switched with
+``estimator.using(estimate=...)``.
 
 Default data: scikit-learn's 1,797 real 8x8 handwritten digits (no download), in [0, 1];
 ``--arrays PATH`` takes an ``.npz`` file instead (``x``/``y``, or ``x_train``/``y_train`` and
@@ -17,6 +20,7 @@ Default data: scikit-learn's 1,797 real 8x8 handwritten digits (no download), in
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -29,6 +33,7 @@ from art.attacks.evasion import (
     ProjectedGradientDescent,
     SquareAttack,
 )
+from art.defences.trainer import AdversarialTrainerMadryPGD
 
 from deq_attacks import (
     Adjoint,
@@ -48,7 +53,6 @@ from deq_attacks import (
 )
 from deq_attacks.data import ImageDataset, load_arrays_file, load_digits
 from deq_attacks.models import small_conv_deq
-from deq_attacks.training import TrainingConfig, train
 
 ESTIMATES: dict[str, Callable[[], GradientEstimate]] = {
     "unrolled-z1": lambda: Unrolled(n=1, k=1, lam=1.0),
@@ -168,6 +172,29 @@ def print_table(
         print(f"{label:{width}}" + "".join(f"{100 * cells[n]:>20.1f}" for n in names))
 
 
+def train_with_art(estimator: DEQEstimator, train_set: ImageDataset,
+                   args: argparse.Namespace) -> None:
+    """``args.epochs`` clean epochs of ``estimator.fit``, then ``args.adv_epochs`` of ART's
+    ``AdversarialTrainerMadryPGD`` (PGD-``args.steps``, eps, step eps/4, one random start),
+    the adversaries made with the training gradient's estimate (Appendix A); Adam's learning
+    rate follows a cosine over the epochs. (The paper's full recipe, resumable, with unrolled
+    pretraining and the Jacobian penalty: ``deq_attacks.training.run_training``.)"""
+    epochs = args.epochs + args.adv_epochs
+    ready_made = estimator.deq.training_gradient.attack_estimate()
+    for epoch in range(epochs):
+        for group in estimator.optimizer.param_groups:
+            group["lr"] = 0.5 * args.lr * (1 + math.cos(math.pi * epoch / epochs))
+        with estimator.using(estimate=ready_made):
+            if epoch < args.epochs:
+                estimator.fit(train_set.x, train_set.y, batch_size=args.batch_size, nb_epochs=1,
+                              verbose=False)
+            else:
+                AdversarialTrainerMadryPGD(
+                    estimator, nb_epochs=1, batch_size=args.batch_size, eps=args.eps,
+                    eps_step=args.eps / 4, max_iter=args.steps,
+                ).fit(train_set.x, train_set.y)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     defense = parse_defense(args.defense)
@@ -195,11 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         deq, input_shape=train_set.image_shape, nb_classes=classes,
         optimizer=torch.optim.Adam(deq.parameters(), lr=args.lr),
     )
-    config = TrainingConfig(
-        clean_epochs=args.epochs, adversarial_epochs=args.adv_epochs,
-        batch_size=args.batch_size, lr=args.lr, eps=args.eps, step=args.eps / 4, steps=args.steps,
-    )
-    train(estimator, train_set.x, train_set.y, config)
+    train_with_art(estimator, train_set, args)
     deq.eval()
     estimator.defense = defense
 

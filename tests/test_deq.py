@@ -220,8 +220,6 @@ def test_bad_inputs_raise() -> None:
         DEQ(*parts, solver="broyden")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="training_gradient must be ImplicitGradient"):
         DEQ(*parts, training_gradient="phantom")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="expected JacobianRegularization"):
-        DEQ(*parts, jacobian_regularization=0.4)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="backward_solver must be a Solver"):
         ImplicitGradient(backward_solver=None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"k \(unrolling steps\) must be an int >= 1"):

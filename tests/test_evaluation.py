@@ -1,21 +1,18 @@
-"""Evaluation protocol, training loop, checkpoints and the command-line main job."""
+"""Evaluation protocol, checkpoints and the command-line main job."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from deq_attacks import Broyden, DEQEstimator, Phantom, PhantomGradient
 from deq_attacks.checkpoints import load_weights, save_weights
 from deq_attacks.cli import main
-from deq_attacks.data import load_digits
 from deq_attacks.evaluation import AttackKind, AttackSpec, EvaluationConfig, ThreatModel
 from deq_attacks.models import mlp_deq
-from deq_attacks.training import TrainingConfig, art_trainer, train
 
 
 def tiny_estimator(hidden: int = 16) -> DEQEstimator:
@@ -34,12 +31,6 @@ def tiny_estimator(hidden: int = 16) -> DEQEstimator:
     )
 
 
-@pytest.fixture(scope="module")
-def digits():
-    data = load_digits()
-    return data.x[:300], data.y[:300], data.x[300:340], data.y[300:340]
-
-
 def test_checkpoint_round_trip_and_mismatch(tmp_path: Path) -> None:
     source, target = tiny_estimator().deq, tiny_estimator().deq
     path = save_weights(source, tmp_path / "m.safetensors")
@@ -53,85 +44,6 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path: Path) -> None:
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
     with pytest.raises(FileNotFoundError):
         load_weights(other, tmp_path / "missing.safetensors")
-
-
-def test_training_learns_and_resumes(tmp_path: Path, digits) -> None:
-    x, y, xv, yv = digits
-    estimator = tiny_estimator()
-    config = TrainingConfig(clean_epochs=2, batch_size=32, lr=1e-2)
-    state = train(
-        estimator,
-        x,
-        y,
-        TrainingConfig(clean_epochs=1, batch_size=32, lr=1e-2),
-        checkpoint_dir=tmp_path,
-        validation=(xv, yv),
-    )
-    assert state.epochs_done == 1
-    resumed_model = tiny_estimator()
-    state = train(resumed_model, x, y, config, checkpoint_dir=tmp_path, validation=(xv, yv))
-    assert state.epochs_done == 2 and [h["epoch"] for h in state.history] == [1, 2]
-    assert state.history[-1]["val_clean_accuracy"] > 0.5
-    pgd = [h["val_pgd_accuracy"] for h in state.history]
-    assert all(0.0 <= a <= h["val_clean_accuracy"] for a, h in zip(pgd, state.history))
-    assert state.best_epoch == 1 + int(np.argmax(pgd))
-    assert state.best_val_pgd_accuracy == max(pgd)
-    best = tiny_estimator().deq
-    load_weights(best, tmp_path / "best.safetensors")
-    if state.best_epoch == 2:
-        last = resumed_model.deq.state_dict()
-        assert all(torch.equal(v, last[k]) for k, v in best.state_dict().items())
-
-
-def test_adversarial_training_runs_with_matching_estimate(digits) -> None:
-    x, y, _, _ = digits
-    estimator = tiny_estimator()
-    seen = []
-    original = Phantom.injection_gradient
-
-    def spy(self, *args, **kwargs):
-        seen.append(self)
-        return original(self, *args, **kwargs)
-
-    Phantom.injection_gradient = spy  # type: ignore[method-assign]
-    try:
-        train(
-            estimator,
-            x[:64],
-            y[:64],
-            TrainingConfig(
-                clean_epochs=0, adversarial_epochs=1, batch_size=32, eps=0.1, step=0.05, steps=2
-            ),
-        )
-    finally:
-        Phantom.injection_gradient = original  # type: ignore[method-assign]
-    assert seen and all(s == Phantom(2, 0.5) for s in seen)
-
-
-def test_validation_pgd_starts_at_random(digits, monkeypatch) -> None:
-    _, _, x_val, y_val = digits
-    made = []
-    original = art_trainer.ProjectedGradientDescent
-
-    def spy(*args, **kwargs):
-        made.append(kwargs.get("num_random_init", 0))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(art_trainer, "ProjectedGradientDescent", spy)
-    config = TrainingConfig(clean_epochs=1, batch_size=20, eps=0.1, step=0.05, steps=2)
-    record = art_trainer.validate(tiny_estimator(), (x_val, y_val), config, Phantom(2, 0.5))
-    assert made == [1] and 0 <= record["val_pgd_accuracy"] <= 1
-
-
-def test_training_config_validation() -> None:
-    with pytest.raises(ValueError, match="at least one epoch"):
-        TrainingConfig(clean_epochs=0, adversarial_epochs=0)
-    with pytest.raises(ValueError):
-        TrainingConfig(eps=0)
-    with pytest.raises(ValueError, match="optimizer"):
-        est = tiny_estimator()
-        est._optimizer = None
-        train(est, np.zeros((2, 1, 8, 8), np.float32), np.zeros(2, np.int64), TrainingConfig())
 
 
 def test_attack_spec_validation() -> None:
@@ -152,10 +64,14 @@ def test_cli_main_job_writes_table(tmp_path: Path, capsys) -> None:
         [
             "--out-dir",
             str(tmp_path),
-            "--clean-epochs",
-            "1",
-            "--adv-epochs",
-            "0",
+            "--train-set",
+            "epochs=1",
+            "--train-set",
+            "adversarial=false",
+            "--train-set",
+            "width=4",
+            "--train-set",
+            "forward_threshold=3",
             "--n-test",
             "8",
             "--n-dev",
@@ -170,12 +86,6 @@ def test_cli_main_job_writes_table(tmp_path: Path, capsys) -> None:
             "2",
             "--attack-batch-size",
             "8",
-            "--channels",
-            "4",
-            "--threshold",
-            "3",
-            "--batch-size",
-            "64",
         ]
     )
     assert code == 0

@@ -15,7 +15,7 @@ from deq_attacks.cli import train as train_cli
 from deq_attacks.config import override, to_jsonable
 from deq_attacks.models import create_model
 from deq_attacks.training import PRESETS, TrainConfig, preset
-from deq_attacks.training.build import build_model
+from deq_attacks.training.build import build_model, jacobian_schedule
 from deq_attacks.training.config import Device, Gradient
 from tests.training_fixtures import PAPER_PRESETS
 
@@ -55,7 +55,9 @@ def test_deq_large_preset_builds_the_table_7_model() -> None:
     assert 10e6 < params < 12e6, params
     assert model.solver.threshold == 8  # type: ignore[union-attr]
     assert model.training_gradient.backward_solver.threshold == 7  # type: ignore[union-attr]
-    assert model.jacobian_regularization.frequency == 0.02  # type: ignore[union-attr]
+    schedule = jacobian_schedule(preset("deq_large_exact_8_7"))
+    assert schedule is not None and (schedule.frequency, schedule.stop_epoch) == (0.02, 90)
+    assert schedule.start_step == 16000 and schedule.regularization.weight == 0.4
     with pytest.raises(ValueError, match="3x32x32"):
         build_model(preset("deq_large_exact_8_7"), (1, 8, 8), 10)
 
@@ -73,10 +75,15 @@ def test_baseline_models_have_their_sizes() -> None:
         ({"batch_size": 0}, "batch_size must be"),
         ({"jac_frequency": 1.5}, "jac_frequency"),
         ({"bf16": True, "device": Device.CPU}, "bf16 autocast is for CUDA only"),
+        ({"tf32": True, "device": Device.CPU}, "tf32 is a CUDA"),
+        ({"compile": True, "compile_mode": "reduce-overhead", "device": Device.CPU}, "CUDA graphs"),
+        ({"compile_mode": "fast"}, "compile_mode must be one of"),
+        ({"compile_backend": "aot_eager"}, "apply only with compile=true"),
+        ({"eval_batch_size": 0}, "eval_batch_size must be None or an int >= 1"),
         ({"model": "resnet18"}, "resnet18 is not a DEQ"),
         ({"gradient": Gradient.AUTOGRAD}, "Jacobian regularisation is DEQ-only"),
         ({"dropout": 0.1}, "dropout is a setting of small_conv_deq"),
-        ({"data": "mnist.csv"}, "data must be"),
+        ({"data": "mnist.csv"}, "data must be 'cifar10', 'digits', 'memory'"),
         ({"dev_size": 0}, "dev_size"),
         ({"model": "resnet50"}, "unknown model 'resnet50': registered are"),
     ],
@@ -138,3 +145,45 @@ def test_cli_resolves_preset_file_set_and_options(tmp_path: Path, capsys) -> Non
     assert json.loads(capsys.readouterr().out)["model"] == "small_conv_deq"
     with pytest.raises(SystemExit):  # argparse: a bad single option
         train_cli.main(["--preset", "cpu_exact", "--epochs", "many"])
+
+
+def test_acceleration_fields_and_device_defaults() -> None:
+    """The acceleration options travel as one frozen Acceleration; the dev batch defaults to
+    200 on CPU and 500 on CUDA unless set; the demo preset is the README's recipe."""
+    cpu = preset("cpu_exact")
+    assert not cpu.acceleration.active
+    fast = dataclasses.replace(
+        TrainConfig(),  # device cuda
+        compile=True,
+        compile_mode="reduce-overhead",
+        channels_last=True,
+        tf32=True,
+        bf16=True,
+    )
+    accel = fast.acceleration
+    assert (accel.compile, accel.compile_mode, accel.channels_last, accel.tf32, accel.bf16) == (
+        True,
+        "reduce-overhead",
+        True,
+        True,
+        True,
+    )
+    assert TrainConfig().dev_batch_size == 500
+    assert dataclasses.replace(TrainConfig(), device=Device.CPU).dev_batch_size == 200
+    assert dataclasses.replace(TrainConfig(), eval_batch_size=64).dev_batch_size == 64
+    demo = preset("demo")
+    assert (demo.model, demo.width, demo.gradient, demo.phantom_k, demo.phantom_lam) == (
+        "small_conv_deq",
+        16,
+        Gradient.PHANTOM,
+        5,
+        0.5,
+    )
+    assert (demo.data, demo.eps, demo.step, demo.steps, demo.adversarial) == (
+        "digits",
+        0.1,
+        0.025,
+        10,
+        True,
+    )
+    assert 0 < demo.pretrain_steps < demo.epochs * (1100 // demo.batch_size)

@@ -242,9 +242,12 @@ def test_spectral_radius_of_tanh_deq_at_its_fixed_point_is_below_one() -> None:
         assert torch.linalg.matrix_norm(J, ord=2) < 0.95 + 1e-12
 
 
-def test_jacobian_regularization_adds_penalty_gradient_every_other_forward() -> None:
+def test_forward_with_penalty_is_the_forward_plus_the_penalty_at_the_same_z_star() -> None:
+    """Logits equal ``deq(x)``'s; the penalty equals ``reg.penalty`` at the solve's z* with the
+    same probes; the gradient of CE + penalty equals the written-out reference and differs
+    from CE alone; the module keeps no counter or penalty between calls."""
     d, weight = 6, 0.7
-    reg = JacobianRegularization(weight=weight, frequency=0.5, samples=2)
+    reg = JacobianRegularization(weight=weight, samples=2)
     deq = (
         DEQ(
             TanhF(d, 0.9),
@@ -252,50 +255,46 @@ def test_jacobian_regularization_adds_penalty_gradient_every_other_forward() -> 
             nn.Linear(d, 3),
             solver=Broyden(threshold=30, tol=1e-10),
             training_gradient=ImplicitGradient(backward_solver=Broyden(threshold=30, tol=1e-10)),
-            jacobian_regularization=reg,
         )
         .to(D64)
         .train()
     )
     params = list(deq.parameters())
     x, y = _data()
-    assert [reg.applies_at(i) for i in range(4)] == [False, True, False, True]
-    for i in range(4):
-        torch.manual_seed(1000 + i)
-        got = torch.autograd.grad(F.cross_entropy(deq(x), y), params)
-        applied = i % 2 == 1
-        if not applied:
-            assert (deq.last_jacobian_penalty is None) == (i == 0)
-        # the reference: the same solve, the same probes, the loss written out
-        torch.manual_seed(1000 + i)
-        inj = deq.inject(x)
-        traj = deq.solve(inj)
-        state = deq.training_gradient.attach(deq, traj.final, inj)
-        ce = F.cross_entropy(deq.logits(state, inj), y)
-        penalty = reg.penalty(lambda z, inj=inj: deq.step(z, inj), traj.final)
-        plain = torch.autograd.grad(ce, params, retain_graph=True)
-        with_penalty = torch.autograd.grad(ce + penalty, params)
-        want = with_penalty if applied else plain
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
-        if applied:
-            assert deq.last_jacobian_penalty is not None
-            torch.testing.assert_close(deq.last_jacobian_penalty, penalty.detach())
-            assert penalty.item() > 0
-            assert _relative_error(list(plain), list(with_penalty)) > 1e-3, "penalty has no effect"
-    # eval mode and no-grad forwards never carry the penalty nor advance the schedule
-    deq.eval()
-    before = deq.last_jacobian_penalty
-    deq(x)
-    assert deq.last_jacobian_penalty is before
+    torch.manual_seed(1000)
+    logits, penalty = deq.forward_with_penalty(x, reg)
+    got = torch.autograd.grad(F.cross_entropy(logits, y) + penalty, params)
+    # the reference: the same solve, the same probes, the loss written out
+    torch.manual_seed(1000)
+    inj = deq.inject(x)
+    traj = deq.solve(inj)
+    state = deq.training_gradient.attach(deq, traj.final, inj)
+    ce = F.cross_entropy(deq.logits(state, inj), y)
+    want_penalty = reg.penalty(lambda z: deq.step(z, inj), traj.final)
+    plain = torch.autograd.grad(ce, params, retain_graph=True)
+    want = torch.autograd.grad(ce + want_penalty, params)
+    torch.testing.assert_close(penalty, want_penalty, rtol=1e-12, atol=0)
+    assert penalty.item() > 0
+    torch.testing.assert_close(logits, deq(x), rtol=1e-12, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    assert _relative_error(list(plain), list(want)) > 1e-3, "penalty has no effect"
+    # the weight scales the penalty linearly (same probes)
+    torch.manual_seed(1000)
+    _, doubled = deq.forward_with_penalty(x, JacobianRegularization(weight=2 * weight, samples=2))
+    torch.testing.assert_close(doubled, 2 * penalty.detach(), rtol=1e-12, atol=0)
+    assert not hasattr(deq, "jacobian_regularization") and not hasattr(deq, "_training_forwards")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="enable gradients"):
+        deq.forward_with_penalty(x, reg)
+    with pytest.raises(TypeError, match="expected JacobianRegularization"):
+        deq.forward_with_penalty(x, 0.4)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"weight": -0.1}, "weight must be a finite number >= 0"),
-        ({"frequency": 0.0}, r"frequency must be in \(0, 1\]"),
-        ({"frequency": 1.5}, r"frequency must be in \(0, 1\]"),
+        ({"weight": float("nan")}, "weight must be a finite number >= 0"),
         ({"samples": 0}, "samples must be an int >= 1"),
     ],
 )

@@ -1,6 +1,7 @@
 """The training loop: one short CPU epoch of every paper preset's code path, what an epoch logs,
-the schedules (pretraining steps, cosine per step, Jacobian stop epoch), the global batches, and
-the refusal to train through an Early/Ensemble readout."""
+the schedules (pretraining steps, cosine per step, which steps carry the Jacobian penalty), the
+unrolled pretraining network and its reset hooks, the global batches, and the refusal to train
+through an Early/Ensemble readout."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from deq_attacks.deq import DEQ, Early, Ensemble
+from deq_attacks.deq import Early, Ensemble, JacobianRegularization
+from deq_attacks.deq.dropout import reset_variational_dropout
 from deq_attacks.models import small_conv_deq
+from deq_attacks.training import loop as loop_module
 from deq_attacks.training import monitor as monitor_module
 from deq_attacks.training import run_training
-from deq_attacks.training.build import unrolled_logits
+from deq_attacks.training.build import JacobianSchedule, jacobian_schedule, unrolled_logits
 from deq_attacks.training.data_loading import (
     GlobalBatchSampler,
     _split_indices,
@@ -72,10 +76,12 @@ def test_one_short_epoch_of_each_paper_preset(name: str, tmp_path: Path) -> None
     assert (tmp_path / "checkpoints" / "epoch-0001" / "model.safetensors").is_file()
 
 
-def test_schedules_pretraining_cosine_and_jacobian_stop(tmp_path: Path) -> None:
-    """3 epochs of 2 steps: 3 pretraining steps (unrolled: no DEQ-mode training forward), then
-    DEQ-mode PGD-AT; the regulariser (every step) stops at epoch index 2; the learning rate
-    follows the per-step cosine."""
+def test_schedules_pretraining_cosine_and_jacobian_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3 epochs of 2 steps: 3 pretraining steps (unrolled: no penalty), then DEQ-mode PGD-AT;
+    the penalty (every DEQ-mode step) stops at epoch index 2: exactly global step 3 carries
+    it, which the loop passes to the step; the learning rate follows the per-step cosine."""
     config = tiny_preset(
         "deq_large_exact_8_7",
         epochs=3,
@@ -85,21 +91,47 @@ def test_schedules_pretraining_cosine_and_jacobian_stop(tmp_path: Path) -> None:
         lr=1e-2,
         lr_min=1e-4,
     )
+    carried: list[bool] = []
+    original = loop_module.training_step
+
+    def spy(ctx, x, y, adversarial, unrolled, penalty=None):
+        carried.append(penalty is not None)
+        return original(ctx, x, y, adversarial, unrolled, penalty)
+
+    monkeypatch.setattr(loop_module, "training_step", spy)
     result = run_training(config, tmp_path, log=lambda _: None)
     history = result.state.history
     assert [r["phase"] for r in history] == ["pretrain", "pretrain+pgd-at", "pgd-at"]
+    assert carried == [False, False, False, True, False, False]
     assert history[0]["jacobian_penalty"] is None  # no regulariser in pretraining
     assert history[1]["jacobian_penalty"] > 0  # the one DEQ-mode step of epoch 2
     assert history[2]["jacobian_penalty"] is None  # stopped
-    deq = result.model
-    assert isinstance(deq, DEQ) and deq.jacobian_regularization is None
-    assert deq._training_forwards == 1  # only epoch 2's DEQ-mode step was counted
     plot = plot_history(history, tmp_path / "traces.png")
     assert plot.stat().st_size > 10_000
     for r in history:
         t = r["global_step"]
         expected = 1e-4 + 0.5 * (1e-2 - 1e-4) * (1 + math.cos(math.pi * t / 6))
         assert r["lr"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_jacobian_schedule_counts_deq_mode_steps_from_the_global_step() -> None:
+    """Frequency 0.25 from global step 10 until epoch 3: DEQ-mode steps 3, 7, 11, ... carry
+    it (floor((i+1)/4) > floor(i/4)); the counter is the global step alone."""
+    schedule = JacobianSchedule(JacobianRegularization(0.4), 0.25, start_step=10, stop_epoch=3)
+    epoch_of = [s // 8 for s in range(40)]  # 8 steps per epoch
+    carrying = [s for s in range(40) if schedule.applies(s, epoch_of[s])]
+    assert carrying == [13, 17, 21]  # 25 is in epoch 3: stopped
+    assert schedule.applies(25, 2) and not schedule.applies(25, 3)
+    assert not any(schedule.applies(s, 0) for s in range(10))  # pretraining
+    every = JacobianSchedule(JacobianRegularization(0.4), 1.0, start_step=0, stop_epoch=5)
+    assert all(every.applies(s, 0) for s in range(20))
+    with pytest.raises(ValueError, match="frequency must be in"):
+        JacobianSchedule(JacobianRegularization(0.4), 0.0, 0, 1)
+    paper = jacobian_schedule(tiny_preset("deq_large_exact_8_7", jac_frequency=0.02))
+    assert paper is not None and paper.regularization.weight == 0.4
+    assert (paper.frequency, paper.start_step) == (0.02, 1)
+    assert jacobian_schedule(tiny_preset("deq_large_exact_8_7", jac_weight=0.0)) is None
+    assert jacobian_schedule(tiny_preset("resnet18_pgd_at")) is None
 
 
 def test_dev_pgd_has_a_random_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,6 +160,34 @@ def test_unrolled_pretraining_network_is_f_applied_depth_times() -> None:
     loss = F.cross_entropy(unrolled_logits(deq, x, 5), torch.tensor([0, 1, 2]))
     loss.backward()  # autograd through all applications: f and the injection get gradients
     assert deq.f.conv1.weight.grad is not None and deq.injection.conv.weight.grad is not None
+
+
+def test_unrolled_pretraining_runs_the_models_reset_hooks() -> None:
+    """Through ``deq.reset()``: a user's own hook (torchdeq's reset_norm, reset_dropout) runs
+    once per unrolled forward, as before a solve, and the default hook redraws the dropout
+    mask (one mask per forward, shared by the depth applications of f)."""
+    calls: list[nn.Module] = []
+
+    def counting(f: nn.Module) -> None:
+        calls.append(f)
+
+    torch.manual_seed(0)
+    deq = small_conv_deq(
+        in_channels=1,
+        num_classes=10,
+        channels=4,
+        image_size=8,
+        dropout=0.5,
+        resets=(reset_variational_dropout, counting),
+    ).train()
+    x = torch.rand(3, 1, 8, 8)
+    unrolled_logits(deq, x, 4)
+    assert calls == [deq.f]
+    first = deq.f.drop.mask.clone()
+    unrolled_logits(deq, x, 4)
+    assert len(calls) == 2 and not torch.equal(first, deq.f.drop.mask)  # a new mask
+    deq(x)  # a DEQ-mode forward runs them the same way
+    assert len(calls) == 3
 
 
 def test_global_batches_are_the_same_for_one_and_two_processes() -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from torch import nn
+
+from deq_attacks.models import mlp_deq
 from deq_attacks.training import TrainConfig, preset
 from deq_attacks.training.config import Device, Gradient
 
@@ -55,3 +58,14 @@ def tiny(config: TrainConfig, **changes: Any) -> TrainConfig:
 
 def tiny_preset(name: str, **changes: Any) -> TrainConfig:
     return tiny(preset(name), **changes)
+
+
+def mlp_for_64_pixels(num_classes: int = 10, **deq_kwargs: Any) -> nn.Module:
+    """Entry point ``tests.training_fixtures:mlp_for_64_pixels``: an MLP DEQ for images of 64
+    pixels (the 1x8x8 digits) only."""
+    return mlp_deq(64, num_classes, hidden=8, **deq_kwargs)
+
+
+def three_class_deq(num_classes: int = 10, **deq_kwargs: Any) -> nn.Module:
+    """Entry point that ignores ``num_classes``: 3 logits whatever the task."""
+    return mlp_deq(64, 3, hidden=8, **deq_kwargs)

@@ -126,9 +126,9 @@ def from_torchdeq(
             solver and gradient settings are mapped (see the module docs).
         state_shape: the shape (without batch) of z when it differs from the injection's;
             z_0 is zeros of that shape (torchdeq's usual ``torch.zeros``).
-        **deq_kwargs: passed to ``DEQ`` (readout, jacobian_regularization, ``input_shape``:
-            the sample shape the model is for, ...); ``solver`` or ``training_gradient`` given
-            here override the mapped ones.
+        **deq_kwargs: passed to ``DEQ`` (readout, resets, ``input_shape``: the sample shape
+            the model is for, ...); ``solver`` or ``training_gradient`` given here override the
+            mapped ones.
     """
     core_type = type(core).__name__
     if not hasattr(core, "f_solver") or not hasattr(core, "produce_grad"):

@@ -1,16 +1,22 @@
 """``deq-attacks``: train a DEQ and evaluate it white-box, ending with the result table.
 
 The default runs in a few minutes on 2 CPU cores on scikit-learn's embedded digits (real 8x8
-handwritten digits; no download): clean pretraining and PGD-AT of a small conv DEQ with the
-unrolling (phantom) gradient, then the whole evaluation protocol at a small scale (early exit
-and intermediate-attack sweep on a development split, PGD-10 and AutoAttack with every gradient
-estimate, Square, per-sample worst case, diagnostics) against the final, early-exit and
-ensemble defenses.
+handwritten digits; no download): the ``demo`` training preset (clean pretraining of the
+unrolled network, then PGD-AT of a small conv DEQ with the unrolling (phantom) gradient, the
+best epoch by development PGD accuracy) through ``run_training``, then the whole evaluation
+protocol at a small scale (early exit and intermediate-attack sweep on a development split,
+PGD-10 and AutoAttack with every gradient estimate, Square, per-sample worst case,
+diagnostics) against the final, early-exit and ensemble defenses.
+
+Training draws only on the training pool of the data (the first 1,200 digits, or an arrays
+file's ``x_train`` / first 80%); the evaluation's development and test images come from the
+rest (``--n-dev`` then ``--n-test`` of them), so they never overlap what was trained on.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,13 +26,13 @@ import torch
 
 from deq_attacks.checkpoints import load_weights
 from deq_attacks.cli.evaluate import run
-from deq_attacks.data import ImageDataset, load_arrays_file, load_digits
-from deq_attacks.deq import DEQ, ImplicitGradient, PhantomGradient
+from deq_attacks.config import override, parse_pairs
+from deq_attacks.deq import DEQ
 from deq_attacks.evaluation import EvaluationConfig, SweepConfig
 from deq_attacks.interfaces import DEQEstimator
-from deq_attacks.models import small_conv_deq
-from deq_attacks.solvers import Broyden
-from deq_attacks.training import TrainingConfig, train
+from deq_attacks.training import ConfigMismatchError, TrainConfig, preset, run_training
+from deq_attacks.training.config import Device
+from deq_attacks.training.data_loading import held_out_split
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,22 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir",
         type=Path,
         default=Path("runs/demo"),
-        help="results, plot and checkpoints (a rerun resumes here)",
+        help="results and plots; the training run in OUT_DIR/training (a rerun resumes both)",
     )
     parser.add_argument("--n-test", type=int, default=100, help="test images attacked")
     parser.add_argument(
         "--n-dev", type=int, default=100, help="development images for the early-exit choice"
     )
-    parser.add_argument("--channels", type=int, default=16)
-    parser.add_argument("--threshold", type=int, default=8, help="forward Broyden iterates")
-    parser.add_argument("--training-gradient", choices=["phantom", "exact"], default="phantom")
-    parser.add_argument("--clean-epochs", type=int, default=6)
-    parser.add_argument("--adv-epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--eps", type=float, default=0.1, help="L-inf budget (inputs in [0, 1])")
-    parser.add_argument("--step", type=float, default=0.025, help="PGD step size")
-    parser.add_argument("--steps", type=int, default=10, help="PGD iterations")
+    parser.add_argument(
+        "--preset", default="demo", help="training preset (deq-attacks train --list-presets)"
+    )
+    parser.add_argument(
+        "--train-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one training setting of the preset (repeatable; any TrainConfig field, "
+        "e.g. epochs=4, width=8, gradient=exact; deq-attacks train --help lists them)",
+    )
+    parser.add_argument(
+        "--eps", type=float, default=0.1, help="L-inf budget of PGD-AT and the evaluation"
+    )
+    parser.add_argument("--step", type=float, default=0.025, help="PGD step size (both)")
+    parser.add_argument("--steps", type=int, default=10, help="PGD iterations (both)")
     parser.add_argument("--square-queries", type=int, default=100, help="Square queries")
     parser.add_argument(
         "--aa-iterations", type=int, default=5, help="AutoAttack APGD/FAB iterations"
@@ -64,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--aa-queries", type=int, default=50, help="AutoAttack Square queries")
     parser.add_argument("--long-steps", type=int, default=50, help="PGD steps of the check")
     parser.add_argument("--attack-batch-size", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of training and evaluation")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
         "--threads",
@@ -75,35 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_data(spec: str) -> tuple[ImageDataset, ImageDataset]:
-    """(train, held-out) splits of the chosen real data."""
-    if spec == "digits":
-        data = load_digits()
-        return data.split(1200)
-    path = Path(spec)
-    with np.load(path) as arrays:
-        keys = set(arrays.files)
-    if {"x_train", "x_test"} <= keys:
-        return load_arrays_file(path, split="train"), load_arrays_file(path, split="test")
-    data = load_arrays_file(path)
-    return data.split(int(0.8 * len(data)))
-
-
-def build_model(args: argparse.Namespace, data: ImageDataset) -> DEQ:
-    channels, size = data.x.shape[1], data.x.shape[2]
-    gradient = (
-        PhantomGradient(5, 0.5)
-        if args.training_gradient == "phantom"
-        else ImplicitGradient(Broyden(threshold=args.threshold - 1, tol=1e-4))
+def training_config(args: argparse.Namespace) -> TrainConfig:
+    """The preset with the demo's shared settings (data, threat model, seed, device, threads)
+    and then ``--train-set`` applied; validated."""
+    config = dataclasses.replace(
+        preset(args.preset),
+        data=args.data,
+        eps=args.eps,
+        step=args.step,
+        steps=args.steps,
+        seed=args.seed,
+        device=Device(args.device),
+        threads=args.threads,
     )
-    return small_conv_deq(
-        in_channels=channels,
-        num_classes=int(data.y.max()) + 1,
-        channels=args.channels,
-        image_size=size,
-        solver=Broyden(threshold=args.threshold, tol=1e-4),
-        training_gradient=gradient,
-    )
+    return override(config, parse_pairs(args.train_set, "--train-set"))
 
 
 def demo_config(args: argparse.Namespace) -> EvaluationConfig:
@@ -128,68 +125,60 @@ def demo_config(args: argparse.Namespace) -> EvaluationConfig:
     )
 
 
+def _fail(message: object) -> int:
+    print(f"deq-attacks demo: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _fail("--device cuda: no CUDA device is available")
+    try:
+        config = training_config(args)
+        evaluation = demo_config(args)
+        held_out = held_out_split(config.data)
+        if len(held_out) < args.n_dev + args.n_test:
+            raise ValueError(
+                f"only {len(held_out)} held-out images for --n-dev {args.n_dev} + --n-test "
+                f"{args.n_test}"
+            )
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        return _fail(error)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is available", file=sys.stderr)
-        return 2
-    train_set, held_out = load_data(args.data)
-    if len(held_out) < args.n_dev + args.n_test:
-        print(
-            f"only {len(held_out)} held-out images for --n-dev {args.n_dev} + --n-test "
-            f"{args.n_test}",
-            file=sys.stderr,
-        )
-        return 2
-    dev, test = (
-        held_out.subset(np.arange(args.n_dev)),
-        held_out.subset(np.arange(args.n_dev, args.n_dev + args.n_test)),
-    )
-    deq = build_model(args, train_set).to(args.device)
-    estimator = DEQEstimator(
-        deq,
-        input_shape=train_set.x.shape[1:],
-        nb_classes=int(train_set.y.max()) + 1,
-        optimizer=torch.optim.Adam(deq.parameters(), lr=args.lr),
-        device_type="gpu" if args.device == "cuda" else "cpu",
-    )
-    config = TrainingConfig(
-        clean_epochs=args.clean_epochs,
-        adversarial_epochs=args.adv_epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        eps=args.eps,
-        step=args.step,
-        steps=args.steps,
-    )
-    print(
-        f"data {train_set.name}: {len(train_set)} training, {len(dev)} development, "
-        f"{len(test)} test images; model: {sum(p.numel() for p in deq.parameters())} parameters"
-    )
-    state = train(
-        estimator,
-        train_set.x,
-        train_set.y,
-        config,
-        checkpoint_dir=args.out_dir / "checkpoint",
-        validation=(dev.x, dev.y),
-    )
-    load_weights(deq, args.out_dir / "checkpoint" / "best.safetensors")
+    np.random.seed(args.seed)  # ART's random starts and Square draw from numpy
+    run_dir = args.out_dir / "training"
+    try:
+        result = run_training(config, run_dir)
+    except (ConfigMismatchError, ValueError, FileNotFoundError) as error:
+        return _fail(error)
+    deq = result.model
+    if not isinstance(deq, DEQ):
+        return _fail(f"the demo evaluates DEQs; preset {args.preset!r} trains {config.model}")
+    state = result.state
+    load_weights(deq, run_dir / "best.safetensors")
+    deq.eval()
     print(
         f"evaluating epoch {state.best_epoch} (best development PGD accuracy "
-        f"{state.best_val_pgd_accuracy:.1%})"
+        f"{state.best_dev_pgd_accuracy:.1%})"
     )
-    run(
-        estimator,
-        dev,
-        test,
-        demo_config(args),
-        args.out_dir,
-        {"model": "small_conv_deq (demo)", "data": args.data, "training": vars(args).__repr__()},
+    estimator = DEQEstimator(
+        deq,
+        input_shape=result.image_shape,
+        nb_classes=result.num_classes,
+        device_type="gpu" if args.device == "cuda" else "cpu",
     )
+    description = {
+        "model": f"{config.model} ({args.preset} preset)",
+        "data": args.data,
+        "training": {"preset": args.preset, "changed": dict(parse_pairs(args.train_set))},
+    }
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    dev = held_out.subset(np.arange(args.n_dev))
+    test = held_out.subset(np.arange(args.n_dev, args.n_dev + args.n_test))
+    run(estimator, dev, test, evaluation, args.out_dir, description)
     return 0
 
 

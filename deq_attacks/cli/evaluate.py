@@ -2,7 +2,7 @@
 
     deq-attacks evaluate --model small_conv_deq --model-arg in_channels=1 \
         --model-arg image_size=8 --threshold 8 --training-gradient phantom \
-        --checkpoint runs/demo/checkpoint/best.safetensors --data digits --preset digits
+        --checkpoint runs/demo/training/best.safetensors --data digits --preset digits
 
     deq-attacks evaluate --model mymodels:build --checkpoint model.pt --data mnist_t10k.npz \
         --preset mnist --dev-range 8000:8100 --test-range 8100:9100
@@ -22,7 +22,6 @@ CUDA) and the results gathered.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from deq_attacks.cli.model_options import add_model_options, build_model
 from deq_attacks.config import add_dataclass_options, dataclass_from_options
 from deq_attacks.data import ImageDataset
 from deq_attacks.deq.contract import DEQModel
+from deq_attacks.distributed import process_group
 from deq_attacks.evaluation import (
     EvaluationConfig,
     EvaluationReport,
@@ -167,16 +167,6 @@ def check_model_fits_data(model: DEQModel, split: EvaluationSplit, device: str) 
     return classes
 
 
-def init_distributed(device: str) -> bool:
-    """Join the torchrun process group if launched by torchrun; True if this process did."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return True
-
-
 def run(
     estimator: DEQEstimator,
     dev: ImageDataset,
@@ -238,8 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(split.summary())
         for note in built.notes:
             print(note)
-        distributed = init_distributed(args.device)
-        try:
+        with process_group(args.device):  # the torchrun group, when launched by torchrun
             estimator = DEQEstimator(
                 deq,
                 input_shape=split.pool.data.image_shape,
@@ -256,9 +245,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 **built.record,
             }
             run(estimator, split.dev, split.test, config, args.out_dir, description)
-        finally:
-            if distributed:
-                dist.destroy_process_group()
     return 0
 
 

@@ -13,7 +13,7 @@ from deq_attacks.deq.backward import ImplicitGradient, TrainingGradient
 from deq_attacks.deq.contract import DEQModel, ResetHook
 from deq_attacks.deq.dropout import reset_variational_dropout
 from deq_attacks.deq.readout import Final, Readout, check_readout
-from deq_attacks.deq.regularization import JacobianRegularization, attach_penalty
+from deq_attacks.deq.regularization import JacobianRegularization
 from deq_attacks.solvers import Broyden, Solver, Trajectory
 
 
@@ -58,7 +58,6 @@ class DEQ(DEQModel):
         training_gradient: how gradients reach the parameters (ImplicitGradient or
             PhantomGradient); used in train and eval mode.
         readout: the default defense (Final, Early(n) or Ensemble).
-        jacobian_regularization: adds the Hutchinson penalty to training losses, or None.
         raise_on_divergence: raise SolverDivergedError instead of warning when a sample's
             forward solve turns NaN or inf.
         resets: hooks called with ``f`` before each forward solve (default: reset the masks of
@@ -68,7 +67,9 @@ class DEQ(DEQModel):
             the injection accepts).
 
     After each forward, ``last_trajectory`` holds the solve (flat states (B, d)), for
-    inspection only: no computation of this package reads it.
+    inspection only: no computation of this package reads it. The module keeps no training
+    counters: a training step that carries the Jacobian penalty asks for it
+    (``forward_with_penalty``).
     """
 
     def __init__(
@@ -80,7 +81,6 @@ class DEQ(DEQModel):
         solver: Solver | None = None,
         training_gradient: TrainingGradient | None = None,
         readout: Readout | None = None,
-        jacobian_regularization: JacobianRegularization | None = None,
         raise_on_divergence: bool = False,
         resets: Sequence[ResetHook] = (reset_variational_dropout,),
         input_shape: Sequence[int] | None = None,
@@ -100,11 +100,6 @@ class DEQ(DEQModel):
             )
         self.readout = check_readout(readout if readout is not None else Final())
         self.readout.check(self.solver.threshold)
-        if jacobian_regularization is not None and not isinstance(
-            jacobian_regularization, JacobianRegularization
-        ):
-            raise TypeError(f"expected JacobianRegularization, got {jacobian_regularization!r}")
-        self.jacobian_regularization = jacobian_regularization
         self.raise_on_divergence = raise_on_divergence
         self.resets = tuple(resets)
         for hook in self.resets:
@@ -112,8 +107,6 @@ class DEQ(DEQModel):
                 raise TypeError(f"resets must be callables taking f, got {hook!r}")
         self.input_shape = check_input_shape(input_shape)
         self.last_trajectory: Trajectory | None = None
-        self.last_jacobian_penalty: Tensor | None = None
-        self._training_forwards = 0
         self._state_shape: tuple[tuple[int, ...], torch.Size] | None = None
 
     # --- the pieces of the data flow, on flat states (B, d) -------------------------------
@@ -199,6 +192,24 @@ class DEQ(DEQModel):
         differentiating them w.r.t. the input needs a gradient estimate
         (``deq_attacks.WhiteBoxModule`` or ``DEQEstimator``).
         """
+        logits, _ = self._forward(x, readout, None)
+        return logits
+
+    def forward_with_penalty(
+        self, x: Tensor, regularization: JacobianRegularization
+    ) -> tuple[Tensor, Tensor]:
+        """The training forward of a step that carries the Jacobian penalty: the logits
+        (B, classes) of ``forward(x)`` and ``regularization.penalty`` (a differentiable scalar)
+        at the same solver answer ``z*``; the caller adds the penalty to its loss."""
+        if not isinstance(regularization, JacobianRegularization):
+            raise TypeError(f"expected JacobianRegularization, got {regularization!r}")
+        logits, penalty = self._forward(x, None, regularization)
+        assert penalty is not None
+        return logits, penalty
+
+    def _forward(
+        self, x: Tensor, readout: Readout | None, regularization: JacobianRegularization | None
+    ) -> tuple[Tensor, Tensor | None]:
         readout = check_readout(readout if readout is not None else self.readout)
         readout.check(self.solver.threshold)
         if not isinstance(readout, Final) and torch.is_grad_enabled() and x.requires_grad:
@@ -214,16 +225,10 @@ class DEQ(DEQModel):
         logits = self.logits(state, injection)
         if not isinstance(readout, Final) and self.training and logits.requires_grad:
             logits.register_hook(_refuse_training_through(readout))
-        if self.training and torch.is_grad_enabled() and self.jacobian_regularization is not None:
-            index = self._training_forwards
-            self._training_forwards += 1
-            if self.jacobian_regularization.applies_at(index):
-                penalty = self.jacobian_regularization.penalty(
-                    lambda z: self.step(z, injection), trajectory.final
-                )
-                self.last_jacobian_penalty = penalty.detach()
-                logits = attach_penalty(logits, penalty)
-        return logits
+        penalty = None
+        if regularization is not None:
+            penalty = regularization.penalty(lambda z: self.step(z, injection), trajectory.final)
+        return logits, penalty
 
     def relative_residuals(self) -> Tensor:
         """(B, N) relative residuals ``||f(z_n)-z_n|| / ||f(z_n)||`` of the last forward."""

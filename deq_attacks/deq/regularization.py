@@ -61,56 +61,38 @@ def spectral_radius(step: StepFn, z: Tensor, iterations: int = 30) -> Tensor:
 
 @dataclass(frozen=True)
 class JacobianRegularization:
-    """Adds ``weight * mean_b ||J_f(z*_b)||_F^2 / d`` to the training loss (Bai et al. 2021).
+    """The penalty ``weight * mean_b ||J_f(z*_b)||_F^2 / d`` (Bai et al. 2021), Hutchinson
+    estimate with ``samples`` Gaussian probes.
+
+    It holds no schedule: which training steps carry it (a fraction of them, until an epoch) is
+    the training loop's choice (``deq_attacks.training.build.JacobianSchedule``); a step that
+    carries it calls ``DEQ.forward_with_penalty(x, regularization)``.
 
     Args:
         weight: penalty weight, >= 0 (paper: 0.4).
-        frequency: fraction of training forwards that carry it, in (0, 1]; applied on a
-            deterministic schedule (forward i carries it when floor((i+1)f) > floor(i f)).
         samples: Hutchinson probes per application.
     """
 
     weight: float = 0.4
-    frequency: float = 1.0
     samples: int = 1
 
     def __post_init__(self) -> None:
         if (
-            not isinstance(self.weight, (int, float))
+            isinstance(self.weight, bool)
+            or not isinstance(self.weight, (int, float))
             or not math.isfinite(self.weight)
             or self.weight < 0
         ):
             raise ValueError(f"weight must be a finite number >= 0, got {self.weight!r}")
-        if not 0 < self.frequency <= 1:
-            raise ValueError(f"frequency must be in (0, 1], got {self.frequency!r}")
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"samples must be an int >= 1, got {self.samples!r}")
 
-    def applies_at(self, forward_index: int) -> bool:
-        """Whether the forward with this 0-based index carries the penalty."""
-        f = self.frequency
-        return math.floor((forward_index + 1) * f) > math.floor(forward_index * f)
-
     def penalty(self, step: StepFn, z_star: Tensor) -> Tensor:
-        """The weighted, dimension-normalised penalty (a differentiable scalar)."""
-        frob = hutchinson_frobenius(step, z_star, self.samples, create_graph=True)
+        """The weighted, dimension-normalised penalty at ``z_star`` (B, d): a scalar,
+        differentiable in the parameters. ``f`` runs eagerly here even where it was compiled
+        (``torch.compile`` has no double backward, which the penalty's gradient needs)."""
+        if not torch.is_grad_enabled():
+            raise RuntimeError("the Jacobian penalty is a training loss: enable gradients")
+        with torch.compiler.set_stance("force_eager"):
+            frob = hutchinson_frobenius(step, z_star, self.samples, create_graph=True)
         return self.weight * frob.mean() / z_star.shape[-1]
-
-
-class _AddLossGradient(torch.autograd.Function):
-    """Identity on ``logits`` whose backward also sends gradient 1 into ``penalty``, so that
-    ``penalty`` joins whatever scalar loss is backpropagated through the logits."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, penalty: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.penalty_shape = penalty.shape
-        return logits.view_as(logits)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        return grad, torch.ones(ctx.penalty_shape, dtype=grad.dtype, device=grad.device)
-
-
-def attach_penalty(logits: Tensor, penalty: Tensor) -> Tensor:
-    """``logits`` unchanged, with ``penalty`` added to the gradient of any loss built on them."""
-    return _AddLossGradient.apply(logits, penalty)

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch.distributed as dist
+
+from deq_attacks.distributed import gather_objects, rank_and_world
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,8 @@ class Shards:
     @classmethod
     def current(cls, block_size: int) -> Shards:
         """The shards of the initialised process group (one process when there is none)."""
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), block_size)
-        return cls(0, 1, block_size)
+        rank, world = rank_and_world()
+        return cls(rank, world, block_size)
 
     def blocks(self, n: int) -> list[slice]:
         """All blocks of ``n`` samples, in index order."""
@@ -65,9 +65,7 @@ def map_blocks(fn: Callable[[slice], BlockResult], n: int, shards: Shards) -> di
     blocks = shards.blocks(n)
     local = {i: fn(blocks[i]) for i in shards.mine(n)}
     if shards.world > 1:
-        gathered: list[dict[int, BlockResult] | None] = [None] * shards.world
-        dist.all_gather_object(gathered, local)
-        local = {i: r for part in gathered if part for i, r in part.items()}
+        local = {i: r for part in gather_objects(local) for i, r in part.items()}
     if not local:
         return {}
     missing = sorted(set(range(len(blocks))) - set(local))
@@ -76,11 +74,3 @@ def map_blocks(fn: Callable[[slice], BlockResult], n: int, shards: Shards) -> di
     keys = local[0].keys()
     return {k: np.concatenate([local[i][k] for i in range(len(blocks))]) for k in keys}
 
-
-def broadcast_object(value: object, shards: Shards) -> object:
-    """Rank 0's ``value`` on every process (the value itself with one process)."""
-    if shards.world == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

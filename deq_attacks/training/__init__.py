@@ -1,19 +1,21 @@
 """Adversarial training of DEQs and baselines (Sec. 6, Appendix A, Table 7).
 
-- ``run_training(TrainConfig, run_dir)``: the paper's recipe over a DataLoader (the ``train``
-  subcommand), resumable exactly, one process or several under torchrun.
-- ``TrainConfig`` and the named ``PRESETS``.
-- ``train(estimator, x, y, TrainingConfig)``: in-memory arrays through ART's
-  ``AdversarialTrainerMadryPGD`` (the quick path the demo uses).
+- ``run_training(TrainConfig, run_dir, data=None)``: the one training loop (the ``train``
+  subcommand and the demo), resumable exactly, one process or several under torchrun; on the
+  data set the config names, or on arrays in memory (``data="memory"``).
+- ``TrainConfig`` and the named ``PRESETS`` (the paper's, the CPU ones and ``demo``).
+
+ART's own trainers (``AdversarialTrainerMadryPGD``, TRADES) also train a ``DEQEstimator``:
+see docs/training.md.
 """
 
-from deq_attacks.training.art_trainer import TrainingConfig, TrainingState, train
-from deq_attacks.training.config import Device, Gradient, TrainConfig
+from deq_attacks.training.config import MEMORY_DATA, Device, Gradient, TrainConfig
 from deq_attacks.training.loop import RunResult, run_training
 from deq_attacks.training.presets import PRESETS, preset
 from deq_attacks.training.resume import ConfigMismatchError, RunState
 
 __all__ = [
+    "MEMORY_DATA",
     "PRESETS",
     "ConfigMismatchError",
     "Device",
@@ -21,9 +23,6 @@ __all__ = [
     "RunResult",
     "RunState",
     "TrainConfig",
-    "TrainingConfig",
-    "TrainingState",
     "preset",
     "run_training",
-    "train",
 ]

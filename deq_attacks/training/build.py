@@ -1,7 +1,9 @@
-"""The model, optimizer and schedule a TrainConfig describes."""
+"""The model, optimizer and schedules a TrainConfig describes."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -9,11 +11,11 @@ from torch import Tensor, nn
 
 from deq_attacks.deq import (
     DEQ,
+    DEQModel,
     ImplicitGradient,
     JacobianRegularization,
     PhantomGradient,
     TrainingGradient,
-    VariationalDropout,
 )
 from deq_attacks.models import create_model
 from deq_attacks.solvers import Broyden
@@ -29,10 +31,47 @@ def training_gradient(config: TrainConfig) -> TrainingGradient:
     return ImplicitGradient(Broyden(threshold=config.backward_threshold, tol=config.solver_tol))
 
 
-def jacobian_regularization(config: TrainConfig) -> JacobianRegularization | None:
-    if config.jac_weight == 0:
+@dataclass(frozen=True)
+class JacobianSchedule:
+    """Which optimizer steps carry the Jacobian penalty (Table 7: 2% of the DEQ-mode steps,
+    until epoch 90).
+
+    The DEQ-mode steps are those from global step ``start_step`` on (the end of the unrolled
+    pretraining); DEQ-mode step i = global_step - start_step carries the penalty when
+    floor((i + 1) f) > floor(i f) (a deterministic fraction ``frequency`` = f of them) and its
+    0-based epoch is below ``stop_epoch``. The counter is the global step, which the run state
+    saves: a resumed run applies the penalty on exactly the steps of an uninterrupted one.
+    """
+
+    regularization: JacobianRegularization
+    frequency: float
+    start_step: int
+    stop_epoch: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.frequency <= 1:
+            raise ValueError(f"frequency must be in (0, 1], got {self.frequency!r}")
+        if self.start_step < 0 or self.stop_epoch < 0:
+            raise ValueError("start_step and stop_epoch must be >= 0")
+
+    def applies(self, global_step: int, epoch: int) -> bool:
+        """Whether the step with this 0-based global index, in this 0-based epoch, carries it."""
+        if global_step < self.start_step or epoch >= self.stop_epoch:
+            return False
+        i, f = global_step - self.start_step, self.frequency
+        return math.floor((i + 1) * f) > math.floor(i * f)
+
+
+def jacobian_schedule(config: TrainConfig) -> JacobianSchedule | None:
+    """The penalty schedule of ``config`` (None: no regulariser, e.g. ``jac_weight=0``)."""
+    if not config.is_deq or config.jac_weight == 0:
         return None
-    return JacobianRegularization(weight=config.jac_weight, frequency=config.jac_frequency)
+    return JacobianSchedule(
+        JacobianRegularization(weight=config.jac_weight),
+        config.jac_frequency,
+        config.pretrain_steps,
+        config.jac_stop_epoch,
+    )
 
 
 def build_model(
@@ -47,7 +86,6 @@ def build_model(
         kwargs.update(
             solver=Broyden(threshold=config.forward_threshold, tol=config.solver_tol),
             training_gradient=training_gradient(config),
-            jacobian_regularization=jacobian_regularization(config),
         )
     if config.model == "small_conv_deq":
         kwargs.update(in_channels=channels, image_size=side)
@@ -69,12 +107,35 @@ def build_model(
     return model
 
 
-def unrolled_logits(deq: DEQ, x: Tensor, depth: int) -> Tensor:
-    """The weight-tied network run unrolled (the reference code's pretraining): ``depth``
-    applications of f from ``z_0``, autograd through all of them, then the head."""
-    for module in deq.f.modules():
-        if isinstance(module, VariationalDropout):
-            module.reset_mask()
+def check_model_fits(model: nn.Module, x: Tensor, num_classes: int, where: str) -> None:
+    """Raise ValueError (one line) unless ``model`` classifies the sample batch ``x``
+    (B, C, H, W) into ``num_classes`` logits: an eval-mode forward without gradients, so the
+    weights, buffers and random streams are left as they were."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"the model does not take the images of {where} (shape {tuple(x.shape[1:])}): {first}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(logits, Tensor) or tuple(logits.shape) != (x.shape[0], num_classes):
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"the model returns {shape} for {x.shape[0]} images of {where}, expected logits "
+            f"({x.shape[0]}, {num_classes}) for its {num_classes} classes"
+        )
+
+
+def unrolled_logits(deq: DEQModel, x: Tensor, depth: int) -> Tensor:
+    """The weight-tied network run unrolled (the reference code's pretraining): the model's
+    reset hooks (dropout masks, weight normalisation), then ``depth`` applications of f from
+    ``z_0``, autograd through all of them, then the head."""
+    deq.reset()
     injection = deq.inject(x)
     z = deq.initial_state(injection).reshape(x.shape[0], -1)
     for _ in range(depth):
@@ -83,19 +144,28 @@ def unrolled_logits(deq: DEQ, x: Tensor, depth: int) -> Tensor:
 
 
 class TrainingModule(nn.Module):
-    """What DistributedDataParallel wraps: ``forward(x, unrolled)`` is the model's forward, or
-    for a DEQ with ``unrolled=True`` its unrolled pretraining network, so both pass through
-    DDP's forward (which gradient synchronisation needs)."""
+    """What DistributedDataParallel wraps, so that every training forward passes through DDP's
+    forward (which gradient synchronisation needs). ``forward(x, unrolled, penalty)`` returns
+    (logits, Jacobian penalty or None): the model's forward; for a DEQ with ``unrolled=True``
+    its unrolled pretraining network; with ``penalty``, the DEQ's forward with that penalty at
+    its z*."""
 
     def __init__(self, model: nn.Module, depth: int) -> None:
         super().__init__()
         self.model = model
         self.depth = depth
 
-    def forward(self, x: Tensor, unrolled: bool = False) -> Tensor:
-        if unrolled and isinstance(self.model, DEQ):
-            return unrolled_logits(self.model, x, self.depth)
-        return self.model(x)
+    def forward(
+        self, x: Tensor, unrolled: bool = False, penalty: JacobianRegularization | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        if isinstance(self.model, DEQ):
+            if unrolled:
+                return unrolled_logits(self.model, x, self.depth), None
+            if penalty is not None:
+                return self.model.forward_with_penalty(x, penalty)
+        elif unrolled or penalty is not None:
+            raise ValueError("unrolled pretraining and the Jacobian penalty are for DEQs only")
+        return self.model(x), None
 
 
 def optimizer_and_schedule(

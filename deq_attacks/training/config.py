@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deq_attacks.acceleration import COMPILE_MODES, Acceleration
 from deq_attacks.models.registry import list_models
 
 #: Registered models that are not DEQs: trained with plain autograd, no DEQ-only steps.
@@ -21,6 +22,11 @@ BASELINE_MODELS = frozenset({"resnet18", "wrn34_10"})
 #: Models with a width setting: channels of the small conv DEQ, base width of ResNet-18, widen
 #: factor of WRN-34.
 _WIDTH_MODELS = frozenset({"small_conv_deq", "resnet18", "wrn34_10"})
+
+#: ``data`` value for arrays handed to ``run_training(config, run_dir, data=...)``.
+MEMORY_DATA = "memory"
+#: The dev evaluation's batch when ``eval_batch_size`` is None, per device.
+DEFAULT_EVAL_BATCH = {"cpu": 200, "cuda": 500}
 
 #: Settings that change how a run executes but not what it computes: a resumed run may differ
 #: in these (threads, loader workers, where CIFAR-10 lives, whether it may be downloaded, plots).
@@ -85,7 +91,10 @@ class TrainConfig:
     # --- data -----------------------------------------------------------------------------
     data: str = field(
         default="cifar10",
-        metadata=_help("'cifar10' (torchvision), 'digits' (embedded) or an arrays file .npz"),
+        metadata=_help(
+            "'cifar10' (torchvision), 'digits' (embedded), an arrays file .npz, or 'memory' "
+            "(the arrays passed to run_training(..., data=...))"
+        ),
     )
     data_root: Path = field(default=Path("data"), metadata=_help("torchvision's CIFAR-10 folder"))
     download: bool = field(default=False, metadata=_help("let torchvision download CIFAR-10"))
@@ -131,7 +140,10 @@ class TrainConfig:
         metadata=_help("uniform random start of the training PGD (the dev PGD always has one)"),
     )
     # --- monitoring -----------------------------------------------------------------------
-    eval_batch_size: int = field(default=200, metadata=_help("batch of the dev evaluation"))
+    eval_batch_size: int | None = field(
+        default=None,
+        metadata=_help("batch of the dev evaluation (None: 200 on CPU, 500 on CUDA)"),
+    )
     spectral_samples: int = field(
         default=32, metadata=_help("dev images for the spectral radius of J_f at z* (0: skip)")
     )
@@ -141,6 +153,23 @@ class TrainConfig:
     device: Device = field(default=Device.CUDA, metadata=_help("cpu or cuda"))
     bf16: bool = field(
         default=False, metadata=_help("bfloat16 autocast for forward passes (CUDA only)")
+    )
+    tf32: bool = field(
+        default=False, metadata=_help("TensorFloat-32 matmuls and convolutions (CUDA only)")
+    )
+    compile: bool = field(
+        default=False,
+        metadata=_help("torch.compile the DEQ's f (a baseline: the whole model), in place"),
+    )
+    compile_mode: str = field(
+        default="default",
+        metadata=_help(f"torch.compile mode: {', '.join(COMPILE_MODES)} (CUDA graphs: CUDA only)"),
+    )
+    compile_backend: str = field(
+        default="inductor", metadata=_help("torch.compile backend (aot_eager: no code generated)")
+    )
+    channels_last: bool = field(
+        default=False, metadata=_help("channels-last memory format for weights and inputs")
     )
     threads: int | None = field(default=None, metadata=_help("torch CPU threads (None: torch's)"))
     num_workers: int = field(default=2, metadata=_help("DataLoader worker processes"))
@@ -153,6 +182,25 @@ class TrainConfig:
     @property
     def is_deq(self) -> bool:
         return self.gradient is not Gradient.AUTOGRAD
+
+    @property
+    def acceleration(self) -> Acceleration:
+        """The speed-up options (``deq_attacks.acceleration``)."""
+        return Acceleration(
+            compile=self.compile,
+            compile_mode=self.compile_mode,
+            compile_backend=self.compile_backend,
+            channels_last=self.channels_last,
+            tf32=self.tf32,
+            bf16=self.bf16,
+        )
+
+    @property
+    def dev_batch_size(self) -> int:
+        """``eval_batch_size``, or the device's default."""
+        if self.eval_batch_size is not None:
+            return self.eval_batch_size
+        return DEFAULT_EVAL_BATCH[self.device.value]
 
     def differences(self, other: TrainConfig) -> list[str]:
         """Keys (outside ``RUN_ONLY_KEYS``) whose values differ, as ``key: self -> other``."""
@@ -192,7 +240,6 @@ def _problems(c: TrainConfig) -> list[str]:
         "batch_size",
         "pretrain_depth",
         "steps",
-        "eval_batch_size",
     )
     for name in positive:
         if not _is_int(getattr(c, name)) or getattr(c, name) < 1:
@@ -204,7 +251,7 @@ def _problems(c: TrainConfig) -> list[str]:
         out.append(f"num_workers must be an int >= 0, got {c.num_workers!r}")
     if not _is_int(c.dev_size) or c.dev_size < 1:
         out.append(f"dev_size must be an int >= 1 (checkpoints are chosen on it), got {c.dev_size}")
-    for name in ("train_limit", "threads", "width"):
+    for name in ("train_limit", "threads", "width", "eval_batch_size"):
         value = getattr(c, name)
         if value is not None and (not _is_int(value) or value < 1):
             out.append(f"{name} must be None or an int >= 1, got {value!r}")
@@ -257,8 +304,17 @@ def _problems(c: TrainConfig) -> list[str]:
         out.append(f"width applies to {sorted(_WIDTH_MODELS)} only, not {c.model}")
     if c.dropout is not None and c.model != "small_conv_deq":
         out.append(f"dropout is a setting of small_conv_deq only (MDEQs fix 0.22), not {c.model}")
-    if c.bf16 and c.device is not Device.CUDA:
-        out.append("bf16 autocast is for CUDA only; on CPU train in float32 (drop --bf16)")
-    if c.data not in ("cifar10", "digits") and not c.data.endswith(".npz"):
-        out.append(f"data must be 'cifar10', 'digits' or an arrays file ending in .npz: {c.data!r}")
+    try:
+        acceleration = c.acceleration
+    except ValueError as error:
+        out.append(str(error))
+    else:
+        if isinstance(c.device, Device):
+            out.extend(acceleration.problems(c.device.value))
+    known_data = ("cifar10", "digits", MEMORY_DATA)
+    if not isinstance(c.data, str) or (c.data not in known_data and not c.data.endswith(".npz")):
+        out.append(
+            f"data must be 'cifar10', 'digits', 'memory' or an arrays file ending in .npz: "
+            f"{c.data!r}"
+        )
     return out

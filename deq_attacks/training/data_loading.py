@@ -7,6 +7,12 @@ set, we never touch it).
 - ``digits``: the embedded 8x8 digits; the first 1,200 are the training pool (the rest stay
   for testing, as in ``deq-attacks demo``).
 - an ``.npz`` arrays file: its ``x_train``/``y_train`` when present, else its first 80%.
+- ``memory``: arrays in memory, ``run_training(config, run_dir, data=ImageDataset or (x, y))``
+  (x float32 (N, C, H, W) in [0, 1], y int64 (N,), numpy or torch): the whole of them is the
+  training pool, through the same split, augmentation and batches.
+
+The pool's contents are fingerprinted (SHA-256 of the images and labels): a run folder records
+it and refuses to resume on other data.
 
 Batches are global: every epoch draws one permutation from a generator seeded by (seed, epoch),
 cuts it into global batches of ``batch_size`` (the last, incomplete one is dropped) and gives
@@ -16,6 +22,7 @@ global batches, and a resumed run the same order as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +34,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from deq_attacks.data import ImageDataset, load_arrays_file, load_digits
-from deq_attacks.training.config import TrainConfig
+from deq_attacks.training.config import MEMORY_DATA, TrainConfig
+
+#: What ``run_training(..., data=...)`` takes: a validated data set or an (images, labels) pair.
+TrainingArrays = ImageDataset | tuple[np.ndarray | Tensor, np.ndarray | Tensor]
 
 #: Images of the embedded digits used for training (the rest are the demo's test pool).
 DIGITS_TRAIN_POOL = 1200
@@ -51,7 +61,8 @@ class TensorImages(Dataset[tuple[Tensor, Tensor]]):
 
 @dataclass
 class TrainingData:
-    """The augmented training set, the dev split as tensors, and the task's shape."""
+    """The augmented training set, the dev split as tensors, the task's shape, and the
+    fingerprint of the pool both came from (``name``, image count, SHA-256)."""
 
     train: Dataset[tuple[Tensor, Tensor]]
     dev_x: Tensor
@@ -59,6 +70,7 @@ class TrainingData:
     image_shape: tuple[int, int, int]
     num_classes: int
     name: str
+    fingerprint: dict[str, object]
 
     def __len__(self) -> int:
         return len(self.train)  # type: ignore[arg-type]
@@ -74,11 +86,23 @@ def augmentation(config: TrainConfig, side: int) -> list[torch.nn.Module]:
     return out
 
 
+def fingerprint(name: str, *arrays: np.ndarray) -> dict[str, object]:
+    """``name``, the number of items and the SHA-256 of the arrays' shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(f"{array.shape}{array.dtype}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return {"name": name, "images": int(len(arrays[0])), "sha256": digest.hexdigest()}
+
+
 def _split_indices(n: int, dev_size: int, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(train, dev) indices of a pool of n: dev is a fixed random subset, train the rest (its
     first ``limit`` only, when given)."""
     if dev_size >= n:
-        raise ValueError(f"dev_size={dev_size} leaves no training images out of {n}")
+        raise ValueError(
+            f"dev_size={dev_size} is not below the {n} images of the training data: no "
+            "training images would be left (lower dev_size)"
+        )
     order = np.random.default_rng(DEV_SPLIT_SEED).permutation(n)
     dev, train = np.sort(order[:dev_size]), np.sort(order[dev_size:])
     if limit is not None:
@@ -108,39 +132,98 @@ def _cifar10(config: TrainConfig) -> TrainingData:
         (3, 32, 32),
         10,
         "cifar10:train",
+        fingerprint("cifar10:train", augmented.data, np.asarray(augmented.targets)),
     )
 
 
-def _arrays(config: TrainConfig) -> TrainingData:
-    pool: ImageDataset
-    if config.data == "digits":
-        pool = load_digits().split(DIGITS_TRAIN_POOL)[0]
-    else:
-        path = Path(config.data)
-        with np.load(path) as arrays:
-            has_split = "x_train" in arrays.files
-        if has_split:
-            pool = load_arrays_file(path, split="train")
-        else:
-            everything = load_arrays_file(path)
-            pool = everything.split(int(0.8 * len(everything)))[0]
+def as_image_dataset(data: TrainingArrays) -> ImageDataset:
+    """``data`` as a validated ImageDataset (an (x, y) pair of numpy arrays or tensors is
+    checked as the data layer checks every source: float32 (N, C, H, W) in [0, 1], int64
+    labels (N,); nothing is converted)."""
+    if isinstance(data, ImageDataset):
+        return data
+    if not isinstance(data, tuple) or len(data) != 2:
+        raise TypeError(
+            f"data must be an ImageDataset or an (x, y) pair of arrays, got {type(data).__name__}"
+        )
+    x, y = (v.detach().cpu().numpy() if isinstance(v, Tensor) else v for v in data)
+    return ImageDataset(np.asarray(x), np.asarray(y), MEMORY_DATA)
+
+
+def _from_pool(config: TrainConfig, pool: ImageDataset) -> TrainingData:
+    """The split, augmentation and fingerprint of an in-memory pool."""
     train_idx, dev_idx = _split_indices(len(pool), config.dev_size, config.train_limit)
     x, y = torch.from_numpy(pool.x), torch.from_numpy(pool.y)
-    side = pool.x.shape[-1]
-    steps = augmentation(config, side)
+    steps = augmentation(config, pool.x.shape[-1])
     train = TensorImages(x[train_idx], y[train_idx], transforms.Compose(steps) if steps else None)
     num_classes = pool.num_classes or int(pool.y.max()) + 1
-    shape = tuple(int(s) for s in pool.x.shape[1:])
-    return TrainingData(train, x[dev_idx], y[dev_idx], shape, num_classes, pool.name)  # type: ignore[arg-type]
+    return TrainingData(
+        train,
+        x[dev_idx],
+        y[dev_idx],
+        pool.image_shape,
+        num_classes,
+        pool.name,
+        fingerprint(pool.name, pool.x, pool.y),
+    )
 
 
-def load_training_data(config: TrainConfig) -> TrainingData:
-    """The training set and dev split that ``config.data`` names."""
+def training_pool(data: str) -> ImageDataset:
+    """The training pool of ``data`` ("digits" or an arrays file), from which the training
+    images and the dev split are drawn: the first 1,200 digits, the file's ``x_train`` /
+    ``y_train``, or the first 80% of a file without splits."""
+    if data == "digits":
+        return load_digits().split(DIGITS_TRAIN_POOL)[0]
+    if data in ("cifar10", MEMORY_DATA):
+        raise ValueError(f"training_pool takes 'digits' or an arrays file, not {data!r}")
+    path = Path(data)
+    if not path.is_file():
+        raise FileNotFoundError(f"arrays file not found: {data}")
+    with np.load(path) as arrays:
+        has_split = "x_train" in arrays.files
+    if has_split:
+        return load_arrays_file(path, split="train")
+    everything = load_arrays_file(path)
+    return everything.split(int(0.8 * len(everything)))[0]
+
+
+def held_out_split(data: str) -> ImageDataset:
+    """The images that ``training_pool(data)`` ("digits" or an arrays file) leaves out:
+    the digits after the first 1,200, the file's ``x_test``/``y_test``, or the last 20% of a
+    file without splits. Raises for data with no such split."""
+    if data == "digits":
+        return load_digits().split(DIGITS_TRAIN_POOL)[1]
+    path = Path(data)
+    if data in ("cifar10", MEMORY_DATA) or not path.is_file():
+        raise ValueError(f"data {data!r} has no held-out split here: use 'digits' or an .npz file")
+    with np.load(path) as arrays:
+        keys = set(arrays.files)
+    if "x_train" in keys:
+        if "x_test" not in keys:
+            raise ValueError(f"{path} has x_train but no x_test: no held-out split")
+        return load_arrays_file(path, split="test")
+    everything = load_arrays_file(path)
+    return everything.split(int(0.8 * len(everything)))[1]
+
+
+def load_training_data(config: TrainConfig, data: TrainingArrays | None = None) -> TrainingData:
+    """The training set and dev split that ``config.data`` names (with ``data="memory"``, the
+    arrays ``data``); raises ValueError before any work when the two disagree."""
+    if config.data == MEMORY_DATA:
+        if data is None:
+            raise ValueError(
+                "data='memory' trains on the arrays passed as run_training(config, run_dir, "
+                "data=...); none were given"
+            )
+        return _from_pool(config, as_image_dataset(data))
+    if data is not None:
+        raise ValueError(
+            f"the config names its data ({config.data!r}); arrays passed to run_training are "
+            "used only with data='memory'"
+        )
     if config.data == "cifar10":
         return _cifar10(config)
-    if config.data != "digits" and not Path(config.data).is_file():
-        raise FileNotFoundError(f"arrays file not found: {config.data}")
-    return _arrays(config)
+    return _from_pool(config, training_pool(config.data))
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

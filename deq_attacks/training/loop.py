@@ -1,15 +1,15 @@
 """The training loop of Table 7: clean pretraining of the unrolled network for
 ``pretrain_steps`` optimizer steps, then PGD-AT in DEQ mode; per-step cosine decay; the Jacobian
-regulariser on its schedule until ``jac_stop_epoch``; after each epoch, the dev measurements,
-the best checkpoint by dev PGD accuracy, logs, plots and an exact-resume checkpoint.
+penalty on the steps its schedule names (until ``jac_stop_epoch``); after each epoch, the dev
+measurements, the best checkpoint by dev PGD accuracy, logs, plots and an exact-resume
+checkpoint. One loop for every data source: a data set the config names, or arrays in memory
+(``run_training(config, run_dir, data=(x, y))`` with ``data="memory"``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,27 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from deq_attacks.deq import DEQ
-from deq_attacks.training import distributed, resume
+from deq_attacks import distributed
+from deq_attacks.acceleration import Acceleration
+from deq_attacks.deq import DEQ, JacobianRegularization
+from deq_attacks.models.registry import resolve_builder
+from deq_attacks.training import resume
 from deq_attacks.training.adversary import adversarial_batch, art_classifier, pgd_attack
-from deq_attacks.training.build import TrainingModule, build_model, optimizer_and_schedule
+from deq_attacks.training.build import (
+    JacobianSchedule,
+    TrainingModule,
+    build_model,
+    check_model_fits,
+    jacobian_schedule,
+    optimizer_and_schedule,
+)
 from deq_attacks.training.config import TrainConfig
-from deq_attacks.training.data_loading import TrainingData, epoch_loader, load_training_data
+from deq_attacks.training.data_loading import (
+    TrainingArrays,
+    TrainingData,
+    epoch_loader,
+    load_training_data,
+)
 from deq_attacks.training.monitor import evaluate_dev
 from deq_attacks.training.plots import plot_history
 from deq_attacks.training.resume import RunState
@@ -34,11 +49,15 @@ from deq_attacks.training.resume import RunState
 
 @dataclass
 class RunResult:
-    """A finished (or already complete) run: its folder, state and final model."""
+    """A finished (or already complete) run: its folder, state and final model (the last
+    epoch's weights; ``best.safetensors`` holds the best epoch's), and the task it learned:
+    image shape (C, H, W) and number of classes."""
 
     run_dir: Path
     state: RunState
     model: nn.Module
+    image_shape: tuple[int, int, int]
+    num_classes: int
 
 
 @dataclass
@@ -51,33 +70,51 @@ class StepContext:
     schedule: torch.optim.lr_scheduler.LRScheduler
     attack: ProjectedGradientDescent
     num_classes: int
-    autocast: AbstractContextManager[Any]
+    device: torch.device
+    acceleration: Acceleration
+    jacobian: JacobianSchedule | None = None  # which steps carry the Jacobian penalty
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step's cross-entropy, correct predictions and Jacobian penalty (None on a
+    step that did not carry it)."""
+
+    loss: float
+    correct: int
+    penalty: float | None
 
 
 def training_step(
-    ctx: StepContext, x: Tensor, y: Tensor, adversarial: bool, unrolled: bool
-) -> tuple[float, int]:
+    ctx: StepContext,
+    x: Tensor,
+    y: Tensor,
+    adversarial: bool,
+    unrolled: bool,
+    penalty: JacobianRegularization | None = None,
+) -> StepResult:
     """One optimizer step on (x, y): PGD adversaries first if ``adversarial`` (eval mode, the
     training gradient), then cross-entropy in train mode (the unrolled network if
-    ``unrolled``), backward, Adam and the schedule. Returns (loss, correct predictions)."""
+    ``unrolled``; plus ``penalty`` at the same z*, if given), backward, Adam and the
+    schedule."""
+    accel, device = ctx.acceleration, ctx.device
     if adversarial:
-        with ctx.autocast:
+        with accel.autocast(device):
             x = adversarial_batch(ctx.attack, ctx.model, x, y, ctx.num_classes)
     ctx.wrapped.train()
     ctx.optimizer.zero_grad(set_to_none=True)
-    with ctx.autocast:
-        logits = ctx.wrapped(x, unrolled=unrolled)
+    with accel.autocast(device):
+        logits, jacobian_penalty = ctx.wrapped(accel.inputs(x), unrolled, penalty)
     loss = F.cross_entropy(logits.float(), y)
-    loss.backward()
+    total = loss if jacobian_penalty is None else loss + jacobian_penalty.float()
+    total.backward()
     ctx.optimizer.step()
     ctx.schedule.step()
-    return float(loss.detach()), int((logits.detach().argmax(1) == y).sum())
-
-
-def _autocast(config: TrainConfig) -> AbstractContextManager[Any]:
-    if config.bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return StepResult(
+        float(loss.detach()),
+        int((logits.detach().argmax(1) == y).sum()),
+        None if jacobian_penalty is None else float(jacobian_penalty.detach()),
+    )
 
 
 def _phase(config: TrainConfig, first_step: int, last_step: int) -> str:
@@ -88,15 +125,21 @@ def _phase(config: TrainConfig, first_step: int, last_step: int) -> str:
 
 
 def run_training(
-    config: TrainConfig, run_dir: str | Path, log: Callable[[str], None] = print
+    config: TrainConfig,
+    run_dir: str | Path,
+    log: Callable[[str], None] = print,
+    data: TrainingArrays | None = None,
 ) -> RunResult:
-    """Train as ``config`` says into ``run_dir``; a rerun with the same config resumes after the
-    last finished epoch (and a changed config is refused). Works alone or under torchrun."""
-    processes = distributed.start(config.device)
-    try:
-        return _run(config, Path(run_dir), processes, log)
-    finally:
-        distributed.finish(processes)
+    """Train as ``config`` says into ``run_dir``; a rerun with the same config and data resumes
+    after the last finished epoch (a changed config or other data is refused). With
+    ``config.data == "memory"``, ``data`` (an ImageDataset or an (x, y) pair) is the training
+    pool. Works alone or under torchrun. Everything that can be checked before training is
+    (the model's entry point, the data, dev_size, the model against the images), each problem
+    raising one ValueError (TypeError for data of the wrong type, FileNotFoundError for
+    missing data)."""
+    resolve_builder(config.model)  # a model entry point that does not import fails here
+    with distributed.process_group(config.device.value) as processes:
+        return _run(config, Path(run_dir), processes, log, data)
 
 
 def _run(
@@ -104,24 +147,33 @@ def _run(
     run_dir: Path,
     processes: distributed.Processes,
     log: Callable[[str], None],
+    arrays: TrainingArrays | None,
 ) -> RunResult:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device, main = processes.device, processes.is_main
-    data = load_training_data(config)
+    data = load_training_data(config, arrays)
     steps_per_epoch = len(data) // config.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"{len(data)} training images are fewer than one batch")
+        raise ValueError(
+            f"{len(data)} training images of {data.name} are fewer than one batch of "
+            f"{config.batch_size} (lower batch_size or dev_size)"
+        )
     if config.batch_size % processes.world:
         raise ValueError(f"batch_size {config.batch_size} not divisible by {processes.world}")
     resume.seed_everything(config.seed)  # identical initial weights on every rank
     model = build_model(config, data.image_shape, data.num_classes).to(device)
+    check_model_fits(model, data.dev_x[:2].to(device), data.num_classes, data.name)
+    acceleration = config.acceleration
+    acceleration.apply(model)
     optimizer, schedule = optimizer_and_schedule(model, config, config.epochs * steps_per_epoch)
     resume.check_config(run_dir, config)
-    distributed.barrier(processes)
+    resume.check_data(run_dir, data.fingerprint)
+    distributed.barrier()
     if main:
         resume.write_config(run_dir, config)
-    distributed.barrier(processes)
+        resume.write_data(run_dir, data.fingerprint)
+    distributed.barrier()
     state = resume.read_state(run_dir)
     rng: dict[str, Any] | None = None  # the saved random streams of this rank, if resuming
     if state.checkpoint is not None:
@@ -131,14 +183,12 @@ def _run(
                 f"{run_dir} was trained by {counters['world']} processes; resume with as many "
                 f"(now {processes.world})"
             )
-        if isinstance(model, DEQ):
-            model._training_forwards = counters["training_forwards"]
         if main:
             log(f"resuming {run_dir} after epoch {state.epochs_done} (step {state.global_step})")
     if state.epochs_done >= config.epochs:
         if main:
             log(f"{run_dir}: all {config.epochs} epochs are done")
-        return RunResult(run_dir, state, model)
+        return RunResult(run_dir, state, model, data.image_shape, data.num_classes)
 
     module = TrainingModule(model, config.pretrain_depth)
     wrapped: nn.Module = module
@@ -151,7 +201,15 @@ def _run(
         classifier, config.eps, config.step, config.steps, config.random_start, local_batch
     )
     ctx = StepContext(
-        wrapped, model, optimizer, schedule, attack, data.num_classes, _autocast(config)
+        wrapped,
+        model,
+        optimizer,
+        schedule,
+        attack,
+        data.num_classes,
+        device,
+        acceleration,
+        jacobian_schedule(config),
     )
     if main:
         params = sum(p.numel() for p in model.parameters())
@@ -168,7 +226,7 @@ def _run(
     for epoch in range(state.epochs_done, config.epochs):
         _train_epoch(ctx, config, data, epoch, state, processes)
         _finish_epoch(ctx, config, data, epoch, state, processes, run_dir, log)
-    return RunResult(run_dir, state, model)
+    return RunResult(run_dir, state, model, data.image_shape, data.num_classes)
 
 
 def _train_epoch(
@@ -179,9 +237,7 @@ def _train_epoch(
     state: RunState,
     processes: distributed.Processes,
 ) -> None:
-    model = ctx.model
-    if isinstance(model, DEQ) and epoch >= config.jac_stop_epoch:
-        model.jacobian_regularization = None  # the schedule's stop epoch (Table 7: 90)
+    deq = isinstance(ctx.model, DEQ)
     loader = epoch_loader(
         data,
         config,
@@ -199,22 +255,22 @@ def _train_epoch(
         x = x.to(processes.device, non_blocking=True)
         y = y.to(processes.device, non_blocking=True)
         pretraining = state.global_step < config.pretrain_steps
-        forwards_before = getattr(model, "_training_forwards", 0)
-        loss, correct = training_step(
+        schedule = ctx.jacobian
+        carries = schedule is not None and schedule.applies(state.global_step, epoch)
+        result = training_step(
             ctx,
             x,
             y,
             adversarial=config.adversarial and not pretraining,
-            unrolled=pretraining and isinstance(model, DEQ),
+            unrolled=pretraining and deq,
+            penalty=schedule.regularization if schedule is not None and carries else None,
         )
-        regularizer = getattr(model, "jacobian_regularization", None)
-        counted = getattr(model, "_training_forwards", 0) > forwards_before  # a DEQ-mode step
-        if regularizer is not None and counted and regularizer.applies_at(forwards_before):
-            penalties.append(float(model.last_jacobian_penalty))  # type: ignore[arg-type]
-        totals += torch.tensor([loss * len(y), correct, len(y)], dtype=torch.float64)
+        if result.penalty is not None:
+            penalties.append(result.penalty)
+        totals += torch.tensor([result.loss * len(y), result.correct, len(y)], dtype=torch.float64)
         state.global_step += 1
     seconds = time.perf_counter() - start
-    totals = distributed.sum_over_processes(totals.to(processes.device), processes).cpu()
+    totals = distributed.sum_over_processes(totals.to(processes.device)).cpu()
     state.history.append(
         {
             "epoch": epoch + 1,
@@ -252,7 +308,7 @@ def _finish_epoch(
                 config,
                 data.num_classes,
                 processes.device,
-                ctx.autocast,
+                ctx.acceleration,
             )
         )
         record["dev_seconds"] = time.perf_counter() - start
@@ -262,15 +318,12 @@ def _finish_epoch(
             state.best_epoch, state.best_dev_pgd_accuracy = epoch + 1, record["dev_pgd_accuracy"]
     state.epochs_done = epoch + 1
     staging = resume.staging_dir(run_dir, epoch + 1)
-    distributed.barrier(processes)
+    distributed.barrier()
     resume.save_rng(staging, processes.rank)
     if processes.is_main:
-        counters = {
-            "training_forwards": getattr(ctx.model, "_training_forwards", 0),
-            "world": processes.world,
-        }
+        counters = {"world": processes.world}
         resume.save_trainer(staging, ctx.model, ctx.optimizer, ctx.schedule, counters)
-    distributed.barrier(processes)
+    distributed.barrier()
     if processes.is_main:
         if improved:
             resume.save_best(run_dir, ctx.model)
@@ -279,7 +332,7 @@ def _finish_epoch(
             plot_history(state.history, run_dir / "training.png")
         resume.publish(run_dir, epoch + 1, state)
         log(_summary(record, config.epochs))
-    distributed.barrier(processes)
+    distributed.barrier()
 
 
 def _summary(record: dict[str, Any], epochs: int) -> str:

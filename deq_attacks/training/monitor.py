@@ -4,12 +4,12 @@ radius of J_f at z* (the traces of Fig. 12/13)."""
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from deq_attacks.acceleration import Acceleration
 from deq_attacks.deq import DEQ, spectral_radius
 from deq_attacks.training.adversary import adversarial_batch, art_classifier, pgd_attack
 from deq_attacks.training.config import TrainConfig
@@ -26,22 +26,22 @@ def evaluate_dev(
     config: TrainConfig,
     num_classes: int,
     device: torch.device,
-    autocast: AbstractContextManager[Any],
+    acceleration: Acceleration,
 ) -> dict[str, Any]:
-    """Clean and PGD accuracy on the dev split (PGD with the training gradient, random start),
-    residual per state and spectral radius; the model is left in eval mode."""
+    """Clean and PGD accuracy on the dev split (PGD with the training gradient, random start,
+    in batches of ``config.dev_batch_size``), residual per state and spectral radius, under
+    the acceleration's precision; the model is left in eval mode."""
     model.eval()
     shape = tuple(int(s) for s in dev_x.shape[1:])
     correct, adv_correct = 0, 0
     residual_sums: Tensor | None = None
+    batch = config.dev_batch_size
     classifier = art_classifier(model, shape, num_classes, device)  # type: ignore[arg-type]
-    attack = pgd_attack(
-        classifier, config.eps, config.step, config.steps, True, config.eval_batch_size
-    )
-    for x, y in _batches(dev_x, dev_y, config.eval_batch_size):
-        x, y = x.to(device), y.to(device)
-        with torch.no_grad(), autocast:
-            correct += int((model(x).argmax(1) == y).sum())
+    attack = pgd_attack(classifier, config.eps, config.step, config.steps, True, batch)
+    for x, y in _batches(dev_x, dev_y, batch):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.no_grad(), acceleration.autocast(device):
+            correct += int((model(acceleration.inputs(x)).argmax(1) == y).sum())
         if isinstance(model, DEQ):
             trajectory = model.last_trajectory
             assert trajectory is not None
@@ -49,10 +49,10 @@ def evaluate_dev(
                 [trajectory.residual(n) for n in range(1, config.forward_threshold + 1)], dim=1
             ).sum(0)
             residual_sums = per_state if residual_sums is None else residual_sums + per_state
-        with autocast:
+        with acceleration.autocast(device):
             x_adv = adversarial_batch(attack, model, x, y, num_classes)
-        with torch.no_grad(), autocast:
-            adv_correct += int((model(x_adv).argmax(1) == y).sum())
+        with torch.no_grad(), acceleration.autocast(device):
+            adv_correct += int((model(acceleration.inputs(x_adv)).argmax(1) == y).sum())
     n = len(dev_y)
     record: dict[str, Any] = {
         "dev_clean_accuracy": correct / n,

@@ -7,7 +7,8 @@ baselines ``resnet18_pgd_at`` and ``wrn34_10_pgd_at`` (same optimiser, schedule,
 PGD-AT; no DEQ-only steps: no pretraining of an unrolled network, no Jacobian regulariser).
 
 CPU presets (the embedded digits, 2 cores, at most 10 minutes each): ``cpu_exact`` (8/7),
-``cpu_unrolling`` and ``cpu_clean`` (the same small DEQ without adversarial training).
+``cpu_unrolling`` and ``cpu_clean`` (the same small DEQ without adversarial training), and
+``demo``, the training of ``deq-attacks demo`` (about a minute on one thread).
 """
 
 from __future__ import annotations
@@ -70,11 +71,32 @@ CPU = dataclasses.replace(
 )
 
 
+#: The main job's training (``deq-attacks demo``): a 16-channel small conv DEQ on the digits
+#: with the unrolling (phantom) gradient, clean pretraining of the unrolled network, then PGD-AT
+#: at eps 0.1; the best epoch by dev PGD-10 accuracy. Tuned for about a minute on one thread.
+DEMO = dataclasses.replace(
+    CPU,
+    width=16,
+    gradient=Gradient.PHANTOM,
+    solver_tol=1e-4,
+    dev_size=100,
+    crop_padding=0,
+    epochs=8,
+    batch_size=64,
+    lr=3e-3,
+    pretrain_steps=3 * 17,  # 3 epochs of 17 steps (1,100 images), then 5 of PGD-AT
+    jac_weight=0.0,
+    eval_batch_size=100,
+    plots=True,
+)
+
+
 def _cpu_presets() -> dict[str, TrainConfig]:
     return {
         "cpu_exact": dataclasses.replace(CPU, forward_threshold=8, backward_threshold=7),
         "cpu_unrolling": dataclasses.replace(CPU, gradient=Gradient.PHANTOM),
         "cpu_clean": dataclasses.replace(CPU, adversarial=False),
+        "demo": DEMO,
     }
 
 

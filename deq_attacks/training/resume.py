@@ -4,8 +4,9 @@ moment leaves either the previous epoch's state or the new one, never a mix.
 Layout of a run folder::
 
     config.json             the TrainConfig (written once, before any work)
+    data.json               the training pool's fingerprint (name, images, SHA-256)
     state.json              RunState: epochs done, global step, best epoch, history; points to
-    checkpoints/epoch-NNNN/ model.safetensors, trainer.pt (optimizer, scheduler, counters) and
+    checkpoints/epoch-NNNN/ model.safetensors, trainer.pt (optimizer, scheduler, process count) and
                             rng-rank<r>.pt (torch, CUDA, numpy and Python RNG states per rank)
     best.safetensors        the weights of the best epoch by development PGD accuracy
     metrics.jsonl, training.png
@@ -79,6 +80,27 @@ def write_config(run_dir: Path, config: TrainConfig) -> None:
     """Record ``config`` as ``config.json`` (after ``check_config``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", json.dumps(to_jsonable(config), indent=2) + "\n")
+
+
+def check_data(run_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse a run folder whose training pool had other contents."""
+    path = run_dir / "data.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    if saved != fingerprint:
+        raise ConfigMismatchError(
+            f"{run_dir} was trained on other data ({saved['name']}, {saved['images']} images, "
+            f"sha256 {saved['sha256'][:12]}...; now {fingerprint['name']}, "
+            f"{fingerprint['images']} images, sha256 {fingerprint['sha256'][:12]}...). Use a "
+            "new --out-dir, or the same data."
+        )
+
+
+def write_data(run_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Record the training pool's fingerprint as ``data.json`` (after ``check_data``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "data.json", json.dumps(fingerprint, indent=2) + "\n")
 
 
 def read_state(run_dir: Path) -> RunState:
