@@ -38,6 +38,7 @@ from deq_attacks.evaluation import (
     markdown_report,
     write_outputs,
 )
+from deq_attacks.evaluation.sweep import add_sweep_option
 from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.models import create_model
 from deq_attacks.solvers import Broyden
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_dataclass_options(parser, EvaluationConfig)
-    add_dataclass_options(parser, SweepConfig)
+    add_sweep_option(parser)
     return parser
 
 
@@ -181,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        sweep = dataclass_from_options(SweepConfig, args)
+        sweep = SweepConfig.from_items(args.sweep)
         config = dataclass_from_options(EvaluationConfig, args, base=EvaluationConfig(sweep=sweep))
         data = held_out_data(args.data)
         check_sizes(data, args.n_dev, args.n_test)

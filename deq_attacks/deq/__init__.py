@@ -1,11 +1,6 @@
 """The DEQ module, its readouts (defenses), training gradients and Jacobian tools."""
 
-from deq_attacks.deq.backward import (
-    ImplicitGradient,
-    PhantomGradient,
-    TrainingGradient,
-    damped_unroll,
-)
+from deq_attacks.deq.backward import ImplicitGradient, PhantomGradient, TrainingGradient
 from deq_attacks.deq.contract import DEQModel, ResetHook
 from deq_attacks.deq.convergence import RESIDUAL_LIMIT, NotConvergedWarning
 from deq_attacks.deq.dropout import VariationalDropout, reset_variational_dropout
@@ -33,7 +28,6 @@ __all__ = [
     "SolverDivergedError",
     "TrainingGradient",
     "VariationalDropout",
-    "damped_unroll",
     "reset_variational_dropout",
     "hutchinson_frobenius",
     "spectral_radius",

@@ -16,7 +16,7 @@ from art.defences.trainer import AdversarialTrainerMadryPGD
 from tqdm.auto import tqdm
 
 from deq_attacks.checkpoints import load_weights, save_weights
-from deq_attacks.gradients import GradientEstimate
+from deq_attacks.gradients import GradientEstimate, ready_made
 from deq_attacks.interfaces import DEQEstimator
 
 
@@ -130,7 +130,7 @@ def train(
         estimator.optimizer.load_state_dict(
             torch.load(checkpoint_dir / "optimizer.pt", weights_only=True)
         )
-    estimate = estimator.deq.training_gradient.attack_estimate()
+    estimate = ready_made(estimator.deq.training_gradient)
     epochs = tqdm(range(config.epochs), initial=state.epochs_done, desc="training epochs")
     for epoch in epochs:
         if epoch < state.epochs_done:
