@@ -2,7 +2,7 @@
 
 from deq_attacks.deq.backward import ImplicitGradient, PhantomGradient, TrainingGradient
 from deq_attacks.deq.contract import DEQModel, ResetHook
-from deq_attacks.deq.convergence import RESIDUAL_LIMIT, NotConvergedWarning
+from deq_attacks.deq.convergence import RESIDUAL_LIMIT, ConvergenceLog, NotConvergedWarning
 from deq_attacks.deq.dropout import VariationalDropout, reset_variational_dropout
 from deq_attacks.deq.model import DEQ, SolverDivergedError
 from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
@@ -16,6 +16,7 @@ __all__ = [
     "DEQ",
     "RESIDUAL_LIMIT",
     "DEQModel",
+    "ConvergenceLog",
     "NotConvergedWarning",
     "ResetHook",
     "Early",
