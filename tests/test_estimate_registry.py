@@ -299,3 +299,25 @@ def test_a_new_family_joins_the_sweep_and_the_columns(registered: None) -> None:
         "ens. damped_step",
     ]
     assert columns["ens. damped_step"] == GradientEnsemble(DampedStep(lam=1.0))
+
+
+def test_the_sweep_and_its_columns_run_over_anderson_with_the_planned_adjoint() -> None:
+    estimator = tiny_estimator(trained=True)
+    estimator.deq.solver = Anderson(threshold=4)  # a solver without inverse estimates
+    (x, y), _ = splits(8)
+    config = SweepConfig(
+        {"adjoint": {"n": "1,4", "beta": "1.0"}, "unrolled": {"n": "4", "k": "1", "lam": "1.0"}}
+    )
+    threat = ThreatModel(eps=0.1, step=0.05, steps=1)
+    defenses = {"final": Final(), "early": Early(2)}
+    chosen, entries, plan = run_sweep(estimator, config, x, y, threat, defenses, "early", Shards())
+    assert plan[0]["fixed"] == {"inverse": "negative_identity"}
+    assert "Anderson keeps no inverse-Jacobian estimate" in plan[0]["reason"]
+    assert chosen["adjoint"].inverse is InverseEstimate.NEGATIVE_IDENTITY  # type: ignore[attr-defined]
+    assert len(entries) == 3
+    columns = protocol_estimates(Phantom(2, 0.5), chosen)
+    for estimate in columns.values():
+        estimate.check(estimator.deq.solver)  # every column is computable over Anderson
+    assert columns["ens. adjoint"] == GradientEnsemble(
+        Adjoint(beta=1.0, inverse=InverseEstimate.NEGATIVE_IDENTITY)
+    )
