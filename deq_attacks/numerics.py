@@ -116,6 +116,13 @@ benchmark's small conv DEQ, batch 64 x 4096: 8 states in one call took 1.8x the 
 calls, 2 per call 1.03x); on a GPU one call saves the launches of the others."""
 
 
+def stack_size(state: Tensor, count: int) -> int:
+    """How many of ``count`` states shaped like ``state`` (B, d) one stacked head call takes
+    on their device (``STACK_BUDGET``), at least one."""
+    budget = STACK_BUDGET.get(state.device.type)
+    return count if budget is None else max(1, min(count, budget // max(1, state.numel())))
+
+
 def head_gradient(logits: LogitsFn, z: Tensor, cotangent: Cotangent) -> Tensor:
     """dL(head(z))/dz (B, d) with dL/dlogits from ``cotangent``."""
     return head_gradients(logits, [z], cotangent)[0]
@@ -131,9 +138,7 @@ def head_gradients(
     if not states:
         return []
     batch = states[0].shape[0]
-    if per_call is None:
-        budget = STACK_BUDGET.get(states[0].device.type)
-        per_call = len(states) if budget is None else max(1, budget // states[0].numel())
+    per_call = per_call if per_call is not None else stack_size(states[0], len(states))
     grads: list[Tensor] = []
     for start in range(0, len(states), per_call):
         with torch.enable_grad():

@@ -369,13 +369,27 @@ def per_step_adjoint(
     return grad
 
 
+@pytest.fixture(params=["stacked", "per-step"])
+def stacking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The two ways of the adjoint sweep to take its forcing terms: all from one stacked head
+    call (a GPU, small states), or each from its step's backward (large states on a CPU)."""
+    from deq_attacks import numerics
+
+    if request.param == "stacked":
+        monkeypatch.delitem(numerics.STACK_BUDGET, "cpu")
+    else:
+        monkeypatch.setitem(numerics.STACK_BUDGET, "cpu", 1)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("loss", ["mean", "sum"])
 @pytest.mark.parametrize(("n", "beta"), [(1, 0.5), (6, 0.5), (12, 1.0)])
 def test_adjoint_with_batched_head_terms_equals_the_per_step_sweep(
-    loss: str, n: int, beta: float
+    loss: str, n: int, beta: float, stacking: str
 ) -> None:
-    """All forcing terms dL(z_m)/dz from one stacked head call; the loss-aware cotangent is
-    taken per chunk of B logits (a mean loss over the wrong batch would scale it)."""
+    """All forcing terms dL(z_m)/dz from one stacked head call, or each from its step's
+    backward; the loss-aware cotangent is taken per chunk of B logits (a mean loss over the
+    wrong batch would scale it)."""
     deq = tanh_deq(Broyden(threshold=12, tol=0))
     x, labels = inputs(3, DIM)
     cotangent = loss_cotangent(nn.CrossEntropyLoss(reduction=loss), labels)
@@ -407,7 +421,7 @@ def test_stacked_head_gradients_do_not_depend_on_how_many_states_a_call_takes() 
     ids=["adjoint", "ensemble"],
 )
 def test_reuse_forward_gives_the_same_estimate_without_evaluating_f_again(
-    estimate: GradientEstimate, monkeypatch: pytest.MonkeyPatch
+    estimate: GradientEstimate, monkeypatch: pytest.MonkeyPatch, stacking: str
 ) -> None:
     deq = small_deq(Broyden(threshold=SMALL_N, tol=0))
     x, labels = inputs(3, SMALL_FEATURES)
@@ -426,7 +440,7 @@ def test_reuse_forward_gives_the_same_estimate_without_evaluating_f_again(
 
 
 def test_reuse_forward_never_takes_a_jacobian_from_where_a_sample_was_not(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, stacking: str
 ) -> None:
     """Samples that stopped early are frozen at z_{N_i}, but the solver evaluated f elsewhere
     (its candidates) at later steps: those steps evaluate f again. Taking the recorded graph

@@ -25,6 +25,7 @@ from deq_attacks.numerics import (
     check_within,
     head_gradient,
     head_gradients,
+    stack_size,
 )
 from deq_attacks.solvers import Solver, Trajectory
 
@@ -91,28 +92,31 @@ def adjoint_sweep(
 
     ``u_0 = 0``; ``v_m = J_f(z_m)^T u_m + dL(z_m)/dz - u_m``; ``u_{m+1} = u_m - beta B_m^T v_m``
     (``B_m v_m`` when ``transpose`` is False: the paper's literal Eq. 10). The forcing terms
-    ``dL(z_m)/dz`` do not depend on u: all of them come from one head forward on the stacked
-    states and one VJP. Then each step costs one VJP of f at z_m (``J_f(z_m)^T u_m`` and, at a
-    weighted step, the term for that step from the same VJP): with f evaluated again at z_m,
-    or, where ``backward.evaluations`` holds the forward solve's own evaluation at exactly z_m,
-    through that evaluation's graph.
+    ``dL(z_m)/dz`` do not depend on u: where the device takes the stacked states
+    (``numerics.stack_size``: on a GPU, or small states) all of them come from one head
+    forward and one VJP; otherwise (large states on a CPU, where a stack beyond the caches is
+    slower) each comes out of its step's backward. Each step costs one VJP of f at z_m
+    (``J_f(z_m)^T u_m`` and, at a weighted step, the term for that step from the same VJP):
+    with f evaluated again at z_m, or, where ``backward.evaluations`` holds the forward
+    solve's own evaluation at exactly z_m, through that evaluation's graph.
     """
     deq, trajectory, cotangent = backward.deq, backward.trajectory, backward.cotangent
     injection, evaluations = backward.injection, backward.evaluations
     last = max(weights)
     apply_inverse = _inverse_operator(trajectory, inverse, transpose)
-    forcing = head_gradients(
-        _stacked_logits(deq, injection.detach()),
-        [trajectory.state(m) for m in range(last)],
-        cotangent,
-    )
+    head = _stacked_logits(deq, injection.detach())
+    states = [trajectory.state(m) for m in range(last)]
+    # all forcing terms at once where the device takes the stack; else each with its step's VJP
+    stacked = stack_size(trajectory.z0, last) > 1
+    forcing = head_gradients(head, states, cotangent) if stacked else None
     u = torch.zeros_like(trajectory.z0)
     total = torch.zeros_like(injection)
     shape = (-1, *[1] * (injection.dim() - 1))
     for m in range(last + 1):
         update, weighted = m < last, m in weights
-        vjp_z: Tensor | None = None
-        if m > 0:  # u_0 = 0 contributes nothing
+        if m == 0:  # u_0 = 0: no VJP of f, only the forcing term
+            v = forcing[0] if forcing is not None else head_gradient(head, states[0], cotangent)
+        else:
             z_m = trajectory.state(m)
             recorded = evaluations.graph(m, z_m) if evaluations is not None else None
             with torch.enable_grad():
@@ -124,16 +128,23 @@ def adjoint_sweep(
                     z_leaf = z_m.detach().requires_grad_()
                     inj = injection.detach().requires_grad_()
                     fz = deq.step(z_leaf, inj)
+                outputs, grad_outputs = [fz], [u]
+                if update and forcing is None:  # the head's VJP in the same backward
+                    logits = head(z_leaf)
+                    outputs.append(logits)
+                    grad_outputs.append(cotangent(logits))
                 inputs = ([z_leaf] if update else []) + ([inj] if weighted else [])
-                grads = torch.autograd.grad(fz, inputs, u, allow_unused=True)
-            if update:
-                vjp_z = grads[0]
+                grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
             if weighted:
                 grad_inj = grads[-1] if grads[-1] is not None else torch.zeros_like(injection)
                 total = total + weights[m].to(injection.dtype).reshape(shape) * grad_inj
+            if update:
+                # J_f(z_m)^T u_m (+ the forcing term when it came from the same backward)
+                v = grads[0] if grads[0] is not None else torch.zeros_like(u)
+                if forcing is not None:
+                    v = v + forcing[m]
         if update:
-            v = forcing[m] - u if vjp_z is None else vjp_z + forcing[m] - u
-            u = u - beta * apply_inverse(m, v)
+            u = u - beta * apply_inverse(m, v - u)
     return total
 
 

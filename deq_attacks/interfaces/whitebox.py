@@ -196,10 +196,9 @@ class WhiteBoxModule(nn.Module):
         self, estimate: GradientEstimate | None = None, defense: Readout | None = None
     ) -> WhiteBoxModule:
         """A new module over the same DEQ object (no parameter is copied) with its own estimate
-        and defense (None: this module's), checked here; in eval mode. This module is not
-        changed: the package's own code switches estimates and defenses this way. The view
-        is in eval mode; the shared DEQ's mode is left as it is (forwards run it in eval mode
-        anyway)."""
+        and defense (None: this module's), checked here. This module is not changed: the
+        package's own code switches estimates and defenses this way. The view is in eval mode;
+        the shared DEQ's mode is left as it is (forwards run it in eval mode anyway)."""
         module = WhiteBoxModule(
             self.deq,
             estimate if estimate is not None else self._estimate,
