@@ -62,9 +62,11 @@ class GradientEstimate(ABC):
     """An estimate of dL/dx for a DEQ: computes dL/d(injection) from one forward pass.
 
     The gradient w.r.t. the input follows by one vector-Jacobian product through the
-    injection (see ``input_gradient``). A new estimate subclasses this, implements
-    ``injection_gradient`` (and ``keep_steps``/``check`` where it needs iterates or a solver
-    feature), and is exported from ``deq_attacks.gradients``.
+    injection (see ``input_gradient``). A new estimate is a frozen dataclass that subclasses
+    this, implements ``injection_gradient`` (and ``keep_steps``/``check`` where it needs
+    iterates or a solver feature), registers its name with ``@register_estimate`` in its own
+    module (a per-step one also its ``register_sweep_family``), and is exported from
+    ``deq_attacks.gradients``.
     """
 
     #: True where the estimate differentiates the defended computation itself, so its gradient
