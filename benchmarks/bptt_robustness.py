@@ -53,6 +53,7 @@ from deq_attacks import (  # noqa: E402
 )
 from deq_attacks.checkpoints import load_weights  # noqa: E402
 from deq_attacks.evaluation.alignment import gradient_alignment  # noqa: E402
+from deq_attacks.gradients import ready_made  # noqa: E402
 from deq_attacks.training import preset, run_training  # noqa: E402
 from deq_attacks.training.config import Device  # noqa: E402
 from deq_attacks.training.data_loading import held_out_split  # noqa: E402
@@ -158,7 +159,7 @@ def accuracy(estimator: DEQEstimator, x: np.ndarray, y: np.ndarray, defense: Rea
 def choose_early_exit(estimator: DEQEstimator, dev: Any) -> tuple[int, list[float]]:
     """n with the best development accuracy of Early(n) under the ready-made PGD-10 (one run
     with the training gradient's estimate; its steps never look at the defended output)."""
-    ready = estimator.deq.training_gradient.attack_estimate()
+    ready = ready_made(estimator.deq.training_gradient)
     with estimator.using(estimate=ready):
         attack = ProjectedGradientDescent(
             estimator, eps=EPS, eps_step=STEP, max_iter=10, batch_size=len(dev.x), verbose=False

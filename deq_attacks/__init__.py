@@ -6,6 +6,7 @@ with gradients for attacks chosen among the estimates of Yang, Pang & Liu (NeurI
 
 from deq_attacks.deq import (
     DEQ,
+    ConvergenceLog,
     DEQModel,
     Early,
     Ensemble,
@@ -27,6 +28,8 @@ from deq_attacks.gradients import (
     InverseEstimate,
     Phantom,
     Unrolled,
+    parse_estimate,
+    ready_made,
 )
 from deq_attacks.interfaces import DEQEstimator, DEQFoolboxModel, WhiteBoxModule
 from deq_attacks.solvers import Anderson, Broyden, FixedPointIteration, StopMode, Trajectory
@@ -41,6 +44,7 @@ __all__ = [
     "Anderson",
     "BackpropThroughSolver",
     "Broyden",
+    "ConvergenceLog",
     "DEQEstimator",
     "DEQFoolboxModel",
     "Early",
@@ -61,5 +65,7 @@ __all__ = [
     "Trajectory",
     "Unrolled",
     "WhiteBoxModule",
+    "parse_estimate",
+    "ready_made",
     "spectral_radius",
 ]

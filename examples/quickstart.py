@@ -50,6 +50,7 @@ from deq_attacks import (
     PhantomGradient,
     Readout,
     Unrolled,
+    ready_made,
 )
 from deq_attacks.data import ImageDataset, load_arrays_file, load_digits
 from deq_attacks.models import small_conv_deq
@@ -180,11 +181,11 @@ def train_with_art(estimator: DEQEstimator, train_set: ImageDataset,
     rate follows a cosine over the epochs. (The paper's full recipe, resumable, with unrolled
     pretraining and the Jacobian penalty: ``deq_attacks.training.run_training``.)"""
     epochs = args.epochs + args.adv_epochs
-    ready_made = estimator.deq.training_gradient.attack_estimate()
+    ready = ready_made(estimator.deq.training_gradient)
     for epoch in range(epochs):
         for group in estimator.optimizer.param_groups:
             group["lr"] = 0.5 * args.lr * (1 + math.cos(math.pi * epoch / epochs))
-        with estimator.using(estimate=ready_made):
+        with estimator.using(estimate=ready):
             if epoch < args.epochs:
                 estimator.fit(train_set.x, train_set.y, batch_size=args.batch_size, nb_epochs=1,
                               verbose=False)

@@ -25,11 +25,7 @@ TINY = EvaluationConfig(
     batch_size=8,
     diagnostic_samples=4,
     sweep=SweepConfig(
-        adjoint_steps="1,3",
-        adjoint_betas="1.0",
-        unrolled_steps="1,3",
-        unrolled_ks="1",
-        unrolled_lams="1.0",
+        {"adjoint": {"n": "1,3", "beta": "1.0"}, "unrolled": {"n": "1,3", "k": "1", "lam": "1.0"}}
     ),
 )
 

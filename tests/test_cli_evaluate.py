@@ -26,8 +26,8 @@ from deq_attacks.models.registry import resolve_builder, working_directory_on_pa
 #: The smallest protocol: one PGD step, tiny AutoAttack and Square, a one-candidate sweep.
 TINY = ["--steps", "1", "--aa-iterations", "1", "--aa-queries", "3", "--aa-target-classes", "2",
         "--square-queries", "3", "--long-steps", "2", "--batch-size", "8",
-        "--diagnostic-samples", "2", "--adjoint-steps", "1", "--adjoint-betas", "1.0",
-        "--unrolled-steps", "1", "--unrolled-ks", "1", "--unrolled-lams", "1.0",
+        "--diagnostic-samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
+        "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",
         "--eps", "0.1", "--step", "0.05"]  # fmt: skip
 
 #: A user's torchdeq model, as they wrote it: their own names (encoder, layer, head), torchdeq's
@@ -417,9 +417,6 @@ def test_key_mapped_torchdeq_checkpoint_with_another_solver_runs_to_the_end(
     assert description["input_shape"] == [1, 8, 8]
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ValueError, reason="needs the sweep family plan (branch core)"
-)
 def test_torchdeq_anderson_model_from_a_pt_checkpoint_runs_to_the_end(user_dir) -> None:
     directory, name = user_dir
     _build("--model", f"{name}:build")
@@ -446,6 +443,11 @@ def test_torchdeq_anderson_model_from_a_pt_checkpoint_runs_to_the_end(user_dir) 
     description = _results(out)["description"]
     assert description["solver_spec"]["solver"] == "anderson"
     assert description["solver_choice"] == "the model's own solver"
+    # the adjoint family ran over Anderson with B = -I, and the results say why
+    plans = json.loads((out / "results.json").read_text())["settings"]["sweep_plan"]
+    adjoint = next(p for p in plans if p["family"] == "adjoint")
+    assert adjoint["runs"] and adjoint["fixed"] == {"inverse": "negative_identity"}
+    assert "Anderson" in adjoint["reason"]
 
 
 def test_preset_sets_the_budgets_and_explicit_options_override_it() -> None:

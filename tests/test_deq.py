@@ -19,8 +19,8 @@ from deq_attacks.deq import (
     PhantomGradient,
     SolverDivergedError,
     VariationalDropout,
-    damped_unroll,
 )
+from deq_attacks.numerics import damped_unroll
 from deq_attacks.solvers import Broyden, FixedPointIteration, Solver
 
 D64 = torch.float64

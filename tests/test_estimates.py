@@ -275,9 +275,11 @@ class SolveSpy:
         self._start = self._layer.calls
         original = deq.solve
 
-        def spy(injection: Tensor, keep: bool | frozenset[int] = False) -> Trajectory:
+        def spy(
+            injection: Tensor, keep: bool | frozenset[int] = False, **kwargs: object
+        ) -> Trajectory:
             self.solves += 1
-            trajectory = original(injection, keep)
+            trajectory = original(injection, keep, **kwargs)  # type: ignore[arg-type]
             self.nfe += trajectory.nfe
             return trajectory
 
@@ -339,6 +341,173 @@ def test_ensemble_with_per_sample_stopping_is_batch_independent(
         alone = input_gradient(deq, estimate, x[i : i + 1], ce_sum(labels[i : i + 1]))
         assert deq.last_trajectory.steps.item() == steps[i]
         torch.testing.assert_close(batch[i : i + 1], alone, rtol=1e-10, atol=1e-14)
+
+
+# --- the adjoint sweep: batched head, reused forward evaluations -------------------------
+
+
+def per_step_adjoint(
+    deq: DEQ, x: Tensor, cotangent: Cotangent, trajectory: Trajectory, n: int, beta: float
+) -> Tensor:
+    """The simultaneous adjoint written plainly, one head VJP and one f VJP per step (the
+    sweep as it was before the head terms were batched): dL/dx at step n (identity
+    injection), with B_m^T from the trajectory's Broyden factors."""
+    factors = trajectory.inverse
+    assert factors is not None
+    u = torch.zeros_like(trajectory.z0)
+    for m in range(n):
+        z = trajectory.state(m).detach().requires_grad_()
+        with torch.enable_grad():
+            logits = deq.logits(z, x)
+            (forcing,) = torch.autograd.grad(logits, z, cotangent(logits))
+            (jtu,) = torch.autograd.grad(deq.step(z, x), z, u)
+        v = jtu + forcing - u
+        u = u - beta * factors.rmatvec(min(m, factors.num_updates), v)
+    with torch.enable_grad():
+        inj = x.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(deq.step(trajectory.state(n).detach(), inj), inj, u)
+    return grad
+
+
+@pytest.fixture(params=["stacked", "per-step"])
+def stacking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The two ways of the adjoint sweep to take its forcing terms: all from one stacked head
+    call (a GPU, small states), or each from its step's backward (large states on a CPU)."""
+    from deq_attacks import numerics
+
+    if request.param == "stacked":
+        monkeypatch.delitem(numerics.STACK_BUDGET, "cpu")
+    else:
+        monkeypatch.setitem(numerics.STACK_BUDGET, "cpu", 1)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("loss", ["mean", "sum"])
+@pytest.mark.parametrize(("n", "beta"), [(1, 0.5), (6, 0.5), (12, 1.0)])
+def test_adjoint_with_batched_head_terms_equals_the_per_step_sweep(
+    loss: str, n: int, beta: float, stacking: str
+) -> None:
+    """All forcing terms dL(z_m)/dz from one stacked head call, or each from its step's
+    backward; the loss-aware cotangent is taken per chunk of B logits (a mean loss over the
+    wrong batch would scale it)."""
+    deq = tanh_deq(Broyden(threshold=12, tol=0))
+    x, labels = inputs(3, DIM)
+    cotangent = loss_cotangent(nn.CrossEntropyLoss(reduction=loss), labels)
+    trajectory = deq.solve(x, keep=True)
+    ours = input_gradient(deq, Adjoint(n=n, beta=beta), x, cotangent, trajectory)
+    reference = per_step_adjoint(deq, x, cotangent, trajectory, n, beta)
+    assert relative_error(ours, reference) <= 1e-6
+    assert ours.abs().max() > 1e-3
+
+
+def test_stacked_head_gradients_do_not_depend_on_how_many_states_a_call_takes() -> None:
+    from deq_attacks.numerics import head_gradients
+
+    deq = tanh_deq(Broyden(threshold=6, tol=0))
+    x, labels = inputs(3, DIM)
+    trajectory = deq.solve(x, keep=True)
+    states = [trajectory.state(m) for m in range(6)]
+    cotangent = loss_cotangent(nn.CrossEntropyLoss(), labels)
+    one_call = head_gradients(lambda z: deq.logits(z, x), states, cotangent, per_call=6)
+    for per_call in (1, 4, None):
+        grads = head_gradients(lambda z: deq.logits(z, x), states, cotangent, per_call)
+        for a, b in zip(grads, one_call):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "estimate",
+    [Adjoint(n=5, reuse_forward=True), GradientEnsemble(Adjoint(beta=1.0, reuse_forward=True))],
+    ids=["adjoint", "ensemble"],
+)
+def test_reuse_forward_gives_the_same_estimate_without_evaluating_f_again(
+    estimate: GradientEstimate, monkeypatch: pytest.MonkeyPatch, stacking: str
+) -> None:
+    deq = small_deq(Broyden(threshold=SMALL_N, tol=0))
+    x, labels = inputs(3, SMALL_FEATURES)
+    plain = dataclasses.replace(
+        estimate, **({"reuse_forward": False} if isinstance(estimate, Adjoint) else
+                     {"of": dataclasses.replace(estimate.of, reuse_forward=False)})  # type: ignore[attr-defined]
+    )  # fmt: skip
+    spy = SolveSpy(deq, monkeypatch)
+    expected = input_gradient(deq, plain, x, ce_sum(labels))
+    recomputed = spy.f_calls - spy.nfe
+    spy = SolveSpy(deq, monkeypatch)
+    reused = input_gradient(deq, estimate, x, ce_sum(labels))
+    assert spy.solves == 1 and spy.f_calls == spy.nfe  # f ran only inside the forward solve
+    assert recomputed >= 5
+    torch.testing.assert_close(reused, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_reuse_forward_never_takes_a_jacobian_from_where_a_sample_was_not(
+    monkeypatch: pytest.MonkeyPatch, stacking: str
+) -> None:
+    """Samples that stopped early are frozen at z_{N_i}, but the solver evaluated f elsewhere
+    (its candidates) at later steps: those steps evaluate f again. Taking the recorded graph
+    anyway gives another (wrong) gradient, which the comparison below catches (a stopped
+    sample's later candidates lie about ``tol`` away from its iterate: a loose tol here)."""
+    from deq_attacks.numerics import ForwardRecord
+
+    deq = small_deq(Broyden(threshold=12, tol=1e-2))
+    x, labels = inputs(4, SMALL_FEATURES)
+    x = x * torch.tensor([[0.1], [1.0], [3.0], [10.0]], dtype=x.dtype)
+    estimate = Adjoint(n=12, beta=0.5, reuse_forward=True)  # past every sample's own steps
+    expected = input_gradient(deq, Adjoint(n=12, beta=0.5), x, ce_sum(labels))
+    spy = SolveSpy(deq, monkeypatch)
+    reused = input_gradient(deq, estimate, x, ce_sum(labels))
+    assert deq.last_trajectory is not None
+    steps = deq.last_trajectory.steps
+    assert int(steps.min()) < int(steps.max())  # samples stopped at different steps
+    # f evaluated again exactly at the steps m = min N_i + 1 .. n that some sample had left
+    assert spy.f_calls - spy.nfe == 12 - int(steps.min())
+    torch.testing.assert_close(reused, expected, rtol=1e-12, atol=1e-15)
+
+    def unchecked(self: ForwardRecord, m: int, z_m: Tensor) -> tuple[Tensor, Tensor] | None:
+        out = self._outputs[m] if m < len(self) else None
+        return None if out is None else (self._inputs[m], out)
+
+    monkeypatch.setattr(ForwardRecord, "graph", unchecked)
+    wrong = input_gradient(deq, estimate, x, ce_sum(labels))
+    # (about 4e-7 of the gradient here: 400 times what the exact path is allowed)
+    assert (wrong - expected).abs().max() > 1e-9 * expected.abs().max()
+
+
+def test_a_forward_record_hands_out_a_graph_only_at_the_iterate_itself() -> None:
+    from deq_attacks.numerics import ForwardRecord
+
+    deq = small_deq(Broyden(threshold=6, tol=1e-2))
+    x, _ = inputs(4, SMALL_FEATURES)
+    x = x * torch.tensor([[0.1], [1.0], [3.0], [10.0]], dtype=x.dtype)
+    injection = deq.inject(x)
+    record = ForwardRecord()
+    trajectory = deq.solve(injection, keep=True, record=record)
+    assert len(record) == trajectory.nfe == trajectory.num_steps + 1
+    first = int(trajectory.steps.min())
+    for m in range(1, trajectory.num_steps + 1):
+        graph = record.graph(m, trajectory.state(m))
+        assert (graph is not None) == (m <= first), m  # frozen samples: not their iterate
+        if graph is not None:
+            leaf, out = graph
+            torch.testing.assert_close(out, deq.step(trajectory.state(m), injection))
+            assert record.graph(m, trajectory.state(m)) is None  # handed out once
+    with pytest.raises(RuntimeError, match="one forward solve"):
+        deq.solve(injection, record=record)
+
+
+def test_reuse_forward_through_the_autograd_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deq_attacks import WhiteBoxModule
+
+    deq = small_deq(Broyden(threshold=SMALL_N, tol=0))
+    x, labels = inputs(3, SMALL_FEATURES)
+    grads = []
+    for reuse in (False, True):
+        module = WhiteBoxModule(deq, Adjoint(n=4, reuse_forward=reuse))
+        x_leaf = x.clone().requires_grad_()
+        spy = SolveSpy(deq, monkeypatch)
+        nn.functional.cross_entropy(module(x_leaf), labels).backward()
+        assert (spy.f_calls - spy.nfe == 1) if reuse else (spy.f_calls - spy.nfe > 4)
+        grads.append(x_leaf.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-15)
 
 
 # --- validation ---------------------------------------------------------------------------

@@ -23,12 +23,8 @@ CONFIG = dataclasses.replace(
     TINY,
     long_steps=2,
     sweep=SweepConfig(
-        adjoint_steps="1",
-        adjoint_betas="1.0",
-        unrolled_steps="2",
-        unrolled_ks="1",
-        unrolled_lams="1.0",
-    ),  # fmt: skip
+        {"adjoint": {"n": "1", "beta": "1.0"}, "unrolled": {"n": "2", "k": "1", "lam": "1.0"}}
+    ),
 )
 
 

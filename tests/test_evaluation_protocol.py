@@ -82,10 +82,14 @@ def test_scoring_applies_preprocessing_like_predict() -> None:
 def test_sweep_records_every_candidate_and_picks_the_largest_drop() -> None:
     estimator = tiny_estimator(trained=True)
     (x, y), _ = splits(24)
-    config = SweepConfig(adjoint_steps="all", adjoint_betas="0.5,1.0", unrolled_steps="1,3",
-                         unrolled_ks="1,2", unrolled_lams="1.0")  # fmt: skip
+    config = SweepConfig({"adjoint": {"n": "all", "beta": "0.5,1.0"},
+                          "unrolled": {"n": "1,3", "k": "1,2", "lam": "1.0"}})  # fmt: skip
     defenses = {"final": Final(), "early": Early(2)}
-    chosen, entries = run_sweep(estimator, config, x, y, THREAT, defenses, "early", Shards())
+    chosen, entries, plan = run_sweep(
+        estimator, config, x, y, THREAT, defenses, "early", Shards()
+    )
+    assert [p["family"] for p in plan] == ["adjoint", "unrolled"] and all(p["runs"] for p in plan)
+    assert plan[0]["grid"] == {"n": "all", "beta": "0.5,1.0"}
     assert len(entries) == 4 * 2 + 2 * 2
     for family in ("adjoint", "unrolled"):
         mine = [e for e in entries if e["family"] == family]
@@ -97,9 +101,9 @@ def test_sweep_records_every_candidate_and_picks_the_largest_drop() -> None:
     chosen_entry = next(e for e in entries if e["estimate"] == repr(chosen["adjoint"]))
     assert chosen_entry["accuracy"]["early"] <= fixed["accuracy"]["early"]
     with pytest.raises(ValueError, match="beyond"):
-        SweepConfig(adjoint_steps="9").candidates(4)
-    with pytest.raises(ValueError, match="unrolled_lams"):
-        SweepConfig(unrolled_lams="0,1")
+        SweepConfig({"adjoint": {"n": "9"}}).candidates(estimator.deq.solver)
+    with pytest.raises(ValueError, match="unrolled.lam"):
+        SweepConfig({"unrolled": {"lam": "0,1"}})
 
 
 def test_columns_are_data_and_extra_estimates_add_columns() -> None:
@@ -207,15 +211,16 @@ def test_cli_evaluate_on_a_checkpoint(tmp_path: Path, capsys) -> None:
     tiny = ["--threshold", "3", "--n-dev", "8", "--n-test", "8", "--steps", "1",
             "--aa-iterations", "1", "--aa-queries", "3", "--aa-target-classes", "2",
             "--square-queries", "3", "--long-steps", "2", "--batch-size", "8",
-            "--diagnostic-samples", "2", "--adjoint-steps", "1", "--adjoint-betas", "1.0",
-            "--unrolled-steps", "1", "--unrolled-ks", "1", "--unrolled-lams", "1.0",
+            "--diagnostic-samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
+            "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",
             "--eps", "0.1", "--step", "0.05"]  # fmt: skip
     code = main([*common, "--checkpoint", str(weights), *tiny, "--out-dir", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
     assert "White-box robustness (paper" in out and "## Diagnostics" in out
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["settings"]["config"]["sweep"]["adjoint_steps"] == "1"
+    assert saved["settings"]["config"]["sweep"]["grids"]["adjoint"] == {"n": "1", "beta": "1.0"}
+    assert [p["family"] for p in saved["settings"]["sweep_plan"]] == ["adjoint", "unrolled"]
     assert saved["settings"]["fingerprint"]["description"]["model"] == "mlp_deq"
     assert main(["evaluate", "--model", "no_such_model", "--out-dir", str(tmp_path)]) == 2
     assert "unknown model" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchattacks
+from art.attacks.evasion import ProjectedGradientDescent
 from art.data_generators import PyTorchDataGenerator
 from attack_fixtures import SpyEstimate, correct_tensor_batch, defended_logits, make_estimator
 from test_estimator_api import CLASSES, FEATURES, batch, estimator, one_hot, tanh_deq
@@ -61,6 +62,47 @@ def test_labels_of_shape_n_by_1_are_refused_not_read_as_class_0(call: str) -> No
     x, y = batch()
     with pytest.raises(ValueError, match=r"labels have shape \(3, 1\).*squeeze"):
         CALLS[call](est, x, y[:, None])
+
+
+class LabelSpy(DEQEstimator):
+    """Records the labels that ART hands to ``loss_gradient``."""
+
+    seen: list[np.ndarray]
+
+    def loss_gradient(self, x: object, y: object, **kwargs: object) -> object:
+        labels = y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+        self.seen.append(labels.copy())
+        return super().loss_gradient(x, y, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("given", "art_hands_over"),
+    [
+        ([0, -1, 2], [0, 3, 2]),  # -1 becomes the last class (numpy's negative index)
+        ([[0], [3], [2]], [0, 3, 2]),  # (N, 1) is squeezed
+        ([0.0, 1.7, 2.0], [0, 1, 2]),  # 1.7 is truncated to class 1
+    ],
+)
+def test_what_arts_attacks_do_to_labels_before_our_code_sees_them(
+    given: list[object], art_hands_over: list[int]
+) -> None:
+    """ART's attacks convert labels with ``check_and_transform_label_format`` before calling
+    ``loss_gradient``: by then a label -1, a (N, 1) array or a float label is a valid one-hot
+    label, so no check of ours can see it. Our own entry points refuse the raw forms (tests
+    above); through ART, check labels before calling ``generate`` (docs/quickstart.md)."""
+    est = LabelSpy(tanh_deq().float(), input_shape=(FEATURES,), nb_classes=CLASSES)
+    est.seen = []
+    x = batch()[0].astype(np.float32)
+    attack = ProjectedGradientDescent(
+        est, eps=0.1, eps_step=0.05, max_iter=1, num_random_init=0, verbose=False
+    )
+    attack.generate(x, np.array(given))
+    (labels,) = est.seen
+    np.testing.assert_array_equal(labels, np.eye(CLASSES)[art_hands_over])  # one-hot floats
+    with pytest.raises(ValueError):  # the same raw labels, given to us directly
+        est.loss_gradient(x, np.array(given))
+    with pytest.raises(IndexError):  # a label beyond the classes fails inside ART, unclearly
+        attack.generate(x, np.array([0, 1, CLASSES]))
 
 
 def test_label_beyond_the_classes_and_wrong_count_are_refused() -> None:

@@ -6,14 +6,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from test_estimator_api import batch, estimator, tanh_deq
 from torch import Tensor, nn
 
-from deq_attacks import Early, Ensemble, Exact, Final, ImplicitGradient, Phantom, Unrolled
-from deq_attacks.deq.backward import solve_adjoint
+from deq_attacks import (
+    DEQEstimator,
+    Early,
+    Ensemble,
+    Exact,
+    Final,
+    ImplicitGradient,
+    Phantom,
+    PhantomGradient,
+    Unrolled,
+)
+from deq_attacks.deq import DEQModel, TrainingGradient
 from deq_attacks.deq.readout import Readout
-from deq_attacks.gradients import BackwardPass, GradientEstimate, constant_cotangent
+from deq_attacks.gradients import BackwardPass, GradientEstimate, constant_cotangent, ready_made
+from deq_attacks.numerics import solve_adjoint
 from deq_attacks.solvers import Broyden, Trajectory
 
 
@@ -107,12 +119,42 @@ def test_implicit_gradient_reports_its_backward_solve_through_on_backward() -> N
     assert len(records) == 1 and records[0].converged.all()
 
 
-def test_training_gradients_name_their_attack_estimates() -> None:
+def test_training_gradients_name_their_ready_made_attack_estimates() -> None:
     solver = Broyden(threshold=9)
-    assert ImplicitGradient(solver).attack_estimate() == Exact(solver)
-    from deq_attacks import PhantomGradient
+    assert ready_made(ImplicitGradient(solver)) == Exact(solver)
+    assert ready_made(PhantomGradient(k=3, lam=0.7)) == Phantom(3, 0.7)
+    with pytest.raises(TypeError, match="no ready-made attack estimate is registered for str"):
+        ready_made("exact")
 
-    assert PhantomGradient(k=3, lam=0.7).attack_estimate() == Phantom(3, 0.7)
+
+@dataclass(frozen=True)
+class DoubledPhantom(TrainingGradient):
+    """A user's own training gradient: the phantom gradient with twice the steps."""
+
+    k: int = 2
+
+    def forward_state(self, deq: DEQModel, z_star: Tensor, injection: Tensor) -> Tensor:
+        return PhantomGradient(2 * self.k, 0.5).forward_state(deq, z_star, injection)
+
+    def attach(self, deq: DEQModel, z_star: Tensor, injection: Tensor) -> Tensor:
+        return self.forward_state(deq, z_star.detach(), injection)
+
+
+def test_a_users_training_gradient_registers_its_ready_made_estimate() -> None:
+    with pytest.raises(TypeError, match="DoubledPhantom"):
+        ready_made(DoubledPhantom())
+
+    @ready_made.register
+    def _(gradient: DoubledPhantom) -> GradientEstimate:
+        return Phantom(2 * gradient.k, 0.5)
+
+    # (the registration stays: it concerns only this test's own class)
+    assert ready_made(DoubledPhantom(3)) == Phantom(6, 0.5)
+    deq = tanh_deq(training_gradient=DoubledPhantom(3))
+    estimator = DEQEstimator(
+        deq, input_shape=(6,), nb_classes=4, estimate=ready_made(deq.training_gradient)
+    )
+    assert estimator.gradient_estimate == Phantom(6, 0.5)
 
 
 def test_reprs_stay_short_enough_for_a_table_column() -> None:

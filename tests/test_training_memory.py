@@ -142,7 +142,7 @@ def test_clear_errors_before_any_training(tmp_path: Path, monkeypatch: pytest.Mo
     )
     _refuses(
         tmp_path,
-        "has no callable 'missing'",
+        "has no attribute 'missing'",
         _config(model="tests.training_fixtures:missing", width=None),
     )
     _refuses(tmp_path, "data='memory' trains on the arrays passed", memory)

@@ -121,7 +121,7 @@ def demo_config(args: argparse.Namespace) -> EvaluationConfig:
         large_eps=0.5,
         batch_size=args.attack_batch_size,
         seed=args.seed,
-        sweep=SweepConfig(unrolled_ks="1,5", unrolled_lams="1.0"),
+        sweep=SweepConfig({"unrolled": {"k": "1,5", "lam": "1.0"}}),
     )
 
 

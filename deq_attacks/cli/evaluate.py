@@ -53,6 +53,7 @@ from deq_attacks.evaluation.splits import (
     parse_range,
     read_indices,
 )
+from deq_attacks.evaluation.sweep import add_sweep_option
 from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.models.registry import working_directory_on_path
 
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_dataclass_options(parser, EvaluationConfig)
-    add_dataclass_options(parser, SweepConfig)
+    add_sweep_option(parser)
     return parser
 
 
@@ -200,8 +201,7 @@ def run(
 
 def evaluation_config(args: argparse.Namespace) -> EvaluationConfig:
     """The preset (if any), then every option given explicitly."""
-    sweep = dataclass_from_options(SweepConfig, args)
-    base = EvaluationConfig(sweep=sweep)
+    base = EvaluationConfig(sweep=SweepConfig.from_items(args.sweep))
     if args.preset is not None:
         base = evaluation_preset(args.preset).apply(base)
     return dataclass_from_options(EvaluationConfig, args, base=base)

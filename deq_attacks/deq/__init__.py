@@ -1,13 +1,8 @@
 """The DEQ module, its readouts (defenses), training gradients and Jacobian tools."""
 
-from deq_attacks.deq.backward import (
-    ImplicitGradient,
-    PhantomGradient,
-    TrainingGradient,
-    damped_unroll,
-)
+from deq_attacks.deq.backward import ImplicitGradient, PhantomGradient, TrainingGradient
 from deq_attacks.deq.contract import DEQModel, ResetHook
-from deq_attacks.deq.convergence import RESIDUAL_LIMIT, NotConvergedWarning
+from deq_attacks.deq.convergence import RESIDUAL_LIMIT, ConvergenceLog, NotConvergedWarning
 from deq_attacks.deq.dropout import VariationalDropout, reset_variational_dropout
 from deq_attacks.deq.model import DEQ, SolverDivergedError
 from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
@@ -21,6 +16,7 @@ __all__ = [
     "DEQ",
     "RESIDUAL_LIMIT",
     "DEQModel",
+    "ConvergenceLog",
     "NotConvergedWarning",
     "ResetHook",
     "Early",
@@ -33,7 +29,6 @@ __all__ = [
     "SolverDivergedError",
     "TrainingGradient",
     "VariationalDropout",
-    "damped_unroll",
     "reset_variational_dropout",
     "hutchinson_frobenius",
     "spectral_radius",

@@ -19,6 +19,7 @@ from deq_attacks.solvers import Solver, Trajectory
 if TYPE_CHECKING:
     from deq_attacks.deq.backward import TrainingGradient
     from deq_attacks.deq.readout import Readout
+    from deq_attacks.numerics import ForwardRecord
 
 ResetHook = Callable[[nn.Module], None]
 """Called with ``f`` before each forward solve: recompute normalised weights, draw new dropout
@@ -65,7 +66,14 @@ class DEQModel(nn.Module, ABC):
 
     @abstractmethod
     def solve(
-        self, injection: Tensor, keep: bool | Collection[int] = False, steps: int | None = None
+        self,
+        injection: Tensor,
+        keep: bool | Collection[int] = False,
+        steps: int | None = None,
+        *,
+        record: ForwardRecord | None = None,
     ) -> Trajectory:
         """Reset, then solve ``z = f(z; injection)`` from ``z_0`` without autograd; ``steps``
-        (below the solver's threshold) stops after that many iterates."""
+        (below the solver's threshold) stops after that many iterates. With ``record``, the
+        solver's map is ``record.wrap(self.step, injection)``: every evaluation of f is kept
+        with its graph."""

@@ -1,8 +1,21 @@
-"""Whether a forward solve reached its fixed point, and the warning when it did not."""
+"""Whether a forward solve reached its fixed point, and the warning when it did not.
+
+An unconverged forward warns once per call site (the caller of ``predict`` or of
+``module(x)``), not on every forward: an attack of 100 steps would otherwise print 100
+warnings. Inside ``with ConvergenceLog() as log:`` (the scope of one run: an evaluation, a
+training), the first unconverged forward from each call site warns, later ones are counted,
+and the run ends with one summary per site in ``log.records`` and, if any forward was above
+the limit, one summary warning. Outside any scope, each call site warns once per process.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import sys
 import warnings
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,18 +35,144 @@ def last_residuals(trajectory: Trajectory) -> Tensor:
     return trajectory.residuals[:, -1]
 
 
-def warn_unconverged(residuals: Tensor, stacklevel: int = 2) -> None:
-    """Warn once, with their fraction, if any of the residuals (B,) exceed ``RESIDUAL_LIMIT``
-    (NaN counts as above)."""
-    above = ~(residuals <= RESIDUAL_LIMIT)
-    count = int(above.sum())
-    if count:
-        total = residuals.numel()
-        warnings.warn(
-            f"{count} of {total} samples ({count / total:.1%}) ended the forward solve with a "
-            f"relative residual above {RESIDUAL_LIMIT} (worst "
-            f"{float(torch.nan_to_num(residuals, nan=float('inf')).max()):.3g}): the fixed "
-            "point was not reached; raise the solver's threshold or check the model",
-            NotConvergedWarning,
-            stacklevel=stacklevel + 1,
+@dataclass
+class SiteRecord:
+    """The forwards of one call site within a ``ConvergenceLog``.
+
+    Attributes:
+        site: ``"file:line"`` of the call.
+        calls: forwards checked; unconverged_calls: those with a sample above the limit.
+        samples: samples checked; samples_above: above ``RESIDUAL_LIMIT`` (NaN counts).
+        worst_residual: the largest finite relative residual seen (None: none finite).
+        samples_nonfinite: samples whose residual was NaN or inf.
+    """
+
+    site: str
+    calls: int = 0
+    unconverged_calls: int = 0
+    samples: int = 0
+    samples_above: int = 0
+    worst_residual: float | None = None
+    samples_nonfinite: int = 0
+
+    def add(self, above: int, total: int, worst: float | None, nonfinite: int) -> None:
+        self.calls += 1
+        self.unconverged_calls += int(above > 0)
+        self.samples += total
+        self.samples_above += above
+        self.samples_nonfinite += nonfinite
+        if worst is not None:
+            self.worst_residual = max(worst, self.worst_residual or 0.0)
+
+    def describe(self) -> str:
+        worst = "none finite" if self.worst_residual is None else f"{self.worst_residual:.3g}"
+        return (
+            f"{self.site}: {self.unconverged_calls} of {self.calls} forwards, "
+            f"{self.samples_above} of {self.samples} samples above {RESIDUAL_LIMIT} "
+            f"(worst {worst})"
         )
+
+
+_ACTIVE: contextvars.ContextVar[tuple[ConvergenceLog, ...]] = contextvars.ContextVar(
+    "deq_attacks_convergence_logs", default=()
+)
+_WARNED_IN_PROCESS: set[str] = set()
+
+
+class ConvergenceLog:
+    """The scope of one run for convergence warnings: ``with ConvergenceLog() as log: ...``.
+
+    Inside, each call site's first unconverged forward warns, later ones are only counted;
+    on exit ``records`` holds one JSON-able summary per call site (every forward checked,
+    converged or not) and, if any forward was above ``RESIDUAL_LIMIT``, one summary warning
+    is issued. Nested scopes each count; the innermost decides what warns.
+    """
+
+    def __init__(self) -> None:
+        self._sites: dict[str, SiteRecord] = {}
+        self._warned: set[str] = set()
+        self._token: contextvars.Token[tuple[ConvergenceLog, ...]] | None = None
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """One summary per call site, in order of first appearance."""
+        return [asdict(record) for record in self._sites.values()]
+
+    def unconverged(self) -> list[SiteRecord]:
+        """The call sites with at least one forward above the limit."""
+        return [r for r in self._sites.values() if r.unconverged_calls]
+
+    def _add(self, site: str, above: int, total: int, worst: float | None, bad: int) -> None:
+        self._sites.setdefault(site, SiteRecord(site)).add(above, total, worst, bad)
+
+    def _first_warning(self, site: str) -> bool:
+        first = site not in self._warned
+        self._warned.add(site)
+        return first
+
+    def __enter__(self) -> ConvergenceLog:
+        if self._token is not None:
+            raise RuntimeError("a ConvergenceLog is entered once")
+        self._token = _ACTIVE.set((*_ACTIVE.get(), self))
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        assert self._token is not None
+        _ACTIVE.reset(self._token)
+        sites = self.unconverged()
+        if sites:
+            warnings.warn(
+                "forward solves ended with samples above the relative residual "
+                f"{RESIDUAL_LIMIT} (the fixed point was not reached) at {len(sites)} call "
+                "site(s): " + "; ".join(r.describe() for r in sites),
+                NotConvergedWarning,
+                stacklevel=2,
+            )
+
+
+def warn_unconverged(residuals: Tensor, stacklevel: int = 2) -> None:
+    """Count the residuals (B,) of one forward for its call site and warn if some exceed
+    ``RESIDUAL_LIMIT`` (NaN counts as above) - once per call site per scope (outside any
+    ``ConvergenceLog``: once per process). ``stacklevel`` counts as ``warnings.warn``'s does
+    from this function's caller (1: the caller itself); the frame it names is the call site,
+    and the warning is attributed to it."""
+    frame = sys._getframe(stacklevel)
+    site = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    values = residuals.detach().double().cpu()
+    above = int((~(values <= RESIDUAL_LIMIT)).sum())
+    total = values.numel()
+    finite = values[torch.isfinite(values)]
+    worst = float(finite.max()) if finite.numel() else None
+    nonfinite = total - finite.numel()
+    logs = _ACTIVE.get()
+    for log in logs:
+        log._add(site, above, total, worst, nonfinite)
+    if not above:
+        return
+    if logs:
+        if not logs[-1]._first_warning(site):
+            return
+        later = "later ones from this call site are counted in the run's ConvergenceLog"
+    else:
+        if site in _WARNED_IN_PROCESS:
+            return
+        _WARNED_IN_PROCESS.add(site)
+        later = (
+            "later ones from this call site are not repeated (count them with "
+            "deq_attacks.deq.ConvergenceLog)"
+        )
+    shown = "none finite" if worst is None else f"{worst:.3g}"
+    if nonfinite:
+        shown += f", {nonfinite} NaN/inf"
+    warnings.warn(
+        f"{above} of {total} samples ({above / total:.1%}) ended the forward solve with a "
+        f"relative residual above {RESIDUAL_LIMIT} (worst {shown}): the fixed point was not "
+        f"reached; raise the solver's threshold or check the model ({later})",
+        NotConvergedWarning,
+        stacklevel=stacklevel + 1,
+    )

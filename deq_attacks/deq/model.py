@@ -14,6 +14,7 @@ from deq_attacks.deq.contract import DEQModel, ResetHook
 from deq_attacks.deq.dropout import reset_variational_dropout
 from deq_attacks.deq.readout import Final, Readout, check_readout
 from deq_attacks.deq.regularization import JacobianRegularization
+from deq_attacks.numerics import ForwardRecord
 from deq_attacks.solvers import Broyden, Solver, Trajectory
 
 
@@ -159,17 +160,26 @@ class DEQ(DEQModel):
             hook(self.f)
 
     def solve(
-        self, injection: Tensor, keep: bool | Collection[int] = False, steps: int | None = None
+        self,
+        injection: Tensor,
+        keep: bool | Collection[int] = False,
+        steps: int | None = None,
+        *,
+        record: ForwardRecord | None = None,
     ) -> Trajectory:
         """Reset, then run the forward solver from ``z_0`` without autograd; record the solve
         as ``last_trajectory`` and report divergence. ``steps`` (< threshold) stops the solver
-        after that many iterates (they equal the first iterates of a full solve)."""
+        after that many iterates (they equal the first iterates of a full solve). ``record``
+        keeps every evaluation of f with its autograd graph, for a backward that reuses them."""
         self.reset()
         z0 = self.initial_state(injection).reshape(injection.shape[0], -1)
         solver = self.solver
         if steps is not None and steps < solver.threshold:
             solver = dataclasses.replace(solver, threshold=steps)
-        trajectory = solver.solve(lambda z: self.step(z, injection), z0.detach(), keep)
+        if record is None:
+            trajectory = solver.solve(lambda z: self.step(z, injection), z0.detach(), keep)
+        else:
+            trajectory = solver.solve(record.wrap(self.step, injection), z0.detach(), keep)
         self.last_trajectory = trajectory
         if trajectory.diverged.any():
             message = (

@@ -1,5 +1,7 @@
 """The columns of the evaluation table, as data: gradient estimates by label, each with
-PGD and the standard AutoAttack, then Square. A new estimate is one more entry."""
+PGD and the standard AutoAttack, then Square. The intermediate columns come from the
+registered sweep families (``deq_attacks.gradients.sweep_family``): a new family is a new pair
+of columns."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from collections.abc import Mapping
 
 from deq_attacks.evaluation.attacks import AttackKind, AttackSpec
 from deq_attacks.evaluation.settings import EvaluationConfig
-from deq_attacks.gradients import Adjoint, Exact, GradientEnsemble, GradientEstimate, Unrolled
+from deq_attacks.gradients import Exact, GradientEstimate, PerStepEstimate, sweep_families
 
 READY_MADE = "ready-made"
 """Label of the training gradient's column (the attack a user of a library would run)."""
@@ -21,17 +23,26 @@ def protocol_estimates(
     extra: Mapping[str, GradientEstimate] | None = None,
 ) -> dict[str, GradientEstimate]:
     """The gradient estimates of the columns, by label: the ready-made (training) gradient,
-    Exact, the strongest intermediate Adjoint and Unrolled of the sweep, their gradient
-    ensembles, then ``extra`` (e.g. ``{"bptt": BackpropThroughSolver()}``)."""
-    adjoint, unrolled = chosen["adjoint"], chosen["unrolled"]
-    assert isinstance(adjoint, Adjoint) and isinstance(unrolled, Unrolled)
+    Exact, the chosen candidate of each family in ``chosen`` (the sweep's choice; a family
+    that did not run is absent) as ``"{family} z_{n}"``, then each family's gradient ensemble
+    as ``"ens. {family}"``, in registration order, then ``extra`` (e.g.
+    ``{"bptt": BackpropThroughSolver()}``)."""
+    families = [family for family in sweep_families() if family.name in chosen]
+    unknown = sorted(set(chosen) - {family.name for family in families})
+    if unknown:
+        raise ValueError(f"chosen estimates of unknown sweep families: {', '.join(unknown)}")
     estimates: dict[str, GradientEstimate] = {READY_MADE: ready_made}
     if ready_made != Exact():
         estimates["exact"] = Exact()
-    estimates[f"adjoint z_{adjoint.n}"] = adjoint
-    estimates[f"unrolled z_{unrolled.n}"] = unrolled
-    estimates["ens. adjoint"] = GradientEnsemble(Adjoint(beta=adjoint.beta))
-    estimates["ens. unrolled"] = GradientEnsemble(Unrolled(k=unrolled.k, lam=unrolled.lam))
+    picks: list[PerStepEstimate] = []
+    for family in families:
+        pick = chosen[family.name]
+        if not isinstance(pick, family.estimate):
+            raise TypeError(f"the {family.name!r} family's choice is {pick!r}")
+        picks.append(pick)
+        estimates[family.column(pick)] = pick
+    for family, pick in zip(families, picks):
+        estimates[family.ensemble_column()] = family.ensemble(pick)
     for label, estimate in (extra or {}).items():
         if label in estimates:
             raise ValueError(f"extra estimate label {label!r} is taken")

@@ -35,7 +35,7 @@ from deq_attacks.evaluation.settings import EvaluationConfig
 from deq_attacks.evaluation.shared_runs import clean_scores, shared_pgd_scores
 from deq_attacks.evaluation.store import ResultStore, data_hash, weights_hash
 from deq_attacks.evaluation.sweep import run_sweep
-from deq_attacks.gradients import BackpropThroughSolver, Exact, GradientEstimate
+from deq_attacks.gradients import BackpropThroughSolver, Exact, GradientEstimate, ready_made
 from deq_attacks.interfaces import DEQEstimator
 
 
@@ -83,7 +83,7 @@ def evaluate_model(
     threat = config.threat
     shards = Shards.current(config.batch_size)
     say = progress or (lambda _text: None)
-    ready = deq.training_gradient.attack_estimate()
+    ready = ready_made(deq.training_gradient)
     fingerprint = {
         "config": to_jsonable(config),
         "weights": weights_hash(deq),
@@ -129,7 +129,7 @@ def evaluate_model(
             store.put("sweep", done)
 
         say("development split: sweep of intermediate attacks")
-        chosen, sweep = run_sweep(
+        chosen, sweep, sweep_plan = run_sweep(
             estimator, config.sweep, x_dev, y_dev, threat, defenses, "early", shards,
             seed=config.seed, done=done, on_entry=keep_entry,
         )  # fmt: skip
@@ -195,6 +195,7 @@ def evaluate_model(
             "n_test": len(x),
             "n_development": len(x_dev),
             "processes": shards.world,
+            "sweep_plan": sweep_plan,
         },
         early_exit=n_star,
         development=dev,

@@ -5,20 +5,32 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from deq_attacks.gradients.base import (
-    BackwardPass,
-    PerStepEstimate,
-    StepWeights,
+from deq_attacks.gradients.base import BackwardPass, PerStepEstimate, StepWeights, weighted_sum
+from deq_attacks.gradients.registry import register_estimate
+from deq_attacks.gradients.sweep_family import (
+    FamilyPlan,
+    SweepFamily,
+    SweepParameter,
+    register_sweep_family,
+    step_parameter,
+)
+from deq_attacks.numerics import (
+    LogitsFn,
     check_step,
     check_within,
     head_gradient,
-    weighted_sum,
+    head_gradients,
+    stack_size,
 )
 from deq_attacks.solvers import Solver, Trajectory
+
+if TYPE_CHECKING:
+    from deq_attacks.deq.contract import DEQModel
 
 
 class InverseEstimate(enum.Enum):
@@ -56,6 +68,19 @@ def _inverse_operator(
     return lambda m, v: apply(min(m, factors.num_updates), v)
 
 
+def _stacked_logits(deq: DEQModel, injection: Tensor) -> LogitsFn:
+    """The head on M*B stacked states (M*B, d), each chunk of B with the batch's injection."""
+    batch = injection.shape[0]
+
+    def logits(states: Tensor) -> Tensor:
+        copies = states.shape[0] // batch
+        if copies == 1:
+            return deq.logits(states, injection)
+        return deq.logits(states, injection.repeat(copies, *[1] * (injection.dim() - 1)))
+
+    return logits
+
+
 def adjoint_sweep(
     backward: BackwardPass,
     beta: float,
@@ -66,44 +91,60 @@ def adjoint_sweep(
     """``sum_n weights[n] * (df(z_n; x)/d inj)^T u_n`` from ONE pass over the trajectory.
 
     ``u_0 = 0``; ``v_m = J_f(z_m)^T u_m + dL(z_m)/dz - u_m``; ``u_{m+1} = u_m - beta B_m^T v_m``
-    (``B_m v_m`` when ``transpose`` is False: the paper's literal Eq. 10). Each step costs one
-    forward of f and the head with autograd and one backward; the term for step n comes out of
-    the same backward as ``J_f(z_n)^T u_n``.
+    (``B_m v_m`` when ``transpose`` is False: the paper's literal Eq. 10). The forcing terms
+    ``dL(z_m)/dz`` do not depend on u: where the device takes the stacked states
+    (``numerics.stack_size``: on a GPU, or small states) all of them come from one head
+    forward and one VJP; otherwise (large states on a CPU, where a stack beyond the caches is
+    slower) each comes out of its step's backward. Each step costs one VJP of f at z_m
+    (``J_f(z_m)^T u_m`` and, at a weighted step, the term for that step from the same VJP):
+    with f evaluated again at z_m, or, where ``backward.evaluations`` holds the forward
+    solve's own evaluation at exactly z_m, through that evaluation's graph.
     """
     deq, trajectory, cotangent = backward.deq, backward.trajectory, backward.cotangent
-    injection = backward.injection
+    injection, evaluations = backward.injection, backward.evaluations
     last = max(weights)
     apply_inverse = _inverse_operator(trajectory, inverse, transpose)
-    inj = injection.detach().requires_grad_()
+    head = _stacked_logits(deq, injection.detach())
+    states = [trajectory.state(m) for m in range(last)]
+    # all forcing terms at once where the device takes the stack; else each with its step's VJP
+    stacked = stack_size(trajectory.z0, last) > 1
+    forcing = head_gradients(head, states, cotangent) if stacked else None
     u = torch.zeros_like(trajectory.z0)
     total = torch.zeros_like(injection)
+    shape = (-1, *[1] * (injection.dim() - 1))
     for m in range(last + 1):
-        update = m < last
-        outputs: list[Tensor] = []
-        grad_outputs: list[Tensor] = []
-        inputs: list[Tensor] = []
-        with torch.enable_grad():
-            z_leaf = trajectory.state(m).detach().requires_grad_()
-            if m > 0:  # u_0 = 0 contributes nothing
-                outputs.append(deq.step(z_leaf, inj))
-                grad_outputs.append(u)
+        update, weighted = m < last, m in weights
+        if m == 0:  # u_0 = 0: no VJP of f, only the forcing term
+            v = forcing[0] if forcing is not None else head_gradient(head, states[0], cotangent)
+        else:
+            z_m = trajectory.state(m)
+            recorded = evaluations.graph(m, z_m) if evaluations is not None else None
+            with torch.enable_grad():
+                if recorded is not None:
+                    assert evaluations is not None and evaluations.injection is not None
+                    z_leaf, fz = recorded
+                    inj = evaluations.injection
+                else:
+                    z_leaf = z_m.detach().requires_grad_()
+                    inj = injection.detach().requires_grad_()
+                    fz = deq.step(z_leaf, inj)
+                outputs, grad_outputs = [fz], [u]
+                if update and forcing is None:  # the head's VJP in the same backward
+                    logits = head(z_leaf)
+                    outputs.append(logits)
+                    grad_outputs.append(cotangent(logits))
+                inputs = ([z_leaf] if update else []) + ([inj] if weighted else [])
+                grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+            if weighted:
+                grad_inj = grads[-1] if grads[-1] is not None else torch.zeros_like(injection)
+                total = total + weights[m].to(injection.dtype).reshape(shape) * grad_inj
             if update:
-                logits = deq.logits(z_leaf, inj)
-                outputs.append(logits)
-                grad_outputs.append(cotangent(logits))
-                inputs.append(z_leaf)
-            if m in weights:
-                inputs.append(inj)
-            grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
-        if m in weights:
-            grad_inj = grads[-1] if grads[-1] is not None else torch.zeros_like(injection)
-            weight = weights[m].to(injection.dtype).reshape(-1, *[1] * (injection.dim() - 1))
-            total = total + weight * grad_inj
+                # J_f(z_m)^T u_m (+ the forcing term when it came from the same backward)
+                v = grads[0] if grads[0] is not None else torch.zeros_like(u)
+                if forcing is not None:
+                    v = v + forcing[m]
         if update:
-            vjp_plus_forcing = grads[0]
-            assert vjp_plus_forcing is not None
-            v = vjp_plus_forcing - u
-            u = u - beta * apply_inverse(m, v)
+            u = u - beta * apply_inverse(m, v - u)
     return total
 
 
@@ -112,6 +153,7 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"beta (adjoint step size) must be in (0, 1], got {beta!r}")
 
 
+@register_estimate("adjoint")
 @dataclass(frozen=True)
 class Adjoint(PerStepEstimate):
     """Simultaneous adjoint state ``u_n`` paired with ``z_n``: ``(df(z_n; x)/dx)^T u_n`` (Eq. 11).
@@ -123,18 +165,34 @@ class Adjoint(PerStepEstimate):
         inverse: Broyden's ``B_m`` (default) or ``-I``.
         transpose: True applies ``B_m^T`` (consistent with the transposed system, the
             default); False applies ``B_m`` as Eq. 10 is printed, for comparison.
+        reuse_forward: keep, during the forward solve that precedes the backward, every
+            evaluation of f with its autograd graph, so that the sweep takes only VJPs instead
+            of evaluating f again at each z_m (the same estimate, to rounding; a step where
+            some sample stopped earlier, so that the solver evaluated f elsewhere than at its
+            z_m, is evaluated again). Costs the activations of every evaluation of f (memory
+            O(N)) in exchange for about a third less time. Only where this estimate's own
+            forward solve runs (``loss_gradient``, ``input_gradient`` without a trajectory,
+            the autograd path); otherwise f is evaluated again.
     """
 
     n: int | None = None
     beta: float = 0.5
     inverse: InverseEstimate = InverseEstimate.BROYDEN
     transpose: bool = True
+    reuse_forward: bool = False
 
     def __post_init__(self) -> None:
         check_step(self.n, "Adjoint")
         _check_beta(self.beta)
         if not isinstance(self.inverse, InverseEstimate):
             raise TypeError(f"inverse must be an InverseEstimate, got {self.inverse!r}")
+        for name in ("transpose", "reuse_forward"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def reuses_forward(self) -> bool:
+        return self.reuse_forward
 
     def step_index(self, threshold: int) -> int:
         return threshold if self.n is None else self.n
@@ -156,6 +214,7 @@ class Adjoint(PerStepEstimate):
         return adjoint_sweep(backward, self.beta, self.inverse, self.transpose, weights)
 
 
+@register_estimate("adjoint_broyden")
 @dataclass(frozen=True)
 class AdjointBroyden(PerStepEstimate):
     """The adjoint-Broyden baseline (SHINE, Appendix D): ``u = -B^T dL(z)/dz`` from an inverse
@@ -195,9 +254,50 @@ class AdjointBroyden(PerStepEstimate):
         apply_inverse = _inverse_operator(
             backward.trajectory, InverseEstimate.BROYDEN, transpose=True
         )
-        u = -apply_inverse(n, head_gradient(deq, z, injection, backward.cotangent))
+        forcing = head_gradient(lambda s: deq.logits(s, injection), z, backward.cotangent)
+        u = -apply_inverse(n, forcing)
         with torch.enable_grad():
             inj = injection.detach().requires_grad_()
             fz = deq.step(z.detach(), inj)
             (grad,) = torch.autograd.grad(fz, inj, u)
         return grad
+
+
+@dataclass(frozen=True)
+class AdjointFamily(SweepFamily):
+    """The sweep of ``Adjoint(n, beta)``. Over a solver that keeps no inverse estimate
+    (Anderson, fixed-point iteration) the adjoint steps with ``B_m = -I`` (the damped
+    fixed-point adjoint) and the adjoint-Broyden baseline is left out."""
+
+    def plan(self, solver: Solver) -> FamilyPlan:
+        name = type(solver).__name__
+        if solver.keeps_inverse:
+            return FamilyPlan(
+                self.name,
+                True,
+                {},
+                f"{name} keeps its inverse-Jacobian estimates B_m: the adjoint steps with them "
+                "(Sec. 4.1)",
+            )
+        return FamilyPlan(
+            self.name,
+            True,
+            {"inverse": InverseEstimate.NEGATIVE_IDENTITY},
+            f"{name} keeps no inverse-Jacobian estimate B_m, so the adjoint steps with "
+            "B_m = -I (InverseEstimate.NEGATIVE_IDENTITY: the damped fixed-point adjoint "
+            "u <- u + beta (J_f^T u + dL/dz - u))",
+            (
+                f"AdjointBroyden (the adjoint from Broyden's inverse estimate alone, App. D) has "
+                f"no meaning over {name}, which keeps no inverse estimate: left out",
+            ),
+        )
+
+
+ADJOINT_FAMILY = register_sweep_family(
+    AdjointFamily(
+        "adjoint",
+        Adjoint,
+        (step_parameter(), SweepParameter("beta", float, "0.5,1.0", check=_check_beta)),
+    )
+)
+"""``Adjoint(n, beta)`` over every n and beta in {0.5, 1} (the paper's Fig. 4)."""

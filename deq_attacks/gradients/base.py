@@ -10,14 +10,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from deq_attacks.numerics import Cotangent, ForwardRecord, damped_unroll
 from deq_attacks.solvers import Solver, Trajectory
 
 if TYPE_CHECKING:
     from deq_attacks.deq.contract import DEQModel
     from deq_attacks.deq.readout import Readout
-
-Cotangent = Callable[[Tensor], Tensor]
-"""Maps logits (B, classes) computed at a surrogate state to dL/dlogits (B, classes)."""
 
 
 def loss_cotangent(loss: Callable[[Tensor, Tensor], Tensor], labels: Tensor) -> Cotangent:
@@ -47,6 +45,9 @@ class BackwardPass:
         cotangent: dL/dlogits at any logits (B, classes) the estimate computes.
         readout: the defense whose logits the forward returned (estimates that differentiate
             the defended computation itself need it; the paper's estimates ignore it).
+        evaluations: the forward solve's evaluations of f with their graphs, where the
+            estimate asked for them (``reuses_forward``) and the forward was solved here;
+            else None.
     """
 
     deq: DEQModel
@@ -54,15 +55,18 @@ class BackwardPass:
     injection: Tensor
     cotangent: Cotangent
     readout: Readout
+    evaluations: ForwardRecord | None = None
 
 
 class GradientEstimate(ABC):
     """An estimate of dL/dx for a DEQ: computes dL/d(injection) from one forward pass.
 
     The gradient w.r.t. the input follows by one vector-Jacobian product through the
-    injection (see ``input_gradient``). A new estimate subclasses this, implements
-    ``injection_gradient`` (and ``keep_steps``/``check`` where it needs iterates or a solver
-    feature), and is exported from ``deq_attacks.gradients``.
+    injection (see ``input_gradient``). A new estimate is a frozen dataclass that subclasses
+    this, implements ``injection_gradient`` (and ``keep_steps``/``check`` where it needs
+    iterates or a solver feature), registers its name with ``@register_estimate`` in its own
+    module (a per-step one also its ``register_sweep_family``), and is exported from
+    ``deq_attacks.gradients``.
     """
 
     #: True where the estimate differentiates the defended computation itself, so its gradient
@@ -76,6 +80,12 @@ class GradientEstimate(ABC):
     def keep_steps(self, threshold: int) -> bool | frozenset[int]:
         """Which iterates the forward solve must keep (True: all)."""
         return frozenset()
+
+    @property
+    def reuses_forward(self) -> bool:
+        """Whether the forward solve should record its evaluations of f with their graphs
+        (``BackwardPass.evaluations``) for this estimate's backward to reuse."""
+        return False
 
     @abstractmethod
     def injection_gradient(self, backward: BackwardPass) -> Tensor:
@@ -116,55 +126,35 @@ def input_gradient(
     cotangent: Cotangent,
     trajectory: Trajectory | None = None,
     readout: Readout | None = None,
+    *,
+    evaluations: ForwardRecord | None = None,
 ) -> Tensor:
     """dL/dx (shaped like x) by ``estimate`` for the defense ``readout`` (default the DEQ's
-    own), solving the forward pass unless given."""
+    own), solving the forward pass unless given (``evaluations``: that given solve's record of
+    f, if it kept one). A solve run here keeps its record where the estimate reuses it."""
     estimate.check(deq.solver)
     with torch.enable_grad():
         x_leaf = x.detach().requires_grad_()
         injection = deq.inject(x_leaf)
         if trajectory is None:
             keep = estimate.keep_steps(deq.solver.threshold)
-            trajectory = deq.solve(injection.detach(), keep=keep)
+            if estimate.reuses_forward:
+                evaluations = ForwardRecord()
+                trajectory = deq.solve(injection.detach(), keep=keep, record=evaluations)
+            else:
+                trajectory = deq.solve(injection.detach(), keep=keep)
         backward = BackwardPass(
-            deq, trajectory, injection.detach(), cotangent, readout or deq.readout
+            deq, trajectory, injection.detach(), cotangent, readout or deq.readout, evaluations
         )
         grad_injection = estimate.injection_gradient(backward)
         (grad_x,) = torch.autograd.grad(injection, x_leaf, grad_injection)
     return grad_x
 
 
-def check_step(n: int | None, name: str) -> None:
-    """Validate an intermediate step index ``n >= 1`` (or None for the last iterate)."""
-    if n is None:
-        return
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name}(n) needs an int n >= 1 (or None for the last), got {n!r}")
-
-
-def check_within(n: int | None, solver: Solver, name: str) -> None:
-    """Raise if step ``n`` is beyond the iterates ``solver`` can produce."""
-    if n is not None and n > solver.threshold:
-        raise ValueError(
-            f"{name}(n={n}) is beyond the solver's threshold of {solver.threshold} iterates"
-        )
-
-
-def head_gradient(deq: DEQModel, z: Tensor, injection: Tensor, cotangent: Cotangent) -> Tensor:
-    """dL(head(z))/dz (B, d) with dL/dlogits from ``cotangent``."""
-    with torch.enable_grad():
-        z_leaf = z.detach().requires_grad_()
-        logits = deq.logits(z_leaf, injection)
-        (grad,) = torch.autograd.grad(logits, z_leaf, cotangent(logits))
-    return grad
-
-
 def unrolled_injection_gradient(
     backward: BackwardPass, z_start: Tensor, k: int, lam: float
 ) -> Tensor:
     """dL/d(injection) through ``k`` damped steps from the detached ``z_start`` (Eq. 13-16)."""
-    from deq_attacks.deq.backward import damped_unroll
-
     deq, injection, cotangent = backward.deq, backward.injection, backward.cotangent
     with torch.enable_grad():
         inj = injection.detach().requires_grad_()

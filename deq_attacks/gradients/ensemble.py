@@ -13,9 +13,11 @@ from deq_attacks.gradients.base import (
     PerStepEstimate,
     StepWeights,
 )
+from deq_attacks.gradients.registry import register_estimate
 from deq_attacks.solvers import Solver, Trajectory
 
 
+@register_estimate("ensemble")
 @dataclass(frozen=True)
 class GradientEnsemble(GradientEstimate):
     """Mean over n of the per-step estimates ``of`` at ``n = 1..N_i`` (each sample's own
@@ -45,6 +47,10 @@ class GradientEnsemble(GradientEstimate):
 
     def check(self, solver: Solver) -> None:
         self.of.check(solver)
+
+    @property
+    def reuses_forward(self) -> bool:
+        return self.of.reuses_forward
 
     def keep_steps(self, threshold: int) -> bool:
         return True

@@ -8,21 +8,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from deq_attacks.deq.backward import solve_adjoint
-from deq_attacks.gradients.base import BackwardPass, GradientEstimate, head_gradient
+from deq_attacks.gradients.base import BackwardPass, GradientEstimate
+from deq_attacks.gradients.registry import register_estimate
+from deq_attacks.numerics import head_gradient, implicit_state
 from deq_attacks.solvers import Broyden, Solver, Trajectory
 
 
+@register_estimate("exact")
 @dataclass(frozen=True)
 class Exact(GradientEstimate):
     """``(df(z*; x)/dx)^T u*`` where ``u* = J_f(z*)^T u* + dL/dz*`` is solved by
     ``backward_solver`` (its own threshold). Works in eval mode. Cost: the forward solve plus
-    one backward solve of ``threshold`` vector-Jacobian products.
+    one backward solve of ``threshold`` vector-Jacobian products. The adjoint solve and its
+    VJP are those of the training gradient ``ImplicitGradient``
+    (``deq_attacks.numerics.implicit_state``), with the forcing ``dL/dz*`` taken at ``z*``.
 
     Args:
         backward_solver: the solver of the adjoint system.
         on_backward: called with each backward solve's Trajectory (per-sample residuals,
-            convergence), e.g. ``records.append``; not part of the repr or of equality.
+            convergence), e.g. ``records.append``; not part of the repr, equality or spec.
     """
 
     backward_solver: Solver = field(default_factory=lambda: Broyden(threshold=30, tol=1e-6))
@@ -35,15 +39,11 @@ class Exact(GradientEstimate):
             raise TypeError(f"backward_solver must be a Solver, got {self.backward_solver!r}")
 
     def injection_gradient(self, backward: BackwardPass) -> Tensor:
-        deq, injection, cotangent = backward.deq, backward.injection, backward.cotangent
+        deq, injection = backward.deq, backward.injection
         z_star = backward.trajectory.final
-        forcing = head_gradient(deq, z_star, injection, cotangent)
+        forcing = head_gradient(lambda z: deq.logits(z, injection), z_star, backward.cotangent)
         with torch.enable_grad():
-            z_leaf = z_star.detach().requires_grad_()
             inj = injection.detach().requires_grad_()
-            fz = deq.step(z_leaf, inj)
-            adjoint = solve_adjoint(self.backward_solver, fz, z_leaf, forcing)
-            if self.on_backward is not None:
-                self.on_backward(adjoint)
-            (grad,) = torch.autograd.grad(fz, inj, adjoint.final)
+            z_out = implicit_state(self.backward_solver, deq.step, z_star, inj, self.on_backward)
+            (grad,) = torch.autograd.grad(z_out, inj, forcing)
         return grad

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from deq_attacks.deq.backward import check_unroll
 from deq_attacks.gradients.base import BackwardPass, GradientEstimate, unrolled_injection_gradient
+from deq_attacks.gradients.registry import register_estimate
+from deq_attacks.numerics import check_unroll
 
 
+@register_estimate("phantom")
 @dataclass(frozen=True)
 class Phantom(GradientEstimate):
     """Autograd through ``k`` damped steps ``z <- (1-lam) z + lam f(z; x)`` from the detached

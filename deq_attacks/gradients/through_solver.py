@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from deq_attacks.gradients.base import BackwardPass, GradientEstimate
+from deq_attacks.gradients.registry import register_estimate
 from deq_attacks.solvers import Trajectory
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ def traced_logits(
     return deq.logits(state, injection), trajectory
 
 
+@register_estimate("bptt")
 @dataclass(frozen=True)
 class BackpropThroughSolver(GradientEstimate):
     """Backpropagation through the solver ("BPTT"): autograd through the forward computation of

@@ -6,19 +6,25 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from deq_attacks.deq.backward import check_unroll
 from deq_attacks.gradients.base import (
     BackwardPass,
     PerStepEstimate,
     StepWeights,
-    check_step,
-    check_within,
     unrolled_injection_gradient,
     weighted_sum,
 )
+from deq_attacks.gradients.registry import register_estimate
+from deq_attacks.gradients.sweep_family import (
+    SweepFamily,
+    SweepParameter,
+    register_sweep_family,
+    step_parameter,
+)
+from deq_attacks.numerics import check_step, check_unroll, check_within
 from deq_attacks.solvers import Solver
 
 
+@register_estimate("unrolled")
 @dataclass(frozen=True)
 class Unrolled(PerStepEstimate):
     """Autograd through ``k`` damped steps from the detached intermediate ``z_n``.
@@ -56,3 +62,17 @@ class Unrolled(PerStepEstimate):
     def gradient_at(self, n: int, backward: BackwardPass) -> Tensor:
         """The estimate unrolled from ``z_n``."""
         return unrolled_injection_gradient(backward, backward.trajectory.state(n), self.k, self.lam)
+
+
+UNROLLED_FAMILY = register_sweep_family(
+    SweepFamily(
+        "unrolled",
+        Unrolled,
+        (
+            step_parameter(),
+            SweepParameter("k", int, "1,2,5", check=lambda k: check_unroll(k, 1.0)),
+            SweepParameter("lam", float, "0.5,1.0", check=lambda lam: check_unroll(1, lam)),
+        ),
+    )
+)
+"""``Unrolled(n, k, lam)`` over every n, k in {1, 2, 5} and lambda in {0.5, 1} (Fig. 3)."""

@@ -94,11 +94,36 @@ class DEQEstimator(PyTorchClassifier):
     def defense(self, value: Readout) -> None:
         self.white_box.defense = value
 
+    def view(
+        self, estimate: GradientEstimate | None = None, defense: Readout | None = None
+    ) -> DEQEstimator:
+        """A new estimator over a view of this one's module (``WhiteBoxModule.view``: the same
+        DEQ object, no parameter copied) with its own estimate and defense (None: this one's),
+        and this one's loss, clip values, preprocessing and defences, device, input shape and
+        classes; without an optimizer (a view attacks and predicts; it does not train). This
+        estimator is not changed."""
+        module = self.white_box.view(estimate, defense)
+        return DEQEstimator(
+            self.deq,
+            input_shape=tuple(self.input_shape),
+            nb_classes=self.nb_classes,
+            estimate=module.estimate,
+            defense=module.defense,
+            loss=self._loss,
+            clip_values=self.clip_values,
+            channels_first=self.channels_first,
+            preprocessing_defences=self.preprocessing_defences,
+            postprocessing_defences=self.postprocessing_defences,
+            preprocessing=self.preprocessing,
+            device_type=self._device_type,
+        )
+
     @contextmanager
     def using(
         self, estimate: GradientEstimate | None = None, defense: Readout | None = None
     ) -> Iterator[DEQEstimator]:
-        """Temporarily switch the estimate and/or the defense."""
+        """Temporarily switch the estimate and/or the defense of this estimator (a convenience
+        for interactive use; code that must not change a shared estimator uses ``view``)."""
         with self.white_box.using(estimate, defense):
             yield self
 
@@ -191,20 +216,21 @@ class DEQEstimator(PyTorchClassifier):
         self._check_x(x)
         labels = check_labels(y, len(x), self.nb_classes).to(self._device)
         if self.all_framework_preprocessing:
-            x_t = x.detach().clone() if isinstance(x, torch.Tensor) else torch.from_numpy(x)
-            x_grad = x_t.to(self._device).requires_grad_()
-            inputs, _ = self._apply_preprocessing(x_grad, y=None, fit=False, no_grad=False)
+            x_t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(x)
+            with torch.enable_grad():
+                x_grad = x_t.to(self._device).requires_grad_()
+                inputs, _ = self._apply_preprocessing(x_grad, y=None, fit=False, no_grad=False)
         elif isinstance(x, np.ndarray):
             x_pre, _ = self._apply_preprocessing(x, y=None, fit=False, no_grad=True)
-            x_grad = torch.from_numpy(x_pre).to(self._device).requires_grad_()
-            inputs = x_grad
+            x_grad = inputs = torch.from_numpy(x_pre).to(self._device)
         else:
             raise NotImplementedError(
                 "torch inputs need preprocessing written in torch (ART's framework preprocessing)"
             )
-        with torch.enable_grad():
-            logits, _ = self.white_box.defended(inputs, self._loss, labels)
-            (grad,) = torch.autograd.grad(self._loss(logits, labels), x_grad)
+        # the estimate alone: a loss-aware gradient never reads the defended logits
+        grad = self.white_box.loss_gradient(inputs, self._loss, labels)
+        if inputs is not x_grad:  # back through the torch preprocessing
+            (grad,) = torch.autograd.grad(inputs, x_grad, grad)
         if isinstance(x, torch.Tensor):
             return grad
         grads = grad.cpu().numpy().copy()

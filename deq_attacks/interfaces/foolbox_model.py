@@ -4,25 +4,37 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
+import eagerpy as ep
 import foolbox as fb
 
 from deq_attacks.deq.contract import DEQModel
 from deq_attacks.deq.readout import Readout
 from deq_attacks.gradients import GradientEstimate
+from deq_attacks.interfaces.inputs import check_images
 from deq_attacks.interfaces.whitebox import WhiteBoxModule
+
+T = TypeVar("T")
 
 
 class DEQFoolboxModel(fb.PyTorchModel):
     """Usable wherever ``foolbox.PyTorchModel`` is: Foolbox's attacks differentiate the
     defended logits and receive the selected estimate (straight-through cotangent).
 
+    Every call checks the input contract of ``deq_attacks.interfaces.inputs`` before any work:
+    a non-empty, finite, floating-point batch inside ``bounds`` whose samples have
+    ``input_shape``.
+
     Args:
-        deq: the model (put in eval mode here).
+        deq: the model.
         bounds: input range, default (0, 1).
         estimate, defense: as in ``WhiteBoxModule``.
-        **kwargs: passed to ``foolbox.PyTorchModel`` (device, preprocessing).
+        input_shape: the shape of one input, e.g. (3, 32, 32); None: the DEQ's own
+            ``input_shape`` attribute where it declares one, else the sample shape is not
+            checked (range, dtype and finiteness still are).
+        device: passed to ``foolbox.PyTorchModel`` (None: CUDA if available).
+        preprocessing: Foolbox's preprocessing (``dict(mean=..., std=..., axis=...)``).
     """
 
     def __init__(
@@ -31,11 +43,18 @@ class DEQFoolboxModel(fb.PyTorchModel):
         bounds: tuple[float, float] = (0.0, 1.0),
         estimate: GradientEstimate | None = None,
         defense: Readout | None = None,
-        **kwargs: Any,
+        *,
+        input_shape: tuple[int, ...] | None = None,
+        device: Any = None,
+        preprocessing: Any = None,
     ) -> None:
-        module = WhiteBoxModule(deq, estimate, defense).eval()
-        super().__init__(module, bounds=bounds, **kwargs)
+        module = WhiteBoxModule(deq, estimate, defense)
+        module.training = False  # the module only; forwards run the DEQ in eval mode anyway
+        super().__init__(module, bounds=bounds, device=device, preprocessing=preprocessing)
         self.white_box = module
+        declared = input_shape if input_shape is not None else getattr(deq, "input_shape", None)
+        self.input_shape = None if declared is None else tuple(declared)
+        self._preprocessing = preprocessing
 
     @property
     def gradient_estimate(self) -> GradientEstimate:
@@ -53,10 +72,33 @@ class DEQFoolboxModel(fb.PyTorchModel):
     def defense(self, value: Readout) -> None:
         self.white_box.defense = value
 
+    def __call__(self, inputs: T) -> T:
+        """The defended logits of ``inputs`` (a native or eagerpy tensor), after checking them."""
+        x, _ = ep.astensor_(inputs)  # type: ignore[type-var]
+        check_images(x.raw, self.input_shape, (float(self.bounds[0]), float(self.bounds[1])))
+        return super().__call__(inputs)  # type: ignore[no-any-return]
+
+    def view(
+        self, estimate: GradientEstimate | None = None, defense: Readout | None = None
+    ) -> DEQFoolboxModel:
+        """A new Foolbox model over the same DEQ object with its own estimate and defense (None:
+        this one's), and this one's bounds, input shape, device and preprocessing."""
+        module = self.white_box.view(estimate, defense)
+        return DEQFoolboxModel(
+            self.white_box.deq,
+            (float(self.bounds[0]), float(self.bounds[1])),
+            module.estimate,
+            module.defense,
+            input_shape=self.input_shape,
+            device=self.device,
+            preprocessing=self._preprocessing,
+        )
+
     @contextmanager
     def using(
         self, estimate: GradientEstimate | None = None, defense: Readout | None = None
     ) -> Iterator[DEQFoolboxModel]:
-        """Temporarily switch the estimate and/or the defense."""
+        """Temporarily switch the estimate and/or the defense (a convenience; code that must
+        not change a shared model uses ``view``)."""
         with self.white_box.using(estimate, defense):
             yield self

@@ -17,13 +17,17 @@ CLIP_TOLERANCE = 1e-6
 
 
 def check_images(
-    x: object, input_shape: tuple[int, ...], clip_values: tuple[float, float] | None
+    x: object, input_shape: tuple[int, ...] | None, clip_values: tuple[float, float] | None
 ) -> None:
     """Raise unless ``x`` is a non-empty, finite, floating-point batch (N, *input_shape) whose
-    values lie inside ``clip_values`` (None: any finite values)."""
+    values lie inside ``clip_values`` (None: any finite values). ``input_shape`` None checks
+    only that x is a batch (N, ...). The range costs one pass over x and one device sync."""
     if not isinstance(x, (np.ndarray, Tensor)):
         raise TypeError(f"x must be a numpy array or torch tensor, got {type(x).__name__}")
-    if x.ndim == 0 or tuple(x.shape[1:]) != tuple(input_shape):
+    if input_shape is None:
+        if x.ndim < 2:
+            raise ValueError(f"x must be a batch (N, ...), got shape {tuple(x.shape)}")
+    elif x.ndim == 0 or tuple(x.shape[1:]) != tuple(input_shape):
         raise ValueError(
             f"x has sample shape {tuple(x.shape[1:])}, expected {tuple(input_shape)} (batch first)"
         )
@@ -51,9 +55,11 @@ def check_images(
 
 
 def _range(x: ArrayLike) -> tuple[float, float]:
+    """(min, max) of x; NaN if x holds a NaN."""
     if isinstance(x, Tensor):
         with torch.no_grad():
-            return float(x.min()), float(x.max())
+            lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()
+        return float(lo), float(hi)
     return float(np.min(x)), float(np.max(x))
 
 

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 from deq_attacks.deq.contract import DEQModel
 from deq_attacks.deq.convergence import last_residuals, warn_unconverged
 from deq_attacks.deq.readout import Readout, check_readout
-from deq_attacks.gradients import Exact, GradientEstimate, input_gradient
+from deq_attacks.gradients import Exact, GradientEstimate, estimate_names, input_gradient
 from deq_attacks.gradients.base import Cotangent, constant_cotangent, loss_cotangent
+from deq_attacks.numerics import ForwardRecord
 from deq_attacks.solvers import Trajectory
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -26,8 +27,8 @@ def check_estimate(estimate: object, deq: DEQModel) -> GradientEstimate:
     """Return ``estimate`` if it is a GradientEstimate computable over ``deq``'s solver."""
     if not isinstance(estimate, GradientEstimate):
         raise TypeError(
-            f"unknown gradient estimate {estimate!r}: use one of deq_attacks.Exact, Phantom, "
-            "Unrolled, Adjoint, AdjointBroyden or GradientEnsemble"
+            f"unknown gradient estimate {estimate!r}: use a deq_attacks GradientEstimate (the "
+            f"registered ones: {', '.join(estimate_names())})"
         )
     estimate.check(deq.solver)
     return estimate
@@ -96,17 +97,20 @@ class _Defended(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             estimate_keep = call.estimate.keep_steps(deq.solver.threshold)
             steps = None
+        reuse = ctx.needs_input_grad[0] and call.estimate.reuses_forward
+        record = ForwardRecord() if reuse else None
         with eval_mode(deq):
             injection = deq.inject(x)
-            trajectory = deq.solve(
-                injection,
-                keep=True if estimate_keep is True else keep | set(estimate_keep or ()),
-                steps=steps,
-            )
+            kept = True if estimate_keep is True else keep | set(estimate_keep or ())
+            if record is None:
+                trajectory = deq.solve(injection, keep=kept, steps=steps)
+            else:
+                trajectory = deq.solve(injection, keep=kept, steps=steps, record=record)
             logits = deq.logits(call.defense.state(deq, trajectory, injection), injection)
         residuals = last_residuals(trajectory)
         ctx.call = call
         ctx.trajectory = trajectory
+        ctx.record = record
         ctx.save_for_backward(x)
         ctx.mark_non_differentiable(residuals)
         return logits, residuals
@@ -118,8 +122,15 @@ class _Defended(torch.autograd.Function):
         trajectory: Trajectory = ctx.trajectory
         with eval_mode(call.deq):
             grad_x = input_gradient(
-                call.deq, call.estimate, x, call.cotangent(grad), trajectory, call.defense
+                call.deq,
+                call.estimate,
+                x,
+                call.cotangent(grad),
+                trajectory,
+                call.defense,
+                evaluations=ctx.record,
             )
+        ctx.record = None  # its graphs are spent
         if call.on_backward is not None:
             call.on_backward()
         return grad_x, None
@@ -181,11 +192,28 @@ class WhiteBoxModule(nn.Module):
     def defense(self, value: Readout) -> None:
         self._defense = self._checked_defense(value)
 
+    def view(
+        self, estimate: GradientEstimate | None = None, defense: Readout | None = None
+    ) -> WhiteBoxModule:
+        """A new module over the same DEQ object (no parameter is copied) with its own estimate
+        and defense (None: this module's), checked here. This module is not changed: the
+        package's own code switches estimates and defenses this way. The view is in eval mode;
+        the shared DEQ's mode is left as it is (forwards run it in eval mode anyway)."""
+        module = WhiteBoxModule(
+            self.deq,
+            estimate if estimate is not None else self._estimate,
+            defense if defense is not None else self._defense,
+        )
+        module.training = False  # this module only: train(False) would recurse into the DEQ
+        return module
+
     @contextmanager
     def using(
         self, estimate: GradientEstimate | None = None, defense: Readout | None = None
     ) -> Iterator[WhiteBoxModule]:
-        """Temporarily switch the estimate and/or the defense (for forwards run inside)."""
+        """Temporarily switch the estimate and/or the defense (for forwards run inside); a
+        convenience for interactive use. Code that must not change a shared module uses
+        ``view``."""
         saved = (self._estimate, self._defense)
         try:
             if estimate is not None:
@@ -238,6 +266,15 @@ class WhiteBoxModule(nn.Module):
             return input_gradient(
                 self.deq, estimate or self._estimate, x, cotangent, trajectory, self._defense
             )
+
+    def loss_gradient(self, x: Tensor, loss: LossFn, labels: Tensor) -> Tensor:
+        """dL/dx (shaped like x) by the current estimate with ``loss(logits, labels)``
+        evaluated at each of its surrogate states (Eq. 11, 13, 17), for the current defense;
+        counted in ``backward_calls``. The same gradient as the backward of
+        ``defended(x, loss, labels)``, without computing the defended logits."""
+        grad = self.input_gradient(x, loss_cotangent(loss, labels))
+        self._count_backward()
+        return grad
 
     @property
     def reads_fixed_point(self) -> bool:

@@ -7,7 +7,8 @@ used: its ``fit`` takes arrays in memory (no per-epoch augmentation) and it has 
 ``DataGenerator`` but then owns the loop, so it cannot run the unrolled pretraining, the
 per-step cosine schedule, the Jacobian-regulariser schedule, DistributedDataParallel, bf16
 autocast or exact resume. The adversary is generated in eval mode (as the reference code
-does), with the gradient that training uses (Appendix A): ``TrainingGradient.attack_estimate()``.
+does), with the gradient that training uses (Appendix A):
+``deq_attacks.gradients.ready_made(training_gradient)``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from art.estimators.classification import PyTorchClassifier
 from torch import Tensor, nn
 
 from deq_attacks.deq import DEQ
+from deq_attacks.gradients import ready_made
 from deq_attacks.interfaces import DEQEstimator
 
 
@@ -33,7 +35,7 @@ def art_classifier(
             model,
             input_shape=image_shape,
             nb_classes=num_classes,
-            estimate=model.training_gradient.attack_estimate(),
+            estimate=ready_made(model.training_gradient),
             clip_values=(0.0, 1.0),
             device_type=device_type,
         )

@@ -45,6 +45,7 @@ from deq_attacks.evaluation.distributed import Shards
 from deq_attacks.evaluation.shared_runs import clean_scores, shared_pgd_scores
 from deq_attacks.evaluation.store import jsonable
 from deq_attacks.gradients import GradientEstimate, Phantom
+from deq_attacks.gradients import ready_made as ready_made_estimate
 from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.training import RunResult, TrainConfig, preset, run_training
 from deq_attacks.training.config import RUN_ONLY_KEYS, Device, Gradient
@@ -245,8 +246,8 @@ def eval_config(setup: Setup, **changes: Any) -> EvaluationConfig:
             eps=0.1, step=0.025, steps=2, autoattack=False, aa_iterations=2,
             aa_target_classes=1, aa_queries=5, square_queries=10, long_steps=3,
             diagnostic_samples=2, batch_size=20,
-            sweep=SweepConfig(adjoint_steps="1,2", adjoint_betas="1.0", unrolled_steps="1,2",
-                              unrolled_ks="1", unrolled_lams="1.0"),
+            sweep=SweepConfig({"adjoint": {"n": "1,2", "beta": "1.0"},
+                               "unrolled": {"n": "1,2", "k": "1", "lam": "1.0"}}),
         )  # fmt: skip
     return dataclasses.replace(override(base, setup.eval_settings), **changes)
 
@@ -265,7 +266,7 @@ def protocol_extras(result: RunResult) -> dict[str, GradientEstimate]:
     (k=5, lambda=0.5) when the model's ready-made attack is the exact gradient."""
     model = result.model
     assert isinstance(model, DEQ)
-    if model.training_gradient.attack_estimate() == Phantom(5, 0.5):
+    if ready_made_estimate(model.training_gradient) == Phantom(5, 0.5):
         return {}
     return {"phantom": Phantom(5, 0.5)}
 
@@ -446,7 +447,7 @@ def ready_made(result: RunResult) -> GradientEstimate:
     """The attack a library user would run: the model's training gradient."""
     model = result.model
     assert isinstance(model, DEQ)
-    return model.training_gradient.attack_estimate()
+    return ready_made_estimate(model.training_gradient)
 
 
 def pgd_scores(

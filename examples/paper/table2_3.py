@@ -60,7 +60,7 @@ def model_config(setup: common.Setup, kind: str, autoattack: bool) -> Evaluation
     config = common.eval_config(setup, autoattack=autoattack)
     steps = EXACT_SWEEP_STEPS.get(setup.preset)
     if kind == EXACT_KIND[setup.preset] and steps is not None:
-        sweep = dataclasses.replace(config.sweep, adjoint_steps=steps, unrolled_steps=steps)
+        sweep = config.sweep.updated({"adjoint": {"n": steps}, "unrolled": {"n": steps}})
         config = dataclasses.replace(config, sweep=sweep)
     return config
 
