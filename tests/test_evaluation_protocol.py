@@ -14,9 +14,9 @@ from evaluation_fixtures import TINY, splits, tiny_estimator
 
 from deq_attacks import Adjoint, BackpropThroughSolver, Early, Ensemble, Final, Phantom, Unrolled
 from deq_attacks.evaluation import (
-    AttackKind,
-    AttackSpec,
+    Column,
     EvaluationConfig,
+    SampleSeeds,
     SweepConfig,
     ThreatModel,
     evaluate_model,
@@ -27,7 +27,8 @@ from deq_attacks.evaluation import (
     run_sweep,
     score_readouts,
 )
-from deq_attacks.evaluation import protocol as protocol_module
+from deq_attacks.evaluation.attacks import FixedStepPGD
+from deq_attacks.evaluation.cells import runs_of
 from deq_attacks.evaluation.distributed import Shards
 
 THREAT = ThreatModel(eps=0.1, step=0.05, steps=2)
@@ -54,10 +55,12 @@ def test_shared_run_does_not_depend_on_the_defense_or_the_batch() -> None:
         with estimator.using(defense=defense):
             runs.append(fixed_step_pgd(estimator, Unrolled(1, 1, 1.0), x, y, THREAT, seed=3))
     assert all(np.array_equal(runs[0], r) for r in runs[1:])
-    # the random start of sample i depends on (seed, i) only: a batch that starts at i=4
-    part = fixed_step_pgd(estimator, Unrolled(1, 1, 1.0), x[4:8], y[4:8], THREAT, seed=3,
-                          first_index=4)  # fmt: skip
+    # the random start of sample i depends on (seed, i) only: a batch of samples 4..7
+    part = fixed_step_pgd(estimator, Unrolled(1, 1, 1.0), x[4:8], y[4:8], THREAT,
+                          seed=SampleSeeds(3, "any column", np.arange(4, 8)))  # fmt: skip
     np.testing.assert_allclose(part, runs[0][4:8], atol=1e-6)
+    other = fixed_step_pgd(estimator, Unrolled(1, 1, 1.0), x, y, THREAT, seed=4)
+    assert not np.allclose(other, runs[0], atol=1e-3)
 
 
 def test_scoring_applies_preprocessing_like_predict() -> None:
@@ -85,9 +88,7 @@ def test_sweep_records_every_candidate_and_picks_the_largest_drop() -> None:
     config = SweepConfig({"adjoint": {"n": "all", "beta": "0.5,1.0"},
                           "unrolled": {"n": "1,3", "k": "1,2", "lam": "1.0"}})  # fmt: skip
     defenses = {"final": Final(), "early": Early(2)}
-    chosen, entries, plan = run_sweep(
-        estimator, config, x, y, THREAT, defenses, "early", Shards()
-    )
+    chosen, entries, plan = run_sweep(estimator, config, x, y, THREAT, defenses, "early", Shards())
     assert [p["family"] for p in plan] == ["adjoint", "unrolled"] and all(p["runs"] for p in plan)
     assert plan[0]["grid"] == {"n": "all", "beta": "0.5,1.0"}
     assert len(entries) == 4 * 2 + 2 * 2
@@ -118,24 +119,25 @@ def test_columns_are_data_and_extra_estimates_add_columns() -> None:
 
 def test_an_estimate_of_the_defended_computation_runs_once_per_defense() -> None:
     defenses = {"final": Final(), "early": Early(2)}
-    shared = protocol_module._pgd_runs(AttackSpec("p PGD", AttackKind.PGD, Phantom()), defenses)
+    shared = runs_of(Column("p PGD", FixedStepPGD(), Phantom()), defenses)
     assert shared == {"shared/p PGD": defenses}
-    bptt = AttackSpec("bptt PGD", AttackKind.PGD, BackpropThroughSolver())
-    assert protocol_module._pgd_runs(bptt, defenses) == {
+    bptt = Column("bptt PGD", FixedStepPGD(), BackpropThroughSolver())
+    assert runs_of(bptt, defenses) == {
         "final/bptt PGD": {"final": Final()},
         "early/bptt PGD": {"early": Early(2)},
     }
     assert BackpropThroughSolver().depends_on_defense and not Phantom().depends_on_defense
 
 
-def run_tiny(path: Path | None, config: EvaluationConfig = TINY):
+def run_tiny(path: Path | None, config: EvaluationConfig = TINY, **kwargs):
     dev, test = splits()
-    return evaluate_model(tiny_estimator(trained=True), test, dev, config, results_path=path)
+    estimator = tiny_estimator(trained=True, batch_invariant=True)
+    return evaluate_model(estimator, test, dev, config, store_path=path, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
-    path = tmp_path_factory.mktemp("eval") / "results.json"
+    path = tmp_path_factory.mktemp("eval") / "store.jsonl"
     return path, run_tiny(path)
 
 
@@ -178,18 +180,32 @@ def test_resume_reuses_per_sample_results_and_checks_the_fingerprint(
     def fail(*args, **kwargs):
         raise AssertionError("a finished step was recomputed")
 
-    monkeypatch.setattr(protocol_module, "shared_pgd_scores", fail)
-    monkeypatch.setattr(protocol_module, "_defended_run", fail)
-    monkeypatch.setattr("deq_attacks.evaluation.sweep.shared_pgd_scores", fail)
+    forbid_computation(monkeypatch, fail)
     again = run_tiny(path)
     assert again.survived == report.survived and again.early_exit == report.early_exit
-    # other weights: the fingerprint differs, so nothing is reused
+    assert json.dumps(again.to_json()["diagnostics"]) == json.dumps(report.to_json()["diagnostics"])
     dev, test = splits()
-    other = tiny_estimator(trained=True)
+    # other weights: the fingerprint differs, so nothing is reused
+    other = tiny_estimator(trained=True, batch_invariant=True)
     with torch.no_grad():
         next(other.deq.parameters()).add_(1e-3)
     with pytest.raises(AssertionError, match="recomputed"):
-        evaluate_model(other, test, dev, TINY, results_path=path)
+        evaluate_model(other, test, dev, TINY, store_path=path)
+    # other data (one test image changed by one grey level): nothing is reused either
+    x = test[0].copy()
+    x[0, 0, 0, 0] = min(1.0, x[0, 0, 0, 0] + 1 / 255)
+    estimator = tiny_estimator(trained=True, batch_invariant=True)
+    with pytest.raises(AssertionError, match="recomputed"):
+        evaluate_model(estimator, (x, test[1]), dev, TINY, store_path=path)
+
+
+def forbid_computation(monkeypatch, fail) -> None:
+    """Make every attack run, forward scoring and measurement of the protocol call ``fail``."""
+    for module in ("context", "shared_runs"):
+        monkeypatch.setattr(f"deq_attacks.evaluation.{module}.map_blocks", fail)
+    for name in ("batch_outputs", "gradient_health", "exact_backward", "spectral_radii",
+                 "alignment"):  # fmt: skip
+        monkeypatch.setattr(f"deq_attacks.evaluation.measurements.{name}", fail)
 
 
 def test_bad_input_is_named_before_work() -> None:
@@ -219,6 +235,7 @@ def test_cli_evaluate_on_a_checkpoint(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "White-box robustness (paper" in out and "## Diagnostics" in out
     saved = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "store.jsonl").exists()
     assert saved["settings"]["config"]["sweep"]["grids"]["adjoint"] == {"n": "1", "beta": "1.0"}
     assert [p["family"] for p in saved["settings"]["sweep_plan"]] == ["adjoint", "unrolled"]
     assert saved["settings"]["fingerprint"]["description"]["model"] == "mlp_deq"

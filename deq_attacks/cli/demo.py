@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from deq_attacks.checkpoints import load_weights
-from deq_attacks.cli.evaluate import run
+from deq_attacks.cli.evaluate import interrupted, run
 from deq_attacks.data import ImageDataset, load_arrays_file, load_digits
 from deq_attacks.deq import DEQ, ImplicitGradient, PhantomGradient
 from deq_attacks.evaluation import EvaluationConfig, SweepConfig
@@ -182,15 +182,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"evaluating epoch {state.best_epoch} (best development PGD accuracy "
         f"{state.best_val_pgd_accuracy:.1%})"
     )
-    run(
-        estimator,
-        held_out,
-        demo_config(args),
-        args.n_dev,
-        args.n_test,
-        args.out_dir,
-        {"model": "small_conv_deq (demo)", "data": args.data, "training": vars(args).__repr__()},
-    )
+    try:
+        run(
+            estimator,
+            held_out,
+            demo_config(args),
+            args.n_dev,
+            args.n_test,
+            args.out_dir,
+            {
+                "model": "small_conv_deq (demo)",
+                "data": args.data,
+                "training": vars(args).__repr__(),
+            },
+        )
+    except KeyboardInterrupt:
+        print(interrupted(args.out_dir), file=sys.stderr)
+        return 130
     return 0
 
 

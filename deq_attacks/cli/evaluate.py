@@ -139,6 +139,18 @@ def init_distributed(device: str) -> bool:
     return True
 
 
+STORE = "store.jsonl"
+"""The result store in the output folder (finished steps and blocks; a rerun resumes from it)."""
+
+
+def interrupted(out_dir: Path) -> str:
+    """The message of an interrupted evaluation."""
+    return (
+        f"interrupted: every finished block is kept in {out_dir / STORE}; run the same command "
+        "again to resume"
+    )
+
+
 def run(
     estimator: DEQEstimator,
     data: ImageDataset,
@@ -159,7 +171,7 @@ def run(
         (test.x, test.y),
         (dev.x, dev.y),
         config,
-        results_path=out_dir / "results.json",
+        store_path=out_dir / STORE,
         description=description,
         progress=(lambda text: print(f"[{time.perf_counter() - start:6.1f} s] {text}", flush=True))
         if main_process
@@ -205,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "data": args.data,
         }
         run(estimator, data, config, args.n_dev, args.n_test, args.out_dir, description)
+    except KeyboardInterrupt:
+        print(interrupted(args.out_dir), file=sys.stderr)
+        return 130
     finally:
         if distributed:
             dist.destroy_process_group()
