@@ -3,6 +3,7 @@ its JSON, resume and fingerprint, and torchrun-style sharding (2 gloo processes)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,11 +17,13 @@ from deq_attacks import Adjoint, BackpropThroughSolver, Early, Ensemble, Final, 
 from deq_attacks.evaluation import (
     Column,
     EvaluationConfig,
+    Mode,
     SampleSeeds,
     SweepConfig,
     ThreatModel,
     evaluate_model,
     fixed_step_pgd,
+    markdown_report,
     per_state_accuracy,
     protocol_columns,
     protocol_estimates,
@@ -278,3 +281,55 @@ def test_early_exit_stops_the_attack_paths_solve_unless_a_gradient_is_needed() -
     assert full is not None and full.num_steps > 2 and leaf.grad is not None
     torch.testing.assert_close(short_logits, full_logits.detach(), rtol=0, atol=0)
     np.testing.assert_array_equal(predicted, short_logits.numpy())
+
+
+@pytest.fixture(scope="module")
+def cascade_report():
+    return run_tiny(None, dataclasses.replace(TINY, mode=Mode.CASCADE))
+
+
+def test_cascade_gives_the_full_tables_per_sample_verdict(tiny_report, cascade_report) -> None:
+    _, table = tiny_report
+    cascade = cascade_report
+    assert cascade.mode == "cascade" and table.mode == "table"
+    for defense, verdict in table.verdict().items():
+        np.testing.assert_array_equal(cascade.verdict()[defense], verdict)
+    # the verdict of table mode is the matrix's per-sample worst case
+    worst = table.matrix().per_sample_worst()
+    assert [r.robust for r in worst] == [r.robust for r in table.robustness()]
+    # every cell the cascade ran equals the full table's, and it skipped cells
+    skipped = 0
+    for defense, row in cascade.survived.items():
+        for column, values in row.items():
+            for i, value in enumerate(values):
+                if value is None:
+                    skipped += 1
+                else:
+                    assert value == table.survived[defense][column][i], (defense, column, i)
+    assert skipped > 0
+    assert set(cascade.columns) == set(table.columns)
+
+
+def test_cascade_order_and_report(cascade_report) -> None:
+    report = cascade_report
+    for order in report.order.values():
+        assert order[0] == "ready-made PGD" and order[-1] == "square"
+        assert sorted(order) == sorted(report.columns)
+        assert order.index("bptt AA") < order.index("bptt PGD")  # per-defense PGD after AA
+        shared = [c for c in order if c.endswith(" PGD") and c != "bptt PGD"]
+        assert order[: len(shared)] == shared  # the shared runs first
+    assert all(v is not None for v in report.survived["final"]["ready-made PGD"])
+    broken = report.broken_by()
+    for defense, verdict in report.verdict().items():
+        assert [name == "" for name in broken[defense]] == verdict.tolist()
+    with pytest.raises(ValueError, match="no full matrix"):
+        report.matrix()
+    saved = json.loads(json.dumps(report.to_json()))
+    assert saved["column_accuracy"] is None and "paper" not in saved["white_box_robustness"]
+    assert saved["settings"]["mode"] == "cascade" and "order" in saved["timings"]
+    text = markdown_report(report, "cascade")
+    assert "robust per sample [95% CI]" in text and "worst (paper)" not in text
+    for key, extra in report.extras.items():  # AutoAttack's extras: None where not attacked
+        defense, column = key.split("/")
+        for after, value in zip(extra["after/square"], report.survived[defense][column]):
+            assert after == value

@@ -20,7 +20,8 @@ Named steps over one ``RunContext``:
 Every finished step and every finished block of an attack is stored under a fingerprint of
 the settings, the weights and the data; a rerun resumes from it (a finished run computes
 nothing). Under ``torchrun`` the samples are sharded by block. Unconverged forwards warn once
-per call site; the run's ``ConvergenceLog`` records go into the report.
+per call site; the run's ``ConvergenceLog`` records (added to those of earlier finished runs
+of the same store) go into the report.
 """
 
 from __future__ import annotations
@@ -134,9 +135,11 @@ def evaluate_model(
         with ctx.step("measurements"):
             measured = measure(ctx, estimates, defenses)
         checks = judge(ctx, defenses, columns, cells, clean, measured)
+    convergence = merged(store.get("convergence") or [], log.records)
+    store.put("convergence", convergence)
     return build_report(
         ctx, fingerprint, dev, defenses, (chosen, sweep, plan), estimates, columns, clean,
-        cells, checks, log.records,
+        cells, checks, convergence,
     )  # fmt: skip
 
 
@@ -192,6 +195,26 @@ def clean_step(ctx: RunContext, defenses: Mapping[str, Readout]) -> dict[str, np
         return arrays(done)
     scores = clean_scores(ctx.estimator, ctx.x, ctx.y, defenses, ctx.shards)
     return arrays(ctx.store.put("clean", scores))
+
+
+def merged(
+    earlier: list[dict[str, Any]], records: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """ConvergenceLog records of earlier finished sessions of this store and of this one, per
+    call site (counts added, the worst residual kept)."""
+    sites = {r["site"]: dict(r) for r in earlier}
+    for record in records:
+        known = sites.setdefault(record["site"], dict(record, **_zero_counts()))
+        for name in _zero_counts():
+            known[name] += record[name]
+        worst = [w for w in (known["worst_residual"], record["worst_residual"]) if w is not None]
+        known["worst_residual"] = max(worst) if worst else None
+    return list(sites.values())
+
+
+def _zero_counts() -> dict[str, int]:
+    names = ("calls", "unconverged_calls", "samples", "samples_above", "samples_nonfinite")
+    return dict.fromkeys(names, 0)
 
 
 def yardstick(config: EvaluationConfig) -> dict[str, GradientEstimate]:
