@@ -11,9 +11,21 @@ import numpy as np
 import pytest
 import torch
 from art.attacks.evasion import ProjectedGradientDescent
-from evaluation_fixtures import TINY, splits, tiny_estimator
+from evaluation_fixtures import TINY, splits, tiny_deq_weights, tiny_estimator
 
-from deq_attacks import Adjoint, BackpropThroughSolver, Early, Ensemble, Final, Phantom, Unrolled
+from deq_attacks import (
+    Adjoint,
+    Anderson,
+    BackpropThroughSolver,
+    DEQEstimator,
+    Early,
+    Ensemble,
+    Exact,
+    Final,
+    Phantom,
+    PhantomGradient,
+    Unrolled,
+)
 from deq_attacks.evaluation import (
     Column,
     EvaluationConfig,
@@ -33,6 +45,8 @@ from deq_attacks.evaluation import (
 from deq_attacks.evaluation.attacks import FixedStepPGD
 from deq_attacks.evaluation.cells import runs_of
 from deq_attacks.evaluation.distributed import Shards
+from deq_attacks.gradients import estimate_from_spec
+from deq_attacks.models import mlp_deq
 
 THREAT = ThreatModel(eps=0.1, step=0.05, steps=2)
 
@@ -153,6 +167,13 @@ def test_whole_protocol_report(tiny_report) -> None:
     assert report.defenses["early"] == repr(Early(report.early_exit))
     assert report.development["early_exit"] == report.early_exit
     assert matrix.per_sample_robustness().accuracy <= matrix.paper_robustness().accuracy
+    # every estimate as a rebuildable spec, also beside its columns
+    assert estimate_from_spec(report.estimates["exact"]) == Exact()
+    assert estimate_from_spec(report.estimates["ready-made"]) == Phantom(2, 0.5)
+    chosen = [label for label in report.estimates if label.startswith("adjoint z_")]
+    assert repr(estimate_from_spec(report.estimates[chosen[0]])) == report.chosen["adjoint"]
+    assert report.columns["bptt AA"]["estimate_spec"] == report.estimates["bptt"]
+    assert set(report.timings) == {"early_exit", "sweep", "clean", "columns", "measurements"}
     for key, extra in report.extras.items():
         assert key.endswith(" AA") and len(extra["broken_by"]) == 16
         defense, column = key.split("/")
@@ -333,3 +354,24 @@ def test_cascade_order_and_report(cascade_report) -> None:
         defense, column = key.split("/")
         for after, value in zip(extra["after/square"], report.survived[defense][column]):
             assert after == value
+
+
+def test_the_sweep_plan_for_anderson_is_in_the_results_and_the_markdown() -> None:
+    deq = mlp_deq(64, 10, hidden=16, solver=Anderson(threshold=4),
+                  training_gradient=PhantomGradient(2, 0.5))  # fmt: skip
+    deq.load_state_dict(tiny_deq_weights())
+    estimator = DEQEstimator(deq, input_shape=(1, 8, 8), nb_classes=10)
+    dev, test = splits(8, 8)
+    config = dataclasses.replace(
+        TINY, attacks="pgd,square", bptt=False, diagnostic_samples=2,
+        sweep=SweepConfig({"adjoint": {"n": "1", "beta": "1.0"},
+                           "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}),
+    )  # fmt: skip
+    report = evaluate_model(estimator, test, dev, config)
+    plan = {p["family"]: p for p in report.settings["sweep_plan"]}
+    assert plan["adjoint"]["fixed"] == {"inverse": "negative_identity"}
+    assert "keeps no inverse-Jacobian estimate" in plan["adjoint"]["reason"]
+    assert report.estimates["adjoint z_1"]["inverse"] == "negative_identity"
+    text = markdown_report(report, "anderson")
+    assert "adjoint runs with inverse=negative_identity: Anderson keeps no inverse" in text
+    assert "AdjointBroyden" in text  # what is left out, and why

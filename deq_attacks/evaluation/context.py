@@ -51,7 +51,9 @@ class RunContext:
         store: finished steps and blocks (resume); shards: this process's share.
         say: progress callback; log: the run's ConvergenceLog.
         ready: the ready-made estimate (the training gradient's).
-        timings: seconds spent in each named step (filled by ``step``).
+        timings: per named step (filled by ``step``), its wall seconds ``"wall_s"`` and this
+            process's CPU seconds ``"cpu_s"`` (all threads; other jobs on the machine do
+            not inflate it).
     """
 
     estimator: DEQEstimator
@@ -65,7 +67,7 @@ class RunContext:
     say: Callable[[str], None]
     log: ConvergenceLog
     ready: GradientEstimate
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def threat(self) -> ThreatModel:
@@ -78,22 +80,29 @@ class RunContext:
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
         """Time the step ``name`` (added to ``timings``)."""
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            spent = self.timings.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
+            spent["wall_s"] += time.perf_counter() - wall
+            spent["cpu_s"] += time.process_time() - cpu
 
     def blockwise(
         self, key: str, fn: Callable[[np.ndarray], BlockResult], indices: np.ndarray
     ) -> dict[str, np.ndarray]:
         """Step ``key``: ``fn`` on the blocks of ``indices`` (``map_blocks``), each finished
         block recorded in the store at once; a finished step, or its finished blocks, are
-        read back instead of recomputed."""
+        read back instead of recomputed. ``fn`` returns the block's ``"index"`` with its
+        per-sample arrays."""
         done = self.store.get(key)
         if done is not None:
             return arrays(done)
         partial = {n: arrays(v) for n, v in self.store.blocks(key).items()}
+        expected = self.shards.cut(np.asarray(indices, dtype=np.int64))
+        for number, block in partial.items():
+            if number >= len(expected) or not np.array_equal(block["index"], expected[number]):
+                raise RuntimeError(f"the store's block {number} of {key!r} holds other samples")
         result = map_blocks(
             fn, indices, self.shards, done=partial,
             on_block=lambda number, value: self.store.put_block(key, number, value),

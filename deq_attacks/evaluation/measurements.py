@@ -193,7 +193,8 @@ def _ready_pgd(
                 ctx.estimator, ctx.ready, ctx.x[part], ctx.y[part], threat, steps=steps,
                 seed=SampleSeeds(config.seed, "pgd", part), compile_backend=config.compile_backend,
             )  # fmt: skip
-        return score_readouts(ctx.estimator, x_adv, ctx.y[part], defenses, len(part))
+        scores = score_readouts(ctx.estimator, x_adv, ctx.y[part], defenses, len(part))
+        return {"index": part, **{k: v for k, v in scores.items() if k.startswith("defense/")}}
 
     result = ctx.blockwise(key, block, np.arange(len(ctx.x)))
     return {d: result[f"defense/{d}"].astype(bool) for d in defenses}

@@ -51,7 +51,7 @@ class EvaluationReport:
         states: test-split per-iterate clean and ready-made accuracy and mean residual.
         diagnostics: the checks with verdicts.
         convergence: the run's ConvergenceLog records (one per call site of a forward).
-        timings: wall seconds of each step.
+        timings: per step, its wall seconds ``"wall_s"`` and CPU seconds ``"cpu_s"``.
     """
 
     settings: dict[str, Any]
@@ -69,7 +69,7 @@ class EvaluationReport:
     states: dict[str, list[float]] = field(default_factory=dict)
     diagnostics: list[Check] = field(default_factory=list)
     convergence: list[dict[str, Any]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def mode(self) -> str:
@@ -213,5 +213,5 @@ def build_report(
         },
         diagnostics=list(checks),
         convergence=convergence,
-        timings=dict(ctx.timings),
+        timings={k: dict(v) for k, v in ctx.timings.items()},
     )
