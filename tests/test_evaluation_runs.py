@@ -84,6 +84,7 @@ def uninterrupted(weights, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_finished_cli_run_resumes_without_computing(
     weights, uninterrupted, monkeypatch, capsys
 ) -> None:
@@ -148,6 +149,11 @@ def test_the_store_drops_a_cut_line_and_refuses_another_fingerprint(tmp_path: Pa
     other = ResultStore(path, {"a": 2}, Shards())
     assert not other.resumed and other.get("step") is None
     assert len(path.read_text().splitlines()) == 1  # started afresh
+    report = tmp_path / "results.json"
+    report.write_text(json.dumps({"settings": {}}, indent=1))
+    with pytest.raises(ValueError, match="is not a result store"):
+        ResultStore(report, {"a": 1}, Shards())
+    assert json.loads(report.read_text()) == {"settings": {}}  # left as it was
 
 
 def test_unconverged_forwards_warn_once_per_call_site_with_a_count() -> None:

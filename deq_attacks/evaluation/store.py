@@ -48,11 +48,18 @@ def _read(path: Path, fingerprint: dict[str, Any]) -> tuple[dict, dict, bool]:
     if not path.exists():
         return steps, blocks, False
     lines = path.read_text().splitlines()
+    if not lines:
+        return steps, blocks, False
     try:
-        header = json.loads(lines[0]) if lines else None
+        header = json.loads(lines[0])
     except json.JSONDecodeError:
         header = None
-    if not isinstance(header, dict) or header.get("fingerprint") != fingerprint:
+    if not isinstance(header, dict) or "fingerprint" not in header:
+        raise ValueError(
+            f"{path} is not a result store (its first line is no fingerprint): give another "
+            "store path (the report's results.json is not the store)"
+        )
+    if header["fingerprint"] != fingerprint:
         return steps, blocks, False
     for line in lines[1:]:
         try:
