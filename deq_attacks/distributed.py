@@ -139,3 +139,12 @@ def gather_objects(value: T) -> list[T]:
     gathered: list[T | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered  # type: ignore[return-value]
+
+
+def broadcast_object(value: T) -> T:
+    """Rank 0's ``value`` (picklable) on every process (the value itself alone)."""
+    if not _active():
+        return value
+    box: list[T] = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

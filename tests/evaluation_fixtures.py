@@ -1,5 +1,6 @@
 """A tiny trained MLP DEQ on the digits and a tiny protocol configuration, for the
-evaluation tests (fast on 2 cores)."""
+evaluation tests (fast on 2 cores); optionally batch-invariant to the bit, to test that a
+sample's attack result does not depend on its batch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from functools import cache
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from deq_attacks import Broyden, DEQEstimator, PhantomGradient
 from deq_attacks.data import load_digits
@@ -45,12 +47,34 @@ def _trained(seed: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in estimator.deq.state_dict().items()}
 
 
-def tiny_estimator(trained: bool = False, **kwargs) -> DEQEstimator:
+class RowLinear(nn.Module):
+    """``nn.Linear`` computed row by row (a product and a sum over the last axis): a sample's
+    output does not depend on the other rows of its batch, to the bit. (CPU matrix-multiply
+    kernels round differently by batch size, about 1e-7: enough for an attack's path to part
+    after many steps, so exact comparisons need this.)"""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = (x[:, None, :] * self.weight).sum(-1)
+        return out if self.bias is None else out + self.bias
+
+
+def tiny_estimator(trained: bool = False, batch_invariant: bool = False, **kwargs) -> DEQEstimator:
+    """The tiny MLP DEQ (16 hidden units, Broyden 4 iterates, phantom training gradient), its
+    weights trained if asked; ``batch_invariant`` computes its layers row by row."""
     deq = mlp_deq(
         64, 10, hidden=16, solver=Broyden(threshold=4), training_gradient=PhantomGradient(2, 0.5)
     )
     if trained:
         deq.load_state_dict(tiny_deq_weights())
+    if batch_invariant:
+        deq.injection.linear = RowLinear(deq.injection.linear)
+        deq.f.linear = RowLinear(deq.f.linear)
+        deq.head = RowLinear(deq.head)
     return DEQEstimator(
         deq,
         input_shape=(1, 8, 8),

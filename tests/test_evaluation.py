@@ -11,7 +11,8 @@ import torch
 from deq_attacks import Broyden, DEQEstimator, Phantom, PhantomGradient
 from deq_attacks.checkpoints import load_weights, save_weights
 from deq_attacks.cli import main
-from deq_attacks.evaluation import AttackKind, AttackSpec, EvaluationConfig, ThreatModel
+from deq_attacks.evaluation import Column, EvaluationConfig, ThreatModel, attack_names
+from deq_attacks.evaluation.attacks import FixedStepPGD, Square
 from deq_attacks.models import mlp_deq
 
 
@@ -46,17 +47,34 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path: Path) -> None:
         load_weights(other, tmp_path / "missing.safetensors")
 
 
-def test_attack_spec_validation() -> None:
+def test_column_and_config_validation() -> None:
     with pytest.raises(ValueError, match="needs a gradient estimate"):
-        AttackSpec("pgd", AttackKind.PGD)
+        Column("pgd", FixedStepPGD())
     with pytest.raises(TypeError):
-        AttackSpec("pgd", "pgd", Phantom())  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="autoattack="):
-        AttackSpec("aa", AttackKind.AUTOATTACK, Phantom(), steps=3)
+        Column("pgd", "pgd", Phantom())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="uses no gradient"):
+        Column("square", Square(), Phantom())
     with pytest.raises(ValueError):
         ThreatModel(eps=2.0)
     with pytest.raises(ValueError, match="aa_iterations|iterations"):
         EvaluationConfig(aa_iterations=0)
+    # the attacks come from the registry, and the errors name the registered ones
+    with pytest.raises(ValueError, match="unknown attack 'nope'; choose from .*autoattack"):
+        EvaluationConfig(attacks="pgd,nope")
+    assert set(attack_names()) >= {"pgd", "autoattack", "square", "apgd-ce", "apgd-dlr",
+                                   "art-autoattack"}  # fmt: skip
+    with pytest.raises(ValueError, match="needs the fixed-step PGD"):
+        EvaluationConfig(attacks="square")
+    with pytest.raises(ValueError, match="named twice"):
+        EvaluationConfig(attacks="pgd,square,pgd")
+    with pytest.raises(ValueError, match="precision"):
+        EvaluationConfig(precision="fp16")
+    with pytest.raises(ValueError, match="apgd-ce cannot run in bf16"):
+        EvaluationConfig(attacks="pgd,apgd-ce", precision="bf16")
+    with pytest.raises(ValueError, match="unknown torch.compile backend"):
+        EvaluationConfig(compile_backend="no-such-backend")
+    with pytest.raises(ValueError, match="seed"):
+        EvaluationConfig(seed=-1)
 
 
 def test_cli_main_job_writes_table(tmp_path: Path, capsys) -> None:

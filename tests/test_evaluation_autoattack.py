@@ -1,6 +1,6 @@
-"""The standard AutoAttack (pyautoattack) receives the selected estimate through
-``estimator.model`` and records each of its four attacks per sample; ART's AutoAttack list is
-a separate kind whose ``steps`` take effect."""
+"""The standard AutoAttack (pyautoattack) receives the selected estimate through the model of
+the column's estimator view and records each of its four attacks per sample; ART's AutoAttack
+list is a separate attack whose ``steps`` take effect."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from attack_fixtures import (
 )
 
 from deq_attacks import Exact, Unrolled
-from deq_attacks.evaluation import AttackKind, AttackSpec, AutoAttackSettings, ThreatModel
-from deq_attacks.evaluation.autoattack import STANDARD_ATTACKS, build_standard
+from deq_attacks.evaluation import AutoAttackSettings, SampleSeeds, ThreatModel
+from deq_attacks.evaluation.attacks import ArtAutoAttackList, StandardAutoAttack
+from deq_attacks.evaluation.attacks.autoattack import STANDARD_ATTACKS, build_standard
 
 THREAT = ThreatModel(eps=0.1, step=0.025, steps=3)
 SMALL = AutoAttackSettings(iterations=3, queries=10, target_classes=2)
@@ -27,13 +28,12 @@ SMALL = AutoAttackSettings(iterations=3, queries=10, target_classes=2)
 
 @cache
 def spied_run():
-    estimator = make_estimator()
     spy = SpyEstimate(Unrolled(n=1, k=1, lam=1.0))
-    taps = tap_gradients(estimator.model)
+    view = make_estimator().view(estimate=spy)
+    taps = tap_gradients(view.model)
     x, y = correct_batch(6)
-    spec = AttackSpec("aa", AttackKind.AUTOATTACK, spy, autoattack=SMALL)
-    x_adv, extras = spec.run_defended(estimator, x, y, THREAT, seed=0)
-    return spy, taps, x, y, x_adv, extras
+    out = StandardAutoAttack(SMALL).run(view, x, y, THREAT, SampleSeeds.first(0, "aa", len(x)))
+    return spy, taps, x, y, out.x_adv, out.extras
 
 
 def test_autoattack_receives_the_selected_estimate() -> None:
@@ -53,8 +53,8 @@ def test_poisoned_estimate_reaches_autoattack(monkeypatch) -> None:
     )
     zero = ZeroEstimate()
     x, y = correct_batch(4)
-    spec = AttackSpec("aa", AttackKind.AUTOATTACK, zero, autoattack=SMALL)
-    spec.run_defended(make_estimator(), x, y, THREAT, seed=0)
+    view = make_estimator().view(estimate=zero)
+    StandardAutoAttack(SMALL).run(view, x, y, THREAT, SampleSeeds.first(0, "aa", len(x)))
     assert zero.calls > 0 and exact_calls == []
 
 
@@ -93,12 +93,11 @@ def test_standard_settings_and_reduced_ones_are_applied() -> None:
     assert SMALL.describe()["standard"] is False
 
 
-def test_art_autoattack_is_its_own_kind_and_honours_steps() -> None:
+def test_art_autoattack_is_its_own_attack_and_honours_steps() -> None:
     estimator = make_estimator()
-    spec = AttackSpec("art", AttackKind.ART_AUTOATTACK, Exact(), steps=2)
-    attack = spec._build_art(estimator, THREAT, 8)
+    attack = ArtAutoAttackList(steps=2).build(estimator, THREAT)
     iterations = [a.max_iter for a in attack.attacks]
     assert iterations[:3] == [2, 2, 2] and attack.attacks[3].max_iter == 100
-    default = AttackSpec("art", AttackKind.ART_AUTOATTACK, Exact())._build_art(estimator, THREAT, 8)
+    default = ArtAutoAttackList().build(estimator, THREAT)
     assert [a.max_iter for a in default.attacks][:2] == [100, 100]
-    assert AttackKind.ART_AUTOATTACK.value == "art-autoattack"
+    assert ArtAutoAttackList.name == "art-autoattack" and StandardAutoAttack.name == "autoattack"

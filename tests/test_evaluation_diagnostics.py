@@ -1,4 +1,5 @@
-"""The diagnostics' verdicts on hand-made numbers and on a tiny trained DEQ."""
+"""The diagnostics' verdicts on hand-made numbers and on the measurements of a tiny trained DEQ
+(the checks judge numbers; ``measurements`` computes them)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from evaluation_fixtures import splits, tiny_estimator
 
 from deq_attacks import Broyden, Exact, Phantom
 from deq_attacks.evaluation import diagnostics as diag
+from deq_attacks.evaluation import measurements
 
 
 def test_square_check_flags_only_a_beaten_defense() -> None:
@@ -40,12 +42,13 @@ def test_more_steps_large_eps_accumulation_and_convergence_checks() -> None:
 def test_exact_backward_check_flags_unconverged_samples() -> None:
     estimator = tiny_estimator(trained=True)
     (x, y), _ = splits(8)
-    good = diag.exact_backward_check(estimator, Exact(), x, y)
+    good = diag.exact_backward_check(measurements.exact_backward(estimator, Exact(), x, y))
     assert good.verdict == "pass"
     assert max(good.numbers["backward_residual"]) <= diag.BACKWARD_RESIDUAL_LIMIT
     assert min(good.numbers["scale_cosine"]) > 0.999
     # one backward iterate cannot solve the adjoint system: every sample is named
-    bad = diag.exact_backward_check(estimator, Exact(Broyden(threshold=1, tol=0.0)), x, y)
+    one_step = Exact(Broyden(threshold=1, tol=0.0))
+    bad = diag.exact_backward_check(measurements.exact_backward(estimator, one_step, x, y))
     assert bad.verdict == "flag"
     residual = np.array(bad.numbers["backward_residual"])
     assert bad.numbers["arbitrary_samples"] == np.flatnonzero(residual > 0.05).tolist()
@@ -55,11 +58,12 @@ def test_exact_backward_check_flags_unconverged_samples() -> None:
 def test_batch_randomness_gradient_and_spectral_checks_pass_on_a_plain_deq() -> None:
     estimator = tiny_estimator(trained=True)
     (x, y), _ = splits(6)
-    batch, random = diag.batch_and_randomness_check(estimator, x, 6)
+    batch, random = diag.batch_and_randomness_check(measurements.batch_outputs(estimator, x, 6))
     assert batch.verdict == "pass" and random.verdict == "pass"
     assert batch.numbers["tolerance"] == diag.BATCH_TOLERANCE["cpu"] == 1e-4
     assert batch.numbers["relative_difference"] <= 1e-4
-    health = diag.gradient_health_check(estimator, {"phantom": Phantom(2, 0.5)}, x, y)
+    numbers = measurements.gradient_health(estimator, {"phantom": Phantom(2, 0.5)}, x, y)
+    health = diag.gradient_health_check(numbers)
     assert health.verdict == "pass" and health.numbers["phantom"] == {"zero": [], "not_finite": []}
 
 
@@ -67,7 +71,8 @@ def test_spectral_radius_matches_the_dense_jacobian() -> None:
     estimator = tiny_estimator(trained=True)
     deq = estimator.deq
     (x, _), _ = splits(6)
-    rho = diag.spectral_radius(estimator, x, iterations=100)
+    rho = measurements.spectral_radii(estimator, x, iterations=100)
+    np.testing.assert_array_equal(rho, measurements.spectral_radii(estimator, x, iterations=100))
     with torch.no_grad():
         injection = deq.inject(torch.from_numpy(x))
         z_star = deq.solve(injection).final
@@ -77,3 +82,22 @@ def test_spectral_radius_matches_the_dense_jacobian() -> None:
         )
         exact = np.abs(np.linalg.eigvals(jacobian.numpy())).max()
         assert rho[i] == pytest.approx(exact, rel=1e-3)
+
+
+def test_checks_judge_hand_made_measurements() -> None:
+    numbers = {"backward_residual": [0.01, 0.2, 0.0], "scale_cosine": [1.0, 1.0, 0.5]}
+    check = diag.exact_backward_check(numbers)
+    assert check.verdict == "flag" and check.numbers["arbitrary_samples"] == [1, 2]
+    assert diag.spectral_radius_check(np.array([0.5, 0.9])).verdict == "pass"
+    assert diag.spectral_radius_check(np.array([0.5, 1.2])).verdict == "flag"
+    batch = {"relative_difference": 3e-4, "prediction_changes": 0, "repeat_difference": 0.0,
+             "samples": 4, "device": "cpu"}  # fmt: skip
+    assert diag.batch_and_randomness_check(batch)[0].verdict == "flag"
+    assert diag.batch_and_randomness_check({**batch, "device": "cuda"})[0].verdict == "pass"
+    health = diag.gradient_health_check({"a": {"zero": [], "not_finite": [3]}})
+    assert health.verdict == "flag"
+    assert diag.precision_check({"final": 0.5}, {"final": 0.51}, "c").verdict == "pass"
+    assert diag.precision_check({"final": 0.5}, {"final": 0.55}, "c").verdict == "flag"
+    square = diag.square_first_check({"final": 0, "early": 3}, {"final": 5, "early": 2}, 100)
+    assert square.verdict == "flag" and "early 3 of 100" in square.message
+    assert diag.square_first_check({"final": 0}, {"final": 5}, 100).verdict == "pass"

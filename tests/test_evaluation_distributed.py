@@ -48,11 +48,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         shards = Shards.current(3)
         assert (shards.rank, shards.world) == (rank, world)
 
-        def block(part: slice) -> dict[str, np.ndarray]:
-            return {
-                "i": np.arange(part.start, part.stop),
-                "r": np.full(part.stop - part.start, rank),
-            }
+        def block(part: np.ndarray) -> dict[str, np.ndarray]:
+            return {"i": part, "r": np.full(len(part), rank)}
 
         gathered = map_blocks(block, 10, shards)
         report = run_once()

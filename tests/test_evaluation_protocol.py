@@ -3,6 +3,7 @@ its JSON, resume and fingerprint, and torchrun-style sharding (2 gloo processes)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,25 +11,42 @@ import numpy as np
 import pytest
 import torch
 from art.attacks.evasion import ProjectedGradientDescent
-from evaluation_fixtures import TINY, splits, tiny_estimator
+from evaluation_fixtures import TINY, splits, tiny_deq_weights, tiny_estimator
 
-from deq_attacks import Adjoint, BackpropThroughSolver, Early, Ensemble, Final, Phantom, Unrolled
+from deq_attacks import (
+    Adjoint,
+    Anderson,
+    BackpropThroughSolver,
+    DEQEstimator,
+    Early,
+    Ensemble,
+    Exact,
+    Final,
+    Phantom,
+    PhantomGradient,
+    Unrolled,
+)
 from deq_attacks.evaluation import (
-    AttackKind,
-    AttackSpec,
+    Column,
     EvaluationConfig,
+    Mode,
+    SampleSeeds,
     SweepConfig,
     ThreatModel,
     evaluate_model,
     fixed_step_pgd,
+    markdown_report,
     per_state_accuracy,
     protocol_columns,
     protocol_estimates,
     run_sweep,
     score_readouts,
 )
-from deq_attacks.evaluation import protocol as protocol_module
+from deq_attacks.evaluation.attacks import FixedStepPGD
+from deq_attacks.evaluation.cells import runs_of
 from deq_attacks.evaluation.distributed import Shards
+from deq_attacks.gradients import estimate_from_spec
+from deq_attacks.models import mlp_deq
 
 THREAT = ThreatModel(eps=0.1, step=0.05, steps=2)
 
@@ -54,10 +72,12 @@ def test_shared_run_does_not_depend_on_the_defense_or_the_batch() -> None:
         with estimator.using(defense=defense):
             runs.append(fixed_step_pgd(estimator, Unrolled(1, 1, 1.0), x, y, THREAT, seed=3))
     assert all(np.array_equal(runs[0], r) for r in runs[1:])
-    # the random start of sample i depends on (seed, i) only: a batch that starts at i=4
-    part = fixed_step_pgd(estimator, Unrolled(1, 1, 1.0), x[4:8], y[4:8], THREAT, seed=3,
-                          first_index=4)  # fmt: skip
+    # the random start of sample i depends on (seed, i) only: a batch of samples 4..7
+    part = fixed_step_pgd(estimator, Unrolled(1, 1, 1.0), x[4:8], y[4:8], THREAT,
+                          seed=SampleSeeds(3, "any column", np.arange(4, 8)))  # fmt: skip
     np.testing.assert_allclose(part, runs[0][4:8], atol=1e-6)
+    other = fixed_step_pgd(estimator, Unrolled(1, 1, 1.0), x, y, THREAT, seed=4)
+    assert not np.allclose(other, runs[0], atol=1e-3)
 
 
 def test_scoring_applies_preprocessing_like_predict() -> None:
@@ -85,9 +105,7 @@ def test_sweep_records_every_candidate_and_picks_the_largest_drop() -> None:
     config = SweepConfig({"adjoint": {"n": "all", "beta": "0.5,1.0"},
                           "unrolled": {"n": "1,3", "k": "1,2", "lam": "1.0"}})  # fmt: skip
     defenses = {"final": Final(), "early": Early(2)}
-    chosen, entries, plan = run_sweep(
-        estimator, config, x, y, THREAT, defenses, "early", Shards()
-    )
+    chosen, entries, plan = run_sweep(estimator, config, x, y, THREAT, defenses, "early", Shards())
     assert [p["family"] for p in plan] == ["adjoint", "unrolled"] and all(p["runs"] for p in plan)
     assert plan[0]["grid"] == {"n": "all", "beta": "0.5,1.0"}
     assert len(entries) == 4 * 2 + 2 * 2
@@ -118,24 +136,25 @@ def test_columns_are_data_and_extra_estimates_add_columns() -> None:
 
 def test_an_estimate_of_the_defended_computation_runs_once_per_defense() -> None:
     defenses = {"final": Final(), "early": Early(2)}
-    shared = protocol_module._pgd_runs(AttackSpec("p PGD", AttackKind.PGD, Phantom()), defenses)
+    shared = runs_of(Column("p PGD", FixedStepPGD(), Phantom()), defenses)
     assert shared == {"shared/p PGD": defenses}
-    bptt = AttackSpec("bptt PGD", AttackKind.PGD, BackpropThroughSolver())
-    assert protocol_module._pgd_runs(bptt, defenses) == {
+    bptt = Column("bptt PGD", FixedStepPGD(), BackpropThroughSolver())
+    assert runs_of(bptt, defenses) == {
         "final/bptt PGD": {"final": Final()},
         "early/bptt PGD": {"early": Early(2)},
     }
     assert BackpropThroughSolver().depends_on_defense and not Phantom().depends_on_defense
 
 
-def run_tiny(path: Path | None, config: EvaluationConfig = TINY):
+def run_tiny(path: Path | None, config: EvaluationConfig = TINY, **kwargs):
     dev, test = splits()
-    return evaluate_model(tiny_estimator(trained=True), test, dev, config, results_path=path)
+    estimator = tiny_estimator(trained=True, batch_invariant=True)
+    return evaluate_model(estimator, test, dev, config, store_path=path, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
-    path = tmp_path_factory.mktemp("eval") / "results.json"
+    path = tmp_path_factory.mktemp("eval") / "store.jsonl"
     return path, run_tiny(path)
 
 
@@ -148,6 +167,13 @@ def test_whole_protocol_report(tiny_report) -> None:
     assert report.defenses["early"] == repr(Early(report.early_exit))
     assert report.development["early_exit"] == report.early_exit
     assert matrix.per_sample_robustness().accuracy <= matrix.paper_robustness().accuracy
+    # every estimate as a rebuildable spec, also beside its columns
+    assert estimate_from_spec(report.estimates["exact"]) == Exact()
+    assert estimate_from_spec(report.estimates["ready-made"]) == Phantom(2, 0.5)
+    chosen = [label for label in report.estimates if label.startswith("adjoint z_")]
+    assert repr(estimate_from_spec(report.estimates[chosen[0]])) == report.chosen["adjoint"]
+    assert report.columns["bptt AA"]["estimate_spec"] == report.estimates["bptt"]
+    assert set(report.timings) == {"early_exit", "sweep", "clean", "columns", "measurements"}
     for key, extra in report.extras.items():
         assert key.endswith(" AA") and len(extra["broken_by"]) == 16
         defense, column = key.split("/")
@@ -178,18 +204,32 @@ def test_resume_reuses_per_sample_results_and_checks_the_fingerprint(
     def fail(*args, **kwargs):
         raise AssertionError("a finished step was recomputed")
 
-    monkeypatch.setattr(protocol_module, "shared_pgd_scores", fail)
-    monkeypatch.setattr(protocol_module, "_defended_run", fail)
-    monkeypatch.setattr("deq_attacks.evaluation.sweep.shared_pgd_scores", fail)
+    forbid_computation(monkeypatch, fail)
     again = run_tiny(path)
     assert again.survived == report.survived and again.early_exit == report.early_exit
-    # other weights: the fingerprint differs, so nothing is reused
+    assert json.dumps(again.to_json()["diagnostics"]) == json.dumps(report.to_json()["diagnostics"])
     dev, test = splits()
-    other = tiny_estimator(trained=True)
+    # other weights: the fingerprint differs, so nothing is reused
+    other = tiny_estimator(trained=True, batch_invariant=True)
     with torch.no_grad():
         next(other.deq.parameters()).add_(1e-3)
     with pytest.raises(AssertionError, match="recomputed"):
-        evaluate_model(other, test, dev, TINY, results_path=path)
+        evaluate_model(other, test, dev, TINY, store_path=path)
+    # other data (one test image changed by one grey level): nothing is reused either
+    x = test[0].copy()
+    x[0, 0, 0, 0] = min(1.0, x[0, 0, 0, 0] + 1 / 255)
+    estimator = tiny_estimator(trained=True, batch_invariant=True)
+    with pytest.raises(AssertionError, match="recomputed"):
+        evaluate_model(estimator, (x, test[1]), dev, TINY, store_path=path)
+
+
+def forbid_computation(monkeypatch, fail) -> None:
+    """Make every attack run, forward scoring and measurement of the protocol call ``fail``."""
+    for module in ("context", "shared_runs"):
+        monkeypatch.setattr(f"deq_attacks.evaluation.{module}.map_blocks", fail)
+    for name in ("batch_outputs", "gradient_health", "exact_backward", "spectral_radii",
+                 "alignment"):  # fmt: skip
+        monkeypatch.setattr(f"deq_attacks.evaluation.measurements.{name}", fail)
 
 
 def test_bad_input_is_named_before_work() -> None:
@@ -219,6 +259,7 @@ def test_cli_evaluate_on_a_checkpoint(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "White-box robustness (paper" in out and "## Diagnostics" in out
     saved = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "store.jsonl").exists()
     assert saved["settings"]["config"]["sweep"]["grids"]["adjoint"] == {"n": "1", "beta": "1.0"}
     assert [p["family"] for p in saved["settings"]["sweep_plan"]] == ["adjoint", "unrolled"]
     assert saved["settings"]["fingerprint"]["description"]["model"] == "mlp_deq"
@@ -261,3 +302,76 @@ def test_early_exit_stops_the_attack_paths_solve_unless_a_gradient_is_needed() -
     assert full is not None and full.num_steps > 2 and leaf.grad is not None
     torch.testing.assert_close(short_logits, full_logits.detach(), rtol=0, atol=0)
     np.testing.assert_array_equal(predicted, short_logits.numpy())
+
+
+@pytest.fixture(scope="module")
+def cascade_report():
+    return run_tiny(None, dataclasses.replace(TINY, mode=Mode.CASCADE))
+
+
+def test_cascade_gives_the_full_tables_per_sample_verdict(tiny_report, cascade_report) -> None:
+    _, table = tiny_report
+    cascade = cascade_report
+    assert cascade.mode == "cascade" and table.mode == "table"
+    for defense, verdict in table.verdict().items():
+        np.testing.assert_array_equal(cascade.verdict()[defense], verdict)
+    # the verdict of table mode is the matrix's per-sample worst case
+    worst = table.matrix().per_sample_worst()
+    assert [r.robust for r in worst] == [r.robust for r in table.robustness()]
+    # every cell the cascade ran equals the full table's, and it skipped cells
+    skipped = 0
+    for defense, row in cascade.survived.items():
+        for column, values in row.items():
+            for i, value in enumerate(values):
+                if value is None:
+                    skipped += 1
+                else:
+                    assert value == table.survived[defense][column][i], (defense, column, i)
+    assert skipped > 0
+    assert set(cascade.columns) == set(table.columns)
+
+
+def test_cascade_order_and_report(cascade_report) -> None:
+    report = cascade_report
+    for order in report.order.values():
+        assert order[0] == "ready-made PGD" and order[-1] == "square"
+        assert sorted(order) == sorted(report.columns)
+        assert order.index("bptt AA") < order.index("bptt PGD")  # per-defense PGD after AA
+        shared = [c for c in order if c.endswith(" PGD") and c != "bptt PGD"]
+        assert order[: len(shared)] == shared  # the shared runs first
+    assert all(v is not None for v in report.survived["final"]["ready-made PGD"])
+    broken = report.broken_by()
+    for defense, verdict in report.verdict().items():
+        assert [name == "" for name in broken[defense]] == verdict.tolist()
+    with pytest.raises(ValueError, match="no full matrix"):
+        report.matrix()
+    saved = json.loads(json.dumps(report.to_json()))
+    assert saved["column_accuracy"] is None and "paper" not in saved["white_box_robustness"]
+    assert saved["settings"]["mode"] == "cascade" and "order" in saved["timings"]
+    text = markdown_report(report, "cascade")
+    assert "robust per sample [95% CI]" in text and "worst (paper)" not in text
+    for key, extra in report.extras.items():  # AutoAttack's extras: None where not attacked
+        defense, column = key.split("/")
+        for after, value in zip(extra["after/square"], report.survived[defense][column]):
+            assert after == value
+
+
+def test_the_sweep_plan_for_anderson_is_in_the_results_and_the_markdown() -> None:
+    deq = mlp_deq(64, 10, hidden=16, solver=Anderson(threshold=4),
+                  training_gradient=PhantomGradient(2, 0.5))  # fmt: skip
+    deq.load_state_dict(tiny_deq_weights())
+    estimator = DEQEstimator(deq, input_shape=(1, 8, 8), nb_classes=10)
+    dev, test = splits(8, 8)
+    config = dataclasses.replace(
+        TINY, attacks="pgd,square", bptt=False, diagnostic_samples=2,
+        sweep=SweepConfig({"adjoint": {"n": "1", "beta": "1.0"},
+                           "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}),
+    )  # fmt: skip
+    report = evaluate_model(estimator, test, dev, config)
+    plan = {p["family"]: p for p in report.settings["sweep_plan"]}
+    assert plan["adjoint"]["fixed"] == {"inverse": "negative_identity"}
+    assert "keeps no inverse-Jacobian estimate" in plan["adjoint"]["reason"]
+    assert report.estimates["adjoint z_1"]["inverse"] == "negative_identity"
+    text = markdown_report(report, "anderson")
+    assert "adjoint runs with inverse=negative_identity: Anderson keeps no inverse" in text
+    assert "AdjointBroyden" in text  # what is left out, and why

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from deq_attacks.checkpoints import load_weights
-from deq_attacks.cli.evaluate import run
+from deq_attacks.cli.evaluate import interrupted, run
 from deq_attacks.config import override, parse_pairs
 from deq_attacks.deq import DEQ
 from deq_attacks.evaluation import EvaluationConfig, SweepConfig
@@ -178,7 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     np.random.seed(args.seed)
     dev = held_out.subset(np.arange(args.n_dev))
     test = held_out.subset(np.arange(args.n_dev, args.n_dev + args.n_test))
-    run(estimator, dev, test, evaluation, args.out_dir, description)
+    try:
+        run(estimator, dev, test, evaluation, args.out_dir, description)
+    except KeyboardInterrupt:
+        print(interrupted(args.out_dir), file=sys.stderr)
+        return 130
     return 0
 
 

@@ -168,6 +168,18 @@ def check_model_fits_data(model: DEQModel, split: EvaluationSplit, device: str) 
     return classes
 
 
+STORE = "store.jsonl"
+"""The result store in the output folder (finished steps and blocks; a rerun resumes from it)."""
+
+
+def interrupted(out_dir: Path) -> str:
+    """The message of an interrupted evaluation."""
+    return (
+        f"interrupted: every finished block is kept in {out_dir / STORE}; run the same command "
+        "again to resume"
+    )
+
+
 def run(
     estimator: DEQEstimator,
     dev: ImageDataset,
@@ -184,7 +196,7 @@ def run(
         (test.x, test.y),
         (dev.x, dev.y),
         config,
-        results_path=out_dir / "results.json",
+        store_path=out_dir / STORE,
         description=description,
         progress=(lambda text: print(f"[{time.perf_counter() - start:6.1f} s] {text}", flush=True))
         if main_process
@@ -244,7 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "split": split.record(),
                 **built.record,
             }
-            run(estimator, split.dev, split.test, config, args.out_dir, description)
+            try:
+                run(estimator, split.dev, split.test, config, args.out_dir, description)
+            except KeyboardInterrupt:
+                print(interrupted(args.out_dir), file=sys.stderr)
+                return 130
     return 0
 
 

@@ -1,5 +1,7 @@
-"""White-box evaluation: the protocol of Sec. 6.2-6.3 (``evaluate_model``), its attack
-columns, shared runs, sweep, per-sample aggregation, diagnostics and reports."""
+"""White-box evaluation: the protocol of Sec. 6.2-6.3 (``evaluate_model``, table or cascade
+mode), its attack columns (registered by name: ``deq_attacks.evaluation.attacks``), shared runs,
+sweep, per-sample aggregation, measurements and diagnostics, reports, and a RobustBench-style
+entry point (``benchmark``)."""
 
 from deq_attacks.evaluation.aggregate import (
     Robustness,
@@ -8,28 +10,46 @@ from deq_attacks.evaluation.aggregate import (
     choose_strongest,
     wilson_interval,
 )
-from deq_attacks.evaluation.attacks import AttackKind, AttackSpec, DefendedModel, ThreatModel
-from deq_attacks.evaluation.autoattack import AutoAttackSettings, run_standard_autoattack
+from deq_attacks.evaluation.attacks import (
+    Attack,
+    AttackOutput,
+    AutoAttackSettings,
+    Column,
+    DefendedModel,
+    SampleSeeds,
+    ThreatModel,
+    attack_names,
+    fixed_step_pgd,
+    register_attack,
+    run_standard_autoattack,
+    scoped_attacks,
+)
+from deq_attacks.evaluation.benchmark import BenchmarkResult, benchmark
 from deq_attacks.evaluation.columns import protocol_columns, protocol_estimates
-from deq_attacks.evaluation.pgd import fixed_step_pgd
 from deq_attacks.evaluation.protocol import evaluate_model
 from deq_attacks.evaluation.report import markdown_report, markdown_table, write_outputs
 from deq_attacks.evaluation.result import EvaluationReport
 from deq_attacks.evaluation.scoring import per_state_accuracy, score_readouts
-from deq_attacks.evaluation.settings import EvaluationConfig
+from deq_attacks.evaluation.settings import EvaluationConfig, Mode
 from deq_attacks.evaluation.sweep import SweepConfig, run_sweep
 
 __all__ = [
-    "AttackKind",
-    "AttackSpec",
+    "Attack",
+    "AttackOutput",
     "AutoAttackSettings",
+    "BenchmarkResult",
+    "Column",
     "DefendedModel",
     "EvaluationConfig",
     "EvaluationReport",
+    "Mode",
     "Robustness",
+    "SampleSeeds",
     "SurvivalMatrix",
     "SweepConfig",
     "ThreatModel",
+    "attack_names",
+    "benchmark",
     "choose_early_exit",
     "choose_strongest",
     "evaluate_model",
@@ -39,8 +59,10 @@ __all__ = [
     "per_state_accuracy",
     "protocol_columns",
     "protocol_estimates",
+    "register_attack",
     "run_standard_autoattack",
     "run_sweep",
+    "scoped_attacks",
     "score_readouts",
     "wilson_interval",
     "write_outputs",

@@ -1,6 +1,6 @@
 """How obfuscated each gradient estimate is on the model at hand: the per-sample cosine between
 its loss-aware input gradient and the true gradient of the defended loss (backpropagation
-through the solver)."""
+through the solver). ``diagnostics.alignment_check`` judges it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deq_attacks.deq.readout import Final, Readout
-from deq_attacks.evaluation.diagnostics import Check, verdict
+from deq_attacks.deq.readout import Final
 from deq_attacks.gradients import BackpropThroughSolver, GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
 
@@ -117,8 +116,8 @@ def gradient_alignment(
     """Per estimate, the per-sample cosine between its input gradient and the reference's, for
     the estimator's current defense.
 
-    Both gradients come from ``estimator.loss_gradient`` (loss-aware, the estimator's loss)
-    under ``estimator.using(estimate=...)``; the cosine ignores the loss's scale.
+    Both gradients come from ``loss_gradient`` (loss-aware, the estimator's loss) of views of
+    the estimator with each estimate (``estimator.view``); the cosine ignores the loss's scale.
 
     Args:
         estimator: the DEQ under evaluation; its current defense is used.
@@ -153,12 +152,10 @@ def gradient_alignment(
     residuals: list[float] = []
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        with estimator.using(estimate=reference):
-            true = np.asarray(estimator.loss_gradient(xb, yb))
+        true = np.asarray(estimator.view(estimate=reference).loss_gradient(xb, yb))
         residuals.extend(_last_residuals(estimator, xb).tolist())
         for name, estimate in estimates.items():
-            with estimator.using(estimate=estimate):
-                grad = np.asarray(estimator.loss_gradient(xb, yb))
+            grad = np.asarray(estimator.view(estimate=estimate).loss_gradient(xb, yb))
             values[name].extend(cosines(grad, true))
     return AlignmentResult(
         defense=repr(estimator.defense),
@@ -172,57 +169,7 @@ def gradient_alignment(
 
 def _last_residuals(estimator: DEQEstimator, x: np.ndarray) -> np.ndarray:
     """Relative residual (B,) of each sample's last forward iterate, from its own solve."""
-    with torch.no_grad(), estimator.using(defense=Final()):  # the whole solve
+    with torch.no_grad():  # the whole solve
         xt = torch.as_tensor(x, device=estimator.device)
-        _, residuals = estimator.white_box.defended(xt)
+        _, residuals = estimator.view(defense=Final()).white_box.defended(xt)
     return residuals.double().cpu().numpy()
-
-
-ALIGNMENT_LIMIT = 0.9
-"""A ready-made gradient whose median cosine with the true gradient is below this is flagged."""
-
-
-def alignment_check(
-    estimator: DEQEstimator,
-    estimates: Mapping[str, GradientEstimate],
-    defenses: Mapping[str, Readout],
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    reference_label: str = "bptt",
-    ready_label: str = "ready-made",
-    batch_size: int = 64,
-) -> Check:
-    """Per defense, every estimate's cosine with ``estimates[reference_label]`` (median and
-    worst samples); flags a defense whose ready-made gradient has a median cosine below
-    ``ALIGNMENT_LIMIT`` (the attack a user would run follows an obfuscated gradient)."""
-    reference = estimates[reference_label]
-    others = {k: v for k, v in estimates.items() if k != reference_label}
-    numbers: dict[str, object] = {}
-    flagged: dict[str, float | None] = {}
-    for name, readout in defenses.items():
-        with estimator.using(defense=readout):
-            result = gradient_alignment(estimator, others, x, y, batch_size, reference=reference)
-        numbers[name] = result.to_json()
-        ready = result.estimates.get(ready_label)
-        if ready is not None and (ready.median is None or ready.median < ALIGNMENT_LIMIT):
-            flagged[name] = ready.median
-    summary = "; ".join(
-        f"{name}: "
-        + ", ".join(
-            f"{label} {_fmt(entry['median'])}/{_fmt(entry['worst'])}"
-            for label, entry in numbers[name]["estimates"].items()  # type: ignore[index]
-        )
-        for name in defenses
-    )
-    message = f"cosine with the true gradient (median/worst over {len(x)} samples) - {summary}" + (
-        f"; the ready-made gradient is misaligned (median < {ALIGNMENT_LIMIT}) for "
-        + ", ".join(flagged)
-        if flagged
-        else ""
-    )
-    return Check("gradient_alignment", verdict(bool(flagged)), message, numbers)
-
-
-def _fmt(value: object) -> str:
-    return "n/a" if value is None else f"{float(value):.2f}"  # type: ignore[arg-type]

@@ -1,13 +1,13 @@
-"""The columns of the evaluation table, as data: gradient estimates by label, each with
-PGD and the standard AutoAttack, then Square. The intermediate columns come from the
-registered sweep families (``deq_attacks.gradients.sweep_family``): a new family is a new pair
-of columns."""
+"""The columns of the evaluation table, as data: gradient estimates by label, each with the
+gradient attacks of ``EvaluationConfig.attacks`` (registered: ``deq_attacks.evaluation.attacks``),
+then the attacks that use no gradient. The intermediate columns come from the registered sweep
+families (``deq_attacks.gradients.sweep_family``): a new family is a new estimate's columns."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from deq_attacks.evaluation.attacks import AttackKind, AttackSpec
+from deq_attacks.evaluation.attacks import Column, attack_class, column_label
 from deq_attacks.evaluation.settings import EvaluationConfig
 from deq_attacks.gradients import Exact, GradientEstimate, PerStepEstimate, sweep_families
 
@@ -52,20 +52,20 @@ def protocol_estimates(
 
 def protocol_columns(
     estimates: Mapping[str, GradientEstimate], config: EvaluationConfig
-) -> list[AttackSpec]:
-    """Each estimate with PGD (shared run) and, if asked, the standard AutoAttack; then
-    Square."""
+) -> list[Column]:
+    """The columns of ``config.attacks`` (registered attacks, ``deq_attacks.evaluation.attacks``)
+    in that order: a gradient attack once per estimate (``"<estimate> <label>"``, estimates in
+    order), an attack that uses no gradient once (its label)."""
     columns = []
     for label, estimate in estimates.items():
-        columns.append(AttackSpec(f"{label} PGD", AttackKind.PGD, estimate, config.steps))
-        if config.autoattack:
-            columns.append(
-                AttackSpec(
-                    f"{label} AA",
-                    AttackKind.AUTOATTACK,
-                    estimate,
-                    autoattack=config.autoattack_settings,
+        for name in config.attack_list:
+            attack = attack_class(name)
+            if attack.uses_estimate:
+                columns.append(
+                    Column(column_label(attack, label), attack.from_config(config), estimate)
                 )
-            )
-    columns.append(AttackSpec("square", AttackKind.SQUARE, steps=config.square_queries))
+    for name in config.attack_list:
+        attack = attack_class(name)
+        if not attack.uses_estimate:
+            columns.append(Column(column_label(attack, None), attack.from_config(config)))
     return columns

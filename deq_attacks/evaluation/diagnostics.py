@@ -2,25 +2,26 @@
 
 Signals of gradient obfuscation (Athalye et al. 2018; Carlini et al. 2019; Croce & Hein 2020's
 flags) and of an unreliable forward or backward solve, per sample where the check is per sample.
+A check judges the numbers it is given (the protocol's cells and ``measurements``); it runs no
+attack and computes no gradient.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from deq_attacks.deq.convergence import RESIDUAL_LIMIT
-from deq_attacks.evaluation.attacks import DefendedModel
-from deq_attacks.evaluation.scoring import model_input
-from deq_attacks.gradients import Exact, GradientEstimate
-from deq_attacks.interfaces import DEQEstimator
-from deq_attacks.solvers import Trajectory
+from deq_attacks.evaluation.settings import Mode
+
+if TYPE_CHECKING:
+    from deq_attacks.deq.readout import Readout
+    from deq_attacks.evaluation.attacks import Column
+    from deq_attacks.evaluation.cells import Cells
+    from deq_attacks.evaluation.context import RunContext
 
 BACKWARD_RESIDUAL_LIMIT = 0.05
 """Relative residual above which an Exact backward (adjoint) solve counts as not converged."""
@@ -152,29 +153,29 @@ def forward_convergence_check(final_residual: np.ndarray) -> Check:
 #: type: float32 CPU kernels agree to about 1e-6; GPU kernels (TF32, algorithms chosen by batch
 #: size) differ by about 1e-4 (measured 1.5e-4 on an H100) for identical inputs.
 BATCH_TOLERANCE = {"cpu": 1e-4, "cuda": 2e-3}
+PRECISION_MARGIN = 0.02
+"""bf16 attacks whose accuracy differs from the same attack in fp32 by more than this flag."""
 
 
-def batch_and_randomness_check(
-    estimator: DEQEstimator, x: np.ndarray, batch_size: int
-) -> tuple[Check, Check]:
+def batch_and_randomness_check(numbers: Mapping[str, Any]) -> tuple[Check, Check]:
     """Does a sample's output depend on its batch (alone vs together, beyond the device's
     float tolerance ``BATCH_TOLERANCE``, or any prediction changes)? Do repeated forwards
-    differ?"""
-    tolerance = BATCH_TOLERANCE.get(estimator.device.type, max(BATCH_TOLERANCE.values()))
-    together = estimator.predict(x, batch_size=batch_size)
-    again = estimator.predict(x, batch_size=batch_size)
-    alone = np.concatenate([estimator.predict(x[i : i + 1]) for i in range(len(x))])
-    scale = np.abs(together).max() + 1e-12
-    batch_diff = float(np.abs(together - alone).max() / scale)
-    batch_flips = int((together.argmax(1) != alone.argmax(1)).sum())
-    random_diff = float(np.abs(together - again).max() / scale)
+    differ? ``numbers``: ``measurements.batch_outputs``."""
+    device = numbers["device"]
+    tolerance = BATCH_TOLERANCE.get(device, max(BATCH_TOLERANCE.values()))
+    batch_diff, flips = numbers["relative_difference"], numbers["prediction_changes"]
+    random_diff = numbers["repeat_difference"]
     batch = Check(
         "output_depends_on_batch",
-        verdict(batch_flips > 0 or batch_diff > tolerance),
+        verdict(flips > 0 or batch_diff > tolerance),
         f"relative logit difference alone vs in a batch {batch_diff:.1e} (tolerance "
-        f"{tolerance:.0e} on {estimator.device.type}), {batch_flips} predictions change",
-        {"relative_difference": batch_diff, "prediction_changes": batch_flips, "samples": len(x),
-         "tolerance": tolerance},  # fmt: skip
+        f"{tolerance:.0e} on {device}), {flips} predictions change",
+        {
+            "relative_difference": batch_diff,
+            "prediction_changes": flips,
+            "samples": numbers["samples"],
+            "tolerance": tolerance,
+        },  # fmt: skip
     )
     random = Check(
         "randomized_output",
@@ -185,68 +186,27 @@ def batch_and_randomness_check(
     return batch, random
 
 
-def gradient_health_check(
-    estimator: DEQEstimator, estimates: Mapping[str, GradientEstimate], x: np.ndarray, y: np.ndarray
-) -> Check:
-    """Per estimate: samples whose loss gradient is zero or not finite."""
-    numbers = {}
-    flagged = False
-    for label, estimate in estimates.items():
-        with estimator.using(estimate=estimate):
-            grad = np.asarray(estimator.loss_gradient(x, y)).reshape(len(x), -1)
-        zero = np.flatnonzero(np.abs(grad).sum(1) == 0).tolist()
-        bad = np.flatnonzero(~np.isfinite(grad).all(1)).tolist()
-        numbers[label] = {"zero": zero, "not_finite": bad}
-        flagged |= bool(zero or bad)
+def gradient_health_check(numbers: Mapping[str, Mapping[str, list[int]]]) -> Check:
+    """Per estimate: samples whose loss gradient is zero or not finite
+    (``measurements.gradient_health``)."""
+    flagged = any(v["zero"] or v["not_finite"] for v in numbers.values())
     counts = ", ".join(
         f"{k}: {len(v['zero'])} zero / {len(v['not_finite'])} NaN-inf" for k, v in numbers.items()
     )
-    return Check("zero_or_nan_gradients", verdict(flagged), counts, numbers)
+    return Check("zero_or_nan_gradients", verdict(flagged), counts, dict(numbers))
 
 
-def backward_residuals(trajectory: Trajectory | None) -> np.ndarray:
-    """Per-sample relative residual of the answer of an adjoint (backward) solve (the best
-    iterate's). The one place that reads the backward solve's record."""
-    if trajectory is None:
-        raise RuntimeError("no backward solve was recorded")
-    return trajectory.residuals.min(dim=1).values.detach().cpu().numpy()
-
-
-def _exact_gradient(
-    estimator: DEQEstimator, exact: Exact, x: Tensor, y: Tensor, scale: float
-) -> tuple[Tensor, np.ndarray]:
-    """dL/dx by Exact through the autograd path for ``scale * sum of cross-entropies``, and the
-    backward solve's per-sample residuals."""
-    model = DefendedModel(estimator)
-    solves: list[Trajectory] = []
-    exact = dataclasses.replace(exact, on_backward=solves.append)
-    with estimator.using(estimate=exact):
-        x_leaf = x.detach().clone().requires_grad_()
-        loss = scale * torch.nn.functional.cross_entropy(model(x_leaf), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x_leaf)
-    return grad.detach(), backward_residuals(solves[-1] if solves else None)
-
-
-def exact_backward_check(
-    estimator: DEQEstimator, exact: Exact, x: np.ndarray, y: np.ndarray
-) -> Check:
+def exact_backward_check(numbers: Mapping[str, list[float]]) -> Check:
     """Per sample: did the Exact backward solve converge, and does the Exact gradient keep its
     direction when only the loss scale changes (x1 vs x1e-3)? Either failing makes that
-    sample's Exact gradient arbitrary."""
-    xt = torch.as_tensor(x, device=estimator.device)
-    yt = torch.as_tensor(y, device=estimator.device)
-    grad_1, residual = _exact_gradient(estimator, exact, xt, yt, 1.0)
-    grad_small, _ = _exact_gradient(estimator, exact, xt, yt, 1e-3)
-    cosine = (
-        torch.nn.functional.cosine_similarity(grad_1.flatten(1), grad_small.flatten(1), dim=1)
-        .cpu()
-        .numpy()
-    )
+    sample's Exact gradient arbitrary (``measurements.exact_backward``)."""
+    residual = np.asarray(numbers["backward_residual"], dtype=float)
+    cosine = np.asarray(numbers["scale_cosine"], dtype=float)
     unconverged = np.flatnonzero(residual > BACKWARD_RESIDUAL_LIMIT)
     unstable = np.flatnonzero(cosine < SCALE_COSINE_LIMIT)
     arbitrary = sorted(set(unconverged.tolist()) | set(unstable.tolist()))
     message = (
-        f"{len(unconverged)} of {len(x)} samples' Exact backward solves did not converge "
+        f"{len(unconverged)} of {len(residual)} samples' Exact backward solves did not converge "
         f"(residual > {BACKWARD_RESIDUAL_LIMIT}, max {residual.max():.2g}), {len(unstable)} "
         f"change direction with the loss scale (cosine < {SCALE_COSINE_LIMIT}, min "
         f"{cosine.min():.3f})"
@@ -260,23 +220,133 @@ def exact_backward_check(
     return Check("exact_backward_not_converged", verdict(bool(arbitrary)), message, numbers)
 
 
-def spectral_radius(estimator: DEQEstimator, x: np.ndarray, iterations: int = 30) -> np.ndarray:
-    """Per-sample estimate of the spectral radius of J_f at the solver's answer, by power
-    iteration with vector-Jacobian products (J_f^T has the same spectrum)."""
-    deq = estimator.deq
-    with torch.no_grad():
-        xb = model_input(estimator, x)
-        injection = deq.inject(xb)
-        z_star = deq.solve(injection).final
-    z_leaf = z_star.detach().requires_grad_()
-    with torch.enable_grad():
-        fz = deq.step(z_leaf, injection)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(z_star.shape, generator=generator).to(z_star)
-    v = v / v.norm(dim=1, keepdim=True)
-    rho = torch.zeros(len(x))
-    for _ in range(iterations):
-        (w,) = torch.autograd.grad(fz, z_leaf, v, retain_graph=True)
-        rho = w.norm(dim=1).detach().cpu()
-        v = w / w.norm(dim=1, keepdim=True).clamp(min=1e-30)
-    return rho.numpy()
+def spectral_radius_check(rho: np.ndarray) -> Check:
+    """Samples whose spectral radius of J_f at z* is >= 1 (``measurements.spectral_radii``)."""
+    rho = np.asarray(rho, dtype=float)
+    return Check(
+        "spectral_radius",
+        verdict(bool((rho >= 1).any())),
+        f"spectral radius of J_f at z*: mean {rho.mean():.2f}, max {rho.max():.2f} "
+        "(>= 1: the fixed point is not attracting for plain iteration)",
+        {"per_sample": rho.tolist()},
+    )
+
+
+def square_first_check(broken_first: Mapping[str, int], robust: Mapping[str, int], n: int) -> Check:
+    """Cascade mode (Square runs last, on the samples every gradient column left robust): per
+    defense, how many samples Square alone broke; more than ``SQUARE_MARGIN`` of the samples
+    flags obfuscated gradients."""
+    beaten = {d: k for d, k in broken_first.items() if k / n > SQUARE_MARGIN}
+    message = (
+        "Square broke samples that every gradient attack left robust: "
+        + ", ".join(f"{d} {k} of {n}" for d, k in beaten.items())
+        + ": the gradients are obfuscated"
+        if beaten
+        else "Square broke "
+        + ", ".join(f"{d} {k}" for d, k in broken_first.items())
+        + f" of {n} samples that every gradient attack left robust"
+    )
+    numbers = {"broken_by_square": dict(broken_first), "robust": dict(robust), "samples": n}
+    return Check("square_beats_gradient", verdict(bool(beaten)), message, numbers)
+
+
+def precision_check(bf16: Mapping[str, float], fp32: Mapping[str, float], column: str) -> Check:
+    """bf16 attacks: does ``column`` in bf16 leave an accuracy within ``PRECISION_MARGIN`` of
+    the same column run in fp32 on the same images, for every defense?"""
+    gaps = {d: bf16[d] - fp32[d] for d in bf16}
+    flagged = any(abs(g) > PRECISION_MARGIN for g in gaps.values())
+    pairs = ", ".join(f"{d} {100 * bf16[d]:.1f} vs {100 * fp32[d]:.1f}%" for d in bf16)
+    message = f"{column} in bf16 vs fp32: {pairs}" + (
+        f" (differs by more than {100 * PRECISION_MARGIN:.0f} points)" if flagged else ""
+    )
+    numbers = {"column": column, "bf16": dict(bf16), "fp32": dict(fp32)}
+    return Check("bf16_vs_fp32", verdict(flagged), message, numbers)
+
+
+ALIGNMENT_LIMIT = 0.9
+"""A ready-made gradient whose median cosine with the true gradient is below this is flagged."""
+
+
+def alignment_check(
+    numbers: Mapping[str, Mapping[str, Any]], ready_label: str = "ready-made"
+) -> Check:
+    """Judge the alignment measured per defense (``AlignmentResult.to_json()`` by defense name):
+    flags a defense whose ready-made gradient has a median cosine with the true gradient below
+    ``ALIGNMENT_LIMIT`` (the attack a user would run follows an obfuscated gradient)."""
+    flagged: dict[str, float | None] = {}
+    for name, result in numbers.items():
+        ready = result["estimates"].get(ready_label)
+        if ready is not None and (ready["median"] is None or ready["median"] < ALIGNMENT_LIMIT):
+            flagged[name] = ready["median"]
+    summary = "; ".join(
+        f"{name}: "
+        + ", ".join(
+            f"{label} {_fmt(entry['median'])}/{_fmt(entry['worst'])}"
+            for label, entry in result["estimates"].items()
+        )
+        for name, result in numbers.items()
+    )
+    samples = next(iter(numbers.values()))["num_samples"] if numbers else 0
+    message = f"cosine with the true gradient (median/worst over {samples} samples) - {summary}" + (
+        f"; the ready-made gradient is misaligned (median < {ALIGNMENT_LIMIT}) for "
+        + ", ".join(flagged)
+        if flagged
+        else ""
+    )
+    return Check("gradient_alignment", verdict(bool(flagged)), message, dict(numbers))
+
+
+def _fmt(value: object) -> str:
+    return "n/a" if value is None else f"{float(value):.2f}"  # type: ignore[arg-type]
+
+
+def judge(
+    ctx: RunContext,
+    defenses: Mapping[str, Readout],
+    columns: Sequence[Column],
+    cells: Cells,
+    clean: Mapping[str, np.ndarray],
+    measured: Mapping[str, Any],
+) -> list[Check]:
+    """Every check of a run, from its cells and its measurements (``measurements.measure``)."""
+    config = ctx.config
+    checks = []
+    square = next((c.label for c in columns if c.attack.name == "square"), None)
+    if square is not None and config.mode is Mode.TABLE:
+        accuracy = {
+            d: {c: float(np.mean(v == 1)) for c, v in row.items()}
+            for d, row in cells.survived.items()
+        }
+        checks.append(square_check(accuracy, square))
+    elif square is not None:
+        broken = {d: int((cells.survived[d][square] == 0).sum()) for d in defenses}
+        robust = {d: int(v.sum()) for d, v in verdicts(cells, clean).items()}
+        checks.append(square_first_check(broken, robust, len(ctx.x)))
+    clean_ok = {d: np.asarray(clean[f"defense/{d}"], dtype=bool) for d in defenses}
+    short = {d: np.asarray(cells.ready_scores[f"defense/{d}"], dtype=bool) for d in defenses}
+    long = {d: measured["long_pgd"][d] & clean_ok[d] for d in defenses}
+    checks.append(more_steps_check(short, long, (config.steps, config.long_steps)))
+    checks.append(large_eps_check(measured["large_eps"], config.large_eps))
+    checks.append(accumulation_check(np.asarray(cells.ready_scores["states"], dtype=bool)))
+    checks.append(forward_convergence_check(np.asarray(clean["residuals"], dtype=float)[:, -1]))
+    checks += batch_and_randomness_check(measured["batch"])
+    checks.append(gradient_health_check(measured["gradients"]))
+    checks.append(exact_backward_check(measured["exact_backward"]))
+    if "alignment" in measured:
+        checks.append(alignment_check(measured["alignment"]))
+    checks.append(spectral_radius_check(np.asarray(measured["spectral_radius"])))
+    if "fp32" in measured:
+        bf16 = {d: float(short[d].mean()) for d in defenses}
+        fp32 = {d: float(measured["fp32"][d].mean()) for d in defenses}
+        checks.append(precision_check(bf16, fp32, measured["fp32_column"]))
+    return checks
+
+
+def verdicts(cells: Cells, clean: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per defense, bool (S,): clean-correct and broken by no column (a sample a cascade did
+    not attack with a column had been broken before it)."""
+    return {
+        d: np.asarray(clean[f"defense/{d}"], dtype=bool)
+        & np.all([v != 0 for v in row.values()], axis=0)
+        for d, row in cells.survived.items()
+    }

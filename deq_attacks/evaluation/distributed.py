@@ -1,14 +1,15 @@
 """Sharding an evaluation across processes (``torchrun``): blocks of samples by index.
 
-The samples are cut into contiguous blocks of ``block_size``; rank r takes blocks r, r+K, ...
-Every attack runs on one block at a time and draws its randomness from the block's global
-position, so a block's results do not depend on which process ran it or on what else that
-process ran: the gathered per-sample flags equal the one-process result.
+The samples (all of them, or the ones a cascade still attacks) are cut into blocks of
+``block_size`` in order; rank r takes blocks r, r+K, ... Every attack runs on one block at a
+time and draws its randomness per sample, from the sample's global index, so a block's results
+do not depend on which process ran it or on what else that process ran: the gathered
+per-sample flags equal the one-process result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,13 +43,9 @@ class Shards:
         rank, world = rank_and_world()
         return cls(rank, world, block_size)
 
-    def blocks(self, n: int) -> list[slice]:
-        """All blocks of ``n`` samples, in index order."""
-        return [slice(s, min(s + self.block_size, n)) for s in range(0, n, self.block_size)]
-
-    def mine(self, n: int) -> list[int]:
-        """Indices of the blocks this process computes."""
-        return list(range(self.rank, len(self.blocks(n)), self.world))
+    def cut(self, indices: np.ndarray) -> list[np.ndarray]:
+        """``indices`` cut into consecutive blocks of ``block_size``, in order."""
+        return [indices[s : s + self.block_size] for s in range(0, len(indices), self.block_size)]
 
     @property
     def is_main(self) -> bool:
@@ -59,18 +56,48 @@ BlockResult = dict[str, np.ndarray]
 """Per-sample arrays of one block, each with the block's samples on axis 0."""
 
 
-def map_blocks(fn: Callable[[slice], BlockResult], n: int, shards: Shards) -> dict[str, np.ndarray]:
-    """Run ``fn`` on this process's blocks of ``n`` samples, gather every block from every
-    process, and concatenate each array in sample order (all processes get the whole)."""
-    blocks = shards.blocks(n)
-    local = {i: fn(blocks[i]) for i in shards.mine(n)}
-    if shards.world > 1:
-        local = {i: r for part in gather_objects(local) for i, r in part.items()}
-    if not local:
+def map_blocks(
+    fn: Callable[[np.ndarray], BlockResult],
+    samples: int | np.ndarray,
+    shards: Shards,
+    *,
+    done: Mapping[int, BlockResult] | None = None,
+    on_block: Callable[[int, BlockResult], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run ``fn(indices)`` on the blocks of ``samples`` (a count n: the indices 0..n-1; or an
+    index array, cut in order), this process's share of them, gather every block from every
+    process, and concatenate each array in the order of the samples (all processes get the
+    whole; an empty selection gives {}).
+
+    Args:
+        done: results of blocks finished earlier, by block number (not recomputed).
+        on_block: called on every process with each newly finished block, as soon as its
+            round is gathered (block numbers r*K .. r*K+K-1 of the blocks still to do form a
+            round; the result store records each block this way).
+    """
+    indices = np.arange(samples) if isinstance(samples, int) else np.asarray(samples, np.int64)
+    blocks = shards.cut(indices)
+    results: dict[int, BlockResult] = dict(done or {})
+    todo = [i for i in range(len(blocks)) if i not in results]
+    for start in range(0, len(todo), shards.world):
+        round_ = todo[start : start + shards.world]
+        local = {}
+        if shards.rank < len(round_):
+            number = round_[shards.rank]
+            local[number] = fn(blocks[number])
+        if shards.world > 1:
+            local = {i: r for part in gather_objects(local) for i, r in part.items()}
+        for number in sorted(local):
+            results[number] = local[number]
+            if on_block is not None:
+                on_block(number, local[number])
+    if not blocks:
         return {}
-    missing = sorted(set(range(len(blocks))) - set(local))
+    missing = sorted(set(range(len(blocks))) - set(results))
     if missing:
         raise RuntimeError(f"blocks {missing} were computed by no process")
-    keys = local[0].keys()
-    return {k: np.concatenate([local[i][k] for i in range(len(blocks))]) for k in keys}
+    keys = results[0].keys()
+    return {
+        k: np.concatenate([np.asarray(results[i][k]) for i in range(len(blocks))]) for k in keys
+    }
 

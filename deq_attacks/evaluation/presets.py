@@ -50,7 +50,7 @@ class EvaluationPreset:
         return dataclasses.replace(config, **self.settings)
 
 
-_STANDARD_AUTOATTACK = {"autoattack": True, "aa_iterations": 100, "aa_queries": 5000}
+_STANDARD_AUTOATTACK = {"attacks": "pgd,autoattack,square", "aa_iterations": 100, "aa_queries": 5000}
 
 PRESETS: dict[str, EvaluationPreset] = {
     preset.name: preset
@@ -89,7 +89,7 @@ PRESETS: dict[str, EvaluationPreset] = {
                 "eps": 0.1,
                 "step": 0.025,
                 "steps": 10,
-                "autoattack": True,
+                "attacks": "pgd,autoattack,square",
                 "aa_iterations": 5,
                 "aa_queries": 50,
                 "aa_target_classes": 2,

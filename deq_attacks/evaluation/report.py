@@ -14,8 +14,11 @@ def _pct(value: float) -> str:
 
 
 def markdown_table(report: EvaluationReport) -> str:
-    """Rows: defenses; columns: clean, every attack column, the paper's worst case (min over
-    columns of the mean) and the per-sample worst case with its 95% Wilson interval."""
+    """Table mode: rows: defenses; columns: clean, every attack column, the paper's worst case
+    (min over columns of the mean) and the per-sample worst case with its 95% Wilson interval.
+    Cascade mode: ``cascade_table``."""
+    if report.mode != "table":
+        return cascade_table(report)
     matrix = report.matrix()
     accuracy = matrix.column_accuracy()
     paper, per_sample = matrix.paper_worst(), matrix.per_sample_worst()
@@ -37,20 +40,74 @@ def markdown_table(report: EvaluationReport) -> str:
     return "\n".join(lines)
 
 
+def cascade_table(report: EvaluationReport) -> str:
+    """Cascade mode: per defense, clean accuracy, the per-sample robust accuracy with its 95%
+    Wilson interval, and how many samples each column broke first, in run order."""
+    lines = [
+        "| defense | clean | robust per sample [95% CI] | broken first by (run order) |",
+        "|---|---|---|---|",
+    ]
+    robustness = {r.defense: r for r in report.robustness()}
+    best = max(robustness.values(), key=lambda r: r.robust).defense
+    broken_by = report.broken_by()
+    for name in report.defenses:
+        label = name if name != "early" else f"early (z_{report.early_exit})"
+        clean = _pct(float(sum(report.clean[name]) / len(report.clean[name])))
+        robust = str(robustness[name])
+        if name == best:
+            robust = f"**{robust}**"
+        counts = [(c, broken_by[name].count(c)) for c in report.order[name]]
+        first = ", ".join(f"{c} {k}" for c, k in counts if k) or "none"
+        lines.append(f"| {label} | {clean} | {robust} | {first} |")
+    return "\n".join(lines)
+
+
 def summary_lines(report: EvaluationReport) -> list[str]:
-    """The two white-box robustness numbers and the chosen settings."""
-    matrix = report.matrix()
-    paper, sample = matrix.paper_robustness(), matrix.per_sample_robustness()
-    return [
-        f"White-box robustness (paper: max over defenses of min over columns): {paper} "
-        f"({paper.defense} defense).",
+    """The white-box robustness numbers, the chosen settings and the sweep's plan."""
+    lines = []
+    if report.mode == "table":
+        paper = report.matrix().paper_robustness()
+        lines.append(
+            f"White-box robustness (paper: max over defenses of min over columns): {paper} "
+            f"({paper.defense} defense)."
+        )
+    sample = max(report.robustness(), key=lambda r: r.robust)
+    lines += [
         f"White-box robustness (per sample: survives every column): {sample} "
-        f"({sample.defense} defense).",
+        f"({sample.defense} defense)."
+        + (" Cascade mode: each column attacked only the samples still robust." if
+           report.mode != "table" else ""),
         f"Early exit n* = {report.early_exit} (development split, ready-made PGD).",
         "Strongest intermediate attacks (development sweep of "
         f"{len(report.sweep)} candidates, largest drop of early(n*)): "
         + ", ".join(_chosen(report, family) for family in report.chosen)
         + ".",
+    ]  # fmt: skip
+    lines += plan_lines(report)
+    return lines
+
+
+def plan_lines(report: EvaluationReport) -> list[str]:
+    """What each sweep family did over the model's solver, and why."""
+    solver = report.settings.get("solver", "the solver")
+    lines = []
+    for plan in report.settings.get("sweep_plan", []):
+        fixed = ", ".join(f"{k}={v}" for k, v in plan["fixed"].items())
+        runs = "runs" if plan["runs"] else "does not run"
+        text = f"Sweep over {solver}: {plan['family']} {runs}"
+        text += f" with {fixed}" if fixed else ""
+        text += f": {plan['reason']}."
+        lines.append(text + "".join(f" {note}." for note in plan.get("left_out", [])))
+    return lines
+
+
+def convergence_lines(report: EvaluationReport) -> list[str]:
+    """One line per call site whose forwards ended above the residual limit."""
+    sites = [r for r in report.convergence if r["unconverged_calls"]]
+    return [
+        f"Unconverged forwards at {r['site']}: {r['unconverged_calls']} of {r['calls']} "
+        f"forwards, {r['samples_above']} of {r['samples']} samples above the residual limit."
+        for r in sites
     ]
 
 
@@ -83,6 +140,7 @@ def markdown_report(report: EvaluationReport, title: str) -> str:
             markdown_table(report),
             "",
             *summary_lines(report),
+            *convergence_lines(report),
             "",
             "## Diagnostics",
             "",
@@ -93,7 +151,8 @@ def markdown_report(report: EvaluationReport, title: str) -> str:
 
 def write_outputs(report: EvaluationReport, out_dir: Path, title: str) -> dict[str, Path]:
     """``results.json`` (every cell, its settings, per-sample flags), ``results.md``, and the
-    plots ``states.png`` and ``sweep.png``."""
+    plots ``states.png`` and ``sweep.png`` (the result store, a file of its own, is left as
+    it is)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
     paths["json"].write_text(json.dumps(report.to_json(), indent=1))

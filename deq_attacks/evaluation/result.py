@@ -1,16 +1,31 @@
-"""What the protocol found: per-sample survival of every cell, the sweep, the choices and
-the diagnostics; the survival matrix and JSON views of it."""
+"""What the protocol found: per-sample results of every cell, the sweep, the choices, the
+diagnostics and the run's records; the per-sample verdict, the survival matrix (table mode)
+and JSON views of them."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deq_attacks.evaluation.aggregate import SurvivalMatrix
+from deq_attacks.config import to_jsonable
+from deq_attacks.evaluation.aggregate import (
+    Robustness,
+    SurvivalMatrix,
+    best_defense,
+    wilson_interval,
+)
 from deq_attacks.evaluation.diagnostics import Check
 from deq_attacks.evaluation.store import jsonable
+from deq_attacks.gradients import GradientEstimate, estimate_spec
+
+if TYPE_CHECKING:
+    from deq_attacks.deq.readout import Readout
+    from deq_attacks.evaluation.attacks import Column
+    from deq_attacks.evaluation.cells import Cells
+    from deq_attacks.evaluation.context import RunContext
 
 
 @dataclass
@@ -18,19 +33,25 @@ class EvaluationReport:
     """Everything the protocol found. Per-sample arrays are lists of the test samples in order.
 
     Attributes:
-        settings: the configuration, the threat model and the fingerprint.
+        settings: the configuration, the threat model, the fingerprint, the mode, the attack
+            batch used, the sweep's plan for the solver.
         early_exit: n*, chosen on the development split.
         development: per-iterate clean and ready-made-PGD accuracy and residual (dev split).
         sweep: one entry per intermediate-attack candidate (Fig. 3/4 data).
         chosen: family -> repr of the chosen intermediate estimate.
+        estimates: column estimate label -> its spec (``estimate_spec``: rebuildable with
+            ``estimate_from_spec``).
         defenses: defense name -> repr of its readout.
         columns: column label -> its settings.
         clean: defense -> per-sample clean correctness.
-        survived: defense -> column -> per-sample survival (clean-correct and correct under
-            the attack).
+        survived: defense -> column -> per-sample correctness under the column's attack (True,
+            False, or None where a cascade did not attack the sample).
+        order: defense -> the columns in the order they ran.
         extras: "<defense>/<column>" -> per-sample extras (AutoAttack's per-attack results).
         states: test-split per-iterate clean and ready-made accuracy and mean residual.
         diagnostics: the checks with verdicts.
+        convergence: the run's ConvergenceLog records (one per call site of a forward).
+        timings: per step, its wall seconds ``"wall_s"`` and CPU seconds ``"cpu_s"``.
     """
 
     settings: dict[str, Any]
@@ -38,47 +59,159 @@ class EvaluationReport:
     development: dict[str, Any]
     sweep: list[dict[str, Any]]
     chosen: dict[str, str]
+    estimates: dict[str, dict[str, Any]]
     defenses: dict[str, str]
     columns: dict[str, dict[str, Any]]
     clean: dict[str, list[bool]]
-    survived: dict[str, dict[str, list[bool]]]
+    survived: dict[str, dict[str, list[bool | None]]]
+    order: dict[str, list[str]] = field(default_factory=dict)
     extras: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     states: dict[str, list[float]] = field(default_factory=dict)
     diagnostics: list[Check] = field(default_factory=list)
+    convergence: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        return str(self.settings["mode"])
+
+    def verdict(self) -> dict[str, np.ndarray]:
+        """Per defense, bool (S,): the sample is robust (clean-correct, broken by no column).
+        The same in both modes."""
+        out = {}
+        for d, row in self.survived.items():
+            broken = np.array([[v is False for v in cells] for cells in row.values()])
+            out[d] = np.asarray(self.clean[d], dtype=bool) & ~broken.any(axis=0)
+        return out
+
+    def broken_by(self) -> dict[str, list[str]]:
+        """Per defense and sample: the first column (in run order) that broke it, "clean" if
+        it was misclassified clean, "" if it is robust."""
+        out = {}
+        for d, row in self.survived.items():
+            names = []
+            for i, correct in enumerate(self.clean[d]):
+                first = next((c for c in self.order[d] if row[c][i] is False), "")
+                names.append(first if correct else "clean")
+            out[d] = names
+        return out
+
+    def robustness(self) -> list[Robustness]:
+        """Per defense: the per-sample robust accuracy with its 95% Wilson interval."""
+        result = []
+        for d, robust in self.verdict().items():
+            k, n = int(robust.sum()), len(robust)
+            low, high = wilson_interval(k, n)
+            result.append(Robustness(d, k / n, low, high, k, n))
+        return result
 
     def matrix(self) -> SurvivalMatrix:
+        """The full (defense, column, sample) matrix; table mode only."""
+        if self.mode != "table":
+            raise ValueError(
+                f"a {self.mode} report has no full matrix (columns skip the samples already "
+                "broken): use verdict() / robustness(), or run in table mode"
+            )
         names, labels = list(self.defenses), list(self.columns)
         survived = np.array([[self.survived[d][c] for c in labels] for d in names], dtype=bool)
         clean = np.array([self.clean[d] for d in names], dtype=bool)
         return SurvivalMatrix(names, labels, survived, clean)
 
     def to_json(self) -> dict[str, Any]:
-        matrix = self.matrix()
+        per_sample = self.robustness()
+        robust: dict[str, Any] = {"per_sample": best_defense(per_sample).__dict__}
+        per_defense: dict[str, Any] = {"per_sample": [r.__dict__ for r in per_sample]}
+        column_accuracy = None
+        if self.mode == "table":
+            matrix = self.matrix()
+            robust["paper"] = matrix.paper_robustness().__dict__
+            per_defense["paper"] = [r.__dict__ for r in matrix.paper_worst()]
+            column_accuracy = {
+                d: dict(zip(matrix.columns, row.tolist(), strict=True))
+                for d, row in zip(matrix.defenses, matrix.column_accuracy(), strict=True)
+            }
         return jsonable(
             {
                 "settings": self.settings,
                 "early_exit": self.early_exit,
-                "white_box_robustness": {
-                    "paper": matrix.paper_robustness().__dict__,
-                    "per_sample": matrix.per_sample_robustness().__dict__,
-                },
-                "per_defense": {
-                    "paper": [r.__dict__ for r in matrix.paper_worst()],
-                    "per_sample": [r.__dict__ for r in matrix.per_sample_worst()],
-                },
-                "column_accuracy": {
-                    d: dict(zip(matrix.columns, row.tolist(), strict=True))
-                    for d, row in zip(matrix.defenses, matrix.column_accuracy(), strict=True)
-                },
+                "white_box_robustness": robust,
+                "per_defense": per_defense,
+                "column_accuracy": column_accuracy,
+                "verdict": {d: v.tolist() for d, v in self.verdict().items()},
+                "broken_by": self.broken_by(),
                 "development": self.development,
                 "sweep": self.sweep,
                 "chosen": self.chosen,
+                "estimates": self.estimates,
                 "defenses": self.defenses,
                 "columns": self.columns,
                 "clean": self.clean,
                 "survived": self.survived,
+                "order": self.order,
                 "extras": self.extras,
                 "states": self.states,
                 "diagnostics": [c.to_json() for c in self.diagnostics],
+                "convergence": self.convergence,
+                "timings": self.timings,
             }
         )
+
+
+def _cell(value: int) -> bool | None:
+    return None if value < 0 else bool(value)
+
+
+def build_report(
+    ctx: RunContext,
+    fingerprint: Mapping[str, Any],
+    development: Mapping[str, Any],
+    defenses: Mapping[str, Readout],
+    sweep: tuple[Mapping[str, GradientEstimate], list[dict[str, Any]], list[dict[str, Any]]],
+    estimates: Mapping[str, GradientEstimate],
+    columns: Sequence[Column],
+    clean: Mapping[str, np.ndarray],
+    cells: Cells,
+    checks: Sequence[Check],
+    convergence: list[dict[str, Any]],
+) -> EvaluationReport:
+    """The report of a finished run."""
+    chosen, entries, plan = sweep
+    config = ctx.config
+    settings = {
+        "config": to_jsonable(config),
+        "threat": to_jsonable(ctx.threat),
+        "fingerprint": dict(fingerprint),
+        "mode": config.mode.value,
+        "batch_size": ctx.batch,
+        "device": ctx.estimator.device.type,
+        "n_test": len(ctx.x),
+        "n_development": len(ctx.x_dev),
+        "processes": ctx.shards.world,
+        "sweep_plan": plan,
+        "solver": repr(ctx.estimator.deq.solver),
+    }
+    return EvaluationReport(
+        settings=settings,
+        early_exit=int(development["early_exit"]),
+        development=dict(development),
+        sweep=entries,
+        chosen={k: repr(v) for k, v in chosen.items()},
+        estimates={label: estimate_spec(e) for label, e in estimates.items()},
+        defenses={k: repr(v) for k, v in defenses.items()},
+        columns={c.label: c.describe(ctx.threat) for c in columns},
+        clean={d: list(map(bool, clean[f"defense/{d}"])) for d in defenses},
+        survived={
+            d: {c.label: [_cell(int(v)) for v in cells.survived[d][c.label]] for c in columns}
+            for d in defenses
+        },
+        order=cells.order,
+        extras=cells.extras,
+        states={
+            "clean_accuracy": np.mean(clean["states"], axis=0).tolist(),
+            "ready_made_accuracy": np.mean(cells.ready_scores["states"], axis=0).tolist(),
+            "residual": np.mean(clean["residuals"], axis=0).tolist(),
+        },
+        diagnostics=list(checks),
+        convergence=convergence,
+        timings={k: dict(v) for k, v in ctx.timings.items()},
+    )

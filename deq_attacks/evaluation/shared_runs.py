@@ -9,9 +9,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from deq_attacks.deq.readout import Readout
-from deq_attacks.evaluation.attacks import ThreatModel
+from deq_attacks.evaluation.attacks import SampleSeeds, ThreatModel, fixed_step_pgd
 from deq_attacks.evaluation.distributed import Shards, map_blocks
-from deq_attacks.evaluation.pgd import fixed_step_pgd
 from deq_attacks.evaluation.scoring import score_readouts
 from deq_attacks.gradients import GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
@@ -36,10 +35,10 @@ def shared_pgd_scores(
     ``"states"`` bool (S, N), ``"residuals"`` float (S, N), gathered across processes.
     """
 
-    def block(part: slice) -> dict[str, np.ndarray]:
+    def block(part: np.ndarray) -> dict[str, np.ndarray]:
         x_adv = fixed_step_pgd(
             estimator, estimate, x[part], y[part], threat,
-            steps=steps, eps=eps, seed=seed, first_index=part.start,
+            steps=steps, eps=eps, seed=SampleSeeds(seed, "pgd", part),
         )  # fmt: skip
         return score_readouts(estimator, x_adv, y[part], defenses, len(x_adv))
 

@@ -1,5 +1,12 @@
 """Per-sample results on disk under a fingerprint of the settings, the weights and the data,
-so that an interrupted evaluation resumes and a changed one starts afresh."""
+so that an interrupted or finished evaluation resumes and a changed one starts afresh.
+
+The store is its own file (JSON lines, not the report): the first line is the fingerprint, each
+further line one finished step or one finished block of a step, appended as soon as it is done
+(an interrupt loses at most the block being computed). A line cut short by an interrupt is
+dropped when the file is read again. Only rank 0 reads and writes; the other processes receive
+its content.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deq_attacks.distributed import broadcast_object
 from deq_attacks.evaluation.distributed import Shards
 
 
@@ -34,36 +42,103 @@ def data_hash(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def _read(path: Path, fingerprint: dict[str, Any]) -> tuple[dict, dict, bool]:
+    """(finished steps, finished blocks of unfinished steps, whether the file matched)."""
+    steps: dict[str, Any] = {}
+    blocks: dict[str, dict[int, Any]] = {}
+    if not path.exists():
+        return steps, blocks, False
+    lines = path.read_text().splitlines()
+    if not lines:
+        return steps, blocks, False
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or "fingerprint" not in header:
+        raise ValueError(
+            f"{path} is not a result store (its first line is no fingerprint): give another "
+            "store path (the report's results.json is not the store)"
+        )
+    if header["fingerprint"] != fingerprint:
+        return steps, blocks, False
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line, cut by an interrupt
+            break
+        key = record["key"]
+        if "block" in record:
+            blocks.setdefault(key, {})[int(record["block"])] = record["value"]
+        else:
+            steps[key] = record["value"]
+            blocks.pop(key, None)
+    return steps, blocks, True
+
+
 class ResultStore:
-    """The per-sample results finished so far, in a JSON file under a fingerprint; a file
-    written under another fingerprint (settings, weights or data) is not reused. Only rank 0
-    writes."""
+    """The steps and blocks finished so far, in a JSON-lines file under a fingerprint; a file
+    written under another fingerprint (settings, weights or data) is not reused: it is started
+    afresh."""
 
     def __init__(self, path: Path | None, fingerprint: dict[str, Any], shards: Shards) -> None:
         self.path, self.shards = path, shards
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
-        self.data: dict[str, Any] = {"fingerprint": self.fingerprint, "steps": {}}
-        self.resumed = False
-        if path is not None and path.exists():
-            saved = json.loads(path.read_text())
-            if saved.get("fingerprint") == self.fingerprint:
-                self.data["steps"] = saved.get("steps", {})
-                self.resumed = True
+        loaded: tuple[dict, dict, bool] = ({}, {}, False)
+        if path is not None and shards.is_main:
+            loaded = _read(path, self.fingerprint)
+        shared = broadcast_object(loaded)
+        self.steps: dict[str, Any] = shared[0]
+        self.partial: dict[str, dict[int, Any]] = shared[1]
+        self.resumed: bool = shared[2]
+        self._rewrite()
 
     def get(self, key: str) -> Any:
-        return self.data["steps"].get(key)
+        """The finished step ``key`` (None if not finished)."""
+        return self.steps.get(key)
 
     def put(self, key: str, value: Any) -> Any:
-        self.data["steps"][key] = jsonable(value)
-        self.save()
-        return self.data["steps"][key]
+        """Record step ``key`` as finished; returns its JSON form."""
+        self.steps[key] = jsonable(value)
+        self.partial.pop(key, None)
+        self._append({"key": key, "value": self.steps[key]})
+        return self.steps[key]
 
-    def save(self) -> None:
-        if self.path is not None and self.shards.is_main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data))
-            tmp.replace(self.path)
+    def blocks(self, key: str) -> dict[int, Any]:
+        """The finished blocks of the unfinished step ``key``, by block number."""
+        return dict(self.partial.get(key, {}))
+
+    def put_block(self, key: str, number: int, value: Any) -> None:
+        """Record block ``number`` of step ``key`` as finished."""
+        self.partial.setdefault(key, {})[number] = jsonable(value)
+        self._append({"key": key, "block": number, "value": self.partial[key][number]})
+
+    def _writes(self) -> bool:
+        return self.path is not None and self.shards.is_main
+
+    def _rewrite(self) -> None:
+        """The file as header + what was read (drops a cut line and superseded blocks)."""
+        if not self._writes():
+            return
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        records = [{"key": k, "value": v} for k, v in self.steps.items()]
+        records += [
+            {"key": k, "block": n, "value": v}
+            for k, per in self.partial.items()
+            for n, v in per.items()
+        ]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        lines = [json.dumps({"fingerprint": self.fingerprint})] + [json.dumps(r) for r in records]
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(self.path)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        if not self._writes():
+            return
+        assert self.path is not None
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
 
 
 def jsonable(value: Any) -> Any:

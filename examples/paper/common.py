@@ -5,7 +5,8 @@ beside the paper's numbers).
 A script composes ``deq_attacks.training.run_training`` and ``deq_attacks.evaluation``; it
 does not reimplement them. Trained models live in ``<cache>/<kind>-<hash of the config>``
 (resumable: a second script asking for the same config finds the finished run at once), and
-protocol results in ``<cache>/eval-<hash>.json`` (``evaluate_model`` resumes from it).
+protocol results in ``<cache>/eval-<hash>.jsonl`` (``evaluate_model``'s store: it resumes
+from it).
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ from deq_attacks.data import ImageDataset, load_arrays_file, load_cifar10
 from deq_attacks.deq import DEQ
 from deq_attacks.deq.readout import Final, Readout
 from deq_attacks.evaluation import (
-    AttackKind,
-    AttackSpec,
     EvaluationConfig,
     EvaluationReport,
+    SampleSeeds,
     SweepConfig,
     evaluate_model,
     score_readouts,
 )
+from deq_attacks.evaluation.attacks import Square
 from deq_attacks.evaluation.columns import BPTT
 from deq_attacks.evaluation.distributed import Shards
 from deq_attacks.evaluation.shared_runs import clean_scores, shared_pgd_scores
@@ -91,12 +92,21 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, default=Path("data"), help="paper: CIFAR-10 root")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: preset's")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="independent runs (protocols, models to train) at once, each in a "
-                        "process (default: "
-                        f"{', '.join(f'{k} {v}' for k, v in DEFAULT_JOBS.items())})")
-    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a TrainConfig setting for every model trained (e.g. epochs=24)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="independent runs (protocols, models to train) at once, each in a "
+        "process (default: "
+        f"{', '.join(f'{k} {v}' for k, v in DEFAULT_JOBS.items())})",
+    )
+    p.add_argument(
+        "--train-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a TrainConfig setting for every model trained (e.g. epochs=24)",
+    )
     p.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
                    help="an EvaluationConfig setting (e.g. eps=0.2)")  # fmt: skip
     return p
@@ -231,25 +241,45 @@ def held_out(setup: Setup) -> ImageDataset:
 SPLITS = {"paper": (1000, 9000), "cpu": (100, 200), "tiny": (10, 20)}
 
 
-def eval_config(setup: Setup, **changes: Any) -> EvaluationConfig:
+def eval_config(setup: Setup, autoattack: bool | None = None, **changes: Any) -> EvaluationConfig:
     """The protocol's settings: the paper's (standard AutoAttack); on CPU eps 0.1 (the
-    training eps of the digits), the default sweep grid, no AutoAttack unless asked."""
+    training eps of the digits), the default sweep grid, no AutoAttack unless asked; table
+    mode. ``autoattack`` adds (True) or drops (False) the AutoAttack columns (None: the
+    preset's); ``changes`` are EvaluationConfig fields. The attack batch is resolved for the
+    device (recorded in the results)."""
     if setup.preset == "paper":
-        return dataclasses.replace(override(EvaluationConfig(), setup.eval_settings), **changes)
-    if setup.preset == "cpu":
+        base = EvaluationConfig()
+    elif setup.preset == "cpu":
         base = EvaluationConfig(
-            eps=0.1, step=0.025, autoattack=False, aa_iterations=10, aa_target_classes=1,
+            eps=0.1, step=0.025, attacks="pgd,square", aa_iterations=10, aa_target_classes=1,
             aa_queries=100, square_queries=300, long_steps=50, diagnostic_samples=16,
         )  # fmt: skip
     else:
         base = EvaluationConfig(
-            eps=0.1, step=0.025, steps=2, autoattack=False, aa_iterations=2,
+            eps=0.1, step=0.025, steps=2, attacks="pgd,square", aa_iterations=2,
             aa_target_classes=1, aa_queries=5, square_queries=10, long_steps=3,
             diagnostic_samples=2, batch_size=20,
             sweep=SweepConfig({"adjoint": {"n": "1,2", "beta": "1.0"},
                                "unrolled": {"n": "1,2", "k": "1", "lam": "1.0"}}),
         )  # fmt: skip
-    return dataclasses.replace(override(base, setup.eval_settings), **changes)
+    config = override(base, setup.eval_settings)
+    if autoattack is not None:
+        config = dataclasses.replace(config, attacks=with_autoattack(config.attacks, autoattack))
+    config = dataclasses.replace(config, **changes)
+    if config.batch_size is None:
+        config = dataclasses.replace(
+            config, batch_size=config.attack_batch(torch.device(setup.device))
+        )
+    return config
+
+
+def with_autoattack(attacks: str, on: bool) -> str:
+    """The attack list ``attacks`` with the standard AutoAttack after the PGD (on) or without
+    it (off)."""
+    names = [n for n in attacks.split(",") if n.strip() and n.strip() != "autoattack"]
+    if on:
+        names.insert(names.index("pgd") + 1, "autoattack")
+    return ",".join(names)
 
 
 def splits(setup: Setup, data: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
@@ -284,11 +314,11 @@ def run_protocol(
     key = json.dumps(
         [result.run_dir.name, to_jsonable(config), len(dev), len(test), sorted(extras)]
     )
-    path = setup.cache / f"eval-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    path = setup.cache / f"eval-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
     started = time.perf_counter()
     report = evaluate_model(
         estimator(result, data, setup), (test.x, test.y), (dev.x, dev.y), config,
-        results_path=path, extra_estimates=extras,
+        store_path=path, extra_estimates=extras,
         description={"kind": kind, "run": str(result.run_dir)},
         progress=lambda text: print(f"  [{kind} eval {time.perf_counter() - started:5.0f} s] "
                                     f"{text}", flush=True),
@@ -462,31 +492,31 @@ def pgd_scores(
     defense (default: final) and every iterate: ``score_readouts``' arrays."""
     return shared_pgd_scores(
         est, estimate, test.x, test.y, config.threat, defenses or {"final": Final()},
-        Shards(block_size=config.batch_size), seed=config.seed, steps=steps,
+        Shards(block_size=config.attack_batch(est.device)), seed=config.seed, steps=steps,
     )  # fmt: skip
 
 
 def clean(est: DEQEstimator, test: ImageDataset, config: EvaluationConfig) -> dict[str, Any]:
     """Clean per-sample correctness of the final state and every iterate, with residuals."""
-    shards = Shards(block_size=config.batch_size)
+    shards = Shards(block_size=config.attack_batch(est.device))
     return clean_scores(est, test.x, test.y, {"final": Final()}, shards)
 
 
 def square_accuracy(
     est: DEQEstimator, defense: Readout, test: ImageDataset, config: EvaluationConfig
 ) -> float:
-    """Accuracy (%) of ``defense`` under Square (``config.square_queries``), clean-wrong
-    samples counted as wrong."""
-    spec = AttackSpec("square", AttackKind.SQUARE, steps=config.square_queries)
+    """Accuracy (%) of ``defense`` under Square (``config.square_queries``; the protocol's
+    per-sample seeds), clean-wrong samples counted as wrong."""
+    attack, view = Square(config.square_queries), est.view(defense=defense)
+    batch = config.attack_batch(est.device)
     correct = []
-    with est.using(defense=defense):
-        for start in range(0, len(test), config.batch_size):
-            part = slice(start, start + config.batch_size)
-            x_adv, _ = spec.run_defended(est, test.x[part], test.y[part], config.threat,
-                                         seed=config.seed + start)  # fmt: skip
-            scores = score_readouts(est, x_adv, test.y[part], {"d": defense}, len(x_adv))
-            clean_ok = score_readouts(est, test.x[part], test.y[part], {"d": defense}, len(x_adv))
-            correct.append(scores["defense/d"] & clean_ok["defense/d"])
+    for start in range(0, len(test), batch):
+        part = np.arange(start, min(start + batch, len(test)))
+        seeds = SampleSeeds(config.seed, "square", part)
+        x_adv = attack.run(view, test.x[part], test.y[part], config.threat, seeds).x_adv
+        scores = score_readouts(est, x_adv, test.y[part], {"d": defense}, len(x_adv))
+        clean_ok = score_readouts(est, test.x[part], test.y[part], {"d": defense}, len(x_adv))
+        correct.append(scores["defense/d"] & clean_ok["defense/d"])
     return pct(np.concatenate(correct).mean())
 
 

@@ -56,7 +56,7 @@ def baseline_row(setup: common.Setup, kind: str, config: Any) -> dict[str, Any]:
         xb = torch.as_tensor(test.x[start : start + config.batch_size], device=device)
         yb = torch.as_tensor(test.y[start : start + config.batch_size], device=device)
         outcome = run_standard_autoattack(model, xb, yb, config.eps, config.autoattack_settings,
-                                          classifier.nb_classes, seed=config.seed)  # fmt: skip
+                                          classifier.nb_classes, seeds=config.seed)  # fmt: skip
         with torch.no_grad():
             survived.append((model(torch.as_tensor(outcome.x_adv, device=device)).argmax(1)
                              == yb).cpu().numpy())  # fmt: skip

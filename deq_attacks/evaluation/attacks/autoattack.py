@@ -1,27 +1,42 @@
 """The standard AutoAttack (Croce & Hein 2020) through ``pyautoattack`` 0.2.0, with the
-per-sample result of each of its four attacks.
+per-sample result of each of its four attacks and per-sample random draws.
 
 ``pyautoattack`` carries the original APGD, FAB and Square code (equal to fra31/auto-attack at
 a392200 apart from whitespace and imports). We build its ``AutoAttack(version="standard")``,
 which sets the original settings (APGD-CE 100 iterations, 1 restart; APGD-T 100 iterations,
 9 target classes; FAB-T 100 iterations, 9 target classes; Square 5,000 queries, p_init 0.8),
-and run its four attack objects in its order on the samples still robust, as its
-``run_standard_evaluation`` does, recording after each attack which samples survive.
-The attacks differentiate the torch module they are given: ``estimator.model`` (the
-WhiteBoxModule), whose backward is the selected estimate and whose output is the defended
-logits.
+put in its APGD, APGD-T and Square the subclasses of ``per_sample`` (the same algorithms, each
+sample's draws from its own seeds), and run its four attack objects in its order on the samples
+still robust, as its ``run_standard_evaluation`` does, recording after each attack which
+samples survive. The attacks differentiate the torch module they are given: for a column, the
+``DefendedModel`` of the column's estimator view, whose backward is the selected estimate and
+whose output is the defended logits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from pyautoattack import AutoAttack
-from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 from torch import Tensor, nn
+
+from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
+from deq_attacks.evaluation.attacks.defended import DefendedModel
+from deq_attacks.evaluation.attacks.per_sample import (
+    PerSampleAPGD,
+    PerSampleAPGDTargeted,
+    PerSampleSquare,
+)
+from deq_attacks.evaluation.attacks.seeds import SampleSeeds
+from deq_attacks.evaluation.attacks.threat import ThreatModel
+
+if TYPE_CHECKING:
+    from deq_attacks.evaluation.settings import EvaluationConfig
+    from deq_attacks.interfaces import DEQEstimator
 
 #: The four attacks of the standard version, in the order it runs them.
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -77,46 +92,46 @@ def build_standard(
     seed: int,
     device: torch.device | str,
 ) -> AutoAttack:
-    """``AutoAttack(version="standard")`` on ``model``, with ``settings`` applied."""
+    """``AutoAttack(version="standard")`` on ``model``, with ``settings`` applied and the
+    per-sample APGD, APGD-T and Square."""
     if num_classes < 4:
         raise ValueError(f"the standard AutoAttack needs >= 4 classes (DLR-T), got {num_classes}")
     attack = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
     attack.verbose = False
     targets = min(settings.target_classes, num_classes - 1)
-    if settings.iterations != attack.apgd.n_iter:
-        # APGD derives its step-size checkpoints from n_iter in its constructor: rebuild
-        attack.apgd = APGDAttack(
-            attack.model, n_restarts=1, n_iter=settings.iterations, eps=eps, norm="Linf",
-            eot_iter=1, rho=0.75, seed=seed, device=device, logger=attack.logger,
-        )  # fmt: skip
-        attack.apgd_targeted = APGDAttack_targeted(
-            attack.model, n_restarts=1, n_iter=settings.iterations, eps=eps, norm="Linf",
-            eot_iter=1, rho=0.75, seed=seed, device=device, logger=attack.logger,
-        )  # fmt: skip
-    attack.apgd_targeted.n_target_classes = targets
+    # APGD derives its step-size checkpoints from n_iter in its constructor: build anew
+    attack.apgd = PerSampleAPGD(
+        attack.model, n_restarts=1, n_iter=settings.iterations, eps=eps, norm="Linf",
+        eot_iter=1, rho=0.75, seed=seed, device=device, logger=attack.logger,
+    )  # fmt: skip
+    attack.apgd_targeted = PerSampleAPGDTargeted(
+        attack.model, n_restarts=1, n_iter=settings.iterations, eps=eps, norm="Linf",
+        eot_iter=1, rho=0.75, seed=seed, device=device, logger=attack.logger,
+        n_target_classes=targets,
+    )  # fmt: skip
     attack.fab.n_iter = settings.iterations
     attack.fab.n_target_classes = targets
-    attack.square.n_queries = settings.queries
+    attack.square = PerSampleSquare(
+        attack.model, p_init=0.8, n_queries=settings.queries, eps=eps, norm="Linf",
+        n_restarts=1, seed=seed, verbose=False, device=device, resc_schedule=False,
+    )  # fmt: skip
     return attack
 
 
-def _run_one(attack: AutoAttack, name: str, x: Tensor, y: Tensor) -> Tensor:
+def _run_one(attack: AutoAttack, name: str, x: Tensor, y: Tensor, seeds: SampleSeeds) -> Tensor:
     """One of the four attacks on (x, y), set up as ``run_standard_evaluation`` sets it."""
     if name == "apgd-ce":
         attack.apgd.loss = "ce"
-        attack.apgd.seed = attack.get_seed()
-        return attack.apgd.perturb(x, y)
+        return attack.apgd.run(x, y, seeds)
     if name == "apgd-t":
-        attack.apgd_targeted.seed = attack.get_seed()
-        return attack.apgd_targeted.perturb(x, y)
+        return attack.apgd_targeted.run(x, y, seeds)
     if name == "fab-t":
         attack.fab.targeted = True
         attack.fab.n_restarts = 1
-        attack.fab.seed = attack.get_seed()
+        attack.fab.seed = seeds.shared_seed("fab-t")
         return attack.fab.perturb(x, y)
     if name == "square":
-        attack.square.seed = attack.get_seed()
-        return attack.square.perturb(x, y)
+        return attack.square.run(x, y, seeds)
     raise ValueError(f"unknown AutoAttack attack {name!r}")
 
 
@@ -127,7 +142,7 @@ def run_standard_autoattack(
     eps: float,
     settings: AutoAttackSettings,
     num_classes: int,
-    seed: int = 0,
+    seeds: SampleSeeds | int = 0,
 ) -> AutoAttackOutcome:
     """The standard AutoAttack on one batch, recording each attack's per-sample result.
 
@@ -137,9 +152,14 @@ def run_standard_autoattack(
         eps: L-inf budget.
         settings: iterations, queries and target classes (default: the standard ones).
         num_classes: number of classes of the model.
-        seed: AutoAttack's seed (each attack reseeds torch with it).
+        seeds: the per-sample seeds of the batch, or an int: sample i of this batch then
+            draws from (seed, i).
     """
-    attack = build_standard(model, eps, settings, num_classes, seed, x.device)
+    if not isinstance(seeds, SampleSeeds):
+        seeds = SampleSeeds.first(int(seeds), "autoattack", len(x))
+    if len(seeds) != len(x):
+        raise ValueError(f"{len(seeds)} seeds for {len(x)} samples")
+    attack = build_standard(model, eps, settings, num_classes, seeds.shared_seed("aa"), x.device)
     with torch.no_grad():
         robust = model(x).argmax(1) == y
     broken_by = np.where(robust.cpu().numpy(), "", "clean").astype(object)
@@ -148,7 +168,7 @@ def run_standard_autoattack(
     for name in attack.attacks_to_run:
         index = torch.nonzero(robust).flatten()
         if index.numel():
-            adv = _run_one(attack, name, x[index].clone(), y[index].clone())
+            adv = _run_one(attack, name, x[index].clone(), y[index].clone(), seeds.subset(index))
             with torch.no_grad():
                 fooled = model(adv).argmax(1) != y[index]
             hit = index[fooled]
@@ -162,3 +182,39 @@ def run_standard_autoattack(
         after=after,
         broken_by=broken_by.astype(str),
     )
+
+
+@register_attack("autoattack")
+@dataclass(frozen=True)
+class StandardAutoAttack(Attack):
+    """The standard AutoAttack with the column's estimate, against the view's defense.
+
+    Extras per sample: ``after/<attack>`` (survival after each of its four attacks) and
+    ``broken_by`` (the attack that first broke it)."""
+
+    label: ClassVar[str] = "AA"
+    settings: AutoAttackSettings = field(default_factory=AutoAttackSettings)
+
+    @classmethod
+    def from_config(cls, config: EvaluationConfig) -> StandardAutoAttack:
+        return cls(config.autoattack_settings)
+
+    def run(
+        self,
+        model: DEQEstimator,
+        x: np.ndarray,
+        y: np.ndarray,
+        threat: ThreatModel,
+        seeds: SampleSeeds,
+    ) -> AttackOutput:
+        xt = torch.as_tensor(x, device=model.device)
+        yt = torch.as_tensor(y, device=model.device)
+        outcome = run_standard_autoattack(
+            DefendedModel(model), xt, yt, threat.eps, self.settings, model.nb_classes, seeds
+        )
+        extras = {f"after/{k}": v for k, v in outcome.after.items()}
+        extras["broken_by"] = outcome.broken_by
+        return AttackOutput(outcome.x_adv, extras)
+
+    def describe(self, threat: ThreatModel) -> dict[str, Any]:
+        return {"autoattack": self.settings.describe()}

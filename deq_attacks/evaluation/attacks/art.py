@@ -1,0 +1,148 @@
+"""ART's attacks as columns: APGD-CE and APGD-DLR (``AutoProjectedGradientDescent``), and ART's
+own ``AutoAttack`` list (APGD-CE/DLR, DeepFool, Square: another attack set than the standard
+AutoAttack, kept under its own name).
+
+ART builds a ``PyTorchClassifier`` over ``estimator.model`` for these, so they receive the
+column's estimate through the module's backward. ART draws its random numbers from numpy's
+global generator for a whole batch; here each sample is attacked in its own call with numpy
+seeded from the sample's seeds, so its result does not depend on its batch (one sample per
+call is slower; these columns are not in the default list). ART converts logits to numpy, so
+these columns run in float32 only.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+from art.attacks.evasion import AutoAttack as ArtAutoAttack
+from art.attacks.evasion import AutoProjectedGradientDescent, DeepFool, SquareAttack
+
+from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
+from deq_attacks.evaluation.attacks.seeds import SampleSeeds
+from deq_attacks.evaluation.attacks.threat import ThreatModel
+
+if TYPE_CHECKING:
+    from art.attacks.attack import EvasionAttack
+
+    from deq_attacks.evaluation.settings import EvaluationConfig
+    from deq_attacks.interfaces import DEQEstimator
+
+
+class _PerSampleArt(Attack):
+    """An ART evasion attack run one sample at a time, numpy seeded per sample."""
+
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+
+    @abstractmethod
+    def build(self, model: DEQEstimator, threat: ThreatModel) -> EvasionAttack:
+        """The ART attack over ``model`` (batch size 1)."""
+
+    def run(
+        self,
+        model: DEQEstimator,
+        x: np.ndarray,
+        y: np.ndarray,
+        threat: ThreatModel,
+        seeds: SampleSeeds,
+    ) -> AttackOutput:
+        attack = self.build(model, threat)
+        labels = np.eye(model.nb_classes, dtype=np.float32)[y]
+        x_adv = np.empty_like(x)
+        state = np.random.get_state()
+        try:
+            for j in range(len(x)):
+                np.random.seed(seeds.numpy_seed(j, self.name))
+                x_adv[j] = attack.generate(x[j : j + 1], labels[j : j + 1])[0]
+        finally:
+            np.random.set_state(state)
+        return AttackOutput(x_adv.astype(np.float32))
+
+
+@dataclass(frozen=True)
+class _ArtAPGD(_PerSampleArt):
+    """ART's APGD with ``steps`` iterations (None: the threat model's) and ``loss``."""
+
+    steps: int | None = None
+    loss: ClassVar[str]
+
+    @classmethod
+    def from_config(cls, config: EvaluationConfig) -> _ArtAPGD:
+        return cls(config.steps)
+
+    def build(self, model: DEQEstimator, threat: ThreatModel) -> EvasionAttack:
+        return AutoProjectedGradientDescent(
+            model, norm=np.inf, eps=threat.eps, eps_step=threat.step,
+            max_iter=self.budget(threat), batch_size=1, loss_type=self.loss, verbose=False,
+        )  # fmt: skip
+
+    def budget(self, threat: ThreatModel) -> int:
+        return threat.steps if self.steps is None else self.steps
+
+    def describe(self, threat: ThreatModel) -> dict[str, Any]:
+        return {"budget": self.budget(threat), "step": threat.step, "loss": self.loss}
+
+
+@register_attack("apgd-ce")
+@dataclass(frozen=True)
+class ArtAPGDCE(_ArtAPGD):
+    """ART's APGD on the cross-entropy."""
+
+    label: ClassVar[str] = "APGD-CE"
+    loss: ClassVar[str] = "cross_entropy"
+
+
+@register_attack("apgd-dlr")
+@dataclass(frozen=True)
+class ArtAPGDDLR(_ArtAPGD):
+    """ART's APGD on the difference-of-logits ratio."""
+
+    label: ClassVar[str] = "APGD-DLR"
+    loss: ClassVar[str] = "difference_logits_ratio"
+
+
+@register_attack("art-autoattack")
+@dataclass(frozen=True)
+class ArtAutoAttackList(_PerSampleArt):
+    """ART's ``AutoAttack`` list. ``steps`` None keeps ART's defaults (APGD 100 iterations,
+    DeepFool, Square 5,000 queries); ``steps`` sets the APGD and DeepFool iterations and
+    50 x steps Square queries (ART's ratio 100 : 5,000)."""
+
+    label: ClassVar[str] = "ART-AA"
+    steps: int | None = None
+
+    @classmethod
+    def from_config(cls, config: EvaluationConfig) -> ArtAutoAttackList:
+        return cls(config.steps)
+
+    def build(self, model: DEQEstimator, threat: ThreatModel) -> EvasionAttack:
+        if self.steps is None:
+            return ArtAutoAttack(model, norm=np.inf, eps=threat.eps, eps_step=threat.step,
+                                 batch_size=1)  # fmt: skip
+        apgd = [
+            AutoProjectedGradientDescent(
+                model,
+                norm=np.inf,
+                eps=threat.eps,
+                eps_step=threat.step,
+                max_iter=self.steps,
+                nb_random_init=5,
+                batch_size=1,
+                loss_type=loss,
+                verbose=False,
+            )  # fmt: skip
+            for loss in ("cross_entropy", "difference_logits_ratio")
+        ]
+        deepfool = DeepFool(model, max_iter=self.steps, epsilon=1e-3, nb_grads=10, batch_size=1)
+        square = SquareAttack(
+            model, norm=np.inf, max_iter=50 * self.steps, eps=threat.eps, p_init=0.8,
+            nb_restarts=5,
+        )  # fmt: skip
+        return ArtAutoAttack(model, norm=np.inf, eps=threat.eps, eps_step=threat.step,
+                             attacks=[*apgd, deepfool, square], batch_size=1)  # fmt: skip
+
+    def describe(self, threat: ThreatModel) -> dict[str, Any]:
+        budget = "ART defaults (APGD 100)" if self.steps is None else self.steps
+        return {"budget": budget, "step": threat.step}

@@ -1,0 +1,182 @@
+"""Fixed-step L-inf PGD with a loss-aware estimate: the shared attack run.
+
+It never looks at the defended output (one random start, no early stop, no best-point
+choice), so its adversarial examples are the same whichever defense the estimator holds: one
+run per gradient estimate scores every defense and every iterate ``z_n``. The random start of
+sample i is drawn from its own generator seeded by (seed, i), so a sample's adversary does not
+depend on its batch or on how the samples are sharded.
+
+With ``compile_backend`` the sign step and f run through ``torch.compile`` (``compiled``):
+``"inductor"`` on a GPU; ``"eager"`` or ``"aot_eager"`` check the path on a CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deq_attacks.deq import DEQ
+from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
+from deq_attacks.evaluation.attacks.seeds import SampleSeeds
+from deq_attacks.evaluation.attacks.threat import ThreatModel
+from deq_attacks.gradients import GradientEstimate
+from deq_attacks.interfaces import DEQEstimator
+
+if TYPE_CHECKING:
+    from deq_attacks.evaluation.settings import EvaluationConfig
+
+
+def random_start(x: np.ndarray, eps: float, seeds: SampleSeeds) -> np.ndarray:
+    """``x`` plus a uniform draw in [-eps, eps] per sample, clipped to [0, 1]; row j draws from
+    ``seeds.start(j)`` (seeded by (seed, global index of row j))."""
+    noise = np.empty_like(x)
+    for j in range(len(x)):
+        noise[j] = seeds.start(j).uniform(-eps, eps, size=x.shape[1:])
+    return np.clip(x + noise, 0.0, 1.0).astype(x.dtype)
+
+
+def signed_step(x_adv: Tensor, grad: Tensor, x0: Tensor, eps: float, step: float) -> Tensor:
+    """One PGD step: ``x_adv + step * sign(grad)`` projected to the eps-ball around ``x0`` and
+    to [0, 1]."""
+    x_adv = x_adv + step * grad.sign()
+    return torch.min(torch.max(x_adv, x0 - eps), x0 + eps).clamp(0.0, 1.0)
+
+
+@functools.cache
+def _compiled_step(backend: str) -> Any:
+    return torch.compile(signed_step, backend=backend, dynamic=True)
+
+
+_COMPILED_DEQS: weakref.WeakKeyDictionary[DEQ, dict[str, DEQ]] = weakref.WeakKeyDictionary()
+
+
+def compiled(estimator: DEQEstimator, backend: str) -> DEQEstimator:
+    """An estimator like ``estimator`` (its estimate, defense, loss, preprocessing) over a DEQ
+    that shares every module and parameter of ``estimator.deq`` but runs f through
+    ``torch.compile(f, backend=backend)``; built once per DEQ and backend."""
+    deq = estimator.deq
+    if not isinstance(deq, DEQ):
+        raise TypeError(f"compiling f needs a deq_attacks.DEQ, got {type(deq).__name__}")
+    cache = _COMPILED_DEQS.setdefault(deq, {})
+    if backend not in cache:
+        cache[backend] = DEQ(
+            torch.compile(deq.f, backend=backend, dynamic=True),  # type: ignore[arg-type]
+            deq.injection,
+            deq.head,
+            solver=deq.solver,
+            training_gradient=deq.training_gradient,
+            readout=deq.readout,
+            raise_on_divergence=deq.raise_on_divergence,
+            resets=deq.resets,
+            input_shape=deq.input_shape,
+        ).eval()
+    return DEQEstimator(
+        cache[backend],
+        input_shape=tuple(estimator.input_shape),
+        nb_classes=estimator.nb_classes,
+        estimate=estimator.gradient_estimate,
+        defense=estimator.defense,
+        loss=estimator._loss,
+        clip_values=estimator.clip_values,
+        channels_first=estimator.channels_first,
+        preprocessing_defences=estimator.preprocessing_defences,
+        postprocessing_defences=estimator.postprocessing_defences,
+        preprocessing=estimator.preprocessing,
+        device_type=estimator._device_type,
+    )
+
+
+def fixed_step_pgd(
+    estimator: DEQEstimator,
+    estimate: GradientEstimate,
+    x: np.ndarray,
+    y: np.ndarray,
+    threat: ThreatModel,
+    *,
+    steps: int | None = None,
+    eps: float | None = None,
+    seed: int | SampleSeeds = 0,
+    compile_backend: str = "",
+) -> np.ndarray:
+    """Adversarial examples (B, ...) by ``steps`` signed-gradient steps of size ``threat.step``
+    (the threat model's steps by default) from a random start (if the threat model asks for
+    one), projected to the eps-ball and [0, 1]; gradients from ``loss_gradient`` of a view of
+    ``estimator`` with ``estimate`` (loss evaluated at its surrogate states).
+
+    Args:
+        x, y: one batch, float32 in [0, 1] and int labels.
+        steps, eps: override the threat model's (for the PGD-100 and large-eps checks).
+        seed: the per-sample seeds of the batch, or an int: row j then starts from (seed, j).
+        compile_backend: run the step and f through ``torch.compile`` with this backend
+            ("" runs them as they are).
+    """
+    steps = threat.steps if steps is None else steps
+    eps = threat.eps if eps is None else eps
+    seeds = seed if isinstance(seed, SampleSeeds) else SampleSeeds.first(int(seed), "pgd", len(x))
+    if len(seeds) != len(x):
+        raise ValueError(f"{len(seeds)} seeds for {len(x)} samples")
+    model = estimator.view(estimate=estimate)
+    step_fn = signed_step
+    if compile_backend:
+        model = compiled(model, compile_backend)
+        step_fn = _compiled_step(compile_backend)
+    device = model.device
+    x0 = torch.as_tensor(x, device=device)
+    labels = torch.as_tensor(y, device=device)
+    start = random_start(x, eps, seeds) if threat.random_start else x
+    x_adv = torch.as_tensor(start, device=device).clone()
+    for _ in range(steps):
+        grad = model.loss_gradient(x_adv, labels)
+        assert isinstance(grad, torch.Tensor)
+        x_adv = step_fn(x_adv, grad.to(x_adv.dtype), x0, eps, threat.step)
+    return x_adv.cpu().numpy()
+
+
+@register_attack("pgd")
+@dataclass(frozen=True)
+class FixedStepPGD(Attack):
+    """The fixed-step, loss-aware PGD of the threat model (one random start, no early stop):
+    one shared run per estimate scores every defense.
+
+    Args:
+        steps: iterations (None: the threat model's).
+        compile_backend: ``torch.compile`` backend of the step and f ("": none).
+    """
+
+    label: ClassVar[str] = "PGD"
+    shared: ClassVar[bool] = True
+    steps: int | None = None
+    compile_backend: str = ""
+
+    @classmethod
+    def from_config(cls, config: EvaluationConfig) -> FixedStepPGD:
+        return cls(config.steps, config.compile_backend)
+
+    def run(
+        self,
+        model: DEQEstimator,
+        x: np.ndarray,
+        y: np.ndarray,
+        threat: ThreatModel,
+        seeds: SampleSeeds,
+    ) -> AttackOutput:
+        x_adv = fixed_step_pgd(
+            model, model.gradient_estimate, x, y, threat, steps=self.steps, seed=seeds,
+            compile_backend=self.compile_backend,
+        )  # fmt: skip
+        return AttackOutput(x_adv)
+
+    def describe(self, threat: ThreatModel) -> dict[str, Any]:
+        return {
+            "budget": threat.steps if self.steps is None else self.steps,
+            "step": threat.step,
+            "random_start": threat.random_start,
+            "restarts": 1,
+            "compile_backend": self.compile_backend or None,
+        }

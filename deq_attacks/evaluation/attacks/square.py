@@ -1,0 +1,57 @@
+"""Square (Andriushchenko et al. 2020), L-inf with the margin loss, through ``pyautoattack``: a
+query attack that uses no gradient, one column, per defense. Its draws are per sample
+(``per_sample.PerSampleSquare``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+
+from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
+from deq_attacks.evaluation.attacks.defended import DefendedModel
+from deq_attacks.evaluation.attacks.per_sample import PerSampleSquare
+from deq_attacks.evaluation.attacks.seeds import SampleSeeds
+from deq_attacks.evaluation.attacks.threat import ThreatModel
+
+if TYPE_CHECKING:
+    from deq_attacks.evaluation.settings import EvaluationConfig
+    from deq_attacks.interfaces import DEQEstimator
+
+
+@register_attack("square")
+@dataclass(frozen=True)
+class Square(Attack):
+    """Square with ``queries`` queries (p_init 0.8, one restart, the schedule of p rescaled to
+    the query budget)."""
+
+    label: ClassVar[str] = "square"
+    uses_estimate: ClassVar[bool] = False
+    queries: int = 5000
+    p_init: float = 0.8
+
+    @classmethod
+    def from_config(cls, config: EvaluationConfig) -> Square:
+        return cls(config.square_queries)
+
+    def run(
+        self,
+        model: DEQEstimator,
+        x: np.ndarray,
+        y: np.ndarray,
+        threat: ThreatModel,
+        seeds: SampleSeeds,
+    ) -> AttackOutput:
+        xt = torch.as_tensor(x, device=model.device)
+        yt = torch.as_tensor(y, device=model.device)
+        square = PerSampleSquare(
+            DefendedModel(model), norm="Linf", n_queries=self.queries, eps=threat.eps,
+            p_init=self.p_init, n_restarts=1, seed=0, verbose=False, device=xt.device,
+            resc_schedule=True,
+        )  # fmt: skip
+        return AttackOutput(square.run(xt, yt, seeds).detach().cpu().numpy())
+
+    def describe(self, threat: ThreatModel) -> dict[str, Any]:
+        return {"budget": self.queries, "p_init": self.p_init, "loss": "margin"}

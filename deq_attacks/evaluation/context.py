@@ -1,0 +1,110 @@
+"""What every step of one evaluation run needs, in one place: the estimator, the splits, the
+settings, the result store, the shards, the progress callback, the run's ConvergenceLog and the
+wall time of each step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from deq_attacks.deq.convergence import ConvergenceLog
+from deq_attacks.evaluation.attacks import ThreatModel
+from deq_attacks.evaluation.distributed import BlockResult, Shards, map_blocks
+from deq_attacks.evaluation.settings import EvaluationConfig
+from deq_attacks.evaluation.store import ResultStore
+from deq_attacks.gradients import GradientEstimate
+from deq_attacks.interfaces import DEQEstimator
+
+
+def check_split(name: str, x: np.ndarray, y: np.ndarray, estimator: DEQEstimator) -> None:
+    """Raise, naming the split, unless (x, y) are images the estimator takes and labels."""
+    if x.ndim < 2 or len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"{name}: need a non-empty batch and one label per image, got {x.shape}")
+    if tuple(x.shape[1:]) != tuple(estimator.input_shape):
+        raise ValueError(
+            f"{name}: images {x.shape[1:]} but the model takes {estimator.input_shape}"
+        )
+    if x.dtype != np.float32 or x.min() < 0 or x.max() > 1:
+        raise ValueError(f"{name}: images must be float32 in [0, 1]")
+    if y.min() < 0 or y.max() >= estimator.nb_classes:
+        raise ValueError(f"{name}: labels must lie in 0..{estimator.nb_classes - 1}")
+
+
+def arrays(stored: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A stored step's per-sample lists as numpy arrays."""
+    return {k: np.asarray(v) for k, v in stored.items()}
+
+
+@dataclass
+class RunContext:
+    """One run of the protocol.
+
+    Attributes:
+        estimator: the model; never changed (every switch of estimate or defense is a view).
+        x, y: the test split; x_dev, y_dev: the development split.
+        config: the settings; batch: the attack batch (= shard block) on this device.
+        store: finished steps and blocks (resume); shards: this process's share.
+        say: progress callback; log: the run's ConvergenceLog.
+        ready: the ready-made estimate (the training gradient's).
+        timings: per named step (filled by ``step``), its wall seconds ``"wall_s"`` and this
+            process's CPU seconds ``"cpu_s"`` (all threads; other jobs on the machine do
+            not inflate it).
+    """
+
+    estimator: DEQEstimator
+    x: np.ndarray
+    y: np.ndarray
+    x_dev: np.ndarray
+    y_dev: np.ndarray
+    config: EvaluationConfig
+    store: ResultStore
+    shards: Shards
+    say: Callable[[str], None]
+    log: ConvergenceLog
+    ready: GradientEstimate
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def threat(self) -> ThreatModel:
+        return self.config.threat
+
+    @property
+    def batch(self) -> int:
+        return self.shards.block_size
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Time the step ``name`` (added to ``timings``)."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            spent = self.timings.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
+            spent["wall_s"] += time.perf_counter() - wall
+            spent["cpu_s"] += time.process_time() - cpu
+
+    def blockwise(
+        self, key: str, fn: Callable[[np.ndarray], BlockResult], indices: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Step ``key``: ``fn`` on the blocks of ``indices`` (``map_blocks``), each finished
+        block recorded in the store at once; a finished step, or its finished blocks, are
+        read back instead of recomputed. ``fn`` returns the block's ``"index"`` with its
+        per-sample arrays."""
+        done = self.store.get(key)
+        if done is not None:
+            return arrays(done)
+        partial = {n: arrays(v) for n, v in self.store.blocks(key).items()}
+        expected = self.shards.cut(np.asarray(indices, dtype=np.int64))
+        for number, block in partial.items():
+            if number >= len(expected) or not np.array_equal(block["index"], expected[number]):
+                raise RuntimeError(f"the store's block {number} of {key!r} holds other samples")
+        result = map_blocks(
+            fn, indices, self.shards, done=partial,
+            on_block=lambda number, value: self.store.put_block(key, number, value),
+        )  # fmt: skip
+        return arrays(self.store.put(key, result))

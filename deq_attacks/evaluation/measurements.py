@@ -1,0 +1,200 @@
+"""The measurements the diagnostics judge, each as plain numbers: forwards alone and in a batch,
+every estimate's gradient health, the Exact backward solve, the spectral radius of J_f at the
+solver's answer and the alignment of each estimate with the true gradient. (The attack runs
+they judge, PGD-100 and the large-eps PGD, are shared PGD runs of the protocol.)
+
+Every switch of estimate or defense is a view of the estimator (``DEQEstimator.view``); the
+estimator itself is never changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deq_attacks.deq import spectral_radius
+from deq_attacks.deq.readout import Readout
+from deq_attacks.evaluation.alignment import gradient_alignment
+from deq_attacks.evaluation.attacks import (
+    DefendedModel,
+    SampleSeeds,
+    ThreatModel,
+    fixed_step_pgd,
+    precision,
+)
+from deq_attacks.evaluation.columns import BPTT, READY_MADE
+from deq_attacks.evaluation.context import RunContext
+from deq_attacks.evaluation.scoring import model_input, score_readouts
+from deq_attacks.gradients import Exact, GradientEstimate
+from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.solvers import Trajectory
+
+
+def batch_outputs(estimator: DEQEstimator, x: np.ndarray, batch_size: int) -> dict[str, Any]:
+    """How much a sample's logits change alone vs in its batch, and between two identical
+    forwards (relative to the largest logit), and how many predictions change."""
+    together = estimator.predict(x, batch_size=batch_size)
+    again = estimator.predict(x, batch_size=batch_size)
+    alone = np.concatenate([estimator.predict(x[i : i + 1]) for i in range(len(x))])
+    scale = np.abs(together).max() + 1e-12
+    return {
+        "relative_difference": float(np.abs(together - alone).max() / scale),
+        "prediction_changes": int((together.argmax(1) != alone.argmax(1)).sum()),
+        "repeat_difference": float(np.abs(together - again).max() / scale),
+        "samples": len(x),
+        "device": estimator.device.type,
+    }
+
+
+def gradient_health(
+    estimator: DEQEstimator, estimates: Mapping[str, GradientEstimate], x: np.ndarray, y: np.ndarray
+) -> dict[str, dict[str, list[int]]]:
+    """Per estimate: the samples whose loss gradient is zero, and those not finite."""
+    numbers = {}
+    for label, estimate in estimates.items():
+        grad = np.asarray(estimator.view(estimate=estimate).loss_gradient(x, y))
+        grad = grad.reshape(len(x), -1)
+        numbers[label] = {
+            "zero": np.flatnonzero(np.abs(grad).sum(1) == 0).tolist(),
+            "not_finite": np.flatnonzero(~np.isfinite(grad).all(1)).tolist(),
+        }
+    return numbers
+
+
+def backward_residuals(trajectory: Trajectory | None) -> np.ndarray:
+    """Per-sample relative residual of the answer of an adjoint (backward) solve (the best
+    iterate's). The one place that reads the backward solve's record."""
+    if trajectory is None:
+        raise RuntimeError("no backward solve was recorded")
+    return trajectory.residuals.min(dim=1).values.detach().cpu().numpy()
+
+
+def _exact_gradient(
+    estimator: DEQEstimator, exact: Exact, x: Tensor, y: Tensor, scale: float
+) -> tuple[Tensor, np.ndarray]:
+    """dL/dx by Exact through the autograd path for ``scale * sum of cross-entropies``, and the
+    backward solve's per-sample residuals."""
+    solves: list[Trajectory] = []
+    recording = dataclasses.replace(exact, on_backward=solves.append)
+    model = DefendedModel(estimator.view(estimate=recording))
+    x_leaf = x.detach().clone().requires_grad_()
+    loss = scale * torch.nn.functional.cross_entropy(model(x_leaf), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x_leaf)
+    return grad.detach(), backward_residuals(solves[-1] if solves else None)
+
+
+def exact_backward(
+    estimator: DEQEstimator, exact: Exact, x: np.ndarray, y: np.ndarray
+) -> dict[str, list[float]]:
+    """Per sample: the relative residual of the Exact backward solve, and the cosine between
+    the Exact gradients of the loss at scale 1 and at scale 1e-3 (equal directions when the
+    solve is reliable)."""
+    xt = torch.as_tensor(x, device=estimator.device)
+    yt = torch.as_tensor(y, device=estimator.device)
+    grad_1, residual = _exact_gradient(estimator, exact, xt, yt, 1.0)
+    grad_small, _ = _exact_gradient(estimator, exact, xt, yt, 1e-3)
+    cosine = torch.nn.functional.cosine_similarity(grad_1.flatten(1), grad_small.flatten(1), dim=1)
+    return {"backward_residual": residual.tolist(), "scale_cosine": cosine.cpu().tolist()}
+
+
+def spectral_radii(estimator: DEQEstimator, x: np.ndarray, iterations: int = 30) -> np.ndarray:
+    """Per-sample spectral radius (S,) of J_f at the solver's answer, by the package's power
+    iteration (``deq_attacks.deq.spectral_radius``), started from torch's generator seeded 0
+    (restored afterwards), so that the measurement repeats."""
+    deq = estimator.deq
+    with torch.no_grad():
+        injection = deq.inject(model_input(estimator, x))
+        z_star = deq.solve(injection).final
+    devices = [z_star.device] if z_star.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        rho = spectral_radius(lambda z: deq.step(z, injection), z_star, iterations)
+    return rho.cpu().numpy()
+
+
+def alignment(
+    estimator: DEQEstimator,
+    estimates: Mapping[str, GradientEstimate],
+    defenses: Mapping[str, Readout],
+    x: np.ndarray,
+    y: np.ndarray,
+    reference_label: str,
+    batch_size: int = 64,
+) -> dict[str, dict[str, Any]]:
+    """Per defense, every other estimate's per-sample cosine with ``estimates[reference_label]``
+    (``gradient_alignment``), as JSON."""
+    reference = estimates[reference_label]
+    others = {k: v for k, v in estimates.items() if k != reference_label}
+    return {
+        name: gradient_alignment(
+            estimator.view(defense=readout), others, x, y, batch_size, reference=reference
+        ).to_json()
+        for name, readout in defenses.items()
+    }
+
+
+def measure(
+    ctx: RunContext, estimates: Mapping[str, GradientEstimate], defenses: Mapping[str, Readout]
+) -> dict[str, Any]:
+    """The measurement runs of a protocol run, each stored: the ready-made PGD with
+    ``long_steps`` and at ``large_eps`` on every test sample (per-defense correctness), and on
+    the first ``diagnostic_samples`` test samples the batch, gradient, Exact-backward,
+    alignment (with BPTT) and spectral-radius numbers; with bf16 attacks, the ready-made PGD
+    column again in fp32 on the same images."""
+    config = ctx.config
+    few = slice(0, min(config.diagnostic_samples, len(ctx.x)))
+    x, y = ctx.x[few], ctx.y[few]
+    ctx.say(f"measurements: PGD-{config.long_steps} and eps={config.large_eps}")
+    large = ThreatModel(config.large_eps, config.large_eps / 4, config.steps)
+    out: dict[str, Any] = {
+        "long_pgd": _ready_pgd(ctx, "measure/long-pgd", defenses, ctx.threat, config.long_steps),
+        "large_eps": _ready_pgd(ctx, "measure/large-eps", defenses, large, None),
+    }
+    if config.precision != "fp32":
+        ctx.say(f"measurements: the ready-made PGD in fp32 beside {config.precision}")
+        fp32 = _ready_pgd(ctx, "measure/fp32", defenses, ctx.threat, None, "fp32")
+        out.update(fp32=fp32, fp32_column=f"{READY_MADE} PGD")
+    ctx.say("measurements: batch dependence, gradients, Exact backward, spectral radius")
+    stored = {
+        "batch": lambda: batch_outputs(ctx.estimator, x, ctx.batch),
+        "gradients": lambda: gradient_health(ctx.estimator, estimates, x, y),
+        "exact_backward": lambda: exact_backward(ctx.estimator, Exact(), x, y),
+        "spectral_radius": lambda: spectral_radii(ctx.estimator, x),
+    }
+    if BPTT in estimates:
+        stored["alignment"] = lambda: alignment(ctx.estimator, estimates, defenses, x, y, BPTT)
+    for name, compute in stored.items():
+        key = f"measure/{name}"
+        found = ctx.store.get(key)
+        out[name] = found if found is not None else ctx.store.put(key, compute())
+    return out
+
+
+def _ready_pgd(
+    ctx: RunContext,
+    key: str,
+    defenses: Mapping[str, Readout],
+    threat: ThreatModel,
+    steps: int | None,
+    arithmetic: str | None = None,
+) -> dict[str, np.ndarray]:
+    """The ready-made fixed-step PGD on every test sample (the shared run's seeds), block by
+    block and stored: per defense, bool (S,) correct under it."""
+    config = ctx.config
+
+    def block(part: np.ndarray) -> dict[str, np.ndarray]:
+        with precision(ctx.estimator.device, arithmetic or config.precision):
+            x_adv = fixed_step_pgd(
+                ctx.estimator, ctx.ready, ctx.x[part], ctx.y[part], threat, steps=steps,
+                seed=SampleSeeds(config.seed, "pgd", part), compile_backend=config.compile_backend,
+            )  # fmt: skip
+        scores = score_readouts(ctx.estimator, x_adv, ctx.y[part], defenses, len(part))
+        return {"index": part, **{k: v for k, v in scores.items() if k.startswith("defense/")}}
+
+    result = ctx.blockwise(key, block, np.arange(len(ctx.x)))
+    return {d: result[f"defense/{d}"].astype(bool) for d in defenses}

@@ -1,0 +1,111 @@
+"""The GPU paths of the evaluation, checked on the CPU: the fixed-step PGD through
+``torch.compile`` (a cheap backend here) equals the plain one; bf16 autocast attacks run in
+bf16 and are reported beside the same column in fp32 on the same images; and the
+RobustBench-style ``benchmark`` entry point."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from evaluation_fixtures import TINY, splits, tiny_estimator
+
+from deq_attacks import Phantom, Unrolled
+from deq_attacks.evaluation import (
+    EvaluationConfig,
+    SweepConfig,
+    ThreatModel,
+    benchmark,
+    evaluate_model,
+    fixed_step_pgd,
+)
+from deq_attacks.evaluation.attacks import precision
+from deq_attacks.evaluation.attacks.pgd import compiled
+
+THREAT = ThreatModel(eps=0.1, step=0.05, steps=2)
+SWEEP = SweepConfig(
+    {"adjoint": {"n": "1", "beta": "1.0"}, "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}
+)
+
+
+def test_compiled_pgd_equals_the_plain_one() -> None:
+    estimator = tiny_estimator(trained=True)
+    (x, y), _ = splits(8, 1)
+    plain = fixed_step_pgd(estimator, Phantom(2, 0.5), x, y, THREAT, seed=1)
+    fast = fixed_step_pgd(estimator, Phantom(2, 0.5), x, y, THREAT, seed=1,
+                          compile_backend="aot_eager")  # fmt: skip
+    np.testing.assert_allclose(fast, plain, atol=1e-6)
+    view = compiled(estimator, "aot_eager")
+    assert view.deq is not estimator.deq and view.deq is compiled(estimator, "aot_eager").deq
+    assert isinstance(view.deq.f, torch._dynamo.eval_frame.OptimizedModule)
+    shared = {id(p) for p in estimator.deq.parameters()}
+    assert {id(p) for p in view.deq.parameters()} == shared  # no parameter copied
+    assert view.gradient_estimate == estimator.gradient_estimate
+
+
+def test_bf16_attacks_run_in_bf16() -> None:
+    estimator = tiny_estimator(trained=True)
+    (x, y), _ = splits(16, 1)
+    dtypes = []
+    hook = estimator.deq.head.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    with precision(estimator.device, "bf16"):
+        low = fixed_step_pgd(estimator, Unrolled(1, 1, 1.0), x, y, THREAT)
+    hook.remove()
+    assert torch.bfloat16 in dtypes
+    full = fixed_step_pgd(estimator, Unrolled(1, 1, 1.0), x, y, THREAT)
+    assert not np.array_equal(low, full)  # other arithmetic, other path
+    assert np.abs(low - x).max() <= THREAT.eps + 1e-6 and low.dtype == np.float32
+    correct = [(estimator.predict(a).argmax(1) == y).mean() for a in (low, full)]
+    assert abs(correct[0] - correct[1]) <= 0.25
+    with pytest.raises(ValueError, match="precision"), precision(estimator.device, "fp8"):
+        pass
+
+
+def test_bf16_protocol_reports_fp32_beside_it_on_the_same_images() -> None:
+    dev, test = splits()
+    cheap = dataclasses.replace(TINY, attacks="pgd,square", bptt=False, sweep=SWEEP)
+    low = evaluate_model(
+        tiny_estimator(trained=True), test, dev, dataclasses.replace(cheap, precision="bf16")
+    )
+    check = next(c for c in low.diagnostics if c.name == "bf16_vs_fp32")
+    assert check.numbers["column"] == "ready-made PGD"
+    full = evaluate_model(tiny_estimator(trained=True), test, dev, cheap)
+    fp32 = {d: float(np.mean(full.survived[d]["ready-made PGD"])) for d in full.defenses}
+    assert check.numbers["fp32"] == pytest.approx(fp32)  # the fp32 run of the same column
+    bf16 = {d: float(np.mean(low.survived[d]["ready-made PGD"])) for d in low.defenses}
+    assert check.numbers["bf16"] == pytest.approx(bf16)
+    assert all(c.name != "bf16_vs_fp32" for c in full.diagnostics)
+
+
+def test_benchmark_runs_the_cascade_and_returns_the_per_sample_verdict() -> None:
+    deq = tiny_estimator(trained=True).deq
+    result = benchmark(
+        deq, n_examples=12, dataset="digits", eps=0.1, batch_size=6, n_dev=12, steps=2,
+        aa_iterations=2, aa_queries=5, aa_target_classes=2, square_queries=5, long_steps=2,
+        diagnostic_samples=2, bptt=False, sweep=SWEEP,
+    )  # fmt: skip
+    report = result.report
+    assert report.mode == "cascade" and report.settings["n_test"] == 12
+    best = max(report.robustness(), key=lambda r: r.robust)
+    assert (result.defense, result.robust_accuracy) == (best.defense, best.accuracy)
+    assert result.verdict.shape == (12,) and result.verdict.mean() == result.robust_accuracy
+    assert result.clean_accuracy == np.mean(report.clean[result.defense])
+    assert result.robust_accuracy <= result.clean_accuracy
+    assert set(result.verdicts) == {"final", "early", "ensemble"}
+    assert report.settings["config"]["eps"] == 0.1 and report.settings["config"]["step"] == 0.025
+    with pytest.raises(ValueError, match="L-inf only"):
+        benchmark(deq, 12, "digits", "L2")
+    with pytest.raises(ValueError, match="too few"):
+        benchmark(deq, 590, "digits", n_dev=10)
+    with pytest.raises(ValueError, match="eps is required"):
+        benchmark(deq, 10, "some/file.npz")
+    with pytest.raises(TypeError, match="DEQ or a DEQEstimator"):
+        benchmark(torch.nn.Linear(2, 2), 10, "digits")  # type: ignore[arg-type]
+
+
+def test_default_config_is_table_mode_and_fp32() -> None:
+    config = EvaluationConfig()
+    assert config.mode.value == "table" and config.precision == "fp32"
+    assert config.compile_backend == "" and config.batch_size is None
