@@ -5,10 +5,52 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from deq_attacks.solvers.base import Solver, _Recorder
 from deq_attacks.solvers.registry import register_solver
 from deq_attacks.solvers.trajectory import Trajectory
+
+
+class _Window:
+    """The last ``memory`` iterates ``z_i``, ``f(z_i)`` and residuals ``g_i`` in ring order.
+
+    No-grad solves write each entry in place into (B, memory, d) buffers; differentiable
+    solves keep references (autograd saved the old entries) and stack them when read.
+    Iterates are kept only when the mixing needs them (``beta < 1``).
+    """
+
+    def __init__(self, rec: _Recorder, memory: int, keep_z: bool) -> None:
+        self.memory, self.keep_z, self.in_place = memory, keep_z, not rec.differentiable
+        self.filled = 0
+        batch, dim = rec.z0.shape
+        names = ("z", "fz", "g") if keep_z else ("fz", "g")
+        if self.in_place:
+            self.buffers = {k: rec.z0.new_empty(batch, memory, dim) for k in names}
+        else:
+            self.entries: dict[str, list[Tensor]] = {k: [] for k in names}
+
+    def push(self, rec: _Recorder) -> None:
+        """Store the recorder's current iterate in the next ring slot."""
+        slot = self.filled % self.memory
+        values = {"z": rec.z, "fz": rec.fz, "g": rec.g}
+        if self.in_place:
+            for name, buffer in self.buffers.items():
+                buffer[:, slot] = values[name]
+        else:
+            for name, entries in self.entries.items():
+                if slot < len(entries):
+                    entries[slot] = values[name]
+                else:
+                    entries.append(values[name])
+        self.filled += 1
+
+    def get(self, name: str) -> Tensor:
+        """(B, k, d) the stored entries, k = min(filled, memory), in slot order."""
+        k = min(self.filled, self.memory)
+        if self.in_place:
+            return self.buffers[name][:, :k]
+        return torch.stack(self.entries[name][:k], dim=1)
 
 
 @register_solver("anderson")
@@ -43,34 +85,30 @@ class Anderson(Solver):
             raise ValueError(f"beta must be in (0, 1], got {self.beta!r}")
 
     def _solve(self, rec: _Recorder) -> Trajectory:
-        batch, dim = rec.z0.shape
-        xs = rec.z0.new_zeros(batch, self.memory, dim)
-        fs = rec.z0.new_zeros(batch, self.memory, dim)
-        xs[:, 0], fs[:, 0] = rec.z, rec.fz
-        filled = 1
+        batch = rec.z0.shape[0]
+        like = {"dtype": rec.z0.dtype, "device": rec.z0.device}
+        window = _Window(rec, self.memory, keep_z=self.beta != 1)
+        window.push(rec)
         for n in range(1, self.threshold + 1):
-            k = min(filled, self.memory)
-            gs = fs[:, :k] - xs[:, :k]
-            system = rec.z0.new_zeros(batch, k + 1, k + 1)
+            k = min(window.filled, self.memory)
+            gs = window.get("g")
+            system = torch.zeros(batch, k + 1, k + 1, **like)
             system[:, 0, 1:] = 1
             system[:, 1:, 0] = 1
-            eye = torch.eye(k, dtype=rec.z0.dtype, device=rec.z0.device)
             gram = torch.bmm(gs, gs.transpose(1, 2))
             scale = gram.diagonal(dim1=1, dim2=2).mean(dim=-1).clamp(min=1e-30)
+            eye = torch.eye(k, **like)
             system[:, 1:, 1:] = gram + (self.lam * scale)[:, None, None] * eye
-            rhs = rec.z0.new_zeros(batch, k + 1, 1)
+            rhs = torch.zeros(batch, k + 1, 1, **like)
             rhs[:, 0] = 1
             weights = torch.linalg.solve(system, rhs)[:, 1:, 0]
             weights = torch.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)
-            mix_f = torch.einsum("bk,bkd->bd", weights, fs[:, :k])
-            mix_x = torch.einsum("bk,bkd->bd", weights, xs[:, :k])
-            z_new = self.beta * mix_f + (1 - self.beta) * mix_x
+            z_new = torch.einsum("bk,bkd->bd", weights, window.get("fz"))
+            if self.beta != 1:
+                mix_z = torch.einsum("bk,bkd->bd", weights, window.get("z"))
+                z_new = self.beta * z_new + (1 - self.beta) * mix_z
             rec.record(n, z_new, rec.evaluate(z_new))
-            slot = filled % self.memory
-            if rec.differentiable:  # the old window is saved for the backward: write a copy
-                xs, fs = xs.clone(), fs.clone()
-            xs[:, slot], fs[:, slot] = rec.z, rec.fz
-            filled += 1
-            if not rec.active.any():
+            window.push(rec)
+            if not rec.any_active:
                 break
         return rec.finish()
