@@ -86,20 +86,19 @@ class Anderson(Solver):
 
     def _solve(self, rec: _Recorder) -> Trajectory:
         batch = rec.z0.shape[0]
-        like = {"dtype": rec.z0.dtype, "device": rec.z0.device}
         window = _Window(rec, self.memory, keep_z=self.beta != 1)
         window.push(rec)
         for n in range(1, self.threshold + 1):
             k = min(window.filled, self.memory)
             gs = window.get("g")
-            system = torch.zeros(batch, k + 1, k + 1, **like)
+            system = rec.z0.new_zeros(batch, k + 1, k + 1)
             system[:, 0, 1:] = 1
             system[:, 1:, 0] = 1
             gram = torch.bmm(gs, gs.transpose(1, 2))
             scale = gram.diagonal(dim1=1, dim2=2).mean(dim=-1).clamp(min=1e-30)
-            eye = torch.eye(k, **like)
+            eye = torch.eye(k, dtype=rec.z0.dtype, device=rec.z0.device)
             system[:, 1:, 1:] = gram + (self.lam * scale)[:, None, None] * eye
-            rhs = torch.zeros(batch, k + 1, 1, **like)
+            rhs = rec.z0.new_zeros(batch, k + 1, 1)
             rhs[:, 0] = 1
             weights = torch.linalg.solve(system, rhs)[:, 1:, 0]
             weights = torch.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)

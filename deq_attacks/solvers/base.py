@@ -320,13 +320,10 @@ class _Recorder:
         if any(n > num_steps for n in self._kept_slot):
             # steps beyond the last one run are frozen copies of the last iterate
             self.states[num_steps] = self.z
-        final = self.best if self.solver.return_best else self.z
-        never = self.steps == 0
-        if bool(never.any()):  # a sample that diverged before its first finite iterate: z_0
-            final = torch.where(never.unsqueeze(-1), self.z, final)
+        # a sample that diverged before its first finite iterate has best = z = z_0
         return Trajectory(
             z0=self.z0,
-            final=final,
+            final=self.best if self.solver.return_best else self.z,
             residuals=torch.stack(self._rel_hist, dim=1),
             abs_residuals=torch.stack(self._abs_hist, dim=1),
             steps=self.steps,

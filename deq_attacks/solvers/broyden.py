@@ -148,12 +148,13 @@ class Broyden(Solver):
         eps = torch.finfo(g.dtype).eps
         for n in range(1, self.threshold + 1):
             z_new = torch.add(z, p, alpha=-alpha)  # z_n + dz, dz = -alpha B_n g_n
-            took = rec.record(n, z_new, rec.evaluate(z_new))
+            rec.record(n, z_new, rec.evaluate(z_new))
             g_new = rec.g
             u_out, v_out = store.columns()
             q, w = store.products(g_new, p, v_out)  # B_n g_{n+1}, B_n^T p
-            # a sample that kept its iterate (stopped or diverged) has dg = 0: no update, and
-            # no inf/NaN of a rejected candidate enters it or its backward
+            # a sample that kept its iterate (stopped or diverged) has dg = 0 exactly, so its
+            # update is skipped (||dg|| > noise fails) and no inf/NaN of a rejected candidate
+            # enters it or its backward
             dg = torch.sub(g_new, g, out=store.buffer("dg"))
             wdg = torch.mul(w, dg, out=store.buffer("tmp")).sum(dim=-1)
             b_dg = torch.sub(q, p, out=store.buffer("tmp"))  # B_n dg
@@ -165,8 +166,6 @@ class Broyden(Solver):
             noise = 1e3 * eps * rec.fz_norm
             ok = torch.isfinite(denom) & (denom.abs() > _UPDATE_EPS * scale) & (scale > 0)
             ok &= dg.detach().norm(dim=-1) > noise
-            if not rec.all_took:
-                ok &= took
             all_ok = bool(ok.all())
             skipped = None if all_ok else (~ok).nonzero().squeeze(1)
             safe = wdg if all_ok else torch.where(ok, wdg, torch.ones_like(wdg))
