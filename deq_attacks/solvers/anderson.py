@@ -13,22 +13,32 @@ from deq_attacks.solvers.trajectory import Trajectory
 
 
 class _Window:
-    """The last ``memory`` iterates ``z_i``, ``f(z_i)`` and residuals ``g_i`` in ring order.
+    """The last ``memory`` iterates ``z_i``, ``f(z_i)``, residuals ``g_i`` in ring order, and
+    the Gram matrix ``g_i . g_j`` of the residuals.
 
-    No-grad solves write each entry in place into (B, memory, d) buffers; differentiable
-    solves keep references (autograd saved the old entries) and stack them when read.
-    Iterates are kept only when the mixing needs them (``beta < 1``).
+    Each push computes only the new residual's row of the Gram matrix (k dot products per
+    sample) instead of the whole matrix. No-grad solves write each entry in place into
+    (B, memory, d) buffers, allocated at once; differentiable solves keep references
+    (autograd saved the old entries), stack them when read and update the Gram matrix out of
+    place. Iterates are kept only when the mixing needs them (``beta < 1``).
     """
 
     def __init__(self, rec: _Recorder, memory: int, keep_z: bool) -> None:
-        self.memory, self.keep_z, self.in_place = memory, keep_z, not rec.differentiable
+        self.memory, self.in_place = memory, not rec.differentiable
         self.filled = 0
         batch, dim = rec.z0.shape
         names = ("z", "fz", "g") if keep_z else ("fz", "g")
         if self.in_place:
-            self.buffers = {k: rec.z0.new_empty(batch, memory, dim) for k in names}
+            window = rec.z0.new_empty(len(names), batch, memory, dim)
+            self.buffers = dict(zip(names, window.unbind(0)))
         else:
             self.entries: dict[str, list[Tensor]] = {k: [] for k in names}
+        self.gram = rec.z0.new_zeros(batch, memory, memory)
+
+    @property
+    def size(self) -> int:
+        """k, the number of entries held (at most ``memory``)."""
+        return min(self.filled, self.memory)
 
     def push(self, rec: _Recorder) -> None:
         """Store the recorder's current iterate in the next ring slot."""
@@ -44,13 +54,18 @@ class _Window:
                 else:
                     entries.append(values[name])
         self.filled += 1
+        row = torch.bmm(rec.g.unsqueeze(1), self.get("g").transpose(1, 2)).squeeze(1)  # (B, k)
+        gram = self.gram if self.in_place else self.gram.clone()
+        k = self.size
+        gram[:, slot, :k] = row
+        gram[:, :k, slot] = row
+        self.gram = gram
 
     def get(self, name: str) -> Tensor:
-        """(B, k, d) the stored entries, k = min(filled, memory), in slot order."""
-        k = min(self.filled, self.memory)
+        """(B, k, d) the stored entries in slot order."""
         if self.in_place:
-            return self.buffers[name][:, :k]
-        return torch.stack(self.entries[name][:k], dim=1)
+            return self.buffers[name][:, : self.size]
+        return torch.stack(self.entries[name][: self.size], dim=1)
 
 
 @register_solver("anderson")
@@ -61,9 +76,9 @@ class Anderson(Solver):
     The mixing weights ``a`` (summing to 1) minimise ``||G^T a||^2 + lam s ||a||^2`` where the rows
     of ``G`` are the residuals ``f(z_i) - z_i`` in memory and ``s`` is the mean of their squared
     norms (so the regularisation keeps its strength as residuals shrink); they come from one batched
-    ``torch.linalg.solve`` of the bordered system, one independent system per sample. The next
-    iterate is ``beta * sum a_i f(z_i) + (1 - beta) * sum a_i z_i``. A differentiable solve
-    differentiates the mixing weights through the solve.
+    ``torch.linalg.solve`` of the bordered system, one independent system per sample; each step
+    adds one row of ``G G^T``. The next iterate is ``beta * sum a_i f(z_i) + (1 - beta) *
+    sum a_i z_i``. A differentiable solve differentiates the mixing weights through the solve.
 
     Args:
         memory: number of past iterates mixed, at least 1.
@@ -88,23 +103,23 @@ class Anderson(Solver):
         batch = rec.z0.shape[0]
         window = _Window(rec, self.memory, keep_z=self.beta != 1)
         window.push(rec)
+        # the bordered system [[0, 1^T], [1, G G^T + lam s I]] [mu; a] = [1; 0]
+        border = rec.z0.new_ones(batch, self.memory + 1, self.memory + 1)
+        border[:, 0, 0] = 0
+        rhs = rec.z0.new_zeros(batch, self.memory + 1, 1)
+        rhs[:, 0] = 1
         for n in range(1, self.threshold + 1):
-            k = min(window.filled, self.memory)
-            gs = window.get("g")
-            system = rec.z0.new_zeros(batch, k + 1, k + 1)
-            system[:, 0, 1:] = 1
-            system[:, 1:, 0] = 1
-            gram = torch.bmm(gs, gs.transpose(1, 2))
+            k = window.size
+            gram = window.gram[:, :k, :k]
             scale = gram.diagonal(dim1=1, dim2=2).mean(dim=-1).clamp(min=1e-30)
-            eye = torch.eye(k, dtype=rec.z0.dtype, device=rec.z0.device)
-            system[:, 1:, 1:] = gram + (self.lam * scale)[:, None, None] * eye
-            rhs = rec.z0.new_zeros(batch, k + 1, 1)
-            rhs[:, 0] = 1
-            weights = torch.linalg.solve(system, rhs)[:, 1:, 0]
-            weights = torch.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)
-            z_new = torch.einsum("bk,bkd->bd", weights, window.get("fz"))
+            system = border[:, : k + 1, : k + 1].clone()
+            system[:, 1:, 1:] = gram
+            system[:, 1:, 1:].diagonal(dim1=1, dim2=2).add_((self.lam * scale)[:, None])
+            weights = torch.linalg.solve(system, rhs[:, : k + 1])[:, 1:]  # (B, k, 1)
+            weights = torch.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0).transpose(1, 2)
+            z_new = torch.bmm(weights, window.get("fz")).squeeze(1)
             if self.beta != 1:
-                mix_z = torch.einsum("bk,bkd->bd", weights, window.get("z"))
+                mix_z = torch.bmm(weights, window.get("z")).squeeze(1)
                 z_new = self.beta * z_new + (1 - self.beta) * mix_z
             rec.record(n, z_new, rec.evaluate(z_new))
             window.push(rec)
