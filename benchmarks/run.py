@@ -138,12 +138,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for case in args.cases:
             print(f"[{name}] {case} ...", flush=True)
             for row in case_run(case)(ctx):
-                data = {**row.to_json(), "case": case}
+                record = {**row.to_json(), "case": case}
                 if isinstance(row, Result):
                     print(f"    {row.id}: {row.measured:.3f} (target {row.target})", flush=True)
-                    results.append(data)
+                    results.append(record)
                 else:
-                    measurements.append(data)
+                    measurements.append(record)
         info["load_after"] = round(os.getloadavg()[0], 1)
         runs[name] = {
             "description": workload.description,

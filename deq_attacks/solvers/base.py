@@ -81,6 +81,12 @@ class Solver(ABC):
         """Whether the trajectory carries an inverse-Jacobian estimate ``B_n``."""
         return False
 
+    @property
+    def workspace_rows(self) -> int:
+        """How many (B, d) rows a no-grad solve needs for what it returns besides the kept
+        iterates (``_Recorder.workspace``); they are allocated together with those iterates."""
+        return 0
+
     def solve(
         self,
         fn: FixedPointMap,
@@ -134,7 +140,8 @@ class _Recorder:
     the current iterate ``z``, ``fz = f(z)``, its residual ``g = fz - z`` (B, d), ``fz_norm``
     (B,) and ``any_active``. The recorder keeps references to the tensors it is given and
     never writes into them: a solver must not write into ``z_new`` or ``f_new`` after recording
-    them, nor into ``z``, ``fz`` or ``g``.
+    them, nor into ``z``, ``fz`` or ``g``. A no-grad solve gets ``workspace``
+    (``solver.workspace_rows``, B, d) to keep what it returns, else None.
 
     Every quantity is computed per sample, so one sample never changes another's result.
     Residuals and the decisions taken from them are computed on detached values, so in a
@@ -167,9 +174,15 @@ class _Recorder:
             )
         kept = range(1, solver.threshold + 1) if keep is True else sorted(wanted)
         self._kept_slot = {n: i for i, n in enumerate(kept)}
-        # no-grad solves copy the kept iterates into one buffer, allocated once (not a new
-        # tensor per step); differentiable ones keep references (autograd needs them)
-        self._kept = z0.new_empty(len(kept), *z0.shape) if kept and not differentiable else None
+        # no-grad solves copy the kept iterates into one buffer (not a new tensor per step),
+        # allocated at once with the solver's workspace: one block per solve, which the
+        # allocator reuses from solve to solve; differentiable ones keep references
+        self._kept: Tensor | None = None
+        self.workspace: Tensor | None = None
+        rows = 0 if differentiable else len(kept) + solver.workspace_rows
+        if rows:
+            block = z0.new_empty(rows, *z0.shape)
+            self._kept, self.workspace = block[: len(kept)], block[len(kept) :]
         fz0 = self.evaluate(z0)
         self.z = z0
         self.fz = fz0

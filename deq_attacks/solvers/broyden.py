@@ -15,18 +15,19 @@ _UPDATE_EPS = 1e-6
 
 
 class _Preallocated:
-    """No-grad solves: the factors of ``B_n`` in one preallocated buffer, and the step's
-    temporaries in a few more, all written in place (no memory is allocated per step).
+    """No-grad solves: the factors of ``B_n`` in the recorder's workspace and the step's
+    temporaries in one more buffer, all written in place (no memory is allocated per step).
 
     U and V are stored step-major, (N, B, d), so that each step's column pair is two
     contiguous (B, d) blocks; the batched products read (B, n, d) views of them, and U is
     exposed as (B, d, N). Every column is written before it is read.
     """
 
-    def __init__(self, z0: Tensor, threshold: int) -> None:
-        batch, dim = z0.shape
-        self._U, self._V = z0.new_empty(2, threshold, batch, dim).unbind(0)
-        self._work = dict(zip(("p", "q", "dg", "tmp"), z0.new_empty(4, batch, dim).unbind(0)))
+    def __init__(self, workspace: Tensor) -> None:
+        self._U, self._V = workspace.chunk(2)
+        self._work = dict(
+            zip(("p", "q", "dg", "tmp"), workspace.new_empty(4, *workspace.shape[1:]))
+        )
         self.count = 0
 
     def buffer(self, name: str) -> Tensor | None:
@@ -139,9 +140,13 @@ class Broyden(Solver):
     def keeps_inverse(self) -> bool:
         return True
 
+    @property
+    def workspace_rows(self) -> int:
+        return 2 * self.threshold  # U and V
+
     def _solve(self, rec: _Recorder) -> Trajectory:
         alpha = self.alpha
-        store = _Columns() if rec.differentiable else _Preallocated(rec.z0, self.threshold)
+        store = _Columns() if rec.workspace is None else _Preallocated(rec.workspace)
         z, g = rec.z, rec.g
         p = torch.neg(g, out=store.buffer("p"))  # B_0 g_0
         p_norm = p.detach().norm(dim=-1)
