@@ -6,7 +6,8 @@ BackpropThroughSolver input gradient, at every N in ``settings.scaling_threshold
 smallest N (at the middle batch) and largest over smallest B (at the smallest N), whose target
 is the largest growth theory predicts for it (``(ratio)^p`` for the highest power p of its
 order) with 10% slack: nothing may grow faster than its order says. The raw values go in two
-grids.
+grids. Run on the small workload only (DEQ-Large at batch 256 and 32 iterates is hours on a
+CPU): other workloads get no rows.
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def _seconds(ctx: Context, call: Callable[[], object]) -> float:
 
 
 def run(ctx: Context) -> list[Row]:
+    if ctx.workload.name != "small":
+        return []
     s = ctx.settings
     thresholds, batches = s.scaling_thresholds, s.scaling_batches
     mid_batch = batches[len(batches) // 2]
