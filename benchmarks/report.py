@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 from pathlib import Path
 from typing import Any
@@ -21,74 +22,11 @@ machine do not inflate. Forward solves use `tol=0` so that every solve runs all 
 (the notes check it).
 
 Memory: {memory}.
+
+Rows list the case that measured them; a run line says which cases it covered
+(`python -m benchmarks.run --cases a,b` replaces only those cases' rows). The scaling grids
+under the table hold the raw values behind the `scaling_*` ratios.
 """
-
-# What bounds each ratio, independent of the machine (rendered for the ratios present).
-NOTES: tuple[tuple[tuple[str, ...], str], ...] = (
-    (
-        ("ensemble_adjoint",),
-        "The adjoint ensemble (Eq. 17) is one sweep over the trajectory, like Adjoint(n=N); it "
-        "only adds the injection-gradient term at every step.",
-    ),
-    (
-        ("ensemble_unrolled",),
-        "Unrolled estimates share no work between steps: the ensemble pays one unrolling "
-        "(f forward, VJP, head) per state on top of the shared forward solve.",
-    ),
-    (
-        ("adjoint_vs_unrolled",),
-        "Adjoint(n) runs n sequential steps of Eq. 9-10, each a VJP through f and through the "
-        "head at z_m (u_m needs u_{m-1}, so they cannot be batched); Unrolled(n, k=1) runs one. "
-        "With S the forward solve and c one such step the ratio is about (S + n c) / (S + c): "
-        "it nears 1 only where the forward solve dominates.",
-    ),
-    (
-        ("art_pgd_unrolled", "art_pgd_adjoint"),
-        "ART's PGD `generate` computes its success rate (two `predict`s of the batch) for a log "
-        "line whether or not logging is on, and `PyTorchClassifier.loss_gradient` evaluates the "
-        "defended logits and the loss before the backward that yields the estimate. The cheaper "
-        "the estimate, the more this fixed overhead weighs.",
-    ),
-    (
-        ("broyden_vs_torchdeq",),
-        "Beyond the N+1 evaluations of f, a Broyden step costs three products with the low-rank "
-        "factors of B_n and, in ours, per-sample bookkeeping (residuals, stopping, divergence, "
-        "best iterate, the running sum of the ensemble defense).",
-    ),
-    (
-        ("memory_early_broyden", "memory_ensemble_broyden"),
-        "Broyden's iteration applies B_n, whose factors hold one pair of (B, d) vectors per "
-        "step, so the solver itself is O(N) in memory whatever the defense; the defenses add "
-        "O(1) on top (the vs-Final rows). Anderson and fixed-point iteration are O(1).",
-    ),
-    (
-        ("train_phantom_vs_exact",),
-        "Both share the forward solve. Phantom: k forward steps of f with autograd and their "
-        "backward into the state and the parameters. Exact: two evaluations of f with "
-        "autograd, a backward Broyden solve of (threshold + 1) VJPs into the state only (no "
-        "weight-gradient convolutions) and one backward into the parameters. Where the "
-        "weight gradients cost as much as the state gradients (DEQ-Large) the exact step is "
-        "the cheaper one. The paper's 0.80 (Table 10) was measured with its own code on a GPU.",
-    ),
-    (
-        ("pgd_at_phantom_vs_exact",),
-        "A PGD-AT step is PGD-10 (ten input gradients through the training gradient, in eval "
-        "mode, plus ART's bookkeeping) and one training step: the adversary dominates, so the "
-        "ratio follows the per-estimate cost of Phantom(k) against Exact (its backward solve). "
-        "Samples/s in the notes are batch / step time; the paper's 35.4 (phantom) and 28.3 "
-        "(exact 8/7) samples/s are DEQ-Large on an RTX 3090 with batch 96 (Table 10).",
-    ),
-)
-
-NOTES += (
-    (
-        ("shared_runs_vs_distinct", "shared_runs_vs_cells"),
-        "A fixed-step PGD with a loss-aware estimate never looks at the defended output, so one "
-        "run per estimate yields the adversarial examples of every defense and every state z_n; "
-        "scoring them costs one forward solve that keeps every iterate. Cell by cell, the "
-        "attack is rerun for each defense.",
-    ),
-)
 
 COLUMNS = ("ratio", "measured", "target", "met?", "workload", "what was timed", "notes")
 
@@ -101,21 +39,48 @@ def _met(value: bool | None) -> str:
     return "—" if value is None else ("yes" if value else "**no**")
 
 
+def _run_line(name: str, description: str, run: dict[str, Any]) -> str:
+    m = run["machine"]
+    return (
+        f"- `{name}` ({description}), run {m['date']}: {m['device_name']}, "
+        f"torch {m['torch']}, ART {m['art']}, "
+        f"{m['threads']} thread(s), load average {m['load_before']} -> {m['load_after']}, "
+        f"{run['settings']['repeats']} repetitions, {run['settings']['clock']} clock, "
+        f"{run['wall_s']:.0f} s; cases {', '.join(run['cases'])}; `{run['command']}`"
+    )
+
+
+def _value(value: float, unit: str) -> str:
+    return f"{value * 1e3:.1f} ms" if unit == "s" else f"{value / 2**20:.1f} MiB"
+
+
+def render_grids(measurements: list[dict[str, Any]]) -> list[str]:
+    """One markdown table per (workload, grid title): rows and columns in recorded order."""
+    lines: list[str] = []
+    tables: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for cell in measurements:
+        tables.setdefault((cell["workload"], cell["table"]), []).append(cell)
+    for (workload, title), cells in tables.items():
+        rows = list(dict.fromkeys(c["row"] for c in cells))
+        columns = list(dict.fromkeys(c["column"] for c in cells))
+        value = {(c["row"], c["column"]): _value(c["value"], c["unit"]) for c in cells}
+        lines += ["", f"### {title} (`{workload}`)", ""]
+        lines += ["| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        for row in rows:
+            cells_text = (value.get((row, col), "") for col in columns)
+            lines.append(f"| {_cell(row)} | " + " | ".join(cells_text) + " |")
+    return lines
+
+
 def render_device(device: str, data: dict[str, Any]) -> str:
-    """The section of one device: machine info per workload run, then the table."""
+    """The section of one device: the runs per workload, the table, then the grids."""
     lines = [f"## {device}", ""]
-    rows = []
-    for name, run in data["workloads"].items():
-        m = run["machine"]
-        lines.append(
-            f"- `{name}` ({run['description']}), run {m['date']}: {m['device_name']}, "
-            f"torch {m['torch']}, ART {m['art']}, "
-            f"{m['threads']} thread(s), load average {m['load_before']} -> {m['load_after']}, "
-            f"{run['settings']['repeats']} repetitions, {run['settings']['clock']} clock, "
-            f"{run['wall_s']:.0f} s; "
-            f"`{run['command']}`"
-        )
-        rows.extend(run["results"])
+    rows: list[dict[str, Any]] = []
+    measurements: list[dict[str, Any]] = []
+    for name, entry in data["workloads"].items():
+        lines += [_run_line(name, entry["description"], run) for run in entry["runs"]]
+        rows.extend(entry["results"])
+        measurements.extend(entry["measurements"])
     lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         target = "—" if r["target"] is None else f"<= {r['target']:g}"
@@ -133,14 +98,22 @@ def render_device(device: str, data: dict[str, Any]) -> str:
         missed = [r["id"] for r in rows if r["met"] is False and r["workload"] == name]
         if missed:
             lines += ["", f"Missed on `{name}`: " + ", ".join(f"`{m}`" for m in missed) + "."]
+    lines += render_grids(measurements)
     return "\n".join(lines) + "\n"
 
 
-def render_notes(ids: set[str]) -> str:
-    """What bounds each of the ratios in ``ids``."""
+def render_notes(datas: list[dict[str, Any]]) -> str:
+    """What bounds each ratio present (the cases' BOUNDS; ids may hold shell wildcards)."""
+    ids = {r["id"] for d in datas for entry in d["workloads"].values() for r in entry["results"]}
+    bounds: dict[tuple[str, ...], str] = {}
+    for d in datas:
+        for entry in d["workloads"].values():
+            for case_bounds in entry["bounds"].values():
+                for keys, text in case_bounds:
+                    bounds[tuple(keys)] = text
     lines = ["## What bounds the ratios", ""]
-    for keys, text in NOTES:
-        shown = [k for k in keys if k in ids]
+    for keys, text in bounds.items():
+        shown = [k for k in keys if any(fnmatch.fnmatchcase(i, k) for i in ids)]
         if shown:
             lines.append("- " + ", ".join(f"`{k}`" for k in shown) + f": {text}")
     return "\n".join(lines) + "\n"
@@ -156,8 +129,7 @@ def render(results_dir: Path, docs: Path) -> str:
         shown = shown.relative_to(Path.cwd().resolve())
     parts = [HEADER.format(results=shown.as_posix(), memory=memory)]
     parts += [render_device(d["device"], d) for d in datas]
-    ids = {r["id"] for d in datas for run in d["workloads"].values() for r in run["results"]}
-    parts.append(render_notes(ids))
+    parts.append(render_notes(datas))
     text = "\n".join(parts)
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text(text)

@@ -1,5 +1,7 @@
 """Paired timing: two callables timed alternately in one process, median ratio.
 
+``time_inside`` splits one call's time into the part spent inside a function it calls.
+
 Two clocks: "wall" (``time.perf_counter``, synchronised on CUDA) and "cpu" (``time.process_time``,
 the CPU seconds of this process). On a CPU shared with other jobs, single-threaded runs timed
 by CPU seconds are not inflated by the time the process waits for a core; wall time is.
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 
 def synchronize(device: torch.device) -> None:
@@ -106,3 +109,48 @@ def paired_ratio(
         ratios=ratios,
         calls=calls,
     )
+
+
+def time_inside(
+    outer: Callable[[Callable[[Tensor], Tensor]], object],
+    inner: Callable[[Tensor], Tensor],
+    device: torch.device,
+    clock: str = "wall",
+) -> tuple[float, float]:
+    """Seconds of one call ``outer(wrapped)`` and the seconds spent inside its calls of
+    ``wrapped`` (= ``inner``), measured in the same run.
+
+    CPU: ``clock`` read around every inner call. CUDA: events recorded around every inner
+    call and around the whole call (no synchronisation inside), summed after one sync.
+    """
+    if device.type == "cuda":
+        pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+        def timed_cuda(z: Tensor) -> Tensor:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = inner(z)
+            end.record()
+            pairs.append((start, end))
+            return out
+
+        begin, finish = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        synchronize(device)
+        begin.record()
+        outer(timed_cuda)
+        finish.record()
+        synchronize(device)
+        inside = sum(s.elapsed_time(e) for s, e in pairs) / 1e3
+        return begin.elapsed_time(finish) / 1e3, inside
+    now = CLOCKS[clock]
+    spent = [0.0]
+
+    def timed(z: Tensor) -> Tensor:
+        start = now()
+        out = inner(z)
+        spent[0] += now() - start
+        return out
+
+    start = now()
+    outer(timed)
+    return now() - start, spent[0]

@@ -22,7 +22,8 @@ class Settings:
     phantom_k, phantom_lam: the phantom training gradient (5, 0.5). pgd_steps: PGD iterations
     (10). repeats: timed repetitions per ratio (median reported). warmup: untimed calls per
     side first. min_block_s: short calls are repeated until one timed block lasts this long.
-    clock: "wall" or "cpu" (see ``benchmarks.timing``).
+    clock: "wall" or "cpu" (see ``benchmarks.timing``). scaling_thresholds, scaling_batches:
+    the grid of the scaling case (N 8, 16, 32; B 16, 64, 256).
     """
 
     threshold: int = 8
@@ -35,6 +36,8 @@ class Settings:
     warmup: int = 1
     min_block_s: float = 0.3
     clock: str = "wall"
+    scaling_thresholds: tuple[int, ...] = (8, 16, 32)
+    scaling_batches: tuple[int, ...] = (16, 64, 256)
 
     @classmethod
     def quick(cls, repeats: int, clock: str = "wall") -> Settings:
@@ -49,6 +52,8 @@ class Settings:
             warmup=0,
             min_block_s=0.0,
             clock=clock,
+            scaling_thresholds=(2, 4),
+            scaling_batches=(2, 4),
         )
 
 

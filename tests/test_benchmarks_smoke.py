@@ -1,7 +1,8 @@
 """Smoke test of the benchmark suite: it runs end to end and reports every ratio.
 
 Timings are never asserted against targets here (they depend on the machine); only that each
-ratio came out as a finite positive number and that the JSON and the markdown table agree.
+ratio and each grid value came out as a finite positive number, that the JSON and the markdown
+page agree, and that a run of some cases replaces only their rows.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the benchmarks package lives beside deq_attacks, not in it
 
+from benchmarks.cases import CASES  # noqa: E402
 from benchmarks.memory import peak_bytes  # noqa: E402
 
 EXPECTED = {
@@ -44,23 +47,38 @@ EXPECTED = {
     "pgd_at_phantom_vs_exact",
     "shared_runs_vs_distinct",
     "shared_runs_vs_cells",
+    "bookkeeping_broyden",
+    "bookkeeping_broyden_keep",
+    "bookkeeping_anderson",
+    "bookkeeping_fixed_point",
+    "cascade_vs_full",
+    "cascade_vs_full_eps0.2",
+} | {
+    f"scaling_{op}_{resource}_in_{axis}"
+    for op in ("predict_broyden", "predict_anderson", "exact", "adjoint", "bptt")
+    for resource in ("time", "memory")
+    for axis in ("N", "B")
 }
 
 
+@pytest.mark.slow
 def test_quick_suite_reports_every_ratio(tmp_path: Path) -> None:
     out_dir, docs = tmp_path / "results", tmp_path / "benchmarks.md"
     command = [
         sys.executable, "-m", "benchmarks.run", "--quick", "--workload", "small",
         "--repeats", "1", "--threads", "1", "--out-dir", str(out_dir), "--docs", str(docs),
     ]  # fmt: skip
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     data = json.loads((out_dir / "cpu.json").read_text())
-    run = data["workloads"]["small"]
+    entry = data["workloads"]["small"]
+    (run,) = entry["runs"]
     assert run["machine"]["threads"] == 1
-    results = {r["id"]: r for r in run["results"]}
+    assert run["cases"] == list(CASES)
+    results = {r["id"]: r for r in entry["results"]}
     assert set(results) == EXPECTED
+    assert {r["case"] for r in entry["results"]} == set(CASES)
     for id_, r in results.items():
         for key in ("measured", "numerator", "denominator"):
             value = r[key]
@@ -70,10 +88,37 @@ def test_quick_suite_reports_every_ratio(tmp_path: Path) -> None:
         assert r["unit"] in ("s", "bytes")
         assert r["met"] is None if r["target"] is None else isinstance(r["met"], bool)
 
+    # the cascade's per-sample verdict is the full matrix's
+    for id_ in ("cascade_vs_full", "cascade_vs_full_eps0.2"):
+        assert "verdicts differ on 0 (defense, sample) pairs" in results[id_]["notes"]
+
+    # the scaling grids: every (operation, N, B) cell, time and memory
+    cells = entry["measurements"]
+    assert len(cells) == 5 * 2 * 2 * 2
+    assert all(math.isfinite(c["value"]) and c["value"] > 0 for c in cells)
+
     table = docs.read_text()
     assert "| ratio | measured | target | met? | workload | what was timed | notes |" in table
     for r in results.values():
         assert f"{r['measured']:.3f}" in table
+    assert "### scaling: time per call (`small`)" in table
+    assert "| predict, Broyden, N=2 |" in table
+
+    # a run of one case replaces that case's rows and leaves the others
+    before = {r["id"]: r["measured"] for r in entry["results"]}
+    proc = subprocess.run(
+        [*command, "--cases", "broyden_vs_torchdeq"], cwd=ROOT, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entry = json.loads((out_dir / "cpu.json").read_text())["workloads"]["small"]
+    assert [r["cases"] for r in entry["runs"]] == [
+        [c for c in CASES if c != "broyden_vs_torchdeq"],
+        ["broyden_vs_torchdeq"],
+    ]
+    after = {r["id"]: r["measured"] for r in entry["results"]}
+    assert set(after) == EXPECTED
+    assert all(after[k] == v for k, v in before.items() if k != "broyden_vs_torchdeq")
 
 
 def test_cpu_peak_bytes_counts_tensors_alive_at_once() -> None:

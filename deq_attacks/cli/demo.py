@@ -103,6 +103,10 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
     return override(config, parse_pairs(args.train_set, "--train-set"))
 
 
+#: The demo's sweep: every n with beta in {0.5, 1} (Adjoint) and k in {1, 5}, lambda 1 (Unrolled).
+DEMO_SWEEP = SweepConfig({"unrolled": {"k": "1,5", "lam": "1.0"}})
+
+
 def demo_config(args: argparse.Namespace) -> EvaluationConfig:
     """The whole protocol at the demo's scale: the AutoAttack's four attacks with
     ``--aa-iterations`` iterations, 2 target classes and ``--aa-queries`` Square queries (the
@@ -121,7 +125,7 @@ def demo_config(args: argparse.Namespace) -> EvaluationConfig:
         large_eps=0.5,
         batch_size=args.attack_batch_size,
         seed=args.seed,
-        sweep=SweepConfig({"unrolled": {"k": "1,5", "lam": "1.0"}}),
+        sweep=DEMO_SWEEP,
     )
 
 

@@ -50,7 +50,11 @@ class EvaluationPreset:
         return dataclasses.replace(config, **self.settings)
 
 
-_STANDARD_AUTOATTACK = {"attacks": "pgd,autoattack,square", "aa_iterations": 100, "aa_queries": 5000}
+_STANDARD_AUTOATTACK = {
+    "attacks": "pgd,autoattack,square",
+    "aa_iterations": 100,
+    "aa_queries": 5000,
+}
 
 PRESETS: dict[str, EvaluationPreset] = {
     preset.name: preset

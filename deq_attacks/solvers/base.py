@@ -81,6 +81,12 @@ class Solver(ABC):
         """Whether the trajectory carries an inverse-Jacobian estimate ``B_n``."""
         return False
 
+    @property
+    def workspace_rows(self) -> int:
+        """How many (B, d) rows a no-grad solve needs for what it returns besides the kept
+        iterates (``_Recorder.workspace``); they are allocated together with those iterates."""
+        return 0
+
     def solve(
         self,
         fn: FixedPointMap,
@@ -130,10 +136,18 @@ class Solver(ABC):
 class _Recorder:
     """Per-sample bookkeeping for one solve: residuals, stopping, divergence, best, kept states.
 
+    A solver calls ``evaluate`` for f and ``record(n, z_new, f_new)`` once per step, and reads
+    the current iterate ``z``, ``fz = f(z)``, its residual ``g = fz - z`` (B, d), ``fz_norm``
+    (B,) and ``any_active``. The recorder keeps references to the tensors it is given and
+    never writes into them: a solver must not write into ``z_new`` or ``f_new`` after recording
+    them, nor into ``z``, ``fz`` or ``g``. A no-grad solve gets ``workspace``
+    (``solver.workspace_rows``, B, d) to keep what it returns, else None.
+
     Every quantity is computed per sample, so one sample never changes another's result.
     Residuals and the decisions taken from them are computed on detached values, so in a
     differentiable solve they are constants (and a zero residual never meets the norm's
-    infinite derivative).
+    infinite derivative). While every sample takes every step (the common case) no masking is
+    done at all: one check per step decides it, on per-sample values.
     """
 
     def __init__(
@@ -152,25 +166,41 @@ class _Recorder:
         self.nfe = 0
         self.z0 = z0
         batch = z0.shape[0]
-        self.keep_all = keep is True
-        self.keep_steps = frozenset() if isinstance(keep, bool) else frozenset(keep)
-        bad = [n for n in self.keep_steps if not 1 <= n <= solver.threshold]
+        wanted = frozenset() if isinstance(keep, bool) else frozenset(keep)
+        bad = [n for n in wanted if not 1 <= n <= solver.threshold]
         if bad:
             raise ValueError(
                 f"cannot keep steps {sorted(bad)}: valid steps are 1..{solver.threshold}"
             )
+        kept = range(1, solver.threshold + 1) if keep is True else sorted(wanted)
+        self._kept_slot = {n: i for i, n in enumerate(kept)}
+        # no-grad solves copy the kept iterates into one buffer (not a new tensor per step),
+        # allocated at once with the solver's workspace: one block per solve, which the
+        # allocator reuses from solve to solve; differentiable ones keep references
+        self._kept: Tensor | None = None
+        self.workspace: Tensor | None = None
+        rows = 0 if differentiable else len(kept) + solver.workspace_rows
+        if rows:
+            block = z0.new_empty(rows, *z0.shape)
+            self._kept, self.workspace = block[: len(kept)], block[len(kept) :]
         fz0 = self.evaluate(z0)
         self.z = z0
         self.fz = fz0
-        finite = torch.isfinite(fz0).all(dim=-1)
+        self.g = fz0 - z0
+        abs0, self.fz_norm = self.g.detach().norm(dim=-1), fz0.detach().norm(dim=-1)
+        finite = self._finite_rows(abs0, self.fz_norm, z0, fz0)
         self.diverged = ~finite
         self.active = finite.clone()
+        self.any_active = bool(finite.any())
+        self._all_active = bool(finite.all())
+        self._all_true = torch.ones(batch, dtype=torch.bool, device=z0.device)
+        self.all_took = False
         self.converged = torch.zeros(batch, dtype=torch.bool, device=z0.device)
         self.steps = torch.zeros(batch, dtype=torch.long, device=z0.device)
         self.state_sum = torch.zeros_like(z0)
         self.states: dict[int, Tensor] = {}
-        self._abs = (fz0 - z0).detach().norm(dim=-1)
-        self._rel = relative_residual(z0.detach(), fz0.detach())
+        self._abs = abs0
+        self._rel = abs0 / self.fz_norm.clamp(min=_NORM_EPS)
         self._abs_hist: list[Tensor] = []
         self._rel_hist: list[Tensor] = []
         self.best = z0
@@ -183,7 +213,8 @@ class _Recorder:
         instead (it is recorded as diverged and its value is never used): f's backward at
         inf/NaN would otherwise turn its zero cotangent into NaN for that sample's history.
         """
-        if self.differentiable:
+        if self.differentiable and not bool(torch.isfinite(z.detach().sum())):
+            # a finite sum proves every entry finite; otherwise check each sample
             z = torch.where(torch.isfinite(z).all(dim=-1, keepdim=True), z, 0.0)
         fz = recompute(self._fn, z, use_reentrant=False) if self._checkpoint else self._fn(z)
         self.nfe += 1
@@ -193,53 +224,119 @@ class _Recorder:
             )
         return fz
 
+    @staticmethod
+    def _finite_rows(abs_res: Tensor, f_norm: Tensor, z: Tensor, fz: Tensor) -> Tensor:
+        """(B,) whether every entry of ``z`` and ``fz`` is finite, per sample.
+
+        A finite ``||fz - z||`` and ``||fz||`` prove it; only samples whose norms are not
+        finite (a NaN or inf entry, or a norm that overflowed) are checked entry by entry.
+        """
+        finite = torch.isfinite(abs_res) & torch.isfinite(f_norm)
+        if bool(finite.all()):
+            return finite
+        rows = (~finite).nonzero().squeeze(1)
+        finite = finite.clone()
+        z_rows, fz_rows = z.detach().index_select(0, rows), fz.detach().index_select(0, rows)
+        finite[rows] = torch.isfinite(z_rows).all(dim=-1) & torch.isfinite(fz_rows).all(dim=-1)
+        return finite
+
     def _criterion(self, abs_res: Tensor, rel_res: Tensor) -> Tensor:
         return abs_res if self.solver.stop_mode is StopMode.ABS else rel_res
 
+    def _merge(self, mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
+        """Rows of ``new`` where ``mask`` (B,), else rows of ``old``, as a new tensor (neither
+        input is written). No-grad solves copy whole rows (cheaper than ``torch.where``)."""
+        if self.differentiable:
+            return torch.where(mask.unsqueeze(-1), new, old)
+        take = mask.nonzero().squeeze(1)
+        if 2 * take.numel() >= mask.numel():
+            base, src, rows = new, old, (~mask).nonzero().squeeze(1)
+        else:
+            base, src, rows = old, new, take
+        return base.clone().index_copy_(0, rows, src.detach().index_select(0, rows))
+
     def record(self, n: int, z_new: Tensor, f_new: Tensor) -> Tensor:
-        """Record iterate ``z_n`` and ``f(z_n)``; return the (B,) mask of samples that took it.
+        """Record iterate ``z_n`` and ``f(z_n)``; return the (B,) mask of samples that took it
+        (read-only). ``all_took`` says whether every sample did.
 
         Samples not active (stopped earlier) and samples whose candidate is not finite keep
         their previous iterate; the latter are marked diverged and stop.
         """
-        finite = torch.isfinite(z_new).all(dim=-1) & torch.isfinite(f_new).all(dim=-1)
-        took = self.active & finite
-        self.diverged |= self.active & ~finite
-        col = took.unsqueeze(-1)
-        self.z = torch.where(col, z_new, self.z)
-        self.fz = torch.where(col, f_new, self.fz)
-        z, fz = self.z.detach(), self.fz.detach()
-        abs_res = (fz - z).norm(dim=-1)
-        rel_res = relative_residual(z, fz)
-        self._abs = torch.where(took, abs_res, self._abs)
-        self._rel = torch.where(took, rel_res, self._rel)
+        g_new = f_new - z_new
+        abs_new, f_norm = g_new.detach().norm(dim=-1), f_new.detach().norm(dim=-1)
+        rel_new = abs_new / f_norm.clamp(min=_NORM_EPS)
+        crit = self._criterion(abs_new, rel_new)
+        all_finite = all_better = none_converged = False
+        if self._all_active:  # one synchronisation decides the common case
+            flags = torch.stack(
+                (
+                    (torch.isfinite(abs_new) & torch.isfinite(f_norm)).all(),
+                    (crit < self._best_crit).all(),
+                    (crit > self.solver.tol).all(),
+                )
+            ).tolist()
+            all_finite, all_better, none_converged = flags
+        self.all_took = self._all_active and all_finite
+        if self.all_took:
+            took = self._all_true
+            self.z, self.fz, self.g, self.fz_norm = z_new, f_new, g_new, f_norm
+            self._abs, self._rel = abs_new, rel_new
+            self.steps += 1
+            self._add_to_sum(z_new)
+        else:
+            finite = self._finite_rows(abs_new, f_norm, z_new, f_new)
+            took = self.active & finite
+            self.diverged |= self.active & ~finite
+            self.z = self._merge(took, z_new, self.z)
+            self.fz = self._merge(took, f_new, self.fz)
+            self.g = self._merge(took, g_new, self.g)
+            self.fz_norm = torch.where(took, f_norm, self.fz_norm)
+            self._abs = torch.where(took, abs_new, self._abs)
+            self._rel = torch.where(took, rel_new, self._rel)
+            self.steps += took.long()
+            self._add_to_sum(self.z, took)
         self._abs_hist.append(self._abs)
         self._rel_hist.append(self._rel)
-        self.steps += took.long()
-        self.state_sum += torch.where(col, self.z, torch.zeros_like(self.z))
-        crit = self._criterion(self._abs, self._rel)
-        better = took & (crit < self._best_crit)
-        self.best = torch.where(better.unsqueeze(-1), self.z, self.best)
-        self._best_crit = torch.where(better, crit, self._best_crit)
-        now_converged = took & (crit <= self.solver.tol)
-        self.converged |= now_converged
-        self.active = took & ~now_converged
-        if self.keep_all or n in self.keep_steps:
-            self.states[n] = self.z
+        if self.all_took and all_better:
+            self.best, self._best_crit = self.z, crit
+        else:
+            better = took & (crit < self._best_crit)
+            if bool(better.any()):
+                self.best = self._merge(better, self.z, self.best)
+                self._best_crit = torch.where(better, crit, self._best_crit)
+        if not (self.all_took and none_converged):
+            now_converged = took & (crit <= self.solver.tol)
+            self.converged |= now_converged
+            self.active = took & ~now_converged
+            self.any_active = bool(self.active.any())
+            self._all_active = bool(self.active.all())
+        slot = self._kept_slot.get(n)
+        if slot is not None:
+            self.states[n] = self.z if self._kept is None else self._kept[slot].copy_(self.z)
         return took
+
+    def _add_to_sum(self, z: Tensor, took: Tensor | None = None) -> None:
+        """``state_sum += z`` for every sample, or for the samples in ``took`` (B,) only; in
+        place unless autograd records it."""
+        if self.differentiable:
+            added = z if took is None else torch.where(took.unsqueeze(-1), z, 0.0)
+            self.state_sum = self.state_sum + added
+        elif took is None:
+            self.state_sum.add_(z)
+        else:
+            rows = took.nonzero().squeeze(1)
+            self.state_sum.index_add_(0, rows, z.index_select(0, rows))
 
     def finish(self, inverse: BroydenInverse | None = None) -> Trajectory:
         """Close the record after the last step run."""
         num_steps = len(self._rel_hist)
-        if any(n > num_steps for n in self.keep_steps):
+        if any(n > num_steps for n in self._kept_slot):
             # steps beyond the last one run are frozen copies of the last iterate
             self.states[num_steps] = self.z
-        final = self.best if self.solver.return_best else self.z
-        # a sample that diverged before its first finite iterate keeps z_0
-        final = torch.where((self.steps == 0).unsqueeze(-1), self.z, final)
+        # a sample that diverged before its first finite iterate has best = z = z_0
         return Trajectory(
             z0=self.z0,
-            final=final,
+            final=self.best if self.solver.return_best else self.z,
             residuals=torch.stack(self._rel_hist, dim=1),
             abs_residuals=torch.stack(self._abs_hist, dim=1),
             steps=self.steps,

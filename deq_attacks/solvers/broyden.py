@@ -15,59 +15,89 @@ _UPDATE_EPS = 1e-6
 
 
 class _Preallocated:
-    """The factors of ``B_n`` in preallocated buffers, written in place (no-grad solves).
+    """No-grad solves: the factors of ``B_n`` in the recorder's workspace and the step's
+    temporaries in one more buffer, all written in place (no memory is allocated per step).
 
-    U is stored step-major, (B, N, d) transposed to (B, d, N), so that each step's column is
-    one contiguous row; every column is written before it is read.
+    U and V are stored step-major, (N, B, d), so that each step's column pair is two
+    contiguous (B, d) blocks; the batched products read (B, n, d) views of them, and U is
+    exposed as (B, d, N). Every column is written before it is read.
     """
 
-    def __init__(self, z0: Tensor, threshold: int) -> None:
-        batch, dim = z0.shape
-        self.U = z0.new_empty(batch, threshold, dim).transpose(1, 2)
-        self.V = z0.new_empty(batch, threshold, dim)
-        self.inverse = BroydenInverse(self.U, self.V)
+    def __init__(self, workspace: Tensor) -> None:
+        self._U, self._V = workspace.chunk(2)
+        self._work = dict(
+            zip(("p", "q", "dg", "tmp"), workspace.new_empty(4, *workspace.shape[1:]))
+        )
         self.count = 0
 
-    def matvec(self, v: Tensor) -> Tensor:
-        return self.inverse.matvec(self.count, v)
+    def buffer(self, name: str) -> Tensor | None:
+        """The step's scratch (B, d) for ``name`` ("p", "q", "dg", "tmp")."""
+        return self._work[name]
 
-    def rmatvec(self, v: Tensor) -> Tensor:
-        return self.inverse.rmatvec(self.count, v)
+    def columns(self) -> tuple[Tensor | None, Tensor | None]:
+        """Where the next update's column pair (u, v) is written."""
+        return self._U[self.count], self._V[self.count]
 
-    def append(self, u: Tensor, v: Tensor) -> None:
-        self.U[:, :, self.count] = u
-        self.V[:, self.count, :] = v
+    def products(self, g: Tensor, p: Tensor, v_out: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(B_n g, B_n^T p)`` for (B, d) vectors, n the updates so far; ``B_n^T p`` is written
+        into ``v_out`` (it becomes the next column of V)."""
+        q_out = self._work["q"]
+        assert v_out is not None
+        n = self.count
+        if n == 0:
+            return torch.neg(g, out=q_out), torch.neg(p, out=v_out)
+        U, V = self._U[:n].transpose(0, 1), self._V[:n].transpose(0, 1)  # (B, n, d)
+        g_row, p_row = g.unsqueeze(1), p.unsqueeze(1)  # row-vector products beat bmm on columns
+        torch.baddbmm(g_row, torch.bmm(g_row, V.transpose(1, 2)), U, beta=-1, out=q_out[:, None])
+        torch.baddbmm(p_row, torch.bmm(p_row, U.transpose(1, 2)), V, beta=-1, out=v_out[:, None])
+        return q_out, v_out
+
+    def commit(self, u: Tensor, v: Tensor, skipped: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Keep the column pair written by ``columns``; rows in ``skipped`` (indices) become
+        zero. Returns the pair as stored."""
+        if skipped is not None:
+            u.index_fill_(0, skipped, 0.0)
+            v.index_fill_(0, skipped, 0.0)
         self.count += 1
+        return u, v
 
     def factors(self) -> BroydenInverse:
-        return BroydenInverse(self.U[:, :, : self.count], self.V[:, : self.count, :])
+        n = self.count
+        return BroydenInverse(self._U[:n].permute(1, 2, 0), self._V[:n].transpose(0, 1))
 
 
 class _Columns:
-    """The factors of ``B_n`` as lists of columns, never written in place (differentiable
-    solves). ``B_n v = -v + sum_i u_i (v_i . v)``: autograd keeps references to the columns,
-    not a copy of the factors per step, so memory stays O(N d) per sample."""
+    """Differentiable solves: the factors of ``B_n`` as lists of columns, never written in
+    place. ``B_n v = -v + sum_i u_i (v_i . v)``: autograd keeps references to the columns, not
+    a copy of the factors per step, so memory stays O(N d) per sample."""
 
     def __init__(self) -> None:
         self.us: list[Tensor] = []
         self.vs: list[Tensor] = []
 
-    @staticmethod
-    def _apply(left: list[Tensor], right: list[Tensor], v: Tensor) -> Tensor:
-        out = -v
-        for a, b in zip(left, right):
-            out = out + a * (b * v).sum(dim=-1, keepdim=True)
-        return out
+    def buffer(self, name: str) -> None:
+        """No scratch: every result is a new tensor (autograd may save it)."""
+        return None
 
-    def matvec(self, v: Tensor) -> Tensor:
-        return self._apply(self.us, self.vs, v)
+    def columns(self) -> tuple[None, None]:
+        return None, None
 
-    def rmatvec(self, v: Tensor) -> Tensor:
-        return self._apply(self.vs, self.us, v)
+    def products(self, g: Tensor, p: Tensor, v_out: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(B_n g, B_n^T p)`` for (B, d) vectors."""
+        bg, btp = -g, -p
+        for u, v in zip(self.us, self.vs):
+            bg = bg + u * (v * g).sum(dim=-1, keepdim=True)
+            btp = btp + v * (u * p).sum(dim=-1, keepdim=True)
+        return bg, btp
 
-    def append(self, u: Tensor, v: Tensor) -> None:
+    def commit(self, u: Tensor, v: Tensor, skipped: Tensor | None) -> tuple[Tensor, Tensor]:
+        if skipped is not None:
+            keep = torch.ones(u.shape[0], 1, dtype=torch.bool, device=u.device)
+            keep[skipped] = False
+            u, v = torch.where(keep, u, 0.0), torch.where(keep, v, 0.0)
         self.us.append(u)
         self.vs.append(v)
+        return u, v
 
     def factors(self) -> BroydenInverse:
         """The recorded factors, detached (the trajectory's record, not part of the graph)."""
@@ -90,6 +120,11 @@ class Broyden(Solver):
     by ~0 happens. The factors of every ``B_n`` are kept. A differentiable solve differentiates
     the updates as computed (which updates are skipped is a constant).
 
+    Each step costs one product with ``B_n`` and one with ``B_n^T``: with ``p = B_n g_n`` (so
+    ``dz = -alpha p``), ``q = B_n g_{n+1}`` gives ``B_n dg = q - p`` and, after the update,
+    ``B_{n+1} g_{n+1} = q + u (v . g_{n+1})``; ``w = B_n^T p`` gives ``dz^T B_n = -alpha w^T``.
+    The update is stored as the column pair ``u = -(q + (alpha - 1) p) / (w . dg)``, ``v = w``.
+
     Args:
         alpha: step size, > 0.
     """
@@ -105,35 +140,47 @@ class Broyden(Solver):
     def keeps_inverse(self) -> bool:
         return True
 
+    @property
+    def workspace_rows(self) -> int:
+        return 2 * self.threshold  # U and V
+
     def _solve(self, rec: _Recorder) -> Trajectory:
-        factors = _Columns() if rec.differentiable else _Preallocated(rec.z0, self.threshold)
-        z, g = rec.z, rec.fz - rec.z
+        alpha = self.alpha
+        store = _Columns() if rec.workspace is None else _Preallocated(rec.workspace)
+        z, g = rec.z, rec.g
+        p = torch.neg(g, out=store.buffer("p"))  # B_0 g_0
+        p_norm = p.detach().norm(dim=-1)
+        eps = torch.finfo(g.dtype).eps
         for n in range(1, self.threshold + 1):
-            dz = -self.alpha * factors.matvec(g)
-            z_new = z + dz
-            f_new = rec.evaluate(z_new)
-            took = rec.record(n, z_new, f_new)
-            # the step taken: none for a sample that kept its iterate (stopped or diverged), so
-            # no inf/NaN of a rejected candidate enters the update or its backward
-            dz = torch.where(took.unsqueeze(-1), dz, 0.0)
-            dg = rec.fz - rec.z - g
-            b_dg = factors.matvec(dg)
-            bt_dz = factors.rmatvec(dz)
-            denom = (bt_dz * dg).sum(dim=-1)
-            # the decision to update is a constant: taken on detached values
-            denom_d = denom.detach()
-            scale = dz.detach().norm(dim=-1) * b_dg.detach().norm(dim=-1)
+            z_new = torch.add(z, p, alpha=-alpha)  # z_n + dz, dz = -alpha B_n g_n
+            rec.record(n, z_new, rec.evaluate(z_new))
+            g_new = rec.g
+            u_out, v_out = store.columns()
+            q, w = store.products(g_new, p, v_out)  # B_n g_{n+1}, B_n^T p
+            # a sample that kept its iterate (stopped or diverged) has dg = 0 exactly, so its
+            # update is skipped (||dg|| > noise fails) and no inf/NaN of a rejected candidate
+            # enters it or its backward
+            dg = torch.sub(g_new, g, out=store.buffer("dg"))
+            wdg = torch.mul(w, dg, out=store.buffer("tmp")).sum(dim=-1)
+            b_dg = torch.sub(q, p, out=store.buffer("tmp"))  # B_n dg
+            # the decision to update is a constant: taken on detached values, per sample
+            denom = -alpha * wdg.detach()  # dz^T B_n dg
+            scale = (alpha * p_norm) * b_dg.detach().norm(dim=-1)  # ||dz|| ||B_n dg||
             # a residual change at rounding level carries no curvature information (it would
             # corrupt B_n for a sample that has converged), so such an update is skipped too
-            noise = 1e3 * torch.finfo(dg.dtype).eps * f_new.detach().norm(dim=-1)
-            ok = took & torch.isfinite(denom_d) & (denom_d.abs() > _UPDATE_EPS * scale)
-            ok &= (scale > 0) & (dg.detach().norm(dim=-1) > noise)
-            safe = torch.where(ok, denom, torch.ones_like(denom)).unsqueeze(-1)
-            keep = ok.unsqueeze(-1)
-            factors.append(
-                torch.where(keep, (dz - b_dg) / safe, 0.0), torch.where(keep, bt_dz, 0.0)
-            )
-            z, g = rec.z, rec.fz - rec.z
-            if not rec.active.any():
+            noise = 1e3 * eps * rec.fz_norm
+            ok = torch.isfinite(denom) & (denom.abs() > _UPDATE_EPS * scale) & (scale > 0)
+            ok &= dg.detach().norm(dim=-1) > noise
+            all_ok = bool(ok.all())
+            skipped = None if all_ok else (~ok).nonzero().squeeze(1)
+            safe = wdg if all_ok else torch.where(ok, wdg, torch.ones_like(wdg))
+            pre = q if alpha == 1 else torch.add(q, p, alpha=alpha - 1, out=store.buffer("tmp"))
+            u = torch.div(pre, (-safe).unsqueeze(-1), out=u_out)
+            u, v = store.commit(u, w, skipped)
+            coeff = torch.mul(v, g_new, out=store.buffer("tmp")).sum(dim=-1, keepdim=True)
+            p = torch.addcmul(q, u, coeff, out=store.buffer("p"))  # B_{n+1} g_{n+1}
+            p_norm = p.detach().norm(dim=-1)
+            z, g = rec.z, g_new
+            if not rec.any_active:
                 break
-        return rec.finish(factors.factors())
+        return rec.finish(store.factors())

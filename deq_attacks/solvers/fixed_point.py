@@ -27,8 +27,11 @@ class FixedPointIteration(Solver):
 
     def _solve(self, rec: _Recorder) -> Trajectory:
         for n in range(1, self.threshold + 1):
-            z_new = (1 - self.damping) * rec.z + self.damping * rec.fz
+            # damping 1: z_{n+1} is f(z_n) itself (the recorder never writes into it)
+            z_new = rec.fz
+            if self.damping != 1:
+                z_new = (1 - self.damping) * rec.z + self.damping * rec.fz
             rec.record(n, z_new, rec.evaluate(z_new))
-            if not rec.active.any():
+            if not rec.any_active:
                 break
         return rec.finish()

@@ -1,0 +1,140 @@
+"""Cascade mode against the full matrix on the demo's setting: the same per-sample verdict for
+less attack work (issue 16.3).
+
+The model is the demo's (the ``demo`` training preset: a small conv DEQ on the embedded
+digits, clean pretraining then PGD-AT with the phantom gradient; trained once into
+``runs/benchmark_cascade`` and reused) and the protocol runs with the demo's settings (the
+``digits`` evaluation preset and the demo's sweep), once in table mode and once in cascade
+mode, alternately. The ratio is the cascade's attack-column time, its ordering runs on the
+development split included, over the full matrix's column time; the notes say whether the two
+verdicts agree (every defense, every sample) and how many cells the cascade left unattacked.
+This case uses the context's settings (quick, repeats, clock, device), not its workload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.cases.common import Bounds, Context, Result, Row
+from benchmarks.workloads import Settings
+from deq_attacks import DEQ, DEQEstimator
+from deq_attacks.checkpoints import load_weights
+from deq_attacks.cli.demo import DEMO_SWEEP
+from deq_attacks.evaluation import EvaluationConfig, EvaluationReport, Mode, evaluate_model
+from deq_attacks.evaluation.presets import evaluation_preset
+from deq_attacks.training import preset, run_training
+from deq_attacks.training.config import Device
+from deq_attacks.training.data_loading import held_out_split
+
+CACHE = Path(__file__).resolve().parents[2] / "runs" / "benchmark_cascade"
+TARGET = 0.5
+
+BOUNDS: Bounds = (
+    (
+        ("cascade_vs_full", "cascade_vs_full_eps0.2"),
+        "A sample that survives every column must be attacked by every column in both modes, "
+        "so the cascade's time is at least about the robust fraction of the full matrix's "
+        "(plus its ordering runs on the development split); it saves only on samples that an "
+        "earlier, stronger column already broke. AutoAttack, the costliest column, already "
+        "skips broken samples inside its own four attacks.",
+    ),
+)
+
+#: Smoke-mode changes: a tiny model trained for one epoch, a few images, tiny budgets.
+_QUICK_TRAINING = {"width": 4, "forward_threshold": 3, "epochs": 1, "pretrain_steps": 1,
+                   "adversarial": False, "dev_size": 12, "train_limit": 60, "batch_size": 20,
+                   "plots": False}  # fmt: skip
+_QUICK_EVAL = {"steps": 2, "square_queries": 10, "aa_iterations": 2, "aa_queries": 5,
+               "long_steps": 2, "batch_size": 6, "diagnostic_samples": 2}  # fmt: skip
+
+
+def demo_model(device: str, quick: bool, cache: Path = CACHE) -> tuple[DEQEstimator, int]:
+    """The demo preset's trained model (best development-PGD checkpoint) as an estimator, and
+    the number of test images to attack."""
+    config = dataclasses.replace(preset("demo"), device=Device(device), threads=None)
+    if quick:
+        config = dataclasses.replace(config, **_QUICK_TRAINING)
+    run_dir = cache.with_name(cache.name + ("_quick" if quick else ""))
+    result = run_training(config, run_dir, log=lambda _text: None)
+    deq = result.model
+    assert isinstance(deq, DEQ)
+    load_weights(deq, run_dir / "best.safetensors")
+    estimator = DEQEstimator(
+        deq.eval(),
+        input_shape=result.image_shape,
+        nb_classes=result.num_classes,
+        device_type="gpu" if device == "cuda" else "cpu",
+    )
+    return estimator, 12 if quick else 100
+
+
+def _is_quick(settings: Settings) -> bool:
+    return settings == Settings.quick(settings.repeats, settings.clock)
+
+
+def run(ctx: Context) -> list[Row]:
+    quick = _is_quick(ctx.settings)
+    estimator, n = demo_model(ctx.device.type, quick)
+    held_out = held_out_split("digits")
+    dev = held_out.subset(np.arange(n))
+    test = held_out.subset(np.arange(n, 2 * n))
+    base = evaluation_preset("digits").apply(EvaluationConfig(sweep=DEMO_SWEEP, batch_size=100))
+    if quick:
+        base = dataclasses.replace(base, **_QUICK_EVAL)
+    splits = ((test.x, test.y), (dev.x, dev.y))
+    return [
+        _row(ctx, estimator, splits, base, "cascade_vs_full", TARGET, quick),
+        # the same model at twice the budget, where most samples fall: reported only
+        _row(ctx, estimator, splits, dataclasses.replace(base, eps=0.2, step=0.05),
+             "cascade_vs_full_eps0.2", None, quick),  # fmt: skip
+    ]
+
+
+def _row(
+    ctx: Context,
+    estimator: DEQEstimator,
+    splits: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+    base: EvaluationConfig,
+    id_: str,
+    target: float | None,
+    quick: bool,
+) -> Result:
+    """Table and cascade mode alternately, ``repeats`` times each, on ``base``'s settings."""
+    (test, dev), n = splits, len(splits[0][0])
+    reports: dict[str, list[EvaluationReport]] = {"table": [], "cascade": []}
+    for repeat in range(ctx.settings.repeats):  # the order swapped every repetition
+        for mode in ("table", "cascade")[:: 1 if repeat % 2 == 0 else -1]:
+            config = dataclasses.replace(base, mode=Mode(mode))
+            reports[mode].append(evaluate_model(estimator, test, dev, config))
+    clock = "cpu_s" if ctx.settings.clock == "cpu" else "wall_s"
+    full = [r.timings["columns"][clock] for r in reports["table"]]
+    order = [r.timings["order"][clock] for r in reports["cascade"]]
+    cascade = [r.timings["columns"][clock] + o for r, o in zip(reports["cascade"], order)]
+    ratios = [c / f for c, f in zip(cascade, full)]
+    table, casc = reports["table"][0], reports["cascade"][0]
+    differing = sum(int((table.verdict()[d] != casc.verdict()[d]).sum()) for d in table.defenses)
+    cells = sum(len(v) for row in casc.survived.values() for v in row.values())
+    skipped = sum(v.count(None) for row in casc.survived.values() for v in row.values())
+    robust = ", ".join(f"{r.defense} {100 * r.accuracy:.0f}%" for r in casc.robustness())
+    return Result(
+        id=id_,
+        ratio="cascade mode's attack columns (with its development ordering runs) / the "
+        "full matrix's",
+        measured=float(np.median(ratios)),
+        target=target,
+        workload=f"demo{' (quick)' if quick else ''}, eps {base.eps:g}",
+        timed="evaluate_model's column step on the demo's model and settings (small conv "
+        f"DEQ, digits, {n} test images, {len(table.columns)} columns x 3 defenses), table "
+        "vs cascade mode",
+        notes=f"verdicts differ on {differing} (defense, sample) pairs; the cascade left "
+        f"{skipped} of {cells} cells unattacked; per-sample robust {robust}; "
+        f"{np.median(cascade):.1f} s (of which ordering {np.median(order):.1f} s) vs "
+        f"{np.median(full):.1f} s ({'CPU' if clock == 'cpu_s' else 'wall'} clock)",
+        numerator=float(np.median(cascade)),
+        denominator=float(np.median(full)),
+        unit="s",
+        samples=ratios,
+    )

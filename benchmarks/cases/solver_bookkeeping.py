@@ -1,0 +1,105 @@
+"""What a solve costs beyond its evaluations of f: solve time / time spent inside f, same run."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+
+import torch
+from torch import Tensor
+
+from benchmarks.cases.common import Bounds, Context, Result, Row, full_solver, ms
+from benchmarks.timing import time_inside
+from deq_attacks import Anderson, Broyden, FixedPointIteration
+from deq_attacks.solvers import FixedPointMap, Solver
+
+TARGET = 1.25  # on the small workload; reported only on DEQ-Large
+
+BOUNDS: Bounds = (
+    (
+        (
+            "bookkeeping_broyden",
+            "bookkeeping_broyden_keep",
+            "bookkeeping_anderson",
+            "bookkeeping_fixed_point",
+        ),
+        "Outside f, every step of every solver computes g = f(z) - z, the norms of g and f(z) "
+        "(per-sample residuals, stopping, best iterate) and adds z to the ensemble's running "
+        "sum: about eight (B, d) passes of memory, masked only once samples stop or diverge. "
+        "Broyden adds one product with B_n and one with B_n^T (2 n (B, d) rows each at step "
+        "n, so O(N^2 d) per solve) and about ten (B, d) passes for its update; Anderson one row "
+        "of its Gram matrix and one mix over its window (memory rows each). These are "
+        "memory-bound: they weigh most against a cheap f (the small conv DEQ: about 1.5 ms per "
+        "evaluation of a batch of 64 states of 4096) and least against DEQ-Large's.",
+    ),
+)
+
+
+def run(ctx: Context) -> list[Row]:
+    n = ctx.settings.threshold
+    deq = ctx.workload.model(ctx.device)
+    x, _ = ctx.workload.batch_data(ctx.device)
+    with torch.no_grad():
+        injection = deq.inject(x)
+        z0 = deq.initial_state(injection).reshape(len(x), -1)
+
+    def f(z: Tensor) -> Tensor:
+        return deq.step(z, injection)
+
+    cases: tuple[tuple[str, type[Solver], bool], ...] = (
+        ("bookkeeping_broyden", Broyden, False),
+        ("bookkeeping_broyden_keep", Broyden, True),
+        ("bookkeeping_anderson", Anderson, False),
+        ("bookkeeping_fixed_point", FixedPointIteration, False),
+    )
+    target = TARGET if ctx.workload.name == "small" else None
+    rows: list[Row] = []
+    for id_, cls, keep in cases:
+        solver = full_solver(cls, n)
+        total, inside, ratios = _split(ctx, solver, f, z0, keep)
+        kept = "every iterate kept" if keep else "no iterate kept"
+        rows.append(
+            Result(
+                id=id_,
+                ratio=f"{cls.__name__} solve / its f evaluations"
+                + (" (keep=True)" if keep else ""),
+                measured=statistics.median(ratios),
+                target=target,
+                workload=ctx.workload.name,
+                timed=f"{cls.__name__}(threshold={n}, tol=0).solve (no grad, {kept}) of "
+                f"deq.step on batch {len(x)} (state {z0.shape[1]}); the denominator is the "
+                f"time spent inside its {n + 1} calls of f in the same run",
+                notes=f"{'' if target else 'reported only; '}{ms(total)} per solve, "
+                f"{ms(inside)} inside f; per-repeat ratios {min(ratios):.3f}..{max(ratios):.3f}",
+                numerator=total,
+                denominator=inside,
+                unit="s",
+                samples=ratios,
+            )
+        )
+    return rows
+
+
+def _split(
+    ctx: Context, solver: Solver, f: FixedPointMap, z0: Tensor, keep: bool
+) -> tuple[float, float, list[float]]:
+    """Median seconds per solve, median seconds inside f, and the per-repeat ratios."""
+    s = ctx.settings
+
+    def solve(fn: FixedPointMap) -> object:
+        return solver.solve(fn, z0, keep=keep)
+
+    for _ in range(s.warmup):
+        time_inside(solve, f, ctx.device, s.clock)
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        samples = [time_inside(solve, f, ctx.device, s.clock) for _ in range(s.repeats)]
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    ratios = [total / inside for total, inside in samples]
+    total = statistics.median(t for t, _ in samples)
+    inside = statistics.median(i for _, i in samples)
+    return total, inside, ratios
