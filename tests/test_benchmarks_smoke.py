@@ -26,6 +26,8 @@ EXPECTED = {
     "ensemble_adjoint",
     "ensemble_unrolled",
     "adjoint_vs_unrolled",
+    "adjoint_reuse_vs_unrolled",
+    "adjoint_floor",
     "art_pgd_unrolled",
     "art_pgd_adjoint",
     "broyden_vs_torchdeq",

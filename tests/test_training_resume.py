@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from deq_attacks.cli import train as train_cli
@@ -126,6 +127,8 @@ def test_changed_config_is_refused(tmp_path: Path, capsys) -> None:
     assert code == 2
     assert "lr: 0.001 -> 0.002" in err and "eps: 0.1 -> 0.2" in err
     # run-only settings may change: this reruns nothing (all epochs done) and succeeds
+    threads = torch.get_num_threads()
     assert (
         train_cli.main(["--config", str(config_file), "--out-dir", str(out), "--threads", "2"]) == 0
     )
+    assert torch.get_num_threads() == threads  # the run's threads do not outlive it

@@ -136,10 +136,17 @@ def run_training(
     pool. Works alone or under torchrun. Everything that can be checked before training is
     (the model's entry point, the data, dev_size, the model against the images), each problem
     raising one ValueError (TypeError for data of the wrong type, FileNotFoundError for
-    missing data)."""
+    missing data). ``config.threads`` holds for the run only: torch's thread count is restored
+    afterwards."""
     resolve_builder(config.model)  # a model entry point that does not import fails here
-    with distributed.process_group(config.device.value) as processes:
-        return _run(config, Path(run_dir), processes, log, data)
+    threads = torch.get_num_threads()
+    try:
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        with distributed.process_group(config.device.value) as processes:
+            return _run(config, Path(run_dir), processes, log, data)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run(
@@ -149,8 +156,6 @@ def _run(
     log: Callable[[str], None],
     arrays: TrainingArrays | None,
 ) -> RunResult:
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
     device, main = processes.device, processes.is_main
     data = load_training_data(config, arrays)
     steps_per_epoch = len(data) // config.batch_size
