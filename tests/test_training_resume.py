@@ -17,7 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from deq_attacks.cli import train as train_cli
-from deq_attacks.config import to_jsonable
+from deq_attacks.records import to_jsonable
 from deq_attacks.training import run_training
 from tests.training_fixtures import tiny_preset
 
