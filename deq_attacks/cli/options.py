@@ -55,9 +55,11 @@ class HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
     epilog kept as written (their command examples)."""
 
 
-def new_parser(prog: str, description: str | None, epilog: str | None = None) -> ArgumentParser:
+def new_parser(
+    prog: str | None, description: str | None, epilog: str | None = None
+) -> ArgumentParser:
     """A parser with ``--config FILE`` and ``--print_config``; errors raise ``CommandError``
-    (through ``parse``) instead of exiting."""
+    (through ``parse``) instead of exiting. ``prog`` None: the script's name."""
     parser = ArgumentParser(
         prog=prog,
         description=description,
@@ -65,6 +67,7 @@ def new_parser(prog: str, description: str | None, epilog: str | None = None) ->
         formatter_class=HelpFormatter,
         print_config=None,
         exit_on_error=False,
+        allow_abbrev=False,  # --train.epoch is not --train.epochs
         env_prefix=False,
         default_env=False,
     )

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         scoped_attacks,
     )
     from deq_attacks.evaluation.benchmark import BenchmarkResult, benchmark
+    from deq_attacks.evaluation.cells import column_scores
     from deq_attacks.evaluation.columns import protocol_columns, protocol_estimates
     from deq_attacks.evaluation.protocol import evaluate_model
     from deq_attacks.evaluation.report import markdown_report, markdown_table, write_outputs
@@ -45,6 +46,7 @@ __getattr__, __dir__ = lazy_exports(
             "SurvivalMatrix",
             "choose_early_exit",
             "choose_strongest",
+    "column_scores",
             "wilson_interval",
         ),
         "deq_attacks.evaluation.attacks": (
@@ -60,6 +62,7 @@ __getattr__, __dir__ = lazy_exports(
             "scoped_attacks",
         ),
         "deq_attacks.evaluation.benchmark": ("BenchmarkResult", "benchmark"),
+        "deq_attacks.evaluation.cells": ("column_scores",),
         "deq_attacks.evaluation.columns": ("protocol_columns", "protocol_estimates"),
         "deq_attacks.evaluation.protocol": ("evaluate_model",),
         "deq_attacks.evaluation.report": ("markdown_report", "markdown_table", "write_outputs"),
@@ -90,6 +93,7 @@ __all__ = [
     "benchmark",
     "choose_early_exit",
     "choose_strongest",
+    "column_scores",
     "evaluate_model",
     "fixed_step_pgd",
     "markdown_report",
