@@ -120,7 +120,7 @@ def test_changed_config_is_refused(tmp_path: Path, capsys) -> None:
     assert train_cli.main(["--config", str(config_file), "--out-dir", str(out)]) == 0
     capsys.readouterr()
     code = train_cli.main(
-        ["--config", str(config_file), "--out-dir", str(out), "--set", "lr=0.002", "--eps", "0.2"]
+        ["--config", str(config_file), "--out-dir", str(out), "--lr", "0.002", "--eps", "0.2"]
     )
     err = capsys.readouterr().err
     assert code == 2
