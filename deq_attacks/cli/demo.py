@@ -104,8 +104,9 @@ def build_parser() -> ArgumentParser:
         default=Path("runs/demo"),
         help="results and plots; the training run in OUT_DIR/training (a rerun resumes both)",
     )
-    add_settings(parser, TrainConfig, "train")
-    add_settings(parser, EvaluationConfig, "eval", skip={"sweep"})
+    add_settings(parser, TrainConfig, "train", title="--train.FIELD: the training (TrainConfig)")
+    add_settings(parser, EvaluationConfig, "eval", skip={"sweep"},
+                 title="--eval.FIELD: the evaluation (EvaluationConfig)")  # fmt: skip
     add_sweep_option(parser)
     set_defaults(parser, DEFAULT_PRESET, {})
     return parser

@@ -14,8 +14,9 @@ defaults < preset < ``--config`` files < options on the command line. Every prob
 unknown option, a value of the wrong type, a dataclass's validation) is a ``CommandError``;
 ``fail`` prints it as one line ``deq-attacks <command>: <message>`` on stderr (exit code 2).
 
-This module imports no torch, nor does building a parser from the config dataclasses: ``--help``
-stays fast.
+Option names are the fields' names (``--aa_iterations``); the hand-written multi-word options
+of the subcommands also take a dashed alias (``--out-dir``). This module imports no torch, nor
+does building a parser from the config dataclasses: ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ def new_parser(
     prog: str | None, description: str | None, epilog: str | None = None
 ) -> ArgumentParser:
     """A parser with ``--config FILE`` and ``--print_config``; errors raise ``CommandError``
-    (through ``parse``) instead of exiting. ``prog`` None: the script's name."""
+    (through ``parse``) instead of exiting. ``prog`` None: the script's name. An epilog (a
+    module docstring) that starts with ``description`` is shown without that first paragraph."""
+    if epilog and description and epilog.startswith(description) and "\n\n" in epilog:
+        epilog = epilog.split("\n\n", 1)[1]
     parser = ArgumentParser(
         prog=prog,
         description=description,
@@ -118,13 +122,21 @@ def _enums_of(cls: type) -> Iterable[type[enum.Enum]]:
 
 
 def add_settings(
-    parser: ArgumentParser, cls: type, nested_key: str | None = None, skip: Iterable[str] = ()
+    parser: ArgumentParser,
+    cls: type,
+    nested_key: str | None = None,
+    skip: Iterable[str] = (),
+    title: str | None = None,
 ) -> None:
     """One option per field of the dataclass ``cls`` (but ``skip``): ``--field`` at the top
-    level, or ``--<nested_key>.field``; the help of each is the docstring under its field."""
+    level, or ``--<nested_key>.field``; the help of each is the docstring under its field.
+    The options form a group in the help, titled by ``title`` (a nested group) or else by the
+    first line of the class's docstring."""
     for member in _enums_of(cls):
         register_enum(member)
     parser.add_class_arguments(cls, nested_key, as_group=True, skip=set(skip))
+    if title is not None and nested_key is not None:
+        parser.groups[nested_key].title = title  # type: ignore[index]
 
 
 def set_settings_defaults(

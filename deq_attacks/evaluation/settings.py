@@ -119,8 +119,9 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Settings of the protocol (defaults: the paper's CIFAR-10 setting and the standard
-    AutoAttack). ``sweep`` is the grid of intermediate attacks."""
+    """The protocol's settings (defaults: the paper's CIFAR-10 setting, standard AutoAttack).
+
+    ``sweep`` is the grid of intermediate attacks (``--sweep`` on the command line)."""
 
     eps: float = 8 / 255
     """L-inf budget, inputs in [0, 1]."""

@@ -98,12 +98,11 @@ def parser(description: str) -> ArgumentParser:
         help="independent runs (protocols, models to train) at once, each in a process "
         f"(null: {', '.join(f'{k} {v}' for k, v in DEFAULT_JOBS.items())})",
     )
-    options.add_settings(p, TrainConfig, "train")
-    options.add_settings(p, EvaluationConfig, "eval", skip={"sweep"})
-    for key, what in (("train", "every model trained"), ("eval", "every evaluation")):
-        group = p.groups[key]  # type: ignore[index]
-        group.title = f"--{key}.FIELD: a setting for {what}"
-        group.description = "only the ones given count: each replaces the preset's value"
+    options.add_settings(p, TrainConfig, "train", title="--train.FIELD: a setting for every "
+                         "model trained (only those given: each replaces the preset's)")
+    options.add_settings(p, EvaluationConfig, "eval", skip={"sweep"}, title="--eval.FIELD: a "
+                         "setting for every evaluation (only those given: each replaces the "
+                         "preset's)")  # fmt: skip
     return p
 
 
