@@ -5,9 +5,9 @@ Anderson) and the two builders the command line can call:
 
 - ``build(checkpoint=None, **deq_kwargs)`` loads the checkpoint into the user's own module,
   then adapts it (``from_torchdeq``); ``**deq_kwargs`` lets ``--solver`` and
-  ``--training-gradient`` through to the DEQ;
+  ``--training_gradient`` through to the DEQ;
 - ``build_adapted(**deq_kwargs)`` takes no checkpoint: the command line loads it into the
-  adapted DEQ, renaming the keys with ``--key-map``.
+  adapted DEQ, renaming the keys with ``--key_map``.
 
 Running this file trains the model for a few epochs on the first 1,200 embedded digits (about
 half a minute on one CPU thread) and writes ``runs/own_deq/own_deq.pt`` (a plain
@@ -17,10 +17,10 @@ prints the commands::
     cd examples
     python own_deq_builder.py
     deq-attacks evaluate --model own_deq_builder:build --checkpoint runs/own_deq/own_deq.pt \\
-        --data digits --preset digits --out-dir runs/own_deq
+        --data digits --preset digits --out_dir runs/own_deq
     deq-attacks evaluate --model own_deq_builder:build_adapted \\
-        --checkpoint runs/own_deq/own_deq.pt --key-map encoder.=injection. --key-map layer.=f. \\
-        --data digits --preset digits --out-dir runs/own_deq_adapted
+        --checkpoint runs/own_deq/own_deq.pt --key_map encoder.=injection. --key_map layer.=f. \\
+        --data digits --preset digits --out_dir runs/own_deq_adapted
 
 ``deq-attacks`` imports ``own_deq_builder`` from the working directory, as ``python -m``
 would.
@@ -85,7 +85,7 @@ def build(checkpoint: str | Path | None = None, **deq_kwargs: object) -> DEQ:
 
 
 def build_adapted(**deq_kwargs: object) -> DEQ:
-    """The same model, untrained: ``--checkpoint`` with ``--key-map`` loads the weights."""
+    """The same model, untrained: ``--checkpoint`` with ``--key_map`` loads the weights."""
     return build(None, **deq_kwargs)
 
 
@@ -113,10 +113,10 @@ def main() -> None:
     print(
         "now, from the folder of own_deq_builder.py:\n"
         f"  deq-attacks evaluate --model own_deq_builder:build --checkpoint {path} "
-        "--data digits --preset digits --out-dir runs/own_deq\n"
+        "--data digits --preset digits --out_dir runs/own_deq\n"
         f"  deq-attacks evaluate --model own_deq_builder:build_adapted --checkpoint {path} "
-        "--key-map encoder.=injection. --key-map layer.=f. --data digits --preset digits "
-        "--out-dir runs/own_deq_adapted"
+        "--key_map encoder.=injection. --key_map layer.=f. --data digits --preset digits "
+        "--out_dir runs/own_deq_adapted"
     )
 
 

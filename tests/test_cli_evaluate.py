@@ -4,6 +4,7 @@ the split the user chooses, and clear refusals (exit code 2, one line on stderr)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,14 +20,15 @@ import torch
 from deq_attacks import Anderson, Broyden, ImplicitGradient, PhantomGradient
 from deq_attacks.cli import main
 from deq_attacks.cli import train as train_cli
-from deq_attacks.cli.evaluate import build_parser
+from deq_attacks.cli.evaluate import build_parser, resolve
 from deq_attacks.cli.model_options import BuiltModel, build_model
+from deq_attacks.evaluation import Mode
 from deq_attacks.models.registry import resolve_builder, working_directory_on_path
 
 #: The smallest protocol: one PGD step, tiny AutoAttack and Square, a one-candidate sweep.
-TINY = ["--steps", "1", "--aa-iterations", "1", "--aa-queries", "3", "--aa-target-classes", "2",
-        "--square-queries", "3", "--long-steps", "2", "--batch-size", "8",
-        "--diagnostic-samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
+TINY = ["--steps", "1", "--aa_iterations", "1", "--aa_queries", "3", "--aa_target_classes", "2",
+        "--square_queries", "3", "--long_steps", "2", "--batch_size", "8",
+        "--diagnostic_samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
         "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",
         "--eps", "0.1", "--step", "0.05"]  # fmt: skip
 
@@ -199,9 +201,9 @@ def test_bad_entry_points_are_named(user_dir, capsys, model: str, message: str) 
 def test_options_reach_a_builder_only_if_it_takes_them(user_dir, capsys) -> None:
     _, name = user_dir
     err = _refused(["--model", f"{name}:build_fixed", "--training-gradient", "phantom"], capsys)
-    assert "--training-gradient: the builder" in err and "(it accepts: hidden)" in err
+    assert "--training_gradient: the builder" in err and "(it accepts: hidden)" in err
     err = _refused(["--model", f"{name}:build_fixed", "--model-arg", "width=3"], capsys)
-    assert "--model-arg width=...: the builder" in err
+    assert "--model_arg width=...: the builder" in err
     err = _refused(["--model", f"{name}:build_ignoring", "--solver", "broyden:threshold=3"], capsys)
     assert "took solver=Broyden(threshold=3) but its model solves with Anderson" in err
     err = _refused(["--model", f"{name}:build_ignoring", "--training-gradient", "phantom"], capsys)
@@ -354,14 +356,17 @@ def test_split_options_are_checked_before_work(capsys, options, message) -> None
     assert message in _refused(["--model", "small_conv_deq", *options], capsys)
 
 
-def test_train_with_a_missing_or_broken_config_file(tmp_path: Path, capsys) -> None:
-    assert train_cli.main(["--config", str(tmp_path / "absent.json")]) == 2
-    assert "--config" in capsys.readouterr().err
-    broken = tmp_path / "broken.json"
-    broken.write_text("{not json")
-    assert train_cli.main(["--config", str(broken)]) == 2
-    err = capsys.readouterr().err
-    assert "not a JSON file" in err and "Traceback" not in err
+def test_a_missing_or_broken_config_file_is_one_line(tmp_path: Path, capsys) -> None:
+    for main_of in (train_cli.main, lambda argv: main(["evaluate", "--model", "m", *argv])):
+        assert main_of(["--config", str(tmp_path / "absent.json")]) == 2
+        err = capsys.readouterr().err
+        assert 'key "config"' in err and "absent.json" in err and "does not exist" in err
+        broken = tmp_path / "broken.json"
+        broken.write_text("{not json")
+        assert main_of(["--config", str(broken)]) == 2
+        err = capsys.readouterr().err
+        assert "Problems parsing config" in err and "Traceback" not in err
+        assert err.count("\n") == 1
 
 
 # --- end to end -----------------------------------------------------------------------------
@@ -450,20 +455,38 @@ def test_torchdeq_anderson_model_from_a_pt_checkpoint_runs_to_the_end(user_dir) 
     assert "Anderson" in adjoint["reason"]
 
 
-def test_preset_sets_the_budgets_and_explicit_options_override_it() -> None:
-    from deq_attacks.cli.evaluate import evaluation_config
-
-    parser = build_parser()
-    config = evaluation_config(parser.parse_args(["--model", "m", "--preset", "mnist"]))
+def test_preset_sets_the_budgets_and_a_file_and_options_override_it(
+    tmp_path: Path, capsys
+) -> None:
+    _, _, config = resolve(["--model", "m", "--preset", "mnist"])
     assert (config.eps, config.step, config.steps, config.aa_iterations) == (0.3, 0.01, 40, 100)
-    config = evaluation_config(
-        parser.parse_args(["--model", "m", "--preset", "mnist", "--eps", "0.2", "--steps", "7"])
-    )
-    assert (config.eps, config.step, config.steps) == (0.2, 0.01, 7)
-    plain = evaluation_config(parser.parse_args(["--model", "m"]))
-    assert (plain.eps, plain.steps) == (8 / 255, 10)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--model", "m", "--preset", "imagenet"])
+    # the order does not matter: the preset sets defaults, an option a value
+    for argv in (["--preset", "mnist", "--eps", "0.2", "--steps", "7"],
+                 ["--eps", "0.2", "--steps", "7", "--preset", "mnist"]):  # fmt: skip
+        _, _, config = resolve(["--model", "m", *argv])
+        assert (config.eps, config.step, config.steps) == (0.2, 0.01, 7)
+    _, _, plain = resolve(["--model", "m"])
+    assert (plain.eps, plain.steps, plain.mode) == (8 / 255, 10, Mode.TABLE)
+    # a config file (YAML) over the preset, an option over the file; enums by name or value
+    settings = tmp_path / "evaluation.yaml"
+    settings.write_text("preset: mnist\nsteps: 12\nmode: cascade\nsweep: [unrolled.k=1]\n")
+    _, args, config = resolve(["--model", "m", "--config", str(settings), "--step", "0.02"])
+    assert (config.eps, config.step, config.steps, config.mode) == (0.3, 0.02, 12, Mode.CASCADE)
+    assert config.sweep.grids == {"unrolled": {"k": "1"}} and args.preset == "mnist"
+    # --print_config prints a file that resolves to the same settings
+    assert main(["evaluate", "--model", "m", "--config", str(settings), "--print_config"]) == 0
+    printed = capsys.readouterr().out
+    assert "mode: CASCADE" in printed and "steps: 12" in printed
+    (tmp_path / "printed.yaml").write_text(printed)
+    _, _, again = resolve(["--config", str(tmp_path / "printed.yaml")])
+    assert again == dataclasses.replace(config, step=0.01)  # the file's, not the option's step
+    err = _refused(["--model", "m", "--preset", "imagenet"], capsys)
+    assert "unknown evaluation preset 'imagenet'; choose one of cifar10_paper" in err
+    err = _refused(["--model", "m", "--steps", "0"], capsys)
+    assert "steps must be an int >= 1, got 0" in err  # the dataclass's own validation
+    err = _refused(["--model", "m", "--eps", "big"], capsys)
+    assert 'key "eps"' in err and "big" in err
+    assert "FAMILY.PARAM=VALUES" in _refused(["--model", "m", "--sweep", "unrolled=1"], capsys)
 
 
 def test_the_example_builder_module_fits_its_documented_commands(

@@ -28,9 +28,11 @@ from deq_attacks import (
     Phantom,
     Unrolled,
 )
+from deq_attacks.cli import listing
+from deq_attacks.cli.evaluate import add_sweep_option
+from deq_attacks.cli.options import new_parser
 from deq_attacks.evaluation import SweepConfig, ThreatModel, protocol_estimates, run_sweep
 from deq_attacks.evaluation.distributed import Shards
-from deq_attacks.evaluation.sweep import add_sweep_option
 from deq_attacks.gradients import (
     BackwardPass,
     GradientEstimate,
@@ -185,17 +187,17 @@ def test_sweep_config_is_validated_against_the_families() -> None:
     assert config.updated({"adjoint": {"n": "1"}}).grid("adjoint") == {"n": "1", "beta": "0.5,1.0"}
 
 
-def test_the_sweep_option_parses_repeated_items() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser()
+def test_the_sweep_option_parses_repeated_items(capsys) -> None:
+    parser = new_parser("test", None)
     add_sweep_option(parser)
     args = parser.parse_args(["--sweep", "unrolled.k=1,5", "--sweep", "adjoint.beta=1.0"])
     assert SweepConfig.from_items(args.sweep).grids == {
         "unrolled": {"k": "1,5"},
         "adjoint": {"beta": "1.0"},
     }
-    assert "unrolled.lam=0.5,1.0" in parser.format_help().replace("\n", " ").replace("  ", " ")
+    assert "deq-attacks list sweeps" in " ".join(parser.format_help().split())
+    assert listing.main(["sweeps"]) == 0  # the defaults, from the registry
+    assert "unrolled.lam=0.5,1.0" in capsys.readouterr().out
 
 
 # --- a new estimate from this file alone ----------------------------------------------------

@@ -20,7 +20,8 @@ from attack_fixtures import (
 from deq_attacks import Exact, Unrolled
 from deq_attacks.evaluation import AutoAttackSettings, SampleSeeds, ThreatModel
 from deq_attacks.evaluation.attacks import ArtAutoAttackList, StandardAutoAttack
-from deq_attacks.evaluation.attacks.autoattack import STANDARD_ATTACKS, build_standard
+from deq_attacks.evaluation.attacks.autoattack import build_standard
+from deq_attacks.evaluation.threat import STANDARD_ATTACKS
 
 THREAT = ThreatModel(eps=0.1, step=0.025, steps=3)
 SMALL = AutoAttackSettings(iterations=3, queries=10, target_classes=2)

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from deq_attacks.acceleration import COMPILE_MODES
 from deq_attacks.cli import SUBCOMMANDS
 from deq_attacks.cli import train as train_cli
-from deq_attacks.config import override, to_jsonable
+from deq_attacks.cli.options import CommandError
 from deq_attacks.models import create_model
+from deq_attacks.records import to_jsonable
 from deq_attacks.training import PRESETS, TrainConfig, preset
 from deq_attacks.training.build import build_model, jacobian_schedule
 from deq_attacks.training.config import Device, Gradient
@@ -93,13 +96,17 @@ def test_bad_settings_are_refused_with_their_name(changes: dict, message: str) -
         dataclasses.replace(TrainConfig(), **changes)
 
 
-def test_override_names_unknown_keys_and_parses_values() -> None:
-    config = override(preset("cpu_exact"), {"lr": "0.01", "gradient": "phantom"})
-    assert config.lr == 0.01 and config.gradient is Gradient.PHANTOM
-    with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
-        override(config, {"learning_rate": "0.1"})
-    with pytest.raises(ValueError, match="expected float"):
-        override(config, {"lr": "fast"})
+def test_options_are_typed_and_enums_read_by_name_or_value() -> None:
+    for gradient in ("phantom", "PHANTOM", "Phantom"):
+        _, _, config = train_cli.resolve(["--preset", "cpu_exact", "--lr", "0.01",
+                                          "--gradient", gradient, "--width", "null"])  # fmt: skip
+        assert (config.lr, config.gradient, config.width) == (0.01, Gradient.PHANTOM, None)
+    with pytest.raises(CommandError, match="unrecognized arguments: --learning_rate"):
+        train_cli.resolve(["--preset", "cpu_exact", "--learning_rate", "0.1"])
+    with pytest.raises(CommandError, match='key "lr".*Got value: fast'):
+        train_cli.resolve(["--preset", "cpu_exact", "--lr", "fast"])
+    with pytest.raises(CommandError, match="expected one of EXACT, PHANTOM, AUTOGRAD"):
+        train_cli.resolve(["--preset", "cpu_exact", "--gradient", "implicit"])
 
 
 def test_config_json_round_trip_and_differences() -> None:
@@ -112,39 +119,61 @@ def test_config_json_round_trip_and_differences() -> None:
         TrainConfig.from_json({"learning_rate": 1})
 
 
-def test_cli_resolves_preset_file_set_and_options(tmp_path: Path, capsys) -> None:
+def test_cli_resolves_preset_file_and_options(tmp_path: Path, capsys) -> None:
+    """Preset (defaults) < config file < options, whatever their order on the command line."""
     assert "train" in SUBCOMMANDS
     settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps({"epochs": 3, "eps": 0.2}))
-    args = train_cli.build_parser().parse_args(
-        [
-            "--preset",
-            "cpu_unrolling",
-            "--config",
-            str(settings),
-            "--set",
-            "eps=0.15",
-            "--lr",
-            "0.005",
-        ]
-    )
-    config = train_cli.resolve(args)
-    assert (config.epochs, config.eps, config.lr) == (3, 0.15, 0.005)
-    assert config.gradient is Gradient.PHANTOM
+    settings.write_text(json.dumps({"epochs": 3, "eps": 0.2, "lr": 0.002}))
+    for argv in (
+        ["--preset", "cpu_unrolling", "--config", str(settings), "--eps", "0.15", "--lr", "5e-3"],
+        ["--eps", "0.15", "--config", str(settings), "--lr", "5e-3", "--preset", "cpu_unrolling"],
+    ):
+        _, args, config = train_cli.resolve(argv)
+        expected = (3, 0.2 if argv[0] == "--eps" else 0.15, 0.005)  # a file after an option wins
+        assert (config.epochs, config.eps, config.lr) == expected
+        assert config.gradient is Gradient.PHANTOM and config.width == 32  # the preset's
+        assert train_cli.run_folder(args) == Path("runs/cpu_unrolling")
 
-    assert train_cli.main(["--preset", "cpu_exact", "--set", "bogus=1"]) == 2
-    assert "unknown setting 'bogus'" in capsys.readouterr().err
+    assert train_cli.main(["--preset", "cpu_exact", "--bogus", "1"]) == 2
+    assert "unrecognized arguments: --bogus 1" in capsys.readouterr().err
     assert train_cli.main(["--preset", "nope"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
-    assert train_cli.main(["--preset", "cpu_exact", "--set", "bf16=true"]) == 2
-    assert "bf16" in capsys.readouterr().err
+    assert train_cli.main(["--preset", "cpu_exact", "--bf16", "true"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "deq-attacks train: invalid training config: bf16 autocast is for CUDA only; on CPU "
+        "run in float32 (drop bf16)\n"
+    )
+    assert train_cli.main(["--lr", "0.1"]) == 2
+    assert "give --preset NAME (or --config FILE)" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert train_cli.main(["--preset", "deq_large_unrolling", "--out-dir", str(tmp_path)]) == 2
         assert "torch sees no CUDA device" in capsys.readouterr().err
-    assert train_cli.main(["--preset", "cpu_exact", "--print-config"]) == 0
-    assert json.loads(capsys.readouterr().out)["model"] == "small_conv_deq"
-    with pytest.raises(SystemExit):  # argparse: a bad single option
-        train_cli.main(["--preset", "cpu_exact", "--epochs", "many"])
+    # --print_config: the resolved settings as YAML, enums by name; read back as the same config
+    assert train_cli.main(["--preset", "cpu_exact", "--gradient", "phantom", "--print_config"]) == 0
+    printed = capsys.readouterr().out
+    values = yaml.safe_load(printed)
+    assert (values["model"], values["gradient"], values["preset"]) == ("small_conv_deq", "PHANTOM",
+                                                                         "cpu_exact")  # fmt: skip
+    (tmp_path / "printed.yaml").write_text(printed)
+    _, _, again = train_cli.resolve(["--config", str(tmp_path / "printed.yaml")])
+    assert again == dataclasses.replace(preset("cpu_exact"), gradient=Gradient.PHANTOM)
+    # a run's config.json (enums by value) is a config file too
+    (tmp_path / "config.json").write_text(json.dumps(to_jsonable(preset("cpu_unrolling"))))
+    _, args, again = train_cli.resolve(["--config", str(tmp_path / "config.json")])
+    assert again == preset("cpu_unrolling") and train_cli.run_folder(args) == Path("runs/config")
+    assert train_cli.main(["--preset", "cpu_exact", "--epochs", "many"]) == 2
+    assert 'key "epochs"' in capsys.readouterr().err
+
+
+def test_help_texts_come_from_the_field_docstrings(capsys) -> None:
+    with pytest.raises(SystemExit):
+        train_cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--phantom_lam PHANTOM_LAM Damping lambda of the phantom gradient." in text
+    assert "--gradient {EXACT,PHANTOM,AUTOGRAD}" in text
+    compile_mode = text.rsplit("--compile_mode COMPILE_MODE", 1)[1].split("--compile_backend")[0]
+    assert all(mode in compile_mode.replace("- ", "-") for mode in COMPILE_MODES)  # (wrapped)
 
 
 def test_acceleration_fields_and_device_defaults() -> None:

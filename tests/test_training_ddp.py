@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deq_attacks.config import to_jsonable
+from deq_attacks.records import to_jsonable
 from deq_attacks.training import run_training
 from deq_attacks.training.build import build_model
 from tests.training_fixtures import tiny_preset

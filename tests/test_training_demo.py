@@ -3,20 +3,22 @@ validated before any work (a bad one is one line on stderr and exit code 2, no t
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from deq_attacks.cli import demo
+from deq_attacks.evaluation import EvaluationConfig, SweepConfig
+from deq_attacks.evaluation.presets import evaluation_preset
 from deq_attacks.training import preset
 from deq_attacks.training.config import Device
 
 
 def test_demo_resolves_the_preset_with_its_shared_settings() -> None:
-    args = demo.build_parser().parse_args(
-        ["--eps", "0.2", "--steps", "5", "--seed", "3", "--train-set", "epochs=4"]
+    _, _, config, evaluation = demo.resolve(
+        ["--eps", "0.2", "--steps", "5", "--seed", "3", "--train.epochs", "4"]
     )
-    config = demo.training_config(args)
     expected = preset("demo")
     assert (config.eps, config.steps, config.seed, config.epochs) == (0.2, 5, 3, 4)
     assert (config.step, config.device, config.threads) == (0.025, Device.CPU, 1)
@@ -26,22 +28,35 @@ def test_demo_resolves_the_preset_with_its_shared_settings() -> None:
         "steps: 5 -> 10",
         "seed: 3 -> 0",
     ]
-    evaluation = demo.demo_config(args)
-    assert (evaluation.eps, evaluation.steps) == (0.2, 5)
+    # the evaluation: the digits preset with the demo's sweep, the shared options applied
+    digits = evaluation_preset("digits").apply(EvaluationConfig(sweep=demo.DEMO_SWEEP))
+    assert demo.evaluation_defaults() == digits
+    assert evaluation == dataclasses.replace(digits, eps=0.2, steps=5, seed=3)
+    # the nested form wins over a shortcut; --sweep adds to the demo's grid
+    _, _, config, evaluation = demo.resolve(
+        ["--eps", "0.2", "--eval.eps", "0.3", "--sweep", "adjoint.beta=1.0",
+         "--preset", "cpu_exact"]  # fmt: skip
+    )
+    assert (config.eps, evaluation.eps, config.width) == (0.2, 0.3, preset("cpu_exact").width)
+    assert evaluation.sweep == SweepConfig(
+        {"unrolled": {"k": "1,5", "lam": "1.0"}, "adjoint": {"beta": "1.0"}}
+    )
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--train-set", "bogus=1"], "unknown setting 'bogus'"),
-        (["--train-set", "epochs"], "--train-set expects KEY=VALUE"),
-        (["--train-set", "dev_size=5000"], "dev_size=5000 is not below the 1200 images"),
-        (["--train-set", "model=nowhere.models:deq", "--train-set", "width=none",
-          "--train-set", "dropout=none"], "cannot import 'nowhere.models'"),  # fmt: skip
+        (["--train.bogus", "1"], "unrecognized arguments: --train.bogus 1"),
+        (["--train.epochs", "many"], 'key "train.epochs"'),
+        (["--train.dev_size", "5000"], "dev_size=5000 is not below the 1200 images"),
+        (["--train.model", "nowhere.models:deq", "--train.width", "null",
+          "--train.dropout", "null"], "cannot import 'nowhere.models'"),  # fmt: skip
         (["--preset", "nope"], "unknown preset 'nope'"),
-        (["--n-test", "1000"], "only 597 held-out images for --n-dev 100 + --n-test 1000"),
+        (["--n-test", "1000"], "only 597 held-out images for --n_dev 100 + --n_test 1000"),
         (["--data", "missing.npz"], "no held-out split"),
-        (["--train-set", "bf16=true"], "bf16 autocast is for CUDA only"),
+        (["--train.bf16", "true"], "bf16 autocast is for CUDA only"),
+        (["--eval.steps", "0"], "steps must be an int >= 1, got 0"),
+        (["--eps", "2"], "eps must be in (0, 1]"),
     ],
 )
 def test_bad_settings_stop_before_training(

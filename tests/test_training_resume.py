@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from deq_attacks.cli import train as train_cli
-from deq_attacks.config import to_jsonable
+from deq_attacks.records import to_jsonable
 from deq_attacks.training import run_training
 from tests.training_fixtures import tiny_preset
 
@@ -121,7 +121,7 @@ def test_changed_config_is_refused(tmp_path: Path, capsys) -> None:
     assert train_cli.main(["--config", str(config_file), "--out-dir", str(out)]) == 0
     capsys.readouterr()
     code = train_cli.main(
-        ["--config", str(config_file), "--out-dir", str(out), "--set", "lr=0.002", "--eps", "0.2"]
+        ["--config", str(config_file), "--out-dir", str(out), "--lr", "0.002", "--eps", "0.2"]
     )
     err = capsys.readouterr().err
     assert code == 2

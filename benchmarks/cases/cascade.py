@@ -22,9 +22,8 @@ from benchmarks.cases.common import Bounds, Context, Result, Row
 from benchmarks.workloads import Settings
 from deq_attacks import DEQ, DEQEstimator
 from deq_attacks.checkpoints import load_weights
-from deq_attacks.cli.demo import DEMO_SWEEP
+from deq_attacks.cli.demo import evaluation_defaults
 from deq_attacks.evaluation import EvaluationConfig, EvaluationReport, Mode, evaluate_model
-from deq_attacks.evaluation.presets import evaluation_preset
 from deq_attacks.training import preset, run_training
 from deq_attacks.training.config import Device
 from deq_attacks.training.data_loading import held_out_split
@@ -81,7 +80,7 @@ def run(ctx: Context) -> list[Row]:
     held_out = held_out_split("digits")
     dev = held_out.subset(np.arange(n))
     test = held_out.subset(np.arange(n, 2 * n))
-    base = evaluation_preset("digits").apply(EvaluationConfig(sweep=DEMO_SWEEP, batch_size=100))
+    base = dataclasses.replace(evaluation_defaults(), batch_size=100)
     if quick:
         base = dataclasses.replace(base, **_QUICK_EVAL)
     splits = ((test.x, test.y), (dev.x, dev.y))

@@ -1,36 +1,58 @@
-"""``deq-attacks``: the command line. Each subcommand lives in its own module.
+"""``deq-attacks``: the command line. Each subcommand lives in its own module, imported only
+when it runs (``deq-attacks --help`` imports no torch).
 
-- ``deq-attacks`` (no subcommand) or ``deq-attacks demo``: the main job on the embedded digits.
+- ``deq-attacks`` (no subcommand, or options only) or ``deq-attacks demo``: the main job on the
+  embedded digits.
 - ``deq-attacks evaluate``: the white-box evaluation protocol on a trained model.
 - ``deq-attacks train``: adversarial training from a named preset.
+- ``deq-attacks list``: the registered solvers, estimates, attacks, sweeps, models, presets.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from deq_attacks.cli import demo, evaluate, train
-
-#: subcommand -> (its main(argv) -> exit code, one-line help)
-SUBCOMMANDS: dict[str, tuple[Callable[[Sequence[str] | None], int], str]] = {
-    "demo": (demo.main, "train a small DEQ on the embedded digits and evaluate it (default)"),
-    "evaluate": (evaluate.main, "the whole white-box protocol on a trained DEQ"),
-    "train": (train.main, "adversarial training from a named preset (Table 7, CPU presets)"),
+#: subcommand -> (its module, whose main(argv) returns the exit code; one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "deq_attacks.cli.demo",
+        "train a small DEQ on the embedded digits and evaluate it (default)",
+    ),
+    "evaluate": ("deq_attacks.cli.evaluate", "the whole white-box protocol on a trained DEQ"),
+    "train": (
+        "deq_attacks.cli.train",
+        "adversarial training from a named preset (Table 7, CPU presets)",
+    ),
+    "list": (
+        "deq_attacks.cli.listing",
+        "the registered solvers, estimates, attacks, sweeps, models and presets",
+    ),
 }
 
 
 def usage() -> str:
     lines = ["usage: deq-attacks [SUBCOMMAND] [options]", "", "subcommands:"]
     lines += [f"  {name:<10} {text}" for name, (_, text) in SUBCOMMANDS.items()]
-    lines += ["", "deq-attacks SUBCOMMAND --help lists a subcommand's options."]
+    lines += [
+        "",
+        "deq-attacks SUBCOMMAND --help lists a subcommand's options; every subcommand takes",
+        "--config FILE (YAML or JSON) and --print_config.",
+    ]
     return "\n".join(lines)
+
+
+def subcommand(name: str) -> Callable[[Sequence[str] | None], int]:
+    """The ``main`` of subcommand ``name`` (its module imported now)."""
+    main: Callable[[Sequence[str] | None], int] = importlib.import_module(SUBCOMMANDS[name][0]).main
+    return main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch to a subcommand; without one (or with options only) run the demo."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("-h", "--help") and len(args) == 1:
+    if args in (["-h"], ["--help"]):
         print(usage())
         return 0
     if args and not args[0].startswith("-"):
@@ -38,5 +60,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name not in SUBCOMMANDS:
             print(f"unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
             return 2
-        return SUBCOMMANDS[name][0](args[1:])
-    return demo.main(args)
+        return subcommand(name)(args[1:])
+    return subcommand("demo")(args)

@@ -1,193 +1,163 @@
 """``deq-attacks``: train a DEQ and evaluate it white-box, ending with the result table.
 
+    deq-attacks                                   # the demo preset, a few minutes on 2 cores
+    deq-attacks demo --eps 0.2 --train.epochs 4 --eval.square_queries 50
+    deq-attacks demo --print_config > demo.yaml   # every setting, as a file for --config
+
 The default runs in a few minutes on 2 CPU cores on scikit-learn's embedded digits (real 8x8
 handwritten digits; no download): the ``demo`` training preset (clean pretraining of the
 unrolled network, then PGD-AT of a small conv DEQ with the unrolling (phantom) gradient, the
 best epoch by development PGD accuracy) through ``run_training``, then the whole evaluation
-protocol at a small scale (early exit and intermediate-attack sweep on a development split,
-PGD-10 and AutoAttack with every gradient estimate, Square, per-sample worst case,
-diagnostics) against the final, early-exit and ensemble defenses.
+protocol at a small scale with the ``digits`` evaluation preset and the demo's sweep (early
+exit and intermediate-attack sweep on a development split, PGD-10 and AutoAttack with every
+gradient estimate, Square, per-sample worst case, diagnostics) against the final, early-exit
+and ensemble defenses.
+
+``--train.FIELD`` and ``--eval.FIELD`` set any setting of the training (``TrainConfig``) and of
+the evaluation (``EvaluationConfig``); ``--preset`` chooses the training preset their defaults
+come from (``deq-attacks list presets``). ``--eps``, ``--step``, ``--steps`` and ``--seed`` set
+both (the nested form wins where both are given); ``--data``, ``--device`` and ``--threads``
+set the training's.
 
 Training draws only on the training pool of the data (the first 1,200 digits, or an arrays
 file's ``x_train`` / first 80%); the evaluation's development and test images come from the
-rest (``--n-dev`` then ``--n-test`` of them), so they never overlap what was trained on.
+rest (``--n_dev`` then ``--n_test`` of them), so they never overlap what was trained on.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
+from jsonargparse import ArgumentParser, Namespace
 
-from deq_attacks.checkpoints import load_weights
-from deq_attacks.cli.evaluate import interrupted, run
-from deq_attacks.config import override, parse_pairs
-from deq_attacks.deq import DEQ
-from deq_attacks.evaluation import EvaluationConfig, SweepConfig
-from deq_attacks.interfaces import DEQEstimator
-from deq_attacks.training import ConfigMismatchError, TrainConfig, preset, run_training
-from deq_attacks.training.config import Device
-from deq_attacks.training.data_loading import held_out_split
+from deq_attacks.cli.evaluate import add_sweep_option, sweep_config
+from deq_attacks.cli.options import (
+    CommandError,
+    add_settings,
+    fail,
+    new_parser,
+    parse,
+    print_settings,
+    set_settings_defaults,
+    settings,
+)
+from deq_attacks.evaluation.presets import evaluation_preset
+from deq_attacks.evaluation.settings import EvaluationConfig, SweepConfig
+from deq_attacks.training.config import Device, TrainConfig
+from deq_attacks.training.presets import preset
+
+#: The demo's sweep: every n with beta in {0.5, 1} (Adjoint) and k in {1, 5}, lambda 1 (Unrolled).
+DEMO_SWEEP = SweepConfig({"unrolled": {"k": "1,5", "lam": "1.0"}})
+#: The training preset of the demo unless ``--preset`` names another.
+DEFAULT_PRESET = "demo"
+#: Options that set both the training's and the evaluation's setting of the same name.
+SHARED = ("eps", "step", "steps", "seed")
+#: Options that set the training's setting of the same name.
+TRAINING_ONLY = ("data", "device", "threads")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deq-attacks demo", description=__doc__.splitlines()[0])
+def evaluation_defaults() -> EvaluationConfig:
+    """The demo's evaluation before the user's options: the ``digits`` preset (the threat model
+    of the digits, a reduced AutoAttack, Square with 100 queries, PGD-50 for the more-steps
+    check) with the demo's sweep."""
+    return evaluation_preset("digits").apply(EvaluationConfig(sweep=DEMO_SWEEP))
+
+
+def build_parser() -> ArgumentParser:
+    parser = new_parser("deq-attacks demo", __doc__.splitlines()[0], __doc__)
     parser.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        help="training preset (deq-attacks list presets); its values are the --train.* defaults",
+    )
+    shortcuts = parser.add_argument_group("shortcuts (null: the preset's)")
+    shortcuts.add_argument(
+        "--eps", type=float | None, help="L-inf budget of PGD-AT and the evaluation"
+    )
+    shortcuts.add_argument("--step", type=float | None, help="PGD step size (both)")
+    shortcuts.add_argument("--steps", type=int | None, help="PGD iterations (both)")
+    shortcuts.add_argument("--seed", type=int | None, help="seed of training and evaluation")
+    shortcuts.add_argument(
         "--data",
-        default="digits",
-        help="'digits' (embedded, default) or an arrays file (.npz) such as "
-        "../shared/data/mnist_t10k.npz or cifar10_subset.npz",
+        type=str | None,
+        help="training data: 'digits' (embedded) or an arrays file (.npz) such as "
+        "../shared/data/mnist_t10k.npz or cifar10_subset.npz; the evaluation uses its rest",
+    )
+    shortcuts.add_argument("--device", choices=["cpu", "cuda"], help="device of both")
+    shortcuts.add_argument(
+        "--threads",
+        type=int | None,
+        help="CPU threads for torch (the default small model is fastest on one)",
+    )
+    parser.add_argument("--n_test", "--n-test", type=int, default=100, help="test images attacked")
+    parser.add_argument(
+        "--n_dev", "--n-dev", type=int, default=100, help="development images (early exit, sweep)"
     )
     parser.add_argument(
+        "--out_dir",
         "--out-dir",
         type=Path,
         default=Path("runs/demo"),
         help="results and plots; the training run in OUT_DIR/training (a rerun resumes both)",
     )
-    parser.add_argument("--n-test", type=int, default=100, help="test images attacked")
-    parser.add_argument(
-        "--n-dev", type=int, default=100, help="development images for the early-exit choice"
-    )
-    parser.add_argument(
-        "--preset", default="demo", help="training preset (deq-attacks train --list-presets)"
-    )
-    parser.add_argument(
-        "--train-set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="change one training setting of the preset (repeatable; any TrainConfig field, "
-        "e.g. epochs=4, width=8, gradient=exact; deq-attacks train --help lists them)",
-    )
-    parser.add_argument(
-        "--eps", type=float, default=0.1, help="L-inf budget of PGD-AT and the evaluation"
-    )
-    parser.add_argument("--step", type=float, default=0.025, help="PGD step size (both)")
-    parser.add_argument("--steps", type=int, default=10, help="PGD iterations (both)")
-    parser.add_argument("--square-queries", type=int, default=100, help="Square queries")
-    parser.add_argument(
-        "--aa-iterations", type=int, default=5, help="AutoAttack APGD/FAB iterations"
-    )
-    parser.add_argument("--aa-queries", type=int, default=50, help="AutoAttack Square queries")
-    parser.add_argument("--long-steps", type=int, default=50, help="PGD steps of the check")
-    parser.add_argument("--attack-batch-size", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0, help="seed of training and evaluation")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads for torch (the default small model is fastest on one)",
-    )
+    add_settings(parser, TrainConfig, "train", title="--train.FIELD: the training (TrainConfig)")
+    add_settings(parser, EvaluationConfig, "eval", skip={"sweep"},
+                 title="--eval.FIELD: the evaluation (EvaluationConfig)")  # fmt: skip
+    add_sweep_option(parser)
+    set_defaults(parser, DEFAULT_PRESET, {})
     return parser
 
 
-def training_config(args: argparse.Namespace) -> TrainConfig:
-    """The preset with the demo's shared settings (data, threat model, seed, device, threads)
-    and then ``--train-set`` applied; validated."""
-    config = dataclasses.replace(
-        preset(args.preset),
-        data=args.data,
-        eps=args.eps,
-        step=args.step,
-        steps=args.steps,
-        seed=args.seed,
-        device=Device(args.device),
-        threads=args.threads,
-    )
-    return override(config, parse_pairs(args.train_set, "--train-set"))
+def set_defaults(parser: ArgumentParser, name: str, shortcuts: dict[str, Any]) -> None:
+    """The ``--train.*`` defaults from the preset ``name``, the ``--eval.*`` ones from
+    ``evaluation_defaults``, both with the shortcuts given (name -> value) applied."""
+    try:
+        training = preset(name)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    evaluation = evaluation_defaults()
+    shared = {k: v for k, v in shortcuts.items() if k in SHARED}
+    if "device" in shortcuts:
+        shortcuts = {**shortcuts, "device": Device(shortcuts["device"])}
+    try:
+        training = dataclasses.replace(training, **shortcuts)
+        evaluation = dataclasses.replace(evaluation, **shared)
+    except (ValueError, TypeError) as error:
+        raise CommandError(str(error)) from None
+    set_settings_defaults(parser, training, "train")
+    set_settings_defaults(parser, evaluation, "eval", skip={"sweep"})
 
 
-#: The demo's sweep: every n with beta in {0.5, 1} (Adjoint) and k in {1, 5}, lambda 1 (Unrolled).
-DEMO_SWEEP = SweepConfig({"unrolled": {"k": "1,5", "lam": "1.0"}})
-
-
-def demo_config(args: argparse.Namespace) -> EvaluationConfig:
-    """The whole protocol at the demo's scale: the AutoAttack's four attacks with
-    ``--aa-iterations`` iterations, 2 target classes and ``--aa-queries`` Square queries (the
-    standard: 100, 9, 5,000; recorded in the results as non-standard), Square with
-    ``--square-queries``, PGD-``--long-steps`` for the more-steps check, and a sweep over
-    every n with beta in {0.5, 1} (Adjoint) and k in {1, 5}, lambda 1 (Unrolled)."""
-    return EvaluationConfig(
-        eps=args.eps,
-        step=args.step,
-        steps=args.steps,
-        aa_iterations=args.aa_iterations,
-        aa_queries=args.aa_queries,
-        aa_target_classes=2,
-        square_queries=args.square_queries,
-        long_steps=args.long_steps,
-        large_eps=0.5,
-        batch_size=args.attack_batch_size,
-        seed=args.seed,
-        sweep=DEMO_SWEEP,
-    )
-
-
-def _fail(message: object) -> int:
-    print(f"deq-attacks demo: {message}", file=sys.stderr)
-    return 2
+def resolve(
+    argv: Sequence[str],
+) -> tuple[ArgumentParser, Namespace, TrainConfig, EvaluationConfig]:
+    """Parse and validate: the preset and the shortcuts as defaults, then config files, then
+    the nested options."""
+    parser = build_parser()
+    args = parse(parser, list(argv))
+    given = {k: args[k] for k in (*SHARED, *TRAINING_ONLY) if args[k] is not None}
+    set_defaults(parser, args.preset, given)
+    args = parse(parser, list(argv))
+    training = settings(TrainConfig, args.train)
+    evaluation = settings(EvaluationConfig, args.eval, sweep=sweep_config(args.sweep, DEMO_SWEEP))
+    return parser, args, training, evaluation
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return _fail("--device cuda: no CUDA device is available")
     try:
-        config = training_config(args)
-        evaluation = demo_config(args)
-        held_out = held_out_split(config.data)
-        if len(held_out) < args.n_dev + args.n_test:
-            raise ValueError(
-                f"only {len(held_out)} held-out images for --n-dev {args.n_dev} + --n-test "
-                f"{args.n_test}"
-            )
-    except (ValueError, KeyError, FileNotFoundError) as error:
-        return _fail(error)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)  # ART's random starts and Square draw from numpy
-    run_dir = args.out_dir / "training"
-    try:
-        result = run_training(config, run_dir)
-    except (ConfigMismatchError, ValueError, FileNotFoundError) as error:
-        return _fail(error)
-    deq = result.model
-    if not isinstance(deq, DEQ):
-        return _fail(f"the demo evaluates DEQs; preset {args.preset!r} trains {config.model}")
-    state = result.state
-    load_weights(deq, run_dir / "best.safetensors")
-    deq.eval()
-    print(
-        f"evaluating epoch {state.best_epoch} (best development PGD accuracy "
-        f"{state.best_dev_pgd_accuracy:.1%})"
-    )
-    estimator = DEQEstimator(
-        deq,
-        input_shape=result.image_shape,
-        nb_classes=result.num_classes,
-        device_type="gpu" if args.device == "cuda" else "cpu",
-    )
-    description = {
-        "model": f"{config.model} ({args.preset} preset)",
-        "data": args.data,
-        "training": {"preset": args.preset, "changed": dict(parse_pairs(args.train_set))},
-    }
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    dev = held_out.subset(np.arange(args.n_dev))
-    test = held_out.subset(np.arange(args.n_dev, args.n_dev + args.n_test))
-    try:
-        run(estimator, dev, test, evaluation, args.out_dir, description)
-    except KeyboardInterrupt:
-        print(interrupted(args.out_dir), file=sys.stderr)
-        return 130
-    return 0
+        parser, args, training, evaluation = resolve(sys.argv[1:] if argv is None else argv)
+    except CommandError as error:
+        return fail("demo", error)
+    if args.print_config:
+        print_settings(parser, args)
+        return 0
+    from deq_attacks.cli.jobs import demo
+
+    return demo(args, training, evaluation)
 
 
 if __name__ == "__main__":

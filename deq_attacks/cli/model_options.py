@@ -1,4 +1,5 @@
-"""The model options of ``deq-attacks evaluate`` and the builder contract behind them.
+"""The builder contract behind the model options of ``deq-attacks evaluate`` (defined in
+``deq_attacks.cli.evaluate``).
 
 ``--model`` is a registered name or a user's ``package.module:function`` (imported from the
 working directory, as ``python -m`` would). The builder is called with keywords only, and an
@@ -7,16 +8,16 @@ option reaches it only if its signature takes it (``inspect.signature``; ``**kwa
 ============================  ===================================================================
 option                        how it reaches the model
 ============================  ===================================================================
-``--model-arg KEY=VALUE``     ``KEY=VALUE`` (a Python literal, else the text); refused unless the
+``--model_arg KEY=VALUE``     ``KEY=VALUE`` (a Python literal, else the text); refused unless the
                               builder takes ``KEY``
 ``--solver NAME[:K=V,...]``   ``solver=`` if the builder takes it (the built model must then use
                               it); otherwise set on the built DEQ, and said so
 ``--threshold N``             the threshold of the model's own solver (or of ``--solver``),
                               ``dataclasses.replace``; never another solver
-``--training-gradient``       ``training_gradient=``; refused unless the builder takes it
+``--training_gradient``       ``training_gradient=``; refused unless the builder takes it
 ``--checkpoint FILE``         ``checkpoint=FILE`` if the builder names a ``checkpoint``
                               parameter (it loads the file into its own module before adapting
-                              it); otherwise loaded into the built DEQ, renamed by ``--key-map``
+                              it); otherwise loaded into the built DEQ, renamed by ``--key_map``
 ============================  ===================================================================
 
 Every refusal is a ValueError naming the option and what the builder accepts, raised before
@@ -25,74 +26,24 @@ the builder runs.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from jsonargparse import Namespace
 
 from deq_attacks.checkpoints import KeyMap, load_weights
 from deq_attacks.deq import ImplicitGradient, PhantomGradient
 from deq_attacks.deq.backward import TrainingGradient
 from deq_attacks.deq.contract import DEQModel
 from deq_attacks.models.registry import builder_keywords, resolve_builder
-from deq_attacks.solvers import Broyden, Solver, parse_solver, solver_names, solver_spec
+from deq_attacks.solvers import Broyden, Solver, parse_solver, solver_spec
 
 #: The paper's forward threshold, used for the exact gradient's backward solve (8/7) when
 #: neither --threshold nor --solver says otherwise.
 DEFAULT_THRESHOLD = 8
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--model-arg``, ``--solver``, ``--threshold``, ``--training-gradient``,
-    ``--checkpoint`` and ``--key-map``."""
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        required=True,
-        help="a registered name or your builder, package.module:function (imported from the "
-        "working directory); it returns a deq_attacks DEQ (DEQModel)",
-    )
-    group.add_argument(
-        "--model-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="keyword for the builder (Python literal or string); repeatable",
-    )
-    group.add_argument(
-        "--solver",
-        metavar="NAME[:KEY=VALUE,...]",
-        help="replace the model's forward solver; NAME one of "
-        f"{', '.join(solver_names())} (e.g. anderson:threshold=8,memory=5)",
-    )
-    group.add_argument(
-        "--threshold",
-        type=int,
-        help="forward iterates of the model's own solver (or of --solver); the solver kind is kept",
-    )
-    group.add_argument(
-        "--training-gradient",
-        choices=["phantom", "exact"],
-        help="the model's training gradient: phantom (k=5, lam=0.5) or exact (implicit, a "
-        "backward Broyden of threshold - 1 iterates); it fixes the ready-made attack",
-    )
-    group.add_argument(
-        "--checkpoint",
-        type=Path,
-        help="weights: .safetensors or a torch.save state dict (.pt/.pth/.bin/.pth.tar; read "
-        "with weights_only=True, containers such as 'state_dict' opened)",
-    )
-    group.add_argument(
-        "--key-map",
-        action="append",
-        default=[],
-        metavar="OLD=NEW",
-        help="rename checkpoint key prefixes before loading (e.g. encoder.=injection.); "
-        "repeatable, applied in order",
-    )
 
 
 def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
@@ -101,7 +52,7 @@ def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--model_arg expects KEY=VALUE, got {item!r}")
         try:
             kwargs[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -123,7 +74,7 @@ def _spec_settings(spec: str) -> set[str]:
     return {item.partition("=")[0].strip() for item in rest.split(",") if item.strip()}
 
 
-def requested_solver(args: argparse.Namespace) -> Solver | None:
+def requested_solver(args: Namespace) -> Solver | None:
     """The solver ``--solver`` (with ``--threshold``) asks for, or None."""
     if args.solver is None:
         return None
@@ -138,10 +89,8 @@ def requested_solver(args: argparse.Namespace) -> Solver | None:
     return solver
 
 
-def requested_training_gradient(
-    args: argparse.Namespace, solver: Solver | None
-) -> TrainingGradient | None:
-    """The training gradient ``--training-gradient`` asks for, or None."""
+def requested_training_gradient(args: Namespace, solver: Solver | None) -> TrainingGradient | None:
+    """The training gradient ``--training_gradient`` asks for, or None."""
     if args.training_gradient is None:
         return None
     if args.training_gradient == "phantom":
@@ -169,14 +118,14 @@ def _solver_record(solver: Solver) -> dict[str, Any]:
     return {"solver": repr(solver), "solver_spec": spec}
 
 
-def build_model(args: argparse.Namespace) -> BuiltModel:
+def build_model(args: Namespace) -> BuiltModel:
     """The DEQ that the model options describe, checked and loaded (see the module docs)."""
     builder = resolve_builder(args.model)
     keywords = builder_keywords(builder)
     kwargs = parse_model_args(args.model_arg)
     for key in kwargs:
         if not keywords.accepts(key):
-            raise _refuse(f"--model-arg {key}=...", key, args.model, keywords)
+            raise _refuse(f"--model_arg {key}=...", key, args.model, keywords)
     solver = requested_solver(args)
     gradient = requested_training_gradient(args, solver)
     passed: dict[str, tuple[str, Any]] = {}
@@ -184,25 +133,25 @@ def build_model(args: argparse.Namespace) -> BuiltModel:
         passed["solver"] = ("--solver", solver)
     if gradient is not None:
         if not keywords.accepts("training_gradient"):
-            raise _refuse("--training-gradient", "training_gradient", args.model, keywords)
-        passed["training_gradient"] = ("--training-gradient", gradient)
+            raise _refuse("--training_gradient", "training_gradient", args.model, keywords)
+        passed["training_gradient"] = ("--training_gradient", gradient)
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
     if args.key_map and args.checkpoint is None:
-        raise ValueError("--key-map renames the keys of --checkpoint: give --checkpoint too")
+        raise ValueError("--key_map renames the keys of --checkpoint: give --checkpoint too")
     key_map = KeyMap.parse(args.key_map) if args.key_map else None
     builder_loads = args.checkpoint is not None and keywords.accepts("checkpoint", explicit=True)
     if builder_loads:
         if key_map is not None:
             raise ValueError(
-                f"--key-map: the builder of --model {args.model} takes checkpoint= and loads "
+                f"--key_map: the builder of --model {args.model} takes checkpoint= and loads "
                 "the file itself; rename its keys there (deq_attacks.checkpoints.load_weights("
                 "..., key_map=...)) or drop the builder's checkpoint parameter"
             )
         passed["checkpoint"] = ("--checkpoint", args.checkpoint)
     for keyword, (option, value) in passed.items():
         if keyword in kwargs:
-            raise ValueError(f"{keyword} is given twice: by {option} and by --model-arg")
+            raise ValueError(f"{keyword} is given twice: by {option} and by --model_arg")
         kwargs[keyword] = value
     try:
         model = builder(**kwargs)
@@ -219,7 +168,7 @@ def build_model(args: argparse.Namespace) -> BuiltModel:
     _apply_solver(built, args, solver, "solver" in passed)
     if gradient is not None and model.training_gradient != gradient:
         raise ValueError(
-            f"--training-gradient: the builder of --model {args.model} took "
+            f"--training_gradient: the builder of --model {args.model} took "
             f"training_gradient={gradient!r} but its model trains with "
             f"{model.training_gradient!r}"
         )
@@ -241,9 +190,7 @@ def build_model(args: argparse.Namespace) -> BuiltModel:
     return built
 
 
-def _apply_solver(
-    built: BuiltModel, args: argparse.Namespace, solver: Solver | None, passed: bool
-) -> None:
+def _apply_solver(built: BuiltModel, args: Namespace, solver: Solver | None, passed: bool) -> None:
     """Check the solver the builder got, or set ``--solver``/``--threshold`` on the model."""
     model = built.model
     own = model.solver

@@ -1,117 +1,91 @@
 """``deq-attacks train``: adversarial training from a named preset (Table 7 and CPU presets).
 
-    deq-attacks train --preset cpu_unrolling --out-dir runs/cpu_unrolling
-    deq-attacks train --preset deq_large_exact_8_7 --data-root data --download true
+    deq-attacks train --preset cpu_unrolling --out_dir runs/cpu_unrolling
+    deq-attacks train --preset deq_large_exact_8_7 --data_root data --download true
+    deq-attacks train --config runs/cpu_unrolling/config.json --epochs 20   # a run's settings
     torchrun --nproc_per_node=4 -m deq_attacks train --preset deq_xl_unrolling
 
-Settings: the preset, then a JSON config file (``--config``), then ``--set key=value``, then
-single options (``--lr 5e-4``); every setting is validated before any work starts. The run
-folder gets ``config.json``; a rerun with the same settings resumes after the last epoch.
+Settings: the preset's values as defaults (``deq-attacks list presets``), then config files
+(``--config``: YAML or JSON, e.g. a run's ``config.json``), then single options (``--lr
+5e-4``), one per ``TrainConfig`` field; every setting is validated before any work starts
+(``--print_config`` prints them and exits). The run folder gets ``config.json``; a rerun with
+the same settings resumes after the last epoch.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+from jsonargparse import ArgumentParser, Namespace
 
-from deq_attacks.config import add_dataclass_options, dataclass_from_options, override, parse_pairs
-from deq_attacks.training import PRESETS, TrainConfig, preset, run_training
-from deq_attacks.training.config import Device
+from deq_attacks.cli.options import (
+    CommandError,
+    add_settings,
+    fail,
+    new_parser,
+    parse,
+    print_settings,
+    set_settings_defaults,
+    settings,
+)
+from deq_attacks.training.config import TrainConfig
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="deq-attacks train",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="presets: " + ", ".join(PRESETS),
-    )
-    parser.add_argument("--preset", help="a named preset (--list-presets shows them)")
+def build_parser() -> ArgumentParser:
+    parser = new_parser("deq-attacks train", __doc__.splitlines()[0], __doc__)
     parser.add_argument(
-        "--config", type=Path, help="a JSON file of settings (e.g. a run's config.json)"
+        "--preset",
+        type=str | None,
+        help="a named preset (deq-attacks list presets); its values replace the defaults "
+        "shown here (those of TrainConfig: the paper's exact-trained DEQ-Large)",
     )
     parser.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one setting (repeatable)",
+        "--out_dir", "--out-dir", type=Path | None, help="run folder (null: runs/<preset>)"
     )
-    parser.add_argument("--out-dir", type=Path, help="run folder (default runs/<preset>)")
-    parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved settings and exit"
-    )
-    add_dataclass_options(parser, TrainConfig)
+    add_settings(parser, TrainConfig)
     return parser
 
 
-def resolve(args: argparse.Namespace) -> TrainConfig:
-    """The preset, then the config file, then ``--set``, then single options."""
-    config = preset(args.preset) if args.preset else TrainConfig()
-    if args.config is not None:
-        if not args.config.is_file():
-            raise ValueError(f"--config {args.config}: no such file")
+def resolve(argv: Sequence[str]) -> tuple[ArgumentParser, Namespace, TrainConfig]:
+    """Parse and validate: the preset as defaults, then config files, then options."""
+    parser = build_parser()
+    args = parse(parser, list(argv))
+    if args.preset is None and not args.config:
+        raise CommandError(
+            "give --preset NAME (or --config FILE); deq-attacks list presets shows the presets"
+        )
+    if args.preset is not None:
+        from deq_attacks.training.presets import preset
+
         try:
-            values = json.loads(args.config.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"--config {args.config}: not a JSON file ({error})") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"--config {args.config}: expected a JSON object of settings")
-        config = override(config, {k: _as_text(v) for k, v in values.items()})
-    config = override(config, parse_pairs(args.settings))
-    return dataclass_from_options(TrainConfig, args, base=config)
+            set_settings_defaults(parser, preset(args.preset))
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+        args = parse(parser, list(argv))
+    return parser, args, settings(TrainConfig, args)
 
 
-def _as_text(value: object) -> str:
-    return "none" if value is None else str(value)
+def run_folder(args: Namespace) -> Path:
+    """``--out_dir``, or ``runs/<preset>`` (``runs/<name of the last config file>``)."""
+    if args.out_dir is not None:
+        return Path(args.out_dir)
+    name = args.preset if args.preset is not None else Path(str(args.config[-1])).stem
+    return Path("runs") / name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.list_presets:
-        for name, config in PRESETS.items():
-            print(f"{name:<24} {config.model}, {config.gradient.value}, data {config.data}")
-        return 0
-    if not args.preset and args.config is None:
-        parser.error("give --preset NAME (or --config FILE); --list-presets shows the presets")
     try:
-        config = resolve(args)
-    except ValueError as error:
-        print(f"deq-attacks train: {error}", file=sys.stderr)
-        return 2
+        parser, args, config = resolve(sys.argv[1:] if argv is None else argv)
+    except CommandError as error:
+        return fail("train", error)
     if args.print_config:
-        from deq_attacks.config import to_jsonable
-
-        print(json.dumps(to_jsonable(config), indent=2))
+        print_settings(parser, args)
         return 0
-    if config.device is Device.CUDA and not torch.cuda.is_available():
-        print(
-            "deq-attacks train: device=cuda, but torch sees no CUDA device "
-            "(the paper presets are for GPUs; --device cpu runs them on the CPU)",
-            file=sys.stderr,
-        )
-        return 2
-    out_dir = args.out_dir or Path("runs") / (args.preset or args.config.stem)
-    try:
-        result = run_training(config, out_dir)
-    except (FileNotFoundError, ValueError) as error:  # a resume mismatch is a ValueError
-        print(f"deq-attacks train: {error}", file=sys.stderr)
-        return 2
-    state = result.state
-    if state.best_epoch is not None:
-        print(
-            f"best epoch {state.best_epoch} (dev PGD accuracy {state.best_dev_pgd_accuracy:.1%}): "
-            f"{result.run_dir / 'best.safetensors'}"
-        )
-    return 0
+    from deq_attacks.cli.jobs import train
+
+    return train(config, run_folder(args))
 
 
 if __name__ == "__main__":

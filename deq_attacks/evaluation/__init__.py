@@ -1,37 +1,78 @@
 """White-box evaluation: the protocol of Sec. 6.2-6.3 (``evaluate_model``, table or cascade
 mode), its attack columns (registered by name: ``deq_attacks.evaluation.attacks``), shared runs,
 sweep, per-sample aggregation, measurements and diagnostics, reports, and a RobustBench-style
-entry point (``benchmark``)."""
+entry point (``benchmark``). The names are imported on first use (``deq_attacks.lazy``)."""
 
-from deq_attacks.evaluation.aggregate import (
-    Robustness,
-    SurvivalMatrix,
-    choose_early_exit,
-    choose_strongest,
-    wilson_interval,
+from typing import TYPE_CHECKING
+
+from deq_attacks.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from deq_attacks.evaluation.aggregate import (
+        Robustness,
+        SurvivalMatrix,
+        choose_early_exit,
+        choose_strongest,
+        wilson_interval,
+    )
+    from deq_attacks.evaluation.attacks import (
+        Attack,
+        AttackOutput,
+        Column,
+        DefendedModel,
+        SampleSeeds,
+        attack_names,
+        fixed_step_pgd,
+        register_attack,
+        run_standard_autoattack,
+        scoped_attacks,
+    )
+    from deq_attacks.evaluation.benchmark import BenchmarkResult, benchmark
+    from deq_attacks.evaluation.cells import column_scores
+    from deq_attacks.evaluation.columns import protocol_columns, protocol_estimates
+    from deq_attacks.evaluation.protocol import evaluate_model
+    from deq_attacks.evaluation.report import markdown_report, markdown_table, write_outputs
+    from deq_attacks.evaluation.result import EvaluationReport
+    from deq_attacks.evaluation.scoring import per_state_accuracy, score_readouts
+    from deq_attacks.evaluation.settings import EvaluationConfig, Mode, SweepConfig
+    from deq_attacks.evaluation.sweep import run_sweep
+    from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "deq_attacks.evaluation.aggregate": (
+            "Robustness",
+            "SurvivalMatrix",
+            "choose_early_exit",
+            "choose_strongest",
+    "column_scores",
+            "wilson_interval",
+        ),
+        "deq_attacks.evaluation.attacks": (
+            "Attack",
+            "AttackOutput",
+            "Column",
+            "DefendedModel",
+            "SampleSeeds",
+            "attack_names",
+            "fixed_step_pgd",
+            "register_attack",
+            "run_standard_autoattack",
+            "scoped_attacks",
+        ),
+        "deq_attacks.evaluation.benchmark": ("BenchmarkResult", "benchmark"),
+        "deq_attacks.evaluation.cells": ("column_scores",),
+        "deq_attacks.evaluation.columns": ("protocol_columns", "protocol_estimates"),
+        "deq_attacks.evaluation.protocol": ("evaluate_model",),
+        "deq_attacks.evaluation.report": ("markdown_report", "markdown_table", "write_outputs"),
+        "deq_attacks.evaluation.result": ("EvaluationReport",),
+        "deq_attacks.evaluation.scoring": ("per_state_accuracy", "score_readouts"),
+        "deq_attacks.evaluation.settings": ("EvaluationConfig", "Mode", "SweepConfig"),
+        "deq_attacks.evaluation.sweep": ("run_sweep",),
+        "deq_attacks.evaluation.threat": ("AutoAttackSettings", "ThreatModel"),
+    },
 )
-from deq_attacks.evaluation.attacks import (
-    Attack,
-    AttackOutput,
-    AutoAttackSettings,
-    Column,
-    DefendedModel,
-    SampleSeeds,
-    ThreatModel,
-    attack_names,
-    fixed_step_pgd,
-    register_attack,
-    run_standard_autoattack,
-    scoped_attacks,
-)
-from deq_attacks.evaluation.benchmark import BenchmarkResult, benchmark
-from deq_attacks.evaluation.columns import protocol_columns, protocol_estimates
-from deq_attacks.evaluation.protocol import evaluate_model
-from deq_attacks.evaluation.report import markdown_report, markdown_table, write_outputs
-from deq_attacks.evaluation.result import EvaluationReport
-from deq_attacks.evaluation.scoring import per_state_accuracy, score_readouts
-from deq_attacks.evaluation.settings import EvaluationConfig, Mode
-from deq_attacks.evaluation.sweep import SweepConfig, run_sweep
 
 __all__ = [
     "Attack",
@@ -52,6 +93,7 @@ __all__ = [
     "benchmark",
     "choose_early_exit",
     "choose_strongest",
+    "column_scores",
     "evaluate_model",
     "fixed_step_pgd",
     "markdown_report",

@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from deq_attacks.config import to_jsonable
 from deq_attacks.deq.convergence import ConvergenceLog
 from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
 from deq_attacks.evaluation.aggregate import choose_early_exit
@@ -50,6 +49,7 @@ from deq_attacks.evaluation.sweep import run_sweep
 from deq_attacks.evaluation.table import table_cells
 from deq_attacks.gradients import BackpropThroughSolver, GradientEstimate, estimate_spec, ready_made
 from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.records import to_jsonable
 
 
 def evaluate_model(

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deq_attacks.config import to_jsonable
 from deq_attacks.evaluation.aggregate import (
     Robustness,
     SurvivalMatrix,
@@ -20,6 +19,7 @@ from deq_attacks.evaluation.aggregate import (
 from deq_attacks.evaluation.diagnostics import Check
 from deq_attacks.evaluation.store import jsonable
 from deq_attacks.gradients import GradientEstimate, estimate_spec
+from deq_attacks.records import to_jsonable
 
 if TYPE_CHECKING:
     from deq_attacks.deq.readout import Readout

@@ -1,22 +1,24 @@
-"""The settings of the evaluation protocol, as one frozen dataclass (the command line is
-derived from its fields)."""
+"""The settings of the evaluation protocol, as frozen dataclasses: ``EvaluationConfig`` and its
+sweep grid ``SweepConfig``. The command line derives its options from the fields (the
+docstring under each field is its help), so this module imports no torch: the registries that
+validation consults (attacks, sweep families, torch.compile backends) are imported inside the
+validating functions.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: jsonargparse then reads the fields' types as
+objects and never runs the ``TYPE_CHECKING`` imports (torch) to resolve them."""
 
 import enum
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
 
-from deq_attacks.evaluation.attacks import (
-    PRECISIONS,
-    AutoAttackSettings,
-    ThreatModel,
-    attack_class,
-    attack_names,
-    parse_attacks,
-)
-from deq_attacks.evaluation.sweep import SweepConfig
+if TYPE_CHECKING:
+    import torch
+
+    from deq_attacks.gradients import FamilyPlan, PerStepEstimate
+    from deq_attacks.solvers import Solver
 
 #: Attack batch (= shard block) when ``batch_size`` is None, by device type.
 DEFAULT_BATCH = {"cpu": 100, "cuda": 500}
@@ -32,61 +34,141 @@ class Mode(enum.Enum):
     CASCADE = "cascade"
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+@dataclass(frozen=True)
+class SweepConfig:
+    """Overrides of the families' default grids: family -> parameter -> "all" (the step
+    index: 1..N) or comma-separated values, e.g. ``{"unrolled": {"k": "1,5", "lam": "1.0"}}``.
+    A family or parameter left out keeps its default (``SweepFamily.defaults()``). Validated at
+    construction against the registered families and their declared parameters.
+    """
+
+    grids: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    """Per-family grid overrides, e.g. {'unrolled': {'k': '1,5'}}."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.grids, Mapping):
+            raise TypeError(f"grids must map a family to its grid, got {self.grids!r}")
+        grids: dict[str, dict[str, str]] = {}
+        if self.grids:
+            from deq_attacks.gradients import sweep_family
+
+            for name, grid in self.grids.items():
+                family = sweep_family(name)
+                if not isinstance(grid, Mapping):
+                    raise TypeError(f"grid of {name!r} must map parameter -> values, got {grid!r}")
+                for param, text in grid.items():
+                    parameter = family.parameter(param)
+                    try:
+                        parameter.parse(text)
+                    except (ValueError, TypeError) as error:
+                        raise type(error)(f"sweep {name}.{error}") from None
+                grids[name] = dict(grid)
+        object.__setattr__(self, "grids", grids)
+
+    def __hash__(self) -> int:
+        return hash(tuple((f, tuple(sorted(g.items()))) for f, g in sorted(self.grids.items())))
+
+    @classmethod
+    def from_items(cls, items: Iterable[str]) -> "SweepConfig":
+        """From command-line items ``FAMILY.PARAM=VALUES`` (``unrolled.k=1,5``)."""
+        grids: dict[str, dict[str, str]] = {}
+        for item in items:
+            key, sep, values = item.partition("=")
+            family, dot, param = key.strip().partition(".")
+            if not sep or not dot or not family or not param:
+                raise ValueError(f"--sweep expects FAMILY.PARAM=VALUES, got {item!r}")
+            grids.setdefault(family, {})[param] = values.strip()
+        return cls(grids)
+
+    def updated(self, grids: Mapping[str, Mapping[str, str]]) -> "SweepConfig":
+        """This config with the given family grids overriding its own, parameter by parameter."""
+        merged = {name: dict(grid) for name, grid in self.grids.items()}
+        for name, grid in grids.items():
+            merged.setdefault(name, {}).update(grid)
+        return SweepConfig(merged)
+
+    def grid(self, family: str) -> dict[str, str]:
+        """The grid of ``family``: its defaults with this config's overrides."""
+        from deq_attacks.gradients import sweep_family
+
+        return {**sweep_family(family).defaults(), **self.grids.get(family, {})}
+
+    def plan(self, solver: "Solver") -> "list[FamilyPlan]":
+        """What every registered family does over ``solver`` (decided before any work)."""
+        from deq_attacks.gradients import sweep_families, sweep_family
+
+        for name in self.grids:
+            sweep_family(name)  # a family unregistered since construction fails here
+        return [family.plan(solver) for family in sweep_families()]
+
+    def candidates(self, solver: "Solver") -> "dict[str, list[PerStepEstimate]]":
+        """The candidates of each family that runs over ``solver``, in registration order."""
+        from deq_attacks.gradients import sweep_family
+
+        chosen = {}
+        for plan in self.plan(solver):
+            if plan.runs:
+                family = sweep_family(plan.family)
+                grid = self.grid(plan.family)
+                candidates = family.candidates(grid, solver.threshold, plan)
+                for estimate in candidates:
+                    estimate.check(solver)
+                chosen[plan.family] = candidates
+        return chosen
 
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Settings of the protocol (defaults: the paper's CIFAR-10 setting and the standard
-    AutoAttack). ``sweep`` is the grid of intermediate attacks."""
+    """The protocol's settings (defaults: the paper's CIFAR-10 setting, standard AutoAttack).
 
-    eps: float = field(default=8 / 255, metadata=_help("L-inf budget, inputs in [0, 1]"))
-    step: float = field(default=2 / 255, metadata=_help("PGD step size"))
-    steps: int = field(default=10, metadata=_help("PGD iterations"))
-    attacks: str = field(
-        default="pgd,autoattack,square",
-        metadata=_help(
-            "attack columns, comma-separated registered names, in column order (one column "
-            "per gradient estimate for a gradient attack); registered: " + ", ".join(attack_names())
-        ),
-    )
-    mode: Mode = field(
-        default=Mode.TABLE,
-        metadata=_help("table: every column on every sample; cascade: per-sample verdict only"),
-    )
-    bptt: bool = field(
-        default=True,
-        metadata=_help("the yardstick column and alignment check: backprop through the solver"),
-    )
-    bptt_checkpoint: bool = field(
-        default=False, metadata=_help("recompute f per solver step in the BPTT backward (memory)")
-    )
-    aa_iterations: int = field(default=100, metadata=_help("APGD-CE/APGD-T/FAB-T iterations"))
-    aa_queries: int = field(default=5000, metadata=_help("AutoAttack's Square queries"))
-    aa_target_classes: int = field(default=9, metadata=_help("APGD-T/FAB-T target classes"))
-    square_queries: int = field(default=5000, metadata=_help("the Square column's queries"))
-    long_steps: int = field(default=100, metadata=_help("PGD steps of the more-steps check"))
-    large_eps: float = field(default=0.5, metadata=_help("eps of the large-eps check"))
-    diagnostic_samples: int = field(default=32, metadata=_help("samples for costly checks"))
-    batch_size: int | None = field(
-        default=None,
-        metadata=_help("attack batch = shard block size (none: 100 on CPU, 500 on CUDA)"),
-    )
-    precision: str = field(
-        default="fp32",
-        metadata=_help("attack arithmetic: fp32, or bf16 autocast (the ready-made PGD is then "
-                       "also run in fp32 on the same images and both are reported)"),
-    )  # fmt: skip
-    compile_backend: str = field(
-        default="",
-        metadata=_help("torch.compile backend for the fixed-step PGD's step and f (e.g. "
-                       "inductor on a GPU; empty: no compilation)"),
-    )  # fmt: skip
-    seed: int = field(default=0, metadata=_help("seed of every random draw (>= 0)"))
+    ``sweep`` is the grid of intermediate attacks (``--sweep`` on the command line)."""
+
+    eps: float = 8 / 255
+    """L-inf budget, inputs in [0, 1]."""
+    step: float = 2 / 255
+    """PGD step size."""
+    steps: int = 10
+    """PGD iterations."""
+    attacks: str = "pgd,autoattack,square"
+    """Attack columns, comma-separated registered names, in column order (one column per
+    gradient estimate for a gradient attack; `deq-attacks list attacks` names them)."""
+    mode: Mode = Mode.TABLE
+    """TABLE: every column on every sample; CASCADE: per-sample verdict only, columns
+    strongest first on the samples still robust."""
+    bptt: bool = True
+    """The yardstick column and alignment check: backprop through the solver."""
+    bptt_checkpoint: bool = False
+    """Recompute f per solver step in the BPTT backward (memory)."""
+    aa_iterations: int = 100
+    """APGD-CE/APGD-T/FAB-T iterations."""
+    aa_queries: int = 5000
+    """AutoAttack's Square queries."""
+    aa_target_classes: int = 9
+    """APGD-T/FAB-T target classes."""
+    square_queries: int = 5000
+    """The Square column's queries."""
+    long_steps: int = 100
+    """PGD steps of the more-steps check."""
+    large_eps: float = 0.5
+    """Eps of the large-eps check."""
+    diagnostic_samples: int = 32
+    """Samples for costly checks."""
+    batch_size: int | None = None
+    """Attack batch = shard block size (null: 100 on CPU, 500 on CUDA)."""
+    precision: str = "fp32"
+    """Attack arithmetic: fp32, or bf16 autocast (the ready-made PGD is then also run in fp32
+    on the same images and both are reported)."""
+    compile_backend: str = ""
+    """torch.compile backend for the fixed-step PGD's step and f (e.g. inductor on a GPU;
+    empty: no compilation)."""
+    seed: int = 0
+    """Seed of every random draw (>= 0)."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    """The grid of intermediate attacks (on the command line: --sweep FAMILY.PARAM=VALUES)."""
 
     def __post_init__(self) -> None:
+        from deq_attacks.evaluation.attacks import PRECISIONS, attack_class, parse_attacks
+
         ThreatModel(self.eps, self.step, self.steps)
         AutoAttackSettings(self.aa_iterations, self.aa_queries, self.aa_target_classes)
         names = parse_attacks(self.attacks)
@@ -144,9 +226,11 @@ class EvaluationConfig:
     @property
     def attack_list(self) -> tuple[str, ...]:
         """The attack names of ``attacks``, in column order."""
+        from deq_attacks.evaluation.attacks import parse_attacks
+
         return parse_attacks(self.attacks)
 
-    def attack_batch(self, device: torch.device) -> int:
+    def attack_batch(self, device: "torch.device") -> int:
         """The attack batch on ``device``: ``batch_size``, or the device type's default."""
         if self.batch_size is not None:
             return self.batch_size

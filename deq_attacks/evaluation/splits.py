@@ -96,6 +96,13 @@ def evaluation_pool(spec: str) -> EvaluationPool:
     )
 
 
+def held_out_data(spec: str) -> ImageDataset:
+    """The images of a data spec that training does not use (the pool's held-out part, in
+    order): never the training split."""
+    pool = evaluation_pool(spec)
+    return pool.data.subset(pool.held_out)
+
+
 def describe_indices(indices: np.ndarray) -> str:
     """Indices as runs: ``[3, 4, 5, 9]`` -> ``"3:6,9"`` (Python slice ends, exclusive)."""
     parts: list[str] = []

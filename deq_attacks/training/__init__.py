@@ -6,13 +6,28 @@
 - ``TrainConfig`` and the named ``PRESETS`` (the paper's, the CPU ones and ``demo``).
 
 ART's own trainers (``AdversarialTrainerMadryPGD``, TRADES) also train a ``DEQEstimator``:
-see docs/training.md.
+see docs/training.md. The names are imported on first use (``deq_attacks.lazy``).
 """
 
-from deq_attacks.training.config import MEMORY_DATA, Device, Gradient, TrainConfig
-from deq_attacks.training.loop import RunResult, run_training
-from deq_attacks.training.presets import PRESETS, preset
-from deq_attacks.training.resume import ConfigMismatchError, RunState
+from typing import TYPE_CHECKING
+
+from deq_attacks.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from deq_attacks.training.config import MEMORY_DATA, Device, Gradient, TrainConfig
+    from deq_attacks.training.loop import RunResult, run_training
+    from deq_attacks.training.presets import PRESETS, preset
+    from deq_attacks.training.resume import ConfigMismatchError, RunState
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "deq_attacks.training.config": ("MEMORY_DATA", "Device", "Gradient", "TrainConfig"),
+        "deq_attacks.training.loop": ("RunResult", "run_training"),
+        "deq_attacks.training.presets": ("PRESETS", "preset"),
+        "deq_attacks.training.resume": ("ConfigMismatchError", "RunState"),
+    },
+)
 
 __all__ = [
     "MEMORY_DATA",

@@ -1,21 +1,22 @@
 """``TrainConfig``: every setting of one PGD-AT run (Sec. 6, Appendix A, Table 7), validated.
 
 The defaults are the paper's exact-trained DEQ-Large recipe; `presets.PRESETS` names the others.
-Every field is a scalar, so the command line derives ``--field-name`` options from this class
-(``deq_attacks.config``) and the run folder records it as ``config.json``.
+Every field is a scalar, so the command line derives its options from this class (the docstring
+under each field is its help) and the run folder records it as ``config.json``. The module
+imports no torch: validation imports the model registry and ``Acceleration`` when it runs (and
+no ``from __future__ import annotations``: jsonargparse then reads the fields' types as objects,
+without running the ``TYPE_CHECKING`` imports).
 """
-
-from __future__ import annotations
 
 import dataclasses
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from deq_attacks.acceleration import COMPILE_MODES, Acceleration
-from deq_attacks.models.registry import list_models
+if TYPE_CHECKING:
+    from deq_attacks.acceleration import Acceleration
 
 #: Registered models that are not DEQs: trained with plain autograd, no DEQ-only steps.
 BASELINE_MODELS = frozenset({"resnet18", "wrn34_10"})
@@ -47,132 +48,109 @@ class Device(str, enum.Enum):
     CUDA = "cuda"
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Field help texts double as the command line's ``--help``."""
+    """One training run. The docstring under each field is its help on the command line."""
 
     # --- model ----------------------------------------------------------------------------
-    model: str = field(
-        default="deq_large",
-        metadata=_help(
-            "registered model (deq_large, deq_xl, small_conv_deq, resnet18, wrn34_10) or a "
-            "'module:function' entry point"
-        ),
-    )
-    width: int | None = field(
-        default=None,
-        metadata=_help(
-            "channels of small_conv_deq, base width of resnet18, widen factor of wrn34_10 "
-            "(None: the model's default)"
-        ),
-    )
-    dropout: float | None = field(
-        default=None,
-        metadata=_help("variational dropout in f of small_conv_deq (MDEQs: built in, 0.22)"),
-    )
-    gradient: Gradient = field(
-        default=Gradient.EXACT, metadata=_help("training gradient: exact, phantom or autograd")
-    )
-    forward_threshold: int = field(default=8, metadata=_help("forward Broyden iterates"))
-    backward_threshold: int = field(
-        default=7, metadata=_help("backward Broyden iterates of the exact gradient")
-    )
-    solver_tol: float = field(
-        default=1e-3, metadata=_help("relative-residual tolerance of both solvers")
-    )
-    phantom_k: int = field(default=5, metadata=_help("unrolling steps k of the phantom gradient"))
-    phantom_lam: float = field(
-        default=0.5, metadata=_help("damping lambda of the phantom gradient")
-    )
+    model: str = "deq_large"
+    """Registered model (deq_large, deq_xl, small_conv_deq, resnet18, wrn34_10; `deq-attacks
+    list models`) or a 'module:function' entry point."""
+    width: int | None = None
+    """Channels of small_conv_deq, base width of resnet18, widen factor of wrn34_10 (null: the
+    model's default)."""
+    dropout: float | None = None
+    """Variational dropout in f of small_conv_deq (MDEQs: built in, 0.22)."""
+    gradient: Gradient = Gradient.EXACT
+    """Training gradient: EXACT (implicit, Broyden backward), PHANTOM (unrolling, k and
+lambda) or AUTOGRAD (the ResNet/WRN baselines)."""
+    forward_threshold: int = 8
+    """Forward Broyden iterates."""
+    backward_threshold: int = 7
+    """Backward Broyden iterates of the exact gradient."""
+    solver_tol: float = 1e-3
+    """Relative-residual tolerance of both solvers."""
+    phantom_k: int = 5
+    """Unrolling steps k of the phantom gradient."""
+    phantom_lam: float = 0.5
+    """Damping lambda of the phantom gradient."""
     # --- data -----------------------------------------------------------------------------
-    data: str = field(
-        default="cifar10",
-        metadata=_help(
-            "'cifar10' (torchvision), 'digits' (embedded), an arrays file .npz, or 'memory' "
-            "(the arrays passed to run_training(..., data=...))"
-        ),
-    )
-    data_root: Path = field(default=Path("data"), metadata=_help("torchvision's CIFAR-10 folder"))
-    download: bool = field(default=False, metadata=_help("let torchvision download CIFAR-10"))
-    train_limit: int | None = field(
-        default=None, metadata=_help("use only the first N training images (None: all)")
-    )
-    dev_size: int = field(
-        default=1000, metadata=_help("development images held out from the training set")
-    )
-    crop_padding: int = field(
-        default=4, metadata=_help("RandomCrop padding of the augmentation (0: no crop)")
-    )
-    flip: bool = field(default=True, metadata=_help("random horizontal flip"))
+    data: str = "cifar10"
+    """'cifar10' (torchvision), 'digits' (embedded), an arrays file .npz, or 'memory' (the arrays
+    passed to run_training(..., data=...))."""
+    data_root: Path = Path("data")
+    """torchvision's CIFAR-10 folder."""
+    download: bool = False
+    """Let torchvision download CIFAR-10."""
+    train_limit: int | None = None
+    """Use only the first N training images (null: all)."""
+    dev_size: int = 1000
+    """Development images held out from the training set."""
+    crop_padding: int = 4
+    """RandomCrop padding of the augmentation (0: no crop)."""
+    flip: bool = True
+    """Random horizontal flip."""
     # --- optimisation ---------------------------------------------------------------------
-    epochs: int = field(default=150, metadata=_help("epochs in all, pretraining included"))
-    batch_size: int = field(default=96, metadata=_help("global batch (split across ranks)"))
-    lr: float = field(default=1e-3, metadata=_help("initial Adam learning rate"))
-    lr_min: float = field(default=1e-6, metadata=_help("end of the per-step cosine decay"))
-    weight_decay: float = field(default=0.0, metadata=_help("Adam weight decay"))
-    pretrain_steps: int = field(
-        default=16000,
-        metadata=_help("clean optimizer steps first, the DEQ run as an unrolled network"),
-    )
-    pretrain_depth: int = field(
-        default=8, metadata=_help("applications of f in the unrolled pretraining network")
-    )
-    jac_weight: float = field(
-        default=0.4, metadata=_help("Jacobian regularisation weight (0: none)")
-    )
-    jac_frequency: float = field(
-        default=0.02, metadata=_help("fraction of DEQ-mode training steps that carry it")
-    )
-    jac_stop_epoch: int = field(
-        default=90, metadata=_help("0-based epoch from which it is no longer applied")
-    )
+    epochs: int = 150
+    """Epochs in all, pretraining included."""
+    batch_size: int = 96
+    """Global batch (split across ranks)."""
+    lr: float = 1e-3
+    """Initial Adam learning rate."""
+    lr_min: float = 1e-6
+    """End of the per-step cosine decay."""
+    weight_decay: float = 0.0
+    """Adam weight decay."""
+    pretrain_steps: int = 16000
+    """Clean optimizer steps first, the DEQ run as an unrolled network."""
+    pretrain_depth: int = 8
+    """Applications of f in the unrolled pretraining network."""
+    jac_weight: float = 0.4
+    """Jacobian regularisation weight (0: none)."""
+    jac_frequency: float = 0.02
+    """Fraction of DEQ-mode training steps that carry it."""
+    jac_stop_epoch: int = 90
+    """0-based epoch from which it is no longer applied."""
     # --- adversary (PGD-AT and the development PGD) ---------------------------------------
-    adversarial: bool = field(default=True, metadata=_help("PGD-AT after pretraining"))
-    eps: float = field(default=8 / 255, metadata=_help("L-inf budget, inputs in [0, 1]"))
-    step: float = field(default=2 / 255, metadata=_help("PGD step size"))
-    steps: int = field(default=10, metadata=_help("PGD iterations"))
-    random_start: bool = field(
-        default=True,
-        metadata=_help("uniform random start of the training PGD (the dev PGD always has one)"),
-    )
+    adversarial: bool = True
+    """PGD-AT after pretraining."""
+    eps: float = 8 / 255
+    """L-inf budget, inputs in [0, 1]."""
+    step: float = 2 / 255
+    """PGD step size."""
+    steps: int = 10
+    """PGD iterations."""
+    random_start: bool = True
+    """Uniform random start of the training PGD (the dev PGD always has one)."""
     # --- monitoring -----------------------------------------------------------------------
-    eval_batch_size: int | None = field(
-        default=None,
-        metadata=_help("batch of the dev evaluation (None: 200 on CPU, 500 on CUDA)"),
-    )
-    spectral_samples: int = field(
-        default=32, metadata=_help("dev images for the spectral radius of J_f at z* (0: skip)")
-    )
-    plots: bool = field(default=True, metadata=_help("redraw training.png after every epoch"))
+    eval_batch_size: int | None = None
+    """Batch of the dev evaluation (null: 200 on CPU, 500 on CUDA)."""
+    spectral_samples: int = 32
+    """Dev images for the spectral radius of J_f at z* (0: skip)."""
+    plots: bool = True
+    """Redraw training.png after every epoch."""
     # --- execution ------------------------------------------------------------------------
-    seed: int = field(default=0, metadata=_help("seed of everything random"))
-    device: Device = field(default=Device.CUDA, metadata=_help("cpu or cuda"))
-    bf16: bool = field(
-        default=False, metadata=_help("bfloat16 autocast for forward passes (CUDA only)")
-    )
-    tf32: bool = field(
-        default=False, metadata=_help("TensorFloat-32 matmuls and convolutions (CUDA only)")
-    )
-    compile: bool = field(
-        default=False,
-        metadata=_help("torch.compile the DEQ's f (a baseline: the whole model), in place"),
-    )
-    compile_mode: str = field(
-        default="default",
-        metadata=_help(f"torch.compile mode: {', '.join(COMPILE_MODES)} (CUDA graphs: CUDA only)"),
-    )
-    compile_backend: str = field(
-        default="inductor", metadata=_help("torch.compile backend (aot_eager: no code generated)")
-    )
-    channels_last: bool = field(
-        default=False, metadata=_help("channels-last memory format for weights and inputs")
-    )
-    threads: int | None = field(default=None, metadata=_help("torch CPU threads (None: torch's)"))
-    num_workers: int = field(default=2, metadata=_help("DataLoader worker processes"))
+    seed: int = 0
+    """Seed of everything random."""
+    device: Device = Device.CUDA
+    """CPU or CUDA."""
+    bf16: bool = False
+    """bfloat16 autocast for forward passes (CUDA only)."""
+    tf32: bool = False
+    """TensorFloat-32 matmuls and convolutions (CUDA only)."""
+    compile: bool = False
+    """torch.compile the DEQ's f (a baseline: the whole model), in place."""
+    compile_mode: str = "default"
+    """torch.compile mode: default, max-autotune-no-cudagraphs, or reduce-overhead and
+    max-autotune (these use CUDA graphs: CUDA only)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (aot_eager: no code generated)."""
+    channels_last: bool = False
+    """Channels-last memory format for weights and inputs."""
+    threads: int | None = None
+    """Torch CPU threads (null: torch's)."""
+    num_workers: int = 2
+    """DataLoader worker processes."""
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
@@ -184,8 +162,10 @@ class TrainConfig:
         return self.gradient is not Gradient.AUTOGRAD
 
     @property
-    def acceleration(self) -> Acceleration:
+    def acceleration(self) -> "Acceleration":
         """The speed-up options (``deq_attacks.acceleration``)."""
+        from deq_attacks.acceleration import Acceleration
+
         return Acceleration(
             compile=self.compile,
             compile_mode=self.compile_mode,
@@ -202,7 +182,7 @@ class TrainConfig:
             return self.eval_batch_size
         return DEFAULT_EVAL_BATCH[self.device.value]
 
-    def differences(self, other: TrainConfig) -> list[str]:
+    def differences(self, other: "TrainConfig") -> list[str]:
         """Keys (outside ``RUN_ONLY_KEYS``) whose values differ, as ``key: self -> other``."""
         return [
             f"{f.name}: {getattr(self, f.name)!r} -> {getattr(other, f.name)!r}"
@@ -211,8 +191,8 @@ class TrainConfig:
         ]
 
     @classmethod
-    def from_json(cls, values: dict[str, Any]) -> TrainConfig:
-        """The config that ``deq_attacks.config.to_jsonable`` wrote (unknown keys raise)."""
+    def from_json(cls, values: dict[str, Any]) -> "TrainConfig":
+        """The config that ``deq_attacks.records.to_jsonable`` wrote (unknown keys raise)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -231,6 +211,8 @@ def _is_int(value: object) -> bool:
 
 def _problems(c: TrainConfig) -> list[str]:
     """Every invalid setting of ``c``, each as one message."""
+    from deq_attacks.models.registry import list_models
+
     out: list[str] = []
     positive = (
         "forward_threshold",

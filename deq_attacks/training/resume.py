@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from deq_attacks.checkpoints import load_weights, save_weights
-from deq_attacks.config import to_jsonable
+from deq_attacks.records import to_jsonable
 from deq_attacks.training.config import TrainConfig
 
 

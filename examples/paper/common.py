@@ -1,21 +1,22 @@
-"""What every paper script shares: the presets (paper / cpu / tiny), the cache of trained models
-and of protocol runs, the held-out data, and the results writer (JSON + markdown, measured
-beside the paper's numbers).
+"""What every paper script shares: the presets (paper / cpu / tiny: options, model kinds,
+training and evaluation settings, splits), the cache of trained models and of protocol runs,
+and the layout of the results (the paper's tables, JSON + markdown, beside the paper's numbers).
 
-A script composes ``deq_attacks.training.run_training`` and ``deq_attacks.evaluation``; it
-does not reimplement them. Trained models live in ``<cache>/<kind>-<hash of the config>``
-(resumable: a second script asking for the same config finds the finished run at once), and
-protocol results in ``<cache>/eval-<hash>.jsonl`` (``evaluate_model``'s store: it resumes
-from it).
+A script composes ``deq_attacks.training.run_training`` and ``deq_attacks.evaluation``
+(``evaluate_model`` and its report; ``column_scores`` for a single column outside the
+protocol); it does not reimplement them. Trained models live in ``<cache>/<kind>-<hash of the
+config>`` (resumable: a second script asking for the same config finds the finished run at
+once), and protocol results in ``<cache>/eval-<hash>.jsonl`` (``evaluate_model``'s store: it
+resumes from it).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import multiprocessing
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -25,29 +26,24 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from jsonargparse import ArgumentParser, Namespace
 
 from deq_attacks.checkpoints import load_weights
-from deq_attacks.cli.evaluate import held_out_data
-from deq_attacks.config import override, parse_pairs, to_jsonable
-from deq_attacks.data import ImageDataset, load_arrays_file, load_cifar10
+from deq_attacks.cli import options
+from deq_attacks.data import ImageDataset
 from deq_attacks.deq import DEQ
-from deq_attacks.deq.readout import Final, Readout
 from deq_attacks.evaluation import (
     EvaluationConfig,
     EvaluationReport,
-    SampleSeeds,
     SweepConfig,
     evaluate_model,
-    score_readouts,
 )
-from deq_attacks.evaluation.attacks import Square
 from deq_attacks.evaluation.columns import BPTT
-from deq_attacks.evaluation.distributed import Shards
-from deq_attacks.evaluation.shared_runs import clean_scores, shared_pgd_scores
+from deq_attacks.evaluation.splits import held_out_data
 from deq_attacks.evaluation.store import jsonable
-from deq_attacks.gradients import GradientEstimate, Phantom
-from deq_attacks.gradients import ready_made as ready_made_estimate
+from deq_attacks.gradients import GradientEstimate, Phantom, ready_made
 from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.records import plain, to_jsonable
 from deq_attacks.training import RunResult, TrainConfig, preset, run_training
 from deq_attacks.training.config import RUN_ONLY_KEYS, Device, Gradient
 
@@ -82,34 +78,45 @@ PAPER_GPU_HOURS = {
 }
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """The options every paper script takes."""
-    p = argparse.ArgumentParser(description=description)
+def parser(description: str) -> ArgumentParser:
+    """The options every paper script takes (a script adds its own), with ``--config FILE``:
+    ``--train.FIELD`` / ``--eval.FIELD`` change that ``TrainConfig`` / ``EvaluationConfig``
+    setting for every model trained / every evaluation (only the settings given count)."""
+    p = options.new_parser(None, description)
     p.add_argument("--preset", choices=PRESETS, default="cpu", help="paper (GPU) | cpu | tiny")
-    p.add_argument("--out-dir", type=Path, default=None, help="results (default runs/paper/..)")
+    p.add_argument("--out_dir", "--out-dir", type=Path | None,
+                   help="results (null: runs/paper/<preset>/<script>)")  # fmt: skip
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="trained models, shared")
     p.add_argument("--data", default="digits", help="cpu/tiny: digits or an .npz arrays file")
-    p.add_argument("--data-root", type=Path, default=Path("data"), help="paper: CIFAR-10 root")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: preset's")
+    p.add_argument("--data_root", "--data-root", type=Path, default=Path("data"),
+                   help="paper: CIFAR-10 root")  # fmt: skip
+    p.add_argument("--device", choices=["cpu", "cuda"], help="null: the preset's")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     p.add_argument(
         "--jobs",
-        type=int,
-        default=None,
-        help="independent runs (protocols, models to train) at once, each in a "
-        "process (default: "
-        f"{', '.join(f'{k} {v}' for k, v in DEFAULT_JOBS.items())})",
+        type=int | None,
+        help="independent runs (protocols, models to train) at once, each in a process "
+        f"(null: {', '.join(f'{k} {v}' for k, v in DEFAULT_JOBS.items())})",
     )
-    p.add_argument(
-        "--train-set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a TrainConfig setting for every model trained (e.g. epochs=24)",
-    )
-    p.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="an EvaluationConfig setting (e.g. eps=0.2)")  # fmt: skip
+    options.add_settings(p, TrainConfig, "train", title="--train.FIELD: a setting for every "
+                         "model trained (only those given: each replaces the preset's)")
+    options.add_settings(p, EvaluationConfig, "eval", skip={"sweep"}, title="--eval.FIELD: a "
+                         "setting for every evaluation (only those given: each replaces the "
+                         "preset's)")  # fmt: skip
     return p
+
+
+def parse(p: ArgumentParser, argv: Sequence[str] | None) -> Namespace:
+    """The options of ``argv``, with ``train`` and ``eval`` holding only the settings given
+    (field -> typed value). A bad option or value is a ``SystemExit`` with its message."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = options.parse(p, args_list)
+        args.train = options.given_settings(p, args_list, TrainConfig, "train")
+        args.eval = options.given_settings(p, args_list, EvaluationConfig, "eval")
+    except options.CommandError as error:
+        raise SystemExit(str(error)) from None
+    return args
 
 
 @dataclass(frozen=True)
@@ -122,13 +129,14 @@ class Setup:
     data: str
     data_root: Path
     device: str
-    train_settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    eval_settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    train_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    eval_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     threads: int = 1
     jobs: int = 1
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, name: str) -> Setup:
+    def from_args(cls, args: Namespace, name: str) -> Setup:
+        """From ``parse``'s namespace; ``name`` names the default output folder."""
         if args.preset != "paper" and args.data != "digits" and not Path(args.data).is_file():
             raise SystemExit(f"--data {args.data!r}: not 'digits' and not a file")
         jobs = DEFAULT_JOBS[args.preset] if args.jobs is None else args.jobs
@@ -138,16 +146,9 @@ class Setup:
         device = args.device or ("cuda" if args.preset == "paper" else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("--device cuda (the paper preset's default): no CUDA device here")
-        try:  # bad keys or values fail here, before any training
-            train_settings = parse_pairs(args.train_set, "--train-set")
-            eval_settings = parse_pairs(args.eval_set, "--eval-set")
-            override(TrainConfig(), train_settings)
-            override(EvaluationConfig(), eval_settings)
-        except ValueError as error:
-            raise SystemExit(str(error)) from None
         out = args.out_dir or Path("runs/paper") / args.preset / name
         return cls(args.preset, out, args.cache, args.data, args.data_root, device,
-                   train_settings, eval_settings, args.threads, jobs)  # fmt: skip
+                   dict(args.train), dict(args.eval), args.threads, jobs)  # fmt: skip
 
 
 def train_config(setup: Setup, kind: str, **changes: Any) -> TrainConfig:
@@ -183,7 +184,7 @@ def train_config(setup: Setup, kind: str, **changes: Any) -> TrainConfig:
                 batch_size=20, pretrain_steps=1, steps=2, eval_batch_size=20,
                 spectral_samples=2, plots=False,
             )  # fmt: skip
-    return dataclasses.replace(override(base, setup.train_settings), **changes)
+    return dataclasses.replace(base, **{**setup.train_settings, **changes})
 
 
 def config_hash(config: TrainConfig) -> str:
@@ -225,16 +226,7 @@ def held_out(setup: Setup) -> ImageDataset:
     """Images no training run saw: the CIFAR-10 test set (paper), the digits past the training
     pool, an arrays file's test split, or the last 20% of a file without one (training draws
     from the first 80%)."""
-    if setup.preset == "paper":
-        return load_cifar10(setup.data_root, train=False)
-    if setup.data == "digits":
-        return held_out_data("digits")
-    with np.load(setup.data) as arrays:
-        has_test = "x_test" in arrays.files
-    if has_test:
-        return load_arrays_file(setup.data, split="test")
-    everything = load_arrays_file(setup.data)
-    return everything.split(int(0.8 * len(everything)))[1]
+    return held_out_data(f"cifar10:{setup.data_root}" if setup.preset == "paper" else setup.data)
 
 
 #: Development / test images per preset.
@@ -262,7 +254,7 @@ def eval_config(setup: Setup, autoattack: bool | None = None, **changes: Any) ->
             sweep=SweepConfig({"adjoint": {"n": "1,2", "beta": "1.0"},
                                "unrolled": {"n": "1,2", "k": "1", "lam": "1.0"}}),
         )  # fmt: skip
-    config = override(base, setup.eval_settings)
+    config = dataclasses.replace(base, **setup.eval_settings)
     if autoattack is not None:
         config = dataclasses.replace(config, attacks=with_autoattack(config.attacks, autoattack))
     config = dataclasses.replace(config, **changes)
@@ -296,7 +288,7 @@ def protocol_extras(result: RunResult) -> dict[str, GradientEstimate]:
     (k=5, lambda=0.5) when the model's ready-made attack is the exact gradient."""
     model = result.model
     assert isinstance(model, DEQ)
-    if ready_made_estimate(model.training_gradient) == Phantom(5, 0.5):
+    if ready_made(model.training_gradient) == Phantom(5, 0.5):
         return {}
     return {"phantom": Phantom(5, 0.5)}
 
@@ -442,8 +434,8 @@ def write_results(
         "measured": {k: list(v) for k, v in tables.items()},
         "paper": {k: list(v) for k, v in paper.items()},
         "notes": list(notes),
-        "train_settings": dict(setup.train_settings),
-        "eval_settings": dict(setup.eval_settings),
+        "train_settings": plain(dict(setup.train_settings)),
+        "eval_settings": plain(dict(setup.eval_settings)),
         **(dict(extra) if extra else {}),
     }
     (setup.out_dir / "results.json").write_text(json.dumps(jsonable(payload), indent=2))
@@ -453,7 +445,7 @@ def write_results(
         parts += [f"## measured: {name}", "", markdown(rows), ""]
     for name, rows in paper.items():
         parts += [f"## paper (CIFAR-10, DEQ-Large/XL): {name}", "", markdown(rows), ""]
-    changed = {**setup.train_settings, **setup.eval_settings}
+    changed = plain({**setup.train_settings, **setup.eval_settings})
     parts += [f"- {n}" for n in notes]
     parts += [f"- changed from the preset: {changed}"] if changed else []
     text = "\n".join(parts) + "\n"
@@ -466,64 +458,10 @@ def main_wrapper(run: Callable[[Setup], Any], description: str, name: str) -> Ca
     """A ``main(argv)`` that parses the common options and calls ``run(setup)``."""
 
     def main(argv: Sequence[str] | None = None) -> int:
-        args = parser(description).parse_args(argv)
-        run(Setup.from_args(args, name))
+        run(Setup.from_args(parse(parser(description), argv), name))
         return 0
 
     return main
-
-
-def ready_made(result: RunResult) -> GradientEstimate:
-    """The attack a library user would run: the model's training gradient."""
-    model = result.model
-    assert isinstance(model, DEQ)
-    return ready_made_estimate(model.training_gradient)
-
-
-def pgd_scores(
-    est: DEQEstimator,
-    estimate: GradientEstimate,
-    test: ImageDataset,
-    config: EvaluationConfig,
-    defenses: Mapping[str, Readout] | None = None,
-    steps: int | None = None,
-) -> dict[str, np.ndarray]:
-    """One fixed-step PGD run with ``estimate`` (the protocol's shared run) scored for each
-    defense (default: final) and every iterate: ``score_readouts``' arrays."""
-    return shared_pgd_scores(
-        est, estimate, test.x, test.y, config.threat, defenses or {"final": Final()},
-        Shards(block_size=config.attack_batch(est.device)), seed=config.seed, steps=steps,
-    )  # fmt: skip
-
-
-def clean(est: DEQEstimator, test: ImageDataset, config: EvaluationConfig) -> dict[str, Any]:
-    """Clean per-sample correctness of the final state and every iterate, with residuals."""
-    shards = Shards(block_size=config.attack_batch(est.device))
-    return clean_scores(est, test.x, test.y, {"final": Final()}, shards)
-
-
-def square_accuracy(
-    est: DEQEstimator, defense: Readout, test: ImageDataset, config: EvaluationConfig
-) -> float:
-    """Accuracy (%) of ``defense`` under Square (``config.square_queries``; the protocol's
-    per-sample seeds), clean-wrong samples counted as wrong."""
-    attack, view = Square(config.square_queries), est.view(defense=defense)
-    batch = config.attack_batch(est.device)
-    correct = []
-    for start in range(0, len(test), batch):
-        part = np.arange(start, min(start + batch, len(test)))
-        seeds = SampleSeeds(config.seed, "square", part)
-        x_adv = attack.run(view, test.x[part], test.y[part], config.threat, seeds).x_adv
-        scores = score_readouts(est, x_adv, test.y[part], {"d": defense}, len(x_adv))
-        clean_ok = score_readouts(est, test.x[part], test.y[part], {"d": defense}, len(x_adv))
-        correct.append(scores["defense/d"] & clean_ok["defense/d"])
-    return pct(np.concatenate(correct).mean())
-
-
-def training_speed(result: RunResult) -> float | None:
-    """Mean training samples per second over the adversarial-training epochs (None if none)."""
-    values = [r["samples_per_s"] for r in result.state.history if "pgd-at" in r["phase"]]
-    return round(float(np.mean(values)), 1) if values else None
 
 
 def diagnostic_notes(title: str, report: EvaluationReport) -> list[str]:

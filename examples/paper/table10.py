@@ -7,12 +7,16 @@ final state and of the early-exit state, and the adversarial-training speed.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
+import numpy as np
+
 from deq_attacks.deq.readout import Early, Final
-from deq_attacks.evaluation import choose_early_exit
-from deq_attacks.gradients import Exact, Phantom
+from deq_attacks.evaluation import choose_early_exit, column_scores, protocol_columns
+from deq_attacks.gradients import Exact, Phantom, ready_made
+from deq_attacks.training import RunResult
 from examples.paper import common
 
 PAPER = [
@@ -51,6 +55,12 @@ def label(setup: common.Setup, kind: str) -> str:
     return f"{c.gradient.value} ({c.forward_threshold}/{c.backward_threshold})"
 
 
+def training_speed(result: RunResult) -> float | None:
+    """Mean training samples per second over the adversarial-training epochs (None if none)."""
+    values = [r["samples_per_s"] for r in result.state.history if "pgd-at" in r["phase"]]
+    return round(float(np.mean(values)), 1) if values else None
+
+
 def state_profile(setup: common.Setup, kind: str) -> dict[str, Any]:
     """For model ``kind`` on the test split: n* (by the ready-made PGD on the development
     split), per-state clean / ready-made PGD accuracy and residuals, and the final and early
@@ -59,22 +69,24 @@ def state_profile(setup: common.Setup, kind: str) -> dict[str, Any]:
     data = common.held_out(setup)
     dev, test = common.splits(setup, data)
     est = common.estimator(result, data, setup)
-    config = common.eval_config(setup)
-    ready = common.ready_made(result)
-    n_star = choose_early_exit(common.pgd_scores(est, ready, dev, config)["states"])
+    config = dataclasses.replace(common.eval_config(setup), attacks="pgd")
+    ready = ready_made(est.deq.training_gradient)
+    gradients = {"ready-made": ready, "exact": Exact(), "unroll": Phantom(5, 0.5)}
+    columns = {c.label: c for c in protocol_columns(gradients, config)}
+    on_dev = column_scores(est, dev.x, dev.y, config, columns["ready-made PGD"])
+    n_star = choose_early_exit(on_dev["states"])
     defenses = {"final": Final(), "early": Early(n_star)}
-    clean = common.clean(est, test, config)
-    attacked = {name: common.pgd_scores(est, e, test, config, defenses)
-                for name, e in (("exact", Exact()), ("unroll", Phantom(5, 0.5)))}  # fmt: skip
-    clean_of = {"final": clean["defense/final"], "early": clean["states"][:, n_star - 1]}
+    clean = column_scores(est, test.x, test.y, config, defenses=defenses)
+    attacked = {name: column_scores(est, test.x, test.y, config, columns[f"{name} PGD"],
+                                    defenses) for name in ("exact", "unroll")}  # fmt: skip
     ready_name = "unroll" if ready == Phantom(5, 0.5) else "exact"
     return {
         "kind": kind, "label": label(setup, kind), "early_exit": n_star,
-        "speed": common.training_speed(result),
+        "speed": training_speed(result),
         "clean_states": [common.pct(v) for v in clean["states"].mean(0)],
         "ready_made_states": [common.pct(v) for v in attacked[ready_name]["states"].mean(0)],
         "residual_states": [round(float(v), 4) for v in clean["residuals"].mean(0)],
-        "defense": {d: {"clean": common.pct(clean_of[d].mean()),
+        "defense": {d: {"clean": common.pct(clean[f"defense/{d}"].mean()),
                         **{f"PGD {a}": common.pct(s[f"defense/{d}"].mean())
                            for a, s in attacked.items()}} for d in defenses},
     }  # fmt: skip

@@ -109,7 +109,7 @@ def run(setup: common.Setup, autoattack: bool = False) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--autoattack", action="store_true", help="add Table 3's AutoAttack columns")
-    args = p.parse_args(argv)
+    args = common.parse(p, argv)
     name = "table2_3" if args.autoattack else "table2"
     run(common.Setup.from_args(args, name), autoattack=args.autoattack)
     return 0

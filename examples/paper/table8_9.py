@@ -12,10 +12,12 @@ ensemble.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 from deq_attacks.deq.readout import Early, Ensemble, Final
+from deq_attacks.evaluation import column_scores, protocol_columns
 from deq_attacks.gradients import AdjointBroyden, GradientEnsemble
 from examples.paper import common
 
@@ -50,11 +52,13 @@ def run(setup: common.Setup) -> dict:
     data = common.held_out(setup)
     _, test = common.splits(setup, data)
     est = common.estimator(result, data, setup)
-    config = common.eval_config(setup)
+    config = dataclasses.replace(common.eval_config(setup), attacks="pgd")
     defenses = {"final": Final(), "early": Early(report.early_exit), "ensemble": Ensemble()}
     broyden = {"final": AdjointBroyden(), "intermediate": AdjointBroyden(n=adjoint_n),
                "ensemble": GradientEnsemble(AdjointBroyden())}  # fmt: skip
-    scores = {a: common.pgd_scores(est, e, test, config, defenses) for a, e in broyden.items()}
+    columns = protocol_columns({f"adjoint Broyden {a}": e for a, e in broyden.items()}, config)
+    scores = {a: column_scores(est, test.x, test.y, config, column, defenses)
+              for a, column in zip(broyden, columns, strict=True)}  # fmt: skip
     rows = []
     for d in defenses:
         row: dict[str, Any] = {"defense": d, "clean": layout[d]["clean"]}

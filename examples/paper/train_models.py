@@ -15,6 +15,7 @@ from examples.paper.common import (
     Setup,
     config_hash,
     in_processes,
+    parse,
     parser,
     train_cached,
     train_config,
@@ -39,10 +40,10 @@ def train_one(setup: Setup, kind: str, changes: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--kinds", default=None, help="comma-separated model kinds")
-    p.add_argument("--jac-weights", default=None,
-                   help="exact models with these JR weights (default: Table 11's; '' none)")
-    args = p.parse_args(argv)
+    p.add_argument("--kinds", type=str | None, help="comma-separated model kinds")
+    p.add_argument("--jac_weights", "--jac-weights", type=str | None,
+                   help="exact models with these JR weights (null: Table 11's; '' none)")
+    args = parse(p, argv)
     setup = Setup.from_args(args, "train_models")
     if args.jac_weights is None:
         weights = WEIGHTS[args.preset]

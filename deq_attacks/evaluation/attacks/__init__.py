@@ -11,11 +11,7 @@ from deq_attacks.evaluation.attacks.art import (
     ArtAPGDDLR,
     ArtAutoAttackList,
 )
-from deq_attacks.evaluation.attacks.autoattack import (
-    AutoAttackSettings,
-    StandardAutoAttack,
-    run_standard_autoattack,
-)
+from deq_attacks.evaluation.attacks.autoattack import StandardAutoAttack, run_standard_autoattack
 from deq_attacks.evaluation.attacks.base import (
     Attack,
     AttackOutput,
@@ -31,7 +27,7 @@ from deq_attacks.evaluation.attacks.defended import PRECISIONS, DefendedModel, p
 from deq_attacks.evaluation.attacks.pgd import FixedStepPGD, fixed_step_pgd
 from deq_attacks.evaluation.attacks.seeds import SampleSeeds
 from deq_attacks.evaluation.attacks.square import Square
-from deq_attacks.evaluation.attacks.threat import ThreatModel
+from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
 
 __all__ = [
     "PRECISIONS",

@@ -22,7 +22,7 @@ from art.attacks.evasion import AutoProjectedGradientDescent, DeepFool, SquareAt
 
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
 from deq_attacks.evaluation.attacks.seeds import SampleSeeds
-from deq_attacks.evaluation.attacks.threat import ThreatModel
+from deq_attacks.evaluation.threat import ThreatModel
 
 if TYPE_CHECKING:
     from art.attacks.attack import EvasionAttack

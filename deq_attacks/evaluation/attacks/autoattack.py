@@ -16,7 +16,7 @@ whose output is the defended logits.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -32,39 +32,11 @@ from deq_attacks.evaluation.attacks.per_sample import (
     PerSampleSquare,
 )
 from deq_attacks.evaluation.attacks.seeds import SampleSeeds
-from deq_attacks.evaluation.attacks.threat import ThreatModel
+from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
 
 if TYPE_CHECKING:
     from deq_attacks.evaluation.settings import EvaluationConfig
     from deq_attacks.interfaces import DEQEstimator
-
-#: The four attacks of the standard version, in the order it runs them.
-STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
-
-
-@dataclass(frozen=True)
-class AutoAttackSettings:
-    """Iterations of APGD-CE, APGD-T and FAB-T, queries of Square, and target classes of APGD-T
-    and FAB-T. The defaults are the standard version's; smaller values (for CPU tests and
-    demos) are recorded with every result and marked non-standard.
-    """
-
-    iterations: int = 100
-    queries: int = 5000
-    target_classes: int = 9
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"AutoAttack {name} must be an int >= 1, got {value!r}")
-
-    @property
-    def standard(self) -> bool:
-        return self == AutoAttackSettings()
-
-    def describe(self) -> dict[str, object]:
-        return {**asdict(self), "standard": self.standard, "attacks": list(STANDARD_ATTACKS)}
-
 
 @dataclass
 class AutoAttackOutcome:

@@ -24,7 +24,7 @@ from torch import Tensor
 from deq_attacks.deq import DEQ
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
 from deq_attacks.evaluation.attacks.seeds import SampleSeeds
-from deq_attacks.evaluation.attacks.threat import ThreatModel
+from deq_attacks.evaluation.threat import ThreatModel
 from deq_attacks.gradients import GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
 

@@ -14,7 +14,7 @@ from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_a
 from deq_attacks.evaluation.attacks.defended import DefendedModel
 from deq_attacks.evaluation.attacks.per_sample import PerSampleSquare
 from deq_attacks.evaluation.attacks.seeds import SampleSeeds
-from deq_attacks.evaluation.attacks.threat import ThreatModel
+from deq_attacks.evaluation.threat import ThreatModel
 
 if TYPE_CHECKING:
     from deq_attacks.evaluation.settings import EvaluationConfig

@@ -1,0 +1,282 @@
+"""What ``evaluate``, ``demo`` and ``train`` do once their options are parsed and validated
+(their modules build the options without torch; torch is imported here)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from jsonargparse import Namespace
+
+from deq_attacks.checkpoints import load_weights
+from deq_attacks.cli.model_options import build_model
+from deq_attacks.cli.options import fail
+from deq_attacks.data import ImageDataset
+from deq_attacks.deq import DEQ
+from deq_attacks.deq.contract import DEQModel
+from deq_attacks.distributed import process_group
+from deq_attacks.evaluation import (
+    EvaluationConfig,
+    EvaluationReport,
+    evaluate_model,
+    markdown_report,
+    write_outputs,
+)
+from deq_attacks.evaluation.splits import (
+    EvaluationSplit,
+    choose_split,
+    evaluation_pool,
+    parse_range,
+    read_indices,
+)
+from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.models.registry import working_directory_on_path
+from deq_attacks.records import to_jsonable
+from deq_attacks.training import ConfigMismatchError, TrainConfig, preset, run_training
+from deq_attacks.training.config import Device
+from deq_attacks.training.data_loading import held_out_split
+
+STORE = "store.jsonl"
+"""The result store in the output folder (finished steps and blocks; a rerun resumes from it)."""
+
+_DEV_NAME = "--n_dev / --dev_range / --dev_indices"
+_TEST_NAME = "--n_test / --test_range / --test_indices"
+
+
+def interrupted(out_dir: Path) -> str:
+    """The message of an interrupted evaluation."""
+    return (
+        f"interrupted: every finished block is kept in {out_dir / STORE}; run the same command "
+        "again to resume"
+    )
+
+
+def run_protocol(
+    estimator: DEQEstimator,
+    dev: ImageDataset,
+    test: ImageDataset,
+    config: EvaluationConfig,
+    out_dir: Path,
+    description: dict[str, Any],
+) -> EvaluationReport:
+    """Evaluate on ``test`` (choices on ``dev``), write the outputs (rank 0), print the report."""
+    main_process = not dist.is_initialized() or dist.get_rank() == 0
+    start = time.perf_counter()
+    report = evaluate_model(
+        estimator,
+        (test.x, test.y),
+        (dev.x, dev.y),
+        config,
+        store_path=out_dir / STORE,
+        description=description,
+        progress=(lambda text: print(f"[{time.perf_counter() - start:6.1f} s] {text}", flush=True))
+        if main_process
+        else None,
+    )
+    if main_process:
+        title = f"White-box evaluation ({test.name}, {description.get('model', 'model')})"
+        paths = write_outputs(report, out_dir, title)
+        print("\n" + markdown_report(report, title))
+        print(f"\nwall time {time.perf_counter() - start:.0f} s; written: "
+              + ", ".join(str(p) for p in paths.values()))  # fmt: skip
+    return report
+
+
+# --- evaluate -------------------------------------------------------------------------------
+
+
+def select_split(args: Namespace) -> EvaluationSplit:
+    """The development and test splits the data options ask for, validated."""
+    pool = evaluation_pool(args.data)
+    chosen: dict[str, np.ndarray | None] = {}
+    for split in ("dev", "test"):
+        text, path = args[f"{split}_range"], args[f"{split}_indices"]
+        if text is not None and path is not None:
+            raise ValueError(f"give --{split}_range or --{split}_indices, not both")
+        if text is not None:
+            chosen[split] = parse_range(text, len(pool), f"--{split}_range")
+        elif path is not None:
+            chosen[split] = read_indices(path, len(pool), f"--{split}_indices")
+        else:
+            chosen[split] = None
+    return choose_split(
+        pool,
+        dev=chosen["dev"],
+        test=chosen["test"],
+        n_dev=args.n_dev,
+        n_test=args.n_test,
+        names=(_DEV_NAME, _TEST_NAME),
+    )
+
+
+def check_model_fits_data(model: DEQModel, split: EvaluationSplit, device: str) -> int:
+    """Refuse data the model was not built for, before any work; return its class count.
+
+    Checks the declared ``input_shape``, runs one development image through the model, and
+    checks that every label has a logit (and the data's class count, when known, equals the
+    model's).
+    """
+    data = split.pool.data
+    sample = data.image_shape
+    if model.input_shape is not None and tuple(model.input_shape) != sample:
+        raise ValueError(
+            f"the model was built for samples of shape {tuple(model.input_shape)} "
+            f"(its input_shape), but {data.name} has {sample}: choose the model or data that "
+            "fit (e.g. --model_arg image_size=... for small_conv_deq)"
+        )
+    x = torch.from_numpy(data.x[split.dev_indices[:1]]).to(device)
+    try:
+        with torch.no_grad():
+            logits = model.eval()(x)
+    except Exception as error:  # any failure of the user's model on this data: say which
+        raise ValueError(
+            f"the model does not run on one image of {data.name} (shape {sample}): "
+            f"{type(error).__name__}: {error}"
+        ) from None
+    if logits.dim() != 2 or logits.shape[0] != 1:
+        raise ValueError(f"the model returns shape {tuple(logits.shape)}, not logits (B, classes)")
+    classes = int(logits.shape[1])
+    labels = np.concatenate([data.y[split.dev_indices], data.y[split.test_indices]])
+    if int(labels.max()) >= classes:
+        raise ValueError(
+            f"{data.name} has label {int(labels.max())}, but the model has {classes} outputs"
+        )
+    if data.num_classes is not None and data.num_classes != classes:
+        raise ValueError(
+            f"{data.name} has {data.num_classes} classes, but the model has {classes} outputs"
+        )
+    return classes
+
+
+def evaluate(args: Namespace, config: EvaluationConfig) -> int:
+    """``deq-attacks evaluate`` with parsed options and a validated config: the split, the
+    model (checked against the data) and the protocol; the exit code."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return fail("evaluate", "--device cuda: no CUDA device is available")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    with working_directory_on_path():
+        try:
+            split = select_split(args)
+            built = build_model(args)
+            deq = built.model.to(args.device)
+            classes = check_model_fits_data(deq, split, args.device)
+        except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
+            return fail("evaluate", error)
+        print(split.summary())
+        for note in built.notes:
+            print(note)
+        with process_group(args.device):  # the torchrun group, when launched by torchrun
+            estimator = DEQEstimator(
+                deq,
+                input_shape=split.pool.data.image_shape,
+                nb_classes=classes,
+                device_type="gpu" if args.device == "cuda" else "cpu",
+            )
+            description = {
+                "model": args.model,
+                "model_args": args.model_arg,
+                "data": args.data,
+                "preset": args.preset,
+                "input_shape": list(deq.input_shape) if deq.input_shape is not None else None,
+                "split": split.record(),
+                **built.record,
+            }
+            try:
+                run_protocol(estimator, split.dev, split.test, config, args.out_dir, description)
+            except KeyboardInterrupt:
+                print(interrupted(args.out_dir), file=sys.stderr)
+                return 130
+    return 0
+
+
+# --- demo -----------------------------------------------------------------------------------
+
+
+def demo(args: Namespace, config: TrainConfig, evaluation: EvaluationConfig) -> int:
+    """``deq-attacks demo`` with validated settings: train (or resume) with ``config``, then
+    the protocol with ``evaluation`` on held-out development and test images."""
+    if config.device is Device.CUDA and not torch.cuda.is_available():
+        return fail("demo", "device cuda: no CUDA device is available")
+    try:
+        held_out = held_out_split(config.data)
+    except (ValueError, FileNotFoundError) as error:
+        return fail("demo", error)
+    if len(held_out) < args.n_dev + args.n_test:
+        return fail(
+            "demo",
+            f"only {len(held_out)} held-out images for --n_dev {args.n_dev} + --n_test "
+            f"{args.n_test}",
+        )
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)  # ART's random starts and Square draw from numpy
+    run_dir = args.out_dir / "training"
+    try:
+        result = run_training(config, run_dir)
+    except (ConfigMismatchError, ValueError, FileNotFoundError) as error:
+        return fail("demo", error)
+    deq = result.model
+    if not isinstance(deq, DEQ):
+        message = f"the demo evaluates DEQs; preset {args.preset!r} trains {config.model}"
+        return fail("demo", message)
+    state = result.state
+    load_weights(deq, run_dir / "best.safetensors")
+    deq.eval()
+    print(
+        f"evaluating epoch {state.best_epoch} (best development PGD accuracy "
+        f"{state.best_dev_pgd_accuracy:.1%})"
+    )
+    estimator = DEQEstimator(
+        deq,
+        input_shape=result.image_shape,
+        nb_classes=result.num_classes,
+        device_type="gpu" if config.device is Device.CUDA else "cpu",
+    )
+    start = to_jsonable(preset(args.preset))
+    changed = {k: v for k, v in to_jsonable(config).items() if v != start[k]}
+    description = {
+        "model": f"{config.model} ({args.preset} preset)",
+        "data": config.data,
+        "training": {"preset": args.preset, "changed": changed},
+    }
+    torch.manual_seed(evaluation.seed)
+    np.random.seed(evaluation.seed)
+    dev = held_out.subset(np.arange(args.n_dev))
+    test = held_out.subset(np.arange(args.n_dev, args.n_dev + args.n_test))
+    try:
+        run_protocol(estimator, dev, test, evaluation, args.out_dir, description)
+    except KeyboardInterrupt:
+        print(interrupted(args.out_dir), file=sys.stderr)
+        return 130
+    return 0
+
+
+# --- train ----------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, out_dir: Path) -> int:
+    """``deq-attacks train`` with a validated config: the run (resumed if it exists)."""
+    if config.device is Device.CUDA and not torch.cuda.is_available():
+        return fail(
+            "train",
+            "device=cuda, but torch sees no CUDA device (the paper presets are for GPUs; "
+            "--device cpu runs them on the CPU)",
+        )
+    try:
+        result = run_training(config, out_dir)
+    except (FileNotFoundError, ValueError) as error:  # a resume mismatch is a ValueError
+        return fail("train", error)
+    state = result.state
+    if state.best_epoch is not None:
+        print(
+            f"best epoch {state.best_epoch} (dev PGD accuracy {state.best_dev_pgd_accuracy:.1%}): "
+            f"{result.run_dir / 'best.safetensors'}"
+        )
+    return 0

@@ -1,0 +1,206 @@
+"""Command-line options from the config dataclasses, through jsonargparse.
+
+Every parser (``new_parser``) takes ``--config FILE`` (YAML or JSON; applied where it stands on
+the command line, so later options override it) and ``--print_config`` (the subcommand prints
+the resolved, validated settings as a config file and exits). ``add_settings`` adds one option
+per field of a config dataclass (its help: the docstring under the field), at the top level
+(``--eps``) or under a nested key (``--train.eps``). Enums are shown by name and read by name or
+value, in any case (``--gradient PHANTOM`` or ``phantom``), so a run's ``config.json``, which
+records values, reads back.
+
+A preset sets defaults, not values: a subcommand parses once to learn the preset's name,
+applies its settings with ``set_settings_defaults`` and parses again, so that dataclass
+defaults < preset < ``--config`` files < options on the command line. Every problem (an
+unknown option, a value of the wrong type, a dataclass's validation) is a ``CommandError``;
+``fail`` prints it as one line ``deq-attacks <command>: <message>`` on stderr (exit code 2).
+
+Option names are the fields' names (``--aa_iterations``); the hand-written multi-word options
+of the subcommands also take a dashed alias (``--out-dir``). This module imports no torch, nor
+does building a parser from the config dataclasses: ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import sys
+import typing
+from argparse import ArgumentError, RawDescriptionHelpFormatter
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from jsonargparse import (
+    ActionConfigFile,
+    ArgumentParser,
+    DefaultHelpFormatter,
+    Namespace,
+    set_parsing_settings,
+)
+from jsonargparse.typing import register_type
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+C = TypeVar("C")
+E = TypeVar("E", bound=enum.Enum)
+
+#: Keys of a parsed namespace that are not settings (never printed, never passed on).
+PARSER_KEYS = ("config", "print_config")
+
+
+class CommandError(ValueError):
+    """A problem with the options or settings, found before any work (one line of text)."""
+
+
+class HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help (types and defaults of every option) with the description and
+    epilog kept as written (their command examples)."""
+
+
+def new_parser(
+    prog: str | None, description: str | None, epilog: str | None = None
+) -> ArgumentParser:
+    """A parser with ``--config FILE`` and ``--print_config``; errors raise ``CommandError``
+    (through ``parse``) instead of exiting. ``prog`` None: the script's name. An epilog (a
+    module docstring) that starts with ``description`` is shown without that first paragraph."""
+    if epilog and description and epilog.startswith(description) and "\n\n" in epilog:
+        epilog = epilog.split("\n\n", 1)[1]
+    parser = ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=HelpFormatter,
+        print_config=None,
+        exit_on_error=False,
+        allow_abbrev=False,  # --train.epoch is not --train.epochs
+        env_prefix=False,
+        default_env=False,
+    )
+    parser.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help="a YAML or JSON file of settings (keys as the options' names, e.g. the output "
+        "of --print_config); options after it override it",
+    )
+    parser.add_argument(
+        "--print_config",
+        "--print-config",
+        action="store_true",
+        help="print the resolved settings (a config file for --config) and exit",
+    )
+    return parser
+
+
+def _enum_parser(cls: type[E]) -> Callable[[Any], E]:
+    def parse(value: Any) -> E:
+        if isinstance(value, cls):
+            return value
+        text = str(value).lower()
+        for member in cls:
+            if text in (member.name.lower(), str(member.value).lower()):
+                return member
+        names = ", ".join(member.name for member in cls)
+        raise ValueError(f"expected one of {names} (or their values), got {value!r}")
+
+    return parse
+
+
+_REGISTERED: set[type] = set()
+
+
+def register_enum(cls: type[enum.Enum]) -> None:
+    """Make jsonargparse print ``cls`` by member name and read a name or a value."""
+    if cls not in _REGISTERED:
+        register_type(cls, serializer=lambda member: member.name, deserializer=_enum_parser(cls))
+        _REGISTERED.add(cls)
+
+
+def _enums_of(cls: type) -> Iterable[type[enum.Enum]]:
+    for hint in typing.get_type_hints(cls).values():
+        for part in (hint, *typing.get_args(hint)):
+            if isinstance(part, type) and issubclass(part, enum.Enum):
+                yield part
+
+
+def add_settings(
+    parser: ArgumentParser,
+    cls: type,
+    nested_key: str | None = None,
+    skip: Iterable[str] = (),
+    title: str | None = None,
+) -> None:
+    """One option per field of the dataclass ``cls`` (but ``skip``): ``--field`` at the top
+    level, or ``--<nested_key>.field``; the help of each is the docstring under its field.
+    The options form a group in the help, titled by ``title`` (a nested group) or else by the
+    first line of the class's docstring."""
+    for member in _enums_of(cls):
+        register_enum(member)
+    parser.add_class_arguments(cls, nested_key, as_group=True, skip=set(skip))
+    if title is not None and nested_key is not None:
+        parser.groups[nested_key].title = title  # type: ignore[index]
+
+
+def set_settings_defaults(
+    parser: ArgumentParser, config: Any, nested_key: str | None = None, skip: Iterable[str] = ()
+) -> None:
+    """Make the fields of the dataclass instance ``config`` the defaults of its options."""
+    prefix = f"{nested_key}." if nested_key else ""
+    skipped = set(skip)
+    parser.set_defaults(
+        {
+            prefix + f.name: getattr(config, f.name)
+            for f in dataclasses.fields(config)
+            if f.name not in skipped
+        }
+    )
+
+
+def parse(parser: ArgumentParser, argv: list[str], *, defaults: bool = True) -> Namespace:
+    """``parser.parse_args(argv)``; a jsonargparse error becomes a one-line ``CommandError``.
+    With ``defaults=False`` the namespace holds only what the command line and the config
+    files gave."""
+    try:
+        return parser.parse_args(argv, defaults=defaults)
+    except ArgumentError as error:
+        raise CommandError(" ".join(line.strip() for line in str(error).splitlines())) from None
+
+
+def settings(cls: type[C], values: Namespace | Mapping[str, Any], **fixed: Any) -> C:
+    """``cls`` built (and so validated) from ``fixed`` and the other fields of ``cls`` in
+    ``values``; a ValueError or TypeError of its validation becomes a ``CommandError``."""
+    given = values.as_dict() if isinstance(values, Namespace) else dict(values)
+    names = {f.name for f in dataclasses.fields(cls)} - set(fixed)  # type: ignore[arg-type]
+    kwargs = {k: v for k, v in given.items() if k in names}
+    try:
+        return cls(**kwargs, **fixed)
+    except (ValueError, TypeError) as error:
+        raise CommandError(str(error)) from None
+
+
+def given_settings(
+    parser: ArgumentParser, argv: list[str], cls: type, nested_key: str
+) -> dict[str, Any]:
+    """The fields of ``cls`` under ``nested_key`` that the command line or a config file set
+    (typed by jsonargparse; each is checked by validating ``cls()`` with it)."""
+    given = parse(parser, argv, defaults=False).get(nested_key)
+    values = given.as_dict() if isinstance(given, Namespace) else {}
+    try:
+        dataclasses.replace(cls(), **values)
+    except (ValueError, TypeError) as error:
+        raise CommandError(f"--{nested_key}.*: {error}") from None
+    return values
+
+
+def print_settings(parser: ArgumentParser, args: Namespace) -> None:
+    """Print ``args`` (the resolved settings) as a config file for ``--config``."""
+    shown = args.clone()
+    for key in PARSER_KEYS:
+        if key in shown:
+            del shown[key]
+    sys.stdout.write(parser.dump(shown, skip_unset=False, skip_validation=True))
+
+
+def fail(command: str, error: object) -> int:
+    """Print ``deq-attacks <command>: <error>`` on stderr; the exit code 2."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    print(f"deq-attacks {command}: {message}", file=sys.stderr)
+    return 2
