@@ -82,6 +82,8 @@ def test_cli_main_job_writes_table(tmp_path: Path, capsys) -> None:
         [
             "--out-dir",
             str(tmp_path),
+            "--native_kernels",  # torch already ran here: the kernels cannot be pinned now
+            "true",
             "--train.epochs",
             "1",
             "--train.adversarial",

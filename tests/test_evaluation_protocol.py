@@ -356,6 +356,26 @@ def test_cascade_order_and_report(cascade_report) -> None:
             assert after == value
 
 
+def test_a_cascade_with_nothing_left_after_the_ready_made_pgd_makes_no_ordering_run(
+    tmp_path: Path,
+) -> None:
+    """At eps 1 the ready-made PGD breaks every sample: the cascade then runs no other
+    column and measures no development order (the runs only it would use), and its verdict is
+    the full table's."""
+    big = dataclasses.replace(TINY, eps=1.0, step=0.5)
+    store = tmp_path / "store.jsonl"
+    cascade = run_tiny(store, dataclasses.replace(big, mode=Mode.CASCADE))
+    assert not any(v.any() for v in cascade.verdict().values())
+    assert "order" not in cascade.timings
+    assert "strength/" not in store.read_text()
+    for row in cascade.survived.values():
+        assert all(v is not None for v in row["ready-made PGD"])
+        assert all(v is None for c, vs in row.items() if c != "ready-made PGD" for v in vs)
+    table = run_tiny(None, big)
+    for defense, verdict in table.verdict().items():
+        np.testing.assert_array_equal(cascade.verdict()[defense], verdict)
+
+
 def test_the_sweep_plan_for_anderson_is_in_the_results_and_the_markdown() -> None:
     deq = mlp_deq(64, 10, hidden=16, solver=Anderson(threshold=4),
                   training_gradient=PhantomGradient(2, 0.5))  # fmt: skip

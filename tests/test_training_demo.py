@@ -62,8 +62,27 @@ def test_demo_resolves_the_preset_with_its_shared_settings() -> None:
 def test_bad_settings_stop_before_training(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert demo.main(["--out-dir", str(tmp_path), *argv]) == 2
+    # torch already ran in this process: the demo's CPU kernels cannot be pinned here
+    assert demo.main(["--out-dir", str(tmp_path), "--native_kernels", "true", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert err.startswith("deq-attacks demo: ") and err.count("\n") == 1
     assert not (tmp_path / "training" / "state.json").exists()
+
+
+def test_demo_refuses_to_pin_kernels_after_torch_ran(tmp_path: Path, capsys) -> None:
+    """The demo pins torch's CPU kernels to AVX2 (its table is then the same on every x86-64
+    CPU); in a process whose torch already chose AVX-512 kernels it says so and stops."""
+    import platform
+
+    import torch
+
+    torch.ones(8) * 2  # torch has run: on an AVX-512 CPU its kernels are chosen now
+    if platform.machine().lower() not in ("x86_64", "amd64") or not (
+        torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    ):
+        pytest.skip("no AVX-512 kernels chosen here: nothing to refuse")
+    assert demo.main(["--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "must run before the first torch operation" in err and err.count("\n") == 1
+    assert not (tmp_path / "training").exists()

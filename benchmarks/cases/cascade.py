@@ -110,8 +110,9 @@ def _row(
             reports[mode].append(evaluate_model(estimator, test, dev, config))
     clock = "cpu_s" if ctx.settings.clock == "cpu" else "wall_s"
     full = [r.timings["columns"][clock] for r in reports["table"]]
-    order = [r.timings["order"][clock] for r in reports["cascade"]]
-    cascade = [r.timings["columns"][clock] + o for r, o in zip(reports["cascade"], order)]
+    # the cascade's ordering runs are made inside its column step (and timed as "order" too)
+    order = [r.timings.get("order", {}).get(clock, 0.0) for r in reports["cascade"]]
+    cascade = [r.timings["columns"][clock] for r in reports["cascade"]]
     ratios = [c / f for c, f in zip(cascade, full)]
     table, casc = reports["table"][0], reports["cascade"][0]
     differing = sum(int((table.verdict()[d] != casc.verdict()[d]).sum()) for d in table.defenses)

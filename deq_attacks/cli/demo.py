@@ -104,6 +104,15 @@ def build_parser() -> ArgumentParser:
         default=Path("runs/demo"),
         help="results and plots; the training run in OUT_DIR/training (a rerun resumes both)",
     )
+    parser.add_argument(
+        "--native_kernels",
+        "--native-kernels",
+        type=bool,
+        default=False,
+        help="run torch's CPU kernels for this CPU (AVX-512 where it has it) instead of the "
+        "AVX2 ones the demo pins so that its table is the same on every x86-64 CPU "
+        "(deq_attacks.reproducibility): faster on some CPUs, but the numbers depend on the CPU",
+    )
     add_settings(parser, TrainConfig, "train", title="--train.FIELD: the training (TrainConfig)")
     add_settings(parser, EvaluationConfig, "eval", skip={"sweep"},
                  title="--eval.FIELD: the evaluation (EvaluationConfig)")  # fmt: skip
@@ -155,9 +164,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print_settings(parser, args)
         return 0
+    from deq_attacks.reproducibility import pin_cpu_kernels
+
+    try:
+        kernels = None if args.native_kernels else pin_cpu_kernels()
+    except RuntimeError as error:
+        return fail("demo", error)
     from deq_attacks.cli.jobs import demo
 
-    return demo(args, training, evaluation)
+    return demo(args, training, evaluation, kernels)
 
 
 if __name__ == "__main__":

@@ -198,9 +198,12 @@ def evaluate(args: Namespace, config: EvaluationConfig) -> int:
 # --- demo -----------------------------------------------------------------------------------
 
 
-def demo(args: Namespace, config: TrainConfig, evaluation: EvaluationConfig) -> int:
+def demo(
+    args: Namespace, config: TrainConfig, evaluation: EvaluationConfig, kernels: str | None
+) -> int:
     """``deq-attacks demo`` with validated settings: train (or resume) with ``config``, then
-    the protocol with ``evaluation`` on held-out development and test images."""
+    the protocol with ``evaluation`` on held-out development and test images; ``kernels``: the
+    pinned CPU kernels (None: the CPU's own), recorded with the results."""
     if config.device is Device.CUDA and not torch.cuda.is_available():
         return fail("demo", "device cuda: no CUDA device is available")
     try:
@@ -215,6 +218,9 @@ def demo(args: Namespace, config: TrainConfig, evaluation: EvaluationConfig) -> 
         )
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    if kernels is not None:
+        print(f"CPU kernels pinned to {kernels}: the same numbers on every x86-64 CPU with it "
+              "(--native_kernels true: this CPU's own)")  # fmt: skip
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)  # ART's random starts and Square draw from numpy
     run_dir = args.out_dir / "training"
@@ -245,6 +251,7 @@ def demo(args: Namespace, config: TrainConfig, evaluation: EvaluationConfig) -> 
         "model": f"{config.model} ({args.preset} preset)",
         "data": config.data,
         "training": {"preset": args.preset, "changed": changed},
+        "cpu_kernels": kernels or f"native ({torch.backends.cpu.get_cpu_capability()})",
     }
     torch.manual_seed(evaluation.seed)
     np.random.seed(evaluation.seed)

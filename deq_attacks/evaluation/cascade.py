@@ -17,7 +17,9 @@ The order, chosen on the development split (it changes the cost, never the verdi
 
 The development PGD accuracy of each estimate comes from runs already made (the early-exit run
 for the ready-made estimate, the sweep for the chosen intermediate ones) or from one shared
-PGD run on the development split per remaining estimate (BPTT: per defense).
+PGD run on the development split per remaining estimate (BPTT: per defense), made only when
+the order is needed: where the ready-made PGD leaves no sample robust, no other column runs and
+no ordering run is made.
 """
 
 from __future__ import annotations
@@ -34,57 +36,76 @@ from deq_attacks.evaluation.context import RunContext
 from deq_attacks.evaluation.shared_runs import shared_pgd_scores
 from deq_attacks.gradients import GradientEstimate
 
-Strengths = dict[str, dict[str, float]]
-"""repr(estimate) -> defense -> development PGD accuracy (lower: stronger)."""
 
+class DevStrengths:
+    """Each estimate's development PGD accuracy per defense (lower: stronger), from the runs
+    already made or measured when first asked for (timed as the run's ``order`` step, stored).
 
-def dev_strengths(
-    ctx: RunContext,
-    estimates: Mapping[str, GradientEstimate],
-    defenses: Mapping[str, Readout],
-    development: Mapping[str, Any],
-    sweep: Sequence[Mapping[str, Any]],
-) -> Strengths:
-    """Each estimate's development PGD accuracy per defense (see the module docstring)."""
-    strengths: Strengths = {}
-    n_star = int(development["early_exit"])
-    ready = dict(development["pgd_accuracy"])
-    ready["early"] = float(development["pgd_accuracy_per_state"][n_star - 1])
-    strengths[repr(ctx.ready)] = {d: ready[d] for d in defenses}
-    for entry in sweep:
-        strengths.setdefault(entry["estimate"], dict(entry["accuracy"]))
-    for label, estimate in estimates.items():
-        if repr(estimate) in strengths:
-            continue
+    Args:
+        ctx: the run.
+        estimates: the columns' estimates by label.
+        defenses: the defenses by name.
+        development: the early-exit step's result (the ready-made estimate's accuracies).
+        sweep: the sweep's entries (the intermediate candidates' accuracies).
+    """
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        estimates: Mapping[str, GradientEstimate],
+        defenses: Mapping[str, Readout],
+        development: Mapping[str, Any],
+        sweep: Sequence[Mapping[str, Any]],
+    ) -> None:
+        self._ctx, self._defenses = ctx, defenses
+        self._labels = {repr(e): label for label, e in estimates.items()}
+        n_star = int(development["early_exit"])
+        ready = dict(development["pgd_accuracy"])
+        ready["early"] = float(development["pgd_accuracy_per_state"][n_star - 1])
+        self._known = {repr(ctx.ready): {d: ready[d] for d in defenses}}
+        for entry in sweep:
+            self._known.setdefault(entry["estimate"], dict(entry["accuracy"]))
+
+    def __call__(self, estimate: GradientEstimate) -> dict[str, float]:
+        """Defense name -> the development PGD accuracy under ``estimate``."""
+        key = repr(estimate)
+        if key not in self._known:
+            with self._ctx.step("order"):
+                self._known[key] = self._measure(self._labels[key], estimate)
+        return self._known[key]
+
+    def _measure(self, label: str, estimate: GradientEstimate) -> dict[str, float]:
+        ctx, defenses = self._ctx, self._defenses
         key = f"strength/{label}"
         found = ctx.store.get(key)
-        if found is None:
-            ctx.say(f"development split: PGD with {label} (cascade order)")
-            runs = (
-                {d: {d: r} for d, r in defenses.items()}
-                if estimate.depends_on_defense
-                else {"shared": dict(defenses)}
-            )
-            found = {}
-            for readouts in runs.values():
-                scores = shared_pgd_scores(
-                    ctx.estimator.view(defense=next(iter(readouts.values()))), estimate,
-                    ctx.x_dev, ctx.y_dev, ctx.threat, readouts, ctx.shards, seed=ctx.config.seed,
-                )  # fmt: skip
-                found.update({d: float(scores[f"defense/{d}"].mean()) for d in readouts})
-            found = ctx.store.put(key, found)
-        strengths[repr(estimate)] = dict(found)
-    return strengths
+        if found is not None:
+            return dict(found)
+        ctx.say(f"development split: PGD with {label} (cascade order)")
+        runs = (
+            [{d: r} for d, r in defenses.items()]
+            if estimate.depends_on_defense
+            else [dict(defenses)]
+        )
+        measured: dict[str, float] = {}
+        for readouts in runs:
+            scores = shared_pgd_scores(
+                ctx.estimator.view(defense=next(iter(readouts.values()))), estimate,
+                ctx.x_dev, ctx.y_dev, ctx.threat, readouts, ctx.shards, seed=ctx.config.seed,
+            )  # fmt: skip
+            measured.update({d: float(scores[f"defense/{d}"].mean()) for d in readouts})
+        return dict(ctx.store.put(key, measured))
 
 
-def cascade_order(columns: Sequence[Column], defense: str, strengths: Strengths) -> list[Column]:
+def cascade_order(
+    columns: Sequence[Column], defense: str, strengths: DevStrengths
+) -> list[Column]:
     """The per-defense columns (not shared) in cascade order (see the module docstring)."""
     position = {c.label: i for i, c in enumerate(columns)}
 
     def key(column: Column) -> tuple[float, float, int, int]:
         if column.estimate is None:  # no gradient: last
             return (1.0, 0.0, 0, position[column.label])
-        strength = strengths[repr(column.estimate)][defense]
+        strength = strengths(column.estimate)[defense]
         return (0.0, strength, int(column.attack.shared), position[column.label])
 
     return sorted((c for c in columns if not c.shared), key=key)
@@ -95,7 +116,7 @@ def cascade_cells(
     columns: Sequence[Column],
     defenses: Mapping[str, Readout],
     clean: Mapping[str, np.ndarray],
-    strengths: Strengths,
+    strengths: DevStrengths,
 ) -> Cells:
     """The columns in cascade order, each on the samples still robust."""
     n = len(ctx.x)
@@ -103,31 +124,39 @@ def cascade_cells(
     cells = Cells({d: {c.label: np.full(n, NOT_RUN, np.int8) for c in columns} for d in defenses})
     order: list[str] = []
 
+    def any_alive() -> bool:
+        return bool(np.any(list(alive.values())))
+
     def mean_strength(column: Column) -> float:
         assert column.estimate is not None
-        return float(np.mean(list(strengths[repr(column.estimate)].values())))
+        return float(np.mean(list(strengths(column.estimate).values())))
 
-    shared = sorted(
-        (c for c in columns if c.shared),
-        key=lambda c: (not _is_ready(ctx, c), mean_strength(c)),
-    )
-    for column in shared:
-        ready = _is_ready(ctx, column)
-        indices = np.arange(n) if ready else np.flatnonzero(np.any(list(alive.values()), axis=0))
+    def run_shared(column: Column, indices: np.ndarray) -> None:
         order.append(column.label)
         if not len(indices):
-            continue
+            return
         ctx.say(f"cascade: {column.label} on {len(indices)} samples (one run for every defense)")
         result = attack_cells(ctx, f"shared/{column.label}", column, defenses, indices)
         for d in defenses:
             correct = result[f"defense/{d}"].astype(bool)
             cells.survived[d][column.label][indices] = correct
             alive[d][indices] &= correct
-        if ready:
+        if _is_ready(ctx, column):
             cells.ready_scores = result
+
+    for column in (c for c in columns if c.shared and _is_ready(ctx, c)):
+        run_shared(column, np.arange(n))  # on every sample: the diagnostics read it
+    others = [c for c in columns if c.shared and not _is_ready(ctx, c)]
+    for column in sorted(others, key=mean_strength) if any_alive() else others:
+        run_shared(column, np.flatnonzero(np.any(list(alive.values()), axis=0)))
     for d, readout in defenses.items():
         cells.order[d] = list(order)
-        for column in cascade_order(columns, d, strengths):
+        per_defense = (
+            cascade_order(columns, d, strengths)
+            if alive[d].any()
+            else [c for c in columns if not c.shared]  # nothing left to attack: no order runs
+        )
+        for column in per_defense:
             indices = np.flatnonzero(alive[d])
             cells.order[d].append(column.label)
             if not len(indices):

@@ -11,7 +11,8 @@ Named steps over one ``RunContext``:
 4. ``columns``: the attack columns (``EvaluationConfig.attacks`` with the ready-made, Exact,
    chosen intermediate and ensemble estimates, BPTT, ``extra_estimates``): in table mode every
    column on every sample; in cascade mode per defense strongest first on the samples still
-   robust (``cascade``, after ``order``: the development PGD accuracy of each estimate).
+   robust (``cascade``; its ``order`` runs, the development PGD accuracy of each estimate, are
+   made inside this step and only where some sample is still robust).
 5. ``measurements``: the runs the diagnostics need (PGD-``long_steps``, large eps, batch
    dependence, gradient health, Exact backward, alignment, spectral radius; with bf16 attacks
    the ready-made PGD again in fp32).
@@ -35,7 +36,7 @@ import numpy as np
 from deq_attacks.deq.convergence import ConvergenceLog
 from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
 from deq_attacks.evaluation.aggregate import choose_early_exit
-from deq_attacks.evaluation.cascade import cascade_cells, dev_strengths
+from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells
 from deq_attacks.evaluation.columns import BPTT, protocol_columns, protocol_estimates
 from deq_attacks.evaluation.context import RunContext, arrays, check_split
 from deq_attacks.evaluation.diagnostics import judge
@@ -125,9 +126,8 @@ def evaluate_model(
         with ctx.step("clean"):
             clean = clean_step(ctx, defenses)
         if config.mode is Mode.CASCADE:
-            with ctx.step("order"):
-                strengths = dev_strengths(ctx, estimates, defenses, dev, sweep)
-            with ctx.step("columns"):
+            strengths = DevStrengths(ctx, estimates, defenses, dev, sweep)
+            with ctx.step("columns"):  # its ordering runs, timed as "order" too, are inside
                 cells = cascade_cells(ctx, columns, defenses, clean, strengths)
         else:
             with ctx.step("columns"):
