@@ -100,15 +100,8 @@ class Acceleration:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         if self.compile:
-            backends = torch.compiler.list_backends(exclude_tags=())
-            if self.compile_backend not in backends:
-                raise ValueError(
-                    f"unknown compile_backend {self.compile_backend!r}; torch has "
-                    f"{', '.join(backends)}"
-                )
-            import torch._functorch.config as aot_config
-
-            aot_config.donated_buffer = False
+            check_compile_backend(self.compile_backend)
+            _allow_repeated_backwards()
             target = model.f if isinstance(model, DEQ) else model
             target.compile(mode=self.compile_mode, backend=self.compile_backend)
         return model
@@ -132,6 +125,43 @@ class Acceleration:
             if self.bf16 and kind == "cuda":
                 stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
             yield
+
+
+def check_compile_backend(backend: str) -> None:
+    """Raise ValueError, listing torch's backends, unless ``backend`` is one of them."""
+    backends = torch.compiler.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ValueError(f"unknown compile backend {backend!r}; torch has {', '.join(backends)}")
+
+
+def _allow_repeated_backwards() -> None:
+    """Turn off AOT autograd's donated buffers for the process: a DEQ backward runs one
+    compiled graph's backward many times (``retain_graph``), which donated buffers forbid."""
+    import torch._functorch.config as aot_config
+
+    aot_config.donated_buffer = False
+
+
+def compiled_f(deq: DEQ, backend: str = "inductor", mode: str = "default") -> DEQ:
+    """A DEQ over the same injection, head, solver and settings as ``deq`` (every module and
+    parameter shared, nothing copied) whose f runs through ``torch.compile`` (``dynamic=True``:
+    any batch size); ``deq`` itself is not changed (``Acceleration.apply`` compiles in place)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    check_compile_backend(backend)
+    _allow_repeated_backwards()
+    f = torch.compile(deq.f, backend=backend, mode=mode, dynamic=True)
+    return DEQ(
+        f,  # type: ignore[arg-type]
+        deq.injection,
+        deq.head,
+        solver=deq.solver,
+        training_gradient=deq.training_gradient,
+        readout=deq.readout,
+        raise_on_divergence=deq.raise_on_divergence,
+        resets=deq.resets,
+        input_shape=deq.input_shape,
+    ).eval()
 
 
 @contextmanager

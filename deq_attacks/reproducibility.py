@@ -33,11 +33,13 @@ def pin_cpu_kernels() -> str:
     kept. Raises if ATen chose AVX-512 already (a torch operation ran before the call)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return torch.backends.cpu.get_cpu_capability()
-    for name, value in PINNED_KERNELS.items():
-        os.environ.setdefault(name, value)
+    added = {name: value for name, value in PINNED_KERNELS.items() if name not in os.environ}
+    os.environ.update(added)  # before ATen reads it (the query below makes it choose)
     wanted = os.environ["ATEN_CPU_CAPABILITY"].upper()
     chosen = torch.backends.cpu.get_cpu_capability()
     if chosen.startswith("AVX512") and not wanted.startswith("AVX512"):
+        for name in added:  # nothing pinned: the environment is left as it was
+            del os.environ[name]
         raise RuntimeError(
             f"torch's CPU kernels are {chosen}, not {wanted}: pin_cpu_kernels() must run before "
             "the first torch operation (or set ATEN_CPU_CAPABILITY in the environment)"

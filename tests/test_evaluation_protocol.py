@@ -105,8 +105,22 @@ def test_sweep_records_every_candidate_and_picks_the_largest_drop() -> None:
     config = SweepConfig({"adjoint": {"n": "all", "beta": "0.5,1.0"},
                           "unrolled": {"n": "1,3", "k": "1,2", "lam": "1.0"}})  # fmt: skip
     defenses = {"final": Final(), "early": Early(2)}
-    chosen, entries, plan = run_sweep(estimator, config, x, y, THREAT, defenses, "early", Shards())
+    said: list[str] = []
+    chosen, entries, plan = run_sweep(
+        estimator, config, x, y, THREAT, defenses, "early", Shards(), progress=said.append
+    )
     assert [p["family"] for p in plan] == ["adjoint", "unrolled"] and all(p["runs"] for p in plan)
+    # every candidate reports as it finishes, with its count and early-state accuracy
+    assert len(said) == 12 and said[0].startswith("sweep 1/12 Adjoint(")
+    last = entries[-1]
+    assert said[-1] == f"sweep 12/12 {last['estimate']}: early {last['accuracy']['early']:.1%}"
+    # resumed: the stored entries are reported as stored and not run again
+    again: list[str] = []
+    stored = {e["estimate"]: e for e in entries[:5]}
+    rerun = run_sweep(estimator, config, x, y, THREAT, defenses, "early", Shards(),
+                      done=stored, progress=again.append)  # fmt: skip
+    assert [m.endswith("(stored)") for m in again] == [True] * 5 + [False] * 7
+    assert [e["estimate"] for e in rerun[1]] == [e["estimate"] for e in entries]
     assert plan[0]["grid"] == {"n": "all", "beta": "0.5,1.0"}
     assert len(entries) == 4 * 2 + 2 * 2
     for family in ("adjoint", "unrolled"):

@@ -45,6 +45,9 @@ def test_pinned_before_any_operation_the_kernels_are_avx2() -> None:
 def test_pinned_after_an_operation_on_an_avx512_cpu_raises() -> None:
     if not _capabilities().startswith("AVX512"):
         pytest.skip("ATen chose no AVX-512 kernels here: nothing to pin too late")
-    proc = _python(f"import torch\ntorch.ones(64) * 2\n{PIN}")
+    check = "import os\nbefore = dict(os.environ)\ntry:\n    pin_cpu_kernels()\n"
+    check += "except RuntimeError:\n    assert dict(os.environ) == before\n    raise\n"
+    proc = _python(f"import torch\ntorch.ones(64) * 2\n{PIN.split(';')[0]}\n{check}")
     assert proc.returncode != 0
     assert "must run before the first torch operation" in proc.stderr
+    assert "AssertionError" not in proc.stderr  # the environment was left as it was

@@ -286,13 +286,21 @@ def assert_same_trajectory(new: Trajectory, ref: Trajectory, solver: Solver) -> 
     """Same decisions exactly; same values bitwise for fixed-point iteration, else 1e-6
     relative per sample (Broyden and Anderson regroup their arithmetic)."""
     bitwise = isinstance(solver, FixedPointIteration)
-    assert torch.equal(new.steps, ref.steps), (new.steps, ref.steps)
-    assert torch.equal(new.converged, ref.converged)
+    decided = torch.ones_like(ref.converged)
+    if solver.tol == 0 and not bitwise:
+        # tol=0 runs on into rounding noise, where the best step (and whether a residual
+        # hits exactly 0) is the noise itself and depends on the CPU's vector width: the
+        # decisions are compared for the samples that stay above it
+        best = torch.nan_to_num(ref.residuals, nan=math.inf).amin(dim=1)
+        decided = best > 1e-10
+    assert torch.equal(new.steps[decided], ref.steps[decided]), (new.steps, ref.steps)
+    assert torch.equal(new.converged[decided], ref.converged[decided])
     assert torch.equal(new.diverged, ref.diverged)
     assert new.nfe == ref.nfe and new.num_steps == ref.num_steps
     assert sorted(new.states) == sorted(ref.states)
     assert_same(new.final, ref.final, bitwise)
-    assert_same(new.state_sum, ref.state_sum, bitwise)
+    # a sample that stopped one step apart in the noise summed one state more or less
+    assert_same(new.state_sum[decided], ref.state_sum[decided], bitwise)
     for n in ref.states:
         assert_same(new.states[n], ref.states[n], bitwise)
     assert_same(new.residuals, ref.residuals, bitwise)

@@ -139,7 +139,7 @@ def test_cuda_only_options_are_refused_off_cuda() -> None:
         Acceleration(compile=True, compile_mode="fastest")
     with pytest.raises(ValueError, match="apply only with compile=true"):
         Acceleration(compile_mode="max-autotune")
-    with pytest.raises(ValueError, match="unknown compile_backend 'fastest'; torch has"):
+    with pytest.raises(ValueError, match="unknown compile backend 'fastest'; torch has"):
         Acceleration(compile=True, compile_backend="fastest").apply(_deq(PhantomGradient(5, 0.5)))
 
 

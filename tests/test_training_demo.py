@@ -82,7 +82,12 @@ def test_demo_refuses_to_pin_kernels_after_torch_ran(tmp_path: Path, capsys) -> 
         torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     ):
         pytest.skip("no AVX-512 kernels chosen here: nothing to refuse")
+    import os
+
+    environment = dict(os.environ)
     assert demo.main(["--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "must run before the first torch operation" in err and err.count("\n") == 1
     assert not (tmp_path / "training").exists()
+    # nothing pinned: the environment (inherited by later subprocesses) is as it was
+    assert dict(os.environ) == environment

@@ -184,7 +184,7 @@ def sweep_step(
     ctx.say("development split: sweep of intermediate attacks")
     return run_sweep(
         ctx.estimator, ctx.config.sweep, ctx.x_dev, ctx.y_dev, ctx.threat, defenses, "early",
-        ctx.shards, seed=ctx.config.seed, done=done, on_entry=keep,
+        ctx.shards, seed=ctx.config.seed, done=done, on_entry=keep, progress=ctx.say,
     )  # fmt: skip
 
 

@@ -204,14 +204,9 @@ class EvaluationConfig:
         if not isinstance(self.compile_backend, str):
             raise TypeError(f"compile_backend must be a text, got {self.compile_backend!r}")
         if self.compile_backend:
-            import torch._dynamo
+            from deq_attacks.acceleration import check_compile_backend
 
-            known = torch._dynamo.list_backends(exclude_tags=())
-            if self.compile_backend not in known:
-                raise ValueError(
-                    f"unknown torch.compile backend {self.compile_backend!r}; "
-                    f"choose from {', '.join(known)}"
-                )
+            check_compile_backend(self.compile_backend)
         if not isinstance(self.sweep, SweepConfig):
             raise TypeError(f"sweep must be a SweepConfig, got {self.sweep!r}")
 

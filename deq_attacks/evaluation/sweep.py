@@ -7,7 +7,7 @@ early-state defense. The grid itself is ``settings.SweepConfig``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,8 @@ def run_sweep(
     *,
     seed: int = 0,
     done: Mapping[str, dict[str, Any]] | None = None,
-    on_entry: Any = None,
+    on_entry: Callable[[dict[str, Any]], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, GradientEstimate], list[dict[str, Any]], list[dict[str, Any]]]:
     """Score every candidate on the development split and choose, per family, the one under
     which the defense ``criterion`` (the early-state defense) has the lowest accuracy.
@@ -44,7 +45,8 @@ def run_sweep(
 
     Args:
         done: finished entries by estimate repr (resume); ``on_entry(entry)`` is called after
-            each new one.
+            each new one; ``progress(text)`` reports each candidate as it finishes
+            ("sweep 3/12 Unrolled(n=4): early 41.0%").
 
     Returns:
         (family -> chosen estimate, the whole sweep: one entry per candidate with its
@@ -57,12 +59,15 @@ def run_sweep(
     plan = [{**p.to_json(), "grid": config.grid(p.family)} for p in config.plan(solver)]
     chosen: dict[str, GradientEstimate] = {}
     entries: list[dict[str, Any]] = []
-    for name, candidates in config.candidates(solver).items():
+    all_candidates = config.candidates(solver)
+    total = sum(len(c) for c in all_candidates.values())
+    for name, candidates in all_candidates.items():
         family = sweep_family(name)
         accuracies = []
         for estimate in candidates:
             key = repr(estimate)
             entry = (done or {}).get(key)
+            resumed = " (stored)" if entry is not None else ""
             if entry is None:
                 scores = shared_pgd_scores(
                     estimator, estimate, x_dev, y_dev, threat, defenses, shards, seed=seed
@@ -78,6 +83,9 @@ def run_sweep(
                 if on_entry is not None:
                     on_entry(entry)
             entries.append(entry)
+            if progress is not None:
+                accuracy = entry["accuracy"][criterion]
+                progress(f"sweep {len(entries)}/{total} {key}: {criterion} {accuracy:.1%}{resumed}")
             accuracies.append(entry["accuracy"][criterion])
         if candidates:
             chosen[name] = candidates[choose_strongest(accuracies)]

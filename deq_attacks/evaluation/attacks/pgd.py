@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deq_attacks.acceleration import compiled_f
 from deq_attacks.deq import DEQ
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
 from deq_attacks.evaluation.attacks.seeds import SampleSeeds
@@ -57,39 +58,17 @@ _COMPILED_DEQS: weakref.WeakKeyDictionary[DEQ, dict[str, DEQ]] = weakref.WeakKey
 
 
 def compiled(estimator: DEQEstimator, backend: str) -> DEQEstimator:
-    """An estimator like ``estimator`` (its estimate, defense, loss, preprocessing) over a DEQ
-    that shares every module and parameter of ``estimator.deq`` but runs f through
-    ``torch.compile(f, backend=backend)``; built once per DEQ and backend."""
+    """A view of ``estimator`` (its estimate, defense, loss, preprocessing) over a DEQ that
+    shares every module and parameter of ``estimator.deq`` but runs f through
+    ``torch.compile`` (``deq_attacks.acceleration.compiled_f``); built once per DEQ and
+    backend."""
     deq = estimator.deq
     if not isinstance(deq, DEQ):
         raise TypeError(f"compiling f needs a deq_attacks.DEQ, got {type(deq).__name__}")
     cache = _COMPILED_DEQS.setdefault(deq, {})
     if backend not in cache:
-        cache[backend] = DEQ(
-            torch.compile(deq.f, backend=backend, dynamic=True),  # type: ignore[arg-type]
-            deq.injection,
-            deq.head,
-            solver=deq.solver,
-            training_gradient=deq.training_gradient,
-            readout=deq.readout,
-            raise_on_divergence=deq.raise_on_divergence,
-            resets=deq.resets,
-            input_shape=deq.input_shape,
-        ).eval()
-    return DEQEstimator(
-        cache[backend],
-        input_shape=tuple(estimator.input_shape),
-        nb_classes=estimator.nb_classes,
-        estimate=estimator.gradient_estimate,
-        defense=estimator.defense,
-        loss=estimator._loss,
-        clip_values=estimator.clip_values,
-        channels_first=estimator.channels_first,
-        preprocessing_defences=estimator.preprocessing_defences,
-        postprocessing_defences=estimator.postprocessing_defences,
-        preprocessing=estimator.preprocessing,
-        device_type=estimator._device_type,
-    )
+        cache[backend] = compiled_f(deq, backend)
+    return estimator.view(deq=cache[backend])
 
 
 def fixed_step_pgd(
