@@ -96,6 +96,10 @@ def test_a_finished_cli_run_resumes_without_computing(
     assert results(uninterrupted) == before
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_sigint_leaves_a_store_that_resumes_to_the_same_result(
     weights, uninterrupted, tmp_path
@@ -103,8 +107,10 @@ def test_sigint_leaves_a_store_that_resumes_to_the_same_result(
     out = tmp_path / "interrupted"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "deq_attacks", *cli_args(weights, out), "--threads", "1"]
+    # SIGINT as a terminal would deliver it, whatever this process inherited
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)  # fmt: skip
     store = out / "store.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
