@@ -83,10 +83,10 @@ def run_sweep(
                 if on_entry is not None:
                     on_entry(entry)
             entries.append(entry)
-            if progress is not None:
-                accuracy = entry["accuracy"][criterion]
-                progress(f"sweep {len(entries)}/{total} {key}: {criterion} {accuracy:.1%}{resumed}")
             accuracies.append(entry["accuracy"][criterion])
+            if progress is not None:
+                score = f"{criterion} {accuracies[-1]:.1%}{resumed}"
+                progress(f"sweep {len(entries)}/{total} {key}: {score}")
         if candidates:
             chosen[name] = candidates[choose_strongest(accuracies)]
     return chosen, entries, plan
