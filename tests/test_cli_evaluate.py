@@ -58,7 +58,7 @@ class Layer(nn.Module):
 
 
 class TorchDEQNet(nn.Module):
-    def __init__(self):
+    def __init__(self, f_solver="anderson"):
         super().__init__()
         self.encoder = nn.Conv2d(1, CHANNELS, 3, padding=1)
         self.layer = Layer()
@@ -66,11 +66,19 @@ class TorchDEQNet(nn.Module):
         with torch.no_grad():
             self.layer.conv.weight_g.mul_(0.4)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(CHANNELS * 64, 10))
-        self.deq = torchdeq.get_deq(f_solver="anderson", f_max_iter=6, f_tol=1e-4)
+        self.deq = torchdeq.get_deq(f_solver=f_solver, f_max_iter=6, f_tol=1e-4)
 
 
 def build(checkpoint=None, **deq_kwargs):
     net = TorchDEQNet()
+    if checkpoint is not None:
+        load_weights(net, checkpoint)
+    return from_torchdeq(net.layer, net.encoder, net.head, net.deq, input_shape=(1, 8, 8),
+                         **deq_kwargs)
+
+
+def build_fixed_point(checkpoint=None, **deq_kwargs):
+    net = TorchDEQNet(f_solver="fixed_point_iter")
     if checkpoint is not None:
         load_weights(net, checkpoint)
     return from_torchdeq(net.layer, net.encoder, net.head, net.deq, input_shape=(1, 8, 8),
@@ -422,9 +430,20 @@ def test_key_mapped_torchdeq_checkpoint_with_another_solver_runs_to_the_end(
     assert description["input_shape"] == [1, 8, 8]
 
 
-def test_torchdeq_anderson_model_from_a_pt_checkpoint_runs_to_the_end(user_dir) -> None:
+@pytest.mark.parametrize(
+    ("builder", "solver", "solver_class"),
+    [
+        ("build", "anderson", "Anderson"),
+        ("build_fixed_point", "fixed_point", "FixedPointIteration"),
+    ],
+)
+def test_torchdeq_model_from_a_pt_checkpoint_runs_to_the_end(
+    user_dir, builder: str, solver: str, solver_class: str
+) -> None:
+    """A torchdeq DEQ with an Anderson or a fixed-point solver goes through the whole
+    protocol (sweep, PGD, AutoAttack, Square, BPTT, diagnostics) from a ``.pt`` checkpoint."""
     directory, name = user_dir
-    _build("--model", f"{name}:build")
+    _build("--model", f"{name}:{builder}")
     path = directory / "trained.pt"
     torch.save({"state_dict": _user_net(name).state_dict()}, path)
     out = directory / "out"
@@ -432,7 +451,7 @@ def test_torchdeq_anderson_model_from_a_pt_checkpoint_runs_to_the_end(user_dir) 
         [
             "evaluate",
             "--model",
-            f"{name}:build",
+            f"{name}:{builder}",
             "--checkpoint",
             str(path),
             "--n-dev",
@@ -445,14 +464,19 @@ def test_torchdeq_anderson_model_from_a_pt_checkpoint_runs_to_the_end(user_dir) 
         ]
     )
     assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    # every column ran against every defense, BPTT and AutoAttack included
+    assert {"ready-made PGD", "exact AA", "adjoint z_1 PGD", "unrolled z_1 AA", "bptt AA",
+            "square"} <= set(results["columns"])  # fmt: skip
+    for defense in ("final", "early", "ensemble"):
+        assert set(results["column_accuracy"][defense]) == set(results["columns"])
     description = _results(out)["description"]
-    assert description["solver_spec"]["solver"] == "anderson"
+    assert description["solver_spec"]["solver"] == solver
     assert description["solver_choice"] == "the model's own solver"
-    # the adjoint family ran over Anderson with B = -I, and the results say why
-    plans = json.loads((out / "results.json").read_text())["settings"]["sweep_plan"]
+    plans = results["settings"]["sweep_plan"]
     adjoint = next(p for p in plans if p["family"] == "adjoint")
     assert adjoint["runs"] and adjoint["fixed"] == {"inverse": "negative_identity"}
-    assert "Anderson" in adjoint["reason"]
+    assert solver_class in adjoint["reason"]
 
 
 def test_preset_sets_the_budgets_and_a_file_and_options_override_it(

@@ -22,6 +22,7 @@ from deq_attacks import (
     Ensemble,
     Exact,
     Final,
+    FixedPointIteration,
     Phantom,
     PhantomGradient,
     Unrolled,
@@ -227,8 +228,10 @@ def test_resume_reuses_per_sample_results_and_checks_the_fingerprint(
     other = tiny_estimator(trained=True, batch_invariant=True)
     with torch.no_grad():
         next(other.deq.parameters()).add_(1e-3)
+    said: list[str] = []
     with pytest.raises(AssertionError, match="recomputed"):
-        evaluate_model(other, test, dev, TINY, store_path=path)
+        evaluate_model(other, test, dev, TINY, store_path=path, progress=said.append)
+    assert said[0] == f"starting afresh: {path} holds results for other weights; they are replaced"
     # other data (one test image changed by one grey level): nothing is reused either
     x = test[0].copy()
     x[0, 0, 0, 0] = min(1.0, x[0, 0, 0, 0] + 1 / 255)
@@ -390,22 +393,29 @@ def test_a_cascade_with_nothing_left_after_the_ready_made_pgd_makes_no_ordering_
         np.testing.assert_array_equal(cascade.verdict()[defense], verdict)
 
 
-def test_the_sweep_plan_for_anderson_is_in_the_results_and_the_markdown() -> None:
-    deq = mlp_deq(64, 10, hidden=16, solver=Anderson(threshold=4),
-                  training_gradient=PhantomGradient(2, 0.5))  # fmt: skip
+@pytest.mark.parametrize("solver", [Anderson(threshold=4), FixedPointIteration(threshold=4)])
+def test_anderson_and_fixed_point_deqs_go_through_the_whole_protocol(solver) -> None:
+    """Our DEQ over a solver that keeps no inverse estimate: every column (AutoAttack, Square
+    and BPTT included) runs; the adjoint family steps with B = -I and the results say why."""
+    deq = mlp_deq(64, 10, hidden=16, solver=solver, training_gradient=PhantomGradient(2, 0.5))
     deq.load_state_dict(tiny_deq_weights())
     estimator = DEQEstimator(deq, input_shape=(1, 8, 8), nb_classes=10)
     dev, test = splits(8, 8)
     config = dataclasses.replace(
-        TINY, attacks="pgd,square", bptt=False, diagnostic_samples=2,
+        TINY, attacks="pgd,autoattack,square", bptt=True, diagnostic_samples=2,
         sweep=SweepConfig({"adjoint": {"n": "1", "beta": "1.0"},
                            "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}),
     )  # fmt: skip
     report = evaluate_model(estimator, test, dev, config)
+    assert {"exact AA", "adjoint z_1 PGD", "bptt PGD", "square"} <= set(report.columns)
+    for defense in report.defenses:  # a verdict for every sample in every column
+        assert set(report.survived[defense]) == set(report.columns)
+        assert all(None not in flags for flags in report.survived[defense].values())
     plan = {p["family"]: p for p in report.settings["sweep_plan"]}
     assert plan["adjoint"]["fixed"] == {"inverse": "negative_identity"}
     assert "keeps no inverse-Jacobian estimate" in plan["adjoint"]["reason"]
     assert report.estimates["adjoint z_1"]["inverse"] == "negative_identity"
-    text = markdown_report(report, "anderson")
-    assert "adjoint runs with inverse=negative_identity: Anderson keeps no inverse" in text
+    name = type(solver).__name__
+    text = markdown_report(report, name)
+    assert f"adjoint runs with inverse=negative_identity: {name} keeps no inverse" in text
     assert "AdjointBroyden" in text  # what is left out, and why

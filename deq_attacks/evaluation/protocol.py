@@ -107,6 +107,11 @@ def evaluate_model(
     say = progress or (lambda _text: None)
     if store.resumed:
         say(f"resuming from {store_path}")
+    elif store.replaced:
+        say(
+            f"starting afresh: {store_path} holds results for other "
+            f"{', '.join(store.replaced)}; they are replaced"
+        )
     with ConvergenceLog() as log:
         ctx = RunContext(
             estimator, x, y, x_dev, y_dev, config, store, shards, say, log,

@@ -42,15 +42,19 @@ def data_hash(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _read(path: Path, fingerprint: dict[str, Any]) -> tuple[dict, dict, bool]:
-    """(finished steps, finished blocks of unfinished steps, whether the file matched)."""
+_Loaded = tuple[dict[str, Any], dict[str, dict[int, Any]], bool, list[str]]
+
+
+def _read(path: Path, fingerprint: dict[str, Any]) -> _Loaded:
+    """(finished steps, finished blocks of unfinished steps, whether the file matched, the
+    parts of the fingerprint in which an existing store differs)."""
     steps: dict[str, Any] = {}
     blocks: dict[str, dict[int, Any]] = {}
     if not path.exists():
-        return steps, blocks, False
+        return steps, blocks, False, []
     lines = path.read_text().splitlines()
     if not lines:
-        return steps, blocks, False
+        return steps, blocks, False, []
     try:
         header = json.loads(lines[0])
     except json.JSONDecodeError:
@@ -61,7 +65,9 @@ def _read(path: Path, fingerprint: dict[str, Any]) -> tuple[dict, dict, bool]:
             "store path (the report's results.json is not the store)"
         )
     if header["fingerprint"] != fingerprint:
-        return steps, blocks, False
+        old = header["fingerprint"] if isinstance(header["fingerprint"], dict) else {}
+        differs = sorted(k for k in {*old, *fingerprint} if old.get(k) != fingerprint.get(k))
+        return steps, blocks, False, differs
     for line in lines[1:]:
         try:
             record = json.loads(line)
@@ -73,24 +79,26 @@ def _read(path: Path, fingerprint: dict[str, Any]) -> tuple[dict, dict, bool]:
         else:
             steps[key] = record["value"]
             blocks.pop(key, None)
-    return steps, blocks, True
+    return steps, blocks, True, []
 
 
 class ResultStore:
     """The steps and blocks finished so far, in a JSON-lines file under a fingerprint; a file
     written under another fingerprint (settings, weights or data) is not reused: it is started
-    afresh."""
+    afresh, and ``replaced`` names the parts of the fingerprint that differed (empty when
+    nothing was replaced)."""
 
     def __init__(self, path: Path | None, fingerprint: dict[str, Any], shards: Shards) -> None:
         self.path, self.shards = path, shards
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
-        loaded: tuple[dict, dict, bool] = ({}, {}, False)
+        loaded: _Loaded = ({}, {}, False, [])
         if path is not None and shards.is_main:
             loaded = _read(path, self.fingerprint)
         shared = broadcast_object(loaded)
         self.steps: dict[str, Any] = shared[0]
         self.partial: dict[str, dict[int, Any]] = shared[1]
         self.resumed: bool = shared[2]
+        self.replaced: list[str] = shared[3]
         self._rewrite()
 
     def get(self, key: str) -> Any:

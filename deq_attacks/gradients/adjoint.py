@@ -39,6 +39,10 @@ class InverseEstimate(enum.Enum):
     BROYDEN = "broyden"  # the forward Broyden solve's own estimates (needs a Broyden solver)
     NEGATIVE_IDENTITY = "negative_identity"  # B_m = -I: damped fixed-point adjoint, any solver
 
+    def __repr__(self) -> str:
+        """The value, as an estimate's repr (a column label) shows it: ``'broyden'``."""
+        return repr(self.value)
+
 
 def _check_inverse(inverse: InverseEstimate, solver: Solver, name: str) -> None:
     if not isinstance(inverse, InverseEstimate):
