@@ -138,3 +138,50 @@ def test_the_checker_sees_lazy_relative_and_type_checking_imports() -> None:
         "deq_attacks.gradients.exact",
         "deq_attacks.gradients.phantom",
     } <= names
+
+
+#: The layers of docs/architecture.md: what each part of the package may import from the
+#: package (its own modules aside). Foundations import nothing of the package.
+FOUNDATIONS = frozenset(
+    {"solvers", "records", "lazy", "distributed", "reproducibility", "data", "checkpoints"}
+)
+MAY_IMPORT: dict[str, frozenset[str]] = {
+    **{name: frozenset() for name in FOUNDATIONS},
+    "numerics": frozenset({"solvers"}),
+    "deq": frozenset({"numerics", "solvers"}),
+    "models": frozenset({"deq", "solvers"}),
+    "adapters": frozenset({"deq", "solvers", "checkpoints", "models"}),
+    "acceleration": frozenset({"deq"}),
+    "gradients": frozenset({"deq", "numerics", "solvers"}),
+    "interfaces": frozenset({"deq", "gradients", "numerics", "solvers"}),
+    "evaluation": FOUNDATIONS
+    | {"numerics", "deq", "gradients", "interfaces", "acceleration", "models"},
+    "training": FOUNDATIONS
+    | {"numerics", "deq", "gradients", "interfaces", "acceleration", "models"},
+    "cli": frozenset(
+        {*FOUNDATIONS, "numerics", "deq", "gradients", "interfaces", "acceleration", "models",
+         "adapters", "evaluation", "training"}
+    ),  # fmt: skip
+}
+
+
+def test_each_layer_imports_only_the_layers_below_it() -> None:
+    """Evaluation and training never import each other or the command line; the numerics
+    never import the attack side (docs/architecture.md)."""
+    offenders: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        part = parts[0]
+        if part in ("__init__", "__main__"):
+            continue  # the facade and the console entry re-export everything
+        assert part in MAY_IMPORT, f"{part} is in no layer of docs/architecture.md"
+        used = {
+            name.split(".")[1]
+            for name in imported_modules(path)
+            if name.startswith("deq_attacks.") and name.split(".")[1] != part
+        }
+        # ``from deq_attacks import distributed`` names a foundation module, not the facade
+        bad = sorted(used - MAY_IMPORT[part] - {"__init__"})
+        if bad:
+            offenders[str(path.relative_to(PACKAGE))] = bad
+    assert offenders == {}
