@@ -19,6 +19,8 @@ from benchmarks.cases.common import (
 from deq_attacks import DEQ, Adjoint, Broyden, GradientEstimate, Unrolled
 from deq_attacks.gradients import input_gradient, loss_cotangent
 
+TARGET = 1.1  # issue 16.2, for both estimates
+
 BOUNDS: Bounds = (
     (
         ("art_pgd_unrolled", "art_pgd_adjoint"),
@@ -80,7 +82,7 @@ def run(ctx: Context) -> list[Row]:
                 ctx,
                 id_,
                 f"ART PGD-{s.pgd_steps} / plain torch PGD-{s.pgd_steps}, {label} at z_N",
-                1.2,
+                TARGET,
                 art_call,
                 plain_call,
                 f"ProjectedGradientDescent(eps 8/255, step 2/255, {s.pgd_steps} steps, random "
