@@ -249,6 +249,23 @@ def test_solver_replaces_only_when_asked_and_says_so(user_dir) -> None:
     assert phantom.model.training_gradient == PhantomGradient(5, 0.5)
 
 
+def test_the_exact_gradients_backward_solver_comes_from_the_registry(user_dir, capsys) -> None:
+    _, name = user_dir
+    built = _build(
+        "--model", f"{name}:build", "--training-gradient", "exact", "--threshold", "5",
+        "--backward-solver", "anderson:memory=3",
+    )  # fmt: skip
+    expected = Anderson(threshold=4, tol=1e-4, memory=3)
+    assert built.model.training_gradient == ImplicitGradient(expected)
+    err = _refused(["--model", f"{name}:build", "--backward-solver", "anderson"], capsys)
+    assert "--backward_solver anderson is the solver of --training_gradient exact" in err
+    argv = ["--model", f"{name}:build", "--training-gradient", "exact"]
+    err = _refused([*argv, "--backward-solver", "anderson:threshold=3"], capsys)
+    assert "the threshold is given twice" in err
+    err = _refused([*argv, "--backward-solver", "newton"], capsys)
+    assert "unknown solver 'newton'; choose one of anderson, broyden, fixed_point" in err
+
+
 # --- checkpoints ----------------------------------------------------------------------------
 
 
