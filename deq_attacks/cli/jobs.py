@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from jsonargparse import Namespace
 
 from deq_attacks.checkpoints import load_weights
@@ -19,7 +18,7 @@ from deq_attacks.cli.options import fail
 from deq_attacks.data import ImageDataset
 from deq_attacks.deq import DEQ
 from deq_attacks.deq.contract import DEQModel
-from deq_attacks.distributed import process_group
+from deq_attacks.distributed import is_main_process, process_group
 from deq_attacks.evaluation import (
     EvaluationConfig,
     EvaluationReport,
@@ -64,7 +63,7 @@ def run_protocol(
     description: dict[str, Any],
 ) -> EvaluationReport:
     """Evaluate on ``test`` (choices on ``dev``), write the outputs (rank 0), print the report."""
-    main_process = not dist.is_initialized() or dist.get_rank() == 0
+    main_process = is_main_process()
     start = time.perf_counter()
     report = evaluate_model(
         estimator,
