@@ -117,6 +117,11 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of the initialised group (or runs alone)."""
+    return rank_and_world()[0] == 0
+
+
 def barrier() -> None:
     """Wait for every process (nothing to wait for alone)."""
     if _active():

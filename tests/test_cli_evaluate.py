@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from deq_attacks import Anderson, Broyden, ImplicitGradient, PhantomGradient
-from deq_attacks.cli import main
+from deq_attacks.cli import main, working_directory_on_path
 from deq_attacks.cli import train as train_cli
 from deq_attacks.cli.evaluate import build_parser, resolve
 from deq_attacks.cli.model_options import BuiltModel, build_model
 from deq_attacks.evaluation import Mode
-from deq_attacks.models.registry import resolve_builder, working_directory_on_path
+from deq_attacks.models.registry import resolve_builder
 
 #: The smallest protocol: one PGD step, tiny AutoAttack and Square, a one-candidate sweep.
 TINY = ["--steps", "1", "--aa_iterations", "1", "--aa_queries", "3", "--aa_target_classes", "2",
@@ -158,8 +158,41 @@ def test_entry_point_is_imported_from_the_working_directory(user_dir, capsys) ->
     assert sys.path[0] != str(user_dir[0])  # and the working directory left sys.path again
 
 
+def _entry_point_argv(command: str, model: str) -> list[str]:
+    """``command`` (evaluate, train, demo) asked for the model entry point ``model``."""
+    if command == "evaluate":
+        return ["evaluate", "--model", model, "--training-gradient", "exact"]
+    if command == "train":
+        return ["train", "--preset", "cpu_unrolling", "--model", model, "--width", "null",
+                "--dropout", "null"]  # fmt: skip
+    return ["demo", "--native_kernels", "true", "--train.model", model, "--train.width", "null",
+            "--train.dropout", "null"]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_train_and_demo_import_the_model_from_the_working_directory(
+    user_dir, capsys, command: str
+) -> None:
+    _, name = user_dir
+    assert main(_entry_point_argv(command, f"{name}:NOT_CALLABLE")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"deq-attacks {command}: ") and err.count("\n") == 1
+    assert f"{name}.NOT_CALLABLE is a int, not callable" in err  # imported: its attribute read
+    assert sys.path[0] != str(user_dir[0])  # and the working directory left sys.path again
+
+
 @pytest.mark.slow
-def test_console_script_imports_from_the_working_directory(user_dir) -> None:
+@pytest.mark.parametrize(
+    ("command", "model", "message"),
+    [
+        ("evaluate", "build_fixed", "takes no training_gradient="),
+        ("train", "NOT_CALLABLE", "is a int, not callable"),
+        ("demo", "NOT_CALLABLE", "is a int, not callable"),
+    ],
+)
+def test_console_script_imports_from_the_working_directory(
+    user_dir, command: str, model: str, message: str
+) -> None:
     """The real situation: a console script, whose sys.path[0] is its own folder."""
     directory, name = user_dir
     script = directory / "bin" / "deq-attacks"
@@ -167,15 +200,7 @@ def test_console_script_imports_from_the_working_directory(user_dir) -> None:
     script.write_text("import sys\nfrom deq_attacks.cli import main\nsys.exit(main())\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     result = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "evaluate",
-            "--model",
-            f"{name}:build_fixed",
-            "--training-gradient",
-            "exact",
-        ],
+        [sys.executable, str(script), *_entry_point_argv(command, f"{name}:{model}")],
         cwd=directory,
         env=env,
         capture_output=True,
@@ -183,8 +208,9 @@ def test_console_script_imports_from_the_working_directory(user_dir) -> None:
         timeout=120,
     )
     assert result.returncode == 2, result.stderr
-    assert "takes no training_gradient=" in result.stderr  # got past the import
-    assert "(it accepts: hidden)" in result.stderr
+    assert result.stderr.startswith(f"deq-attacks {command}: ")
+    assert message in result.stderr  # got past the import
+    assert "cannot import" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -255,6 +281,23 @@ def test_solver_replaces_only_when_asked_and_says_so(user_dir) -> None:
     assert gradient.model.training_gradient == ImplicitGradient(Broyden(threshold=4, tol=1e-4))
     phantom = _build("--model", f"{name}:build", "--training-gradient", "phantom")
     assert phantom.model.training_gradient == PhantomGradient(5, 0.5)
+
+
+def test_the_exact_gradients_backward_solver_comes_from_the_registry(user_dir, capsys) -> None:
+    _, name = user_dir
+    built = _build(
+        "--model", f"{name}:build", "--training-gradient", "exact", "--threshold", "5",
+        "--backward-solver", "anderson:memory=3",
+    )  # fmt: skip
+    expected = Anderson(threshold=4, tol=1e-4, memory=3)
+    assert built.model.training_gradient == ImplicitGradient(expected)
+    err = _refused(["--model", f"{name}:build", "--backward-solver", "anderson"], capsys)
+    assert "--backward_solver anderson is the solver of --training_gradient exact" in err
+    argv = ["--model", f"{name}:build", "--training-gradient", "exact"]
+    err = _refused([*argv, "--backward-solver", "anderson:threshold=3"], capsys)
+    assert "the threshold is given twice" in err
+    err = _refused([*argv, "--backward-solver", "newton"], capsys)
+    assert "unknown solver 'newton'; choose one of anderson, broyden, fixed_point" in err
 
 
 # --- checkpoints ----------------------------------------------------------------------------

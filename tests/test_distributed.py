@@ -34,7 +34,7 @@ def test_alone_every_collective_is_the_identity(no_torchrun: None) -> None:
         total = distributed.sum_over_processes(values)
         assert torch.equal(total, values) and total is not values
         assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
-        assert distributed.rank_and_world() == (0, 1)
+        assert distributed.rank_and_world() == (0, 1) and distributed.is_main_process()
         distributed.barrier()
     assert not dist.is_initialized()
 
@@ -83,6 +83,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             "total": total.tolist(),
             "gathered": gathered,
             "shards": [shards.rank, shards.world],
+            "main": distributed.is_main_process(),
         }
     record["closed"] = not dist.is_initialized()
     Path(f"{out}.{rank}").write_text(json.dumps(record))
@@ -98,3 +99,4 @@ def test_two_gloo_processes_share_one_group(tmp_path: Path) -> None:
         assert record["total"] == [3.0, 10.0]
         assert record["gathered"] == [{"rank": 0}, {"rank": 1}]
         assert record["shards"] == [rank, 2] and record["closed"]
+        assert record["main"] is (rank == 0)

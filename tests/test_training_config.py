@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,10 @@ from deq_attacks.acceleration import COMPILE_MODES
 from deq_attacks.cli import SUBCOMMANDS
 from deq_attacks.cli import train as train_cli
 from deq_attacks.cli.options import CommandError
+from deq_attacks.deq import DEQ, ImplicitGradient
 from deq_attacks.models import create_model
 from deq_attacks.records import to_jsonable
+from deq_attacks.solvers import Anderson, Broyden, FixedPointIteration
 from deq_attacks.training import PRESETS, TrainConfig, preset
 from deq_attacks.training.build import build_model, jacobian_schedule
 from deq_attacks.training.config import Device, Gradient
@@ -89,6 +92,18 @@ def test_baseline_models_have_their_sizes() -> None:
         ({"data": "mnist.csv"}, "data must be 'cifar10', 'digits', 'memory'"),
         ({"dev_size": 0}, "dev_size"),
         ({"model": "resnet50"}, "unknown model 'resnet50': registered are"),
+        ({"solver_tol": math.inf}, "solver_tol must be a finite number >= 0, got inf$"),
+        (
+            {"forward_solver": "newton"},
+            "forward_solver: unknown solver 'newton'; choose one of anderson, broyden, fixed_point",
+        ),
+        ({"backward_solver": "anderson:window=5"}, "backward_solver: solver 'anderson' has no"),
+        (
+            {"forward_solver": "anderson:threshold=5"},
+            r"forward_solver: the threshold is given twice \(in 'anderson:threshold=5' and as "
+            r"threshold=8\)",
+        ),
+        ({"backward_solver": "anderson", "gradient": Gradient.PHANTOM}, "exact gradient's"),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(changes: dict, message: str) -> None:
@@ -117,6 +132,29 @@ def test_config_json_round_trip_and_differences() -> None:
     assert config.differences(other) == ["lr: 0.001 -> 0.002"]  # threads is run-only
     with pytest.raises(ValueError, match="unknown TrainConfig keys"):
         TrainConfig.from_json({"learning_rate": 1})
+
+
+def test_solvers_by_name_with_the_config_thresholds(tmp_path: Path) -> None:
+    """The forward and backward solvers come from the registry, with forward_threshold,
+    backward_threshold and solver_tol; Broyden by default, also for a run folder's config.json
+    written before the solver fields existed; the command line takes them as text."""
+    old = to_jsonable(preset("cpu_exact"))
+    del old["forward_solver"], old["backward_solver"]
+    assert TrainConfig.from_json(old) == preset("cpu_exact")
+    model = build_model(preset("cpu_exact"), (1, 8, 8), 10)
+    assert isinstance(model, DEQ) and isinstance(model.training_gradient, ImplicitGradient)
+    assert model.solver == Broyden(threshold=8, tol=1e-3)
+    assert model.training_gradient.backward_solver == Broyden(threshold=7, tol=1e-3)
+    _, _, config = train_cli.resolve(
+        ["--preset", "cpu_exact", "--forward_solver", "anderson:memory=3",
+         "--backward_solver", "fixed_point:damping=0.5", "--backward_threshold", "12"]
+    )  # fmt: skip
+    model = build_model(config, (1, 8, 8), 10)
+    assert isinstance(model, DEQ) and isinstance(model.training_gradient, ImplicitGradient)
+    assert model.solver == Anderson(threshold=8, tol=1e-3, memory=3)
+    assert model.training_gradient.backward_solver == FixedPointIteration(12, 1e-3, damping=0.5)
+    with pytest.raises(CommandError, match="forward_solver: unknown solver 'newton'"):
+        train_cli.resolve(["--preset", "cpu_exact", "--forward_solver", "newton"])
 
 
 def test_cli_resolves_preset_file_and_options(tmp_path: Path, capsys) -> None:

@@ -6,13 +6,18 @@ when it runs (``deq-attacks --help`` imports no torch).
 - ``deq-attacks evaluate``: the white-box evaluation protocol on a trained model.
 - ``deq-attacks train``: adversarial training from a named preset.
 - ``deq-attacks list``: the registered solvers, estimates, attacks, sweeps, models, presets.
+
+Every subcommand runs with the working directory first on ``sys.path``, as under ``python -m``:
+a ``--model module:function`` (``--train.model`` of the demo) is imported from there.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 #: subcommand -> (its module, whose main(argv) returns the exit code; one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -49,16 +54,32 @@ def subcommand(name: str) -> Callable[[Sequence[str] | None], int]:
     return main
 
 
+@contextmanager
+def working_directory_on_path() -> Iterator[None]:
+    """Put the working directory first on ``sys.path`` for the duration, as ``python -m``
+    does (a console script such as ``deq-attacks`` has its own folder there instead)."""
+    cwd = os.getcwd()
+    if cwd in sys.path or "" in sys.path:
+        yield
+        return
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Dispatch to a subcommand; without one (or with options only) run the demo."""
+    """Dispatch to a subcommand (the working directory importable); without one (or with
+    options only) run the demo."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args in (["-h"], ["--help"]):
         print(usage())
         return 0
-    if args and not args[0].startswith("-"):
-        name = args[0]
-        if name not in SUBCOMMANDS:
-            print(f"unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
-            return 2
-        return subcommand(name)(args[1:])
-    return subcommand("demo")(args)
+    name, rest = ("demo", args) if not args or args[0].startswith("-") else (args[0], args[1:])
+    if name not in SUBCOMMANDS:
+        print(f"unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    with working_directory_on_path():
+        return subcommand(name)(rest)

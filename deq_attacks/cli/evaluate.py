@@ -44,7 +44,8 @@ from deq_attacks.evaluation.settings import EvaluationConfig, SweepConfig
 
 def add_model_options(parser: ArgumentParser) -> None:
     """``--model``, ``--model_arg``, ``--solver``, ``--threshold``, ``--training_gradient``,
-    ``--checkpoint`` and ``--key_map`` (how each reaches the model: ``model_options``)."""
+    ``--backward_solver``, ``--checkpoint`` and ``--key_map`` (how each reaches the model:
+    ``model_options``)."""
     group = parser.add_argument_group("model (how each option reaches it: docs/own_deq.md)")
     group.add_argument(
         "--model",
@@ -78,7 +79,16 @@ def add_model_options(parser: ArgumentParser) -> None:
         "--training-gradient",
         choices=["phantom", "exact"],
         help="the model's training gradient: phantom (k=5, lam=0.5) or exact (implicit, a "
-        "backward Broyden of threshold - 1 iterates); it fixes the ready-made attack",
+        "backward solve of threshold - 1 iterates by --backward_solver); it fixes the "
+        "ready-made attack",
+    )
+    group.add_argument(
+        "--backward_solver",
+        "--backward-solver",
+        type=str | None,
+        metavar="NAME[:KEY=VALUE,...]",
+        help="the backward solver of --training_gradient exact (null: broyden), e.g. "
+        "anderson:memory=5; its threshold and tol come from --training_gradient",
     )
     group.add_argument(
         "--checkpoint",

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from jsonargparse import Namespace
 
 from deq_attacks.checkpoints import load_weights
@@ -19,7 +18,7 @@ from deq_attacks.cli.options import fail
 from deq_attacks.data import ImageDataset
 from deq_attacks.deq import DEQ
 from deq_attacks.deq.contract import DEQModel
-from deq_attacks.distributed import process_group
+from deq_attacks.distributed import is_main_process, process_group
 from deq_attacks.evaluation import (
     EvaluationConfig,
     EvaluationReport,
@@ -35,7 +34,6 @@ from deq_attacks.evaluation.splits import (
     read_indices,
 )
 from deq_attacks.interfaces import DEQEstimator
-from deq_attacks.models.registry import working_directory_on_path
 from deq_attacks.records import to_jsonable
 from deq_attacks.training import ConfigMismatchError, TrainConfig, preset, run_training
 from deq_attacks.training.config import Device
@@ -65,7 +63,7 @@ def run_protocol(
     description: dict[str, Any],
 ) -> EvaluationReport:
     """Evaluate on ``test`` (choices on ``dev``), write the outputs (rank 0), print the report."""
-    main_process = not dist.is_initialized() or dist.get_rank() == 0
+    main_process = is_main_process()
     start = time.perf_counter()
     report = evaluate_model(
         estimator,
@@ -160,38 +158,37 @@ def evaluate(args: Namespace, config: EvaluationConfig) -> int:
         return fail("evaluate", "--device cuda: no CUDA device is available")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    with working_directory_on_path():
+    try:
+        split = select_split(args)
+        built = build_model(args)
+        deq = built.model.to(args.device)
+        classes = check_model_fits_data(deq, split, args.device)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
+        return fail("evaluate", error)
+    print(split.summary())
+    for note in built.notes:
+        print(note)
+    with process_group(args.device):  # the torchrun group, when launched by torchrun
+        estimator = DEQEstimator(
+            deq,
+            input_shape=split.pool.data.image_shape,
+            nb_classes=classes,
+            device_type="gpu" if args.device == "cuda" else "cpu",
+        )
+        description = {
+            "model": args.model,
+            "model_args": args.model_arg,
+            "data": args.data,
+            "preset": args.preset,
+            "input_shape": list(deq.input_shape) if deq.input_shape is not None else None,
+            "split": split.record(),
+            **built.record,
+        }
         try:
-            split = select_split(args)
-            built = build_model(args)
-            deq = built.model.to(args.device)
-            classes = check_model_fits_data(deq, split, args.device)
-        except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
-            return fail("evaluate", error)
-        print(split.summary())
-        for note in built.notes:
-            print(note)
-        with process_group(args.device):  # the torchrun group, when launched by torchrun
-            estimator = DEQEstimator(
-                deq,
-                input_shape=split.pool.data.image_shape,
-                nb_classes=classes,
-                device_type="gpu" if args.device == "cuda" else "cpu",
-            )
-            description = {
-                "model": args.model,
-                "model_args": args.model_arg,
-                "data": args.data,
-                "preset": args.preset,
-                "input_shape": list(deq.input_shape) if deq.input_shape is not None else None,
-                "split": split.record(),
-                **built.record,
-            }
-            try:
-                run_protocol(estimator, split.dev, split.test, config, args.out_dir, description)
-            except KeyboardInterrupt:
-                print(interrupted(args.out_dir), file=sys.stderr)
-                return 130
+            run_protocol(estimator, split.dev, split.test, config, args.out_dir, description)
+        except KeyboardInterrupt:
+            print(interrupted(args.out_dir), file=sys.stderr)
+            return 130
     return 0
 
 

@@ -15,6 +15,8 @@ option                        how it reaches the model
 ``--threshold N``             the threshold of the model's own solver (or of ``--solver``),
                               ``dataclasses.replace``; never another solver
 ``--training_gradient``       ``training_gradient=``; refused unless the builder takes it
+``--backward_solver NAME...`` the backward solver of ``--training_gradient exact`` (default
+                              broyden), of the forward threshold less one iterates, tol 1e-4
 ``--checkpoint FILE``         ``checkpoint=FILE`` if the builder names a ``checkpoint``
                               parameter (it loads the file into its own module before adapting
                               it); otherwise loaded into the built DEQ, renamed by ``--key_map``
@@ -39,11 +41,13 @@ from deq_attacks.deq import ImplicitGradient, PhantomGradient
 from deq_attacks.deq.backward import TrainingGradient
 from deq_attacks.deq.contract import DEQModel
 from deq_attacks.models.registry import builder_keywords, resolve_builder
-from deq_attacks.solvers import Broyden, Solver, parse_solver, solver_spec
+from deq_attacks.solvers import Solver, parse_solver, solver_spec
 
 #: The paper's forward threshold, used for the exact gradient's backward solve (8/7) when
 #: neither --threshold nor --solver says otherwise.
 DEFAULT_THRESHOLD = 8
+#: The exact gradient's backward solver (a registered name) when ``--backward_solver`` is not given.
+DEFAULT_BACKWARD_SOLVER = "broyden"
 
 
 def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
@@ -69,28 +73,23 @@ class BuiltModel:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def _spec_settings(spec: str) -> set[str]:
-    _, _, rest = spec.partition(":")
-    return {item.partition("=")[0].strip() for item in rest.split(",") if item.strip()}
-
-
 def requested_solver(args: Namespace) -> Solver | None:
     """The solver ``--solver`` (with ``--threshold``) asks for, or None."""
     if args.solver is None:
         return None
-    solver = parse_solver(args.solver)
-    if args.threshold is not None:
-        if "threshold" in _spec_settings(args.solver):
-            raise ValueError(
-                f"the threshold is given twice (--solver {args.solver} and --threshold "
-                f"{args.threshold}): give it once"
-            )
-        solver = dataclasses.replace(solver, threshold=args.threshold)
-    return solver
+    given = {"threshold": args.threshold} if args.threshold is not None else {}
+    return parse_solver(args.solver, **given)
 
 
 def requested_training_gradient(args: Namespace, solver: Solver | None) -> TrainingGradient | None:
-    """The training gradient ``--training_gradient`` asks for, or None."""
+    """The training gradient ``--training_gradient`` asks for, or None: phantom (k=5,
+    lambda=0.5), or exact with the ``--backward_solver`` of the forward threshold less one
+    iterates (tol 1e-4)."""
+    if args.training_gradient != "exact" and args.backward_solver is not None:
+        raise ValueError(
+            f"--backward_solver {args.backward_solver} is the solver of --training_gradient "
+            "exact: give that too, or drop it"
+        )
     if args.training_gradient is None:
         return None
     if args.training_gradient == "phantom":
@@ -100,7 +99,8 @@ def requested_training_gradient(args: Namespace, solver: Solver | None) -> Train
         if solver is not None
         else (args.threshold if args.threshold is not None else DEFAULT_THRESHOLD)
     )
-    return ImplicitGradient(Broyden(threshold=max(1, forward - 1), tol=1e-4))
+    backward = args.backward_solver or DEFAULT_BACKWARD_SOLVER
+    return ImplicitGradient(parse_solver(backward, threshold=max(1, forward - 1), tol=1e-4))
 
 
 def _refuse(option: str, keyword: str, model: str, accepted: object) -> ValueError:

@@ -26,20 +26,18 @@ def shared_pgd_scores(
     shards: Shards,
     *,
     seed: int = 0,
-    steps: int | None = None,
-    eps: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run PGD with ``estimate`` once per block and score its adversarial examples.
+    """Run the threat model's fixed-step PGD (its eps, step and steps) with ``estimate`` once
+    per block, from the per-sample random starts of ``seed``, and score its adversarial
+    examples against ``defenses`` and every iterate.
 
     Returns ``score_readouts``' arrays for all samples: ``"defense/<name>"`` bool (S,),
     ``"states"`` bool (S, N), ``"residuals"`` float (S, N), gathered across processes.
     """
 
     def block(part: np.ndarray) -> dict[str, np.ndarray]:
-        x_adv = fixed_step_pgd(
-            estimator, estimate, x[part], y[part], threat,
-            steps=steps, eps=eps, seed=SampleSeeds(seed, "pgd", part),
-        )  # fmt: skip
+        seeds = SampleSeeds(seed, "pgd", part)
+        x_adv = fixed_step_pgd(estimator, estimate, x[part], y[part], threat, seed=seeds)
         return score_readouts(estimator, x_adv, y[part], defenses, len(x_adv))
 
     return map_blocks(block, len(x), shards)

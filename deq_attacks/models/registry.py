@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -38,22 +36,6 @@ def register_model(builder: B) -> B:
 def list_models() -> list[str]:
     """The registered model names, sorted."""
     return sorted(_REGISTRY)
-
-
-@contextmanager
-def working_directory_on_path() -> Iterator[None]:
-    """Put the working directory first on ``sys.path`` for the duration, as ``python -m``
-    does (a console script such as ``deq-attacks`` has its own folder there instead)."""
-    cwd = os.getcwd()
-    if cwd in sys.path or "" in sys.path:
-        yield
-        return
-    sys.path.insert(0, cwd)
-    try:
-        yield
-    finally:
-        if cwd in sys.path:
-            sys.path.remove(cwd)
 
 
 def resolve_builder(name: str) -> ModelBuilder:

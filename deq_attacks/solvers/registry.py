@@ -8,7 +8,8 @@ A solver module registers its class once, under a short name::
 
 Then ``parse_solver("anderson:threshold=8,memory=5")`` builds one from text (the command line),
 ``solver_spec(solver)`` writes its settings as plain JSON values and ``solver_from_spec`` reads
-them back; an unknown name or setting raises, listing what exists.
+them back; an unknown name or setting raises, listing what exists. ``scoped_solvers()`` undoes
+the registrations made inside it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from deq_attacks.solvers.base import Solver
@@ -41,6 +43,17 @@ def register_solver(name: str) -> Callable[[S], S]:
         return cls
 
     return register
+
+
+@contextmanager
+def scoped_solvers() -> Iterator[None]:
+    """Solvers registered inside are unregistered on exit (tests, experiments)."""
+    saved = dict(_SOLVERS)
+    try:
+        yield
+    finally:
+        _SOLVERS.clear()
+        _SOLVERS.update(saved)
 
 
 def solver_names() -> list[str]:
@@ -101,11 +114,15 @@ def _parse_value(cls: type[Solver], key: str, text: str) -> Any:
     raise TypeError(f"solver setting {key!r} of type {hint} has no text form")
 
 
-def parse_solver(spec: str) -> Solver:
-    """A solver from text: ``"broyden"`` or ``"anderson:threshold=8,memory=5,stop_mode=abs"``."""
+def parse_solver(spec: str, **settings: Any) -> Solver:
+    """A solver from text: ``"broyden"`` or ``"anderson:threshold=8,memory=5,stop_mode=abs"``.
+
+    ``settings`` are further settings given apart from the text (e.g. ``threshold=`` from an
+    option of its own); one that the text gives too raises.
+    """
     name, _, rest = spec.strip().partition(":")
     cls = solver_class(name.strip())
-    settings: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -116,8 +133,13 @@ def parse_solver(spec: str) -> Solver:
                 f"solver {name!r} has no setting {key!r}; its settings: "
                 f"{', '.join(setting_names(cls))}"
             )
-        settings[key] = _parse_value(cls, key, text)
-    return cls(**settings)
+        if key in settings:
+            raise ValueError(
+                f"the {key} is given twice (in {spec!r} and as {key}={settings[key]!r}): "
+                "give it once"
+            )
+        given[key] = _parse_value(cls, key, text)
+    return make_solver(name.strip(), **given, **settings)
 
 
 def solver_spec(solver: Solver) -> dict[str, Any]:

@@ -18,17 +18,31 @@ from deq_attacks.deq import (
     TrainingGradient,
 )
 from deq_attacks.models import create_model
-from deq_attacks.solvers import Broyden
+from deq_attacks.solvers import Solver, parse_solver
 from deq_attacks.training.config import Gradient, TrainConfig
 
 #: Models built for 3x32x32 inputs only.
 _CIFAR_ONLY = frozenset({"deq_large", "deq_xl"})
 
 
+def forward_solver(config: TrainConfig) -> Solver:
+    """``config.forward_solver`` from the registry, with ``forward_threshold`` and
+    ``solver_tol``."""
+    return parse_solver(
+        config.forward_solver, threshold=config.forward_threshold, tol=config.solver_tol
+    )
+
+
 def training_gradient(config: TrainConfig) -> TrainingGradient:
+    """Phantom(k, lambda), or the implicit gradient whose backward solver is
+    ``config.backward_solver`` with ``backward_threshold`` and ``solver_tol``."""
     if config.gradient is Gradient.PHANTOM:
         return PhantomGradient(config.phantom_k, config.phantom_lam)
-    return ImplicitGradient(Broyden(threshold=config.backward_threshold, tol=config.solver_tol))
+    return ImplicitGradient(
+        parse_solver(
+            config.backward_solver, threshold=config.backward_threshold, tol=config.solver_tol
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -84,7 +98,7 @@ def build_model(
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if config.is_deq:
         kwargs.update(
-            solver=Broyden(threshold=config.forward_threshold, tol=config.solver_tol),
+            solver=forward_solver(config),
             training_gradient=training_gradient(config),
         )
     if config.model == "small_conv_deq":

@@ -24,6 +24,8 @@ BASELINE_MODELS = frozenset({"resnet18", "wrn34_10"})
 #: factor of WRN-34.
 _WIDTH_MODELS = frozenset({"small_conv_deq", "resnet18", "wrn34_10"})
 
+#: The forward and backward solver unless a config names another (the paper's Broyden).
+DEFAULT_SOLVER = "broyden"
 #: ``data`` value for arrays handed to ``run_training(config, run_dir, data=...)``.
 MEMORY_DATA = "memory"
 #: The dev evaluation's batch when ``eval_batch_size`` is None, per device.
@@ -38,7 +40,7 @@ class Gradient(str, enum.Enum):
     """How the training gradient reaches the parameters (and which gradient PGD-AT attacks
     with: the same one, Appendix A)."""
 
-    EXACT = "exact"  # ImplicitGradient with a Broyden backward solve
+    EXACT = "exact"  # ImplicitGradient: a backward solve by backward_solver
     PHANTOM = "phantom"  # PhantomGradient(k, lambda): the unrolling-trained DEQ
     AUTOGRAD = "autograd"  # plain backpropagation: the ResNet / WRN baselines
 
@@ -62,12 +64,19 @@ class TrainConfig:
     dropout: float | None = None
     """Variational dropout in f of small_conv_deq (MDEQs: built in, 0.22)."""
     gradient: Gradient = Gradient.EXACT
-    """Training gradient: EXACT (implicit, Broyden backward), PHANTOM (unrolling, k and
+    """Training gradient: EXACT (implicit, a backward solve), PHANTOM (unrolling, k and
 lambda) or AUTOGRAD (the ResNet/WRN baselines)."""
+    forward_solver: str = DEFAULT_SOLVER
+    """Forward solver: a registered name (`deq-attacks list solvers`) with optional settings,
+    as evaluate's --solver takes it (e.g. anderson or anderson:memory=5); its threshold and tol
+    are forward_threshold and solver_tol."""
+    backward_solver: str = DEFAULT_SOLVER
+    """Backward solver of the exact gradient, in the same form; its threshold and tol are
+    backward_threshold and solver_tol."""
     forward_threshold: int = 8
-    """Forward Broyden iterates."""
+    """Forward solver iterates."""
     backward_threshold: int = 7
-    """Backward Broyden iterates of the exact gradient."""
+    """Backward solver iterates of the exact gradient."""
     solver_tol: float = 1e-3
     """Relative-residual tolerance of both solvers."""
     phantom_k: int = 5
@@ -251,8 +260,8 @@ def _problems(c: TrainConfig) -> list[str]:
         out.append(f"lr_min must be in [0, lr={c.lr}], got {c.lr_min!r}")
     if not finite("weight_decay") >= 0:
         out.append(f"weight_decay must be >= 0, got {c.weight_decay!r}")
-    if not finite("solver_tol") >= 0:
-        out.append(f"solver_tol must be >= 0, got {c.solver_tol!r}")
+    if not 0 <= finite("solver_tol") < math.inf:
+        out.append(f"solver_tol must be a finite number >= 0, got {c.solver_tol!r}")
     if not 0 < finite("phantom_lam") <= 1:
         out.append(f"phantom_lam must be in (0, 1], got {c.phantom_lam!r}")
     if not finite("jac_weight") >= 0:
@@ -286,6 +295,7 @@ def _problems(c: TrainConfig) -> list[str]:
         out.append(f"width applies to {sorted(_WIDTH_MODELS)} only, not {c.model}")
     if c.dropout is not None and c.model != "small_conv_deq":
         out.append(f"dropout is a setting of small_conv_deq only (MDEQs fix 0.22), not {c.model}")
+    out.extend(_solver_problems(c))
     try:
         acceleration = c.acceleration
     except ValueError as error:
@@ -299,4 +309,34 @@ def _problems(c: TrainConfig) -> list[str]:
             f"data must be 'cifar10', 'digits', 'memory' or an arrays file ending in .npz: "
             f"{c.data!r}"
         )
+    return out
+
+
+def _solver_problems(c: TrainConfig) -> list[str]:
+    """The problems of ``forward_solver`` and ``backward_solver``: each must build, from the
+    registry, with its threshold and ``solver_tol`` (those that are valid themselves), and
+    only where it is used."""
+    from deq_attacks.solvers.registry import parse_solver
+
+    out: list[str] = []
+    fields = (("forward_solver", c.forward_threshold), ("backward_solver", c.backward_threshold))
+    for name, threshold in fields:
+        spec = getattr(c, name)
+        if not isinstance(spec, str):
+            out.append(f"{name} must be text (a solver name, settings optional), got {spec!r}")
+            continue
+        fixed: dict[str, Any] = {}
+        if _is_int(threshold) and threshold >= 1:
+            fixed["threshold"] = threshold
+        tol = c.solver_tol
+        if not isinstance(tol, bool) and isinstance(tol, (int, float)) and 0 <= tol < math.inf:
+            fixed["tol"] = tol
+        try:
+            parse_solver(spec, **fixed)
+        except (ValueError, TypeError) as error:
+            out.append(f"{name}: {error}")
+    if c.gradient is Gradient.AUTOGRAD and c.forward_solver != DEFAULT_SOLVER:
+        out.append(f"forward_solver is for DEQs: {c.model} with gradient=autograd solves nothing")
+    if c.gradient is not Gradient.EXACT and c.backward_solver != DEFAULT_SOLVER:
+        out.append("backward_solver is the exact gradient's: use it with gradient=exact")
     return out

@@ -45,7 +45,7 @@ from deq_attacks.gradients import GradientEstimate, Phantom, ready_made
 from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.records import plain, to_jsonable
 from deq_attacks.training import RunResult, TrainConfig, preset, run_training
-from deq_attacks.training.config import RUN_ONLY_KEYS, Device, Gradient
+from deq_attacks.training.config import DEFAULT_SOLVER, RUN_ONLY_KEYS, Device, Gradient
 
 T = TypeVar("T")
 PRESETS = ("paper", "cpu", "tiny")
@@ -187,8 +187,17 @@ def train_config(setup: Setup, kind: str, **changes: Any) -> TrainConfig:
     return dataclasses.replace(base, **{**setup.train_settings, **changes})
 
 
+#: TrainConfig fields added after models were cached: left out of the hash at their default,
+#: so that the models cached before them are found again.
+_LATER_FIELDS = {"forward_solver": DEFAULT_SOLVER, "backward_solver": DEFAULT_SOLVER}
+
+
 def config_hash(config: TrainConfig) -> str:
-    values = {k: v for k, v in to_jsonable(config).items() if k not in RUN_ONLY_KEYS}
+    values = {
+        k: v
+        for k, v in to_jsonable(config).items()
+        if k not in RUN_ONLY_KEYS and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])
+    }
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -79,24 +79,22 @@ def fixed_step_pgd(
     threat: ThreatModel,
     *,
     steps: int | None = None,
-    eps: float | None = None,
     seed: int | SampleSeeds = 0,
     compile_backend: str = "",
 ) -> np.ndarray:
     """Adversarial examples (B, ...) by ``steps`` signed-gradient steps of size ``threat.step``
     (the threat model's steps by default) from a random start (if the threat model asks for
-    one), projected to the eps-ball and [0, 1]; gradients from ``loss_gradient`` of a view of
-    ``estimator`` with ``estimate`` (loss evaluated at its surrogate states).
+    one), projected to the ``threat.eps``-ball and [0, 1]; gradients from ``loss_gradient`` of
+    a view of ``estimator`` with ``estimate`` (loss evaluated at its surrogate states).
 
     Args:
         x, y: one batch, float32 in [0, 1] and int labels.
-        steps, eps: override the threat model's (for the PGD-100 and large-eps checks).
+        steps: override the threat model's (the more-steps check's PGD).
         seed: the per-sample seeds of the batch, or an int: row j then starts from (seed, j).
         compile_backend: run the step and f through ``torch.compile`` with this backend
             ("" runs them as they are).
     """
     steps = threat.steps if steps is None else steps
-    eps = threat.eps if eps is None else eps
     seeds = seed if isinstance(seed, SampleSeeds) else SampleSeeds.first(int(seed), "pgd", len(x))
     if len(seeds) != len(x):
         raise ValueError(f"{len(seeds)} seeds for {len(x)} samples")
@@ -108,12 +106,12 @@ def fixed_step_pgd(
     device = model.device
     x0 = torch.as_tensor(x, device=device)
     labels = torch.as_tensor(y, device=device)
-    start = random_start(x, eps, seeds) if threat.random_start else x
+    start = random_start(x, threat.eps, seeds) if threat.random_start else x
     x_adv = torch.as_tensor(start, device=device).clone()
     for _ in range(steps):
         grad = model.loss_gradient(x_adv, labels)
         assert isinstance(grad, torch.Tensor)
-        x_adv = step_fn(x_adv, grad.to(x_adv.dtype), x0, eps, threat.step)
+        x_adv = step_fn(x_adv, grad.to(x_adv.dtype), x0, threat.eps, threat.step)
     return x_adv.cpu().numpy()
 
 
