@@ -21,6 +21,7 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -132,6 +133,14 @@ def _torch_load(path: Path) -> object:
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Unsupported operand" in str(error) and not zipfile.is_zipfile(path):
+            # torch.load reads a file that is no zip archive as torch's legacy format, whose
+            # unpickler stops at the first opcode of a newer pickle protocol (pickle.dump)
+            raise CheckpointError(
+                f"checkpoint {path}: a plain pickle file (pickle.dump), not one written by "
+                "torch.save or safetensors; pickles are not read here (they can run code): "
+                "save model.state_dict() with torch.save or safetensors"
+            ) from None
         raise CheckpointError(
             f"checkpoint {path}: a pickle that needs code to load "
             f"({_refused_globals(str(error))}); no code from a checkpoint is run here, only "

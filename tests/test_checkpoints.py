@@ -182,12 +182,20 @@ def test_pickle_payload_is_never_executed(tmp_path: Path) -> None:
     with raw.open("wb") as file:
         pickle.dump({"payload": Payload()}, file)
     assert not marker.exists()
-    for path in (zipped, legacy, raw):
+    for path in (zipped, legacy):
         with pytest.raises(CheckpointError, match="needs code to load") as error:
             load_weights(UserNet(), path)
         assert str(path) in str(error.value) and "no code from a checkpoint is run" in str(
             error.value
         )
+        assert not marker.exists(), path
+    # a plain pickle (pickle.dump, protocol 4 or 5) is named as such, payload or not
+    plain = tmp_path / "plain.pkl"
+    with plain.open("wb") as file:
+        pickle.dump(UserNet().state_dict(), file, protocol=5)
+    for path in (raw, plain):
+        with pytest.raises(CheckpointError, match=r"a plain pickle file \(pickle.dump\)"):
+            load_weights(UserNet(), path)
         assert not marker.exists(), path
     with pytest.raises(CheckpointError, match="it refers to io.open"):
         read_checkpoint(zipped)
