@@ -119,6 +119,20 @@ def test_config_json_round_trip_and_differences() -> None:
         TrainConfig.from_json({"learning_rate": 1})
 
 
+def test_the_fingerprint_names_what_a_run_computes() -> None:
+    config = preset("cpu_exact")
+    fingerprint = config.fingerprint()
+    assert len(fingerprint) == 12 and int(fingerprint, 16) >= 0
+    again = TrainConfig.from_json(json.loads(json.dumps(to_jsonable(config))))
+    assert again.fingerprint() == fingerprint  # as config.json reads back
+    run_only = dataclasses.replace(
+        config, threads=3, num_workers=0, data_root=Path("elsewhere"), download=False, plots=False
+    )
+    assert run_only.fingerprint() == fingerprint  # how it runs, not what it computes
+    assert dataclasses.replace(config, jac_weight=1.2).fingerprint() != fingerprint
+    assert preset("cpu_unrolling").fingerprint() != fingerprint
+
+
 def test_cli_resolves_preset_file_and_options(tmp_path: Path, capsys) -> None:
     """Preset (defaults) < config file < options, whatever their order on the command line."""
     assert "train" in SUBCOMMANDS

@@ -10,10 +10,14 @@ without running the ``TYPE_CHECKING`` imports).
 
 import dataclasses
 import enum
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from deq_attacks.records import to_jsonable
 
 if TYPE_CHECKING:
     from deq_attacks.acceleration import Acceleration
@@ -189,6 +193,12 @@ lambda) or AUTOGRAD (the ResNet/WRN baselines)."""
             for f in dataclasses.fields(self)
             if f.name not in RUN_ONLY_KEYS and getattr(self, f.name) != getattr(other, f.name)
         ]
+
+    def fingerprint(self) -> str:
+        """12 hex digits of the SHA-256 of the settings outside ``RUN_ONLY_KEYS`` (as JSON):
+        configs that compute the same run share it (``train_cached`` names run folders by it)."""
+        values = {k: v for k, v in to_jsonable(self).items() if k not in RUN_ONLY_KEYS}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> "TrainConfig":
