@@ -8,6 +8,8 @@ import enum
 from pathlib import Path
 from typing import Any
 
+__all__ = ["plain", "to_jsonable"]
+
 
 def plain(value: Any) -> Any:
     """``value`` as plain JSON values: enums by value, paths as strings, dataclasses as dicts,

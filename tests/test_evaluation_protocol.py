@@ -28,6 +28,8 @@ from deq_attacks import (
     Unrolled,
 )
 from deq_attacks.evaluation import (
+    BPTT,
+    READY_MADE,
     Column,
     EvaluationConfig,
     Mode,
@@ -346,6 +348,18 @@ def test_cascade_gives_the_full_tables_per_sample_verdict(tiny_report, cascade_r
                     assert value == table.survived[defense][column][i], (defense, column, i)
     assert skipped > 0
     assert set(cascade.columns) == set(table.columns)
+
+
+def test_column_accuracy_is_the_matrix_by_label(tiny_report, cascade_report) -> None:
+    _, report = tiny_report
+    accuracy, matrix = report.column_accuracy(), report.matrix()
+    assert list(accuracy) == matrix.defenses
+    for row, expected in zip(accuracy.values(), matrix.column_accuracy(), strict=True):
+        assert list(row) == matrix.columns and list(row.values()) == expected.tolist()
+    assert json.loads(json.dumps(report.to_json()))["column_accuracy"] == accuracy
+    assert {f"{READY_MADE} PGD", f"{BPTT} PGD"} <= set(accuracy["final"])
+    with pytest.raises(ValueError, match="no full matrix"):
+        cascade_report.column_accuracy()
 
 
 def test_cascade_order_and_report(cascade_report) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deq_attacks.evaluation import held_out_data
 from deq_attacks.evaluation.presets import PRESETS, evaluation_preset
 from deq_attacks.evaluation.settings import EvaluationConfig
 from deq_attacks.evaluation.splits import (
@@ -144,6 +145,16 @@ def test_counts_that_do_not_fit_are_refused() -> None:
         choose_split(pool, n_test=0)
     with pytest.raises(ValueError, match="200 test images asked, but only 97 held-out"):
         choose_split(pool, n_dev=500, n_test=200)
+
+
+def test_held_out_data_is_the_part_of_the_pool_training_leaves_out(tmp_path: Path) -> None:
+    digits = held_out_data("digits")
+    assert len(digits) == 1797 - DIGITS_TRAIN_POOL and digits.num_classes == 10
+    np.testing.assert_array_equal(digits.x, evaluation_pool("digits").data.x[DIGITS_TRAIN_POOL:])
+    path = str(_arrays_file(tmp_path / "single.npz", 50))
+    np.testing.assert_array_equal(held_out_data(path).y, evaluation_pool(path).data.y[40:])
+    with pytest.raises(FileNotFoundError, match="not 'digits'"):
+        held_out_data(str(tmp_path / "missing.npz"))
 
 
 def test_presets_set_threat_model_and_budgets() -> None:

@@ -4,6 +4,7 @@ work, presets carrying the paper's recipe (Table 7, 10), the run folder's config
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -22,7 +23,7 @@ from deq_attacks.records import to_jsonable
 from deq_attacks.solvers import Anderson, Broyden, FixedPointIteration
 from deq_attacks.training import PRESETS, TrainConfig, preset
 from deq_attacks.training.build import build_model, jacobian_schedule
-from deq_attacks.training.config import Device, Gradient
+from deq_attacks.training.config import RUN_ONLY_KEYS, Device, Gradient
 from tests.training_fixtures import PAPER_PRESETS
 
 
@@ -155,6 +156,27 @@ def test_solvers_by_name_with_the_config_thresholds(tmp_path: Path) -> None:
     assert model.training_gradient.backward_solver == FixedPointIteration(12, 1e-3, damping=0.5)
     with pytest.raises(CommandError, match="forward_solver: unknown solver 'newton'"):
         train_cli.resolve(["--preset", "cpu_exact", "--forward_solver", "newton"])
+
+
+def test_the_fingerprint_names_what_a_run_computes() -> None:
+    config = preset("cpu_exact")
+    fingerprint = config.fingerprint()
+    assert len(fingerprint) == 12 and int(fingerprint, 16) >= 0
+    again = TrainConfig.from_json(json.loads(json.dumps(to_jsonable(config))))
+    assert again.fingerprint() == fingerprint  # as config.json reads back
+    run_only = dataclasses.replace(
+        config, threads=3, num_workers=0, data_root=Path("elsewhere"), download=False, plots=False
+    )
+    assert run_only.fingerprint() == fingerprint  # how it runs, not what it computes
+    assert dataclasses.replace(config, jac_weight=1.2).fingerprint() != fingerprint
+    assert preset("cpu_unrolling").fingerprint() != fingerprint
+    # the solver fields came later: at their default they leave the fingerprint as it was,
+    # so that runs cached before them are found again; another solver is another run
+    values = {k: v for k, v in to_jsonable(config).items()
+              if k not in RUN_ONLY_KEYS | {"forward_solver", "backward_solver"}}  # fmt: skip
+    before = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+    assert fingerprint == before
+    assert dataclasses.replace(config, forward_solver="anderson").fingerprint() != fingerprint
 
 
 def test_cli_resolves_preset_file_and_options(tmp_path: Path, capsys) -> None:

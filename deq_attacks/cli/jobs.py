@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from jsonargparse import Namespace
 
-from deq_attacks.checkpoints import load_weights
 from deq_attacks.cli.model_options import build_model
 from deq_attacks.cli.options import fail
 from deq_attacks.data import ImageDataset
@@ -230,8 +229,7 @@ def demo(
         message = f"the demo evaluates DEQs; preset {args.preset!r} trains {config.model}"
         return fail("demo", message)
     state = result.state
-    load_weights(deq, run_dir / "best.safetensors")
-    deq.eval()
+    result.load_best()
     print(
         f"evaluating epoch {state.best_epoch} (best development PGD accuracy "
         f"{state.best_dev_pgd_accuracy:.1%})"

@@ -16,7 +16,9 @@ unknown option, a value of the wrong type, a dataclass's validation) is a ``Comm
 
 Option names are the fields' names (``--aa_iterations``); the hand-written multi-word options
 of the subcommands also take a dashed alias (``--out-dir``). This module imports no torch, nor
-does building a parser from the config dataclasses: ``--help`` stays fast.
+does building a parser from the config dataclasses: ``--help`` stays fast. The names in
+``__all__`` are public: a script of one's own takes a config dataclass's settings as options the
+same way (``examples/paper/common.py``: ``--train.FIELD`` and ``--eval.FIELD``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,19 @@ from jsonargparse import (
     set_parsing_settings,
 )
 from jsonargparse.typing import register_type
+
+__all__ = [
+    "CommandError",
+    "add_settings",
+    "fail",
+    "given_settings",
+    "new_parser",
+    "parse",
+    "print_settings",
+    "register_enum",
+    "set_settings_defaults",
+    "settings",
+]
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 

@@ -1,7 +1,9 @@
 """White-box evaluation: the protocol of Sec. 6.2-6.3 (``evaluate_model``, table or cascade
 mode), its attack columns (registered by name: ``deq_attacks.evaluation.attacks``), shared runs,
-sweep, per-sample aggregation, measurements and diagnostics, reports, and a RobustBench-style
-entry point (``benchmark``). The names are imported on first use (``deq_attacks.lazy``)."""
+sweep, per-sample aggregation, measurements and diagnostics, reports (and ``write_tables`` for
+tables of one's own), the images training does not use (``held_out_data``), gradient alignment,
+and a RobustBench-style entry point (``benchmark``). The names are imported on first use
+(``deq_attacks.lazy``)."""
 
 from typing import TYPE_CHECKING
 
@@ -15,6 +17,7 @@ if TYPE_CHECKING:
         choose_strongest,
         wilson_interval,
     )
+    from deq_attacks.evaluation.alignment import AlignmentResult, gradient_alignment
     from deq_attacks.evaluation.attacks import (
         Attack,
         AttackOutput,
@@ -29,12 +32,24 @@ if TYPE_CHECKING:
     )
     from deq_attacks.evaluation.benchmark import BenchmarkResult, benchmark
     from deq_attacks.evaluation.cells import column_scores
-    from deq_attacks.evaluation.columns import protocol_columns, protocol_estimates
+    from deq_attacks.evaluation.columns import (
+        BPTT,
+        READY_MADE,
+        protocol_columns,
+        protocol_estimates,
+    )
     from deq_attacks.evaluation.protocol import evaluate_model
-    from deq_attacks.evaluation.report import markdown_report, markdown_table, write_outputs
+    from deq_attacks.evaluation.report import (
+        markdown_report,
+        markdown_rows,
+        markdown_table,
+        write_outputs,
+        write_tables,
+    )
     from deq_attacks.evaluation.result import EvaluationReport
     from deq_attacks.evaluation.scoring import per_state_accuracy, score_readouts
     from deq_attacks.evaluation.settings import EvaluationConfig, Mode, SweepConfig
+    from deq_attacks.evaluation.splits import held_out_data
     from deq_attacks.evaluation.sweep import run_sweep
     from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
 
@@ -46,7 +61,6 @@ __getattr__, __dir__ = lazy_exports(
             "SurvivalMatrix",
             "choose_early_exit",
             "choose_strongest",
-    "column_scores",
             "wilson_interval",
         ),
         "deq_attacks.evaluation.attacks": (
@@ -61,20 +75,36 @@ __getattr__, __dir__ = lazy_exports(
             "run_standard_autoattack",
             "scoped_attacks",
         ),
+        "deq_attacks.evaluation.alignment": ("AlignmentResult", "gradient_alignment"),
         "deq_attacks.evaluation.benchmark": ("BenchmarkResult", "benchmark"),
         "deq_attacks.evaluation.cells": ("column_scores",),
-        "deq_attacks.evaluation.columns": ("protocol_columns", "protocol_estimates"),
+        "deq_attacks.evaluation.columns": (
+            "BPTT",
+            "READY_MADE",
+            "protocol_columns",
+            "protocol_estimates",
+        ),
         "deq_attacks.evaluation.protocol": ("evaluate_model",),
-        "deq_attacks.evaluation.report": ("markdown_report", "markdown_table", "write_outputs"),
+        "deq_attacks.evaluation.report": (
+            "markdown_report",
+            "markdown_rows",
+            "markdown_table",
+            "write_outputs",
+            "write_tables",
+        ),
         "deq_attacks.evaluation.result": ("EvaluationReport",),
         "deq_attacks.evaluation.scoring": ("per_state_accuracy", "score_readouts"),
         "deq_attacks.evaluation.settings": ("EvaluationConfig", "Mode", "SweepConfig"),
+        "deq_attacks.evaluation.splits": ("held_out_data",),
         "deq_attacks.evaluation.sweep": ("run_sweep",),
         "deq_attacks.evaluation.threat": ("AutoAttackSettings", "ThreatModel"),
     },
 )
 
 __all__ = [
+    "BPTT",
+    "READY_MADE",
+    "AlignmentResult",
     "Attack",
     "AttackOutput",
     "AutoAttackSettings",
@@ -96,7 +126,10 @@ __all__ = [
     "column_scores",
     "evaluate_model",
     "fixed_step_pgd",
+    "gradient_alignment",
+    "held_out_data",
     "markdown_report",
+    "markdown_rows",
     "markdown_table",
     "per_state_accuracy",
     "protocol_columns",
@@ -108,4 +141,5 @@ __all__ = [
     "score_readouts",
     "wilson_interval",
     "write_outputs",
+    "write_tables",
 ]

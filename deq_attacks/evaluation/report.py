@@ -1,12 +1,18 @@
 """Readable output of an evaluation: a markdown table laid out like Table 2/3, the
-diagnostics with their verdicts, and PNG plots (iterates: Fig. 2; sweep: Fig. 3/4)."""
+diagnostics with their verdicts, and PNG plots (iterates: Fig. 2; sweep: Fig. 3/4); and, for
+tables of one's own (rows of numbers, e.g. from ``column_scores``), ``markdown_rows`` and
+``write_tables`` (``results.json`` + ``results.md``)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from deq_attacks.evaluation.result import EvaluationReport
+from deq_attacks.evaluation.store import jsonable
+from deq_attacks.records import plain
 
 
 def _pct(value: float) -> str:
@@ -211,3 +217,43 @@ def plot_sweep(report: EvaluationReport, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+def markdown_rows(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows (dicts) as a markdown table: the columns are every key in first-seen order (a row
+    without one leaves its cell empty), floats with 2 decimals; ``(empty)`` for no rows."""
+    if not rows:
+        return "(empty)"
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    for row in rows:
+        cells = [row.get(k, "") for k in keys]
+        text = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in cells]
+        lines.append("| " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+def write_tables(
+    out_dir: str | Path,
+    title: str,
+    tables: Mapping[str, Sequence[Mapping[str, Any]]],
+    record: Mapping[str, Any],
+    *,
+    intro: Sequence[str] = (),
+    notes: Sequence[str] = (),
+) -> str:
+    """Write ``results.json`` and ``results.md`` into ``out_dir`` (created); return the markdown.
+
+    ``results.json`` is ``record`` as plain JSON (numpy arrays and scalars, enums, paths and
+    dataclasses converted); ``results.md`` is ``# title``, the ``intro`` lines, then each of
+    ``tables`` under ``## <its name>`` (``markdown_rows``), then the ``notes`` as a list."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(jsonable(plain(record)), indent=2))
+    parts = [f"# {title}", *intro, ""]
+    for name, rows in tables.items():
+        parts += [f"## {name}", "", markdown_rows(rows), ""]
+    parts += [f"- {note}" for note in notes]
+    text = "\n".join(parts) + "\n"
+    (out / "results.md").write_text(text)
+    return text

@@ -117,6 +117,15 @@ class EvaluationReport:
         clean = np.array([self.clean[d] for d in names], dtype=bool)
         return SurvivalMatrix(names, labels, survived, clean)
 
+    def column_accuracy(self) -> dict[str, dict[str, float]]:
+        """Defense -> column label -> accuracy (a fraction: clean-correct and correct under
+        the column's attack), columns in the report's order; table mode only."""
+        matrix = self.matrix()
+        return {
+            d: dict(zip(matrix.columns, row.tolist(), strict=True))
+            for d, row in zip(matrix.defenses, matrix.column_accuracy(), strict=True)
+        }
+
     def to_json(self) -> dict[str, Any]:
         per_sample = self.robustness()
         robust: dict[str, Any] = {"per_sample": best_defense(per_sample).__dict__}
@@ -126,10 +135,7 @@ class EvaluationReport:
             matrix = self.matrix()
             robust["paper"] = matrix.paper_robustness().__dict__
             per_defense["paper"] = [r.__dict__ for r in matrix.paper_worst()]
-            column_accuracy = {
-                d: dict(zip(matrix.columns, row.tolist(), strict=True))
-                for d, row in zip(matrix.defenses, matrix.column_accuracy(), strict=True)
-            }
+            column_accuracy = self.column_accuracy()
         return jsonable(
             {
                 "settings": self.settings,

@@ -10,10 +10,14 @@ without running the ``TYPE_CHECKING`` imports).
 
 import dataclasses
 import enum
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from deq_attacks.records import to_jsonable
 
 if TYPE_CHECKING:
     from deq_attacks.acceleration import Acceleration
@@ -26,6 +30,10 @@ _WIDTH_MODELS = frozenset({"small_conv_deq", "resnet18", "wrn34_10"})
 
 #: The forward and backward solver unless a config names another (the paper's Broyden).
 DEFAULT_SOLVER = "broyden"
+
+#: Fields added after run folders were cached under ``TrainConfig.fingerprint``, with the
+#: default that leaves them out of it.
+LATER_FIELDS: dict[str, Any] = {"forward_solver": DEFAULT_SOLVER, "backward_solver": DEFAULT_SOLVER}
 #: ``data`` value for arrays handed to ``run_training(config, run_dir, data=...)``.
 MEMORY_DATA = "memory"
 #: The dev evaluation's batch when ``eval_batch_size`` is None, per device.
@@ -198,6 +206,18 @@ lambda) or AUTOGRAD (the ResNet/WRN baselines)."""
             for f in dataclasses.fields(self)
             if f.name not in RUN_ONLY_KEYS and getattr(self, f.name) != getattr(other, f.name)
         ]
+
+    def fingerprint(self) -> str:
+        """12 hex digits of the SHA-256 of the settings outside ``RUN_ONLY_KEYS`` (as JSON):
+        configs that compute the same run share it (``train_cached`` names run folders by it).
+        Fields added after runs were cached (``LATER_FIELDS``) are left out at their default,
+        so that those runs keep their fingerprint."""
+        values = {
+            k: v
+            for k, v in to_jsonable(self).items()
+            if k not in RUN_ONLY_KEYS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])
+        }
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> "TrainConfig":

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from deq_attacks import distributed
 from deq_attacks.acceleration import Acceleration
+from deq_attacks.checkpoints import load_weights
 from deq_attacks.deq import DEQ, JacobianRegularization
 from deq_attacks.models.registry import resolve_builder
 from deq_attacks.training import resume
@@ -58,6 +59,11 @@ class RunResult:
     model: nn.Module
     image_shape: tuple[int, int, int]
     num_classes: int
+
+    def load_best(self) -> nn.Module:
+        """``model`` with the best epoch's weights (``best.safetensors``), in eval mode."""
+        load_weights(self.model, self.run_dir / "best.safetensors")
+        return self.model.eval()
 
 
 @dataclass

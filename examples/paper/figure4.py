@@ -13,8 +13,8 @@ import time
 import numpy as np
 from matplotlib.figure import Figure
 
-from deq_attacks.evaluation.alignment import gradient_alignment
-from deq_attacks.gradients import Adjoint, Unrolled
+from deq_attacks import Adjoint, Unrolled
+from deq_attacks.evaluation import gradient_alignment
 from examples.paper import common
 
 PAPER = [{"finding": "for every z_n, u_{n+1} gives the largest robustness drop of z_n "
@@ -35,21 +35,20 @@ def run(setup: common.Setup) -> dict:
     best = [steps[int(np.argmin(matrix[:, m]))] for m in range(matrix.shape[1])]
     strongest = [{"state": f"z_{m}", "strongest u_n": f"u_{n}", "is u_(m+1)": n == m + 1}
                  for m, n in enumerate(best, 1)]  # fmt: skip
-    data = common.held_out(setup)
-    _, test = common.splits(setup, data)
-    est = common.estimator(result, data, setup)
+    _, test = common.split(setup)
+    est = common.estimator(result, setup)
     count = min(32, len(test))
     cosines = []
     for n in range(1, est.deq.solver.threshold):
         alignment = gradient_alignment(est, {"adjoint": Adjoint(n + 1, beta)},
                                        test.x[:count], test.y[:count],
                                        reference=Unrolled(n, 1, 1.0))  # fmt: skip
-        summary = alignment.estimates["adjoint"].to_json()
-        defined = [c for c in summary["cosines"] if c is not None]
+        summary = alignment.estimates["adjoint"]
+        defined = [c for c in summary.cosines if c is not None]
         cosines.append({"pair": f"u_{n + 1} vs unrolled z_{n}",
                         "mean": round(float(np.mean(defined)), 3) if defined else None,
-                        "median": summary["median"], "worst": summary["worst"],
-                        "undefined": summary["undefined"]})  # fmt: skip
+                        "median": summary.median, "worst": summary.worst,
+                        "undefined": summary.undefined})  # fmt: skip
     figure = Figure(figsize=(6, 5))
     ax = figure.subplots()
     image = ax.imshow(matrix, cmap="viridis", aspect="auto")

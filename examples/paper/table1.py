@@ -25,9 +25,8 @@ LONG_STEPS = {"paper": 1000, "cpu": 100, "tiny": 3}
 def run(setup: common.Setup) -> dict:
     started = time.perf_counter()
     result = common.train_cached(setup, "exact")
-    data = common.held_out(setup)
-    _, test = common.splits(setup, data)
-    est = common.estimator(result, data, setup)
+    _, test = common.split(setup)
+    est = common.estimator(result, setup)
     config = common.eval_config(setup, autoattack=False)
     long = LONG_STEPS[setup.preset]
     longer = dataclasses.replace(config, steps=long)

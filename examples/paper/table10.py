@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from deq_attacks.deq.readout import Early, Final
+from deq_attacks import Early, Exact, Final, Phantom, ready_made
 from deq_attacks.evaluation import choose_early_exit, column_scores, protocol_columns
-from deq_attacks.gradients import Exact, Phantom, ready_made
 from deq_attacks.training import RunResult
 from examples.paper import common
 
@@ -66,9 +65,8 @@ def state_profile(setup: common.Setup, kind: str) -> dict[str, Any]:
     split), per-state clean / ready-made PGD accuracy and residuals, and the final and early
     defenses under PGD with the exact and the unrolling gradient; the training speed."""
     result = common.train_cached(setup, kind)
-    data = common.held_out(setup)
-    dev, test = common.splits(setup, data)
-    est = common.estimator(result, data, setup)
+    dev, test = common.split(setup)
+    est = common.estimator(result, setup)
     config = dataclasses.replace(common.eval_config(setup), attacks="pgd")
     ready = ready_made(est.deq.training_gradient)
     gradients = {"ready-made": ready, "exact": Exact(), "unroll": Phantom(5, 0.5)}

@@ -34,9 +34,8 @@ def measure(setup: common.Setup, kind: str, **changes: Any) -> dict[str, float]:
     """Clean, ready-made PGD and Square accuracy of the final state, and the mean residual of
     the last iterate (clean test images)."""
     result = common.train_cached(setup, kind, **changes)
-    data = common.held_out(setup)
-    _, test = common.splits(setup, data)
-    est = common.estimator(result, data, setup)
+    _, test = common.split(setup)
+    est = common.estimator(result, setup)
     config = common.eval_config(setup, autoattack=False)
     columns = {c.label: c for c in protocol_columns(
         {"ready-made": ready_made(est.deq.training_gradient)}, config)}  # fmt: skip

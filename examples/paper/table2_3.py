@@ -16,34 +16,26 @@ from typing import Any
 from deq_attacks.evaluation import EvaluationConfig
 from examples.paper import common
 
-_COLS = ["defense", "clean", "adjoint final", "adjoint intermediate", "adjoint ensemble",
-         "unrolled final", "unrolled intermediate", "unrolled ensemble"]  # fmt: skip
-
-
-def _rows(values: list[list[Any]]) -> list[dict[str, Any]]:
-    return [dict(zip(_COLS, v, strict=True)) for v in values]
-
-
 PAPER_T2 = {
-    "unrolling-trained (8/7)": _rows([
+    "unrolling-trained (8/7)": common.layout_rows([
         ["final", 78.03, 49.81, 59.49, 54.91, 42.67, 62.24, 51.52],
         ["early", 79.57, 54.90, 39.19, 42.76, 51.90, 29.38, 34.20],
         ["ensemble", 79.67, 51.52, 52.43, 49.47, 49.02, 55.10, 47.12]]),
-    "exact-trained (50/50)": _rows([
+    "exact-trained (50/50)": common.layout_rows([
         ["final", 73.51, 37.77, 70.52, 43.70, 36.70, 69.29, 48.08],
         ["early", 86.98, 75.25, 12.44, 40.12, 73.93, 18.24, 26.22],
         ["ensemble", 75.12, 40.20, 72.41, 45.06, 39.18, 68.83, 49.10]]),
 }  # fmt: skip
 PAPER_T3_AA = {
-    "Large, AutoAttack": _rows([
+    "Large, AutoAttack": common.layout_rows([
         ["final", 78.03, 51.48, 61.95, 52.95, 37.27, 65.53, 49.66],
         ["early", 79.57, 61.12, 55.47, 56.84, 56.86, 25.41, 49.74],
         ["ensemble", 79.67, 56.06, 58.69, 55.02, 50.45, 58.63, 48.37]]),
-    "XL, PGD-10": _rows([
+    "XL, PGD-10": common.layout_rows([
         ["final", 82.92, 55.80, 55.80, 67.30, 48.58, 65.94, 58.23],
         ["early", 80.12, 51.40, 51.40, 60.78, 52.08, 55.70, 48.88],
         ["ensemble", 81.17, 52.87, 52.87, 61.40, 51.70, 59.71, 53.23]]),
-    "XL, AutoAttack": _rows([
+    "XL, AutoAttack": common.layout_rows([
         ["final", 82.92, 58.21, 58.21, 64.24, 43.97, 72.76, 69.83],
         ["early", 80.12, 58.92, 58.92, 62.98, 56.58, 62.67, 62.87],
         ["ensemble", 81.17, 58.08, 58.08, 62.23, 54.09, 66.90, 56.45]]),
@@ -65,13 +57,6 @@ def model_config(setup: common.Setup, kind: str, autoattack: bool) -> Evaluation
     return config
 
 
-def robustness(report: Any) -> dict[str, Any]:
-    """Both aggregations of the protocol (best defense), in %."""
-    out = report.to_json()["white_box_robustness"]
-    return {k: {"defense": v["defense"], "accuracy": common.pct(v["accuracy"])}
-            for k, v in out.items()}  # fmt: skip
-
-
 def run(setup: common.Setup, autoattack: bool = False) -> dict:
     started = time.perf_counter()
     tables: dict[str, list[dict[str, Any]]] = {}
@@ -90,7 +75,7 @@ def run(setup: common.Setup, autoattack: bool = False) -> dict:
         if with_aa:
             tables[f"{title}, AutoAttack"] = common.paper_layout(report, "AA")
         summary[title] = {"early_exit": report.early_exit, "chosen": report.chosen,
-                          "white_box_robustness": robustness(report)}  # fmt: skip
+                          "white_box_robustness": common.robustness(report)}  # fmt: skip
         diagnostics += common.diagnostic_notes(title, report)
     config = configs[0][1]
     paper = {**PAPER_T2, **(PAPER_T3_AA if autoattack else {})}

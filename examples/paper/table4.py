@@ -35,12 +35,11 @@ def params(model: torch.nn.Module) -> float:
 def baseline_row(setup: common.Setup, kind: str, config: Any) -> dict[str, Any]:
     """Clean, PGD-10 (ART, one random start) and the standard AutoAttack of a plain network."""
     result = common.train_cached(setup, kind)
-    model, data = result.model, common.held_out(setup)
-    _, test = common.splits(setup, data)
+    model, (_, test) = result.model, common.split(setup)
     device = torch.device(setup.device)
     classifier = PyTorchClassifier(
         model, loss=torch.nn.CrossEntropyLoss(), input_shape=test.x.shape[1:],
-        nb_classes=int(data.num_classes or 10), clip_values=(0.0, 1.0),
+        nb_classes=result.num_classes, clip_values=(0.0, 1.0),
         device_type="gpu" if setup.device == "cuda" else "cpu",
     )  # fmt: skip
     pgd = ProjectedGradientDescent(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 from examples.paper import common
-from examples.paper.table2_3 import _rows, robustness
 
 PAPER_T5 = [
     {"row": "clean", **{f"z_{n}": v for n, v in enumerate(
@@ -18,7 +17,7 @@ PAPER_T5 = [
     {"row": "PGD-10 (ready-made)", **{f"z_{n}": v for n, v in enumerate(
         [2.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00], 1)}},
 ]  # fmt: skip
-PAPER_T6 = _rows([
+PAPER_T6 = common.layout_rows([
     ["final", 92.53, 8.90, 11.45, 3.69, 0.00, 0.00, 0.00],
     ["early", 38.81, 6.08, 4.54, 3.42, 2.00, 2.94, 1.31],
     ["ensemble", 87.31, 9.12, 6.39, 3.48, 0.00, 0.00, 0.00],
@@ -40,7 +39,7 @@ def run(setup: common.Setup) -> dict:
         {"table 5": table5, "table 6": common.paper_layout(report, "PGD")},
         {"table 5": PAPER_T5, "table 6": PAPER_T6}, started,
         notes=[f"n* = {report.early_exit}, chosen {report.chosen}",
-               f"white-box robustness {robustness(report)}",
+               f"white-box robustness {common.robustness(report)}",
                *common.diagnostic_notes("standard-trained", report)],
     )  # fmt: skip
 

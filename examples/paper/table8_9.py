@@ -16,9 +16,8 @@ import dataclasses
 import time
 from typing import Any
 
-from deq_attacks.deq.readout import Early, Ensemble, Final
+from deq_attacks import AdjointBroyden, Early, Ensemble, Final, GradientEnsemble
 from deq_attacks.evaluation import column_scores, protocol_columns
-from deq_attacks.gradients import AdjointBroyden, GradientEnsemble
 from examples.paper import common
 
 _ATTACKS = ("final", "intermediate", "ensemble")
@@ -49,9 +48,8 @@ def run(setup: common.Setup) -> dict:
     result, report = common.run_protocol(setup, "unrolling")
     layout = {r["defense"]: r for r in common.paper_layout(report, "PGD")}
     adjoint_n = int(report.chosen["adjoint"].split("n=")[1].split(",")[0])
-    data = common.held_out(setup)
-    _, test = common.splits(setup, data)
-    est = common.estimator(result, data, setup)
+    _, test = common.split(setup)
+    est = common.estimator(result, setup)
     config = dataclasses.replace(common.eval_config(setup), attacks="pgd")
     defenses = {"final": Final(), "early": Early(report.early_exit), "ensemble": Ensemble()}
     broyden = {"final": AdjointBroyden(), "intermediate": AdjointBroyden(n=adjoint_n),

@@ -11,15 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from examples.paper.common import (
-    Setup,
-    config_hash,
-    in_processes,
-    parse,
-    parser,
-    train_cached,
-    train_config,
-)
+from examples.paper.common import Setup, in_processes, parse, parser, train_cached, train_config
 from examples.paper.table11 import WEIGHTS
 
 #: Every model kind a script asks for, per preset, the longest first.
@@ -49,12 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights = WEIGHTS[args.preset]
     else:
         weights = [float(w) for w in filter(None, args.jac_weights.split(","))]
-    wanted = [(kind, {}) for kind in (args.kinds or KINDS[args.preset]).split(",")]
+    kinds = (args.kinds or KINDS[args.preset]).split(",")
+    wanted: list[tuple[str, dict[str, Any]]] = [(kind, {}) for kind in kinds]
     wanted += [("exact", {"jac_weight": w}) for w in weights]
     # one task per distinct model (gamma 0.4 is the exact preset itself)
     tasks, seen = [], set()
     for kind, changes in wanted:
-        key = config_hash(train_config(setup, kind, **changes))
+        key = train_config(setup, kind, **changes).fingerprint()
         if key not in seen:
             seen.add(key)
             tasks.append((kind, changes))
