@@ -102,3 +102,25 @@ def test_art_autoattack_is_its_own_attack_and_honours_steps() -> None:
     default = ArtAutoAttackList().build(estimator, THREAT)
     assert [a.max_iter for a in default.attacks][:2] == [100, 100]
     assert ArtAutoAttackList.name == "art-autoattack" and StandardAutoAttack.name == "autoattack"
+
+
+def test_the_documented_pyautoattack_call_runs_on_a_view_and_uses_its_estimate() -> None:
+    """docs/autoattack.md's own call of the installed pyautoattack against
+    ``estimator.view(...).model`` (APGD-CE alone, few iterations): it returns ``(x_adv,
+    y_adv)`` within eps and [0, 1], every backward goes through the selected estimate, and
+    its success is judged on the defended logits."""
+    from pyautoattack import AutoAttack
+
+    spy = SpyEstimate(Unrolled(n=1, k=1, lam=1.0))
+    model = make_estimator().view(estimate=spy).model
+    x_np, y_np = correct_batch(6)
+    x_test, y_test = torch.as_tensor(x_np), torch.as_tensor(y_np)
+    adversary = AutoAttack(model, norm="Linf", eps=0.1, version="custom", attacks=["apgd-ce"],
+                           seed=0, device="cpu")  # fmt: skip
+    adversary.apgd.n_iter = 3
+    x_adv, y_adv = adversary.run_standard_evaluation(x_test, y_test, batch_size=6)
+    assert len(spy.calls) > 0
+    assert (x_adv - x_test).abs().max() <= 0.1 + 1e-6 and 0 <= x_adv.min() <= x_adv.max() <= 1
+    with torch.no_grad():
+        defended = make_estimator().predict(x_adv.numpy()).argmax(1)
+    np.testing.assert_array_equal(defended, y_adv.numpy())
