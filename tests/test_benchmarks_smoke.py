@@ -53,6 +53,7 @@ EXPECTED = {
     "bookkeeping_broyden_keep",
     "bookkeeping_anderson",
     "bookkeeping_fixed_point",
+    "bookkeeping_broyden_floor",
     "cascade_vs_full",
     "cascade_vs_full_eps0.2",
 } | {
@@ -121,6 +122,23 @@ def test_quick_suite_reports_every_ratio(tmp_path: Path) -> None:
     after = {r["id"]: r["measured"] for r in entry["results"]}
     assert set(after) == EXPECTED
     assert all(after[k] == v for k, v in before.items() if k != "broyden_vs_torchdeq")
+
+
+def test_the_bare_broyden_floor_runs_the_solvers_iteration() -> None:
+    """The floor of the bookkeeping row computes what the solver computes (all samples active,
+    tol=0): the same last iterate."""
+    from benchmarks.cases.solver_bookkeeping import bare_broyden
+    from deq_attacks import Broyden
+
+    torch.manual_seed(0)
+    weight, bias = 0.1 * torch.randn(32, 32, dtype=torch.float64), torch.randn(5, 32).double()
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z @ weight.T + bias)
+
+    z0 = torch.zeros(5, 32, dtype=torch.float64)
+    trajectory = Broyden(threshold=6, tol=0.0, return_best=False).solve(f, z0, keep=[6])
+    torch.testing.assert_close(bare_broyden(f, z0, 6), trajectory.states[6], rtol=0, atol=1e-12)
 
 
 def test_cpu_peak_bytes_counts_tensors_alive_at_once() -> None:

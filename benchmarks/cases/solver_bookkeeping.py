@@ -32,6 +32,15 @@ BOUNDS: Bounds = (
         "memory-bound: they weigh most against a cheap f (the small conv DEQ: about 1.5 ms per "
         "evaluation of a batch of 64 states of 4096) and least against DEQ-Large's.",
     ),
+    (
+        ("bookkeeping_broyden_floor",),
+        "Broyden's own arithmetic with no bookkeeping at all: the same iteration and update "
+        "(z - p, g = f(z) - z, the products with B_n and B_n^T, the rank-one update) on "
+        "preallocated factors, but no residual norms, stopping, best iterate, skipped updates "
+        "or kept states. It is what any Broyden costs beyond f on this workload, so "
+        "`bookkeeping_broyden` cannot be below it; the gap between the two is our per-sample "
+        "bookkeeping.",
+    ),
 )
 
 
@@ -77,7 +86,62 @@ def run(ctx: Context) -> list[Row]:
                 samples=ratios,
             )
         )
+    rows.append(_broyden_floor(ctx, f, z0, n, target))
     return rows
+
+
+def bare_broyden(f: FixedPointMap, z0: Tensor, steps: int) -> Tensor:
+    """``steps`` iterates of Broyden's good method from ``z0`` (B, d) with alpha 1 and no
+    bookkeeping (the floor of ``bookkeeping_broyden``): no residuals, stopping, best iterate
+    or skipped updates. Returns the last iterate."""
+    with torch.no_grad():
+        U = z0.new_empty(steps, *z0.shape)  # step-major, as the solver stores them
+        V = z0.new_empty(steps, *z0.shape)
+        z, g = z0, f(z0) - z0
+        p = -g  # B_0 g_0
+        for n in range(steps):
+            z = z - p
+            g_new = f(z) - z
+            Un, Vn = U[:n].transpose(0, 1), V[:n].transpose(0, 1)  # (B, n, d)
+            g_row, p_row = g_new.unsqueeze(1), p.unsqueeze(1)
+            q = torch.baddbmm(g_row, torch.bmm(g_row, Vn.transpose(1, 2)), Un, beta=-1)[:, 0]
+            w = torch.baddbmm(p_row, torch.bmm(p_row, Un.transpose(1, 2)), Vn, beta=-1)[:, 0]
+            dg = g_new - g
+            U[n] = q / -(w * dg).sum(dim=-1, keepdim=True)
+            V[n] = w
+            p = q + U[n] * (V[n] * g_new).sum(dim=-1, keepdim=True)
+            g = g_new
+    return z
+
+
+def _broyden_floor(
+    ctx: Context, f: FixedPointMap, z0: Tensor, n: int, target: float | None
+) -> Result:
+    samples = []
+    for repeat in range(ctx.settings.warmup + ctx.settings.repeats):
+        timed = time_inside(lambda fn: bare_broyden(fn, z0, n), f, ctx.device, ctx.settings.clock)
+        if repeat >= ctx.settings.warmup:
+            samples.append(timed)
+    ratios = [total / inside for total, inside in samples]
+    total = statistics.median(t for t, _ in samples)
+    inside = statistics.median(i for _, i in samples)
+    return Result(
+        id="bookkeeping_broyden_floor",
+        ratio="bare Broyden iteration / its f evaluations (the floor of the Broyden row)",
+        measured=statistics.median(ratios),
+        target=None,
+        workload=ctx.workload.name,
+        timed=f"{n} steps of Broyden's arithmetic alone (bare_broyden: preallocated factors, "
+        f"no bookkeeping) on batch {len(z0)} (state {z0.shape[1]}); the denominator is the "
+        f"time inside its {n + 1} calls of f",
+        notes=f"reported only{'' if target is None else f' (beside the target {target})'}; "
+        f"{ms(total)} per solve, {ms(inside)} inside f; per-repeat ratios "
+        f"{min(ratios):.3f}..{max(ratios):.3f}",
+        numerator=total,
+        denominator=inside,
+        unit="s",
+        samples=ratios,
+    )
 
 
 def _split(
