@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -62,31 +63,39 @@ def run(ctx: Context) -> list[Row]:
         ("bookkeeping_fixed_point", FixedPointIteration, False),
     )
     target = TARGET if ctx.workload.name == "small" else None
+    on = f"on batch {len(x)} (state {z0.shape[1]}); the denominator is the time spent inside its "
+    on += f"{n + 1} calls of f in the same run"
     rows: list[Row] = []
     for id_, cls, keep in cases:
         solver = full_solver(cls, n)
-        total, inside, ratios = _split(ctx, solver, f, z0, keep)
         kept = "every iterate kept" if keep else "no iterate kept"
+
+        def solve(fn: FixedPointMap, solver: Solver = solver, keep: bool = keep) -> object:
+            return solver.solve(fn, z0, keep=keep)
+
         rows.append(
-            Result(
-                id=id_,
-                ratio=f"{cls.__name__} solve / its f evaluations"
-                + (" (keep=True)" if keep else ""),
-                measured=statistics.median(ratios),
-                target=target,
-                workload=ctx.workload.name,
-                timed=f"{cls.__name__}(threshold={n}, tol=0).solve (no grad, {kept}) of "
-                f"deq.step on batch {len(x)} (state {z0.shape[1]}); the denominator is the "
-                f"time spent inside its {n + 1} calls of f in the same run",
-                notes=f"{'' if target else 'reported only; '}{ms(total)} per solve, "
-                f"{ms(inside)} inside f; per-repeat ratios {min(ratios):.3f}..{max(ratios):.3f}",
-                numerator=total,
-                denominator=inside,
-                unit="s",
-                samples=ratios,
+            _row(
+                ctx,
+                id_,
+                f"{cls.__name__} solve / its f evaluations" + (" (keep=True)" if keep else ""),
+                target,
+                f"{cls.__name__}(threshold={n}, tol=0).solve (no grad, {kept}) of deq.step {on}",
+                solve,
+                f,
             )
         )
-    rows.append(_broyden_floor(ctx, f, z0, n, target))
+    rows.append(
+        _row(
+            ctx,
+            "bookkeeping_broyden_floor",
+            "bare Broyden iteration / its f evaluations (the floor of the Broyden row)",
+            None,
+            f"{n} steps of Broyden's arithmetic alone (bare_broyden: preallocated factors, no "
+            f"bookkeeping) of deq.step {on}",
+            lambda fn: bare_broyden(fn, z0, n),
+            f,
+        )
+    )
     return rows
 
 
@@ -114,45 +123,17 @@ def bare_broyden(f: FixedPointMap, z0: Tensor, steps: int) -> Tensor:
     return z
 
 
-def _broyden_floor(
-    ctx: Context, f: FixedPointMap, z0: Tensor, n: int, target: float | None
+def _row(
+    ctx: Context,
+    id_: str,
+    ratio: str,
+    target: float | None,
+    timed: str,
+    solve: Callable[[FixedPointMap], object],
+    f: FixedPointMap,
 ) -> Result:
-    samples = []
-    for repeat in range(ctx.settings.warmup + ctx.settings.repeats):
-        timed = time_inside(lambda fn: bare_broyden(fn, z0, n), f, ctx.device, ctx.settings.clock)
-        if repeat >= ctx.settings.warmup:
-            samples.append(timed)
-    ratios = [total / inside for total, inside in samples]
-    total = statistics.median(t for t, _ in samples)
-    inside = statistics.median(i for _, i in samples)
-    return Result(
-        id="bookkeeping_broyden_floor",
-        ratio="bare Broyden iteration / its f evaluations (the floor of the Broyden row)",
-        measured=statistics.median(ratios),
-        target=None,
-        workload=ctx.workload.name,
-        timed=f"{n} steps of Broyden's arithmetic alone (bare_broyden: preallocated factors, "
-        f"no bookkeeping) on batch {len(z0)} (state {z0.shape[1]}); the denominator is the "
-        f"time inside its {n + 1} calls of f",
-        notes=f"reported only{'' if target is None else f' (beside the target {target})'}; "
-        f"{ms(total)} per solve, {ms(inside)} inside f; per-repeat ratios "
-        f"{min(ratios):.3f}..{max(ratios):.3f}",
-        numerator=total,
-        denominator=inside,
-        unit="s",
-        samples=ratios,
-    )
-
-
-def _split(
-    ctx: Context, solver: Solver, f: FixedPointMap, z0: Tensor, keep: bool
-) -> tuple[float, float, list[float]]:
-    """Median seconds per solve, median seconds inside f, and the per-repeat ratios."""
+    """One row: ``solve(f)`` timed ``repeats`` times against the time inside its calls of f."""
     s = ctx.settings
-
-    def solve(fn: FixedPointMap) -> object:
-        return solver.solve(fn, z0, keep=keep)
-
     for _ in range(s.warmup):
         time_inside(solve, f, ctx.device, s.clock)
     gc_was_enabled = gc.isenabled()
@@ -166,4 +147,17 @@ def _split(
     ratios = [total / inside for total, inside in samples]
     total = statistics.median(t for t, _ in samples)
     inside = statistics.median(i for _, i in samples)
-    return total, inside, ratios
+    return Result(
+        id=id_,
+        ratio=ratio,
+        measured=statistics.median(ratios),
+        target=target,
+        workload=ctx.workload.name,
+        timed=timed,
+        notes=f"{'' if target else 'reported only; '}{ms(total)} per solve, {ms(inside)} "
+        f"inside f; per-repeat ratios {min(ratios):.3f}..{max(ratios):.3f}",
+        numerator=total,
+        denominator=inside,
+        unit="s",
+        samples=ratios,
+    )
