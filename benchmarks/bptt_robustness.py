@@ -51,7 +51,6 @@ from deq_attacks import (  # noqa: E402
     Readout,
     Unrolled,
 )
-from deq_attacks.checkpoints import load_weights  # noqa: E402
 from deq_attacks.evaluation.alignment import gradient_alignment  # noqa: E402
 from deq_attacks.gradients import ready_made  # noqa: E402
 from deq_attacks.training import preset, run_training  # noqa: E402
@@ -137,11 +136,9 @@ def trained_model(name: str, args: argparse.Namespace) -> DEQEstimator:
     assert (config.forward_threshold, config.eps, config.step) == (THRESHOLD, EPS, STEP)
     directory = args.out_dir / name
     result = run_training(config, directory)
-    deq = result.model
+    deq = result.load_best()
     if not isinstance(deq, DEQ):
         raise TypeError(f"the demo preset built a {type(deq).__name__}, not a DEQ")
-    load_weights(deq, directory / "best.safetensors")
-    deq.eval()
     return DEQEstimator(
         deq,
         input_shape=result.image_shape,

@@ -21,7 +21,6 @@ import numpy as np
 from benchmarks.cases.common import Bounds, Context, Result, Row
 from benchmarks.workloads import Settings
 from deq_attacks import DEQ, DEQEstimator
-from deq_attacks.checkpoints import load_weights
 from deq_attacks.cli.demo import evaluation_defaults
 from deq_attacks.evaluation import EvaluationConfig, EvaluationReport, Mode, evaluate_model
 from deq_attacks.training import preset, run_training
@@ -58,11 +57,10 @@ def demo_model(device: str, quick: bool, cache: Path = CACHE) -> tuple[DEQEstima
         config = dataclasses.replace(config, **_QUICK_TRAINING)
     run_dir = cache.with_name(cache.name + ("_quick" if quick else ""))
     result = run_training(config, run_dir, log=lambda _text: None)
-    deq = result.model
+    deq = result.load_best()
     assert isinstance(deq, DEQ)
-    load_weights(deq, run_dir / "best.safetensors")
     estimator = DEQEstimator(
-        deq.eval(),
+        deq,
         input_shape=result.image_shape,
         nb_classes=result.num_classes,
         device_type="gpu" if device == "cuda" else "cpu",

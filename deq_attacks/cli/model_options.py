@@ -42,12 +42,11 @@ from deq_attacks.deq.backward import TrainingGradient
 from deq_attacks.deq.contract import DEQModel
 from deq_attacks.models.registry import builder_keywords, resolve_builder
 from deq_attacks.solvers import Solver, parse_solver, solver_spec
+from deq_attacks.training.config import DEFAULT_SOLVER
 
 #: The paper's forward threshold, used for the exact gradient's backward solve (8/7) when
 #: neither --threshold nor --solver says otherwise.
 DEFAULT_THRESHOLD = 8
-#: The exact gradient's backward solver (a registered name) when ``--backward_solver`` is not given.
-DEFAULT_BACKWARD_SOLVER = "broyden"
 
 
 def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
@@ -99,7 +98,7 @@ def requested_training_gradient(args: Namespace, solver: Solver | None) -> Train
         if solver is not None
         else (args.threshold if args.threshold is not None else DEFAULT_THRESHOLD)
     )
-    backward = args.backward_solver or DEFAULT_BACKWARD_SOLVER
+    backward = args.backward_solver or DEFAULT_SOLVER  # the training's default too
     return ImplicitGradient(parse_solver(backward, threshold=max(1, forward - 1), tol=1e-4))
 
 
