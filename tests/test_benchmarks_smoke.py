@@ -30,6 +30,8 @@ EXPECTED = {
     "adjoint_floor",
     "art_pgd_unrolled",
     "art_pgd_adjoint",
+    "art_pgd_floor_unrolled",
+    "art_pgd_floor_adjoint",
     "broyden_vs_torchdeq",
     "memory_early_broyden",
     "memory_ensemble_broyden",
@@ -54,6 +56,7 @@ EXPECTED = {
     "bookkeeping_anderson",
     "bookkeeping_fixed_point",
     "bookkeeping_broyden_floor",
+    "bookkeeping_anderson_floor",
     "cascade_vs_full",
     "cascade_vs_full_eps0.2",
 } | {
@@ -124,12 +127,15 @@ def test_quick_suite_reports_every_ratio(tmp_path: Path) -> None:
     assert all(after[k] == v for k, v in before.items() if k != "broyden_vs_torchdeq")
 
 
-def test_the_bare_broyden_floor_runs_the_solvers_iteration() -> None:
-    """The floor of the bookkeeping row computes what the solver computes (all samples active,
-    tol=0): the same last iterate."""
-    from benchmarks.cases.solver_bookkeeping import bare_broyden
-    from deq_attacks import Broyden
+@pytest.mark.parametrize("name", ["broyden", "anderson"])
+def test_the_bare_floors_run_the_solvers_iteration(name: str) -> None:
+    """The floor of a bookkeeping row computes what the solver computes (all samples active,
+    tol=0): the same last iterate, over more steps than Anderson's window."""
+    from benchmarks.cases import solver_bookkeeping
+    from deq_attacks import Anderson, Broyden
 
+    bare = getattr(solver_bookkeeping, f"bare_{name}")
+    solver = {"broyden": Broyden, "anderson": Anderson}[name]
     torch.manual_seed(0)
     weight, bias = 0.1 * torch.randn(32, 32, dtype=torch.float64), torch.randn(5, 32).double()
 
@@ -137,8 +143,9 @@ def test_the_bare_broyden_floor_runs_the_solvers_iteration() -> None:
         return torch.tanh(z @ weight.T + bias)
 
     z0 = torch.zeros(5, 32, dtype=torch.float64)
-    trajectory = Broyden(threshold=6, tol=0.0, return_best=False).solve(f, z0, keep=[6])
-    torch.testing.assert_close(bare_broyden(f, z0, 6), trajectory.states[6], rtol=0, atol=1e-12)
+    trajectory = solver(threshold=8, tol=0.0, return_best=False).solve(f, z0, keep=[8])
+    assert not torch.equal(trajectory.states[8], f(z0))  # 8 steps moved it
+    torch.testing.assert_close(bare(f, z0, 8), trajectory.states[8], rtol=0, atol=1e-12)
 
 
 def test_cpu_peak_bytes_counts_tensors_alive_at_once() -> None:
