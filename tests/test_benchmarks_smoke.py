@@ -59,6 +59,8 @@ EXPECTED = {
     "bookkeeping_anderson_floor",
     "cascade_vs_full",
     "cascade_vs_full_eps0.2",
+    "cascade_vs_full_all",
+    "cascade_vs_full_eps0.2_all",
 } | {
     f"scaling_{op}_{resource}_in_{axis}"
     for op in ("predict_broyden", "predict_anderson", "exact", "adjoint", "bptt")
@@ -95,7 +97,7 @@ def test_quick_suite_reports_every_ratio(tmp_path: Path) -> None:
         assert r["met"] is None if r["target"] is None else isinstance(r["met"], bool)
 
     # the cascade's per-sample verdict is the full matrix's
-    for id_ in ("cascade_vs_full", "cascade_vs_full_eps0.2"):
+    for id_ in [i for i in EXPECTED if i.startswith("cascade_vs_full")]:
         assert "verdicts differ on 0 (defense, sample) pairs" in results[id_]["notes"]
 
     # the scaling grids: every (operation, N, B) cell, time and memory

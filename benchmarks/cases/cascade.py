@@ -32,12 +32,21 @@ TARGET = 0.5
 
 BOUNDS: Bounds = (
     (
-        ("cascade_vs_full", "cascade_vs_full_eps0.2"),
+        (
+            "cascade_vs_full",
+            "cascade_vs_full_eps0.2",
+            "cascade_vs_full_all",
+            "cascade_vs_full_eps0.2_all",
+        ),
         "A sample that survives every column must be attacked by every column in both modes, "
         "so the cascade's time is at least about the robust fraction of the full matrix's "
         "(plus its ordering runs on the development split); it saves only on samples that an "
         "earlier, stronger column already broke. AutoAttack, the costliest column, already "
-        "skips broken samples inside its own four attacks.",
+        "skips broken samples inside its own four attacks. On a batch of a few samples a "
+        "column's cost is mostly its iterations' fixed work (Square's queries and APGD's "
+        "iterations run one after the other, each a forward solve of the batch), so attacking "
+        "9 samples instead of 100 saves far less than 91%; once a column's call holds several "
+        "batches (the 400 held-out test digits) the saving follows the broken fraction.",
     ),
 )
 
@@ -77,16 +86,25 @@ def run(ctx: Context) -> list[Row]:
     estimator, n = demo_model(ctx.device.type, quick)
     held_out = held_out_split("digits")
     dev = held_out.subset(np.arange(n))
-    test = held_out.subset(np.arange(n, 2 * n))
     base = dataclasses.replace(evaluation_defaults(), batch_size=100)
     if quick:
         base = dataclasses.replace(base, **_QUICK_EVAL)
-    splits = ((test.x, test.y), (dev.x, dev.y))
+    eps_02 = dataclasses.replace(base, eps=0.2, step=0.05)
+
+    def splits(n_test: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        test = held_out.subset(np.arange(n, n + n_test))
+        return (test.x, test.y), (dev.x, dev.y)
+
+    # the held-out digits after the development split (597 - 100), in whole batches of 100
+    many = 2 * n if quick else (len(held_out) - n) // 100 * 100
     return [
-        _row(ctx, estimator, splits, base, "cascade_vs_full", TARGET, quick),
+        _row(ctx, estimator, splits(n), base, "cascade_vs_full", TARGET, quick),
         # the same model at twice the budget, where most samples fall: reported only
-        _row(ctx, estimator, splits, dataclasses.replace(base, eps=0.2, step=0.05),
-             "cascade_vs_full_eps0.2", None, quick),  # fmt: skip
+        _row(ctx, estimator, splits(n), eps_02, "cascade_vs_full_eps0.2", None, quick),
+        # both on the held-out test digits in whole batches: a column's cost follows its
+        # samples once its calls hold several batches (reported only)
+        _row(ctx, estimator, splits(many), base, "cascade_vs_full_all", None, quick),
+        _row(ctx, estimator, splits(many), eps_02, "cascade_vs_full_eps0.2_all", None, quick),
     ]
 
 
