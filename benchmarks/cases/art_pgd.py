@@ -26,8 +26,9 @@ BOUNDS: Bounds = (
         ("art_pgd_unrolled", "art_pgd_adjoint"),
         "ART's PGD `generate` computes its success rate (two `predict`s of the batch: two "
         "forward solves) for a log line whether or not logging is on; per step it adds only "
-        "its numpy round trips (`DEQEstimator.loss_gradient` computes the estimate alone, no "
-        "defended logits). The cheaper the estimate, the more the two predicts weigh.",
+        "its own tensor work (NaN check, sign, projection, clipping; `DEQEstimator."
+        "loss_gradient` computes the estimate alone, no defended logits). The cheaper the "
+        "estimate, the more the two predicts weigh.",
     ),
     (
         ("art_pgd_floor_unrolled", "art_pgd_floor_adjoint"),
@@ -101,7 +102,7 @@ def run(ctx: Context) -> list[Row]:
                 f"ProjectedGradientDescent(eps 8/255, step 2/255, {s.pgd_steps} steps, random "
                 f"start).generate on numpy vs a torch loop of input_gradient with the same "
                 f"estimate; Broyden({n}), batch {len(x)}",
-                "ART adds its numpy round trips per step and after the attack two predicts for "
+                "ART adds its own tensor work per step and after the attack two predicts for "
                 "its success-rate log",
             )
         )
