@@ -147,6 +147,12 @@ class EvaluationConfig:
     """APGD-T/FAB-T target classes."""
     square_queries: int = 5000
     """The Square column's queries."""
+    transfer_surrogate: str = ""
+    """The transfer column's surrogate: empty for the DEQ unrolled to transfer_depth steps as
+    an explicit network, or 'package.module:attribute' naming an nn.Module (inputs in [0, 1]
+    to logits) or a function of the estimator returning one."""
+    transfer_depth: int | None = None
+    """Steps of the unrolled surrogate (null: the solver's threshold)."""
     long_steps: int = 100
     """PGD steps of the more-steps check."""
     large_eps: float = 0.5
@@ -180,6 +186,18 @@ class EvaluationConfig:
             )
         if not isinstance(self.mode, Mode):
             raise TypeError(f"mode must be a Mode (table or cascade), got {self.mode!r}")
+        if not isinstance(self.transfer_surrogate, str):
+            raise TypeError(f"transfer_surrogate must be a text, got {self.transfer_surrogate!r}")
+        if self.transfer_surrogate and self.transfer_depth is not None:
+            raise ValueError("transfer_depth is for the unrolled surrogate, not a user's surrogate")
+        if self.transfer_depth is not None and (
+            isinstance(self.transfer_depth, bool)
+            or not isinstance(self.transfer_depth, int)
+            or self.transfer_depth < 1
+        ):
+            raise ValueError(
+                f"transfer_depth must be an int >= 1 or None, got {self.transfer_depth!r}"
+            )
         for name in ("square_queries", "long_steps", "diagnostic_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

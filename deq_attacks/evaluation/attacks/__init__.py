@@ -2,7 +2,8 @@
 
 ``pgd`` (the fixed-step, loss-aware PGD: the shared run), ``autoattack`` (the standard
 AutoAttack, pyautoattack), ``square`` (Square, pyautoattack), ``apgd-ce`` and ``apgd-dlr``
-(ART's APGD) and ``art-autoattack`` (ART's own AutoAttack list). A new attack is one module
+(ART's APGD), ``art-autoattack`` (ART's own AutoAttack list) and ``transfer`` (APGD on a
+surrogate: the DEQ unrolled, or the user's model). A new attack is one module
 (its ``Attack`` class with ``@register_attack``) plus one import here.
 """
 
@@ -27,6 +28,7 @@ from deq_attacks.evaluation.attacks.defended import PRECISIONS, DefendedModel, p
 from deq_attacks.evaluation.attacks.pgd import FixedStepPGD, fixed_step_pgd
 from deq_attacks.evaluation.attacks.seeds import SampleSeeds
 from deq_attacks.evaluation.attacks.square import Square
+from deq_attacks.evaluation.attacks.transfer import TransferAPGD, UnrolledSurrogate
 from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
 
 __all__ = [
@@ -44,6 +46,8 @@ __all__ = [
     "Square",
     "StandardAutoAttack",
     "ThreatModel",
+    "TransferAPGD",
+    "UnrolledSurrogate",
     "attack_class",
     "attack_names",
     "column_label",

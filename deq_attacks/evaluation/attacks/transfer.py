@@ -1,0 +1,207 @@
+"""The transfer column (Carlini et al. 2019's checklist; RobustBench's check that marked
+Kang2021Stable unreliable): adversarial examples crafted by APGD-CE on a surrogate, then scored
+on every defense.
+
+The surrogate is the DEQ itself unrolled to a fixed depth as an explicit network
+(``UnrolledSurrogate``: ``depth`` applications of the DEQ's own f from its ``z_0``, then its
+head, differentiated by plain autograd through every step), or a user's own model: an
+``nn.Module``, or the text ``"package.module:attribute"`` naming one, or naming a function that
+takes the estimator and returns one. APGD is the original one (pyautoattack's, with each
+sample's random start from its own seeds: ``per_sample.PerSampleAPGD``). It never looks at the
+defended output, so one run scores every defense.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from deq_attacks.deq.contract import DEQModel
+from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
+from deq_attacks.evaluation.attacks.per_sample import PerSampleAPGD
+from deq_attacks.evaluation.attacks.seeds import SampleSeeds
+from deq_attacks.evaluation.threat import ThreatModel
+
+if TYPE_CHECKING:
+    from deq_attacks.evaluation.settings import EvaluationConfig
+    from deq_attacks.interfaces import DEQEstimator
+
+#: The threat model's norm names and pyautoattack's names for them (L-inf without a norm field).
+_NORMS = {"linf": "Linf", "inf": "Linf", "l-inf": "Linf", "l2": "L2"}
+
+
+def threat_norm(threat: ThreatModel) -> str:
+    """pyautoattack's name of the threat model's norm (``threat.norm`` if it has one, else
+    L-inf)."""
+    norm = str(getattr(threat, "norm", "Linf"))
+    if norm.lower() not in _NORMS:
+        raise ValueError(f"the transfer attack knows the norms Linf and L2, got {norm!r}")
+    return _NORMS[norm.lower()]
+
+
+class UnrolledSurrogate(nn.Module):
+    """The DEQ unrolled to ``depth`` steps as an explicit network: ``z_0`` from the DEQ, then
+    ``z_{t+1} = f(z_t; x)`` ``depth`` times, then the head; plain autograd through every step.
+    Inputs (B, ...) in [0, 1] go through the estimator's preprocessing first.
+
+    Args:
+        estimator: the model whose DEQ (f, injection, head) is unrolled; shared, not copied.
+        depth: the number of f applications, >= 1.
+    """
+
+    def __init__(self, estimator: DEQEstimator, depth: int) -> None:
+        super().__init__()
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"the surrogate's depth must be an int >= 1, got {depth!r}")
+        deq = estimator.deq
+        if not isinstance(deq, DEQModel):
+            raise TypeError(f"unrolling needs a DEQModel, got {type(deq).__name__}")
+        self.estimator = estimator
+        self.deq = deq
+        self.depth = depth
+
+    def forward(self, x: Tensor) -> Tensor:
+        processed, _ = self.estimator._apply_preprocessing(x, y=None, fit=False, no_grad=False)
+        self.deq.reset()
+        injection = self.deq.inject(processed)
+        z = self.deq.initial_state(injection).reshape(len(processed), -1)
+        for _ in range(self.depth):
+            z = self.deq.step(z, injection)
+        return self.deq.logits(z, injection).float()
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}"
+
+
+def load_surrogate(text: str, estimator: DEQEstimator) -> nn.Module:
+    """The user's surrogate named ``"package.module:attribute"``: the attribute itself if it is
+    an ``nn.Module``, else ``attribute(estimator)``, which must return one."""
+    module_name, sep, attr = text.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"surrogate {text!r}: expected 'package.module:attribute'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # the user's module may fail in any way while importing
+        raise ValueError(
+            f"cannot import {module_name!r} for the surrogate ({type(error).__name__}: {error})"
+        ) from None
+    if not hasattr(module, attr):
+        raise ValueError(f"{module_name!r} has no attribute {attr!r} (surrogate {text!r})")
+    found = getattr(module, attr)
+    if not isinstance(found, nn.Module):
+        if not callable(found):
+            raise ValueError(f"surrogate {text!r} is a {type(found).__name__}, not a module")
+        found = found(estimator)
+    if not isinstance(found, nn.Module):
+        raise TypeError(f"surrogate {text!r} returned {type(found).__name__}, not an nn.Module")
+    return found
+
+
+@contextmanager
+def _evaluating(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside, its own mode restored after."""
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
+
+
+@register_attack("transfer")
+@dataclass(frozen=True)
+class TransferAPGD(Attack):
+    """APGD-CE (``iterations`` iterations, one restart) on a surrogate, each sample's
+    highest-loss point kept (``perturb(best_loss=True)``); the examples are scored on every
+    defense of the model.
+
+    Args:
+        surrogate: an ``nn.Module`` (inputs in [0, 1] to logits), the text
+            ``"package.module:attribute"`` (see ``load_surrogate``), or None: the DEQ unrolled
+            to ``depth`` steps (``UnrolledSurrogate``).
+        depth: the unrolled surrogate's depth (None: the solver's threshold).
+        iterations: APGD iterations.
+        eot_draws: APGD's gradient averaged over this many draws per step (a randomized
+            surrogate; pyautoattack's ``eot_iter``).
+    """
+
+    label: ClassVar[str] = "transfer"
+    shared: ClassVar[bool] = True
+    uses_estimate: ClassVar[bool] = False
+    surrogate: nn.Module | str | None = None
+    depth: int | None = None
+    iterations: int = 100
+    eot_draws: int = 1
+
+    def __post_init__(self) -> None:
+        if not (self.surrogate is None or isinstance(self.surrogate, (nn.Module, str))):
+            raise TypeError(
+                f"surrogate must be an nn.Module, 'package.module:attribute' or None, got "
+                f"{self.surrogate!r}"
+            )
+        for name in ("iterations", "eot_draws"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"transfer {name} must be an int >= 1, got {value!r}")
+        if self.depth is not None and (
+            isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1
+        ):
+            raise ValueError(f"transfer depth must be an int >= 1 or None, got {self.depth!r}")
+        if self.depth is not None and self.surrogate is not None:
+            raise ValueError("a depth is for the unrolled surrogate; a user's surrogate has none")
+
+    @classmethod
+    def from_config(cls, config: EvaluationConfig) -> TransferAPGD:
+        return cls(config.transfer_surrogate or None, config.transfer_depth, config.aa_iterations)
+
+    def model_for(self, estimator: DEQEstimator) -> nn.Module:
+        """The surrogate over ``estimator``, on its device."""
+        if self.surrogate is None:
+            depth = self.depth if self.depth is not None else estimator.deq.solver.threshold
+            return UnrolledSurrogate(estimator, depth)
+        module = self.surrogate
+        if isinstance(module, str):
+            module = load_surrogate(module, estimator)
+        return module.to(estimator.device)
+
+    def run(
+        self,
+        model: DEQEstimator,
+        x: np.ndarray,
+        y: np.ndarray,
+        threat: ThreatModel,
+        seeds: SampleSeeds,
+    ) -> AttackOutput:
+        surrogate = self.model_for(model)
+        xt = torch.as_tensor(x, device=model.device)
+        yt = torch.as_tensor(y, device=model.device)
+        apgd = PerSampleAPGD(
+            surrogate, norm=threat_norm(threat), eps=threat.eps, n_iter=self.iterations,
+            n_restarts=1, eot_iter=self.eot_draws, rho=0.75, seed=seeds.shared_seed("transfer"),
+            device=xt.device,
+        )  # fmt: skip
+        apgd.loss = "ce"
+        # every sample's highest-loss point on the surrogate (APGD's best_loss), whether or
+        # not it fools the surrogate: what fools the defense is decided when scoring
+        with _evaluating(surrogate), apgd.seeded(xt, yt, seeds, "transfer"):
+            x_adv = apgd.perturb(xt, yt, best_loss=True)
+        return AttackOutput(x_adv.detach().cpu().numpy().astype(np.float32))
+
+    def describe(self, threat: ThreatModel) -> dict[str, Any]:
+        surrogate = self.surrogate
+        shown = (
+            f"DEQ unrolled ({'solver threshold' if self.depth is None else self.depth} steps)"
+            if surrogate is None
+            else surrogate if isinstance(surrogate, str) else type(surrogate).__name__
+        )
+        return {
+            "surrogate": shown, "attack": "APGD-CE", "budget": self.iterations,
+            "eot_draws": self.eot_draws, "norm": threat_norm(threat),
+        }  # fmt: skip
