@@ -169,17 +169,22 @@ class DEQ(DEQModel):
     ) -> Trajectory:
         """Reset, then run the forward solver from ``z_0`` without autograd; record the solve
         as ``last_trajectory`` and report divergence. ``steps`` (< threshold) stops the solver
-        after that many iterates (they equal the first iterates of a full solve). ``record``
-        keeps every evaluation of f with its autograd graph, for a backward that reuses them."""
+        after that many iterates (they equal the first iterates of a full solve); a randomized
+        threshold (``Solver.rand_delta``) is drawn for the full solve, then cut at ``steps``.
+        ``record`` keeps every evaluation of f with its autograd graph, for a backward that
+        reuses them."""
         self.reset()
         z0 = self.initial_state(injection).reshape(injection.shape[0], -1)
         solver = self.solver
+        limit = solver.draw_threshold()  # a randomized threshold is drawn for the full solve
         if steps is not None and steps < solver.threshold:
-            solver = dataclasses.replace(solver, threshold=steps)
+            solver = dataclasses.replace(solver, threshold=steps, rand_delta=0)
+        limit = min(limit, solver.threshold)
         if record is None:
-            trajectory = solver.solve(lambda z: self.step(z, injection), z0.detach(), keep)
+            fn = lambda z: self.step(z, injection)  # noqa: E731
         else:
-            trajectory = solver.solve(record.wrap(self.step, injection), z0.detach(), keep)
+            fn = record.wrap(self.step, injection)
+        trajectory = solver.solve(fn, z0.detach(), keep, limit=limit)
         self.last_trajectory = trajectory
         if trajectory.diverged.any():
             message = (

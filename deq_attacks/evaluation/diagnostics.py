@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deq_attacks.deq.convergence import RESIDUAL_LIMIT
-from deq_attacks.evaluation.settings import Mode
+from deq_attacks.evaluation.settings import EvaluationConfig, Mode
 
 if TYPE_CHECKING:
     from deq_attacks.deq.readout import Readout
@@ -157,10 +157,29 @@ PRECISION_MARGIN = 0.02
 """bf16 attacks whose accuracy differs from the same attack in fp32 by more than this flag."""
 
 
-def batch_and_randomness_check(numbers: Mapping[str, Any]) -> tuple[Check, Check]:
+RANDOMNESS_TOLERANCE = 1e-6
+"""Relative logit difference between two identical forwards above which the output counts as
+randomized."""
+
+
+def eot_draws_for(config: EvaluationConfig, numbers: Mapping[str, Any]) -> tuple[int, bool]:
+    """The EOT draws of the gradient columns and whether they were switched on: the config's
+    ``eot_draws``, or ``randomized_eot_draws`` when it is 1 and two identical forwards differed
+    (``measurements.repeated_forwards``)."""
+    randomized = numbers["relative_difference"] > RANDOMNESS_TOLERANCE
+    if randomized and config.eot_draws == 1 and config.randomized_eot_draws > 1:
+        return config.randomized_eot_draws, True
+    return config.eot_draws, False
+
+
+def batch_and_randomness_check(
+    numbers: Mapping[str, Any], randomness: Mapping[str, Any] | None = None
+) -> tuple[Check, Check]:
     """Does a sample's output depend on its batch (alone vs together, beyond the device's
     float tolerance ``BATCH_TOLERANCE``, or any prediction changes)? Do repeated forwards
-    differ? ``numbers``: ``measurements.batch_outputs``."""
+    differ? ``numbers``: ``measurements.batch_outputs``; ``randomness``: the protocol's check
+    before the columns (``repeated_forwards`` with ``eot_draws`` and ``switched_on``), whose
+    EOT decision the randomness check reports."""
     device = numbers["device"]
     tolerance = BATCH_TOLERANCE.get(device, max(BATCH_TOLERANCE.values()))
     batch_diff, flips = numbers["relative_difference"], numbers["prediction_changes"]
@@ -177,11 +196,26 @@ def batch_and_randomness_check(numbers: Mapping[str, Any]) -> tuple[Check, Check
             "tolerance": tolerance,
         },  # fmt: skip
     )
+    random_numbers: dict[str, Any] = {"relative_difference": random_diff}
+    message = f"relative logit difference between two identical forwards {random_diff:.1e}"
+    if randomness is not None:
+        random_diff = max(random_diff, randomness["relative_difference"])
+        random_numbers = {**random_numbers, "before_columns": dict(randomness)}
+        draws = randomness["eot_draws"]
+        if randomness["switched_on"]:
+            message += (
+                f" ({randomness['relative_difference']:.1e} before the columns, "
+                f"{randomness['prediction_changes']} of {randomness['samples']} predictions "
+                f"changed): EOT switched on, every gradient column averaged its gradient over "
+                f"{draws} draws per step"
+            )
+        elif draws > 1:
+            message += f"; every gradient column averaged its gradient over {draws} draws"
     random = Check(
         "randomized_output",
-        verdict(random_diff > 1e-6),
-        f"relative logit difference between two identical forwards {random_diff:.1e}",
-        {"relative_difference": random_diff},
+        verdict(random_diff > RANDOMNESS_TOLERANCE),
+        message,
+        random_numbers,
     )
     return batch, random
 
@@ -329,7 +363,7 @@ def judge(
     checks.append(large_eps_check(measured["large_eps"], config.large_eps))
     checks.append(accumulation_check(np.asarray(cells.ready_scores["states"], dtype=bool)))
     checks.append(forward_convergence_check(np.asarray(clean["residuals"], dtype=float)[:, -1]))
-    checks += batch_and_randomness_check(measured["batch"])
+    checks += batch_and_randomness_check(measured["batch"], measured.get("randomness"))
     checks.append(gradient_health_check(measured["gradients"]))
     checks.append(exact_backward_check(measured["exact_backward"]))
     if "alignment" in measured:

@@ -51,6 +51,19 @@ def batch_outputs(estimator: DEQEstimator, x: np.ndarray, batch_size: int) -> di
     }
 
 
+def repeated_forwards(estimator: DEQEstimator, x: np.ndarray, batch_size: int) -> dict[str, Any]:
+    """Two identical forwards of ``x``: their largest logit difference relative to the largest
+    logit, and how many predictions change (a randomized model's outputs differ)."""
+    first = estimator.predict(x, batch_size=batch_size)
+    again = estimator.predict(x, batch_size=batch_size)
+    scale = np.abs(first).max() + 1e-12
+    return {
+        "relative_difference": float(np.abs(first - again).max() / scale),
+        "prediction_changes": int((first.argmax(1) != again.argmax(1)).sum()),
+        "samples": len(x),
+    }
+
+
 def gradient_health(
     estimator: DEQEstimator, estimates: Mapping[str, GradientEstimate], x: np.ndarray, y: np.ndarray
 ) -> dict[str, dict[str, list[int]]]:
@@ -159,6 +172,7 @@ def measure(
         ctx.say(f"measurements: the ready-made PGD in fp32 beside {config.precision}")
         fp32 = _ready_pgd(ctx, "measure/fp32", defenses, ctx.threat, None, "fp32")
         out.update(fp32=fp32, fp32_column=f"{READY_MADE} PGD")
+    out["randomness"] = ctx.store.get("randomness")
     ctx.say("measurements: batch dependence, gradients, Exact backward, spectral radius")
     stored = {
         "batch": lambda: batch_outputs(ctx.estimator, x, ctx.batch),
@@ -192,6 +206,7 @@ def _ready_pgd(
             x_adv = fixed_step_pgd(
                 ctx.estimator, ctx.ready, ctx.x[part], ctx.y[part], threat, steps=steps,
                 seed=SampleSeeds(config.seed, "pgd", part), compile_backend=config.compile_backend,
+                eot_draws=config.eot_draws,
             )  # fmt: skip
         scores = score_readouts(ctx.estimator, x_adv, ctx.y[part], defenses, len(part))
         return {"index": part, **{k: v for k, v in scores.items() if k.startswith("defense/")}}

@@ -2,6 +2,9 @@
 
 Named steps over one ``RunContext``:
 
+0. ``eot_config`` (untimed): two identical forwards of a few test samples; if they differ (a
+   randomized model) and ``eot_draws`` is 1, every gradient column and measurement PGD runs
+   with ``randomized_eot_draws`` draws per step (expectation over transformation).
 1. ``early_exit``: on the development split, the ready-made PGD (training gradient) scores
    every iterate z_n; the early exit n* is the most robust one (chosen once, then fixed).
 2. ``sweep``: on the development split, the sweep of intermediate attacks over every
@@ -27,6 +30,7 @@ of the same store) go into the report.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,9 +43,9 @@ from deq_attacks.evaluation.aggregate import choose_early_exit
 from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells
 from deq_attacks.evaluation.columns import BPTT, protocol_columns, protocol_estimates
 from deq_attacks.evaluation.context import RunContext, arrays, check_split
-from deq_attacks.evaluation.diagnostics import judge
+from deq_attacks.evaluation.diagnostics import eot_draws_for, judge
 from deq_attacks.evaluation.distributed import Shards
-from deq_attacks.evaluation.measurements import measure
+from deq_attacks.evaluation.measurements import measure, repeated_forwards
 from deq_attacks.evaluation.result import EvaluationReport, build_report
 from deq_attacks.evaluation.settings import EvaluationConfig, Mode
 from deq_attacks.evaluation.shared_runs import clean_scores, shared_pgd_scores
@@ -117,6 +121,7 @@ def evaluate_model(
             estimator, x, y, x_dev, y_dev, config, store, shards, say, log,
             ready_made(deq.training_gradient),
         )  # fmt: skip
+        config = ctx.config = eot_config(ctx)
         with ctx.step("early_exit"):
             dev = early_exit(ctx)
         defenses: dict[str, Readout] = {
@@ -146,6 +151,27 @@ def evaluate_model(
         ctx, fingerprint, dev, defenses, (chosen, sweep, plan), estimates, columns, clean,
         cells, checks, convergence,
     )  # fmt: skip
+
+
+def eot_config(ctx: RunContext) -> EvaluationConfig:
+    """The config of the gradient columns and measurements: ``eot_draws`` raised to
+    ``randomized_eot_draws`` when two identical forwards of the first ``diagnostic_samples``
+    test samples differ (``diagnostics.eot_draws_for``); the decision is stored."""
+    config = ctx.config
+    numbers = ctx.store.get("randomness")
+    if numbers is None:
+        few = slice(0, min(config.diagnostic_samples, len(ctx.x)))
+        numbers = repeated_forwards(ctx.estimator, ctx.x[few], ctx.batch)
+        draws, switched = eot_draws_for(config, numbers)
+        decision = {"eot_draws": draws, "switched_on": switched}
+        numbers = ctx.store.put("randomness", {**numbers, **decision})
+    if numbers["switched_on"]:
+        ctx.say(
+            "randomized output (two identical forwards differ by "
+            f"{numbers['relative_difference']:.1e}): EOT on, {numbers['eot_draws']} draws per "
+            "gradient step"
+        )
+    return dataclasses.replace(config, eot_draws=int(numbers["eot_draws"]))
 
 
 def early_exit(ctx: RunContext) -> dict[str, Any]:

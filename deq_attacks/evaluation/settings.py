@@ -153,6 +153,13 @@ class EvaluationConfig:
     to logits) or a function of the estimator returning one."""
     transfer_depth: int | None = None
     """Steps of the unrolled surrogate (null: the solver's threshold)."""
+    eot_draws: int = 1
+    """Expectation over transformation: every gradient column averages its gradient over this
+    many draws per step (1: one draw, the plain gradient)."""
+    randomized_eot_draws: int = 20
+    """The draws every gradient column uses when eot_draws is 1 and two identical forwards of
+    the model differ (a randomized output; AutoAttack's rand version uses 20); 1: never switch
+    EOT on."""
     long_steps: int = 100
     """PGD steps of the more-steps check."""
     large_eps: float = 0.5
@@ -198,7 +205,9 @@ class EvaluationConfig:
             raise ValueError(
                 f"transfer_depth must be an int >= 1 or None, got {self.transfer_depth!r}"
             )
-        for name in ("square_queries", "long_steps", "diagnostic_samples"):
+        counts = ("square_queries", "long_steps", "diagnostic_samples", "eot_draws",
+                  "randomized_eot_draws")  # fmt: skip
+        for name in counts:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")

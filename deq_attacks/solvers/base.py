@@ -43,12 +43,17 @@ class Solver(ABC):
             0 runs every sample for ``threshold`` steps unless it reaches an exact fixed point.
         stop_mode: compare the absolute or the relative residual to ``tol``.
         return_best: the answer is each sample's lowest-residual iterate (else its last one).
+        rand_delta: a randomized threshold: each solve runs at most ``threshold - d`` steps, d
+            drawn uniformly from 0..rand_delta by torch's global generator, once per solve (the
+            paper's training configs' ``RAND_F_THRES_DELTA``); 0: the threshold is fixed.
+            Iterates past the drawn threshold are frozen copies of its last one.
     """
 
     threshold: int = 8
     tol: float = 1e-3
     stop_mode: StopMode = StopMode.REL
     return_best: bool = True
+    rand_delta: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, int):
@@ -57,6 +62,13 @@ class Solver(ABC):
             raise ValueError(f"threshold must be at least 1, got {self.threshold}")
         if not isinstance(self.tol, (int, float)) or not math.isfinite(self.tol) or self.tol < 0:
             raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
+        if isinstance(self.rand_delta, bool) or not isinstance(self.rand_delta, int):
+            raise TypeError(f"rand_delta must be an int, got {type(self.rand_delta).__name__}")
+        if not 0 <= self.rand_delta < self.threshold:
+            raise ValueError(
+                f"rand_delta must be in 0..threshold-1 = 0..{self.threshold - 1} (the drawn "
+                f"threshold is at least 1), got {self.rand_delta}"
+            )
         if not isinstance(self.stop_mode, StopMode):
             try:
                 object.__setattr__(self, "stop_mode", StopMode(self.stop_mode))
@@ -87,6 +99,13 @@ class Solver(ABC):
         iterates (``_Recorder.workspace``); they are allocated together with those iterates."""
         return 0
 
+    def draw_threshold(self) -> int:
+        """The most steps one solve may run: ``threshold``, or with ``rand_delta`` the
+        threshold less a uniform draw from 0..rand_delta (torch's global generator)."""
+        if not self.rand_delta:
+            return self.threshold
+        return self.threshold - int(torch.randint(0, self.rand_delta + 1, ()).item())
+
     def solve(
         self,
         fn: FixedPointMap,
@@ -95,6 +114,7 @@ class Solver(ABC):
         *,
         differentiable: bool = False,
         checkpoint: bool = False,
+        limit: int | None = None,
     ) -> Trajectory:
         """Solve ``z = fn(z)`` from ``z0`` (B, d), by default without recording autograd.
 
@@ -110,6 +130,8 @@ class Solver(ABC):
                 residuals are recorded detached. Memory grows linearly with the steps run.
             checkpoint: with ``differentiable``, recompute each evaluation of ``fn`` in the
                 backward instead of keeping its activations (``torch.utils.checkpoint``).
+            limit: stop every sample after this many steps (None: ``draw_threshold()``, the
+                threshold unless it is randomized); the trajectory keeps ``threshold``.
         """
         if not isinstance(z0, Tensor) or z0.dim() != 2:
             shape = tuple(z0.shape) if isinstance(z0, Tensor) else type(z0).__name__
@@ -122,11 +144,16 @@ class Solver(ABC):
             raise ValueError(
                 "checkpoint=True needs differentiable=True (it recomputes f in the backward)"
             )
+        limit = self.draw_threshold() if limit is None else limit
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, got {limit!r}")
         if differentiable:
             with torch.enable_grad():
-                return self._solve(_Recorder(self, fn, z0, keep, differentiable, checkpoint))
+                return self._solve(
+                    _Recorder(self, fn, z0, keep, differentiable, checkpoint, limit=limit)
+                )
         with torch.no_grad():
-            return self._solve(_Recorder(self, fn, z0, keep))
+            return self._solve(_Recorder(self, fn, z0, keep, limit=limit))
 
     @abstractmethod
     def _solve(self, rec: _Recorder) -> Trajectory:
@@ -158,8 +185,10 @@ class _Recorder:
         keep: bool | Collection[int],
         differentiable: bool = False,
         checkpoint: bool = False,
+        limit: int | None = None,
     ) -> None:
         self.solver = solver
+        self.limit = solver.threshold if limit is None else limit
         self.differentiable = differentiable
         self._checkpoint = checkpoint
         self._fn = fn
@@ -313,6 +342,9 @@ class _Recorder:
         slot = self._kept_slot.get(n)
         if slot is not None:
             self.states[n] = self.z if self._kept is None else self._kept[slot].copy_(self.z)
+        if n >= self.limit and self.any_active:  # a drawn threshold: every sample stops here
+            self.active = torch.zeros_like(self.active)
+            self.any_active = self._all_active = False
         return took
 
     def _add_to_sum(self, z: Tensor, took: Tensor | None = None) -> None:

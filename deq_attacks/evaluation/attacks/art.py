@@ -8,6 +8,10 @@ global generator for a whole batch; here each sample is attacked in its own call
 seeded from the sample's seeds, so its result does not depend on its batch (one sample per
 call is slower; these columns are not in the default list). ART converts logits to numpy, so
 these columns run in float32 only.
+
+With ``eot_draws`` > 1 ART attacks a ``PyTorchClassifier`` over ``DefendedModel(draws=)``: ART
+builds its own classifier over the module and never averages gradients itself, so its loss is
+taken at the mean logits of that many draws (their Jacobian is the mean of the draws').
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import torch
 from art.attacks.evasion import AutoAttack as ArtAutoAttack
 from art.attacks.evasion import AutoProjectedGradientDescent, DeepFool, SquareAttack
+from art.estimators.classification import PyTorchClassifier
 
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
+from deq_attacks.evaluation.attacks.defended import DefendedModel
 from deq_attacks.evaluation.attacks.seeds import SampleSeeds
 from deq_attacks.evaluation.threat import ThreatModel
 
@@ -35,10 +42,22 @@ class _PerSampleArt(Attack):
     """An ART evasion attack run one sample at a time, numpy seeded per sample."""
 
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    eot_draws: int
 
     @abstractmethod
-    def build(self, model: DEQEstimator, threat: ThreatModel) -> EvasionAttack:
+    def build(self, model: PyTorchClassifier, threat: ThreatModel) -> EvasionAttack:
         """The ART attack over ``model`` (batch size 1)."""
+
+    def target(self, model: DEQEstimator) -> PyTorchClassifier:
+        """``model``, or with ``eot_draws`` > 1 a classifier over the mean logits of that many
+        draws (inputs in [0, 1], the estimator's preprocessing inside)."""
+        if self.eot_draws == 1:
+            return model
+        return PyTorchClassifier(
+            DefendedModel(model, self.eot_draws), torch.nn.CrossEntropyLoss(),
+            model.input_shape, model.nb_classes, clip_values=(0.0, 1.0),
+            device_type="gpu" if model.device.type == "cuda" else "cpu",
+        )  # fmt: skip
 
     def run(
         self,
@@ -48,7 +67,7 @@ class _PerSampleArt(Attack):
         threat: ThreatModel,
         seeds: SampleSeeds,
     ) -> AttackOutput:
-        attack = self.build(model, threat)
+        attack = self.build(self.target(model), threat)
         labels = np.eye(model.nb_classes, dtype=np.float32)[y]
         x_adv = np.empty_like(x)
         state = np.random.get_state()
@@ -66,13 +85,14 @@ class _ArtAPGD(_PerSampleArt):
     """ART's APGD with ``steps`` iterations (None: the threat model's) and ``loss``."""
 
     steps: int | None = None
+    eot_draws: int = 1
     loss: ClassVar[str]
 
     @classmethod
     def from_config(cls, config: EvaluationConfig) -> _ArtAPGD:
-        return cls(config.steps)
+        return cls(config.steps, config.eot_draws)
 
-    def build(self, model: DEQEstimator, threat: ThreatModel) -> EvasionAttack:
+    def build(self, model: PyTorchClassifier, threat: ThreatModel) -> EvasionAttack:
         return AutoProjectedGradientDescent(
             model, norm=np.inf, eps=threat.eps, eps_step=threat.step,
             max_iter=self.budget(threat), batch_size=1, loss_type=self.loss, verbose=False,
@@ -82,7 +102,10 @@ class _ArtAPGD(_PerSampleArt):
         return threat.steps if self.steps is None else self.steps
 
     def describe(self, threat: ThreatModel) -> dict[str, Any]:
-        return {"budget": self.budget(threat), "step": threat.step, "loss": self.loss}
+        return {
+            "budget": self.budget(threat), "step": threat.step, "loss": self.loss,
+            "eot_draws": self.eot_draws,
+        }  # fmt: skip
 
 
 @register_attack("apgd-ce")
@@ -112,12 +135,13 @@ class ArtAutoAttackList(_PerSampleArt):
 
     label: ClassVar[str] = "ART-AA"
     steps: int | None = None
+    eot_draws: int = 1
 
     @classmethod
     def from_config(cls, config: EvaluationConfig) -> ArtAutoAttackList:
-        return cls(config.steps)
+        return cls(config.steps, config.eot_draws)
 
-    def build(self, model: DEQEstimator, threat: ThreatModel) -> EvasionAttack:
+    def build(self, model: PyTorchClassifier, threat: ThreatModel) -> EvasionAttack:
         if self.steps is None:
             return ArtAutoAttack(model, norm=np.inf, eps=threat.eps, eps_step=threat.step,
                                  batch_size=1)  # fmt: skip
@@ -145,4 +169,4 @@ class ArtAutoAttackList(_PerSampleArt):
 
     def describe(self, threat: ThreatModel) -> dict[str, Any]:
         budget = "ART defaults (APGD 100)" if self.steps is None else self.steps
-        return {"budget": budget, "step": threat.step}
+        return {"budget": budget, "step": threat.step, "eot_draws": self.eot_draws}

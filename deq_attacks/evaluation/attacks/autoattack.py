@@ -63,9 +63,13 @@ def build_standard(
     num_classes: int,
     seed: int,
     device: torch.device | str,
+    eot_draws: int = 1,
+    fab_model: nn.Module | Callable[[Tensor], Tensor] | None = None,
 ) -> AutoAttack:
     """``AutoAttack(version="standard")`` on ``model``, with ``settings`` applied and the
-    per-sample APGD, APGD-T and Square."""
+    per-sample APGD, APGD-T and Square. ``eot_draws`` is APGD's and APGD-T's ``eot_iter`` (their
+    gradient averaged over that many draws per step, as AutoAttack's "rand" version does);
+    ``fab_model`` is the model FAB-T differentiates (default ``model``)."""
     if num_classes < 4:
         raise ValueError(f"the standard AutoAttack needs >= 4 classes (DLR-T), got {num_classes}")
     attack = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
@@ -74,13 +78,15 @@ def build_standard(
     # APGD derives its step-size checkpoints from n_iter in its constructor: build anew
     attack.apgd = PerSampleAPGD(
         attack.model, n_restarts=1, n_iter=settings.iterations, eps=eps, norm="Linf",
-        eot_iter=1, rho=0.75, seed=seed, device=device, logger=attack.logger,
+        eot_iter=eot_draws, rho=0.75, seed=seed, device=device, logger=attack.logger,
     )  # fmt: skip
     attack.apgd_targeted = PerSampleAPGDTargeted(
         attack.model, n_restarts=1, n_iter=settings.iterations, eps=eps, norm="Linf",
-        eot_iter=1, rho=0.75, seed=seed, device=device, logger=attack.logger,
+        eot_iter=eot_draws, rho=0.75, seed=seed, device=device, logger=attack.logger,
         n_target_classes=targets,
     )  # fmt: skip
+    if fab_model is not None:
+        attack.fab.predict = fab_model
     attack.fab.n_iter = settings.iterations
     attack.fab.n_target_classes = targets
     attack.square = PerSampleSquare(
@@ -115,6 +121,8 @@ def run_standard_autoattack(
     settings: AutoAttackSettings,
     num_classes: int,
     seeds: SampleSeeds | int = 0,
+    eot_draws: int = 1,
+    fab_model: nn.Module | Callable[[Tensor], Tensor] | None = None,
 ) -> AutoAttackOutcome:
     """The standard AutoAttack on one batch, recording each attack's per-sample result.
 
@@ -126,12 +134,16 @@ def run_standard_autoattack(
         num_classes: number of classes of the model.
         seeds: the per-sample seeds of the batch, or an int: sample i of this batch then
             draws from (seed, i).
+        eot_draws, fab_model: expectation over transformation (``build_standard``).
     """
     if not isinstance(seeds, SampleSeeds):
         seeds = SampleSeeds.first(int(seeds), "autoattack", len(x))
     if len(seeds) != len(x):
         raise ValueError(f"{len(seeds)} seeds for {len(x)} samples")
-    attack = build_standard(model, eps, settings, num_classes, seeds.shared_seed("aa"), x.device)
+    attack = build_standard(
+        model, eps, settings, num_classes, seeds.shared_seed("aa"), x.device, eot_draws,
+        fab_model,
+    )  # fmt: skip
     with torch.no_grad():
         robust = model(x).argmax(1) == y
     broken_by = np.where(robust.cpu().numpy(), "", "clean").astype(object)
@@ -162,14 +174,18 @@ class StandardAutoAttack(Attack):
     """The standard AutoAttack with the column's estimate, against the view's defense.
 
     Extras per sample: ``after/<attack>`` (survival after each of its four attacks) and
-    ``broken_by`` (the attack that first broke it)."""
+    ``broken_by`` (the attack that first broke it). With ``eot_draws`` > 1, APGD-CE and APGD-T
+    average their loss gradient over that many draws per step (``eot_iter``) and FAB-T
+    differentiates the mean logits of that many draws (``DefendedModel(draws=)``); whether
+    an attack succeeded is judged on one draw, as AutoAttack judges it."""
 
     label: ClassVar[str] = "AA"
     settings: AutoAttackSettings = field(default_factory=AutoAttackSettings)
+    eot_draws: int = 1
 
     @classmethod
     def from_config(cls, config: EvaluationConfig) -> StandardAutoAttack:
-        return cls(config.autoattack_settings)
+        return cls(config.autoattack_settings, config.eot_draws)
 
     def run(
         self,
@@ -181,12 +197,14 @@ class StandardAutoAttack(Attack):
     ) -> AttackOutput:
         xt = torch.as_tensor(x, device=model.device)
         yt = torch.as_tensor(y, device=model.device)
+        fab = DefendedModel(model, self.eot_draws) if self.eot_draws > 1 else None
         outcome = run_standard_autoattack(
-            DefendedModel(model), xt, yt, threat.eps, self.settings, model.nb_classes, seeds
-        )
+            DefendedModel(model), xt, yt, threat.eps, self.settings, model.nb_classes, seeds,
+            self.eot_draws, fab,
+        )  # fmt: skip
         extras = {f"after/{k}": v for k, v in outcome.after.items()}
         extras["broken_by"] = outcome.broken_by
         return AttackOutput(outcome.x_adv, extras)
 
     def describe(self, threat: ThreatModel) -> dict[str, Any]:
-        return {"autoattack": self.settings.describe()}
+        return {"autoattack": self.settings.describe(), "eot_draws": self.eot_draws}

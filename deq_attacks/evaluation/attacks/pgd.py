@@ -24,6 +24,7 @@ from torch import Tensor
 from deq_attacks.acceleration import compiled_f
 from deq_attacks.deq import DEQ
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
+from deq_attacks.evaluation.attacks.defended import check_draws
 from deq_attacks.evaluation.attacks.seeds import SampleSeeds
 from deq_attacks.evaluation.threat import ThreatModel
 from deq_attacks.gradients import GradientEstimate
@@ -81,6 +82,7 @@ def fixed_step_pgd(
     steps: int | None = None,
     seed: int | SampleSeeds = 0,
     compile_backend: str = "",
+    eot_draws: int = 1,
 ) -> np.ndarray:
     """Adversarial examples (B, ...) by ``steps`` signed-gradient steps of size ``threat.step``
     (the threat model's steps by default) from a random start (if the threat model asks for
@@ -93,7 +95,10 @@ def fixed_step_pgd(
         seed: the per-sample seeds of the batch, or an int: row j then starts from (seed, j).
         compile_backend: run the step and f through ``torch.compile`` with this backend
             ("" runs them as they are).
+        eot_draws: expectation over transformation: each step's gradient is the mean of this
+            many ``loss_gradient`` calls (a randomized model draws anew in each); 1 is one call.
     """
+    check_draws(eot_draws)
     steps = threat.steps if steps is None else steps
     seeds = seed if isinstance(seed, SampleSeeds) else SampleSeeds.first(int(seed), "pgd", len(x))
     if len(seeds) != len(x):
@@ -111,6 +116,12 @@ def fixed_step_pgd(
     for _ in range(steps):
         grad = model.loss_gradient(x_adv, labels)
         assert isinstance(grad, torch.Tensor)
+        for _ in range(eot_draws - 1):
+            draw = model.loss_gradient(x_adv, labels)
+            assert isinstance(draw, torch.Tensor)
+            grad = grad + draw
+        if eot_draws > 1:
+            grad = grad / eot_draws
         x_adv = step_fn(x_adv, grad.to(x_adv.dtype), x0, threat.eps, threat.step)
     return x_adv.cpu().numpy()
 
@@ -124,16 +135,18 @@ class FixedStepPGD(Attack):
     Args:
         steps: iterations (None: the threat model's).
         compile_backend: ``torch.compile`` backend of the step and f ("": none).
+        eot_draws: gradients averaged per step (``fixed_step_pgd``).
     """
 
     label: ClassVar[str] = "PGD"
     shared: ClassVar[bool] = True
     steps: int | None = None
     compile_backend: str = ""
+    eot_draws: int = 1
 
     @classmethod
     def from_config(cls, config: EvaluationConfig) -> FixedStepPGD:
-        return cls(config.steps, config.compile_backend)
+        return cls(config.steps, config.compile_backend, config.eot_draws)
 
     def run(
         self,
@@ -145,7 +158,7 @@ class FixedStepPGD(Attack):
     ) -> AttackOutput:
         x_adv = fixed_step_pgd(
             model, model.gradient_estimate, x, y, threat, steps=self.steps, seed=seeds,
-            compile_backend=self.compile_backend,
+            compile_backend=self.compile_backend, eot_draws=self.eot_draws,
         )  # fmt: skip
         return AttackOutput(x_adv)
 
@@ -156,4 +169,5 @@ class FixedStepPGD(Attack):
             "random_start": threat.random_start,
             "restarts": 1,
             "compile_backend": self.compile_backend or None,
+            "eot_draws": self.eot_draws,
         }

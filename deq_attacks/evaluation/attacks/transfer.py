@@ -159,7 +159,10 @@ class TransferAPGD(Attack):
 
     @classmethod
     def from_config(cls, config: EvaluationConfig) -> TransferAPGD:
-        return cls(config.transfer_surrogate or None, config.transfer_depth, config.aa_iterations)
+        return cls(
+            config.transfer_surrogate or None, config.transfer_depth, config.aa_iterations,
+            config.eot_draws,
+        )  # fmt: skip
 
     def model_for(self, estimator: DEQEstimator) -> nn.Module:
         """The surrogate over ``estimator``, on its device."""
