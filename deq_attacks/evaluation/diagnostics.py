@@ -1,7 +1,10 @@
 """Diagnostics with verdicts: each check says "pass" or "flag" and gives its numbers.
 
 Signals of gradient obfuscation (Athalye et al. 2018; Carlini et al. 2019; Croce & Hein 2020's
-flags) and of an unreliable forward or backward solve, per sample where the check is per sample.
+flags), the indicators of attack failure (Pintor et al. 2022: silent success, incomplete
+optimisation, unstable predictions, transfer failure, the unconstrained attack), Carlini et
+al.'s random-noise baseline, AutoAttack's dynamic-defense check, and signals of an unreliable
+forward or backward solve, per sample where the check is per sample.
 A check judges the numbers it is given (the protocol's cells and ``measurements``); it runs no
 attack and computes no gradient.
 """
@@ -102,12 +105,15 @@ def more_steps_check(
 
 
 def large_eps_check(scores: Mapping[str, np.ndarray], eps: float) -> Check:
-    """At a large eps, does the accuracy fall to about 0 for every defense?"""
+    """At a large eps, does the accuracy fall to about 0 for every defense? (Pintor et al.'s
+    unconstrained-attack indicator: an attack that cannot break the model with a budget this
+    large is failing, not meeting a robust model.)"""
     numbers = {d: float(v.mean()) for d, v in scores.items()}
     high = {d: a for d, a in numbers.items() if a > LARGE_EPS_LIMIT}
     accuracies = ", ".join(f"{d} {100 * a:.1f}%" for d, a in numbers.items())
     message = (
-        f"accuracy stays above {LARGE_EPS_LIMIT:.0%} at eps={eps} ({accuracies})"
+        f"accuracy stays above {LARGE_EPS_LIMIT:.0%} at eps={eps} ({accuracies}): the "
+        "unconstrained attack fails, so the attack, not the model, is at fault"
         if high
         else f"accuracy falls to <= {LARGE_EPS_LIMIT:.0%} at eps={eps} ({accuracies})"
     )
@@ -330,6 +336,144 @@ def alignment_check(
     return Check("gradient_alignment", verdict(bool(flagged)), message, dict(numbers))
 
 
+INCOMPLETE_MARGIN = 0.05
+"""A sample whose attack loss reaches a new best in the last fifth of the steps, by more than
+this fraction of its loss range, is still being optimised when the attack stops."""
+
+
+def silent_success_check(
+    path: Mapping[str, list[list[Any]]], reported: Mapping[str, Mapping[str, list[int]]]
+) -> Check:
+    """Silent success (Pintor et al. 2022): the ready-made PGD's path passed a point the
+    defended model misclassifies but ended at one it classifies correctly (``path``:
+    ``measurements.attack_path``); and, per column that records its own verdict (AutoAttack's
+    survival), samples whose recorded verdict and the protocol's scoring of the same example
+    disagree (``reported``: column key -> ``{"reported_broken_scored_correct": [...],
+    "reported_robust_scored_wrong": [...]}``)."""
+    correct = np.asarray(path["correct"], dtype=bool)
+    silent = np.flatnonzero((~correct[:, :-1]).any(axis=1) & correct[:, -1]).tolist()
+    disagree = {k: v for k, v in reported.items() if any(v.values())}
+    parts = [
+        f"{len(silent)} of {len(correct)} samples' ready-made PGD path crossed a misclassified "
+        f"point but ended correct ({correct.shape[1] - 1} steps)"
+    ]
+    if disagree:
+        parts.append(
+            "the attack's own verdict and the scoring disagree for "
+            + ", ".join(f"{k} ({sum(map(len, v.values()))})" for k, v in disagree.items())
+        )
+    flagged = bool(silent or disagree)
+    message = "; ".join(parts) + (": the attack returns the wrong point" if flagged else "")
+    numbers = {"path_samples": silent, "steps": correct.shape[1] - 1, "columns": dict(reported)}
+    return Check("silent_success", verdict(flagged), message, numbers)
+
+
+def incomplete_optimisation_check(path: Mapping[str, list[list[Any]]]) -> Check:
+    """Incomplete optimisation (Pintor et al. 2022): samples the ready-made PGD left correct
+    whose loss still reached a new best in the last fifth of the steps (by more than
+    ``INCOMPLETE_MARGIN`` of the sample's loss range): more steps would have gone further."""
+    loss = np.asarray(path["loss"], dtype=float)
+    correct = np.asarray(path["correct"], dtype=bool)
+    steps = loss.shape[1] - 1
+    tail = max(1, steps // 5)
+    span = loss.max(axis=1) - loss.min(axis=1)
+    gain = loss[:, -tail:].max(axis=1) - loss[:, :-tail].max(axis=1)
+    rising = correct[:, -1] & (span > 0) & (gain > INCOMPLETE_MARGIN * span)
+    samples = np.flatnonzero(rising).tolist()
+    message = (
+        f"{len(samples)} of {int(correct[:, -1].sum())} samples left correct by the ready-made "
+        f"PGD-{steps} still raised their loss in the last {tail} steps (new best by over "
+        f"{INCOMPLETE_MARGIN:.0%} of its range)"
+        + (": the optimisation was incomplete; more steps or a larger step" if samples else "")
+    )
+    numbers = {"samples": samples, "steps": steps, "tail": tail, "gain": gain.tolist()}
+    return Check("incomplete_optimisation", verdict(bool(samples)), message, numbers)
+
+
+def unstable_predictions_check(numbers: Mapping[str, Any]) -> Check:
+    """Unstable predictions (Pintor et al. 2022): a clean prediction that changes under
+    uniform noise far below the eps (``measurements.unstable_predictions``)."""
+    changes = np.asarray(numbers["changes"], dtype=int)
+    samples = np.flatnonzero(changes > 0).tolist()
+    message = (
+        f"{len(samples)} of {len(changes)} clean predictions change under uniform noise of "
+        f"{numbers['noise']:.2g} ({numbers['draws']} draws each)"
+        + (": the output is unstable, so gradients are unreliable" if samples else "")
+    )
+    return Check(
+        "unstable_predictions", verdict(bool(samples)), message,
+        {**dict(numbers), "samples": samples},
+    )  # fmt: skip
+
+
+def noise_baseline_check(
+    noise: Mapping[str, np.ndarray], robust: Mapping[str, np.ndarray], eps: float
+) -> Check:
+    """Carlini et al.'s random-noise baseline: per defense, samples that uniform noise at the
+    eps misclassifies but every attack left robust (``robust``: the per-sample verdict); any
+    means the attacks do worse than noise there."""
+    numbers = {}
+    for defense, survived in robust.items():
+        beaten = np.flatnonzero(~noise[defense] & survived).tolist()
+        numbers[defense] = {
+            "noise_accuracy": float(noise[defense].mean()),
+            "attack_accuracy": float(survived.mean()),
+            "broken_by_noise_only": beaten,
+        }
+    flagged = [d for d, v in numbers.items() if v["broken_by_noise_only"]]
+    pairs = ", ".join(
+        f"{d} {100 * v['noise_accuracy']:.1f} vs {100 * v['attack_accuracy']:.1f}%"
+        for d, v in numbers.items()
+    )
+    message = f"accuracy under uniform noise at eps={eps:g} vs under every attack: {pairs}" + (
+        "; uniform noise breaks samples that every attack left robust for "
+        + ", ".join(f"{d} ({len(numbers[d]['broken_by_noise_only'])})" for d in flagged)
+        if flagged
+        else ""
+    )
+    return Check("random_noise_baseline", verdict(bool(flagged)), message, {"eps": eps, **numbers})
+
+
+def transfer_failure_check(
+    transfer: Mapping[str, np.ndarray], white_box: Mapping[str, Mapping[str, np.ndarray]]
+) -> Check:
+    """Transfer attack beats white-box: per defense, samples the transfer column broke that
+    every white-box gradient column left correct (``transfer``: defense -> its cells;
+    ``white_box``: defense -> column -> cells; 1 correct, 0 broken)."""
+    numbers = {}
+    for defense, cells in transfer.items():
+        columns = list(white_box[defense].values())
+        held = np.all([c == 1 for c in columns], axis=0) if columns else np.ones_like(cells, bool)
+        numbers[defense] = np.flatnonzero((cells == 0) & held).tolist()
+    flagged = {d: v for d, v in numbers.items() if v}
+    message = (
+        "the transfer attack broke samples every white-box gradient attack left correct: "
+        + ", ".join(f"{d} {len(v)}" for d, v in flagged.items())
+        + ": the white-box gradients are obfuscated"
+        if flagged
+        else "the transfer attack broke no sample that every white-box gradient attack left "
+        "correct"
+    )
+    return Check("transfer_beats_white_box", verdict(bool(flagged)), message, numbers)
+
+
+def dynamic_defense_check(numbers: Mapping[str, Any]) -> Check:
+    """AutoAttack's dynamic-defense check: gradient calls (``grad``, ``backward``,
+    ``_make_grads``) inside one forward of the defended model (``measurements.dynamic_calls``)."""
+    calls = dict(numbers["calls"])
+    flagged = any(v > 0 for v in calls.values())
+    message = (
+        "gradient calls inside one forward of the defended model: "
+        + ", ".join(f"{k} {v}" for k, v in calls.items())
+        + (
+            ": a dynamic defense; attack it adaptively (through its inner steps, BPDA, EOT)"
+            if flagged
+            else ""
+        )
+    )
+    return Check("dynamic_defense", verdict(flagged), message, dict(numbers))
+
+
 def _fmt(value: object) -> str:
     return "n/a" if value is None else f"{float(value):.2f}"  # type: ignore[arg-type]
 
@@ -369,10 +513,53 @@ def judge(
     if "alignment" in measured:
         checks.append(alignment_check(measured["alignment"]))
     checks.append(spectral_radius_check(np.asarray(measured["spectral_radius"])))
+    checks += failure_indicators(ctx, defenses, columns, cells, clean, measured)
     if "fp32" in measured:
         bf16 = {d: float(short[d].mean()) for d in defenses}
         fp32 = {d: float(measured["fp32"][d].mean()) for d in defenses}
         checks.append(precision_check(bf16, fp32, measured["fp32_column"]))
+    return checks
+
+
+def failure_indicators(
+    ctx: RunContext,
+    defenses: Mapping[str, Readout],
+    columns: Sequence[Column],
+    cells: Cells,
+    clean: Mapping[str, np.ndarray],
+    measured: Mapping[str, Any],
+) -> list[Check]:
+    """The indicators of attack failure and the baselines, from the cells and measurements:
+    silent success, incomplete optimisation, unstable predictions, the random-noise baseline,
+    transfer beating white-box (with a transfer column) and the dynamic-defense check."""
+    reported = {}
+    for key, extra in cells.extras.items():
+        defense, _, column = key.partition("/")
+        final = extra.get("after/square")
+        if final is None or column not in cells.survived.get(defense, {}):
+            continue
+        scored = cells.survived[defense][column]
+        said = [i for i, v in enumerate(final) if v is not None and bool(v) != bool(scored[i])]
+        reported[key] = {
+            "reported_broken_scored_correct": [i for i in said if scored[i] == 1],
+            "reported_robust_scored_wrong": [i for i in said if scored[i] == 0],
+        }
+    checks = [
+        silent_success_check(measured["path"], reported),
+        incomplete_optimisation_check(measured["path"]),
+        unstable_predictions_check(measured["unstable"]),
+        noise_baseline_check(measured["noise"], verdicts(cells, clean), ctx.threat.eps),
+    ]
+    transfer = [c.label for c in columns if c.attack.name == "transfer"]
+    if transfer:
+        white_box = {
+            d: {c.label: cells.survived[d][c.label] for c in columns if c.attack.uses_estimate}
+            for d in defenses
+        }
+        checks.append(
+            transfer_failure_check({d: cells.survived[d][transfer[0]] for d in defenses}, white_box)
+        )
+    checks.append(dynamic_defense_check(measured["dynamic"]))
     return checks
 
 

@@ -1,7 +1,10 @@
 """The measurements the diagnostics judge, each as plain numbers: forwards alone and in a batch,
 every estimate's gradient health, the Exact backward solve, the spectral radius of J_f at the
-solver's answer and the alignment of each estimate with the true gradient. (The attack runs
-they judge, PGD-100 and the large-eps PGD, are shared PGD runs of the protocol.)
+solver's answer and the alignment of each estimate with the true gradient; for the indicators
+of attack failure (Pintor et al. 2022), the ready-made PGD's path (loss and prediction at every
+step), predictions under tiny noise, the random-noise baseline (Carlini et al. 2019) and the
+gradient calls inside one forward (AutoAttack's dynamic-defense check). (The attack runs they
+judge, PGD-100 and the large-eps PGD, are shared PGD runs of the protocol.)
 
 Every switch of estimate or defense is a view of the estimator (``DEQEstimator.view``); the
 estimator itself is never changed.
@@ -10,11 +13,13 @@ estimator itself is never changed.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from pyautoattack import checks as autoattack_checks
 from torch import Tensor
 
 from deq_attacks.deq import spectral_radius
@@ -33,6 +38,9 @@ from deq_attacks.evaluation.scoring import model_input, score_readouts
 from deq_attacks.gradients import Exact, GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.solvers import Trajectory
+
+UNSTABLE_NOISE = 0.01
+"""The tiny noise of the unstable-predictions measurement, as a fraction of the eps."""
 
 
 def batch_outputs(estimator: DEQEstimator, x: np.ndarray, batch_size: int) -> dict[str, Any]:
@@ -62,6 +70,86 @@ def repeated_forwards(estimator: DEQEstimator, x: np.ndarray, batch_size: int) -
         "prediction_changes": int((first.argmax(1) != again.argmax(1)).sum()),
         "samples": len(x),
     }
+
+
+def attack_path(
+    estimator: DEQEstimator,
+    estimate: GradientEstimate,
+    x: np.ndarray,
+    y: np.ndarray,
+    threat: ThreatModel,
+    steps: int,
+    seeds: SampleSeeds,
+    eot_draws: int = 1,
+) -> dict[str, list[list[float]]]:
+    """The fixed-step PGD with ``estimate`` and ``steps`` steps (``fixed_step_pgd``, the
+    given seeds), followed point by point: per sample, at the start and after each step, the
+    cross-entropy of the estimator's defended logits (``"loss"``, (S, steps + 1)) and whether
+    its prediction is correct (``"correct"``)."""
+    model = DefendedModel(estimator)
+    labels = torch.as_tensor(y, device=estimator.device)
+    losses: list[np.ndarray] = []
+    correct: list[np.ndarray] = []
+
+    def follow(x_adv: Tensor) -> None:
+        with torch.no_grad():
+            logits = model(x_adv)
+            loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        losses.append(loss.cpu().numpy())
+        correct.append((logits.argmax(1) == labels).cpu().numpy())
+
+    fixed_step_pgd(
+        estimator, estimate, x, y, threat, steps=steps, seed=seeds, eot_draws=eot_draws,
+        on_step=follow,
+    )  # fmt: skip
+    return {
+        "loss": np.stack(losses, axis=1).tolist(),
+        "correct": np.stack(correct, axis=1).astype(bool).tolist(),
+    }
+
+
+def unstable_predictions(
+    estimator: DEQEstimator, x: np.ndarray, noise: float, seeds: SampleSeeds, draws: int = 10
+) -> dict[str, Any]:
+    """Per sample, in how many of ``draws`` uniform perturbations of size ``noise`` (L-inf,
+    clipped to [0, 1]; sample i's from its own seeds) the prediction differs from the
+    unperturbed one."""
+    base = estimator.predict(x).argmax(1)
+    changes = np.zeros(len(x), dtype=np.int64)
+    for draw in range(draws):
+        shaken = np.empty_like(x)
+        for row in range(len(x)):
+            rng = np.random.default_rng(seeds.sample_seed(row, f"unstable-{draw}"))
+            shaken[row] = x[row] + rng.uniform(-noise, noise, size=x.shape[1:])
+        changes += estimator.predict(np.clip(shaken, 0.0, 1.0)).argmax(1) != base
+    return {"changes": changes.tolist(), "draws": draws, "noise": noise}
+
+
+def uniform_noise(x: np.ndarray, eps: float, seeds: SampleSeeds) -> np.ndarray:
+    """``x`` plus uniform noise in [-eps, eps] per pixel, clipped to [0, 1]; sample i's from its
+    own seeds (the random-noise baseline of Carlini et al. 2019)."""
+    noisy = np.empty_like(x)
+    for row in range(len(x)):
+        rng = np.random.default_rng(seeds.sample_seed(row, "noise"))
+        noisy[row] = x[row] + rng.uniform(-eps, eps, size=x.shape[1:])
+    return np.clip(noisy, 0.0, 1.0).astype(x.dtype)
+
+
+def dynamic_calls(estimator: DEQEstimator, x: np.ndarray) -> dict[str, Any]:
+    """AutoAttack's dynamic-defense check (pyautoattack's ``checks.check_dynamic``): how often
+    a function named ``grad``, ``backward`` or ``_make_grads`` is called during one forward of
+    the defended model (a defense that takes gradient steps inside its forward)."""
+    counters = autoattack_checks.funcs
+    for name in counters:
+        counters[name] = 0  # pyautoattack never resets them
+    model = DefendedModel(estimator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        autoattack_checks.check_dynamic(model, torch.as_tensor(x, device=estimator.device))
+    calls = dict(counters)
+    for name in counters:
+        counters[name] = 0
+    return {"calls": calls, "samples": len(x)}
 
 
 def gradient_health(
@@ -173,6 +261,8 @@ def measure(
         fp32 = _ready_pgd(ctx, "measure/fp32", defenses, ctx.threat, None, "fp32")
         out.update(fp32=fp32, fp32_column=f"{READY_MADE} PGD")
     out["randomness"] = ctx.store.get("randomness")
+    ctx.say(f"measurements: uniform noise at eps={ctx.threat.eps:g} (random-noise baseline)")
+    out["noise"] = _noise_scores(ctx, defenses)
     ctx.say("measurements: batch dependence, gradients, Exact backward, spectral radius")
     stored = {
         "batch": lambda: batch_outputs(ctx.estimator, x, ctx.batch),
@@ -182,11 +272,37 @@ def measure(
     }
     if BPTT in estimates:
         stored["alignment"] = lambda: alignment(ctx.estimator, estimates, defenses, x, y, BPTT)
+    rows = np.arange(len(x))
+    stored.update(
+        path=lambda: attack_path(
+            ctx.estimator, ctx.ready, x, y, ctx.threat, config.long_steps,
+            SampleSeeds(config.seed, "pgd", rows), config.eot_draws,
+        ),  # fmt: skip
+        unstable=lambda: unstable_predictions(
+            ctx.estimator, x, UNSTABLE_NOISE * ctx.threat.eps,
+            SampleSeeds(config.seed, "unstable", rows),
+        ),  # fmt: skip
+        dynamic=lambda: dynamic_calls(ctx.estimator, x),
+    )
     for name, compute in stored.items():
         key = f"measure/{name}"
         found = ctx.store.get(key)
         out[name] = found if found is not None else ctx.store.put(key, compute())
     return out
+
+
+def _noise_scores(ctx: RunContext, defenses: Mapping[str, Readout]) -> dict[str, np.ndarray]:
+    """Every test sample under uniform noise at the threat model's eps (``uniform_noise``),
+    block by block and stored: per defense, bool (S,) correct under it."""
+
+    def block(part: np.ndarray) -> dict[str, np.ndarray]:
+        seeds = SampleSeeds(ctx.config.seed, "noise", part)
+        noisy = uniform_noise(ctx.x[part], ctx.threat.eps, seeds)
+        scores = score_readouts(ctx.estimator, noisy, ctx.y[part], defenses, len(part))
+        return {"index": part, **{k: v for k, v in scores.items() if k.startswith("defense/")}}
+
+    result = ctx.blockwise("measure/noise", block, np.arange(len(ctx.x)))
+    return {d: result[f"defense/{d}"].astype(bool) for d in defenses}
 
 
 def _ready_pgd(

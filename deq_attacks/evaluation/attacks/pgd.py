@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -83,6 +84,7 @@ def fixed_step_pgd(
     seed: int | SampleSeeds = 0,
     compile_backend: str = "",
     eot_draws: int = 1,
+    on_step: Callable[[Tensor], None] | None = None,
 ) -> np.ndarray:
     """Adversarial examples (B, ...) by ``steps`` signed-gradient steps of size ``threat.step``
     (the threat model's steps by default) from a random start (if the threat model asks for
@@ -97,6 +99,7 @@ def fixed_step_pgd(
             ("" runs them as they are).
         eot_draws: expectation over transformation: each step's gradient is the mean of this
             many ``loss_gradient`` calls (a randomized model draws anew in each); 1 is one call.
+        on_step: called with the start and then with the iterate after each step (B, ...).
     """
     check_draws(eot_draws)
     steps = threat.steps if steps is None else steps
@@ -113,6 +116,8 @@ def fixed_step_pgd(
     labels = torch.as_tensor(y, device=device)
     start = random_start(x, threat.eps, seeds) if threat.random_start else x
     x_adv = torch.as_tensor(start, device=device).clone()
+    if on_step is not None:
+        on_step(x_adv)
     for _ in range(steps):
         grad = model.loss_gradient(x_adv, labels)
         assert isinstance(grad, torch.Tensor)
@@ -123,6 +128,8 @@ def fixed_step_pgd(
         if eot_draws > 1:
             grad = grad / eot_draws
         x_adv = step_fn(x_adv, grad.to(x_adv.dtype), x0, threat.eps, threat.step)
+        if on_step is not None:
+            on_step(x_adv)
     return x_adv.cpu().numpy()
 
 
