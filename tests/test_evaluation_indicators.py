@@ -16,9 +16,8 @@ from torch import Tensor, nn
 
 from deq_attacks import DEQ, DEQEstimator, FixedPointIteration
 from deq_attacks.data import load_digits
-from deq_attacks.evaluation import SampleSeeds, ThreatModel, evaluate_model
+from deq_attacks.evaluation import SampleSeeds, ThreatModel, evaluate_model, measurements
 from deq_attacks.evaluation import diagnostics as diag
-from deq_attacks.evaluation import measurements
 
 INDICATORS = ("silent_success", "incomplete_optimisation", "unstable_predictions",
               "random_noise_baseline", "transfer_beats_white_box", "dynamic_defense",
