@@ -15,6 +15,7 @@ from evaluation_fixtures import TINY, splits, tiny_deq_weights
 from deq_attacks import BackpropThroughSolver, DEQEstimator, FixedPointIteration
 from deq_attacks.evaluation import EvaluationConfig, SampleSeeds, ThreatModel, evaluate_model
 from deq_attacks.evaluation.attacks import DefendedModel, TransferAPGD, UnrolledSurrogate
+from deq_attacks.evaluation.settings import Mode
 from deq_attacks.models import mlp_deq
 
 THREAT = ThreatModel(eps=0.1, step=0.05, steps=2)
@@ -80,3 +81,13 @@ def test_a_users_surrogate_by_name_and_the_column_in_the_protocol() -> None:
         TransferAPGD("deq_attacks:nothing").model_for(estimator)
     with pytest.raises(ValueError, match="transfer_depth is for the unrolled surrogate"):
         EvaluationConfig(transfer_surrogate="a:b", transfer_depth=3)
+
+
+def test_the_transfer_column_runs_in_cascade_mode_after_the_gradient_columns() -> None:
+    config = dataclasses.replace(TINY, attacks="pgd,transfer", bptt=False, mode=Mode.CASCADE)
+    dev, test = splits(n_dev=8, n_test=16)
+    report = evaluate_model(unrolled_deq(), test, dev, config)
+    order = report.order["final"]
+    assert order[-1] == "transfer" and all(label.endswith(" PGD") for label in order[:-1])
+    cells = report.survived["final"]["transfer"]
+    assert len(cells) == 16 and any(v is not None for v in cells)

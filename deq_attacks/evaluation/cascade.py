@@ -128,7 +128,8 @@ def cascade_cells(
         return bool(np.any(list(alive.values())))
 
     def mean_strength(column: Column) -> float:
-        assert column.estimate is not None
+        if column.estimate is None:  # a shared column without a gradient (transfer): last
+            return float("inf")
         return float(np.mean(list(strengths(column.estimate).values())))
 
     def run_shared(column: Column, indices: np.ndarray) -> None:
