@@ -171,6 +171,27 @@ def test_eot_with_one_draw_is_todays_gradient() -> None:
         EvaluationConfig(eot_draws=0)
 
 
+def test_autoattack_and_art_columns_receive_the_draws() -> None:
+    from deq_attacks.evaluation.attacks import ArtAPGDCE, AutoAttackSettings
+    from deq_attacks.evaluation.attacks.autoattack import build_standard
+
+    estimator = tiny_estimator(trained=True)
+    averaged = DefendedModel(estimator, draws=4)
+    attack = build_standard(DefendedModel(estimator), 0.1, AutoAttackSettings(2, 5, 2), 10, 0,
+                            "cpu", eot_draws=4, fab_model=averaged)  # fmt: skip
+    assert attack.apgd.eot_iter == 4 and attack.apgd_targeted.eot_iter == 4
+    assert attack.fab.predict is averaged
+    calls = []
+    model = ArtAPGDCE(2, 3).target(estimator)
+    model.model.register_forward_hook(lambda *_: calls.append(1))
+    hook = estimator.model.register_forward_hook(lambda *_: calls.append(2))
+    try:
+        model.predict(splits(2)[0][0])
+    finally:
+        hook.remove()
+    assert calls.count(2) == 3  # one prediction of the ART classifier: three draws
+
+
 def test_the_protocol_switches_eot_on_for_a_randomized_output_and_says_so() -> None:
     config = dataclasses.replace(
         TINY, attacks="pgd,autoattack", bptt=False, randomized_eot_draws=3, diagnostic_samples=8

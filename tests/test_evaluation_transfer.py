@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from evaluation_fixtures import TINY, splits, tiny_deq_weights
+from evaluation_fixtures import TINY, splits, tiny_deq_weights, tiny_estimator
 
 from deq_attacks import BackpropThroughSolver, DEQEstimator, FixedPointIteration
 from deq_attacks.evaluation import EvaluationConfig, SampleSeeds, ThreatModel, evaluate_model
@@ -91,3 +91,15 @@ def test_the_transfer_column_runs_in_cascade_mode_after_the_gradient_columns() -
     assert order[-1] == "transfer" and all(label.endswith(" PGD") for label in order[:-1])
     cells = report.survived["final"]["transfer"]
     assert len(cells) == 16 and any(v is not None for v in cells)
+
+
+def test_a_samples_transfer_example_does_not_depend_on_its_batch() -> None:
+    estimator = tiny_estimator(trained=True, batch_invariant=True)
+    _, (x, y) = splits(n_test=8)
+    seeds = SampleSeeds.first(0, "transfer", len(x))
+    attack = TransferAPGD(iterations=5)
+    together = attack.run(estimator, x, y, THREAT, seeds).x_adv
+    rows = np.array([5, 2])
+    apart = attack.run(estimator, x[rows], y[rows], THREAT, seeds.subset(rows)).x_adv
+    np.testing.assert_array_equal(apart, together[rows])
+    assert not np.array_equal(together[2], together[5])
