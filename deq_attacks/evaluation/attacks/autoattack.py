@@ -25,13 +25,14 @@ from pyautoattack import AutoAttack
 from torch import Tensor, nn
 
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
-from deq_attacks.evaluation.attacks.defended import DefendedModel
+from deq_attacks.evaluation.attacks.defended import DefendedModel, NonFiniteAsWrong
 from deq_attacks.evaluation.attacks.per_sample import (
     PerSampleAPGD,
     PerSampleAPGDTargeted,
     PerSampleSquare,
 )
 from deq_attacks.evaluation.attacks.seeds import SampleSeeds
+from deq_attacks.evaluation.scoring import correct
 from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def run_standard_autoattack(
         raise ValueError(f"{len(seeds)} seeds for {len(x)} samples")
     attack = build_standard(model, eps, settings, num_classes, seeds.shared_seed("aa"), x.device)
     with torch.no_grad():
-        robust = model(x).argmax(1) == y
+        robust = correct(model(x), y)
     broken_by = np.where(robust.cpu().numpy(), "", "clean").astype(object)
     x_adv = x.clone()
     after: dict[str, np.ndarray] = {}
@@ -142,7 +143,7 @@ def run_standard_autoattack(
         if index.numel():
             adv = _run_one(attack, name, x[index].clone(), y[index].clone(), seeds.subset(index))
             with torch.no_grad():
-                fooled = model(adv).argmax(1) != y[index]
+                fooled = ~correct(model(adv), y[index])
             hit = index[fooled]
             robust[hit] = False
             x_adv[hit] = adv[fooled].detach()
@@ -182,7 +183,8 @@ class StandardAutoAttack(Attack):
         xt = torch.as_tensor(x, device=model.device)
         yt = torch.as_tensor(y, device=model.device)
         outcome = run_standard_autoattack(
-            DefendedModel(model), xt, yt, threat.eps, self.settings, model.nb_classes, seeds
+            NonFiniteAsWrong(DefendedModel(model), xt, yt, threat.eps), xt, yt, threat.eps,
+            self.settings, model.nb_classes, seeds,
         )
         extras = {f"after/{k}": v for k, v in outcome.after.items()}
         extras["broken_by"] = outcome.broken_by

@@ -1,0 +1,86 @@
+"""Non-finite logits are never correct: a DEQ whose logits turn NaN away from the clean input is
+0% robust under every column, in both modes and both aggregations, and the diagnostics flag it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from evaluation_fixtures import TINY, splits, tiny_estimator
+from torch import Tensor, nn
+
+from deq_attacks.deq.readout import Final
+from deq_attacks.evaluation import Mode, evaluate_model, score_readouts
+from deq_attacks.evaluation.attacks import DefendedModel
+from deq_attacks.evaluation.scoring import correct
+
+
+class NaNOffGrid(nn.Module):
+    """The injection, plus NaN for a sample not on the digits' grid of k/16 (any perturbation
+    of a clean digit): its logits are finite on the clean inputs only."""
+
+    def __init__(self, injection: nn.Module) -> None:
+        super().__init__()
+        self.inner = injection
+
+    def forward(self, x: Tensor) -> Tensor:
+        off = (x * 16 - torch.round(x * 16)).abs().flatten(1).amax(1) > 1e-4
+        nan = torch.where(off, torch.tensor(float("nan")), torch.tensor(0.0))
+        return self.inner(x) + nan[:, None]
+
+
+def nan_away_estimator():
+    estimator = tiny_estimator(trained=True)
+    estimator.deq.injection = NaNOffGrid(estimator.deq.injection)
+    return estimator
+
+
+def test_correct_refuses_nan_and_inf_logits() -> None:
+    logits = torch.tensor([[float("nan")] * 3, [1.0, float("inf"), 0.0], [3.0, 1.0, 0.0]])
+    # argmax of the NaN row is 0 and of the inf row is 1: both would count as correct
+    assert correct(logits, torch.tensor([0, 1, 0])).tolist() == [False, False, True]
+
+
+def test_scoring_counts_nan_logits_as_wrong_for_defenses_and_states() -> None:
+    estimator = nan_away_estimator()
+    (x, y), _ = splits()
+    clean = score_readouts(estimator, x, y, {"final": Final()}, 8)
+    assert clean["finite/final"].all() and clean["defense/final"].mean() > 0.5
+    scores = score_readouts(estimator, np.clip(x + 0.01, 0, 1), y, {"final": Final()}, 8)
+    assert not scores["finite/final"].any()
+    assert not scores["defense/final"].any() and not scores["states"].any()
+    assert (y == 0).any()  # class-0 samples exist: argmax alone would call them correct
+
+
+def test_defended_model_answers_an_empty_batch() -> None:
+    model = DefendedModel(tiny_estimator())
+    x = torch.zeros(0, 1, 8, 8, requires_grad=True)
+    out = model(x)
+    assert out.shape == (0, 10)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("mode", [Mode.TABLE, Mode.CASCADE])
+def test_a_deq_nan_away_from_the_input_is_never_robust(mode: Mode) -> None:
+    dev, test = splits(8, 8)
+    config = dataclasses.replace(TINY, mode=mode, bptt=False, diagnostic_samples=2)
+    report = evaluate_model(nan_away_estimator(), test, dev, config)
+    assert sum(report.clean["final"]) >= 4  # clean-correct samples, finite clean logits
+    assert all(r.accuracy == 0 for r in report.robustness())
+    assert not any(v.any() for v in report.verdict().values())
+    if mode is Mode.TABLE:
+        matrix = report.matrix()
+        assert matrix.per_sample_robustness().accuracy == 0
+        assert matrix.paper_robustness().accuracy == 0
+        for row in report.column_accuracy().values():
+            assert set(row) >= {"ready-made PGD", "exact AA", "square"}
+            assert all(v == 0 for v in row.values()), row
+    checks = {c.name: c for c in report.diagnostics}
+    assert checks["nonfinite_logits"].verdict == "flag"
+    assert checks["nonfinite_logits"].numbers["final"]["ready-made PGD"] > 0
+    assert checks["nonfinite_logits"].numbers["final"]["clean"] == 0
+    assert checks["zero_or_nan_gradients"].verdict == "flag"
+    assert all(v["not_finite_near"] for v in checks["zero_or_nan_gradients"].numbers.values())
