@@ -20,7 +20,8 @@ Named steps over one ``RunContext``:
 
 Every finished step and every finished block of an attack is stored under a fingerprint of
 the settings, the weights and the data; a rerun resumes from it (a finished run computes
-nothing). Under ``torchrun`` the samples are sharded by block. Unconverged forwards warn once
+nothing; a store of other settings, weights or data is moved aside, and one process at a time
+writes a store). Under ``torchrun`` the samples are sharded by block. Unconverged forwards warn once
 per call site; the run's ``ConvergenceLog`` records (added to those of earlier finished runs
 of the same store) go into the report.
 """
@@ -105,14 +106,16 @@ def evaluate_model(
     }
     store = ResultStore(store_path, fingerprint, shards)
     say = progress or (lambda _text: None)
+    for problem in store.problems:
+        say(f"{store_path}: {problem}; dropped, its step is recomputed")
     if store.resumed:
         say(f"resuming from {store_path}")
     elif store.replaced:
         say(
-            f"starting afresh: {store_path} holds results for other "
-            f"{', '.join(store.replaced)}; they are replaced"
+            f"starting afresh: {store_path} held results for other "
+            f"{', '.join(store.replaced)}; they are kept in {store.moved_to}"
         )
-    with ConvergenceLog() as log:
+    with store, ConvergenceLog() as log:
         ctx = RunContext(
             estimator, x, y, x_dev, y_dev, config, store, shards, say, log,
             ready_made(deq.training_gradient),
@@ -140,8 +143,8 @@ def evaluate_model(
         with ctx.step("measurements"):
             measured = measure(ctx, estimates, defenses)
         checks = judge(ctx, defenses, columns, cells, clean, measured)
-    convergence = merged(store.get("convergence") or [], log.records)
-    store.put("convergence", convergence)
+        convergence = merged(store.get("convergence") or [], log.records)
+        store.put("convergence", convergence)
     return build_report(
         ctx, fingerprint, dev, defenses, (chosen, sweep, plan), estimates, columns, clean,
         cells, checks, convergence,
