@@ -12,15 +12,21 @@ Layout of a run folder::
     metrics.jsonl, training.png
 
 An epoch's checkpoint folder is written under a temporary name and renamed when complete; then
-``state.json`` is replaced atomically (the state last); then older checkpoint folders go.
+``state.json`` is replaced atomically (the state last); then older checkpoint folders go. A write
+that fails (a full disk) raises ``CheckpointWriteError`` and leaves the last good checkpoint as
+it was. Resuming refuses, in one line each, a damaged part (an empty, truncated or pickle-with-
+code ``trainer.pt`` or ``rng-rank<r>.pt``) and a checkpoint holding NaN or infinite values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +35,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from deq_attacks.checkpoints import load_weights, save_weights
+from deq_attacks.checkpoints import CheckpointError, load_weights, save_weights
 from deq_attacks.records import to_jsonable
 from deq_attacks.training.config import TrainConfig
 
 
 class ConfigMismatchError(ValueError):
     """The run folder was started with another configuration."""
+
+
+class CheckpointWriteError(ValueError):
+    """An epoch's checkpoint could not be written (e.g. a full disk); the last good one stays."""
 
 
 @dataclass
@@ -139,6 +149,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def writing_checkpoint(run_dir: Path, epoch: int, state: RunState) -> Iterator[None]:
+    """Writing epoch ``epoch``'s checkpoint inside: a failed write (an ``OSError``, or torch's
+    ``RuntimeError`` from its zip writer, as on a full disk) becomes one
+    ``CheckpointWriteError`` line naming the last good checkpoint, which stays as it was."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        text = str(error)
+        if isinstance(error, RuntimeError) and not any(m in text for m in _TORCH_WRITE_ERRORS):
+            raise
+        kept = read_state(run_dir).checkpoint
+        where = f"{run_dir / 'checkpoints' / kept} is kept" if kept else "no epoch was saved"
+        first = text.strip().splitlines()[0][:160] if text.strip() else type(error).__name__
+        raise CheckpointWriteError(
+            f"cannot write the checkpoint of epoch {epoch} in {run_dir} ({first}); the last "
+            f"good checkpoint {where}: make room and rerun to resume"
+        ) from None
+
+
+#: Parts of torch.save's messages when its file cannot be written (e.g. a full disk).
+_TORCH_WRITE_ERRORS = ("PytorchStreamWriter", "inline_container", "unexpected pos", "write")
+
+
 def checkpoint_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
 
@@ -202,16 +236,58 @@ def restore(
         raise ValueError("the run state names no checkpoint")
     folder = run_dir / "checkpoints" / state.checkpoint
     load_weights(model, folder / "model.safetensors")
-    trainer = torch.load(folder / "trainer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
+    trainer = _load(folder / "trainer.pt", ("optimizer", "scheduler", "counters"))
     rng_file = folder / f"rng-rank{rank}.pt"
     if not rng_file.exists():
         raise ValueError(
             f"{folder} has no RNG state for rank {rank}: resume with the number of processes "
             "that wrote it"
         )
-    return dict(trainer["counters"]), torch.load(rng_file, weights_only=True)
+    rng = _load(rng_file, ("torch", "numpy", "python"))
+    try:
+        optimizer.load_state_dict(trainer["optimizer"])
+        scheduler.load_state_dict(trainer["scheduler"])
+        counters = dict(trainer["counters"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"{folder / 'trainer.pt'} does not fit this run: {error}") from None
+    check_finite(folder, model, optimizer)
+    return counters, rng
+
+
+def _load(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A ``torch.save`` dict of a checkpoint (weights only), with ``keys``; a missing, empty,
+    truncated or code-carrying file raises one ``CheckpointError`` line."""
+    try:
+        with warnings.catch_warnings():  # torch's warnings about the pickle: the error says it
+            warnings.simplefilter("ignore")
+            value = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # pickle, zip, EOF, OS errors: all mean "damaged"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(
+            f"{path} cannot be read ({type(error).__name__}{': ' + first[:120] if first else ''})"
+            ": the checkpoint is damaged; restore it, or start afresh in a new --out-dir"
+        ) from None
+    if not isinstance(value, dict) or not set(keys) <= set(value):
+        raise CheckpointError(
+            f"{path} is not a training checkpoint part (expected a dict with "
+            f"{', '.join(keys)}): restore it, or start afresh in a new --out-dir"
+        )
+    return value
+
+
+def check_finite(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse a checkpoint whose weights, buffers or optimizer state hold NaN or infinity
+    (resuming would train on garbage), naming the first such tensor."""
+    named = [(f"weight {k}", v) for k, v in model.state_dict().items()]
+    for index, per_param in optimizer.state.items():
+        named += [(f"optimizer state {k} of parameter {index}", v) for k, v in per_param.items()]
+    for name, tensor in named:
+        floating = isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+        if floating and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{folder} holds non-finite values ({name}): it cannot be resumed; "
+                "restore it, or start afresh in a new --out-dir"
+            )
 
 
 def save_best(run_dir: Path, model: nn.Module) -> None:
