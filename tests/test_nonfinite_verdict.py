@@ -12,7 +12,7 @@ from evaluation_fixtures import TINY, splits, tiny_estimator
 from torch import Tensor, nn
 
 from deq_attacks.deq.readout import Final
-from deq_attacks.evaluation import Mode, evaluate_model, score_readouts
+from deq_attacks.evaluation import Mode, evaluate_model, markdown_report, score_readouts
 from deq_attacks.evaluation.attacks import DefendedModel
 from deq_attacks.evaluation.scoring import correct
 
@@ -84,3 +84,34 @@ def test_a_deq_nan_away_from_the_input_is_never_robust(mode: Mode) -> None:
     assert checks["nonfinite_logits"].numbers["final"]["clean"] == 0
     assert checks["zero_or_nan_gradients"].verdict == "flag"
     assert all(v["not_finite_near"] for v in checks["zero_or_nan_gradients"].numbers.values())
+
+
+def test_the_early_exit_tie_goes_to_the_best_clean_state_and_is_recorded() -> None:
+    # every iterate is broken (NaN) under the ready-made PGD: all tie at 0%
+    dev, test = splits(8, 8)
+    config = dataclasses.replace(TINY, attacks="pgd", bptt=False, diagnostic_samples=2)
+    report = evaluate_model(nan_away_estimator(), test, dev, config)
+    development = report.development
+    clean = np.asarray(development["clean_accuracy_per_state"])
+    assert development["early_exit_tied"] == [1, 2, 3, 4]
+    best = [n for n in (1, 2, 3, 4) if clean[n - 1] == clean.max()]
+    assert report.early_exit == best[-1]  # the best clean accuracy, then the latest
+    assert development["early_exit_clean_gap"] == pytest.approx(clean[-1] - clean[best[-1] - 1])
+    assert "4 iterates tie at 0.0% (z_1, z_2, z_3, z_4)" in markdown_report(report, "t")
+
+
+def test_an_early_exit_far_below_the_last_iterates_clean_accuracy_warns(monkeypatch) -> None:
+    from deq_attacks.evaluation import protocol
+
+    monkeypatch.setattr(protocol, "choose_early_exit", lambda *args: 1)
+    monkeypatch.setattr(protocol, "EARLY_CLEAN_GAP", -1.0)  # any gap is "far" here
+    dev, test = splits(8, 8)
+    config = dataclasses.replace(TINY, attacks="pgd", bptt=False, diagnostic_samples=2)
+    said: list[str] = []
+    with pytest.warns(UserWarning, match="the early exit z_1 classifies"):
+        report = evaluate_model(
+            tiny_estimator(trained=True), test, dev, config, progress=said.append
+        )
+    clean = report.development["clean_accuracy_per_state"]
+    assert report.development["early_exit_clean_gap"] == pytest.approx(clean[-1] - clean[0])
+    assert any(line.startswith("warning: the early exit z_1") for line in said)

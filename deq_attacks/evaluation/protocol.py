@@ -3,7 +3,8 @@
 Named steps over one ``RunContext``:
 
 1. ``early_exit``: on the development split, the ready-made PGD (training gradient) scores
-   every iterate z_n; the early exit n* is the most robust one (chosen once, then fixed).
+   every iterate z_n; the early exit n* is the most robust one (ties: the best clean accuracy,
+   then the latest; chosen once, then fixed).
 2. ``sweep``: on the development split, the sweep of intermediate attacks over every
    registered family, each planned for the model's solver (e.g. over Anderson the adjoint
    steps with B = -I); per family the candidate with the largest drop of Early(n*) is chosen.
@@ -28,6 +29,7 @@ of the same store) go into the report.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ import numpy as np
 
 from deq_attacks.deq.convergence import ConvergenceLog
 from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
-from deq_attacks.evaluation.aggregate import choose_early_exit
+from deq_attacks.evaluation.aggregate import choose_early_exit, tied_best
 from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells
 from deq_attacks.evaluation.columns import BPTT, protocol_columns, protocol_estimates
 from deq_attacks.evaluation.context import RunContext, arrays, check_split
@@ -151,10 +153,18 @@ def evaluate_model(
     )  # fmt: skip
 
 
+EARLY_CLEAN_GAP = 0.1
+"""An early exit whose clean development accuracy is below the last iterate's by more than
+this warns (its robustness is that of a weaker classifier)."""
+
+
 def early_exit(ctx: RunContext) -> dict[str, Any]:
     """n* by the ready-made PGD on the development split: the iterate with the best accuracy
-    (ties: the smallest n); with the per-iterate clean and PGD accuracy, the residuals, and the
-    PGD accuracy of the final and ensemble defenses (the cascade's order)."""
+    (ties: the best clean accuracy among them, then the latest; ``choose_early_exit``), the
+    tied iterates (``early_exit_tied``) and how far n*'s clean accuracy is below the last
+    iterate's (``early_exit_clean_gap``; above ``EARLY_CLEAN_GAP`` it warns); with the
+    per-iterate clean and PGD accuracy, the residuals, and the PGD accuracy of the final and
+    ensemble defenses (the cascade's order)."""
     dev = ctx.store.get("development")
     if dev is not None:
         return dict(dev)
@@ -165,12 +175,25 @@ def early_exit(ctx: RunContext) -> dict[str, Any]:
         seed=ctx.config.seed,
     )  # fmt: skip
     clean = clean_scores(ctx.estimator, ctx.x_dev, ctx.y_dev, {"final": Final()}, ctx.shards)
+    clean_accuracy = clean["states"].mean(0)
+    n_star = choose_early_exit(attacked["states"], clean_accuracy)
+    gap = float(clean_accuracy[-1] - clean_accuracy[n_star - 1])
+    if gap > EARLY_CLEAN_GAP:
+        message = (
+            f"the early exit z_{n_star} classifies {100 * gap:.1f} points fewer clean "
+            f"development images than the last iterate ({100 * clean_accuracy[n_star - 1]:.1f} "
+            f"vs {100 * clean_accuracy[-1]:.1f}%): its robustness is that of a weaker classifier"
+        )
+        warnings.warn(message, stacklevel=2)
+        ctx.say(f"warning: {message}")
     result = ctx.store.put(
         "development",
         {
-            "early_exit": choose_early_exit(attacked["states"]),
+            "early_exit": n_star,
+            "early_exit_tied": tied_best(attacked["states"]),
+            "early_exit_clean_gap": gap,
             "pgd_accuracy_per_state": attacked["states"].mean(0),
-            "clean_accuracy_per_state": clean["states"].mean(0),
+            "clean_accuracy_per_state": clean_accuracy,
             "residual_per_state": clean["residuals"].mean(0),
             "pgd_accuracy": {d: float(attacked[f"defense/{d}"].mean()) for d in scored},
         },
