@@ -95,12 +95,32 @@ def damaged_copy(one_epoch: Path, tmp_path: Path) -> tuple[Path, Path]:
     return run_dir, run_dir / "checkpoints" / "epoch-0001"
 
 
+def forget_checksum(run_dir: Path, name: str) -> None:
+    """Drop a file's recorded SHA-256 (as a run from before checksums, or damage written
+    before it was published): the checks behind the checksum must hold on their own."""
+    state = state_of(run_dir)
+    del state["checksums"][name]
+    (run_dir / "state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("part", ["model.safetensors", "trainer.pt", "rng-rank0.pt"])
+def test_resume_refuses_a_checkpoint_file_whose_bytes_changed(one_epoch, tmp_path, part) -> None:
+    run_dir, folder = damaged_copy(one_epoch, tmp_path)
+    data = bytearray((folder / part).read_bytes())
+    data[len(data) // 2] ^= 0x40  # one flipped bit in the middle
+    (folder / part).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the SHA-256") as error:
+        run_training(CONFIG, run_dir, log=quiet)
+    assert "\n" not in str(error.value) and part in str(error.value)
+
+
 def test_resume_refuses_a_checkpoint_with_non_finite_weights(one_epoch, tmp_path) -> None:
     run_dir, folder = damaged_copy(one_epoch, tmp_path)
     weights = load_file(str(folder / "model.safetensors"))
     name = next(iter(weights))
     weights[name].view(-1)[0] = float("nan")  # what a flipped exponent byte does
     save_file(weights, str(folder / "model.safetensors"))
+    forget_checksum(run_dir, "model.safetensors")
     with pytest.raises(CheckpointError, match=f"non-finite values \\(weight {name}\\)") as error:
         run_training(CONFIG, run_dir, log=quiet)
     assert "\n" not in str(error.value)
@@ -119,6 +139,7 @@ def test_a_damaged_trainer_or_rng_file_is_one_line(one_epoch, tmp_path, capsys, 
         path.write_bytes(pickle.dumps(Path("x")))  # a pickle that needs code to load
     else:
         torch.save([1, 2], path)
+    forget_checksum(run_dir, part)
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(to_jsonable(CONFIG)))
     capsys.readouterr()

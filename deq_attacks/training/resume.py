@@ -14,13 +14,15 @@ Layout of a run folder::
 An epoch's checkpoint folder is written under a temporary name and renamed when complete; then
 ``state.json`` is replaced atomically (the state last); then older checkpoint folders go. A write
 that fails (a full disk) raises ``CheckpointWriteError`` and leaves the last good checkpoint as
-it was. Resuming refuses, in one line each, a damaged part (an empty, truncated or pickle-with-
-code ``trainer.pt`` or ``rng-rank<r>.pt``) and a checkpoint holding NaN or infinite values.
+it was. Resuming refuses, in one line each, a file whose SHA-256 differs from the one recorded in
+``state.json`` when it was published, a damaged part (an empty, truncated or pickle-with-code
+``trainer.pt`` or ``rng-rank<r>.pt``) and a checkpoint holding NaN or infinite values.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -58,6 +60,8 @@ class RunState:
     best_dev_pgd_accuracy: float | None = None
     checkpoint: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    checksums: dict[str, str] = field(default_factory=dict)
+    """SHA-256 of each file of the checkpoint, recorded when it was published."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -216,6 +220,7 @@ def publish(run_dir: Path, epoch: int, state: RunState) -> None:
         shutil.rmtree(final)
     os.replace(folder / (checkpoint_name(epoch) + ".tmp"), final)
     state.checkpoint = final.name
+    state.checksums = {f.name: sha256_file(f) for f in sorted(final.iterdir()) if f.is_file()}
     atomic_write_text(run_dir / "state.json", json.dumps(asdict(state), indent=2) + "\n")
     for old in folder.iterdir():
         if old.name != final.name:
@@ -235,6 +240,8 @@ def restore(
     if state.checkpoint is None:
         raise ValueError("the run state names no checkpoint")
     folder = run_dir / "checkpoints" / state.checkpoint
+    for name in ("model.safetensors", "trainer.pt", f"rng-rank{rank}.pt"):
+        check_checksum(folder / name, state.checksums.get(name))
     load_weights(model, folder / "model.safetensors")
     trainer = _load(folder / "trainer.pt", ("optimizer", "scheduler", "counters"))
     rng_file = folder / f"rng-rank{rank}.pt"
@@ -252,6 +259,28 @@ def restore(
         raise CheckpointError(f"{folder / 'trainer.pt'} does not fit this run: {error}") from None
     check_finite(folder, model, optimizer)
     return counters, rng
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_checksum(path: Path, expected: str | None) -> None:
+    """Refuse a checkpoint file whose bytes changed since it was published (flipped bytes, a
+    copy cut short); ``expected`` None (a run from before checksums were kept) checks nothing."""
+    if expected is None or not path.exists():
+        return
+    if sha256_file(path) != expected:
+        raise CheckpointError(
+            f"{path} does not match the SHA-256 recorded when it was written (changed bytes, "
+            "or a copy cut short): it cannot be resumed; restore it, or start afresh in a new "
+            "--out-dir"
+        )
 
 
 def _load(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
