@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from deq_attacks.deq.readout import Final
 from deq_attacks.evaluation import Mode, evaluate_model, markdown_report, score_readouts
 from deq_attacks.evaluation.attacks import DefendedModel
+from deq_attacks.evaluation.attacks.defended import NonFiniteAsWrong
 from deq_attacks.evaluation.scoring import correct
 
 
@@ -115,3 +116,19 @@ def test_an_early_exit_far_below_the_last_iterates_clean_accuracy_warns(monkeypa
     clean = report.development["clean_accuracy_per_state"]
     assert report.development["early_exit_clean_gap"] == pytest.approx(clean[-1] - clean[0])
     assert any(line.startswith("warning: the early exit z_1") for line in said)
+
+
+def test_nonfinite_rows_look_wrong_to_an_attack_and_finite_rows_are_untouched() -> None:
+    x = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    y = torch.tensor([0, 1])
+
+    def model(inputs: Tensor) -> Tensor:  # NaN for the first sample's neighbourhood only
+        logits = torch.stack([inputs.sum(1), -inputs.sum(1), inputs[:, 0]], dim=1)
+        return torch.where(inputs[:, :1] < 0.5, torch.tensor(float("nan")), logits)
+
+    wrapped = NonFiniteAsWrong(model, x, y, eps=0.1)  # type: ignore[arg-type]
+    probe = torch.tensor([[0.05, 0.0], [1.0, 0.95]])
+    out = wrapped(probe)
+    assert out[0].tolist() == [0.0, 1.0, 0.0]  # class 1: not label 0 of the sample within eps
+    assert torch.equal(out[1], model(probe)[1])
+    assert out[0].argmax() != y[0] and out[1].argmax() == 0

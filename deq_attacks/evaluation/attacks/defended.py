@@ -59,7 +59,10 @@ class NonFiniteAsWrong(nn.Module):
         bad = ~torch.isfinite(logits).all(1)
         if not bool(bad.any()):
             return logits
-        distance = (x.detach()[bad, None] - self.x[None]).abs().flatten(2).amax(2)  # (m, B)
+        clean = self.x.flatten(1)
+        distance = torch.stack(  # (m, B), one bad row at a time: no (m, B, D) tensor
+            [(row - clean).abs().amax(1) for row in x.detach()[bad].flatten(1)]
+        )
         near = (distance <= self.eps * (1 + 1e-5) + 1e-7).float()
         classes = logits.shape[1]
         taken = near @ nn.functional.one_hot(self.y.long(), classes).float() > 0  # (m, K)
