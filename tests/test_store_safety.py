@@ -60,10 +60,15 @@ def test_a_store_for_old_weights_survives_a_run_with_new_weights(tmp_path: Path)
     assert header(path)["weights"] == new.settings["fingerprint"]["weights"]
     assert header(kept[0])["weights"] == old.settings["fingerprint"]["weights"]
     assert header(path)["weights"] != header(kept[0])["weights"]
-    # the old weights again: their results are in the kept file, the new ones are kept too
-    again = run(kept[0])
-    assert again.survived == old.survived
-    assert len(list(tmp_path.glob("store.*.jsonl"))) == 1
+    # the old weights again on the same path: their store is moved back and resumed (nothing
+    # is computed), and the new weights' store is kept in its turn
+    new_lines = path.read_text()
+    said.clear()
+    again = run(path, said=said)
+    assert again.survived == old.survived and header(path) == old.settings["fingerprint"]
+    assert any(line.startswith("resuming from") for line in said), said
+    kept = list(tmp_path.glob("store.*.jsonl"))
+    assert len(kept) == 1 and kept[0].read_text() == new_lines
 
 
 HOLD = """

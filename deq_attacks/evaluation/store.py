@@ -6,10 +6,10 @@ further line one finished step or one finished block of a step, appended as soon
 (an interrupt loses at most the block being computed). A line cut short by an interrupt, or a
 line that is not a record, is dropped when the file is read again (its step is recomputed). A
 store written under another fingerprint is moved aside under that fingerprint's hash, never
-overwritten. One process writes a store at a time (a ``filelock`` beside it; the holder's pid
-and host are named to a second one). A failed write (a full disk) raises ``StoreWriteError``
-and leaves what was written before readable. Only rank 0 reads and writes; the other processes
-receive its content.
+overwritten, and moved back when a run with that fingerprint comes again. One process writes a
+store at a time (a ``filelock`` beside it; the holder's pid and host are named to a second
+one). A failed write (a full disk) raises ``StoreWriteError`` and leaves what was written
+before readable. Only rank 0 reads and writes; the other processes receive its content.
 """
 
 from __future__ import annotations
@@ -89,12 +89,18 @@ def lock_store(path: Path) -> FileLock:
     return lock
 
 
-def moved_aside(path: Path, fingerprint: Any) -> Path:
-    """Rename the store ``path`` written under another ``fingerprint`` to
-    ``<stem>.<first 12 hex of the fingerprint's SHA-256><suffix>`` (a free name) and return
-    the new path."""
-    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
-    target = path.with_name(f"{path.stem}.{digest}{path.suffix}")
+def aside_path(path: Path, header: Any) -> Path:
+    """Where the store ``path`` with first line ``header`` is kept when another fingerprint
+    takes its place: ``<stem>.<first 12 hex of the header's SHA-256><suffix>``."""
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:12]
+    return path.with_name(f"{path.stem}.{digest}{path.suffix}")
+
+
+def moved_aside(path: Path, header: Any) -> Path:
+    """Rename the store ``path`` whose first line is ``header`` (another fingerprint) to
+    ``aside_path`` (or a free name beside it) and return the new path."""
+    target = aside_path(path, header)
+    digest = target.stem.rsplit(".", 1)[-1]
     number = 1
     while target.exists():
         target = path.with_name(f"{path.stem}.{digest}-{number}{path.suffix}")
@@ -165,8 +171,10 @@ class ResultStore:
     against other processes from construction to ``close`` (a context manager; rank 0).
 
     A file written under another fingerprint (settings, weights or data) is not reused: it is
-    moved aside (``moved_to``, ``moved_aside``) and the store starts afresh; ``replaced``
-    names the parts of the fingerprint that differed (empty when nothing was moved).
+    moved aside (``moved_to``, ``moved_aside``) and the store starts afresh, or from this
+    fingerprint's own store if one was moved aside before (``aside_path``: it is moved back);
+    ``replaced`` names the parts of the fingerprint that differed (empty when nothing was
+    moved).
     ``problems`` names the lines that were dropped (not JSON, or not a record): their steps
     are recomputed."""
 
@@ -183,6 +191,10 @@ class ResultStore:
                 loaded = _read(path, self.fingerprint)
                 if loaded[3]:
                     moved = moved_aside(path, json.loads(path.read_text().splitlines()[0]))
+                kept = aside_path(path, {"fingerprint": self.fingerprint})
+                if not loaded[2] and kept.exists():  # this fingerprint's store, kept before
+                    kept.replace(path)
+                    loaded = _read(path, self.fingerprint)
             except (StoreBusyError, ValueError, OSError) as error:
                 failure = error
         shared = broadcast_object((loaded, moved, failure))
