@@ -52,5 +52,5 @@ def test_a_column_on_its_own_equals_the_protocols_cells() -> None:
     assert "states" not in square  # Square runs once per defense: no shared iterates
     # the default defense is the final state
     final = column_scores(estimator, x, y, CHEAP, columns["ready-made PGD"])
-    assert set(final) == {"defense/final", "states", "residuals"}
+    assert set(final) == {"defense/final", "finite/final", "states", "residuals"}
     assert final["defense/final"].tolist() == report.survived["final"]["ready-made PGD"]

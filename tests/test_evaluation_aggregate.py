@@ -12,6 +12,7 @@ from deq_attacks.evaluation import (
     choose_strongest,
     wilson_interval,
 )
+from deq_attacks.evaluation.aggregate import tied_best
 
 
 def hand_made() -> SurvivalMatrix:
@@ -65,7 +66,14 @@ def test_early_exit_and_strongest_choices() -> None:
     states = np.array([[1, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 0], [0, 0, 0, 1]], dtype=bool)
     assert choose_early_exit(states) == 3  # 3/4 correct at z_3
     tie = np.array([[1, 1, 0], [0, 0, 1]], dtype=bool)
-    assert choose_early_exit(tie) == 1  # ties go to the smallest n
+    assert tied_best(tie) == [1, 2, 3]
+    assert choose_early_exit(tie) == 3  # without clean accuracies: the latest of the tied
+    assert choose_early_exit(tie, np.array([0.9, 0.9, 0.5])) == 2  # best clean, then latest
+    assert choose_early_exit(tie, np.array([0.3, 0.8, 0.9])) == 3
+    all_zero = np.zeros((4, 5), dtype=bool)  # every iterate broken: not the 33% clean z_1
+    assert choose_early_exit(all_zero, np.array([0.33, 0.6, 0.8, 0.9, 0.9])) == 5
+    with pytest.raises(ValueError, match="clean_accuracy"):
+        choose_early_exit(tie, np.array([0.5, 0.5]))
     assert choose_strongest([0.5, 0.3, 0.3, 0.4]) == 1
     with pytest.raises(ValueError):
         choose_strongest([])

@@ -21,7 +21,7 @@ from deq_attacks.evaluation.distributed import Shards, map_blocks
 
 CONFIG = dataclasses.replace(
     TINY,
-    long_steps=2,
+    long_steps=3,
     sweep=SweepConfig(
         {"adjoint": {"n": "1", "beta": "1.0"}, "unrolled": {"n": "2", "k": "1", "lam": "1.0"}}
     ),

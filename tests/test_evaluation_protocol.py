@@ -233,7 +233,10 @@ def test_resume_reuses_per_sample_results_and_checks_the_fingerprint(
     said: list[str] = []
     with pytest.raises(AssertionError, match="recomputed"):
         evaluate_model(other, test, dev, TINY, store_path=path, progress=said.append)
-    assert said[0] == f"starting afresh: {path} holds results for other weights; they are replaced"
+    kept = next(path.parent.glob("store.*.jsonl"))
+    assert said[0] == (
+        f"starting afresh: {path} held results for other weights; they are kept in {kept}"
+    )
     # other data (one test image changed by one grey level): nothing is reused either
     x = test[0].copy()
     x[0, 0, 0, 0] = min(1.0, x[0, 0, 0, 0] + 1 / 255)

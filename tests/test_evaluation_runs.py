@@ -44,7 +44,7 @@ def cli_args(weights: Path, out_dir: Path) -> list[str]:
         "--model-arg", "num_classes=10", "--model-arg", "hidden=16", "--threshold", "4",
         "--checkpoint", str(weights), "--n-dev", "8", "--n-test", "16", "--steps", "2",
         "--aa_iterations", "2", "--aa_queries", "10", "--aa_target_classes", "2",
-        "--square_queries", "20", "--long_steps", "2", "--batch_size", "8",
+        "--square_queries", "20", "--long_steps", "3", "--batch_size", "8",
         "--diagnostic_samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
         "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",
         "--eps", "0.1", "--step", "0.05", "--out-dir", str(out_dir),

@@ -41,7 +41,10 @@ def test_help_imports_no_torch(argv: list[str]) -> None:
     assert "usage: deq-attacks" in result.stdout
     if argv[0] == "evaluate":  # the option set is the dataclass's, help and all
         text = " ".join(result.stdout.split())
-        assert "--aa_iterations AA_ITERATIONS APGD-CE/APGD-T/FAB-T iterations." in text
+        assert (
+            "--aa_iterations AA_ITERATIONS, --aa-iterations AA_ITERATIONS APGD-CE/APGD-T/FAB-T "
+            "iterations." in text
+        )
         assert "--mode {TABLE,CASCADE}" in text and "--model_arg KEY=VALUE" in text
 
 

@@ -55,7 +55,7 @@ _QUICK_TRAINING = {"width": 4, "forward_threshold": 3, "epochs": 1, "pretrain_st
                    "adversarial": False, "dev_size": 12, "train_limit": 60, "batch_size": 20,
                    "plots": False}  # fmt: skip
 _QUICK_EVAL = {"steps": 2, "square_queries": 10, "aa_iterations": 2, "aa_queries": 5,
-               "long_steps": 2, "batch_size": 6, "diagnostic_samples": 2}  # fmt: skip
+               "long_steps": 3, "batch_size": 6, "diagnostic_samples": 2}  # fmt: skip
 
 
 def demo_model(device: str, quick: bool, cache: Path = CACHE) -> tuple[DEQEstimator, int]:

@@ -17,7 +17,8 @@ that data, or by default the first ``--n_dev`` and next ``--n_test`` images of t
 training does not use (the digits past 1,200, a file's test split, or the last 20% of a file
 without one); the split used is printed and recorded in the results. ``--preset`` sets the
 threat model and budgets of a data set (``deq-attacks list presets``); a config file or an
-option overrides it. Multi-word options are also spelled with dashes (``--model-arg``). Under
+option overrides it. Every multi-word option is also spelled with dashes (``--model-arg``,
+``--aa-iterations``). Under
 ``torchrun --nproc_per_node=K`` the test samples are sharded across the processes (gloo on
 CPU, NCCL on CUDA) and the results gathered.
 """
@@ -51,8 +52,9 @@ def add_model_options(parser: ArgumentParser) -> None:
         "--model",
         required=True,
         help="a registered name (deq-attacks list models) or your builder, "
-        "package.module:function (imported from the working directory); it returns a "
-        "deq_attacks DEQ (DEQModel)",
+        "package.module:function (imported from the working directory and called, as "
+        "Hydra's _target_: a config file naming one is trusted like a script); it returns "
+        "a deq_attacks DEQ (DEQModel)",
     )
     group.add_argument(
         "--model_arg",

@@ -32,11 +32,13 @@ from deq_attacks.evaluation.splits import (
     parse_range,
     read_indices,
 )
+from deq_attacks.evaluation.store import StoreBusyError
 from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.records import to_jsonable
 from deq_attacks.training import ConfigMismatchError, TrainConfig, preset, run_training
 from deq_attacks.training.config import Device
 from deq_attacks.training.data_loading import held_out_split
+from deq_attacks.training.resume import read_state
 
 STORE = "store.jsonl"
 """The result store in the output folder (finished steps and blocks; a rerun resumes from it)."""
@@ -50,6 +52,17 @@ def interrupted(out_dir: Path) -> str:
     return (
         f"interrupted: every finished block is kept in {out_dir / STORE}; run the same command "
         "again to resume"
+    )
+
+
+def training_interrupted(run_dir: Path) -> str:
+    """The message of an interrupted training run (the last finished epoch is kept)."""
+    state = read_state(run_dir) if (run_dir / "state.json").exists() else None
+    if state is None or state.checkpoint is None:
+        return f"interrupted: no epoch had finished in {run_dir}; run the same command to start"
+    return (
+        f"interrupted: {run_dir} is kept after epoch {state.epochs_done} "
+        f"({run_dir / 'checkpoints' / state.checkpoint}); run the same command again to resume"
     )
 
 
@@ -188,6 +201,8 @@ def evaluate(args: Namespace, config: EvaluationConfig) -> int:
         except KeyboardInterrupt:
             print(interrupted(args.out_dir), file=sys.stderr)
             return 130
+        except (StoreBusyError, OSError) as error:  # another run on the folder; a full disk
+            return fail("evaluate", error)
     return 0
 
 
@@ -224,6 +239,9 @@ def demo(
         result = run_training(config, run_dir)
     except (ConfigMismatchError, ValueError, FileNotFoundError) as error:
         return fail("demo", error)
+    except KeyboardInterrupt:
+        print(training_interrupted(run_dir), file=sys.stderr)
+        return 130
     deq = result.model
     if not isinstance(deq, DEQ):
         message = f"the demo evaluates DEQs; preset {args.preset!r} trains {config.model}"
@@ -257,6 +275,8 @@ def demo(
     except KeyboardInterrupt:
         print(interrupted(args.out_dir), file=sys.stderr)
         return 130
+    except (StoreBusyError, OSError) as error:  # another run on the folder; a full disk
+        return fail("demo", error)
     return 0
 
 
@@ -275,6 +295,9 @@ def train(config: TrainConfig, out_dir: Path) -> int:
         result = run_training(config, out_dir)
     except (FileNotFoundError, ValueError) as error:  # a resume mismatch is a ValueError
         return fail("train", error)
+    except KeyboardInterrupt:
+        print(training_interrupted(out_dir), file=sys.stderr)
+        return 130
     state = result.state
     if state.best_epoch is not None:
         print(

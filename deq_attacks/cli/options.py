@@ -14,8 +14,9 @@ defaults < preset < ``--config`` files < options on the command line. Every prob
 unknown option, a value of the wrong type, a dataclass's validation) is a ``CommandError``;
 ``fail`` prints it as one line ``deq-attacks <command>: <message>`` on stderr (exit code 2).
 
-Option names are the fields' names (``--aa_iterations``); the hand-written multi-word options
-of the subcommands also take a dashed alias (``--out-dir``). This module imports no torch, nor
+Option names are the fields' names (``--aa_iterations``), each also spelled with dashes
+(``--aa-iterations``); the hand-written multi-word options of the subcommands take both
+spellings too (``--out-dir``). This module imports no torch, nor
 does building a parser from the config dataclasses: ``--help`` stays fast. The names in
 ``__all__`` are public: a script of one's own takes a config dataclass's settings as options the
 same way (``examples/paper/common.py``: ``--train.FIELD`` and ``--eval.FIELD``).
@@ -149,9 +150,24 @@ def add_settings(
     first line of the class's docstring."""
     for member in _enums_of(cls):
         register_enum(member)
+    before = set(map(id, parser._actions))
     parser.add_class_arguments(cls, nested_key, as_group=True, skip=set(skip))
     if title is not None and nested_key is not None:
         parser.groups[nested_key].title = title  # type: ignore[index]
+    add_dashed_aliases(parser, [a for a in parser._actions if id(a) not in before])
+
+
+def add_dashed_aliases(parser: ArgumentParser, actions: Iterable[Any]) -> None:
+    """Give each option of ``actions`` spelled with underscores its dashed spelling too
+    (``--aa_iterations`` and ``--aa-iterations``; ``--train.dev_size``, ``--train.dev-size``)."""
+    for action in actions:
+        for name in list(action.option_strings):
+            alias = "--" + name[2:].replace("_", "-")
+            if name.startswith("--") and alias != name and alias not in action.option_strings:
+                if alias in parser._option_string_actions:
+                    raise ValueError(f"option {alias} (for {name}) is taken")
+                parser._option_string_actions[alias] = action
+                action.option_strings.append(alias)
 
 
 def set_settings_defaults(

@@ -108,13 +108,28 @@ def best_defense(per_defense: Sequence[Robustness]) -> Robustness:
     return max(per_defense, key=lambda r: r.robust)
 
 
-def choose_early_exit(state_correct: np.ndarray) -> int:
-    """The early-exit step n* (1-based): the iterate with the best accuracy under the
-    ready-made attack on the development split, ``state_correct`` bool (S, N); ties go to the
-    smallest n (the cheapest defense)."""
+def tied_best(state_correct: np.ndarray) -> list[int]:
+    """The iterates n (1-based) whose accuracy under the ready-made attack, ``state_correct``
+    bool (S, N), is the best (more than one: a tie)."""
     if state_correct.ndim != 2 or state_correct.shape[1] == 0:
         raise ValueError(f"state_correct must be (samples, N), got {state_correct.shape}")
-    return int(np.argmax(state_correct.mean(axis=0))) + 1
+    accuracy = state_correct.mean(axis=0)
+    return [int(n) + 1 for n in np.flatnonzero(accuracy == accuracy.max())]
+
+
+def choose_early_exit(state_correct: np.ndarray, clean_accuracy: np.ndarray | None = None) -> int:
+    """The early-exit step n* (1-based): the iterate with the best accuracy under the
+    ready-made attack on the development split, ``state_correct`` bool (S, N). Ties go to the
+    best clean accuracy ``clean_accuracy`` (N,) among the tied iterates, then to the latest
+    (the state closest to the fixed point): never to a state that merely ties at a low
+    accuracy while classifying worse."""
+    tied = tied_best(state_correct)
+    if clean_accuracy is None:
+        return tied[-1]
+    clean = np.asarray(clean_accuracy, dtype=float)
+    if clean.shape != (state_correct.shape[1],):
+        raise ValueError(f"clean_accuracy must be ({state_correct.shape[1]},), got {clean.shape}")
+    return max(tied, key=lambda n: (clean[n - 1], n))
 
 
 def choose_strongest(accuracies: Sequence[float]) -> int:

@@ -105,6 +105,15 @@ def benchmark(
     for name, value in (("n_examples", n_examples), ("n_dev", n_dev)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))):
+        raise TypeError(f"eps must be a number, got {eps!r} ({type(eps).__name__})")
+    if device is not None:
+        try:
+            wanted = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"device {device!r} is not a torch device ({error})") from None
+        if wanted.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA device is available")
     if eps is None:
         if str(dataset) not in DEFAULT_EPS:
             raise ValueError(f"eps is required for the data set {dataset!r}")

@@ -142,6 +142,7 @@ def cascade_cells(
             correct = result[f"defense/{d}"].astype(bool)
             cells.survived[d][column.label][indices] = correct
             alive[d][indices] &= correct
+            cells.record(d, column.label, result)
         if _is_ready(ctx, column):
             cells.ready_scores = result
 
@@ -168,6 +169,7 @@ def cascade_cells(
             correct = result[f"defense/{d}"].astype(bool)
             cells.survived[d][column.label][indices] = correct
             alive[d][indices] &= correct
+            cells.record(d, column.label, result)
             extra = extras_of(result)
             if extra:
                 cells.extras[key] = {k: _spread(v, indices, n) for k, v in extra.items()}

@@ -32,12 +32,21 @@ class Cells:
             results); samples not attacked hold None.
         ready_scores: the ready-made PGD's shared run on every sample (``score_readouts``).
         order: defense -> the columns in the order they ran.
+        nonfinite: defense -> column -> how many attacked samples' defended logits held a NaN
+            or an infinity (those samples count as not robust: ``scoring.correct``).
     """
 
     survived: dict[str, dict[str, np.ndarray]]
     extras: dict[str, dict[str, list[object]]] = field(default_factory=dict)
     ready_scores: dict[str, np.ndarray] = field(default_factory=dict)
     order: dict[str, list[str]] = field(default_factory=dict)
+    nonfinite: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def record(self, defense: str, column: str, result: Mapping[str, np.ndarray]) -> None:
+        """Count the samples of a column's ``result`` whose ``defense`` logits were not finite."""
+        finite = result.get(f"finite/{defense}")
+        count = 0 if finite is None else int((~np.asarray(finite, dtype=bool)).sum())
+        self.nonfinite.setdefault(defense, {})[column] = count
 
 
 def runs_of(column: Column, defenses: Mapping[str, Readout]) -> dict[str, dict[str, Readout]]:
@@ -60,7 +69,8 @@ def column_block(
     on a view with the column's estimate and the first of ``readouts``, with the samples' own
     seeds (``config.seed``, the column's label) in ``config.precision``, its adversarial
     examples scored for every readout. The block's result: ``"index"``, ``"defense/<name>"``,
-    the attack's extras, and for a shared column ``"states"`` and ``"residuals"``."""
+    ``"finite/<name>"``, the attack's extras, and for a shared column ``"states"`` and
+    ``"residuals"``."""
     first = next(iter(readouts.values()))
 
     def block(part: np.ndarray) -> BlockResult:
@@ -70,7 +80,7 @@ def column_block(
             output = column.attack.run(model, x[part], y[part], config.threat, seeds)
         scores = score_readouts(estimator, output.x_adv, y[part], readouts, len(part))
         if not column.shared:
-            scores = {k: v for k, v in scores.items() if k.startswith("defense/")}
+            scores = {k: v for k, v in scores.items() if k.startswith(("defense/", "finite/"))}
         return {"index": part, **scores, **output.extras}
 
     return block
@@ -113,7 +123,9 @@ def column_scores(
             fixed-step PGD) scores all from one run, any other runs once per defense.
 
     Returns:
-        ``"defense/<name>"`` bool (S,) for each defense; clean and for a shared column also
+        ``"defense/<name>"`` bool (S,) for each defense (finite logits predicting the label)
+        and ``"finite/<name>"`` bool (S,) (its logits all finite); clean and for a shared
+        column also
         ``"states"`` bool (S, N) and ``"residuals"`` float (S, N) of every iterate
         (``score_readouts``); the attack's per-sample extras (a shared column's as they are,
         another's as ``"<defense>/<extra>"``).
@@ -131,7 +143,7 @@ def column_scores(
         result = map_blocks(column_block(estimator, column, x, y, readouts, config), len(x), shards)
         result.pop("index", None)
         for key, value in result.items():
-            scored = key.startswith("defense/") or key in ("states", "residuals")
+            scored = key.startswith(("defense/", "finite/")) or key in ("states", "residuals")
             out[key if scored or column.shared else f"{next(iter(readouts))}/{key}"] = value
     return out
 
@@ -139,4 +151,8 @@ def column_scores(
 def extras_of(result: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The attack's own per-sample extras in a result of ``attack_cells``."""
     scored = ("index", "states", "residuals")
-    return {k: v for k, v in result.items() if k not in scored and not k.startswith("defense/")}
+    return {
+        k: v
+        for k, v in result.items()
+        if k not in scored and not k.startswith(("defense/", "finite/"))
+    }

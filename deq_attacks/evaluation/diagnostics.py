@@ -227,13 +227,40 @@ def batch_and_randomness_check(
 
 
 def gradient_health_check(numbers: Mapping[str, Mapping[str, list[int]]]) -> Check:
-    """Per estimate: samples whose loss gradient is zero or not finite
-    (``measurements.gradient_health``)."""
-    flagged = any(v["zero"] or v["not_finite"] for v in numbers.values())
+    """Per estimate: samples whose loss gradient is zero or not finite at the clean input, or
+    not finite at a point of the eps ball around it (``measurements.gradient_health``)."""
+    flagged = any(
+        v["zero"] or v["not_finite"] or v.get("not_finite_near") for v in numbers.values()
+    )
     counts = ", ".join(
-        f"{k}: {len(v['zero'])} zero / {len(v['not_finite'])} NaN-inf" for k, v in numbers.items()
+        f"{k}: {len(v['zero'])} zero / {len(v['not_finite'])} NaN-inf"
+        + (f" / {len(v['not_finite_near'])} NaN-inf near" if "not_finite_near" in v else "")
+        for k, v in numbers.items()
     )
     return Check("zero_or_nan_gradients", verdict(flagged), counts, dict(numbers))
+
+
+def nonfinite_logits_check(
+    clean: Mapping[str, np.ndarray], columns: Mapping[str, Mapping[str, int]]
+) -> Check:
+    """Per defense: how many samples' defended logits held a NaN or an infinity, clean
+    (``clean``: defense -> bool (S,) finite) and under each column (``Cells.nonfinite``).
+    Such samples count as not robust (``scoring.correct``); any of them flags the model."""
+    numbers: dict[str, dict[str, int]] = {}
+    for d, finite in clean.items():
+        numbers[d] = {"clean": int((~np.asarray(finite, dtype=bool)).sum())}
+        numbers[d].update(columns.get(d, {}))
+    bad = {d: {c: k for c, k in row.items() if k} for d, row in numbers.items()}
+    bad = {d: row for d, row in bad.items() if row}
+    message = (
+        "defended logits are NaN or infinite (counted not robust) for "
+        + "; ".join(
+            f"{d}: " + ", ".join(f"{c} {k}" for c, k in row.items()) for d, row in bad.items()
+        )
+        if bad
+        else "every defended logit is finite, clean and under every column"
+    )
+    return Check("nonfinite_logits", verdict(bool(bad)), message, numbers)
 
 
 def exact_backward_check(numbers: Mapping[str, list[float]]) -> Check:
@@ -508,6 +535,8 @@ def judge(
     checks.append(accumulation_check(np.asarray(cells.ready_scores["states"], dtype=bool)))
     checks.append(forward_convergence_check(np.asarray(clean["residuals"], dtype=float)[:, -1]))
     checks += batch_and_randomness_check(measured["batch"], measured.get("randomness"))
+    finite = {d: clean.get(f"finite/{d}", np.ones(len(ctx.x), bool)) for d in defenses}
+    checks.append(nonfinite_logits_check(finite, cells.nonfinite))
     checks.append(gradient_health_check(measured["gradients"]))
     checks.append(exact_backward_check(measured["exact_backward"]))
     if "alignment" in measured:

@@ -153,18 +153,34 @@ def dynamic_calls(estimator: DEQEstimator, x: np.ndarray) -> dict[str, Any]:
 
 
 def gradient_health(
-    estimator: DEQEstimator, estimates: Mapping[str, GradientEstimate], x: np.ndarray, y: np.ndarray
+    estimator: DEQEstimator,
+    estimates: Mapping[str, GradientEstimate],
+    x: np.ndarray,
+    y: np.ndarray,
+    x_near: np.ndarray | None = None,
 ) -> dict[str, dict[str, list[int]]]:
-    """Per estimate: the samples whose loss gradient is zero, and those not finite."""
+    """Per estimate: the samples whose loss gradient at ``x`` is zero, those where it is not
+    finite, and (given ``x_near``, points of the threat model's ball around ``x``) those where
+    it is not finite at ``x_near`` (a model may break only away from the clean input)."""
     numbers = {}
     for label, estimate in estimates.items():
-        grad = np.asarray(estimator.view(estimate=estimate).loss_gradient(x, y))
-        grad = grad.reshape(len(x), -1)
+        view = estimator.view(estimate=estimate)
+        grad = np.asarray(view.loss_gradient(x, y)).reshape(len(x), -1)
         numbers[label] = {
             "zero": np.flatnonzero(np.abs(grad).sum(1) == 0).tolist(),
             "not_finite": np.flatnonzero(~np.isfinite(grad).all(1)).tolist(),
         }
+        if x_near is not None:
+            near = np.asarray(view.loss_gradient(x_near, y)).reshape(len(x), -1)
+            numbers[label]["not_finite_near"] = np.flatnonzero(~np.isfinite(near).all(1)).tolist()
     return numbers
+
+
+def random_in_ball(x: np.ndarray, eps: float, seed: int) -> np.ndarray:
+    """``x`` (S, ...) plus uniform noise in [-eps, eps] from numpy's generator ``seed``,
+    clipped to [0, 1] (float32)."""
+    noise = np.random.default_rng(seed).uniform(-eps, eps, size=x.shape)
+    return np.clip(x + noise, 0.0, 1.0).astype(np.float32)
 
 
 def backward_residuals(trajectory: Trajectory | None) -> np.ndarray:
@@ -244,7 +260,8 @@ def measure(
 ) -> dict[str, Any]:
     """The measurement runs of a protocol run, each stored: the ready-made PGD with
     ``long_steps`` and at ``large_eps`` on every test sample (per-defense correctness), and on
-    the first ``diagnostic_samples`` test samples the batch, gradient, Exact-backward,
+    the first ``diagnostic_samples`` test samples the batch, gradient (at the clean inputs and
+    at a random point of the eps ball around each), Exact-backward,
     alignment (with BPTT) and spectral-radius numbers; with bf16 attacks, the ready-made PGD
     column again in fp32 on the same images."""
     config = ctx.config
@@ -266,7 +283,9 @@ def measure(
     ctx.say("measurements: batch dependence, gradients, Exact backward, spectral radius")
     stored = {
         "batch": lambda: batch_outputs(ctx.estimator, x, ctx.batch),
-        "gradients": lambda: gradient_health(ctx.estimator, estimates, x, y),
+        "gradients": lambda: gradient_health(
+            ctx.estimator, estimates, x, y, random_in_ball(x, ctx.threat.eps, config.seed)
+        ),
         "exact_backward": lambda: exact_backward(ctx.estimator, Exact(), x, y),
         "spectral_radius": lambda: spectral_radii(ctx.estimator, x),
     }

@@ -6,7 +6,8 @@ Named steps over one ``RunContext``:
    randomized model) and ``eot_draws`` is 1, every gradient column and measurement PGD runs
    with ``randomized_eot_draws`` draws per step (expectation over transformation).
 1. ``early_exit``: on the development split, the ready-made PGD (training gradient) scores
-   every iterate z_n; the early exit n* is the most robust one (chosen once, then fixed).
+   every iterate z_n; the early exit n* is the most robust one (ties: the best clean accuracy,
+   then the latest; chosen once, then fixed).
 2. ``sweep``: on the development split, the sweep of intermediate attacks over every
    registered family, each planned for the model's solver (e.g. over Anderson the adjoint
    steps with B = -I); per family the candidate with the largest drop of Early(n*) is chosen.
@@ -23,7 +24,8 @@ Named steps over one ``RunContext``:
 
 Every finished step and every finished block of an attack is stored under a fingerprint of
 the settings, the weights and the data; a rerun resumes from it (a finished run computes
-nothing). Under ``torchrun`` the samples are sharded by block. Unconverged forwards warn once
+nothing; a store of other settings, weights or data is moved aside, and one process at a time
+writes a store). Under ``torchrun`` the samples are sharded by block. Unconverged forwards warn once
 per call site; the run's ``ConvergenceLog`` records (added to those of earlier finished runs
 of the same store) go into the report.
 """
@@ -31,6 +33,7 @@ of the same store) go into the report.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,7 @@ import numpy as np
 
 from deq_attacks.deq.convergence import ConvergenceLog
 from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
-from deq_attacks.evaluation.aggregate import choose_early_exit
+from deq_attacks.evaluation.aggregate import choose_early_exit, tied_best
 from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells
 from deq_attacks.evaluation.columns import BPTT, protocol_columns, protocol_estimates
 from deq_attacks.evaluation.context import RunContext, arrays, check_split
@@ -109,14 +112,16 @@ def evaluate_model(
     }
     store = ResultStore(store_path, fingerprint, shards)
     say = progress or (lambda _text: None)
+    for problem in store.problems:
+        say(f"{store_path}: {problem}; dropped, its step is recomputed")
     if store.resumed:
         say(f"resuming from {store_path}")
     elif store.replaced:
         say(
-            f"starting afresh: {store_path} holds results for other "
-            f"{', '.join(store.replaced)}; they are replaced"
+            f"starting afresh: {store_path} held results for other "
+            f"{', '.join(store.replaced)}; they are kept in {store.moved_to}"
         )
-    with ConvergenceLog() as log:
+    with store, ConvergenceLog() as log:
         ctx = RunContext(
             estimator, x, y, x_dev, y_dev, config, store, shards, say, log,
             ready_made(deq.training_gradient),
@@ -145,8 +150,8 @@ def evaluate_model(
         with ctx.step("measurements"):
             measured = measure(ctx, estimates, defenses)
         checks = judge(ctx, defenses, columns, cells, clean, measured)
-    convergence = merged(store.get("convergence") or [], log.records)
-    store.put("convergence", convergence)
+        convergence = merged(store.get("convergence") or [], log.records)
+        store.put("convergence", convergence)
     return build_report(
         ctx, fingerprint, dev, defenses, (chosen, sweep, plan), estimates, columns, clean,
         cells, checks, convergence,
@@ -174,10 +179,18 @@ def eot_config(ctx: RunContext) -> EvaluationConfig:
     return dataclasses.replace(config, eot_draws=int(numbers["eot_draws"]))
 
 
+EARLY_CLEAN_GAP = 0.1
+"""An early exit whose clean development accuracy is below the last iterate's by more than
+this warns (its robustness is that of a weaker classifier)."""
+
+
 def early_exit(ctx: RunContext) -> dict[str, Any]:
     """n* by the ready-made PGD on the development split: the iterate with the best accuracy
-    (ties: the smallest n); with the per-iterate clean and PGD accuracy, the residuals, and the
-    PGD accuracy of the final and ensemble defenses (the cascade's order)."""
+    (ties: the best clean accuracy among them, then the latest; ``choose_early_exit``), the
+    tied iterates (``early_exit_tied``) and how far n*'s clean accuracy is below the last
+    iterate's (``early_exit_clean_gap``; above ``EARLY_CLEAN_GAP`` it warns); with the
+    per-iterate clean and PGD accuracy, the residuals, and the PGD accuracy of the final and
+    ensemble defenses (the cascade's order)."""
     dev = ctx.store.get("development")
     if dev is not None:
         return dict(dev)
@@ -188,12 +201,25 @@ def early_exit(ctx: RunContext) -> dict[str, Any]:
         seed=ctx.config.seed,
     )  # fmt: skip
     clean = clean_scores(ctx.estimator, ctx.x_dev, ctx.y_dev, {"final": Final()}, ctx.shards)
+    clean_accuracy = clean["states"].mean(0)
+    n_star = choose_early_exit(attacked["states"], clean_accuracy)
+    gap = float(clean_accuracy[-1] - clean_accuracy[n_star - 1])
+    if gap > EARLY_CLEAN_GAP:
+        message = (
+            f"the early exit z_{n_star} classifies {100 * gap:.1f} points fewer clean "
+            f"development images than the last iterate ({100 * clean_accuracy[n_star - 1]:.1f} "
+            f"vs {100 * clean_accuracy[-1]:.1f}%): its robustness is that of a weaker classifier"
+        )
+        warnings.warn(message, stacklevel=2)
+        ctx.say(f"warning: {message}")
     result = ctx.store.put(
         "development",
         {
-            "early_exit": choose_early_exit(attacked["states"]),
+            "early_exit": n_star,
+            "early_exit_tied": tied_best(attacked["states"]),
+            "early_exit_clean_gap": gap,
             "pgd_accuracy_per_state": attacked["states"].mean(0),
-            "clean_accuracy_per_state": clean["states"].mean(0),
+            "clean_accuracy_per_state": clean_accuracy,
             "residual_per_state": clean["residuals"].mean(0),
             "pgd_accuracy": {d: float(attacked[f"defense/{d}"].mean()) for d in scored},
         },

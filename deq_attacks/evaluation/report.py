@@ -83,7 +83,9 @@ def summary_lines(report: EvaluationReport) -> list[str]:
         f"({sample.defense} defense)."
         + (" Cascade mode: each column attacked only the samples still robust." if
            report.mode != "table" else ""),
-        f"Early exit n* = {report.early_exit} (development split, ready-made PGD).",
+        f"Early exit n* = {report.early_exit} (development split, ready-made PGD"
+        + _tie(report.development)
+        + ").",
         "Strongest intermediate attacks (development sweep of "
         f"{len(report.sweep)} candidates, largest drop of early(n*)): "
         + ", ".join(_chosen(report, family) for family in report.chosen)
@@ -257,3 +259,16 @@ def write_tables(
     text = "\n".join(parts) + "\n"
     (out / "results.md").write_text(text)
     return text
+
+
+def _tie(development: dict) -> str:
+    """``; tied with z_a, z_b at x%: best clean accuracy, then the latest`` for a tie."""
+    tied = development.get("early_exit_tied") or []
+    if len(tied) < 2:
+        return ""
+    accuracy = development["pgd_accuracy_per_state"][tied[0] - 1]
+    return (
+        f"; {len(tied)} iterates tie at {100 * accuracy:.1f}% (z_"
+        + ", z_".join(map(str, tied))
+        + "): the best clean accuracy among them, then the latest"
+    )

@@ -3,6 +3,10 @@
 The input goes through the estimator's ART preprocessing first, exactly as in
 ``estimator.predict``, so the prediction of ``Early(n)`` here equals ``predict`` under
 ``Early(n)``.
+
+``correct`` is the one rule of per-sample correctness of every column, mode and aggregation: a
+sample whose logits hold a NaN or an infinity is never correct (the argmax of NaN logits is 0,
+which would count every class-0 sample robust).
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ def model_input(estimator: DEQEstimator, x: np.ndarray | Tensor) -> Tensor:
     return torch.as_tensor(np.asarray(processed, dtype=np.float32), device=estimator.device)
 
 
+def correct(logits: Tensor, y: Tensor) -> Tensor:
+    """bool (B,): ``logits`` (B, K) predict the label ``y`` (B,) and are all finite."""
+    return (logits.argmax(1) == y) & torch.isfinite(logits).all(1)
+
+
 def score_readouts(
     estimator: DEQEstimator,
     x: np.ndarray,
@@ -36,15 +45,17 @@ def score_readouts(
     """Per-sample correctness of each defense and of each raw iterate, from one solve per batch.
 
     Returns:
-        ``"defense/<name>"``: bool (B,) for each defense; ``"states"``: bool (B, N) whether
-        ``z_n`` classifies the sample correctly (n = 1..N, the solver's threshold);
-        ``"residuals"``: float (B, N) relative residual of ``z_n``.
+        ``"defense/<name>"``: bool (B,) for each defense (``correct``: finite and right);
+        ``"finite/<name>"``: bool (B,) whether the defense's logits are all finite;
+        ``"states"``: bool (B, N) whether ``z_n`` classifies the sample correctly (n = 1..N,
+        the solver's threshold); ``"residuals"``: float (B, N) relative residual of ``z_n``.
     """
     deq = estimator.deq
     threshold = deq.solver.threshold
     for readout in defenses.values():
         readout.check(threshold)
     out: dict[str, list[np.ndarray]] = {f"defense/{k}": [] for k in defenses}
+    out.update({f"finite/{k}": [] for k in defenses})
     out["states"], out["residuals"] = [], []
     was_training = deq.training
     deq.eval()
@@ -57,9 +68,10 @@ def score_readouts(
                 trajectory = deq.solve(injection, keep=True)
                 for name, readout in defenses.items():
                     logits = deq.logits(readout.state(deq, trajectory, injection), injection)
-                    out[f"defense/{name}"].append((logits.argmax(1) == yb).cpu().numpy())
+                    out[f"defense/{name}"].append(correct(logits, yb).cpu().numpy())
+                    out[f"finite/{name}"].append(torch.isfinite(logits).all(1).cpu().numpy())
                 states = [
-                    deq.logits(trajectory.state(n), injection).argmax(1) == yb
+                    correct(deq.logits(trajectory.state(n), injection), yb)
                     for n in range(1, threshold + 1)
                 ]
                 out["states"].append(torch.stack(states, dim=1).cpu().numpy())

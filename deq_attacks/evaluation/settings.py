@@ -161,7 +161,7 @@ class EvaluationConfig:
     the model differ (a randomized output; AutoAttack's rand version uses 20); 1: never switch
     EOT on."""
     long_steps: int = 100
-    """PGD steps of the more-steps check."""
+    """PGD steps of the more-steps check (more than steps)."""
     large_eps: float = 0.5
     """Eps of the large-eps check."""
     diagnostic_samples: int = 32
@@ -211,6 +211,12 @@ class EvaluationConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.long_steps <= self.steps:
+            raise ValueError(
+                f"long_steps ({self.long_steps}) must be more than steps ({self.steps}): the "
+                "more-steps check compares PGD with more steps against PGD-steps (give "
+                "--long_steps above --steps)"
+            )
         if self.batch_size is not None and (
             isinstance(self.batch_size, bool)
             or not isinstance(self.batch_size, int)

@@ -29,6 +29,7 @@ def table_cells(
             result = attack_cells(ctx, key, column, readouts, everything)
             for name in readouts:
                 cells.survived[name][column.label] = result[f"defense/{name}"].astype(np.int8)
+                cells.record(name, column.label, result)
             extra = extras_of(result)
             if extra and not column.shared:
                 cells.extras[key] = {k: v.tolist() for k, v in extra.items()}

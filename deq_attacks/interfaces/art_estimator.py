@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,7 +16,7 @@ from deq_attacks.deq.contract import DEQModel
 from deq_attacks.deq.convergence import warn_unconverged
 from deq_attacks.deq.readout import Readout
 from deq_attacks.gradients import GradientEstimate
-from deq_attacks.interfaces.inputs import check_images, check_labels
+from deq_attacks.interfaces.inputs import check_batch_size, check_images, check_labels
 from deq_attacks.interfaces.whitebox import WhiteBoxModule
 
 
@@ -35,6 +36,13 @@ class DEQEstimator(PyTorchClassifier):
     (label -1, labels (N, 1), uint8 images, ...) raises. A predict call whose solves leave
     samples above ``RESIDUAL_LIMIT`` warns once, with their fraction.
 
+    Construction checks the settings against the model (one forward of one input of
+    ``input_shape``): an ``input_shape`` the DEQ was not built for, ``nb_classes`` other than
+    its number of outputs, ``device_type="gpu"`` without CUDA (ART would run on the CPU) are
+    refused. ART's own attacks convert labels before this estimator sees them
+    (``art.utils.check_and_transform_label_format`` one-hot encodes -1 as the last class):
+    check labels before calling one.
+
     Args:
         deq: the model.
         estimate: gradient estimate (default ``Exact()``).
@@ -44,6 +52,7 @@ class DEQEstimator(PyTorchClassifier):
         loss: training and attack loss (default cross-entropy on logits).
         optimizer: for ``fit`` (and ART's trainers).
         clip_values: input range (default (0, 1)).
+        probe: run the construction probe (``view`` skips it: same model, shape and classes).
         **kwargs: passed to ``PyTorchClassifier`` (device_type, preprocessing, ...).
     """
 
@@ -58,8 +67,25 @@ class DEQEstimator(PyTorchClassifier):
         loss: nn.Module | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         clip_values: tuple[float, float] | None = (0.0, 1.0),
+        probe: bool = True,
         **kwargs: Any,
     ) -> None:
+        device_type = kwargs.get("device_type", "gpu")
+        if device_type not in ("cpu", "gpu"):
+            raise ValueError(f"device_type must be 'cpu' or 'gpu', got {device_type!r}")
+        if "device_type" in kwargs and device_type == "gpu" and not torch.cuda.is_available():
+            raise ValueError(
+                "device_type='gpu', but torch sees no CUDA device: give device_type='cpu' "
+                "(nothing falls back to the CPU silently)"
+            )
+        if isinstance(nb_classes, bool) or not isinstance(nb_classes, int) or nb_classes < 2:
+            raise ValueError(f"nb_classes must be an int >= 2, got {nb_classes!r}")
+        declared = getattr(deq, "input_shape", None)
+        if declared is not None and tuple(declared) != tuple(input_shape):
+            raise ValueError(
+                f"input_shape {tuple(input_shape)} contradicts the DEQ's own input_shape "
+                f"{tuple(declared)}"
+            )
         module = WhiteBoxModule(deq, estimate, defense).eval()
         super().__init__(
             model=module,
@@ -71,6 +97,31 @@ class DEQEstimator(PyTorchClassifier):
             **kwargs,
         )
         self.white_box = module
+        if probe:
+            self._probe()
+
+    def _probe(self) -> None:
+        """One forward of one input of ``input_shape`` (the middle of the clip range): the model
+        must take it and return (1, nb_classes) logits; else one ValueError names the problem."""
+        clip = self.clip_values
+        middle = 0.5 if clip is None else (float(clip[0]) + float(clip[1])) / 2
+        param = next(self.deq.parameters(), None)
+        dtype = torch.empty(0, dtype=param.dtype if param is not None else torch.float32)
+        x = np.full((1, *self.input_shape), middle, dtype=dtype.numpy().dtype)
+        try:
+            with warnings.catch_warnings():  # an untrained model's probe may not converge
+                warnings.simplefilter("ignore")
+                logits = self.predict(x)
+        except Exception as error:  # any failure of the model on this shape: say which
+            raise ValueError(
+                f"the DEQ does not run on one input of input_shape {tuple(self.input_shape)}: "
+                f"{type(error).__name__}: {error}"
+            ) from None
+        if logits.shape != (1, self.nb_classes):
+            raise ValueError(
+                f"nb_classes is {self.nb_classes}, but the DEQ returns logits of shape "
+                f"{tuple(logits.shape[1:])} per input"
+            )
 
     @property
     def deq(self) -> DEQModel:
@@ -108,7 +159,7 @@ class DEQEstimator(PyTorchClassifier):
         estimator is not changed. ``deq``: another DEQ that computes the same function over
         the same parameters to view instead (e.g. ``deq_attacks.acceleration.compiled_f``)."""
         module = self.white_box.view(estimate, defense)
-        return DEQEstimator(
+        return DEQEstimator(  # the same model, shape and classes: probed already
             deq if deq is not None else self.deq,
             input_shape=tuple(self.input_shape),
             nb_classes=self.nb_classes,
@@ -120,7 +171,8 @@ class DEQEstimator(PyTorchClassifier):
             preprocessing_defences=self.preprocessing_defences,
             postprocessing_defences=self.postprocessing_defences,
             preprocessing=self.preprocessing,
-            device_type=self._device_type,
+            device_type="gpu" if self._device.type == "cuda" else "cpu",
+            probe=False,
         )
 
     @contextmanager
@@ -147,6 +199,7 @@ class DEQEstimator(PyTorchClassifier):
     ) -> None:
         """ART's ``fit`` on the DEQ's training forward; afterwards the module is back in eval
         mode."""
+        check_batch_size(batch_size)
         self._check_x(x)
         check_labels(y, len(x), self.nb_classes)
         try:
@@ -191,6 +244,7 @@ class DEQEstimator(PyTorchClassifier):
         """Defended logits (N, nb_classes) as float32, in batches; warns once per call if some
         samples ended their solve above the residual limit."""
         self._refuse_training_mode(training_mode, "predict")
+        check_batch_size(batch_size)
         self._check_x(x)
         x_pre, _ = self._apply_preprocessing(x, y=None, fit=False)
         x_tensor = x_pre if isinstance(x_pre, torch.Tensor) else torch.from_numpy(x_pre)
@@ -204,6 +258,20 @@ class DEQEstimator(PyTorchClassifier):
         if self.white_box.reads_fixed_point:
             warn_unconverged(torch.cat(residuals), stacklevel=3)  # the caller of predict
         return self._apply_postprocessing(preds=np.concatenate(outputs), fit=False)
+
+    def compute_loss(
+        self,
+        x: np.ndarray | torch.Tensor,
+        y: np.ndarray | torch.Tensor,
+        reduction: str = "none",
+        **kwargs: Any,
+    ) -> np.ndarray | torch.Tensor:
+        """ART's ``compute_loss`` of the defended logits, with the input contract checked
+        first: labels class indices in [0, nb_classes) or one-hot vectors (ART alone would
+        one-hot encode label -1 as the last class)."""
+        self._check_x(x)
+        check_labels(y, len(x), self.nb_classes)
+        return super().compute_loss(x, y, reduction=reduction, **kwargs)
 
     def loss_gradient(
         self,

@@ -12,7 +12,7 @@ import foolbox as fb
 from deq_attacks.deq.contract import DEQModel
 from deq_attacks.deq.readout import Readout
 from deq_attacks.gradients import GradientEstimate
-from deq_attacks.interfaces.inputs import check_images
+from deq_attacks.interfaces.inputs import check_bounds, check_images
 from deq_attacks.interfaces.whitebox import WhiteBoxModule
 
 T = TypeVar("T")
@@ -48,6 +48,7 @@ class DEQFoolboxModel(fb.PyTorchModel):
         device: Any = None,
         preprocessing: Any = None,
     ) -> None:
+        check_bounds(bounds)
         module = WhiteBoxModule(deq, estimate, defense)
         module.training = False  # the module only; forwards run the DEQ in eval mode anyway
         super().__init__(module, bounds=bounds, device=device, preprocessing=preprocessing)

@@ -6,6 +6,8 @@ conversions: integer images are not rescaled, labels of shape (N, 1) are not squ
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -54,6 +56,27 @@ def check_images(
             )
 
 
+def check_bounds(bounds: object, name: str = "bounds") -> None:
+    """Raise unless ``bounds`` is a pair of finite numbers (low, high) with low < high."""
+    try:
+        pair: tuple[Any, ...] = tuple(bounds)  # type: ignore[arg-type]
+        if len(pair) != 2 or any(isinstance(v, (str, bytes, bool)) for v in pair):
+            raise ValueError
+        low, high = float(pair[0]), float(pair[1])
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (low, high) of numbers, got {bounds!r}") from None
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(f"{name} must be finite with low < high, got {bounds!r}")
+
+
+def check_batch_size(batch_size: object) -> None:
+    """Raise unless ``batch_size`` is an int >= 1."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size}")
+
+
 def _range(x: ArrayLike) -> tuple[float, float]:
     """(min, max) of x; NaN if x holds a NaN."""
     if isinstance(x, Tensor):
@@ -69,15 +92,19 @@ def check_labels(y: object, n: int, nb_classes: int) -> Tensor:
     other than ``n``, a non-integral index, or an index outside [0, nb_classes)."""
     if not isinstance(y, (np.ndarray, Tensor)):
         raise TypeError(f"labels must be a numpy array or torch tensor, got {type(y).__name__}")
+    if isinstance(y, np.ndarray) and y.dtype.kind not in "iuf":
+        raise TypeError(
+            f"labels have dtype {y.dtype}: give integer class indices or one-hot vectors "
+            "(not booleans, text or objects)"
+        )
     t = y.detach() if isinstance(y, Tensor) else torch.from_numpy(np.asarray(y))
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"labels have dtype {t.dtype}: give class indices or one-hot vectors")
     if t.dim() == 2 and t.shape[1] == nb_classes and nb_classes > 1:
         indices = t.argmax(dim=1)
     elif t.dim() == 1:
-        if t.is_floating_point():
-            if not torch.equal(t, t.round()):
-                raise ValueError("labels of shape (N,) must be integral class indices")
-        elif t.dtype == torch.bool:
-            raise TypeError("labels must be class indices or one-hot vectors, not booleans")
+        if t.is_floating_point() and not torch.equal(t, t.round()):
+            raise ValueError("labels of shape (N,) must be integral class indices")
         indices = t.long()
     else:
         hint = " (squeeze it to (N,) if these are class indices)" if t.dim() == 2 else ""

@@ -66,7 +66,8 @@ class TrainConfig:
     # --- model ----------------------------------------------------------------------------
     model: str = "deq_large"
     """Registered model (deq_large, deq_xl, small_conv_deq, resnet18, wrn34_10; `deq-attacks
-    list models`) or a 'module:function' entry point."""
+    list models`) or a 'module:function' entry point, imported and called (as Hydra's
+    _target_: a config file naming one is to be trusted like a script)."""
     width: int | None = None
     """Channels of small_conv_deq, base width of resnet18, widen factor of wrn34_10 (null: the
     model's default)."""

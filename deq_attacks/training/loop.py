@@ -8,6 +8,7 @@ checkpoint. One loop for every data source: a data set the config names, or arra
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -235,9 +236,41 @@ def _run(
     else:
         resume.seed_everything(config.seed + 1009 * processes.rank)
     for epoch in range(state.epochs_done, config.epochs):
-        _train_epoch(ctx, config, data, epoch, state, processes)
+        _train_epoch(ctx, config, data, epoch, state, processes, run_dir)
         _finish_epoch(ctx, config, data, epoch, state, processes, run_dir, log)
     return RunResult(run_dir, state, model, data.image_shape, data.num_classes)
+
+
+class NonFiniteTrainingError(ValueError):
+    """A step's loss or the weights after it are not finite: the run stops there (nothing of
+    the unfinished epoch is saved; the last finished epoch's checkpoint stays)."""
+
+
+def check_finite_step(
+    model: nn.Module, result: StepResult, state: RunState, epoch: int, run_dir: Path
+) -> None:
+    """Raise ``NonFiniteTrainingError`` naming the step (``state.global_step`` + 1) if its
+    loss or penalty, or any weight after the optimizer step, is NaN or infinite."""
+    losses = [result.loss] + ([result.penalty] if result.penalty is not None else [])
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if all(math.isfinite(v) for v in losses) and not bad:
+        return
+    what = (
+        f"the loss is {result.loss}"
+        if not math.isfinite(result.loss)
+        else f"the Jacobian penalty is {result.penalty}"
+        if not all(math.isfinite(v) for v in losses)
+        else f"{len(bad)} weight tensor(s) are not finite after the update ({bad[0]}, ...)"
+    )
+    kept = (
+        f"the last good checkpoint, {run_dir / 'checkpoints' / state.checkpoint} (after epoch "
+        f"{state.epochs_done}), is kept: rerun to resume from it, e.g. with a lower lr"
+        if state.checkpoint is not None
+        else "no epoch had finished, so there is no checkpoint to resume from"
+    )
+    raise NonFiniteTrainingError(
+        f"training stopped at step {state.global_step + 1} (epoch {epoch + 1}): {what}; {kept}"
+    )
 
 
 def _train_epoch(
@@ -247,6 +280,7 @@ def _train_epoch(
     epoch: int,
     state: RunState,
     processes: distributed.Processes,
+    run_dir: Path,
 ) -> None:
     deq = isinstance(ctx.model, DEQ)
     loader = epoch_loader(
@@ -276,6 +310,7 @@ def _train_epoch(
             unrolled=pretraining and deq,
             penalty=schedule.regularization if schedule is not None and carries else None,
         )
+        check_finite_step(ctx.model, result, state, epoch, run_dir)
         if result.penalty is not None:
             penalties.append(result.penalty)
         totals += torch.tensor([result.loss * len(y), result.correct, len(y)], dtype=torch.float64)
@@ -328,20 +363,22 @@ def _finish_epoch(
         if improved:
             state.best_epoch, state.best_dev_pgd_accuracy = epoch + 1, record["dev_pgd_accuracy"]
     state.epochs_done = epoch + 1
-    staging = resume.staging_dir(run_dir, epoch + 1)
-    distributed.barrier()
-    resume.save_rng(staging, processes.rank)
+    with resume.writing_checkpoint(run_dir, epoch + 1, state):
+        staging = resume.staging_dir(run_dir, epoch + 1)
+        distributed.barrier()
+        resume.save_rng(staging, processes.rank)
+        if processes.is_main:
+            counters = {"world": processes.world}
+            resume.save_trainer(staging, ctx.model, ctx.optimizer, ctx.schedule, counters)
+        distributed.barrier()
+        if processes.is_main:
+            if improved:
+                resume.save_best(run_dir, ctx.model)
+            resume.write_metrics(run_dir, state.history)
+            if config.plots:
+                plot_history(state.history, run_dir / "training.png")
+            resume.publish(run_dir, epoch + 1, state)
     if processes.is_main:
-        counters = {"world": processes.world}
-        resume.save_trainer(staging, ctx.model, ctx.optimizer, ctx.schedule, counters)
-    distributed.barrier()
-    if processes.is_main:
-        if improved:
-            resume.save_best(run_dir, ctx.model)
-        resume.write_metrics(run_dir, state.history)
-        if config.plots:
-            plot_history(state.history, run_dir / "training.png")
-        resume.publish(run_dir, epoch + 1, state)
         log(_summary(record, config.epochs))
     distributed.barrier()
 

@@ -25,13 +25,14 @@ from pyautoattack import AutoAttack
 from torch import Tensor, nn
 
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
-from deq_attacks.evaluation.attacks.defended import DefendedModel
+from deq_attacks.evaluation.attacks.defended import DefendedModel, NonFiniteAsWrong
 from deq_attacks.evaluation.attacks.per_sample import (
     PerSampleAPGD,
     PerSampleAPGDTargeted,
     PerSampleSquare,
 )
 from deq_attacks.evaluation.attacks.seeds import SampleSeeds
+from deq_attacks.evaluation.scoring import correct
 from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ def run_standard_autoattack(
         fab_model,
     )  # fmt: skip
     with torch.no_grad():
-        robust = model(x).argmax(1) == y
+        robust = correct(model(x), y)
     broken_by = np.where(robust.cpu().numpy(), "", "clean").astype(object)
     x_adv = x.clone()
     after: dict[str, np.ndarray] = {}
@@ -154,7 +155,7 @@ def run_standard_autoattack(
         if index.numel():
             adv = _run_one(attack, name, x[index].clone(), y[index].clone(), seeds.subset(index))
             with torch.no_grad():
-                fooled = model(adv).argmax(1) != y[index]
+                fooled = ~correct(model(adv), y[index])
             hit = index[fooled]
             robust[hit] = False
             x_adv[hit] = adv[fooled].detach()
@@ -199,8 +200,9 @@ class StandardAutoAttack(Attack):
         yt = torch.as_tensor(y, device=model.device)
         fab = DefendedModel(model, self.eot_draws) if self.eot_draws > 1 else None
         outcome = run_standard_autoattack(
-            DefendedModel(model), xt, yt, threat.eps, self.settings, model.nb_classes, seeds,
-            self.eot_draws, fab,
+            NonFiniteAsWrong(DefendedModel(model), xt, yt, threat.eps), xt, yt, threat.eps,
+            self.settings, model.nb_classes, seeds, self.eot_draws,
+            None if fab is None else NonFiniteAsWrong(fab, xt, yt, threat.eps),
         )  # fmt: skip
         extras = {f"after/{k}": v for k, v in outcome.after.items()}
         extras["broken_by"] = outcome.broken_by

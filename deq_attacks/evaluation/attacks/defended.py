@@ -26,7 +26,9 @@ def check_draws(draws: object) -> int:
 class DefendedModel(nn.Module):
     """``estimator.model`` behind the estimator's ART preprocessing: inputs in [0, 1] to the
     defended logits (float32), differentiable through the estimator's estimate. Attacks that
-    differentiate a torch module (AutoAttack, Square) receive this.
+    differentiate a torch module (AutoAttack, Square) receive this. An empty batch (an attack's
+    sub-batch after filtering, e.g. Square's when no margin is positive) gives empty logits
+    (0, nb_classes), still connected to ``x``.
 
     Args:
         draws: the logits are the mean of this many forwards (each a fresh draw of a
@@ -43,11 +45,52 @@ class DefendedModel(nn.Module):
         self.draws = check_draws(draws)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] == 0:
+            return x.flatten(1).sum(1, keepdim=True).expand(-1, self.estimator.nb_classes).float()
         processed, _ = self.estimator._apply_preprocessing(x, y=None, fit=False, no_grad=False)
         logits = cast(Tensor, self.white_box(processed)).float()
         for _ in range(self.draws - 1):
             logits = logits + cast(Tensor, self.white_box(processed)).float()
         return logits if self.draws == 1 else logits / self.draws
+
+
+class NonFiniteAsWrong(nn.Module):
+    """``model`` for an attack that judges success on the logits itself (AutoAttack, Square):
+    a row whose logits are not finite is answered with finite one-hot logits of a class that
+    is none of the labels of the block's clean samples within ``eps`` of it (L-inf), so the
+    attack sees a success and returns that point (``argmax`` of NaN is 0: a class-0 sample
+    would otherwise look unbroken). The verdict is made afterwards on the defended logits
+    (``scoring.correct``), where the point counts as not robust. A row with every class among
+    those labels keeps its NaN.
+
+    Args:
+        model: inputs (m, ...) to logits (m, K).
+        x, y: the block's clean inputs (B, ...) and labels (B,), on the model's device.
+        eps: the L-inf budget of the attack.
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> None:
+        super().__init__()
+        self.model, self.x, self.y, self.eps = model, x.detach(), y.detach(), float(eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = cast(Tensor, self.model(x))
+        bad = ~torch.isfinite(logits).all(1)
+        if not bool(bad.any()):
+            return logits
+        clean = self.x.flatten(1)
+        distance = torch.stack(  # (m, B), one bad row at a time: no (m, B, D) tensor
+            [(row - clean).abs().amax(1) for row in x.detach()[bad].flatten(1)]
+        )
+        near = (distance <= self.eps * (1 + 1e-5) + 1e-7).float()
+        classes = logits.shape[1]
+        taken = near @ nn.functional.one_hot(self.y.long(), classes).float() > 0  # (m, K)
+        other = (~taken).float().argmax(1)
+        substitute = nn.functional.one_hot(other, classes).to(logits.dtype)
+        substitute[taken.all(1)] = float("nan")
+        out = logits.clone()
+        out[bad] = substitute
+        return out
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
-from deq_attacks.evaluation.attacks.defended import DefendedModel
+from deq_attacks.evaluation.attacks.defended import DefendedModel, NonFiniteAsWrong
 from deq_attacks.evaluation.attacks.per_sample import PerSampleSquare
 from deq_attacks.evaluation.attacks.seeds import SampleSeeds
 from deq_attacks.evaluation.threat import ThreatModel
@@ -47,9 +47,9 @@ class Square(Attack):
         xt = torch.as_tensor(x, device=model.device)
         yt = torch.as_tensor(y, device=model.device)
         square = PerSampleSquare(
-            DefendedModel(model), norm="Linf", n_queries=self.queries, eps=threat.eps,
-            p_init=self.p_init, n_restarts=1, seed=0, verbose=False, device=xt.device,
-            resc_schedule=True,
+            NonFiniteAsWrong(DefendedModel(model), xt, yt, threat.eps), norm="Linf",
+            n_queries=self.queries, eps=threat.eps, p_init=self.p_init, n_restarts=1, seed=0,
+            verbose=False, device=xt.device, resc_schedule=True,
         )  # fmt: skip
         return AttackOutput(square.run(xt, yt, seeds).detach().cpu().numpy())
 
