@@ -2,7 +2,7 @@
 
 Named steps over one ``RunContext``:
 
-0. ``eot_config`` (untimed): two identical forwards of a few test samples; if they differ (a
+0. ``eot_config`` (untimed): eight identical forwards of a few test samples; if they differ (a
    randomized model) and ``eot_draws`` is 1, every gradient column and measurement PGD runs
    with ``randomized_eot_draws`` draws per step (expectation over transformation).
 1. ``early_exit``: on the development split, the ready-made PGD (training gradient) scores
@@ -160,7 +160,7 @@ def evaluate_model(
 
 def eot_config(ctx: RunContext) -> EvaluationConfig:
     """The config of the gradient columns and measurements: ``eot_draws`` raised to
-    ``randomized_eot_draws`` when two identical forwards of the first ``diagnostic_samples``
+    ``randomized_eot_draws`` when eight identical forwards of the first ``diagnostic_samples``
     test samples differ (``diagnostics.eot_draws_for``); the decision is stored."""
     config = ctx.config
     numbers = ctx.store.get("randomness")
