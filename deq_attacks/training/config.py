@@ -133,13 +133,15 @@ lambda) or AUTOGRAD (the ResNet/WRN baselines)."""
     adversarial: bool = True
     """PGD-AT after pretraining."""
     eps: float = 8 / 255
-    """L-inf budget, inputs in [0, 1]."""
+    """Budget in `norm`, inputs in [0, 1]."""
     step: float = 2 / 255
-    """PGD step size."""
+    """PGD step size (its length in `norm`)."""
     steps: int = 10
     """PGD iterations."""
     random_start: bool = True
     """Uniform random start of the training PGD (the dev PGD always has one)."""
+    norm: str = "Linf"
+    """Threat model of the training and dev PGD: Linf or L2 (ART's PGD with norm inf or 2)."""
     # --- monitoring -----------------------------------------------------------------------
     eval_batch_size: int | None = None
     """Batch of the dev evaluation (null: 200 on CPU, 500 on CUDA)."""
@@ -289,10 +291,13 @@ def _problems(c: TrainConfig) -> list[str]:
         out.append(f"jac_weight must be >= 0, got {c.jac_weight!r}")
     if not 0 < finite("jac_frequency") <= 1:
         out.append(f"jac_frequency must be in (0, 1], got {c.jac_frequency!r}")
-    if not 0 < finite("eps") <= 1:
-        out.append(f"eps must be in (0, 1], got {c.eps!r}")
-    if not 0 < finite("step") <= 1:
-        out.append(f"step must be in (0, 1], got {c.step!r}")
+    if c.norm not in ("Linf", "L2"):
+        out.append(f"norm must be Linf or L2, got {c.norm!r}")
+    top = 1 if c.norm == "Linf" else math.inf
+    for name in ("eps", "step"):
+        if not 0 < finite(name) <= top:
+            where = "in (0, 1] under L-inf" if top == 1 else "a finite number > 0"
+            out.append(f"{name} must be {where}, got {getattr(c, name)!r}")
     if c.dropout is not None and not 0 <= finite("dropout") < 1:
         out.append(f"dropout must be in [0, 1), got {c.dropout!r}")
     if not isinstance(c.gradient, Gradient):

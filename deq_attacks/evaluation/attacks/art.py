@@ -7,7 +7,7 @@ column's estimate through the module's backward. ART draws its random numbers fr
 global generator for a whole batch; here each sample is attacked in its own call with numpy
 seeded from the sample's seeds, so its result does not depend on its batch (one sample per
 call is slower; these columns are not in the default list). ART converts logits to numpy, so
-these columns run in float32 only.
+these columns run in float32 only. Under L2 they run ART's L2 variants (``norm=2``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
     from deq_attacks.evaluation.settings import EvaluationConfig
     from deq_attacks.interfaces import DEQEstimator
+
+
+#: ART's ``norm`` argument of each threat-model norm.
+ART_NORMS = {"Linf": np.inf, "L2": 2}
 
 
 class _PerSampleArt(Attack):
@@ -74,7 +78,7 @@ class _ArtAPGD(_PerSampleArt):
 
     def build(self, model: DEQEstimator, threat: ThreatModel) -> EvasionAttack:
         return AutoProjectedGradientDescent(
-            model, norm=np.inf, eps=threat.eps, eps_step=threat.step,
+            model, norm=ART_NORMS[threat.norm], eps=threat.eps, eps_step=threat.step,
             max_iter=self.budget(threat), batch_size=1, loss_type=self.loss, verbose=False,
         )  # fmt: skip
 
@@ -118,13 +122,14 @@ class ArtAutoAttackList(_PerSampleArt):
         return cls(config.steps)
 
     def build(self, model: DEQEstimator, threat: ThreatModel) -> EvasionAttack:
+        norm = ART_NORMS[threat.norm]
         if self.steps is None:
-            return ArtAutoAttack(model, norm=np.inf, eps=threat.eps, eps_step=threat.step,
+            return ArtAutoAttack(model, norm=norm, eps=threat.eps, eps_step=threat.step,
                                  batch_size=1)  # fmt: skip
         apgd = [
             AutoProjectedGradientDescent(
                 model,
-                norm=np.inf,
+                norm=norm,
                 eps=threat.eps,
                 eps_step=threat.step,
                 max_iter=self.steps,
@@ -137,10 +142,10 @@ class ArtAutoAttackList(_PerSampleArt):
         ]
         deepfool = DeepFool(model, max_iter=self.steps, epsilon=1e-3, nb_grads=10, batch_size=1)
         square = SquareAttack(
-            model, norm=np.inf, max_iter=50 * self.steps, eps=threat.eps, p_init=0.8,
+            model, norm=norm, max_iter=50 * self.steps, eps=threat.eps, p_init=0.8,
             nb_restarts=5,
         )  # fmt: skip
-        return ArtAutoAttack(model, norm=np.inf, eps=threat.eps, eps_step=threat.step,
+        return ArtAutoAttack(model, norm=norm, eps=threat.eps, eps_step=threat.step,
                              attacks=[*apgd, deepfool, square], batch_size=1)  # fmt: skip
 
     def describe(self, threat: ThreatModel) -> dict[str, Any]:

@@ -63,28 +63,29 @@ def build_standard(
     num_classes: int,
     seed: int,
     device: torch.device | str,
+    norm: str = "Linf",
 ) -> AutoAttack:
-    """``AutoAttack(version="standard")`` on ``model``, with ``settings`` applied and the
-    per-sample APGD, APGD-T and Square."""
+    """``AutoAttack(norm=norm, version="standard")`` on ``model``, with ``settings`` applied and
+    the per-sample APGD, APGD-T and Square ("Linf" or "L2": the same four attacks)."""
     if num_classes < 4:
         raise ValueError(f"the standard AutoAttack needs >= 4 classes (DLR-T), got {num_classes}")
-    attack = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
+    attack = AutoAttack(model, norm=norm, eps=eps, version="standard", device=device, seed=seed)
     attack.verbose = False
     targets = min(settings.target_classes, num_classes - 1)
     # APGD derives its step-size checkpoints from n_iter in its constructor: build anew
     attack.apgd = PerSampleAPGD(
-        attack.model, n_restarts=1, n_iter=settings.iterations, eps=eps, norm="Linf",
+        attack.model, n_restarts=1, n_iter=settings.iterations, eps=eps, norm=norm,
         eot_iter=1, rho=0.75, seed=seed, device=device, logger=attack.logger,
     )  # fmt: skip
     attack.apgd_targeted = PerSampleAPGDTargeted(
-        attack.model, n_restarts=1, n_iter=settings.iterations, eps=eps, norm="Linf",
+        attack.model, n_restarts=1, n_iter=settings.iterations, eps=eps, norm=norm,
         eot_iter=1, rho=0.75, seed=seed, device=device, logger=attack.logger,
         n_target_classes=targets,
     )  # fmt: skip
     attack.fab.n_iter = settings.iterations
     attack.fab.n_target_classes = targets
     attack.square = PerSampleSquare(
-        attack.model, p_init=0.8, n_queries=settings.queries, eps=eps, norm="Linf",
+        attack.model, p_init=0.8, n_queries=settings.queries, eps=eps, norm=norm,
         n_restarts=1, seed=seed, verbose=False, device=device, resc_schedule=False,
     )  # fmt: skip
     return attack
@@ -115,23 +116,27 @@ def run_standard_autoattack(
     settings: AutoAttackSettings,
     num_classes: int,
     seeds: SampleSeeds | int = 0,
+    norm: str = "Linf",
 ) -> AutoAttackOutcome:
     """The standard AutoAttack on one batch, recording each attack's per-sample result.
 
     Args:
         model: maps inputs (B, ...) in [0, 1] to logits; differentiated by APGD and FAB.
         x, y: the batch and its labels (on the model's device).
-        eps: L-inf budget.
+        eps: the budget in ``norm``.
         settings: iterations, queries and target classes (default: the standard ones).
         num_classes: number of classes of the model.
         seeds: the per-sample seeds of the batch, or an int: sample i of this batch then
             draws from (seed, i).
+        norm: "Linf" or "L2".
     """
     if not isinstance(seeds, SampleSeeds):
         seeds = SampleSeeds.first(int(seeds), "autoattack", len(x))
     if len(seeds) != len(x):
         raise ValueError(f"{len(seeds)} seeds for {len(x)} samples")
-    attack = build_standard(model, eps, settings, num_classes, seeds.shared_seed("aa"), x.device)
+    attack = build_standard(
+        model, eps, settings, num_classes, seeds.shared_seed("aa"), x.device, norm
+    )
     with torch.no_grad():
         robust = model(x).argmax(1) == y
     broken_by = np.where(robust.cpu().numpy(), "", "clean").astype(object)
@@ -182,7 +187,8 @@ class StandardAutoAttack(Attack):
         xt = torch.as_tensor(x, device=model.device)
         yt = torch.as_tensor(y, device=model.device)
         outcome = run_standard_autoattack(
-            DefendedModel(model), xt, yt, threat.eps, self.settings, model.nb_classes, seeds
+            DefendedModel(model), xt, yt, threat.eps, self.settings, model.nb_classes, seeds,
+            threat.norm,
         )
         extras = {f"after/{k}": v for k, v in outcome.after.items()}
         extras["broken_by"] = outcome.broken_by
