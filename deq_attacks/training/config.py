@@ -129,6 +129,11 @@ lambda) or AUTOGRAD (the ResNet/WRN baselines)."""
     """Fraction of DEQ-mode training steps that carry it."""
     jac_stop_epoch: int = 90
     """0-based epoch from which it is no longer applied."""
+    random_state: bool = False
+    """Random-intermediate-state training (Yang et al. 2023): each DEQ-mode step takes its loss
+    at z_n instead of z*, n uniform in 1..forward_threshold (one draw per step, seeded by
+    (seed, step)), the training gradient starting from z_n; adversaries and the dev
+    evaluation keep the full solve."""
     # --- adversary (PGD-AT and the development PGD) ---------------------------------------
     adversarial: bool = True
     """PGD-AT after pretraining."""
@@ -311,6 +316,10 @@ def _problems(c: TrainConfig) -> list[str]:
             f"unknown model {c.model!r}: registered are {', '.join(list_models())}, or give a "
             "'module:function' entry point"
         )
+    if not isinstance(c.random_state, bool):
+        out.append(f"random_state must be a bool, got {c.random_state!r}")
+    elif c.random_state and c.gradient is Gradient.AUTOGRAD:
+        out.append("random_state (the loss at a random z_n) is DEQ-only, not for gradient=autograd")
     if c.model in BASELINE_MODELS and c.gradient is not Gradient.AUTOGRAD:
         out.append(f"{c.model} is not a DEQ: use gradient=autograd")
     if c.gradient is Gradient.AUTOGRAD and c.model not in BASELINE_MODELS and ":" not in c.model:
