@@ -22,7 +22,13 @@ from deq_attacks.evaluation import (
     fixed_step_pgd,
     markdown_report,
 )
-from deq_attacks.evaluation.attacks import DefendedModel, Square, run_standard_autoattack
+from deq_attacks.evaluation.attacks import (
+    ArtAPGDCE,
+    ArtAutoAttackList,
+    DefendedModel,
+    Square,
+    run_standard_autoattack,
+)
 from deq_attacks.evaluation.attacks.pgd import l2_step, random_start
 from deq_attacks.evaluation.presets import evaluation_preset
 from deq_attacks.evaluation.threat import AutoAttackSettings
@@ -94,6 +100,13 @@ def test_l2_standard_autoattack_and_square_stay_in_their_ball() -> None:
     broken = ~outcome.survived & (outcome.broken_by != "clean")
     assert broken.any()  # it attacked: some samples fell, each inside the L2 ball
     assert np.abs(outcome.x_adv - x).max() > 1.0 / 8  # larger than any L-inf 1/8-ball step
+    apgd = ArtAPGDCE(steps=3).run(estimator.view(estimate=Exact()), x[:4], y[:4], L2,
+                                  SampleSeeds.first(0, "apgd-ce", 4)).x_adv  # fmt: skip
+    assert_valid_adversarial(apgd, x[:4], L2.eps, norm="2")
+    assert l2_distance(apgd, x[:4]).max() > 0.3
+    # ART's L2 Square cannot run on 8x8 images (NaN): refused before any work, naming it
+    with pytest.raises(ValueError, match="ART's L2 Square divides by zero"):
+        ArtAutoAttackList(steps=2).run(estimator, x[:2], y[:2], L2, SampleSeeds.first(0, "a", 2))
     square = Square(queries=20).run(estimator, x, y, L2, SampleSeeds.first(0, "square", len(x)))
     assert_valid_adversarial(square.x_adv, x, L2.eps, norm="2")
     # each sample is attacked alone under L2: its result does not depend on its batch
@@ -142,3 +155,7 @@ def test_protocol_runs_end_to_end_under_l2_and_says_so() -> None:
     linf = evaluate_model(estimator, test, dev, dataclasses.replace(config, norm="Linf", eps=0.1,
                                                                     step=0.05, large_eps=0.5))
     assert linf.settings["threat"]["norm"] == "Linf"
+    # the norm came later: at its default it is left out of the store's fingerprint, so that
+    # stores written before it resume; L2 is another run
+    assert "norm" not in linf.settings["fingerprint"]["config"]
+    assert report.settings["fingerprint"]["config"]["norm"] == "L2"

@@ -33,7 +33,12 @@ DEFAULT_SOLVER = "broyden"
 
 #: Fields added after run folders were cached under ``TrainConfig.fingerprint``, with the
 #: default that leaves them out of it.
-LATER_FIELDS: dict[str, Any] = {"forward_solver": DEFAULT_SOLVER, "backward_solver": DEFAULT_SOLVER}
+LATER_FIELDS: dict[str, Any] = {
+    "forward_solver": DEFAULT_SOLVER,
+    "backward_solver": DEFAULT_SOLVER,
+    "norm": "Linf",
+    "random_state": False,
+}
 
 #: ``data`` value for arrays handed to ``run_training(config, run_dir, data=...)``.
 MEMORY_DATA = "memory"

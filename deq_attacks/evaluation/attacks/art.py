@@ -123,6 +123,12 @@ class ArtAutoAttackList(_PerSampleArt):
 
     def build(self, model: DEQEstimator, threat: ThreatModel) -> EvasionAttack:
         norm = ART_NORMS[threat.norm]
+        if threat.norm == "L2" and min(model.input_shape[-2:]) < 10:
+            raise ValueError(
+                f"ART's L2 Square divides by zero on images under 10 pixels a side (its tiles "
+                f"are side // 5 < 2 pixels; these are {model.input_shape}): under L2 use the "
+                "standard AutoAttack ('autoattack') or ART's APGD ('apgd-ce', 'apgd-dlr')"
+            )
         if self.steps is None:
             return ArtAutoAttack(model, norm=norm, eps=threat.eps, eps_step=threat.step,
                                  batch_size=1)  # fmt: skip
