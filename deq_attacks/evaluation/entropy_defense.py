@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deq_attacks.deq import DEQModel
+from deq_attacks.deq import DEQModel, Final
 from deq_attacks.deq.entropy import InputEntropyReduction, entropy_defended_logits
 from deq_attacks.evaluation.aggregate import wilson_interval
 from deq_attacks.evaluation.attacks import (
@@ -177,8 +177,8 @@ def evaluate_entropy_defense(
     """The defense's columns on (x, y) (module docstring).
 
     Args:
-        estimator: the DEQ (its Final readout is the undefended model; no preprocessing: the
-            defense updates pixels in [0, 1]).
+        estimator: the DEQ (no preprocessing: the defense updates pixels in [0, 1]); the
+            undefended model is its Final readout, the state the defense reads out too.
         x, y: images (S, ...) float32 in [0, 1] and labels (S,).
         threat: the attacks' threat model.
         defense: the defense's settings.
@@ -203,7 +203,7 @@ def evaluate_entropy_defense(
     deq = estimator.deq
     craft = craft_estimate if craft_estimate is not None else BackpropThroughSolver()
     modules = {g: EntropyDefendedModule(deq, defense, g) for g in GRADIENTS}
-    undefended = estimator.view(estimate=craft)
+    undefended = estimator.view(estimate=craft, defense=Final())
     device = estimator.device
     columns: dict[str, list[np.ndarray]] = {}
 
