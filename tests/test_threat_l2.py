@@ -17,7 +17,9 @@ from deq_attacks import Exact, Phantom, Unrolled
 from deq_attacks.evaluation import (
     EvaluationConfig,
     SampleSeeds,
+    SweepConfig,
     ThreatModel,
+    benchmark,
     evaluate_model,
     fixed_step_pgd,
     markdown_report,
@@ -124,6 +126,8 @@ def test_norm_is_validated_and_sets_the_budget_range() -> None:
     assert config.threat == ThreatModel(2.0, 0.5, 10, norm="L2")
     with pytest.raises(ValueError, match="large_eps must be > 0"):
         EvaluationConfig(norm="L2", large_eps=-1.0)
+    with pytest.raises(ValueError, match=r"large_eps \(0.5\) must exceed eps \(0.5\) under L2"):
+        EvaluationConfig(norm="L2", eps=0.5, step=0.125)
     preset = evaluation_preset("cifar10_l2").apply(EvaluationConfig())
     assert (preset.norm, preset.eps, preset.step, preset.steps) == ("L2", 0.5, 0.125, 10)
     assert preset.autoattack_settings.standard and preset.square_queries == 5000
@@ -159,3 +163,20 @@ def test_protocol_runs_end_to_end_under_l2_and_says_so() -> None:
     # stores written before it resume; L2 is another run
     assert "norm" not in linf.settings["fingerprint"]["config"]
     assert report.settings["fingerprint"]["config"]["norm"] == "L2"
+
+
+def test_benchmark_runs_under_l2() -> None:
+    deq = tiny_estimator(trained=True).deq
+    result = benchmark(
+        deq, 6, "digits", "L2", batch_size=6, n_dev=6, steps=2, aa_iterations=2, aa_queries=5,
+        aa_target_classes=2, square_queries=5, long_steps=2, diagnostic_samples=2, bptt=False,
+        sweep=SweepConfig({"adjoint": {"n": "1", "beta": "1.0"},
+                           "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}),
+    )  # fmt: skip
+    config = result.report.settings["config"]
+    assert (config["norm"], config["eps"], config["step"], config["large_eps"]) == (
+        "L2", 0.5, 0.125, 8.0
+    )
+    assert result.robust_accuracy <= result.clean_accuracy
+    with pytest.raises(ValueError, match="its threat_model argument"):
+        benchmark(deq, 6, "digits", "L2", norm="L2")

@@ -195,6 +195,11 @@ class EvaluationConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         check_budget("large_eps", self.large_eps, self.norm)
+        if self.norm == "L2" and not self.large_eps > self.eps:
+            raise ValueError(
+                f"large_eps ({self.large_eps}) must exceed eps ({self.eps}) under L2: the "
+                "large-eps check needs a larger ball (the cifar10_l2 preset uses 8.0)"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
