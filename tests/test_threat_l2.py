@@ -27,8 +27,11 @@ from deq_attacks.evaluation import (
 from deq_attacks.evaluation.attacks import (
     ArtAPGDCE,
     ArtAutoAttackList,
+    Attack,
     DefendedModel,
+    FixedStepPGD,
     Square,
+    StandardAutoAttack,
     run_standard_autoattack,
 )
 from deq_attacks.evaluation.attacks.pgd import l2_step, random_start
@@ -180,3 +183,20 @@ def test_benchmark_runs_under_l2() -> None:
     assert result.robust_accuracy <= result.clean_accuracy
     with pytest.raises(ValueError, match="its threat_model argument"):
         benchmark(deq, 6, "digits", "L2", norm="L2")
+
+
+PER_SAMPLE = [FixedStepPGD(), StandardAutoAttack(AutoAttackSettings(3, 15, 2)), Square(queries=30)]
+
+
+@pytest.mark.parametrize("attack", PER_SAMPLE, ids=["pgd", "autoattack", "square"])
+def test_l2_result_of_a_sample_does_not_depend_on_its_batch(attack: Attack) -> None:
+    """On a DEQ batch-invariant to the bit: a sample's L2 draws are its own. (L2 steps use the
+    gradient's values, not only their signs: they agree to float rounding, not to the bit.)"""
+    model = tiny_estimator(trained=True, batch_invariant=True).view(estimate=Unrolled(1, 1, 1.0))
+    (x, y), _ = splits(12, 1)
+    full = attack.run(model, x, y, L2, SampleSeeds(0, "column", np.arange(12))).x_adv
+    kept = np.array([1, 4, 5, 10])
+    part = attack.run(model, x[kept], y[kept], L2, SampleSeeds(0, "column", kept)).x_adv
+    np.testing.assert_allclose(part, full[kept], rtol=0, atol=1e-6)
+    assert_valid_adversarial(full, x, L2.eps, norm="2")
+    assert l2_distance(full, x).max() > 0.3
