@@ -21,7 +21,7 @@ import numpy as np
 from art.attacks.evasion import ProjectedGradientDescent
 
 from deq_attacks import Broyden, DEQEstimator, Early, Exact, Final
-from deq_attacks.adapters import MDEQ_CIFAR_MEAN, MDEQ_CIFAR_STD, load_mdeq_checkpoint
+from deq_attacks.adapters import MDEQ_ORIGINS, load_mdeq_checkpoint, mdeq_origin
 from deq_attacks.data import load_arrays_file, load_foolbox_samples
 from deq_attacks.models import create_model
 
@@ -30,15 +30,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", nargs="?", help="official MDEQ .pth / .pth.tar file")
     parser.add_argument("--model", choices=["deq_large", "deq_xl"], default="deq_large")
+    parser.add_argument(
+        "--origin", choices=list(MDEQ_ORIGINS),
+        help="who trained the checkpoint (its key layout and its inputs: locuslab and torchdeq "
+        "normalise CIFAR-10, minicheshire takes raw [0, 1] pixels); required with a checkpoint",
+    )  # fmt: skip
     parser.add_argument("--data", help=".npz with x_test/y_test (default: foolbox's 20 images)")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="PGD steps")
     args = parser.parse_args(argv)
+    if args.checkpoint and args.origin is None:
+        parser.error("--origin is required with a checkpoint: its inputs depend on who trained it")
+    origin = mdeq_origin(args.origin or "minicheshire")
 
-    deq = create_model(args.model, solver=Broyden(threshold=8))
+    deq = create_model(
+        args.model, solver=Broyden(threshold=8), post_gn_affine=origin.layout == "torchdeq"
+    )
     if args.checkpoint:
-        load_mdeq_checkpoint(deq, args.checkpoint)
-        print(f"loaded {args.checkpoint} into {args.model}")
+        load_mdeq_checkpoint(deq, args.checkpoint, layout=origin.layout)
+        print(f"loaded {args.checkpoint} ({origin.source}) into {args.model}")
     else:
         print(f"no checkpoint given: {args.model} keeps random weights (pipeline demo only)")
     deq.eval()
@@ -47,11 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     x, y = data.x[: args.images], data.y[: args.images]
     shape = (3, 1, 1)
+    preprocessing = (
+        None
+        if origin.mean is None or origin.std is None
+        else (np.reshape(origin.mean, shape), np.reshape(origin.std, shape))
+    )
+    print(f"inputs: {'raw [0, 1] pixels' if preprocessing is None else 'normalised'}")
     estimator = DEQEstimator(
-        deq,
-        input_shape=(3, 32, 32),
-        nb_classes=10,
-        preprocessing=(np.reshape(MDEQ_CIFAR_MEAN, shape), np.reshape(MDEQ_CIFAR_STD, shape)),
+        deq, input_shape=(3, 32, 32), nb_classes=10, preprocessing=preprocessing
     )
     for defense in (Final(), Early(4)):
         with estimator.using(estimate=Exact(), defense=defense):

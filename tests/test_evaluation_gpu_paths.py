@@ -95,8 +95,8 @@ def test_benchmark_runs_the_cascade_and_returns_the_per_sample_verdict() -> None
     assert result.robust_accuracy <= result.clean_accuracy
     assert set(result.verdicts) == {"final", "early", "ensemble"}
     assert report.settings["config"]["eps"] == 0.1 and report.settings["config"]["step"] == 0.025
-    with pytest.raises(ValueError, match="L-inf only"):
-        benchmark(deq, 12, "digits", "L2")
+    with pytest.raises(ValueError, match="threat_model must be one of Linf, L2"):
+        benchmark(deq, 12, "digits", "L1")
     with pytest.raises(ValueError, match="too few"):
         benchmark(deq, 590, "digits", n_dev=10)
     with pytest.raises(ValueError, match="eps is required"):

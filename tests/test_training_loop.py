@@ -94,9 +94,9 @@ def test_schedules_pretraining_cosine_and_jacobian_stop(
     carried: list[bool] = []
     original = loop_module.training_step
 
-    def spy(ctx, x, y, adversarial, unrolled, penalty=None):
+    def spy(ctx, x, y, adversarial, unrolled, penalty=None, **kwargs):
         carried.append(penalty is not None)
-        return original(ctx, x, y, adversarial, unrolled, penalty)
+        return original(ctx, x, y, adversarial, unrolled, penalty, **kwargs)
 
     monkeypatch.setattr(loop_module, "training_step", spy)
     result = run_training(config, tmp_path, log=lambda _: None)

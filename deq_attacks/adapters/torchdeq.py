@@ -25,13 +25,21 @@ torchdeq                      deq-attacks
 torchdeq stops a batch when its worst sample converges and returns the lowest-residual
 iterate; ours stops each sample on its own (one sample never changes another's result) and
 also returns the lowest-residual iterate.
+
+torchdeq reads its settings with ``args.get(name, default)`` and ignores every other name
+without a word (its issue #12: ``stop_mode="rel"`` leaves ``f_stop_mode`` at ``"abs"``).
+``torchdeq_core(**settings)`` builds a core through ``torchdeq.get_deq`` and refuses any name
+torchdeq 0.1.0 does not read (``TORCHDEQ_SETTINGS``); ``from_torchdeq`` refuses a core whose
+settings hold a near miss of one (``stop_mode``, ``f_max_iters``; other names are allowed,
+since an argparse namespace passed to ``get_deq`` carries a script's own options too).
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from torch import nn
@@ -48,6 +56,50 @@ _SOLVERS: dict[str, Callable[..., Solver]] = {
     "anderson_solver": lambda **kw: Anderson(memory=6, **kw),
     "broyden_solver": Broyden,
 }
+
+
+#: The settings torchdeq 0.1.0 reads (``args.get`` in ``core.py`` and ``norm/``); it ignores
+#: any other name silently.
+TORCHDEQ_SETTINGS = frozenset(
+    {
+        "core", "f_solver", "b_solver", "f_max_iter", "b_max_iter", "f_tol", "b_tol",
+        "f_stop_mode", "b_stop_mode", "eval_f_max_iter", "eval_factor", "grad", "tau",
+        "sup_gap", "sup_loc", "ift", "hook_ift", "n_states", "indexing", "norm_type",
+        "norm_clip", "norm_clip_value", "norm_no_scale", "norm_target_norm",
+        "sn_n_power_iters",
+    }
+)  # fmt: skip
+
+
+def _near_misses(names: Collection[str]) -> dict[str, list[str]]:
+    """Each name torchdeq does not read -> the settings it is close to (maybe none)."""
+    return {
+        name: difflib.get_close_matches(name, sorted(TORCHDEQ_SETTINGS), n=2, cutoff=0.75)
+        for name in sorted(set(names) - TORCHDEQ_SETTINGS)
+    }
+
+
+def _dropped(found: Mapping[str, list[str]]) -> str:
+    return ", ".join(
+        f"{name!r}" + (f" (did you mean {' or '.join(map(repr, near))}?)" if near else "")
+        for name, near in found.items()
+    )
+
+
+def check_torchdeq_settings(settings: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming every setting torchdeq 0.1.0 would silently ignore."""
+    found = _near_misses(settings)
+    if found:
+        raise ValueError(
+            f"torchdeq ignores the settings {_dropped(found)} without a word (its issue #12); "
+            f"it reads: {', '.join(sorted(TORCHDEQ_SETTINGS))}"
+        )
+
+
+def torchdeq_core(**settings: Any) -> Any:
+    """``torchdeq.get_deq(**settings)`` after refusing any setting it would ignore."""
+    check_torchdeq_settings(settings)
+    return _torchdeq().get_deq(**settings)
 
 
 def _torchdeq() -> Any:
@@ -133,6 +185,15 @@ def from_torchdeq(
     core_type = type(core).__name__
     if not hasattr(core, "f_solver") or not hasattr(core, "produce_grad"):
         raise TypeError(f"core must be a torchdeq DEQ core (get_deq(...)), got {core_type}")
+    config = getattr(getattr(core, "args", None), "config", None)
+    if isinstance(config, Mapping):
+        near = {k: v for k, v in _near_misses(config).items() if v}
+        if near:
+            raise ValueError(
+                f"the torchdeq core was built with {_dropped(near)}, which torchdeq ignored "
+                "(its issue #12): its solver runs with the default instead; rebuild it with "
+                "the name torchdeq reads (torchdeq_core(...) refuses unknown names)"
+            )
     deq_kwargs.setdefault("solver", torchdeq_solver(core))
     if "training_gradient" not in deq_kwargs:
         deq_kwargs["training_gradient"] = torchdeq_training_gradient(core)

@@ -155,7 +155,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--preset",
         type=str | None,
-        help="threat model and budgets of a data set (cifar10_paper, mnist, digits: "
+        help="threat model and budgets of a data set (cifar10_paper, cifar10_l2, mnist, digits: "
         "deq-attacks list presets); its values replace the defaults shown here",
     )
     parser.add_argument("--out_dir", "--out-dir", type=Path, default=Path("runs/evaluate"))

@@ -198,7 +198,9 @@ class DEQ(DEQModel):
 
     # --- the module -------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, readout: Readout | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, readout: Readout | None = None, *, solve_steps: int | None = None
+    ) -> Tensor:
         """Logits (B, classes) of the readout state (default: ``self.readout``).
 
         The Final readout is differentiable through the training gradient. Early and Ensemble
@@ -206,27 +208,49 @@ class DEQ(DEQModel):
         raises (only the head would learn; f and the injection would get no gradient), and
         differentiating them w.r.t. the input needs a gradient estimate
         (``deq_attacks.WhiteBoxModule`` or ``DEQEstimator``).
+
+        ``solve_steps`` (1..threshold) stops the forward solve after that many iterates, so
+        the readout (and the training gradient of Final) starts from z_n, n = ``solve_steps``:
+        the random-intermediate-state training of Yang et al. (2023) draws n per step.
         """
-        logits, _ = self._forward(x, readout, None)
+        logits, _ = self._forward(x, readout, None, solve_steps)
         return logits
 
     def forward_with_penalty(
-        self, x: Tensor, regularization: JacobianRegularization
+        self,
+        x: Tensor,
+        regularization: JacobianRegularization,
+        *,
+        solve_steps: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The training forward of a step that carries the Jacobian penalty: the logits
-        (B, classes) of ``forward(x)`` and ``regularization.penalty`` (a differentiable scalar)
-        at the same solver answer ``z*``; the caller adds the penalty to its loss."""
+        (B, classes) of ``forward(x, solve_steps=...)`` and ``regularization.penalty`` (a
+        differentiable scalar) at the same solver answer; the caller adds the penalty to its
+        loss."""
         if not isinstance(regularization, JacobianRegularization):
             raise TypeError(f"expected JacobianRegularization, got {regularization!r}")
-        logits, penalty = self._forward(x, None, regularization)
+        logits, penalty = self._forward(x, None, regularization, solve_steps)
         assert penalty is not None
         return logits, penalty
 
     def _forward(
-        self, x: Tensor, readout: Readout | None, regularization: JacobianRegularization | None
+        self,
+        x: Tensor,
+        readout: Readout | None,
+        regularization: JacobianRegularization | None,
+        solve_steps: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         readout = check_readout(readout if readout is not None else self.readout)
         readout.check(self.solver.threshold)
+        if solve_steps is not None and (
+            isinstance(solve_steps, bool)
+            or not isinstance(solve_steps, int)
+            or not 1 <= solve_steps <= self.solver.threshold
+        ):
+            raise ValueError(
+                f"solve_steps must be an int in 1..{self.solver.threshold} (the solver's "
+                f"threshold), got {solve_steps!r}"
+            )
         if not isinstance(readout, Final) and torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(
                 f"{readout} has no gradient of its own w.r.t. the input: wrap the model in "
@@ -235,6 +259,8 @@ class DEQ(DEQModel):
         injection = self.inject(x)
         # a readout that needs only the first iterates (Early(n)) stops the solver there
         horizon = None if self.training else readout.horizon(self.solver.threshold)
+        if solve_steps is not None:
+            horizon = solve_steps if horizon is None else min(horizon, solve_steps)
         trajectory = self.solve(injection, keep=readout.keep_steps(), steps=horizon)
         state = readout.state(self, trajectory, injection)
         logits = self.logits(state, injection)

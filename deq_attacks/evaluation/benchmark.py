@@ -24,10 +24,18 @@ from deq_attacks.deq.contract import DEQModel
 from deq_attacks.evaluation.protocol import evaluate_model
 from deq_attacks.evaluation.result import EvaluationReport
 from deq_attacks.evaluation.settings import EvaluationConfig, Mode
+from deq_attacks.evaluation.threat import NORMS
 from deq_attacks.interfaces import DEQEstimator
 
-#: eps when none is given, per named data set (L-inf, inputs in [0, 1]).
-DEFAULT_EPS = {"cifar10": 8 / 255, "digits": 0.1}
+#: eps when none is given, per named data set and threat model (inputs in [0, 1]): CIFAR-10's
+#: are RobustBench's; the 8x8 digits' L2 0.5 is the demo's L-inf 0.1 spread over about 25 of
+#: the 64 pixels.
+DEFAULT_EPS = {
+    ("cifar10", "Linf"): 8 / 255,
+    ("cifar10", "L2"): 0.5,
+    ("digits", "Linf"): 0.1,
+    ("digits", "L2"): 0.5,
+}
 
 
 @dataclass
@@ -88,9 +96,10 @@ def benchmark(
         model: a DEQ (``deq_attacks.DEQ`` or any ``DEQModel``) or its ``DEQEstimator``.
         n_examples: test images: the first ones of the held-out set (RobustBench's choice).
         dataset: "cifar10", "digits" or the path of an arrays file (``.npz``).
-        threat_model: "Linf" (the only one the protocol runs).
-        eps: the L-inf budget (default 8/255 for cifar10, 0.1 for digits; required for a file);
-            the PGD step is eps / 4.
+        threat_model: "Linf" or "L2" (RobustBench's names): the norm of every attack.
+        eps: the budget in that norm (default: L-inf 8/255 for cifar10, 0.1 for digits; L2 0.5
+            for both; required for a file); the PGD step is eps / 4 (under L2 with 10 steps
+            Madry et al.'s 2.5 eps / steps); under L2 the large-eps check runs at 16 eps.
         batch_size: attack batch (None: 100 on CPU, 500 on CUDA).
         data_dir: CIFAR-10's root (torchvision's layout).
         device: where the model runs (default: where its parameters are).
@@ -100,8 +109,8 @@ def benchmark(
         progress: callable(str) told of each step.
         **settings: any other ``EvaluationConfig`` field (e.g. ``aa_iterations=5``).
     """
-    if threat_model != "Linf":
-        raise ValueError(f"threat_model {threat_model!r}: the protocol is L-inf only ('Linf')")
+    if threat_model not in NORMS:
+        raise ValueError(f"threat_model must be one of {', '.join(NORMS)}, got {threat_model!r}")
     for name, value in (("n_examples", n_examples), ("n_dev", n_dev)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -115,11 +124,18 @@ def benchmark(
         if wanted.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: no CUDA device is available")
     if eps is None:
-        if str(dataset) not in DEFAULT_EPS:
+        if (str(dataset), threat_model) not in DEFAULT_EPS:
             raise ValueError(f"eps is required for the data set {dataset!r}")
-        eps = DEFAULT_EPS[str(dataset)]
+        eps = DEFAULT_EPS[(str(dataset), threat_model)]
+    if "norm" in settings:
+        raise ValueError("the norm of benchmark() is its threat_model argument, not a setting")
+    if threat_model == "L2":  # the large-eps check at 16 eps, as the cifar10_l2 preset
+        settings = {"large_eps": 16 * eps, **settings}
     config = EvaluationConfig(
-        **{"eps": eps, "step": eps / 4, "batch_size": batch_size, "mode": Mode.CASCADE, **settings}
+        **{
+            "eps": eps, "step": eps / 4, "batch_size": batch_size, "mode": Mode.CASCADE,
+            "norm": threat_model, **settings,
+        }  # fmt: skip
     )
     data = held_out_images(dataset, data_dir)
     if n_examples + n_dev > len(data):

@@ -277,7 +277,7 @@ def measure(
     few = slice(0, min(config.diagnostic_samples, len(ctx.x)))
     x, y = ctx.x[few], ctx.y[few]
     ctx.say(f"measurements: PGD-{config.long_steps} and eps={config.large_eps}")
-    large = ThreatModel(config.large_eps, config.large_eps / 4, config.steps)
+    large = ThreatModel(config.large_eps, config.large_eps / 4, config.steps, norm=config.norm)
     out: dict[str, Any] = {
         "long_pgd": _ready_pgd(ctx, "measure/long-pgd", defenses, ctx.threat, config.long_steps),
         "large_eps": _ready_pgd(ctx, "measure/large-eps", defenses, large, None),

@@ -11,6 +11,11 @@ explicitly still override a preset; the sweep grid is not part of a preset.
   adversary; 40 x 0.01 reaches the boundary of the ball), PGD-100 for the more-steps check
   (their longer evaluation attack); the standard AutoAttack at eps 0.3 as Croce & Hein (2020)
   and RobustBench evaluate MNIST. The large-eps check stays at 0.5.
+- ``cifar10_l2``: RobustBench's CIFAR-10 L2 threat model: eps 0.5; PGD with step 0.125 and 10
+  steps (Madry et al.'s rule, step = 2.5 eps / steps, so the steps can cross the ball), the
+  standard AutoAttack and Square (5,000 queries) under L2 as RobustBench runs them, PGD-100
+  for the more-steps check, and the large-eps check at L2 8.0 (16 times eps, the ratio of
+  the L-inf ones: 0.5 / (8/255) is about 16).
 - ``digits``: the demo's values on the embedded 8x8 digits (``deq-attacks demo``): eps 0.1,
   step 0.025, 10 steps, a reduced AutoAttack (5 iterations, 2 target classes, 50 Square
   queries; recorded as not standard), Square with 100 queries, PGD-50 for the check.
@@ -70,6 +75,23 @@ PRESETS: dict[str, EvaluationPreset] = {
                 "aa_target_classes": 9,
                 "square_queries": 5000,
                 "long_steps": 100,
+                "large_eps": 0.5,
+                "norm": "Linf",
+            },
+        ),
+        EvaluationPreset(
+            "cifar10_l2",
+            "RobustBench's CIFAR-10 L2: eps 0.5, step 0.125, 10 steps, standard AutoAttack",
+            {
+                "norm": "L2",
+                "eps": 0.5,
+                "step": 0.125,
+                "steps": 10,
+                **_STANDARD_AUTOATTACK,
+                "aa_target_classes": 9,
+                "square_queries": 5000,
+                "long_steps": 100,
+                "large_eps": 8.0,
             },
         ),
         EvaluationPreset(
@@ -84,6 +106,7 @@ PRESETS: dict[str, EvaluationPreset] = {
                 "square_queries": 5000,
                 "long_steps": 100,
                 "large_eps": 0.5,
+                "norm": "Linf",
             },
         ),
         EvaluationPreset(
@@ -100,6 +123,7 @@ PRESETS: dict[str, EvaluationPreset] = {
                 "square_queries": 100,
                 "long_steps": 50,
                 "large_eps": 0.5,
+                "norm": "Linf",
             },
         ),
     )

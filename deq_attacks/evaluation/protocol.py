@@ -100,8 +100,11 @@ def evaluate_model(
             raise ValueError(f"extra estimate {label!r}: {error}") from None
     deq = estimator.deq
     shards = Shards.current(config.attack_batch(estimator.device))
+    settings = to_jsonable(config)
+    if config.norm == "Linf":  # added later: left out at its default, earlier stores resume
+        del settings["norm"]
     fingerprint = {
-        "config": to_jsonable(config),
+        "config": settings,
         "batch_size": shards.block_size,
         "weights": weights_hash(deq),
         "data": data_hash(x, y, x_dev, y_dev),

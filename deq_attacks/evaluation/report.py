@@ -135,13 +135,18 @@ def diagnostics_table(report: EvaluationReport) -> str:
     return "\n".join(lines)
 
 
+#: How a threat model's norm is written in a report.
+_NORM_TEXT = {"Linf": "L-inf", "L2": "L2"}
+
+
 def markdown_report(report: EvaluationReport, title: str) -> str:
     threat = report.settings["threat"]
     return "\n".join(
         [
             f"# {title}",
             "",
-            f"L-inf eps={threat['eps']:.4g}, PGD-{threat['steps']} (step {threat['step']:.4g}); "
+            f"{_NORM_TEXT[threat.get('norm', 'Linf')]} eps={threat['eps']:.4g}, "
+            f"PGD-{threat['steps']} (step {threat['step']:.4g}); "
             f"{report.settings['n_test']} test images. Accuracy (%) of each defense (rows) "
             "under each attack (columns).",
             "",

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
+from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel, check_budget
 
 if TYPE_CHECKING:
     import torch
@@ -124,9 +124,9 @@ class EvaluationConfig:
     ``sweep`` is the grid of intermediate attacks (``--sweep`` on the command line)."""
 
     eps: float = 8 / 255
-    """L-inf budget, inputs in [0, 1]."""
+    """Budget in `norm`, inputs in [0, 1]."""
     step: float = 2 / 255
-    """PGD step size."""
+    """PGD step size (its length in `norm`)."""
     steps: int = 10
     """PGD iterations."""
     attacks: str = "pgd,autoattack,square"
@@ -178,11 +178,13 @@ class EvaluationConfig:
     """Seed of every random draw (>= 0)."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
     """The grid of intermediate attacks (on the command line: --sweep FAMILY.PARAM=VALUES)."""
+    norm: str = "Linf"
+    """Threat model: Linf or L2 (RobustBench's names); every attack column runs under it."""
 
     def __post_init__(self) -> None:
         from deq_attacks.evaluation.attacks import PRECISIONS, attack_class, parse_attacks
 
-        ThreatModel(self.eps, self.step, self.steps)
+        ThreatModel(self.eps, self.step, self.steps, norm=self.norm)
         AutoAttackSettings(self.aa_iterations, self.aa_queries, self.aa_target_classes)
         names = parse_attacks(self.attacks)
         if "pgd" not in names:
@@ -225,8 +227,12 @@ class EvaluationConfig:
             raise ValueError(f"batch_size must be an int >= 1 or None, got {self.batch_size!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
-        if not 0 < self.large_eps <= 1:
-            raise ValueError(f"large_eps must be in (0, 1], got {self.large_eps}")
+        check_budget("large_eps", self.large_eps, self.norm)
+        if self.norm == "L2" and not self.large_eps > self.eps:
+            raise ValueError(
+                f"large_eps ({self.large_eps}) must exceed eps ({self.eps}) under L2: the "
+                "large-eps check needs a larger ball (the cifar10_l2 preset uses 8.0)"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
@@ -245,7 +251,7 @@ class EvaluationConfig:
 
     @property
     def threat(self) -> ThreatModel:
-        return ThreatModel(self.eps, self.step, self.steps)
+        return ThreatModel(self.eps, self.step, self.steps, norm=self.norm)
 
     @property
     def autoattack_settings(self) -> AutoAttackSettings:

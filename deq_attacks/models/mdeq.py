@@ -16,6 +16,7 @@ weight-normed 1x1 convolution and GroupNorm per scale.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -378,18 +379,22 @@ def mdeq_parts(
 
 
 @register_model
-def deq_large(num_classes: int = 10, **deq_kwargs: Any) -> DEQ:
-    """DEQ-Large of the paper (MDEQ_LARGE) as a `DEQ` for 32x32 RGB images (its ``input_shape``)."""
+def deq_large(num_classes: int = 10, *, post_gn_affine: bool = False, **deq_kwargs: Any) -> DEQ:
+    """DEQ-Large of the paper (MDEQ_LARGE) as a `DEQ` for 32x32 RGB images (its ``input_shape``);
+    ``post_gn_affine`` gives the post-fusion GroupNorm affine parameters (torchdeq's zoo MDEQ)."""
     from deq_attacks.deq.model import DEQ
 
-    injection, f, head = mdeq_parts(MDEQ_LARGE, num_classes)
+    config = dataclasses.replace(MDEQ_LARGE, post_gn_affine=post_gn_affine)
+    injection, f, head = mdeq_parts(config, num_classes)
     return DEQ(f=f, injection=injection, head=head, input_shape=(3, 32, 32), **deq_kwargs)
 
 
 @register_model
-def deq_xl(num_classes: int = 10, **deq_kwargs: Any) -> DEQ:
-    """DEQ-XL of the paper (MDEQ_XL) as a `DEQ` for 32x32 RGB images (its ``input_shape``)."""
+def deq_xl(num_classes: int = 10, *, post_gn_affine: bool = False, **deq_kwargs: Any) -> DEQ:
+    """DEQ-XL of the paper (MDEQ_XL) as a `DEQ` for 32x32 RGB images (its ``input_shape``);
+    ``post_gn_affine`` gives the post-fusion GroupNorm affine parameters (torchdeq's zoo MDEQ)."""
     from deq_attacks.deq.model import DEQ
 
-    injection, f, head = mdeq_parts(MDEQ_XL, num_classes)
+    config = dataclasses.replace(MDEQ_XL, post_gn_affine=post_gn_affine)
+    injection, f, head = mdeq_parts(config, num_classes)
     return DEQ(f=f, injection=injection, head=head, input_shape=(3, 32, 32), **deq_kwargs)

@@ -56,11 +56,13 @@ def pgd_attack(
     steps: int,
     random_start: bool,
     batch_size: int,
+    norm: str = "Linf",
 ) -> ProjectedGradientDescent:
-    """ART's L-inf PGD (``steps`` iterations of size ``step``, one random start if asked)."""
+    """ART's PGD under ``norm`` ("Linf" or "L2"; ``steps`` iterations of size ``step``, one
+    random start if asked)."""
     return ProjectedGradientDescent(
         classifier,
-        norm=np.inf,
+        norm={"Linf": np.inf, "L2": 2}[norm],
         eps=eps,
         eps_step=step,
         max_iter=steps,

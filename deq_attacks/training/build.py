@@ -162,7 +162,8 @@ class TrainingModule(nn.Module):
     forward (which gradient synchronisation needs). ``forward(x, unrolled, penalty)`` returns
     (logits, Jacobian penalty or None): the model's forward; for a DEQ with ``unrolled=True``
     its unrolled pretraining network; with ``penalty``, the DEQ's forward with that penalty at
-    its z*."""
+    its z*; ``solve_steps`` stops a DEQ's forward solve at z_n (random-intermediate-state
+    training)."""
 
     def __init__(self, model: nn.Module, depth: int) -> None:
         super().__init__()
@@ -170,15 +171,22 @@ class TrainingModule(nn.Module):
         self.depth = depth
 
     def forward(
-        self, x: Tensor, unrolled: bool = False, penalty: JacobianRegularization | None = None
+        self,
+        x: Tensor,
+        unrolled: bool = False,
+        penalty: JacobianRegularization | None = None,
+        solve_steps: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         if isinstance(self.model, DEQ):
             if unrolled:
                 return unrolled_logits(self.model, x, self.depth), None
             if penalty is not None:
-                return self.model.forward_with_penalty(x, penalty)
-        elif unrolled or penalty is not None:
-            raise ValueError("unrolled pretraining and the Jacobian penalty are for DEQs only")
+                return self.model.forward_with_penalty(x, penalty, solve_steps=solve_steps)
+            return self.model(x, solve_steps=solve_steps), None
+        if unrolled or penalty is not None or solve_steps is not None:
+            raise ValueError(
+                "unrolled pretraining, the Jacobian penalty and solve_steps are for DEQs only"
+            )
         return self.model(x), None
 
 

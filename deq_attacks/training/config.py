@@ -33,7 +33,12 @@ DEFAULT_SOLVER = "broyden"
 
 #: Fields added after run folders were cached under ``TrainConfig.fingerprint``, with the
 #: default that leaves them out of it.
-LATER_FIELDS: dict[str, Any] = {"forward_solver": DEFAULT_SOLVER, "backward_solver": DEFAULT_SOLVER}
+LATER_FIELDS: dict[str, Any] = {
+    "forward_solver": DEFAULT_SOLVER,
+    "backward_solver": DEFAULT_SOLVER,
+    "norm": "Linf",
+    "random_state": False,
+}
 
 #: ``data`` value for arrays handed to ``run_training(config, run_dir, data=...)``.
 MEMORY_DATA = "memory"
@@ -130,17 +135,24 @@ lambda) or AUTOGRAD (the ResNet/WRN baselines)."""
     """Fraction of DEQ-mode training steps that carry it."""
     jac_stop_epoch: int = 90
     """0-based epoch from which it is no longer applied."""
+    random_state: bool = False
+    """Random-intermediate-state training (Yang et al. 2023): each DEQ-mode step takes its loss
+    at z_n instead of z*, n uniform in 1..forward_threshold (one draw per step, seeded by
+    (seed, step)), the training gradient starting from z_n; adversaries and the dev
+    evaluation keep the full solve."""
     # --- adversary (PGD-AT and the development PGD) ---------------------------------------
     adversarial: bool = True
     """PGD-AT after pretraining."""
     eps: float = 8 / 255
-    """L-inf budget, inputs in [0, 1]."""
+    """Budget in `norm`, inputs in [0, 1]."""
     step: float = 2 / 255
-    """PGD step size."""
+    """PGD step size (its length in `norm`)."""
     steps: int = 10
     """PGD iterations."""
     random_start: bool = True
     """Uniform random start of the training PGD (the dev PGD always has one)."""
+    norm: str = "Linf"
+    """Threat model of the training and dev PGD: Linf or L2 (ART's PGD with norm inf or 2)."""
     # --- monitoring -----------------------------------------------------------------------
     eval_batch_size: int | None = None
     """Batch of the dev evaluation (null: 200 on CPU, 500 on CUDA)."""
@@ -290,10 +302,13 @@ def _problems(c: TrainConfig) -> list[str]:
         out.append(f"jac_weight must be >= 0, got {c.jac_weight!r}")
     if not 0 < finite("jac_frequency") <= 1:
         out.append(f"jac_frequency must be in (0, 1], got {c.jac_frequency!r}")
-    if not 0 < finite("eps") <= 1:
-        out.append(f"eps must be in (0, 1], got {c.eps!r}")
-    if not 0 < finite("step") <= 1:
-        out.append(f"step must be in (0, 1], got {c.step!r}")
+    if c.norm not in ("Linf", "L2"):
+        out.append(f"norm must be Linf or L2, got {c.norm!r}")
+    top = 1 if c.norm == "Linf" else math.inf
+    for name in ("eps", "step"):
+        if not 0 < finite(name) <= top:
+            where = "in (0, 1] under L-inf" if top == 1 else "a finite number > 0"
+            out.append(f"{name} must be {where}, got {getattr(c, name)!r}")
     if c.dropout is not None and not 0 <= finite("dropout") < 1:
         out.append(f"dropout must be in [0, 1), got {c.dropout!r}")
     if not isinstance(c.gradient, Gradient):
@@ -307,6 +322,10 @@ def _problems(c: TrainConfig) -> list[str]:
             f"unknown model {c.model!r}: registered are {', '.join(list_models())}, or give a "
             "'module:function' entry point"
         )
+    if not isinstance(c.random_state, bool):
+        out.append(f"random_state must be a bool, got {c.random_state!r}")
+    elif c.random_state and c.gradient is Gradient.AUTOGRAD:
+        out.append("random_state (the loss at a random z_n) is DEQ-only, not for gradient=autograd")
     if c.model in BASELINE_MODELS and c.gradient is not Gradient.AUTOGRAD:
         out.append(f"{c.model} is not a DEQ: use gradient=autograd")
     if c.gradient is Gradient.AUTOGRAD and c.model not in BASELINE_MODELS and ":" not in c.model:

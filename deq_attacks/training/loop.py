@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from art.attacks.evasion import ProjectedGradientDescent
@@ -99,11 +100,12 @@ def training_step(
     adversarial: bool,
     unrolled: bool,
     penalty: JacobianRegularization | None = None,
+    solve_steps: int | None = None,
 ) -> StepResult:
     """One optimizer step on (x, y): PGD adversaries first if ``adversarial`` (eval mode, the
-    training gradient), then cross-entropy in train mode (the unrolled network if
-    ``unrolled``; plus ``penalty`` at the same z*, if given), backward, Adam and the
-    schedule."""
+    training gradient, the full solve), then cross-entropy in train mode (the unrolled network
+    if ``unrolled``; the loss at z_n if ``solve_steps`` = n; plus ``penalty`` at the same
+    state, if given), backward, Adam and the schedule."""
     accel, device = ctx.acceleration, ctx.device
     if adversarial:
         with accel.autocast(device):
@@ -111,7 +113,7 @@ def training_step(
     ctx.wrapped.train()
     ctx.optimizer.zero_grad(set_to_none=True)
     with accel.autocast(device):
-        logits, jacobian_penalty = ctx.wrapped(accel.inputs(x), unrolled, penalty)
+        logits, jacobian_penalty = ctx.wrapped(accel.inputs(x), unrolled, penalty, solve_steps)
     loss = F.cross_entropy(logits.float(), y)
     total = loss if jacobian_penalty is None else loss + jacobian_penalty.float()
     total.backward()
@@ -122,6 +124,25 @@ def training_step(
         int((logits.detach().argmax(1) == y).sum()),
         None if jacobian_penalty is None else float(jacobian_penalty.detach()),
     )
+
+
+def random_solve_steps(seed: int, global_step: int, threshold: int) -> int:
+    """The intermediate state n of random-intermediate-state training at this global step:
+    uniform in 1..threshold (the forward solver's; Yang et al. 2023's code draws one per step,
+    the full solve included), from a generator seeded by (seed, global step), so that every
+    process of a DDP run and a resumed run draw the same n."""
+    rng = np.random.default_rng([seed, global_step])
+    return int(rng.integers(1, threshold + 1))
+
+
+def _solve_steps(
+    ctx: StepContext, config: TrainConfig, global_step: int, pretraining: bool
+) -> int | None:
+    """The forward solve's length of a training step: a random n with ``random_state`` in DEQ
+    mode, else the full solve (None)."""
+    if not config.random_state or pretraining or not isinstance(ctx.model, DEQ):
+        return None
+    return random_solve_steps(config.seed, global_step, ctx.model.solver.threshold)
 
 
 def _phase(config: TrainConfig, first_step: int, last_step: int) -> str:
@@ -210,7 +231,8 @@ def _run(
     local_batch = config.batch_size // processes.world
     classifier = art_classifier(model, data.image_shape, data.num_classes, device)
     attack = pgd_attack(
-        classifier, config.eps, config.step, config.steps, config.random_start, local_batch
+        classifier, config.eps, config.step, config.steps, config.random_start, local_batch,
+        norm=config.norm,
     )
     ctx = StepContext(
         wrapped,
@@ -309,6 +331,7 @@ def _train_epoch(
             adversarial=config.adversarial and not pretraining,
             unrolled=pretraining and deq,
             penalty=schedule.regularization if schedule is not None and carries else None,
+            solve_steps=_solve_steps(ctx, config, state.global_step, pretraining),
         )
         check_finite_step(ctx.model, result, state, epoch, run_dir)
         if result.penalty is not None:

@@ -37,7 +37,9 @@ def evaluate_dev(
     residual_sums: Tensor | None = None
     batch = config.dev_batch_size
     classifier = art_classifier(model, shape, num_classes, device)  # type: ignore[arg-type]
-    attack = pgd_attack(classifier, config.eps, config.step, config.steps, True, batch)
+    attack = pgd_attack(
+        classifier, config.eps, config.step, config.steps, True, batch, norm=config.norm
+    )
     for x, y in _batches(dev_x, dev_y, batch):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.no_grad(), acceleration.autocast(device):

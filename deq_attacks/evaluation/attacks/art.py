@@ -7,7 +7,7 @@ column's estimate through the module's backward. ART draws its random numbers fr
 global generator for a whole batch; here each sample is attacked in its own call with numpy
 seeded from the sample's seeds, so its result does not depend on its batch (one sample per
 call is slower; these columns are not in the default list). ART converts logits to numpy, so
-these columns run in float32 only.
+these columns run in float32 only. Under L2 they run ART's L2 variants (``norm=2``).
 
 With ``eot_draws`` > 1 ART attacks a ``PyTorchClassifier`` over ``DefendedModel(draws=)``: ART
 builds its own classifier over the module and never averages gradients itself, so its loss is
@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 
     from deq_attacks.evaluation.settings import EvaluationConfig
     from deq_attacks.interfaces import DEQEstimator
+
+
+#: ART's ``norm`` argument of each threat-model norm.
+ART_NORMS = {"Linf": np.inf, "L2": 2}
 
 
 class _PerSampleArt(Attack):
@@ -94,7 +98,7 @@ class _ArtAPGD(_PerSampleArt):
 
     def build(self, model: PyTorchClassifier, threat: ThreatModel) -> EvasionAttack:
         return AutoProjectedGradientDescent(
-            model, norm=np.inf, eps=threat.eps, eps_step=threat.step,
+            model, norm=ART_NORMS[threat.norm], eps=threat.eps, eps_step=threat.step,
             max_iter=self.budget(threat), batch_size=1, loss_type=self.loss, verbose=False,
         )  # fmt: skip
 
@@ -142,13 +146,20 @@ class ArtAutoAttackList(_PerSampleArt):
         return cls(config.steps, config.eot_draws)
 
     def build(self, model: PyTorchClassifier, threat: ThreatModel) -> EvasionAttack:
+        norm = ART_NORMS[threat.norm]
+        if threat.norm == "L2" and min(model.input_shape[-2:]) < 10:
+            raise ValueError(
+                f"ART's L2 Square divides by zero on images under 10 pixels a side (its tiles "
+                f"are side // 5 < 2 pixels; these are {model.input_shape}): under L2 use the "
+                "standard AutoAttack ('autoattack') or ART's APGD ('apgd-ce', 'apgd-dlr')"
+            )
         if self.steps is None:
-            return ArtAutoAttack(model, norm=np.inf, eps=threat.eps, eps_step=threat.step,
+            return ArtAutoAttack(model, norm=norm, eps=threat.eps, eps_step=threat.step,
                                  batch_size=1)  # fmt: skip
         apgd = [
             AutoProjectedGradientDescent(
                 model,
-                norm=np.inf,
+                norm=norm,
                 eps=threat.eps,
                 eps_step=threat.step,
                 max_iter=self.steps,
@@ -161,10 +172,10 @@ class ArtAutoAttackList(_PerSampleArt):
         ]
         deepfool = DeepFool(model, max_iter=self.steps, epsilon=1e-3, nb_grads=10, batch_size=1)
         square = SquareAttack(
-            model, norm=np.inf, max_iter=50 * self.steps, eps=threat.eps, p_init=0.8,
+            model, norm=norm, max_iter=50 * self.steps, eps=threat.eps, p_init=0.8,
             nb_restarts=5,
         )  # fmt: skip
-        return ArtAutoAttack(model, norm=np.inf, eps=threat.eps, eps_step=threat.step,
+        return ArtAutoAttack(model, norm=norm, eps=threat.eps, eps_step=threat.step,
                              attacks=[*apgd, deepfool, square], batch_size=1)  # fmt: skip
 
     def describe(self, threat: ThreatModel) -> dict[str, Any]:

@@ -66,23 +66,25 @@ def build_standard(
     device: torch.device | str,
     eot_draws: int = 1,
     fab_model: nn.Module | Callable[[Tensor], Tensor] | None = None,
+    norm: str = "Linf",
 ) -> AutoAttack:
-    """``AutoAttack(version="standard")`` on ``model``, with ``settings`` applied and the
-    per-sample APGD, APGD-T and Square. ``eot_draws`` is APGD's and APGD-T's ``eot_iter`` (their
-    gradient averaged over that many draws per step, as AutoAttack's "rand" version does);
-    ``fab_model`` is the model FAB-T differentiates (default ``model``)."""
+    """``AutoAttack(norm=norm, version="standard")`` on ``model``, with ``settings`` applied and
+    the per-sample APGD, APGD-T and Square ("Linf" or "L2": the same four attacks).
+    ``eot_draws`` is APGD's and APGD-T's ``eot_iter`` (their gradient averaged over that many
+    draws per step, as AutoAttack's "rand" version does); ``fab_model`` is the model FAB-T
+    differentiates (default ``model``)."""
     if num_classes < 4:
         raise ValueError(f"the standard AutoAttack needs >= 4 classes (DLR-T), got {num_classes}")
-    attack = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
+    attack = AutoAttack(model, norm=norm, eps=eps, version="standard", device=device, seed=seed)
     attack.verbose = False
     targets = min(settings.target_classes, num_classes - 1)
     # APGD derives its step-size checkpoints from n_iter in its constructor: build anew
     attack.apgd = PerSampleAPGD(
-        attack.model, n_restarts=1, n_iter=settings.iterations, eps=eps, norm="Linf",
+        attack.model, n_restarts=1, n_iter=settings.iterations, eps=eps, norm=norm,
         eot_iter=eot_draws, rho=0.75, seed=seed, device=device, logger=attack.logger,
     )  # fmt: skip
     attack.apgd_targeted = PerSampleAPGDTargeted(
-        attack.model, n_restarts=1, n_iter=settings.iterations, eps=eps, norm="Linf",
+        attack.model, n_restarts=1, n_iter=settings.iterations, eps=eps, norm=norm,
         eot_iter=eot_draws, rho=0.75, seed=seed, device=device, logger=attack.logger,
         n_target_classes=targets,
     )  # fmt: skip
@@ -91,7 +93,7 @@ def build_standard(
     attack.fab.n_iter = settings.iterations
     attack.fab.n_target_classes = targets
     attack.square = PerSampleSquare(
-        attack.model, p_init=0.8, n_queries=settings.queries, eps=eps, norm="Linf",
+        attack.model, p_init=0.8, n_queries=settings.queries, eps=eps, norm=norm,
         n_restarts=1, seed=seed, verbose=False, device=device, resc_schedule=False,
     )  # fmt: skip
     return attack
@@ -124,18 +126,20 @@ def run_standard_autoattack(
     seeds: SampleSeeds | int = 0,
     eot_draws: int = 1,
     fab_model: nn.Module | Callable[[Tensor], Tensor] | None = None,
+    norm: str = "Linf",
 ) -> AutoAttackOutcome:
     """The standard AutoAttack on one batch, recording each attack's per-sample result.
 
     Args:
         model: maps inputs (B, ...) in [0, 1] to logits; differentiated by APGD and FAB.
         x, y: the batch and its labels (on the model's device).
-        eps: L-inf budget.
+        eps: the budget in ``norm``.
         settings: iterations, queries and target classes (default: the standard ones).
         num_classes: number of classes of the model.
         seeds: the per-sample seeds of the batch, or an int: sample i of this batch then
             draws from (seed, i).
         eot_draws, fab_model: expectation over transformation (``build_standard``).
+        norm: "Linf" or "L2".
     """
     if not isinstance(seeds, SampleSeeds):
         seeds = SampleSeeds.first(int(seeds), "autoattack", len(x))
@@ -143,7 +147,7 @@ def run_standard_autoattack(
         raise ValueError(f"{len(seeds)} seeds for {len(x)} samples")
     attack = build_standard(
         model, eps, settings, num_classes, seeds.shared_seed("aa"), x.device, eot_draws,
-        fab_model,
+        fab_model, norm,
     )  # fmt: skip
     with torch.no_grad():
         robust = correct(model(x), y)
@@ -200,9 +204,10 @@ class StandardAutoAttack(Attack):
         yt = torch.as_tensor(y, device=model.device)
         fab = DefendedModel(model, self.eot_draws) if self.eot_draws > 1 else None
         outcome = run_standard_autoattack(
-            NonFiniteAsWrong(DefendedModel(model), xt, yt, threat.eps), xt, yt, threat.eps,
-            self.settings, model.nb_classes, seeds, self.eot_draws,
-            None if fab is None else NonFiniteAsWrong(fab, xt, yt, threat.eps),
+            NonFiniteAsWrong(DefendedModel(model), xt, yt, threat.eps, threat.norm), xt, yt,
+            threat.eps, self.settings, model.nb_classes, seeds, self.eot_draws,
+            None if fab is None else NonFiniteAsWrong(fab, xt, yt, threat.eps, threat.norm),
+            threat.norm,
         )  # fmt: skip
         extras = {f"after/{k}": v for k, v in outcome.after.items()}
         extras["broken_by"] = outcome.broken_by

@@ -209,6 +209,7 @@ class Column:
             "estimate": repr(self.estimate) if self.estimate is not None else None,
             "estimate_spec": spec,
             "eps": threat.eps,
+            "norm": threat.norm,
             **self.attack.describe(threat),
         }
 

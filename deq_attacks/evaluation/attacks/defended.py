@@ -57,7 +57,7 @@ class DefendedModel(nn.Module):
 class NonFiniteAsWrong(nn.Module):
     """``model`` for an attack that judges success on the logits itself (AutoAttack, Square):
     a row whose logits are not finite is answered with finite one-hot logits of a class that
-    is none of the labels of the block's clean samples within ``eps`` of it (L-inf), so the
+    is none of the labels of the block's clean samples within ``eps`` of it, so the
     attack sees a success and returns that point (``argmax`` of NaN is 0: a class-0 sample
     would otherwise look unbroken). The verdict is made afterwards on the defended logits
     (``scoring.correct``), where the point counts as not robust. A row with every class among
@@ -66,12 +66,15 @@ class NonFiniteAsWrong(nn.Module):
     Args:
         model: inputs (m, ...) to logits (m, K).
         x, y: the block's clean inputs (B, ...) and labels (B,), on the model's device.
-        eps: the L-inf budget of the attack.
+        eps: the budget of the attack, in ``norm`` ("Linf" or "L2").
     """
 
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, eps: float) -> None:
+    def __init__(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str = "Linf"
+    ) -> None:
         super().__init__()
         self.model, self.x, self.y, self.eps = model, x.detach(), y.detach(), float(eps)
+        self.order = {"Linf": float("inf"), "L2": 2.0}[norm]
 
     def forward(self, x: Tensor) -> Tensor:
         logits = cast(Tensor, self.model(x))
@@ -80,7 +83,10 @@ class NonFiniteAsWrong(nn.Module):
             return logits
         clean = self.x.flatten(1)
         distance = torch.stack(  # (m, B), one bad row at a time: no (m, B, D) tensor
-            [(row - clean).abs().amax(1) for row in x.detach()[bad].flatten(1)]
+            [
+                torch.linalg.vector_norm(row - clean, self.order, dim=1)
+                for row in x.detach()[bad].flatten(1)
+            ]
         )
         near = (distance <= self.eps * (1 + 1e-5) + 1e-7).float()
         classes = logits.shape[1]

@@ -4,14 +4,18 @@ pyautoattack 0.2.0 (the original code of Croce & Hein) draws its randomness from
 generator for the whole batch, so a sample's result depends on the batch it is attacked in.
 These subclasses change nothing in the algorithms, only where the draws come from:
 
-- APGD and APGD-T (L-inf): the random start of ``attack_single_run(x, y, x_init)`` is drawn
-  per sample, from the sample's own generator (``SampleSeeds.torch_generators``), and passed
-  as ``x_init`` (APGD-T's restarts per target class draw the next numbers of the same
-  generator). APGD draws nothing else.
+- APGD and APGD-T (L-inf and L2): the random start of ``attack_single_run(x, y, x_init)`` is
+  drawn per sample, from the sample's own generator (``SampleSeeds.torch_generators``;
+  L-inf uniform, L2 Gaussian, as pyautoattack draws them), and passed as ``x_init``
+  (APGD-T's restarts per target class draw the next numbers of the same generator). APGD
+  draws nothing else.
 - Square (L-inf): the initial vertical stripes are drawn per sample. Its per-iteration draws
   (the square's position and its signs) are shared by the batch and their number per
   iteration does not depend on the batch, so with torch's generator seeded by the column's
   shared seed at each ``perturb`` they are the same for every batch.
+- Square (L2): its per-iteration signs are drawn for the rows still unbroken (a batch-sized
+  draw), so each sample is attacked in its own ``perturb`` with torch's generator seeded by
+  the sample's own seed (slower: one sample's queries at a time).
 - FAB-T of the standard version runs one restart without a random start
   (``use_rand_start=(counter > 0)``): nothing to change.
 
@@ -74,6 +78,11 @@ class RowTracker:
         draws = [torch.rand(shape, generator=self.generators[row]) for row in rows]
         return torch.stack(draws).to(device)
 
+    def normal(self, rows: np.ndarray, shape: tuple[int, ...], device: Any) -> Tensor:
+        """N(0, 1) draws of ``shape`` per row, from each sample's generator, stacked (m, ...)."""
+        draws = [torch.randn(shape, generator=self.generators[row]) for row in rows]
+        return torch.stack(draws).to(device)
+
     def _match(self, x_sub: Tensor, y_sub: Tensor) -> np.ndarray:
         """Rows of the block equal to the sub-batch's, in increasing order (a sub-batch is
         ``x[sorted indices]``; equal samples with equal labels are both in it or both out)."""
@@ -116,10 +125,15 @@ class _Seeded:
         return self.tracker
 
 
-def _linf_start(attack: APGDAttack, tracker: RowTracker, x: Tensor, y: Tensor) -> tuple:
-    """APGD's L-inf random start, x + eps * normalize(2 U - 1), per sample; then its run."""
+def _start(attack: APGDAttack, tracker: RowTracker, x: Tensor, y: Tensor) -> tuple:
+    """APGD's random start per sample, x + eps * normalize(t) with t = 2 U - 1 (L-inf) or
+    t ~ N(0, I) (L2); then its run."""
     rows = tracker.rows(x, y)
-    t = 2 * tracker.uniform(rows, tuple(x.shape[1:]), x.device) - 1
+    shape = tuple(x.shape[1:])
+    if attack.norm == "Linf":
+        t = 2 * tracker.uniform(rows, shape, x.device) - 1
+    else:
+        t = tracker.normal(rows, shape, x.device)
     x_init = x + attack.eps * attack.normalize(t)
     result = APGDAttack.attack_single_run(attack, x, y, x_init=x_init)
     tracker.robust(rows, result[1])
@@ -127,14 +141,14 @@ def _linf_start(attack: APGDAttack, tracker: RowTracker, x: Tensor, y: Tensor) -
 
 
 class PerSampleAPGD(_Seeded, APGDAttack):
-    """pyautoattack's APGD (L-inf) with each sample's random start from its own generator."""
+    """pyautoattack's APGD (L-inf or L2) with each sample's random start from its own generator."""
 
     stream = "apgd"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.norm != "Linf":
-            raise ValueError(f"per-sample APGD is L-inf only, got {self.norm}")
+        if self.norm not in ("Linf", "L2"):
+            raise ValueError(f"per-sample APGD is L-inf or L2, got {self.norm}")
 
     def run(self, x: Tensor, y: Tensor, seeds: SampleSeeds) -> Tensor:
         """``perturb(x, y)`` with the per-sample random starts of ``seeds``."""
@@ -144,19 +158,19 @@ class PerSampleAPGD(_Seeded, APGDAttack):
     def attack_single_run(self, x: Tensor, y: Tensor, x_init: Tensor | None = None) -> tuple:
         if x_init is not None:
             raise ValueError("per-sample APGD draws its own start (x_init is for L1)")
-        return _linf_start(self, self._tracker(), x, y)
+        return _start(self, self._tracker(), x, y)
 
 
 class PerSampleAPGDTargeted(_Seeded, APGDAttack_targeted):
-    """pyautoattack's APGD-T (L-inf) with each sample's random starts (one per target class
+    """pyautoattack's APGD-T (L-inf or L2) with each sample's random starts (one per target class
     and restart) from its own generator."""
 
     stream = "apgd-t"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.norm != "Linf":
-            raise ValueError(f"per-sample APGD-T is L-inf only, got {self.norm}")
+        if self.norm not in ("Linf", "L2"):
+            raise ValueError(f"per-sample APGD-T is L-inf or L2, got {self.norm}")
 
     def run(self, x: Tensor, y: Tensor, seeds: SampleSeeds) -> Tensor:
         """``perturb(x, y)`` with the per-sample random starts of ``seeds``."""
@@ -166,32 +180,40 @@ class PerSampleAPGDTargeted(_Seeded, APGDAttack_targeted):
     def attack_single_run(self, x: Tensor, y: Tensor, x_init: Tensor | None = None) -> tuple:
         if x_init is not None:
             raise ValueError("per-sample APGD-T draws its own start (x_init is for L1)")
-        return _linf_start(self, self._tracker(), x, y)
+        return _start(self, self._tracker(), x, y)
 
 
 class PerSampleSquare(_Seeded, SquareAttack):
-    """pyautoattack's Square (L-inf, one restart) with each sample's initial stripes from its
+    """pyautoattack's Square with one restart. L-inf: each sample's initial stripes from its
     own generator and the per-iteration draws from torch's generator seeded by the column's
-    shared seed."""
+    shared seed. L2: each sample attacked alone, torch's generator seeded by its own seed."""
 
     stream = "square"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.norm != "Linf" or self.n_restarts != 1:
+        if self.norm not in ("Linf", "L2") or self.n_restarts != 1:
             raise ValueError(
-                f"per-sample Square is L-inf with one restart, got {self.norm}, "
+                f"per-sample Square is L-inf or L2 with one restart, got {self.norm}, "
                 f"{self.n_restarts} restarts"
             )
         self._initial_rows: np.ndarray | None = None
 
     def run(self, x: Tensor, y: Tensor, seeds: SampleSeeds) -> Tensor:
-        """``perturb(x, y)`` with the per-sample initial stripes of ``seeds``."""
+        """``perturb(x, y)`` with the per-sample draws of ``seeds``."""
+        if self.norm == "L2":
+            rows = []
+            for j in range(len(x)):
+                self.seed = seeds.numpy_seed(j, self.stream)
+                rows.append(self.perturb(x[j : j + 1], y[j : j + 1]))
+            return torch.cat(rows) if rows else x.clone()
         self.seed = seeds.shared_seed(self.stream)
         with self.seeded(x, y, seeds, self.stream):
             return self.perturb(x, y)
 
     def attack_single_run(self, x: Tensor, y: Tensor) -> tuple:
+        if self.norm == "L2":
+            return super().attack_single_run(x, y)
         self._initial_rows = self._tracker().rows(x, y)
         try:
             return super().attack_single_run(x, y)

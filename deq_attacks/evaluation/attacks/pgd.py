@@ -1,4 +1,4 @@
-"""Fixed-step L-inf PGD with a loss-aware estimate: the shared attack run.
+"""Fixed-step PGD (L-inf or L2) with a loss-aware estimate: the shared attack run.
 
 It never looks at the defended output (one random start, no early stop, no best-point
 choice), so its adversarial examples are the same whichever defense the estimator holds: one
@@ -35,25 +35,52 @@ if TYPE_CHECKING:
     from deq_attacks.evaluation.settings import EvaluationConfig
 
 
-def random_start(x: np.ndarray, eps: float, seeds: SampleSeeds) -> np.ndarray:
-    """``x`` plus a uniform draw in [-eps, eps] per sample, clipped to [0, 1]; row j draws from
-    ``seeds.start(j)`` (seeded by (seed, global index of row j))."""
+def random_start(
+    x: np.ndarray, eps: float, seeds: SampleSeeds, norm: str = "Linf"
+) -> np.ndarray:
+    """``x`` plus a draw uniform in the eps-ball of ``norm`` per sample, clipped to [0, 1]
+    (L-inf: uniform in [-eps, eps] per pixel; L2: a Gaussian direction scaled to radius
+    ``eps * u ** (1 / d)``, u uniform in [0, 1]); row j draws from ``seeds.start(j)`` (seeded by
+    (seed, global index of row j))."""
     noise = np.empty_like(x)
+    size = int(np.prod(x.shape[1:]))
     for j in range(len(x)):
-        noise[j] = seeds.start(j).uniform(-eps, eps, size=x.shape[1:])
+        rng = seeds.start(j)
+        if norm == "Linf":
+            noise[j] = rng.uniform(-eps, eps, size=x.shape[1:])
+        else:
+            direction = rng.standard_normal(size=x.shape[1:])
+            radius = eps * rng.uniform() ** (1.0 / size)
+            noise[j] = radius * direction / max(float(np.linalg.norm(direction)), 1e-12)
     return np.clip(x + noise, 0.0, 1.0).astype(x.dtype)
 
 
 def signed_step(x_adv: Tensor, grad: Tensor, x0: Tensor, eps: float, step: float) -> Tensor:
-    """One PGD step: ``x_adv + step * sign(grad)`` projected to the eps-ball around ``x0`` and
-    to [0, 1]."""
+    """One L-inf PGD step: ``x_adv + step * sign(grad)`` projected to the eps-ball around
+    ``x0`` and to [0, 1]."""
     x_adv = x_adv + step * grad.sign()
     return torch.min(torch.max(x_adv, x0 - eps), x0 + eps).clamp(0.0, 1.0)
 
 
+def l2_step(x_adv: Tensor, grad: Tensor, x0: Tensor, eps: float, step: float) -> Tensor:
+    """One L2 PGD step, in ART's order: ``x_adv + step * grad / ||grad||_2`` (per sample; a
+    zero gradient does not move) clipped to [0, 1], then the perturbation from ``x0`` scaled
+    back to L2 length ``eps`` if longer (a shrink towards ``x0``, so it stays in [0, 1])."""
+    shape = (-1, *[1] * (grad.dim() - 1))
+    norms = grad.flatten(1).norm(dim=1).view(shape)
+    x_adv = (x_adv + step * grad / torch.where(norms > 0, norms, 1.0)).clamp(0.0, 1.0)
+    delta = x_adv - x0
+    length = delta.flatten(1).norm(dim=1).view(shape)
+    return x0 + delta * torch.clamp(eps / length.clamp_min(1e-12), max=1.0)
+
+
+#: The PGD step of each norm.
+STEPS = {"Linf": signed_step, "L2": l2_step}
+
+
 @functools.cache
-def _compiled_step(backend: str) -> Any:
-    return torch.compile(signed_step, backend=backend, dynamic=True)
+def _compiled_step(backend: str, norm: str) -> Any:
+    return torch.compile(STEPS[norm], backend=backend, dynamic=True)
 
 
 _COMPILED_DEQS: weakref.WeakKeyDictionary[DEQ, dict[str, DEQ]] = weakref.WeakKeyDictionary()
@@ -86,10 +113,11 @@ def fixed_step_pgd(
     eot_draws: int = 1,
     on_step: Callable[[Tensor], None] | None = None,
 ) -> np.ndarray:
-    """Adversarial examples (B, ...) by ``steps`` signed-gradient steps of size ``threat.step``
-    (the threat model's steps by default) from a random start (if the threat model asks for
-    one), projected to the ``threat.eps``-ball and [0, 1]; gradients from ``loss_gradient`` of
-    a view of ``estimator`` with ``estimate`` (loss evaluated at its surrogate states).
+    """Adversarial examples (B, ...) by ``steps`` PGD steps of size ``threat.step`` in
+    ``threat.norm`` (L-inf: signed gradient; L2: normalised gradient; the threat model's steps
+    by default) from a random start (if the threat model asks for one), projected to the
+    ``threat.eps``-ball and [0, 1]; gradients from ``loss_gradient`` of a view of
+    ``estimator`` with ``estimate`` (loss evaluated at its surrogate states).
 
     Args:
         x, y: one batch, float32 in [0, 1] and int labels.
@@ -107,14 +135,14 @@ def fixed_step_pgd(
     if len(seeds) != len(x):
         raise ValueError(f"{len(seeds)} seeds for {len(x)} samples")
     model = estimator.view(estimate=estimate)
-    step_fn = signed_step
+    step_fn = STEPS[threat.norm]
     if compile_backend:
         model = compiled(model, compile_backend)
-        step_fn = _compiled_step(compile_backend)
+        step_fn = _compiled_step(compile_backend, threat.norm)
     device = model.device
     x0 = torch.as_tensor(x, device=device)
     labels = torch.as_tensor(y, device=device)
-    start = random_start(x, threat.eps, seeds) if threat.random_start else x
+    start = random_start(x, threat.eps, seeds, threat.norm) if threat.random_start else x
     x_adv = torch.as_tensor(start, device=device).clone()
     if on_step is not None:
         on_step(x_adv)

@@ -1,6 +1,6 @@
-"""Square (Andriushchenko et al. 2020), L-inf with the margin loss, through ``pyautoattack``: a
-query attack that uses no gradient, one column, per defense. Its draws are per sample
-(``per_sample.PerSampleSquare``)."""
+"""Square (Andriushchenko et al. 2020), L-inf or L2 with the margin loss, through
+``pyautoattack``: a query attack that uses no gradient, one column, per defense. Its draws
+are per sample (``per_sample.PerSampleSquare``)."""
 
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ class Square(Attack):
         xt = torch.as_tensor(x, device=model.device)
         yt = torch.as_tensor(y, device=model.device)
         square = PerSampleSquare(
-            NonFiniteAsWrong(DefendedModel(model), xt, yt, threat.eps), norm="Linf",
-            n_queries=self.queries, eps=threat.eps, p_init=self.p_init, n_restarts=1, seed=0,
-            verbose=False, device=xt.device, resc_schedule=True,
+            NonFiniteAsWrong(DefendedModel(model), xt, yt, threat.eps, threat.norm),
+            norm=threat.norm, n_queries=self.queries, eps=threat.eps, p_init=self.p_init,
+            n_restarts=1, seed=0, verbose=False, device=xt.device, resc_schedule=True,
         )  # fmt: skip
         return AttackOutput(square.run(xt, yt, seeds).detach().cpu().numpy())
 

@@ -33,19 +33,6 @@ if TYPE_CHECKING:
     from deq_attacks.evaluation.settings import EvaluationConfig
     from deq_attacks.interfaces import DEQEstimator
 
-#: The threat model's norm names and pyautoattack's names for them (L-inf without a norm field).
-_NORMS = {"linf": "Linf", "inf": "Linf", "l-inf": "Linf", "l2": "L2"}
-
-
-def threat_norm(threat: ThreatModel) -> str:
-    """pyautoattack's name of the threat model's norm (``threat.norm`` if it has one, else
-    L-inf)."""
-    norm = str(getattr(threat, "norm", "Linf"))
-    if norm.lower() not in _NORMS:
-        raise ValueError(f"the transfer attack knows the norms Linf and L2, got {norm!r}")
-    return _NORMS[norm.lower()]
-
-
 class UnrolledSurrogate(nn.Module):
     """The DEQ unrolled to ``depth`` steps as an explicit network: ``z_0`` from the DEQ, then
     ``z_{t+1} = f(z_t; x)`` ``depth`` times, then the head; plain autograd through every step.
@@ -186,7 +173,7 @@ class TransferAPGD(Attack):
         xt = torch.as_tensor(x, device=model.device)
         yt = torch.as_tensor(y, device=model.device)
         apgd = PerSampleAPGD(
-            surrogate, norm=threat_norm(threat), eps=threat.eps, n_iter=self.iterations,
+            surrogate, norm=threat.norm, eps=threat.eps, n_iter=self.iterations,
             n_restarts=1, eot_iter=self.eot_draws, rho=0.75, seed=seeds.shared_seed("transfer"),
             device=xt.device,
         )  # fmt: skip
@@ -206,5 +193,5 @@ class TransferAPGD(Attack):
         )
         return {
             "surrogate": shown, "attack": "APGD-CE", "budget": self.iterations,
-            "eot_draws": self.eot_draws, "norm": threat_norm(threat),
+            "eot_draws": self.eot_draws, "norm": threat.norm,
         }  # fmt: skip

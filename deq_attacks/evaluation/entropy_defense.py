@@ -1,0 +1,269 @@
+"""The input-entropy-reduction defense (``deq_attacks.deq.entropy``) evaluated as its authors did
+and adaptively.
+
+Columns (each a bool per sample: correct under the defense after the attack):
+
+- ``clean``: the defended prediction of the clean image (``clean undefended``: without it).
+- ``non-adaptive PGD``: as Yang et al. (2023) evaluate it: PGD crafted on the undefended DEQ
+  (their ``for_attack=True``; here with the exact gradient of the undefended logits, BPTT),
+  scored with the defense on. Not an adaptive attack (Tramer et al. 2020).
+- ``adaptive PGD (BPTT)``: PGD on the defended logits with their exact gradient, autograd
+  through every solver step and every inner input update (``entropy_defended_logits``,
+  ``differentiable=True``).
+- ``adaptive PGD (BPDA)``: the same with the inner input updates straight-through (BPDA).
+- ``adaptive PGD (BPDA, identity)``: BPDA over the whole defense: the undefended DEQ's
+  gradient (``craft_estimate``, the non-adaptive run's), every iterate checked with the
+  defense on. It follows the non-adaptive run's iterates, so per sample it is never weaker.
+  Every adaptive PGD keeps a sample's first iterate that the defended model misclassifies
+  (``defense_aware_pgd``).
+- ``adaptive AutoAttack`` (optional): the standard AutoAttack (pyautoattack, per-sample draws)
+  against the defended module with the exact gradient.
+- ``adaptive worst case``: per sample, correct under the defense clean and after every
+  adaptive attack (a sample is robust only if it survives all of them).
+
+The defense is deterministic (no random draw in its forward), so expectation over
+transformation has nothing to average: EOT with any number of draws equals the single-draw
+gradient, and no EOT column is run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deq_attacks.deq import DEQModel, Final
+from deq_attacks.deq.entropy import InputEntropyReduction, entropy_defended_logits
+from deq_attacks.evaluation.aggregate import wilson_interval
+from deq_attacks.evaluation.attacks import (
+    AutoAttackSettings,
+    SampleSeeds,
+    ThreatModel,
+    fixed_step_pgd,
+    run_standard_autoattack,
+)
+from deq_attacks.evaluation.attacks.pgd import STEPS, random_start
+from deq_attacks.gradients import BackpropThroughSolver, GradientEstimate
+from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.records import to_jsonable
+
+#: The backward of the defended module: the exact gradient, or BPDA over the input updates.
+GRADIENTS = ("bptt", "bpda")
+
+
+class EntropyDefendedModule(nn.Module):
+    """The defended DEQ as a torch module: inputs (B, ...) in [0, 1] -> defended logits.
+
+    With autograd on, the forward records the whole defended computation and the backward is
+    its exact gradient (``gradient="bptt"``) or BPDA over the input updates (``"bpda"``);
+    under ``torch.no_grad()`` it runs without a graph.
+    """
+
+    def __init__(
+        self, deq: DEQModel, defense: InputEntropyReduction, gradient: str = "bptt"
+    ) -> None:
+        super().__init__()
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
+        self.deq = deq
+        self.defense = defense
+        self.gradient = gradient
+
+    def forward(self, x: Tensor) -> Tensor:
+        differentiable = torch.is_grad_enabled()
+        return entropy_defended_logits(
+            self.deq, x, self.defense, differentiable=differentiable,
+            straight_through=differentiable and self.gradient == "bpda",
+        )  # fmt: skip
+
+
+def defense_aware_pgd(
+    gradient: Callable[[Tensor, Tensor], Tensor],
+    defended: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    seeds: SampleSeeds,
+) -> Tensor:
+    """PGD along ``gradient(x_adv, y)`` (dL/dx (B, ...)): ``threat.steps`` steps of
+    ``threat.step`` in ``threat.norm`` from the per-sample random start, projected to the
+    eps-ball and [0, 1]. Every iterate (the start and the last included) is checked with the
+    defense on; a sample's result is its first iterate that ``defended`` misclassifies, else
+    its last iterate."""
+    x0 = x.detach()
+    start = random_start(x0.cpu().numpy(), threat.eps, seeds, threat.norm)
+    x_adv = torch.as_tensor(start, device=x.device) if threat.random_start else x0.clone()
+    result = x_adv.clone()
+    fooled = torch.zeros(len(x0), dtype=torch.bool, device=x.device)
+    step = STEPS[threat.norm]
+    for iteration in range(threat.steps + 1):
+        with torch.no_grad():
+            new = (defended(x_adv).argmax(1) != y) & ~fooled
+        result[new] = x_adv[new]
+        fooled |= new
+        if iteration == threat.steps or bool(fooled.all()):
+            break
+        x_adv = step(x_adv, gradient(x_adv, y).to(x_adv.dtype), x0, threat.eps, threat.step)
+    result[~fooled] = x_adv[~fooled]
+    return result.detach()
+
+
+def autograd_gradient(module: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """dL/dx of the summed cross-entropy of ``module``'s logits, by its own autograd."""
+
+    def gradient(x: Tensor, y: Tensor) -> Tensor:
+        probe = x.detach().requires_grad_()
+        with torch.enable_grad():
+            loss = F.cross_entropy(module(probe).float(), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, probe)
+        return grad
+
+    return gradient
+
+
+@dataclass
+class EntropyDefenseResult:
+    """Per-sample correctness under the defense, per column (module docstring).
+
+    Attributes:
+        correct: column -> bool (S,).
+        settings: the threat model, the defense, the attacks' settings (JSON).
+    """
+
+    correct: dict[str, np.ndarray]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def accuracy(self, column: str) -> tuple[float, float, float]:
+        """(accuracy, 95% Wilson low, high) of a column."""
+        values = self.correct[column]
+        low, high = wilson_interval(int(values.sum()), len(values))
+        return float(values.mean()), low, high
+
+    def markdown(self) -> str:
+        """One row per column: accuracy (%) and its 95% Wilson interval."""
+        lines = ["| column | accuracy (%) | 95% Wilson interval |", "|---|---|---|"]
+        for column in self.correct:
+            acc, low, high = self.accuracy(column)
+            lines.append(f"| {column} | {100 * acc:.1f} | [{100 * low:.1f}, {100 * high:.1f}] |")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "accuracy": {c: dict(zip(("accuracy", "low", "high"), self.accuracy(c)))
+                         for c in self.correct},  # fmt: skip
+            "correct": {c: v.astype(bool).tolist() for c, v in self.correct.items()},
+        }
+
+
+def evaluate_entropy_defense(
+    estimator: DEQEstimator,
+    x: np.ndarray,
+    y: np.ndarray,
+    threat: ThreatModel,
+    defense: InputEntropyReduction,
+    *,
+    craft_estimate: GradientEstimate | None = None,
+    autoattack: AutoAttackSettings | None = None,
+    seed: int = 0,
+    batch_size: int = 50,
+    progress: Callable[[str], None] | None = None,
+) -> EntropyDefenseResult:
+    """The defense's columns on (x, y) (module docstring).
+
+    Args:
+        estimator: the DEQ (no preprocessing: the defense updates pixels in [0, 1]); the
+            undefended model is its Final readout, the state the defense reads out too.
+        x, y: images (S, ...) float32 in [0, 1] and labels (S,).
+        threat: the attacks' threat model.
+        defense: the defense's settings.
+        craft_estimate: the gradient of the non-adaptive PGD on the undefended DEQ (default:
+            BPTT, its exact gradient).
+        autoattack: run the standard AutoAttack with these budgets against the defended
+            module (exact gradient) too; None: not.
+        seed: per-sample seeds of every random start.
+        batch_size: samples per attack batch (results do not depend on it).
+        progress: told of each column.
+    """
+    if any(
+        not (np.all(op.mean == 0) and np.all(op.std == 1))
+        for op in estimator.preprocessing_operations
+        if hasattr(op, "mean")
+    ) or estimator.preprocessing_defences:
+        raise ValueError(
+            "the entropy defense updates the pixels the DEQ receives: give an estimator "
+            "without preprocessing (normalise inside the model)"
+        )
+    say = progress or (lambda _text: None)
+    deq = estimator.deq
+    craft = craft_estimate if craft_estimate is not None else BackpropThroughSolver()
+    modules = {g: EntropyDefendedModule(deq, defense, g) for g in GRADIENTS}
+    undefended = estimator.view(estimate=craft, defense=Final())
+    device = estimator.device
+    columns: dict[str, list[np.ndarray]] = {}
+
+    def defended_correct(images: Tensor, labels: Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return (modules["bptt"](images).argmax(1) == labels).cpu().numpy()
+
+    for start in range(0, len(x), batch_size):
+        part = np.arange(start, min(start + batch_size, len(x)))
+        xb = torch.as_tensor(x[part], device=device)
+        yb = torch.as_tensor(y[part], device=device)
+        found: dict[str, np.ndarray] = {}
+        with torch.no_grad():
+            found["clean undefended"] = (undefended.predict(x[part]).argmax(1) == y[part])
+        found["clean"] = defended_correct(xb, yb)
+        say(f"samples {part[0]}..{part[-1]}: non-adaptive PGD (crafted without the defense)")
+        crafted = fixed_step_pgd(
+            undefended, craft, x[part], y[part], threat, seed=SampleSeeds(seed, "pgd", part)
+        )
+        crafted_t = torch.as_tensor(crafted, device=device)
+        with torch.no_grad():
+            found["non-adaptive PGD, undefended"] = (
+                undefended.predict(crafted).argmax(1) == y[part]
+            )
+        found["non-adaptive PGD"] = defended_correct(crafted_t, yb)
+        gradients = {
+            "BPTT": autograd_gradient(modules["bptt"]),
+            "BPDA": autograd_gradient(modules["bpda"]),
+            "BPDA, identity": lambda images, labels: torch.as_tensor(
+                undefended.loss_gradient(images, labels)
+            ),
+        }
+        for name, gradient in gradients.items():
+            say(f"samples {part[0]}..{part[-1]}: adaptive PGD ({name})")
+            adv = defense_aware_pgd(
+                gradient, modules["bptt"], xb, yb, threat, SampleSeeds(seed, "pgd", part)
+            )
+            found[f"adaptive PGD ({name})"] = defended_correct(adv, yb)
+        if autoattack is not None:
+            say(f"samples {part[0]}..{part[-1]}: adaptive AutoAttack")
+            outcome = run_standard_autoattack(
+                modules["bptt"], xb, yb, threat.eps, autoattack, estimator.nb_classes,
+                SampleSeeds(seed, "autoattack", part), threat.norm,
+            )  # fmt: skip
+            found["adaptive AutoAttack"] = outcome.survived
+        for name, values in found.items():
+            columns.setdefault(name, []).append(np.asarray(values, dtype=bool))
+    correct = {name: np.concatenate(parts) for name, parts in columns.items()}
+    adaptive = [c for c in correct if c.startswith("adaptive")]
+    correct["adaptive worst case"] = np.logical_and.reduce(
+        [correct["clean"], *(correct[c] for c in adaptive)]
+    )
+    settings = {
+        "threat": to_jsonable(threat),
+        "defense": to_jsonable(defense),
+        "craft_estimate": repr(craft),
+        "autoattack": None if autoattack is None else autoattack.describe(),
+        "seed": seed,
+        "n": len(x),
+        "eot": "none: the defense is deterministic (EOT would average identical gradients)",
+    }
+    return EntropyDefenseResult(correct, settings)
+
