@@ -172,7 +172,7 @@ def test_benchmark_runs_under_l2() -> None:
     deq = tiny_estimator(trained=True).deq
     result = benchmark(
         deq, 6, "digits", "L2", batch_size=6, n_dev=6, steps=2, aa_iterations=2, aa_queries=5,
-        aa_target_classes=2, square_queries=5, long_steps=2, diagnostic_samples=2, bptt=False,
+        aa_target_classes=2, square_queries=5, long_steps=3, diagnostic_samples=2, bptt=False,
         sweep=SweepConfig({"adjoint": {"n": "1", "beta": "1.0"},
                            "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}),
     )  # fmt: skip

@@ -246,7 +246,7 @@ def evaluate_entropy_defense(
             say(f"samples {part[0]}..{part[-1]}: adaptive AutoAttack")
             outcome = run_standard_autoattack(
                 modules["bptt"], xb, yb, threat.eps, autoattack, estimator.nb_classes,
-                SampleSeeds(seed, "autoattack", part), threat.norm,
+                SampleSeeds(seed, "autoattack", part), norm=threat.norm,
             )  # fmt: skip
             found["adaptive AutoAttack"] = outcome.survived
         for name, values in found.items():
