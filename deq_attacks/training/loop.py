@@ -340,7 +340,12 @@ def _finish_epoch(
             resume.save_best(run_dir, ctx.model)
         resume.write_metrics(run_dir, state.history)
         if config.plots:
-            plot_history(state.history, run_dir / "training.png")
+            plot_history(
+                state.history,
+                run_dir / "training.png",
+                eps=config.eps if config.adversarial else None,
+                title=f"{config.model} on {config.data}",
+            )
         resume.publish(run_dir, epoch + 1, state)
         log(_summary(record, config.epochs))
     distributed.barrier()
