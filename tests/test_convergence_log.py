@@ -51,7 +51,7 @@ def test_outside_a_log_the_process_warns_once_and_counts_the_rest() -> None:
         warnings.simplefilter("always")
         convergence._PROCESS.summary()  # what runs at exit
     (summary,) = not_converged(caught)
-    assert str(summary.message).startswith("5 more forwards (15 samples)")
+    assert str(summary.message).startswith("5 more forward(s) (15 samples)")
 
 
 def test_a_log_counts_every_forward_per_site_and_summarises_once() -> None:

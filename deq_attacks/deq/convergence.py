@@ -94,7 +94,7 @@ class _ProcessRun:
     def summary(self) -> None:
         if self.later_forwards:
             warnings.warn(
-                f"{self.later_forwards} more forwards ({self.later_samples} samples) ended "
+                f"{self.later_forwards} more forward(s) ({self.later_samples} samples) ended "
                 f"above the relative residual {RESIDUAL_LIMIT} after the first "
                 "NotConvergedWarning of this process",
                 NotConvergedWarning,
