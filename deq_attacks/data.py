@@ -9,6 +9,7 @@ Loaders, from always-available to network-only:
 - :func:`load_arrays_file`: an ``.npz`` file of uint8 or [0, 1] float arrays, for example the
   MNIST test set and CIFAR-10 subset kept for machines without network.
 - :func:`load_cifar10`: the full CIFAR-10 through torchvision (downloads when asked).
+- :func:`load_mnist`: the full MNIST through torchvision (downloads when asked).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "ImageDataset",
     "arrays_file_keys",
     "load_arrays_file",
+    "load_mnist",
     "load_cifar10",
     "load_digits",
     "load_foolbox_samples",
@@ -413,3 +415,39 @@ def load_cifar10(
     x = np.ascontiguousarray(data.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0))
     split = "train" if train else "test"
     return ImageDataset(x, targets, f"cifar10:{split}", num_classes=10)
+
+
+def load_mnist(
+    root: str | Path, train: bool = False, download: bool = False, limit: int | None = None
+) -> ImageDataset:
+    """MNIST through ``torchvision.datasets.MNIST`` (60,000 train / 10,000 test images).
+
+    Args:
+        root: the folder that holds (or will hold) ``MNIST/raw`` (torchvision's layout).
+        train: the training set when True, else the test set.
+        download: fetch the archives (about 12 MB) when they are absent; needs network.
+        limit: keep only the first ``limit`` images (in the official order).
+
+    Returns:
+        ``x`` float32 (N, 1, 28, 28) in [0, 1], ``y`` int64 (N,) in 0..9.
+    """
+    from torchvision.datasets import MNIST
+
+    root = Path(root)
+    try:
+        ds = MNIST(root=str(root), train=train, download=download)
+    except RuntimeError as err:
+        if download:
+            raise
+        raise FileNotFoundError(
+            f"MNIST not found under {root} (expected {root / 'MNIST' / 'raw'}); pass "
+            "download=True to fetch it, or use load_arrays_file on a local .npz"
+        ) from err
+    data, targets = ds.data.numpy(), ds.targets.numpy().astype(np.int64)
+    if limit is not None:
+        if limit < 0:
+            raise ValueError(f"limit must be non-negative, got {limit}")
+        data, targets = data[:limit], targets[:limit]
+    x = np.ascontiguousarray(data[:, None].astype(np.float32) / np.float32(255.0))
+    split = "train" if train else "test"
+    return ImageDataset(x, targets, f"mnist:{split}", num_classes=10)

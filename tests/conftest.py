@@ -27,6 +27,14 @@ def _seed_everything(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_convergence_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test is its own process run for NotConvergedWarning (it warns once per process)."""
+    from deq_attacks.deq import convergence
+
+    monkeypatch.setattr(convergence, "_PROCESS", convergence._ProcessRun())
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The shared folder beside the repository; skips the test when it is absent."""

@@ -61,3 +61,29 @@ def test_all_kinds_and_a_bad_kind(capsys) -> None:
     assert main(["list", "datasets"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("deq-attacks list: ") and "datasets" in err and err.count("\n") == 1
+
+
+def test_registries_are_listed_without_torch_as_the_registries_list_them() -> None:
+    """In a fresh interpreter, solvers/estimates/attacks/models come from the source without
+    importing torch, and read the same as the loaded registries afterwards."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\nfrom deq_attacks.cli import main, listing\n"
+        "kinds = ['solvers', 'estimates', 'attacks', 'models']\n"
+        "cold = {k: listing.KINDS[k]() for k in kinds}\nassert main(['list', 'attacks']) == 0\n"
+        "assert 'torch' not in sys.modules\n"
+        "import deq_attacks.solvers, deq_attacks.gradients.registry, deq_attacks.models\n"
+        "import deq_attacks.evaluation.attacks\n"
+        "for k in kinds:\n    assert listing.KINDS[k]() == cold[k], k\n"
+        "    assert len(cold[k]) > 2\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "square " in result.stdout

@@ -23,6 +23,8 @@ from deq_attacks.evaluation import (
 )
 from deq_attacks.evaluation.attacks import precision
 from deq_attacks.evaluation.attacks.pgd import compiled
+from deq_attacks.evaluation.benchmark import MODEL_INFO_FIELDS, held_out_images
+from deq_attacks.models import small_conv_deq
 
 THREAT = ThreatModel(eps=0.1, step=0.05, steps=2)
 SWEEP = SweepConfig(
@@ -95,6 +97,17 @@ def test_benchmark_runs_the_cascade_and_returns_the_per_sample_verdict() -> None
     assert result.robust_accuracy <= result.clean_accuracy
     assert set(result.verdicts) == {"final", "early", "ensemble"}
     assert report.settings["config"]["eps"] == 0.1 and report.settings["config"]["step"] == 0.025
+    text = repr(result)  # short: the interval and n*, not the whole report
+    assert len(text) < 200 and str(result.robustness) in text
+    assert f"n*={report.early_exit}" in text and "n=12" in text and "reduced budgets" in text
+    card = result.model_info(name="tiny DEQ", architecture="small_conv_deq")
+    assert list(card)[:12] == list(MODEL_INFO_FIELDS)[:12]
+    assert card["clean_acc"] == f"{100 * result.clean_accuracy:.2f}"
+    assert card["autoattack_acc"] == f"{100 * result.robust_accuracy:.2f}"
+    assert card["dataset"] == "digits" and card["eps"] == "0.1" and card["link"] is None
+    assert "REDUCED" in card["footnote"] and card["name"] == "tiny DEQ"
+    with pytest.raises(ValueError, match="unknown model_info fields"):
+        result.model_info(nme="typo")
     with pytest.raises(ValueError, match="threat_model must be one of Linf, L2"):
         benchmark(deq, 12, "digits", "L1")
     with pytest.raises(ValueError, match="too few"):
@@ -109,3 +122,38 @@ def test_default_config_is_table_mode_and_fp32() -> None:
     config = EvaluationConfig()
     assert config.mode.value == "table" and config.precision == "fp32"
     assert config.compile_backend == "" and config.batch_size is None
+
+
+def test_benchmark_reads_real_mnist_from_torchvisions_layout(tmp_path, shared_dir) -> None:
+    """MNIST's test set as torchvision stores it (``MNIST/raw`` idx files, written here from
+    the shared copy of the real t10k set) is what ``dataset="mnist"`` attacks."""
+    source = shared_dir / "data" / "mnist_t10k.npz"
+    if not source.is_file():
+        pytest.skip(f"{source} absent")
+    with np.load(source) as arrays:
+        x, y = arrays["x"][:, 0], arrays["y"]
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    n = len(y)
+    (raw / "t10k-images-idx3-ubyte").write_bytes(
+        np.array([2051, n, 28, 28], ">i4").tobytes() + x.astype(np.uint8).tobytes()
+    )
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(
+        np.array([2049, n], ">i4").tobytes() + y.astype(np.uint8).tobytes()
+    )
+    # torchvision looks for the training files too (empty here: they are not read)
+    (raw / "train-images-idx3-ubyte").write_bytes(np.array([2051, 0, 28, 28], ">i4").tobytes())
+    (raw / "train-labels-idx1-ubyte").write_bytes(np.array([2049, 0], ">i4").tobytes())
+    held_out = held_out_images("mnist", tmp_path)
+    assert held_out.x.shape == (10000, 1, 28, 28) and held_out.num_classes == 10
+    np.testing.assert_array_equal(held_out.x[:5] * 255, x[:5, None].astype(np.float32))
+    np.testing.assert_array_equal(held_out.y, y)
+    deq = small_conv_deq(in_channels=1, num_classes=10, channels=4, image_size=28)
+    result = benchmark(
+        deq, n_examples=3, dataset="mnist", batch_size=3, n_dev=3, data_dir=tmp_path,
+        steps=1, attacks="pgd", bptt=False, sweep=SWEEP, long_steps=1, diagnostic_samples=2,
+    )  # fmt: skip
+    assert result.eps == 0.3 and result.dataset == "mnist" and result.verdict.shape == (3,)
+    assert not result.standard  # AutoAttack did not run
+    with pytest.raises(FileNotFoundError, match="MNIST not found"):
+        held_out_images("mnist", tmp_path / "nowhere")

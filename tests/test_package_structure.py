@@ -154,6 +154,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "acceleration": frozenset({"deq"}),
     "gradients": frozenset({"deq", "numerics", "solvers"}),
     "interfaces": frozenset({"deq", "gradients", "numerics", "solvers"}),
+    "autoattack": frozenset(),  # fra31's front door over pyautoattack: a front end
     "evaluation": FOUNDATIONS
     | {"numerics", "deq", "gradients", "interfaces", "acceleration", "models"},
     "training": FOUNDATIONS

@@ -71,6 +71,12 @@ def check_measured(payload: dict[str, Any], out_dir: Path, tables: dict[str, int
     assert set(payload["measured"]) == set(tables)
     assert payload["paper"], "the paper's reference numbers are printed beside"
     assert payload["preset"] == "tiny" and payload["wall_seconds"] >= 0
+    # a smoke test says so, beside the paper's numbers: in the record, the intro, every title
+    assert payload["comparable_with_paper"] is False
+    assert payload["scale"].startswith("NOT COMPARABLE with the paper's table: preset `tiny`")
+    text = (out_dir / "results.md").read_text()
+    assert f"**{payload['scale']}**" in text and "1 epoch on 60 images" in payload["scale"]
+    assert text.count("## measured (tiny preset, not comparable): ") == len(tables)
     for name, rows in payload["measured"].items():
         assert len(rows) == tables[name], name
         assert all(list(r) == list(rows[0]) for r in rows), "one layout per table"

@@ -3,6 +3,10 @@
 default grids (``--sweep``), models (``--model``) and presets (``--preset`` of ``evaluate``,
 ``train`` and ``demo``). Without KIND, every list.
 
+Solvers, estimates, attacks and models are read from the package's source
+(``deq_attacks.cli.catalogue``) while their registries are not loaded, so these lists import
+no torch; sweeps and presets are validated objects and import it.
+
     deq-attacks list solvers
     deq-attacks list presets
 """
@@ -20,8 +24,10 @@ WIDTH = 90
 
 
 def _summary(obj: object) -> str:
-    """The first paragraph of ``obj``'s docstring on one line, cut at ``WIDTH`` characters."""
-    text = " ".join((inspect.getdoc(obj) or "").split("\n\n")[0].split())
+    """The first paragraph of ``obj``'s docstring on one line, cut at ``WIDTH`` characters
+    (``obj`` a string: that docstring)."""
+    doc = obj if isinstance(obj, str) else inspect.getdoc(obj) or ""
+    text = " ".join(doc.split("\n\n")[0].split())
     if len(text) <= WIDTH:
         return text
     return text[: text.rfind(" ", 0, WIDTH - 3)] + " ..."
@@ -31,19 +37,43 @@ def _rows(rows: Iterator[tuple[str, str]]) -> list[str]:
     return [f"  {name:<26} {text}".rstrip() for name, text in rows]
 
 
+#: kind -> the module whose import loads its registry
+REGISTRIES = {
+    "solvers": "deq_attacks.solvers.registry",
+    "estimates": "deq_attacks.gradients.registry",
+    "attacks": "deq_attacks.evaluation.attacks.base",
+    "models": "deq_attacks.models.registry",
+}
+
+
+def _from_source(kind: str) -> list[str] | None:
+    """The rows of ``kind`` from the package's source while its registry is not loaded."""
+    if REGISTRIES[kind] in sys.modules:
+        return None
+    from deq_attacks.cli.catalogue import registered
+
+    return _rows((name, _summary(doc)) for name, doc in registered(kind))
+
+
 def solvers() -> list[str]:
+    if (rows := _from_source("solvers")) is not None:
+        return rows
     from deq_attacks.solvers import solver_class, solver_names
 
     return _rows((name, _summary(solver_class(name))) for name in solver_names())
 
 
 def estimates() -> list[str]:
+    if (rows := _from_source("estimates")) is not None:
+        return rows
     from deq_attacks.gradients.registry import estimate_class, estimate_names
 
     return _rows((name, _summary(estimate_class(name))) for name in estimate_names())
 
 
 def attacks() -> list[str]:
+    if (rows := _from_source("attacks")) is not None:
+        return rows
     from deq_attacks.evaluation.attacks import attack_class, attack_names
 
     return _rows((name, _summary(attack_class(name))) for name in attack_names())
@@ -62,6 +92,8 @@ def sweeps() -> list[str]:
 
 
 def models() -> list[str]:
+    if (rows := _from_source("models")) is not None:
+        return rows
     from deq_attacks.models.registry import list_models, resolve_builder
 
     return _rows((name, _summary(resolve_builder(name))) for name in list_models())

@@ -1,15 +1,17 @@
 """Whether a forward solve reached its fixed point, and the warning when it did not.
 
-An unconverged forward warns once per call site (the caller of ``predict`` or of
-``module(x)``), not on every forward: an attack of 100 steps would otherwise print 100
-warnings. Inside ``with ConvergenceLog() as log:`` (the scope of one run: an evaluation, a
-training), the first unconverged forward from each call site warns, later ones are counted,
-and the run ends with one summary per site in ``log.records`` and, if any forward was above
-the limit, one summary warning. Outside any scope, each call site warns once per process.
+A run warns once, with a count, not on every forward (an attack of 100 steps would print 100
+warnings) nor once per call site (ART's attacks call the model from many places). Inside
+``with ConvergenceLog() as log:`` (the scope of one run: an evaluation, a training) every
+forward is counted per call site (the caller of ``predict`` or of ``module(x)``) in
+``log.records``, and the run ends with one summary warning if any forward was above the limit.
+Outside any scope (a user's own script) the process is the run: its first unconverged forward
+warns, later ones are counted, and at exit one line says how many more there were.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import sys
 import warnings
@@ -66,6 +68,8 @@ class SiteRecord:
 
     def describe(self) -> str:
         worst = "none finite" if self.worst_residual is None else f"{self.worst_residual:.3g}"
+        if self.samples_nonfinite:
+            worst += f", {self.samples_nonfinite} NaN/inf"
         return (
             f"{self.site}: {self.unconverged_calls} of {self.calls} forwards, "
             f"{self.samples_above} of {self.samples} samples above {RESIDUAL_LIMIT} "
@@ -76,21 +80,43 @@ class SiteRecord:
 _ACTIVE: contextvars.ContextVar[tuple[ConvergenceLog, ...]] = contextvars.ContextVar(
     "deq_attacks_convergence_logs", default=()
 )
-_WARNED_IN_PROCESS: set[str] = set()
+
+
+class _ProcessRun:
+    """The run of a process outside any ``ConvergenceLog``: whether it warned, and what came
+    after the warning."""
+
+    def __init__(self) -> None:
+        self.warned = False
+        self.later_forwards = 0
+        self.later_samples = 0
+
+    def summary(self) -> None:
+        if self.later_forwards:
+            warnings.warn(
+                f"{self.later_forwards} more forward(s) ({self.later_samples} samples) ended "
+                f"above the relative residual {RESIDUAL_LIMIT} after the first "
+                "NotConvergedWarning of this process",
+                NotConvergedWarning,
+                stacklevel=1,
+            )
+
+
+_PROCESS = _ProcessRun()
+atexit.register(_PROCESS.summary)
 
 
 class ConvergenceLog:
     """The scope of one run for convergence warnings: ``with ConvergenceLog() as log: ...``.
 
-    Inside, each call site's first unconverged forward warns, later ones are only counted;
-    on exit ``records`` holds one JSON-able summary per call site (every forward checked,
-    converged or not) and, if any forward was above ``RESIDUAL_LIMIT``, one summary warning
-    is issued. Nested scopes each count; the innermost decides what warns.
+    Inside, forwards are only counted; on exit ``records`` holds one JSON-able summary per
+    call site (every forward checked, converged or not) and, if any forward was above
+    ``RESIDUAL_LIMIT``, one warning sums them up. Nested scopes each count and each warn
+    once.
     """
 
     def __init__(self) -> None:
         self._sites: dict[str, SiteRecord] = {}
-        self._warned: set[str] = set()
         self._token: contextvars.Token[tuple[ConvergenceLog, ...]] | None = None
 
     @property
@@ -104,11 +130,6 @@ class ConvergenceLog:
 
     def _add(self, site: str, above: int, total: int, worst: float | None, bad: int) -> None:
         self._sites.setdefault(site, SiteRecord(site)).add(above, total, worst, bad)
-
-    def _first_warning(self, site: str) -> bool:
-        first = site not in self._warned
-        self._warned.add(site)
-        return first
 
     def __enter__(self) -> ConvergenceLog:
         if self._token is not None:
@@ -126,21 +147,24 @@ class ConvergenceLog:
         _ACTIVE.reset(self._token)
         sites = self.unconverged()
         if sites:
+            forwards = sum(r.unconverged_calls for r in sites)
+            samples = sum(r.samples_above for r in sites)
             warnings.warn(
-                "forward solves ended with samples above the relative residual "
-                f"{RESIDUAL_LIMIT} (the fixed point was not reached) at {len(sites)} call "
-                "site(s): " + "; ".join(r.describe() for r in sites),
+                f"{forwards} forward solves left {samples} samples above the relative residual "
+                f"{RESIDUAL_LIMIT} (the fixed point was not reached; raise the solver's "
+                f"threshold or check the model) at {len(sites)} call site(s): "
+                + "; ".join(r.describe() for r in sites),
                 NotConvergedWarning,
                 stacklevel=2,
             )
 
 
 def warn_unconverged(residuals: Tensor, stacklevel: int = 2) -> None:
-    """Count the residuals (B,) of one forward for its call site and warn if some exceed
-    ``RESIDUAL_LIMIT`` (NaN counts as above) - once per call site per scope (outside any
-    ``ConvergenceLog``: once per process). ``stacklevel`` counts as ``warnings.warn``'s does
-    from this function's caller (1: the caller itself); the frame it names is the call site,
-    and the warning is attributed to it."""
+    """Count the residuals (B,) of one forward for its call site; outside any
+    ``ConvergenceLog``, warn if some exceed ``RESIDUAL_LIMIT`` (NaN counts as above) and this
+    process has not warned yet. ``stacklevel`` counts as ``warnings.warn``'s does from this
+    function's caller (1: the caller itself); the frame it names is the call site, and the
+    warning is attributed to it."""
     frame = sys._getframe(stacklevel)
     site = f"{frame.f_code.co_filename}:{frame.f_lineno}"
     values = residuals.detach().double().cpu()
@@ -152,27 +176,22 @@ def warn_unconverged(residuals: Tensor, stacklevel: int = 2) -> None:
     logs = _ACTIVE.get()
     for log in logs:
         log._add(site, above, total, worst, nonfinite)
-    if not above:
+    if not above or logs:
         return
-    if logs:
-        if not logs[-1]._first_warning(site):
-            return
-        later = "later ones from this call site are counted in the run's ConvergenceLog"
-    else:
-        if site in _WARNED_IN_PROCESS:
-            return
-        _WARNED_IN_PROCESS.add(site)
-        later = (
-            "later ones from this call site are not repeated (count them with "
-            "deq_attacks.deq.ConvergenceLog)"
-        )
+    if _PROCESS.warned:
+        _PROCESS.later_forwards += 1
+        _PROCESS.later_samples += above
+        return
+    _PROCESS.warned = True
     shown = "none finite" if worst is None else f"{worst:.3g}"
     if nonfinite:
         shown += f", {nonfinite} NaN/inf"
     warnings.warn(
         f"{above} of {total} samples ({above / total:.1%}) ended the forward solve with a "
         f"relative residual above {RESIDUAL_LIMIT} (worst {shown}): the fixed point was not "
-        f"reached; raise the solver's threshold or check the model ({later})",
+        "reached; raise the solver's threshold or check the model (this process warns once: "
+        "later ones are counted and summed up at exit; deq_attacks.deq.ConvergenceLog counts "
+        "them per call site)",
         NotConvergedWarning,
         stacklevel=stacklevel + 1,
     )

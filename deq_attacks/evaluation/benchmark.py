@@ -12,6 +12,7 @@ and reports the best defense's clean and robust accuracy beside each sample's ve
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from deq_attacks.data import ImageDataset, load_arrays_file, load_cifar10, load_digits
+from deq_attacks.data import (
+    ImageDataset,
+    load_arrays_file,
+    load_cifar10,
+    load_digits,
+    load_mnist,
+)
 from deq_attacks.deq.contract import DEQModel
+from deq_attacks.evaluation.aggregate import Robustness
 from deq_attacks.evaluation.protocol import evaluate_model
 from deq_attacks.evaluation.result import EvaluationReport
 from deq_attacks.evaluation.settings import EvaluationConfig, Mode
@@ -28,14 +36,18 @@ from deq_attacks.evaluation.threat import NORMS
 from deq_attacks.interfaces import DEQEstimator
 
 #: eps when none is given, per named data set and threat model (inputs in [0, 1]): CIFAR-10's
-#: are RobustBench's; the 8x8 digits' L2 0.5 is the demo's L-inf 0.1 spread over about 25 of
-#: the 64 pixels.
+#: are RobustBench's; MNIST's are the common L-inf 0.3 and L2 2.0 (Madry et al., Croce & Hein);
+#: the 8x8 digits' L2 0.5 is the demo's L-inf 0.1 spread over about 25 of the 64 pixels.
 DEFAULT_EPS = {
     ("cifar10", "Linf"): 8 / 255,
     ("cifar10", "L2"): 0.5,
+    ("mnist", "Linf"): 0.3,
+    ("mnist", "L2"): 2.0,
     ("digits", "Linf"): 0.1,
     ("digits", "L2"): 0.5,
 }
+#: The data sets ``benchmark`` knows by name.
+NAMED_DATASETS = ("cifar10", "mnist", "digits")
 
 
 @dataclass
@@ -49,6 +61,10 @@ class BenchmarkResult:
         verdict: bool (n_examples,): each test sample robust under that defense.
         verdicts: the verdict of every defense.
         report: the whole protocol's report (``write_outputs`` writes it).
+        robustness: the robust accuracy with its 95% Wilson interval and counts.
+        dataset, eps: what was attacked, at which radius (in ``threat_model``).
+        standard: whether every budget was the standard one (AutoAttack's included).
+        threat_model: the norm, "Linf" or "L2" (RobustBench's names).
     """
 
     clean_accuracy: float
@@ -57,19 +73,86 @@ class BenchmarkResult:
     verdict: np.ndarray
     verdicts: dict[str, np.ndarray]
     report: EvaluationReport
+    robustness: Robustness
+    dataset: str
+    eps: float
+    standard: bool
+    threat_model: str = "Linf"
+
+    def __repr__(self) -> str:
+        budget = "standard" if self.standard else "reduced budgets"
+        return (
+            f"BenchmarkResult({self.dataset}, {self.threat_model} eps={self.eps:.4g}, "
+            f"n={self.robustness.n}: "
+            f"clean {100 * self.clean_accuracy:.1f}%, robust {self.robustness} (95% Wilson) "
+            f"under {self.defense}, n*={self.report.early_exit}, {budget})"
+        )
+
+    def model_info(self, **fields: Any) -> dict[str, Any]:
+        """RobustBench's ``model_info`` card (``model_info/<dataset>/<threat_model>/<name>.json``):
+        ``clean_acc`` and ``autoattack_acc`` (here the per-sample robust accuracy of the whole
+        white-box protocol, which includes the standard AutoAttack), in percent with two
+        decimals, ``dataset`` and ``eps``; the fields RobustBench fills by hand (``link``,
+        ``name``, ``authors``, ``additional_data``, ``number_forward_passes``, ``venue``,
+        ``architecture``, ``reported``) are None unless given in ``fields``. A ``footnote``
+        says how the number was obtained."""
+        unknown = set(fields) - set(MODEL_INFO_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown model_info fields {sorted(unknown)}: {MODEL_INFO_FIELDS}")
+        r = self.robustness
+        footnote = (
+            f"deq-attacks white-box protocol ({'standard' if self.standard else 'REDUCED'} "
+            f"budgets), {self.defense} defense, n={r.n}, 95% Wilson interval "
+            f"[{100 * r.low:.2f}, {100 * r.high:.2f}]"
+        )
+        card: dict[str, Any] = dict.fromkeys(MODEL_INFO_FIELDS)
+        card.update(
+            dataset=self.dataset,
+            eps=f"{self.eps:.6g}",
+            clean_acc=f"{100 * self.clean_accuracy:.2f}",
+            autoattack_acc=f"{100 * self.robust_accuracy:.2f}",
+            footnote=footnote,
+        )
+        card.update(fields)
+        return card
+
+    def save_model_info(self, path: str | Path, **fields: Any) -> Path:
+        """Write ``model_info(**fields)`` as JSON to ``path``; return it."""
+        path = Path(path)
+        path.write_text(json.dumps(self.model_info(**fields), indent=2) + "\n")
+        return path
+
+
+#: The keys of RobustBench's model_info cards, in its order.
+MODEL_INFO_FIELDS = (
+    "link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+    "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote",
+)  # fmt: skip
+
+
+def standard_budgets(config: EvaluationConfig) -> bool:
+    """Whether the run attacked with the standard AutoAttack and, where it ran Square, with
+    5,000 queries."""
+    attacks = config.attack_list
+    square = "square" not in attacks or config.square_queries >= 5000
+    return "autoattack" in attacks and config.autoattack_settings.standard and square
 
 
 def held_out_images(dataset: str | Path, data_dir: str | Path) -> ImageDataset:
-    """The images of a data set that its training split does not contain: CIFAR-10's test set
-    (torchvision, under ``data_dir``), the embedded digits past the 1,200 training ones, or an
-    arrays file's test split (the whole file if it has none)."""
+    """The images of a data set that its training split does not contain: CIFAR-10's or
+    MNIST's test set (torchvision's layout, under ``data_dir``), the embedded digits past the
+    1,200 training ones, or an arrays file's test split (the whole file if it has none)."""
     if dataset == "cifar10":
         return load_cifar10(data_dir, train=False)
+    if dataset == "mnist":
+        return load_mnist(data_dir, train=False)
     if dataset == "digits":
         return load_digits().split(1200)[1]
     path = Path(dataset)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset {dataset!r}: not 'cifar10', 'digits' or a file")
+        raise FileNotFoundError(
+            f"dataset {dataset!r}: not 'cifar10', 'mnist', 'digits' or a file"
+        )
     with np.load(path) as arrays:
         has_test = "x_test" in arrays.files
     return load_arrays_file(path, split="test" if has_test else None)
@@ -95,13 +178,15 @@ def benchmark(
     Args:
         model: a DEQ (``deq_attacks.DEQ`` or any ``DEQModel``) or its ``DEQEstimator``.
         n_examples: test images: the first ones of the held-out set (RobustBench's choice).
-        dataset: "cifar10", "digits" or the path of an arrays file (``.npz``).
+        dataset: "cifar10", "mnist", "digits" or the path of an arrays file (``.npz``).
         threat_model: "Linf" or "L2" (RobustBench's names): the norm of every attack.
-        eps: the budget in that norm (default: L-inf 8/255 for cifar10, 0.1 for digits; L2 0.5
-            for both; required for a file); the PGD step is eps / 4 (under L2 with 10 steps
-            Madry et al.'s 2.5 eps / steps); under L2 the large-eps check runs at 16 eps.
+        eps: the budget in that norm (default: L-inf 8/255 for cifar10, 0.3 for mnist, 0.1 for
+            digits; L2 0.5 for cifar10 and digits, 2.0 for mnist; required for a file); the PGD
+            step is eps / 4 (under L2 with 10 steps Madry et al.'s 2.5 eps / steps); under L2
+            the large-eps check runs at 16 eps.
         batch_size: attack batch (None: 100 on CPU, 500 on CUDA).
-        data_dir: CIFAR-10's root (torchvision's layout).
+        data_dir: CIFAR-10's or MNIST's root (torchvision's layout: ``cifar-10-batches-py``,
+            ``MNIST/raw``).
         device: where the model runs (default: where its parameters are).
         n_dev: development images for the protocol's choices: the last ones of the held-out
             set, disjoint from the test images.
@@ -160,6 +245,11 @@ def benchmark(
         verdict=verdicts[best.defense],
         verdicts=verdicts,
         report=report,
+        robustness=best,
+        dataset=Path(dataset).stem if str(dataset) not in NAMED_DATASETS else str(dataset),
+        eps=float(eps),
+        standard=standard_budgets(config),
+        threat_model=threat_model,
     )
 
 

@@ -25,9 +25,9 @@ Named steps over one ``RunContext``:
 Every finished step and every finished block of an attack is stored under a fingerprint of
 the settings, the weights and the data; a rerun resumes from it (a finished run computes
 nothing; a store of other settings, weights or data is moved aside, and one process at a time
-writes a store). Under ``torchrun`` the samples are sharded by block. Unconverged forwards warn once
-per call site; the run's ``ConvergenceLog`` records (added to those of earlier finished runs
-of the same store) go into the report.
+writes a store). Under ``torchrun`` the samples are sharded by block. Unconverged forwards are
+counted per call site and the run warns once; its ``ConvergenceLog`` records (added to those
+of earlier finished runs of the same store) go into the report.
 """
 
 from __future__ import annotations

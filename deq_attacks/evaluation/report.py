@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from deq_attacks.evaluation import facts
+from deq_attacks.evaluation.latex import latex_table
 from deq_attacks.evaluation.result import EvaluationReport
 from deq_attacks.evaluation.store import jsonable
 from deq_attacks.records import plain
@@ -110,12 +112,21 @@ def plan_lines(report: EvaluationReport) -> list[str]:
 
 
 def convergence_lines(report: EvaluationReport) -> list[str]:
-    """One line per call site whose forwards ended above the residual limit."""
-    sites = [r for r in report.convergence if r["unconverged_calls"]]
+    """The forwards that ended above the residual limit, in words (the call sites, source
+    lines of the package, stay in ``results.json``)."""
+    records = report.convergence
+    unconverged = sum(r["unconverged_calls"] for r in records)
+    if not unconverged:
+        return []
+    calls = sum(r["calls"] for r in records)
+    above = sum(r["samples_above"] for r in records)
+    samples = sum(r["samples"] for r in records)
+    worst = [r["worst_residual"] for r in records if r.get("worst_residual") is not None]
+    shown = f" (worst relative residual {max(worst):.3g})" if worst else ""
     return [
-        f"Unconverged forwards at {r['site']}: {r['unconverged_calls']} of {r['calls']} "
-        f"forwards, {r['samples_above']} of {r['samples']} samples above the residual limit."
-        for r in sites
+        f"Unconverged forward solves: {unconverged} of {calls} forwards left {above} of "
+        f"{samples} samples above the relative residual 0.05{shown}: the fixed point was not "
+        "reached there."
     ]
 
 
@@ -135,20 +146,21 @@ def diagnostics_table(report: EvaluationReport) -> str:
     return "\n".join(lines)
 
 
-#: How a threat model's norm is written in a report.
-_NORM_TEXT = {"Linf": "L-inf", "L2": "L2"}
-
-
 def markdown_report(report: EvaluationReport, title: str) -> str:
-    threat = report.settings["threat"]
+    if report.mode == "table":
+        legend = "Accuracy (%) of each defense (rows) under each attack column."
+    else:
+        legend = (
+            "Per defense (rows): clean accuracy (%), the robust accuracy per sample (%) with "
+            "its 95% Wilson interval, and how many samples each column broke first."
+        )
     return "\n".join(
         [
             f"# {title}",
             "",
-            f"{_NORM_TEXT[threat.get('norm', 'Linf')]} eps={threat['eps']:.4g}, "
-            f"PGD-{threat['steps']} (step {threat['step']:.4g}); "
-            f"{report.settings['n_test']} test images. Accuracy (%) of each defense (rows) "
-            "under each attack (columns).",
+            *facts.setting_lines(report),
+            "",
+            legend,
             "",
             markdown_table(report),
             "",
@@ -163,20 +175,35 @@ def markdown_report(report: EvaluationReport, title: str) -> str:
 
 
 def write_outputs(report: EvaluationReport, out_dir: Path, title: str) -> dict[str, Path]:
-    """``results.json`` (every cell, its settings, per-sample flags), ``results.md``, and the
-    plots ``states.png`` and ``sweep.png`` (the result store, a file of its own, is left as
-    it is)."""
+    """``results.json`` (every cell, its settings, per-sample flags), ``results.md``,
+    ``results.tex`` (the table for a paper), and the plots ``states`` and ``sweep`` as PNG and
+    PDF (the result store, a file of its own, is left as it is)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
+    paths = {
+        "json": out_dir / "results.json",
+        "markdown": out_dir / "results.md",
+        "latex": out_dir / "results.tex",
+    }
     paths["json"].write_text(json.dumps(report.to_json(), indent=1))
     paths["markdown"].write_text(markdown_report(report, title) + "\n")
+    paths["latex"].write_text(latex_table(report))
     paths["states"] = plot_states(report, out_dir / "states.png")
+    paths["states_pdf"] = paths["states"].with_suffix(".pdf")
     paths["sweep"] = plot_sweep(report, out_dir / "sweep.png")
+    paths["sweep_pdf"] = paths["sweep"].with_suffix(".pdf")
     return paths
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """``path`` (PNG) and the same figure as PDF beside it."""
+    fig.savefig(path, dpi=120)
+    fig.savefig(path.with_suffix(".pdf"))
+    return path
+
+
 def plot_states(report: EvaluationReport, path: Path) -> Path:
-    """Clean and ready-made-PGD accuracy of every iterate, and its residual (Fig. 2, 5)."""
+    """Clean and ready-made-PGD accuracy of every iterate, and its residual (Fig. 2, 5), on
+    the test split; titled with the model, data and split, norm and eps; PNG and PDF."""
     from matplotlib.figure import Figure
 
     states = report.states
@@ -194,14 +221,15 @@ def plot_states(report: EvaluationReport, path: Path) -> Path:
     right.set_xlabel("iterate n")
     right.set_ylabel("relative residual")
     right.legend()
+    fig.suptitle(facts.figure_title(report, "test"), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def plot_sweep(report: EvaluationReport, path: Path) -> Path:
     """Accuracy of the early-state defense under each intermediate attack against n, one line
-    per (beta) or (k, lambda) (Fig. 3 and 4)."""
+    per (beta) or (k, lambda) (Fig. 3 and 4), on the development split; titled with the model,
+    data and split, norm and eps; PNG and PDF."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 3.5))
@@ -221,9 +249,9 @@ def plot_sweep(report: EvaluationReport, path: Path) -> Path:
         ax.set_xlabel("n")
         ax.legend(fontsize=7)
     axes[0].set_ylabel(f"early (z_{report.early_exit}) accuracy (%)")
+    fig.suptitle(facts.figure_title(report, "development"), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def markdown_rows(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -16,8 +16,14 @@ from deq_attacks.deq.contract import DEQModel
 from deq_attacks.deq.convergence import warn_unconverged
 from deq_attacks.deq.readout import Readout
 from deq_attacks.gradients import GradientEstimate
-from deq_attacks.interfaces.inputs import check_batch_size, check_images, check_labels
-from deq_attacks.interfaces.whitebox import WhiteBoxModule
+from deq_attacks.interfaces.inputs import (
+    ClipValues,
+    check_batch_size,
+    check_binary_labels,
+    check_images,
+    check_labels,
+)
+from deq_attacks.interfaces.whitebox import LAYERS, WhiteBoxModule
 
 
 class DEQEstimator(PyTorchClassifier):
@@ -33,8 +39,16 @@ class DEQEstimator(PyTorchClassifier):
     Input contract (``deq_attacks.interfaces.inputs``), checked before any work: x a non-empty
     floating-point batch of ``input_shape`` samples, finite, inside ``clip_values``; labels
     class indices (N,) in [0, nb_classes) or one-hot / scores (N, nb_classes). Anything else
-    (label -1, labels (N, 1), uint8 images, ...) raises. A predict call whose solves leave
-    samples above ``RESIDUAL_LIMIT`` warns once, with their fraction.
+    (label -1, labels (N, 1), uint8 images, ...) raises; one exception, as in ART: a binary
+    classifier with one logit (nb_classes 2 and ``BCEWithLogitsLoss`` or ``BCELoss``) takes
+    0/1 labels (N, 1) in ``loss_gradient``, and its loss gets them as float (N, 1).
+    ``clip_values`` may be per-feature arrays (broadcast to ``input_shape``). A predict call
+    whose solves leave samples above ``RESIDUAL_LIMIT`` warns once, with their fraction.
+
+    ART's conventions hold: the constructor takes ``(model, loss, input_shape, nb_classes,
+    optimizer)`` positionally (``clone_for_refitting``; ``model`` may be a ``WhiteBoxModule``,
+    whose estimate and defense are kept), ``layer_names`` are ``LAYERS`` (hooks fire, see
+    ``WhiteBoxModule``), and a pickle round trip keeps ``model`` and ``white_box`` one object.
 
     Construction checks the settings against the model (one forward of one input of
     ``input_shape``): an ``input_shape`` the DEQ was not built for, ``nb_classes`` other than
@@ -44,32 +58,34 @@ class DEQEstimator(PyTorchClassifier):
     check labels before calling one.
 
     Args:
-        deq: the model.
-        estimate: gradient estimate (default ``Exact()``).
-        defense: readout (default the DEQ's own, usually ``Final()``).
-        input_shape: shape of one input, e.g. (3, 32, 32).
-        nb_classes: number of classes.
+        deq: the model (or a ``WhiteBoxModule`` over it).
         loss: training and attack loss (default cross-entropy on logits).
+        input_shape: shape of one input, e.g. (3, 32, 32) (required).
+        nb_classes: number of classes (required).
         optimizer: for ``fit`` (and ART's trainers).
-        clip_values: input range (default (0, 1)).
+        estimate: gradient estimate (default ``Exact()``, or the module's).
+        defense: readout (default the DEQ's own, usually ``Final()``, or the module's).
+        clip_values: input range (default (0, 1)): floats or per-feature arrays.
         probe: run the construction probe (``view`` skips it: same model, shape and classes).
         **kwargs: passed to ``PyTorchClassifier`` (device_type, preprocessing, ...).
     """
 
     def __init__(
         self,
-        deq: DEQModel,
+        deq: DEQModel | WhiteBoxModule,
+        loss: nn.Module | None = None,
+        input_shape: tuple[int, ...] | None = None,
+        nb_classes: int | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
         *,
-        input_shape: tuple[int, ...],
-        nb_classes: int,
         estimate: GradientEstimate | None = None,
         defense: Readout | None = None,
-        loss: nn.Module | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
-        clip_values: tuple[float, float] | None = (0.0, 1.0),
+        clip_values: ClipValues | None = (0.0, 1.0),
         probe: bool = True,
         **kwargs: Any,
     ) -> None:
+        if input_shape is None or nb_classes is None:
+            raise TypeError("DEQEstimator needs input_shape and nb_classes")
         device_type = kwargs.get("device_type", "gpu")
         if device_type not in ("cpu", "gpu"):
             raise ValueError(f"device_type must be 'cpu' or 'gpu', got {device_type!r}")
@@ -80,13 +96,19 @@ class DEQEstimator(PyTorchClassifier):
             )
         if isinstance(nb_classes, bool) or not isinstance(nb_classes, int) or nb_classes < 2:
             raise ValueError(f"nb_classes must be an int >= 2, got {nb_classes!r}")
-        declared = getattr(deq, "input_shape", None)
+        if isinstance(deq, WhiteBoxModule):  # ART's clone_for_refitting hands over the module
+            module = deq
+            module.estimate = estimate if estimate is not None else deq.estimate
+            module.defense = defense if defense is not None else deq.defense
+        else:
+            module = WhiteBoxModule(deq, estimate, defense)
+        module.eval()
+        declared = getattr(module.deq, "input_shape", None)
         if declared is not None and tuple(declared) != tuple(input_shape):
             raise ValueError(
                 f"input_shape {tuple(input_shape)} contradicts the DEQ's own input_shape "
                 f"{tuple(declared)}"
             )
-        module = WhiteBoxModule(deq, estimate, defense).eval()
         super().__init__(
             model=module,
             loss=loss if loss is not None else nn.CrossEntropyLoss(),
@@ -97,17 +119,34 @@ class DEQEstimator(PyTorchClassifier):
             **kwargs,
         )
         self.white_box = module
+        self._layer_names = list(LAYERS)  # the children a forward passes through
         if probe:
             self._probe()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the module itself (ART's own pickling writes a state file to disk and
+        restores a shallow copy of the module beside ``white_box``): afterwards ``model`` and
+        ``white_box`` are still one object, and the optimizer still holds its parameters."""
+        state = self.__dict__.copy()
+        for key in ("_model", "_model_wrapper", "_features"):
+            state.pop(key, None)
+        state["_device"] = str(self._device)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._device = torch.device(state["_device"])
+        self._model = self._make_model_wrapper(self.white_box)
 
     def _probe(self) -> None:
         """One forward of one input of ``input_shape`` (the middle of the clip range): the model
         must take it and return (1, nb_classes) logits; else one ValueError names the problem."""
-        clip = self.clip_values
-        middle = 0.5 if clip is None else (float(clip[0]) + float(clip[1])) / 2
+        clip = self.clip_values  # floats or per-feature arrays
+        low, high = (0.0, 1.0) if clip is None else (clip[0], clip[1])
+        middle = (np.asarray(low, dtype=np.float64) + np.asarray(high, dtype=np.float64)) / 2
         param = next(self.deq.parameters(), None)
         dtype = torch.empty(0, dtype=param.dtype if param is not None else torch.float32)
-        x = np.full((1, *self.input_shape), middle, dtype=dtype.numpy().dtype)
+        x = np.broadcast_to(middle, (1, *self.input_shape)).astype(dtype.numpy().dtype)
         try:
             with warnings.catch_warnings():  # an untrained model's probe may not converge
                 warnings.simplefilter("ignore")
@@ -186,8 +225,33 @@ class DEQEstimator(PyTorchClassifier):
 
     def _check_x(self, x: np.ndarray | torch.Tensor) -> None:
         clip = self.clip_values
-        bounds = None if clip is None else (float(clip[0]), float(clip[1]))
-        check_images(x, tuple(self.input_shape), bounds)
+        check_images(x, tuple(self.input_shape), None if clip is None else (clip[0], clip[1]))
+
+    def _loss_labels(self, y: np.ndarray | torch.Tensor, n: int) -> torch.Tensor:
+        """The labels a loss receives: class indices (``check_labels``), or, for a binary
+        classifier with one logit (nb_classes 2 and a BCE loss, as ART tells them apart),
+        0/1 labels as float (N, 1), from labels (N, 1), (N,) or one-hot (N, 2)."""
+        if self.nb_classes == 2 and isinstance(self._loss, (nn.BCELoss, nn.BCEWithLogitsLoss)):
+            if y.ndim == 2 and y.shape[1] == 1:
+                return check_binary_labels(y, n)
+            return check_labels(y, n, 2).float().unsqueeze(1)
+        return check_labels(y, n, self.nb_classes)
+
+    def get_activations(  # type: ignore[override]
+        self,
+        x: np.ndarray | torch.Tensor,
+        layer: int | str | None = None,
+        batch_size: int = 128,
+        framework: bool = False,
+    ) -> np.ndarray | torch.Tensor:
+        """ART's ``get_activations`` for a layer of ``layer_names`` (``LAYERS``: the fixed
+        point, the defended readout state, the defended logits), by name or index; with
+        ``framework=True`` a tensor whose gradient w.r.t. x is the selected estimate's."""
+        if isinstance(layer, str) and layer not in self._layer_names:
+            raise ValueError(f"unknown layer {layer!r}: choose from {self._layer_names}")
+        if isinstance(layer, int) and not -len(LAYERS) <= layer < len(LAYERS):
+            raise ValueError(f"layer index {layer} outside [0, {len(LAYERS)}): {LAYERS}")
+        return super().get_activations(x, layer, batch_size=batch_size, framework=framework)
 
     def fit(
         self,
@@ -287,7 +351,7 @@ class DEQEstimator(PyTorchClassifier):
         """
         self._refuse_training_mode(training_mode, "loss_gradient")
         self._check_x(x)
-        labels = check_labels(y, len(x), self.nb_classes).to(self._device)
+        labels = self._loss_labels(y, len(x)).to(self._device)
         if self.all_framework_preprocessing:
             x_t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(x)
             with torch.enable_grad():

@@ -8,11 +8,12 @@ from typing import Any, TypeVar
 
 import eagerpy as ep
 import foolbox as fb
+import torch
 
 from deq_attacks.deq.contract import DEQModel
 from deq_attacks.deq.readout import Readout
 from deq_attacks.gradients import GradientEstimate
-from deq_attacks.interfaces.inputs import check_bounds, check_images
+from deq_attacks.interfaces.inputs import check_bounds, check_query
 from deq_attacks.interfaces.whitebox import WhiteBoxModule
 
 T = TypeVar("T")
@@ -22,9 +23,12 @@ class DEQFoolboxModel(fb.PyTorchModel):
     """Usable wherever ``foolbox.PyTorchModel`` is: Foolbox's attacks differentiate the
     defended logits and receive the selected estimate (straight-through cotangent).
 
-    Every call checks the input contract of ``deq_attacks.interfaces.inputs`` before any work:
-    a non-empty, finite, floating-point batch inside ``bounds`` whose samples have
-    ``input_shape``.
+    Every call checks, before any work, that the input is a non-empty floating-point batch
+    whose samples have ``input_shape``; its values are passed through as
+    ``foolbox.PyTorchModel`` passes them (Foolbox's EAD and VirtualAdversarial query a hair
+    outside ``bounds``, BoundaryAttack may query NaN candidates: their logits come back, NaN
+    where the input was NaN). Data a user hands to the package's own entry points (``fit``,
+    ``predict``, the protocol) is checked in full (range and finiteness too).
 
     Args:
         deq: the model.
@@ -74,10 +78,22 @@ class DEQFoolboxModel(fb.PyTorchModel):
         self.white_box.defense = value
 
     def __call__(self, inputs: T) -> T:
-        """The defended logits of ``inputs`` (a native or eagerpy tensor), after checking them."""
-        x, _ = ep.astensor_(inputs)  # type: ignore[type-var]
-        check_images(x.raw, self.input_shape, (float(self.bounds[0]), float(self.bounds[1])))
-        return super().__call__(inputs)  # type: ignore[no-any-return]
+        """The defended logits of ``inputs`` (a native or eagerpy tensor), after checking their
+        shape and dtype (not their values: see the class docstring). Samples holding NaN or
+        inf get NaN logits (a plain module's answer) without entering the solve, so they
+        cannot disturb the others."""
+        x, restore = ep.astensor_(inputs)  # type: ignore[type-var]
+        check_query(x.raw, self.input_shape)
+        raw = x.raw
+        finite = torch.isfinite(raw.flatten(1)).all(dim=1)
+        if bool(finite.all()):
+            return super().__call__(inputs)  # type: ignore[no-any-return]
+        probe = raw[finite] if bool(finite.any()) else torch.zeros_like(raw[:1])
+        out = super().__call__(probe)
+        logits = out.new_full((raw.shape[0], out.shape[1]), float("nan"))
+        if bool(finite.any()):
+            logits[finite] = out
+        return restore(ep.astensor(logits))  # type: ignore[no-any-return]
 
     def view(
         self, estimate: GradientEstimate | None = None, defense: Readout | None = None

@@ -13,17 +13,49 @@ import torch
 from torch import Tensor
 
 ArrayLike = np.ndarray | Tensor
+ClipValues = tuple[float | np.ndarray, float | np.ndarray]
+"""(low, high): floats, or per-feature arrays broadcastable to one sample's shape (ART's)."""
 
 CLIP_TOLERANCE = 1e-6
 """How far (absolute) an input may lie outside ``clip_values`` before it is refused."""
 
 
 def check_images(
-    x: object, input_shape: tuple[int, ...] | None, clip_values: tuple[float, float] | None
+    x: object, input_shape: tuple[int, ...] | None, clip_values: ClipValues | None
 ) -> None:
     """Raise unless ``x`` is a non-empty, finite, floating-point batch (N, *input_shape) whose
-    values lie inside ``clip_values`` (None: any finite values). ``input_shape`` None checks
-    only that x is a batch (N, ...). The range costs one pass over x and one device sync."""
+    values lie inside ``clip_values`` (None: any finite values; per-feature arrays are compared
+    feature by feature). ``input_shape`` None checks only that x is a batch (N, ...). The
+    range costs one pass over x and one device sync."""
+    check_query(x, input_shape)
+    assert isinstance(x, (np.ndarray, Tensor))
+    lo, hi = _range(x)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError("x contains NaN or inf")
+    if clip_values is None:
+        return
+    low, high = (np.asarray(v, dtype=np.float64) for v in clip_values)
+    if low.ndim == 0 and high.ndim == 0:
+        if lo < low - CLIP_TOLERANCE or hi > high + CLIP_TOLERANCE:
+            raise ValueError(
+                f"x spans [{lo:.4g}, {hi:.4g}], outside clip_values [{low:g}, {high:g}]: an "
+                "attack would leave the threat model; rescale the inputs or set clip_values"
+            )
+        return
+    values = x.detach().cpu().double().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    outside = (values < low - CLIP_TOLERANCE) | (values > high + CLIP_TOLERANCE)
+    if outside.any():
+        raise ValueError(
+            f"{int(outside.sum())} values of x lie outside their per-feature clip_values: an "
+            "attack would leave the threat model; rescale the inputs or set clip_values"
+        )
+
+
+def check_query(x: object, input_shape: tuple[int, ...] | None) -> None:
+    """Raise unless ``x`` is a non-empty floating-point batch (N, *input_shape) (``input_shape``
+    None: any batch (N, ...)). Values are not checked: this is the contract of an attack's
+    own queries, which ``foolbox.PyTorchModel`` passes through (EAD and VirtualAdversarial
+    step a hair outside the bounds, BoundaryAttack may query NaN candidates)."""
     if not isinstance(x, (np.ndarray, Tensor)):
         raise TypeError(f"x must be a numpy array or torch tensor, got {type(x).__name__}")
     if input_shape is None:
@@ -41,19 +73,9 @@ def check_images(
         floating = bool(np.issubdtype(x.dtype, np.floating))
     if not floating:
         raise TypeError(
-            f"x has dtype {x.dtype}: images must be floating point in the clip range "
-            f"{clip_values} (e.g. uint8 pixels divided by 255); they are not rescaled here"
+            f"x has dtype {x.dtype}: images must be floating point (e.g. uint8 pixels divided "
+            "by 255); they are not rescaled here"
         )
-    lo, hi = _range(x)
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise ValueError("x contains NaN or inf")
-    if clip_values is not None:
-        low, high = clip_values
-        if lo < low - CLIP_TOLERANCE or hi > high + CLIP_TOLERANCE:
-            raise ValueError(
-                f"x spans [{lo:.4g}, {hi:.4g}], outside clip_values [{low:g}, {high:g}]: an "
-                "attack would leave the threat model; rescale the inputs or set clip_values"
-            )
 
 
 def check_bounds(bounds: object, name: str = "bounds") -> None:
@@ -121,3 +143,19 @@ def check_labels(y: object, n: int, nb_classes: int) -> Tensor:
             "wrapped around)"
         )
     return indices
+
+
+def check_binary_labels(y: object, n: int) -> Tensor:
+    """Labels (n, 1) of a one-logit binary classifier as float 0/1 (on y's device); raise on
+    another shape or count, or a value other than 0 and 1."""
+    if not isinstance(y, (np.ndarray, Tensor)):
+        raise TypeError(f"labels must be a numpy array or torch tensor, got {type(y).__name__}")
+    t = y.detach() if isinstance(y, Tensor) else torch.from_numpy(np.asarray(y))
+    if t.dim() != 2 or t.shape[1] != 1:
+        raise ValueError(f"binary labels have shape {tuple(t.shape)}, expected (N, 1)")
+    if t.shape[0] != n:
+        raise ValueError(f"{t.shape[0]} labels for {n} inputs")
+    t = t.double()
+    if not bool(((t == 0) | (t == 1)).all()):
+        raise ValueError("binary labels (N, 1) must be 0 or 1")
+    return t.float()

@@ -3,7 +3,7 @@ routes the incoming cotangent through the selected gradient estimate (straight-t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -13,11 +13,17 @@ from torch import Tensor, nn
 
 from deq_attacks.deq.contract import DEQModel
 from deq_attacks.deq.convergence import last_residuals, warn_unconverged
-from deq_attacks.deq.readout import Readout, check_readout
+from deq_attacks.deq.readout import Final, Readout, check_readout
 from deq_attacks.gradients import Exact, GradientEstimate, estimate_names, input_gradient
 from deq_attacks.gradients.base import Cotangent, constant_cotangent, loss_cotangent
 from deq_attacks.numerics import ForwardRecord
 from deq_attacks.solvers import Trajectory
+
+LAYERS = ("fixed_point", "readout", "logits")
+"""The layers of a ``WhiteBoxModule`` a user can name (ART's ``layer_names``): the last iterate
+of the solve (flat, (B, d)), the state the defense classifies (flat, (B, d)) and the defended
+logits (B, classes). Each is an ``nn.Identity`` child that a forward calls, so forward hooks on
+it fire; in a differentiable forward its output carries the selected estimate's gradient."""
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss(logits (B, classes), labels (B,)) -> scalar``."""
@@ -42,6 +48,47 @@ def check_deq(deq: object) -> DEQModel:
             f"deq_attacks.adapters; see docs/own_deq.md), got {type(deq).__name__}"
         )
     return deq
+
+
+class StateHead(DEQModel):
+    """``deq`` with an identity head: ``logits(z, injection)`` is the flat state z itself, so
+    that a defended call over it returns the readout state (B, d) and its backward pulls a
+    cotangent on that state back through the same gradient estimate. Everything else is
+    ``deq``'s (its parameters are not registered here again)."""
+
+    def __init__(self, deq: DEQModel) -> None:
+        super().__init__()
+        self.inner: DEQModel
+        object.__setattr__(self, "inner", deq)  # not a submodule: no second parameter copy
+        self.solver = deq.solver
+        self.training_gradient = deq.training_gradient
+        self.readout = deq.readout
+        self.input_shape = deq.input_shape
+
+    def inject(self, x: Tensor) -> Tensor:
+        return self.inner.inject(x)
+
+    def initial_state(self, injection: Tensor) -> Tensor:
+        return self.inner.initial_state(injection)
+
+    def step(self, z: Tensor, injection: Tensor) -> Tensor:
+        return self.inner.step(z, injection)
+
+    def logits(self, z: Tensor, injection: Tensor) -> Tensor:
+        return z
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def solve(
+        self,
+        injection: Tensor,
+        keep: bool | Collection[int] = False,
+        steps: int | None = None,
+        *,
+        record: ForwardRecord | None = None,
+    ) -> Trajectory:
+        return self.inner.solve(injection, keep, steps, record=record)
 
 
 @contextmanager
@@ -168,6 +215,9 @@ class WhiteBoxModule(nn.Module):
         self._defense = self._checked_defense(defense if defense is not None else deq.readout)
         self._fitting = False
         self.backward_calls = 0
+        self.fixed_point = nn.Identity()
+        self.readout = nn.Identity()
+        self.logits = nn.Identity()
 
     def _checked_defense(self, defense: object) -> Readout:
         readout = check_readout(defense)
@@ -282,14 +332,29 @@ class WhiteBoxModule(nn.Module):
         unconverged solve is worth a warning; Early(n) stops short of it by design."""
         return self._defense.horizon(self.deq.solver.threshold) >= self.deq.solver.threshold
 
+    def states(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The last iterate of the solve and the defense's readout state, both flat (B, d),
+        each from its own defended solve; differentiable w.r.t. x by the current estimate
+        (the cotangent on the state is pulled back straight-through, as for the logits)."""
+        head = StateHead(self.deq)
+        fixed, _ = _Defended.apply(x, DefendedCall(head, self._estimate, Final()))
+        state, _ = _Defended.apply(x, DefendedCall(head, self._estimate, self._defense))
+        return fixed, state
+
     def forward(self, x: Tensor) -> Tensor:
-        """Defended logits (B, classes); inside ``fitting()``, the DEQ's training forward."""
+        """Defended logits (B, classes); inside ``fitting()``, the DEQ's training forward.
+        Passes through the ``LAYERS`` children, so their forward hooks fire (the state layers
+        cost two more solves, and only while a hook is registered on one of them)."""
         if self._fitting:
             return cast(Tensor, self.deq(x))
         logits, residuals = self.defended(x)
         if self.reads_fixed_point:
             warn_unconverged(residuals, stacklevel=4)  # the caller of module(x)
-        return logits
+        if self.fixed_point._forward_hooks or self.readout._forward_hooks:
+            fixed, state = self.states(x)
+            self.fixed_point(fixed)
+            self.readout(state)
+        return cast(Tensor, self.logits(logits))
 
     def extra_repr(self) -> str:
         return f"estimate={self._estimate!r}, defense={self._defense!r}"

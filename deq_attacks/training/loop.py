@@ -399,7 +399,12 @@ def _finish_epoch(
                 resume.save_best(run_dir, ctx.model)
             resume.write_metrics(run_dir, state.history)
             if config.plots:
-                plot_history(state.history, run_dir / "training.png")
+                plot_history(
+                    state.history,
+                    run_dir / "training.png",
+                    eps=config.eps if config.adversarial else None,
+                    title=f"{config.model} on {config.data}",
+                )
             resume.publish(run_dir, epoch + 1, state)
     if processes.is_main:
         log(_summary(record, config.epochs))

@@ -368,27 +368,60 @@ def diagnostic_notes(title: str, report: EvaluationReport) -> list[str]:
     return [f"{title}: {c.name} [{c.verdict}] {c.message}" for c in report.diagnostics]
 
 
+def scale_note(setup: Setup) -> str:
+    """What scale a preset ran at and, for ``cpu`` and ``tiny``, that its numbers are not
+    comparable with the paper's table (CIFAR-10, DEQ-Large/XL trained for 150 epochs, eps
+    8/255, standard AutoAttack)."""
+    if setup.preset == "paper":
+        return "preset `paper`: the paper's scale (CIFAR-10, eps 8/255, standard AutoAttack)"
+    settings = {**EVALUATION[setup.preset], **setup.eval_settings}
+    n_dev, n_test = SPLITS[setup.preset]
+    if setup.preset == "tiny":
+        training = (f"{TINY_TRAINING['epochs']} epoch on {TINY_TRAINING['train_limit']} images, "
+                    "width 8: a smoke test of the script, not a measurement")  # fmt: skip
+    else:
+        training = f"{preset('cpu_exact').epochs} epochs on CPU, small conv DEQs"
+    budgets = (
+        f"PGD-{settings.get('steps', 10)}, Square {settings['square_queries']} queries, "
+        f"AutoAttack {'not run' if 'autoattack' not in settings['attacks'] else 'reduced'}"
+    )
+    return (
+        f"NOT COMPARABLE with the paper's table: preset `{setup.preset}` ran at toy scale "
+        f"(data {setup.data}, {training}; {n_dev} development / {n_test} test images; L-inf "
+        f"eps {settings['eps']:g}; reduced budgets: {budgets}). The paper's numbers below are "
+        "CIFAR-10 with DEQ-Large/XL trained for 150 epochs at eps 8/255 under the standard "
+        "AutoAttack."
+    )
+
+
 def write_results(
     setup: Setup, title: str, tables: dict[str, list[dict[str, Any]]],
     paper: dict[str, list[dict[str, Any]]], started: float, notes: Sequence[str] = (),
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """``results.json`` and ``results.md`` in the out dir: the measured tables, then the
-    paper's, labelled "paper"; the markdown printed, the JSON record returned."""
+    paper's, labelled "paper"; for the ``cpu`` and ``tiny`` presets the scale they ran at and
+    that they are not comparable with the paper's, in the intro, every measured table's title
+    and the record; the markdown printed, the JSON record returned."""
     wall = time.perf_counter() - started
     data = "cifar10" if setup.preset == "paper" else setup.data
     changed = plain({**setup.train_settings, **setup.eval_settings})
+    scale = scale_note(setup)
+    comparable = setup.preset == "paper"
+    measured = "measured" if comparable else f"measured ({setup.preset} preset, not comparable)"
     record = {
         "title": title, "preset": setup.preset, "data": data, "wall_seconds": round(wall, 1),
+        "comparable_with_paper": comparable, "scale": scale,
         "measured": tables, "paper": paper, "notes": list(notes),
         "train_settings": plain(setup.train_settings), "eval_settings": plain(setup.eval_settings),
         **(extra or {}),
     }  # fmt: skip
     text = write_tables(
         setup.out_dir, title,
-        {**{f"measured: {k}": v for k, v in tables.items()},
+        {**{f"{measured}: {k}": v for k, v in tables.items()},
          **{f"paper (CIFAR-10, DEQ-Large/XL): {k}": v for k, v in paper.items()}},
-        record, intro=[f"preset `{setup.preset}`, data `{data}`, wall time {wall:.0f} s"],
+        record, intro=[f"preset `{setup.preset}`, data `{data}`, wall time {wall:.0f} s",
+                       f"**{scale}**"],
         notes=[*notes, *([f"changed from the preset: {changed}"] if changed else [])],
     )  # fmt: skip
     print(text)
