@@ -151,7 +151,7 @@ def test_benchmark_reads_real_mnist_from_torchvisions_layout(tmp_path, shared_di
     deq = small_conv_deq(in_channels=1, num_classes=10, channels=4, image_size=28)
     result = benchmark(
         deq, n_examples=3, dataset="mnist", batch_size=3, n_dev=3, data_dir=tmp_path,
-        steps=1, attacks="pgd", bptt=False, sweep=SWEEP, long_steps=1, diagnostic_samples=2,
+        steps=1, attacks="pgd", bptt=False, sweep=SWEEP, long_steps=2, diagnostic_samples=2,
     )  # fmt: skip
     assert result.eps == 0.3 and result.dataset == "mnist" and result.verdict.shape == (3,)
     assert not result.standard  # AutoAttack did not run

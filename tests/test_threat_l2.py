@@ -158,7 +158,8 @@ def test_protocol_runs_end_to_end_under_l2_and_says_so() -> None:
     for label, column in report.columns.items():
         assert column.get("norm") == "L2", label
     text = markdown_report(report, "L2")
-    assert "L2 eps=0.5" in text and "L-inf" not in text.split("\n")[2]
+    threat_line = next(line for line in text.splitlines() if line.startswith("- Threat model"))
+    assert "L2, eps 0.5" in threat_line and "L-inf" not in threat_line
     linf = evaluate_model(estimator, test, dev, dataclasses.replace(config, norm="Linf", eps=0.1,
                                                                     step=0.05, large_eps=0.5))
     assert linf.settings["threat"]["norm"] == "Linf"

@@ -140,7 +140,8 @@ class DEQEstimator(PyTorchClassifier):
 
     def _probe(self) -> None:
         """One forward of one input of ``input_shape`` (the middle of the clip range): the model
-        must take it and return (1, nb_classes) logits; else one ValueError names the problem."""
+        must take it and return (1, nb_classes) logits (or (1, 1) for a binary classifier with
+        a BCE loss); else one ValueError names the problem."""
         clip = self.clip_values  # floats or per-feature arrays
         low, high = (0.0, 1.0) if clip is None else (clip[0], clip[1])
         middle = (np.asarray(low, dtype=np.float64) + np.asarray(high, dtype=np.float64)) / 2
@@ -156,7 +157,10 @@ class DEQEstimator(PyTorchClassifier):
                 f"the DEQ does not run on one input of input_shape {tuple(self.input_shape)}: "
                 f"{type(error).__name__}: {error}"
             ) from None
-        if logits.shape != (1, self.nb_classes):
+        outputs = (self.nb_classes,)
+        if self.nb_classes == 2 and isinstance(self._loss, (nn.BCELoss, nn.BCEWithLogitsLoss)):
+            outputs = (1, 2)  # a binary classifier may give one logit, as in ART
+        if logits.shape[0] != 1 or logits.shape[1:] not in [(k,) for k in outputs]:
             raise ValueError(
                 f"nb_classes is {self.nb_classes}, but the DEQ returns logits of shape "
                 f"{tuple(logits.shape[1:])} per input"
