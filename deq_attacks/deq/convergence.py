@@ -12,9 +12,11 @@ warns, later ones are counted, and at exit one line says how many more there wer
 from __future__ import annotations
 
 import atexit
+import contextlib
 import contextvars
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
@@ -157,6 +159,17 @@ class ConvergenceLog:
                 NotConvergedWarning,
                 stacklevel=2,
             )
+
+
+@contextlib.contextmanager
+def unchecked() -> Iterator[None]:
+    """Forwards inside are neither counted by the active logs nor warned about (a check of the
+    settings, e.g. ``DEQEstimator``'s construction probe, is not part of a run's work)."""
+    token = _ACTIVE.set((ConvergenceLog(),))  # a log that nobody reads
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 def warn_unconverged(residuals: Tensor, stacklevel: int = 2) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,7 +12,7 @@ from art.estimators.classification import PyTorchClassifier
 from torch import nn
 
 from deq_attacks.deq.contract import DEQModel
-from deq_attacks.deq.convergence import warn_unconverged
+from deq_attacks.deq.convergence import unchecked, warn_unconverged
 from deq_attacks.deq.readout import Readout
 from deq_attacks.gradients import GradientEstimate
 from deq_attacks.interfaces.inputs import (
@@ -149,15 +148,14 @@ class DEQEstimator(PyTorchClassifier):
         dtype = torch.empty(0, dtype=param.dtype if param is not None else torch.float32)
         x = np.broadcast_to(middle, (1, *self.input_shape)).astype(dtype.numpy().dtype)
         try:
-            with warnings.catch_warnings():  # an untrained model's probe may not converge
-                warnings.simplefilter("ignore")
+            with unchecked():  # an untrained model's probe may not converge: not a run's forward
                 logits = self.predict(x)
         except Exception as error:  # any failure of the model on this shape: say which
             raise ValueError(
                 f"the DEQ does not run on one input of input_shape {tuple(self.input_shape)}: "
                 f"{type(error).__name__}: {error}"
             ) from None
-        outputs = (self.nb_classes,)
+        outputs: tuple[int, ...] = (self.nb_classes,)
         if self.nb_classes == 2 and isinstance(self._loss, (nn.BCELoss, nn.BCEWithLogitsLoss)):
             outputs = (1, 2)  # a binary classifier may give one logit, as in ART
         if logits.shape[0] != 1 or logits.shape[1:] not in [(k,) for k in outputs]:
