@@ -27,7 +27,7 @@ of the same store) go into the report.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,18 @@ import numpy as np
 from deq_attacks.deq.convergence import ConvergenceLog
 from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
 from deq_attacks.evaluation.aggregate import choose_early_exit
+from deq_attacks.evaluation.attacks import Column
 from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells
 from deq_attacks.evaluation.columns import BPTT, protocol_columns, protocol_estimates
 from deq_attacks.evaluation.context import RunContext, arrays, check_split
+from deq_attacks.evaluation.cost import (
+    column_cost,
+    counting_f,
+    describe_cost,
+    expected_costs,
+    seconds_per_f,
+    unit_costs,
+)
 from deq_attacks.evaluation.diagnostics import judge
 from deq_attacks.evaluation.distributed import Shards
 from deq_attacks.evaluation.measurements import measure
@@ -48,6 +57,7 @@ from deq_attacks.evaluation.shared_runs import clean_scores, shared_pgd_scores
 from deq_attacks.evaluation.store import ResultStore, data_hash, weights_hash
 from deq_attacks.evaluation.sweep import run_sweep
 from deq_attacks.evaluation.table import table_cells
+from deq_attacks.evaluation.verdict import verdict_cells
 from deq_attacks.gradients import BackpropThroughSolver, GradientEstimate, estimate_spec, ready_made
 from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.records import to_jsonable
@@ -112,10 +122,12 @@ def evaluate_model(
             f"starting afresh: {store_path} holds results for other "
             f"{', '.join(store.replaced)}; they are replaced"
         )
-    with ConvergenceLog() as log:
+    cost = estimate_cost(estimator, (x, y), (x_dev, y_dev), config, extras, shards.block_size)
+    say("expected cost before the work:\n" + describe_cost(cost["steps"], cost["seconds_per_f"]))
+    with ConvergenceLog() as log, counting_f(deq) as f_count:
         ctx = RunContext(
             estimator, x, y, x_dev, y_dev, config, store, shards, say, log,
-            ready_made(deq.training_gradient),
+            ready_made(deq.training_gradient), f_count=f_count,
         )  # fmt: skip
         with ctx.step("early_exit"):
             dev = early_exit(ctx)
@@ -130,10 +142,16 @@ def evaluate_model(
         columns = protocol_columns(estimates, config)
         with ctx.step("clean"):
             clean = clean_step(ctx, defenses)
+        audits: dict[str, dict[str, Any]] = {}
         if config.mode is Mode.CASCADE:
             strengths = DevStrengths(ctx, estimates, defenses, dev, sweep)
             with ctx.step("columns"):  # its ordering runs, timed as "order" too, are inside
                 cells = cascade_cells(ctx, columns, defenses, clean, strengths)
+        elif config.mode is Mode.VERDICT:
+            strengths = DevStrengths(ctx, estimates, defenses, dev, sweep)
+            costs = column_costs(estimator, columns, config, (x_dev, y_dev))
+            with ctx.step("columns"):  # the cover and the audit, timed on their own too
+                cells, audits = verdict_cells(ctx, columns, defenses, clean, strengths, costs)
         else:
             with ctx.step("columns"):
                 cells = table_cells(ctx, columns, defenses)
@@ -144,8 +162,47 @@ def evaluate_model(
     store.put("convergence", convergence)
     return build_report(
         ctx, fingerprint, dev, defenses, (chosen, sweep, plan), estimates, columns, clean,
-        cells, checks, convergence,
+        cells, checks, convergence, audits, cost,
     )  # fmt: skip
+
+
+def estimate_cost(
+    estimator: DEQEstimator,
+    test: tuple[np.ndarray, np.ndarray],
+    development: tuple[np.ndarray, np.ndarray],
+    config: EvaluationConfig,
+    extra_estimates: Mapping[str, GradientEstimate] | None = None,
+    batch: int | None = None,
+) -> dict[str, Any]:
+    """The expected f evaluations of each step of ``evaluate_model`` with these arguments
+    (``cost.expected_costs``) and the wall seconds per f evaluation from one timed batch of
+    ``batch`` development images (default: the attack batch): ``{"steps", "unknown_columns",
+    "bound", "seconds_per_f", "expected_wall_s"}``."""
+    x_dev, y_dev = development
+    cost = expected_costs(estimator, config, development, len(test[0]), extra_estimates)
+    size = batch or config.attack_batch(estimator.device)
+    seconds = seconds_per_f(
+        estimator, ready_made(estimator.deq.training_gradient), x_dev[:size], y_dev[:size]
+    )
+    cost["seconds_per_f"] = seconds
+    cost["expected_wall_s"] = sum(cost["steps"].values()) * seconds
+    return cost
+
+
+def column_costs(
+    estimator: DEQEstimator,
+    columns: Sequence[Column],
+    config: EvaluationConfig,
+    development: tuple[np.ndarray, np.ndarray],
+) -> dict[str, float | None]:
+    """Column label -> f evaluations per sample of one run (``cost.column_cost``), counted on
+    two development images."""
+    x, y = development[0][:2], development[1][:2]
+    units = {repr(c.estimate): unit_costs(estimator, c.estimate, x, y) for c in columns}
+    return {
+        c.label: column_cost(c, config.threat, estimator.nb_classes, units[repr(c.estimate)])
+        for c in columns
+    }
 
 
 def early_exit(ctx: RunContext) -> dict[str, Any]:
@@ -190,6 +247,7 @@ def sweep_step(
     return run_sweep(
         ctx.estimator, ctx.config.sweep, ctx.x_dev, ctx.y_dev, ctx.threat, defenses, "early",
         ctx.shards, seed=ctx.config.seed, done=done, on_entry=keep, progress=ctx.say,
+        mode=ctx.config.sweep_mode,
     )  # fmt: skip
 
 
