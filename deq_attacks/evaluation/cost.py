@@ -116,10 +116,11 @@ def column_cost(
 
 def racing_rounds(candidates: int, n: int) -> list[tuple[int, int]]:
     """Successive halving's schedule over ``candidates`` on ``n`` development images:
-    (candidates still racing, images seen) per round; the last round sees all ``n``."""
+    (candidates still racing, images seen) per round: the images double and the candidates
+    halve each round, until one sees all ``n`` (one candidate: one round of ``n``)."""
     if candidates < 1 or n < 1:
         raise ValueError(f"need >= 1 candidate and image, got {candidates} and {n}")
-    rounds = max(1, math.ceil(math.log2(candidates))) if candidates > 1 else 1
+    rounds = math.ceil(math.log2(candidates)) + 1 if candidates > 1 else 1
     schedule = []
     alive = candidates
     for r in range(rounds):
@@ -228,7 +229,8 @@ def expected_costs(
     threat, n_dev = config.threat, len(x_dev)
     ready = ready_made(deq.training_gradient)
     pgd = lambda e: threat.steps * cost_of(e).gradient + cost_of(e).forward  # noqa: E731
-    steps: dict[str, float] = {"early_exit": n_dev * pgd(ready)}
+    # the ready-made PGD on the development split, and its clean scores
+    steps: dict[str, float] = {"early_exit": n_dev * (pgd(ready) + cost_of(None).forward)}
     chosen: dict[str, GradientEstimate] = {}
     sweep = 0.0
     for family, candidates in config.sweep.candidates(deq.solver).items():

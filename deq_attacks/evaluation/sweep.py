@@ -149,8 +149,8 @@ def race(
     """Successive halving over ``candidates`` on growing prefixes of the ``n`` development
     images (``cost.racing_rounds``): each round every candidate still racing attacks the
     images new to it (a sample's result does not depend on the others: per-sample seeds), the
-    stronger half (lowest accuracy of ``criterion``, the first on ties) goes on; the last
-    round sees all ``n``. The race stops as soon as a candidate leaves no ``criterion``
+    stronger half (lowest accuracy of ``criterion``) and every candidate tied with its weakest
+    goes on; the last round sees all ``n`` (the first of the strongest is chosen). The race stops as soon as a candidate leaves no ``criterion``
     sample robust on the images it saw (nothing can be stronger).
 
     Returns the entries of the candidates that ran (``entry_of`` with ``"race"``: per round
@@ -176,8 +176,9 @@ def race(
                 break
         if pick is not None:
             break
-        ranked = sorted(alive, key=lambda i: (accuracy[i], i))
-        alive = sorted(ranked[: max(1, math.ceil(len(alive) / 2))]) if seen < n else alive
+        if seen < n:  # the stronger half goes on, and every candidate tied with it
+            cut = sorted(accuracy[i] for i in alive)[max(1, math.ceil(len(alive) / 2)) - 1]
+            alive = [i for i in alive if accuracy[i] <= cut]
     if pick is None:
         final = [float(scores[i][f"defense/{criterion}"].mean()) for i in alive]
         pick = alive[choose_strongest(final)]
