@@ -79,7 +79,7 @@ def test_bf16_protocol_reports_fp32_beside_it_on_the_same_images() -> None:
     assert all(c.name != "bf16_vs_fp32" for c in full.diagnostics)
 
 
-def test_benchmark_runs_the_cascade_and_returns_the_per_sample_verdict() -> None:
+def test_benchmark_runs_the_verdict_mode_and_returns_the_per_sample_verdict() -> None:
     deq = tiny_estimator(trained=True).deq
     result = benchmark(
         deq, n_examples=12, dataset="digits", eps=0.1, batch_size=6, n_dev=12, steps=2,
@@ -87,7 +87,11 @@ def test_benchmark_runs_the_cascade_and_returns_the_per_sample_verdict() -> None
         diagnostic_samples=2, bptt=False, sweep=SWEEP,
     )  # fmt: skip
     report = result.report
-    assert report.mode == "cascade" and report.settings["n_test"] == 12
+    assert report.mode == "verdict" and report.settings["n_test"] == 12
+    assert set(report.audit) == {"final", "early", "ensemble"}
+    assert set(report.to_json()["cost"]["expected_f_evals"]) == {
+        "early_exit", "sweep", "clean", "columns"
+    }
     best = max(report.robustness(), key=lambda r: r.robust)
     assert (result.defense, result.robust_accuracy) == (best.defense, best.accuracy)
     assert result.verdict.shape == (12,) and result.verdict.mean() == result.robust_accuracy
@@ -95,6 +99,11 @@ def test_benchmark_runs_the_cascade_and_returns_the_per_sample_verdict() -> None
     assert result.robust_accuracy <= result.clean_accuracy
     assert set(result.verdicts) == {"final", "early", "ensemble"}
     assert report.settings["config"]["eps"] == 0.1 and report.settings["config"]["step"] == 0.025
+    cost = benchmark(
+        deq, n_examples=12, dataset="digits", eps=0.1, batch_size=6, n_dev=12, steps=2,
+        bptt=False, sweep=SWEEP, dry_run=True, progress=None,
+    )  # fmt: skip
+    assert isinstance(cost, dict) and cost["expected_wall_s"] > 0 and cost["bound"]
     with pytest.raises(ValueError, match="L-inf only"):
         benchmark(deq, 12, "digits", "L2")
     with pytest.raises(ValueError, match="too few"):

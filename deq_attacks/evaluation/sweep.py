@@ -150,7 +150,8 @@ def race(
     images (``cost.racing_rounds``): each round every candidate still racing attacks the
     images new to it (a sample's result does not depend on the others: per-sample seeds), the
     stronger half (lowest accuracy of ``criterion``) and every candidate tied with its weakest
-    goes on; the last round sees all ``n`` (the first of the strongest is chosen). The race stops as soon as a candidate leaves no ``criterion``
+    goes on; the last round sees all ``n`` (the first of the strongest is chosen). The race
+    stops as soon as a candidate leaves no ``criterion``
     sample robust on the images it saw (nothing can be stronger).
 
     Returns the entries of the candidates that ran (``entry_of`` with ``"race"``: per round
