@@ -72,11 +72,12 @@ class OneClassPGD(Attack):
 
 def weak(**changes: Any) -> EvaluationConfig:
     """A weak protocol (PGD of one small step) beside the one-class column (registered)."""
-    return dataclasses.replace(
-        TINY, eps=0.15, step=0.01, steps=1, attacks="pgd,one-class", bptt=False,
+    settings: dict[str, Any] = dict(
+        eps=0.15, step=0.01, steps=1, attacks="pgd,one-class", bptt=False,
         sweep=SweepConfig({"adjoint": {"n": "1", "beta": "1.0"},
-                           "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}), **changes,
+                           "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}),
     )  # fmt: skip
+    return dataclasses.replace(TINY, **{**settings, **changes})
 
 
 def _digits(classes_dev: bool, n_dev: int = 16, n_test: int = 24):
@@ -205,3 +206,21 @@ def test_the_expected_cost_is_within_20_percent_of_the_counted_f_evaluations() -
         assert abs(expected[step] - actual[step]) <= 0.2 * actual[step], (step, expected, actual)
     assert cost["seconds_per_f"] > 0 and cost["expected_wall_s"] > 0
     assert report.to_json()["cost"]["expected_f_evals"] == expected
+
+
+def test_a_verdict_report_says_what_the_audit_did_and_plots_the_race(tmp_path) -> None:
+    from deq_attacks.evaluation import markdown_report, write_outputs
+
+    dev, test = _digits(False)
+    with scoped_attacks():
+        register_attack("one-class")(OneClassPGD)
+        report = _run(weak(mode=Mode.VERDICT, audit_size=3, sweep_mode=SweepMode.RACING,
+                           sweep=SweepConfig({"adjoint": {"n": "1,2", "beta": "1.0"},
+                                              "unrolled": {"n": "1", "k": "1", "lam": "1.0"}})),
+                      dev, test)  # fmt: skip
+    text = markdown_report(report, "verdict")
+    assert "Verdict mode, final: kept ready-made PGD" in text
+    assert "one-sided 95% Clopper-Pearson" in text and "Cost: expected at most" in text
+    assert any("race" in e for e in report.sweep)
+    paths = write_outputs(report, tmp_path, "verdict")
+    assert paths["sweep"].stat().st_size > 0
