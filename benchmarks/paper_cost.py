@@ -62,14 +62,46 @@ def paper_scale(robust: float) -> dict[str, float]:
     return {mode: shared + 3 * value / N_TEST for mode, value in per_defense.items()}
 
 
-def main() -> None:
-    print(f"f evaluations per second on one H100 (DEQ-Large, from PGD-AT): {F_PER_S:,.0f}")
-    print("| robust | mode | f evaluations / image | H100 hours (10,000 images) |")
-    print("|---|---|---|---|")
+def markdown() -> str:
+    """The cost model's section of docs/benchmarks.md (computed, never typed in)."""
+    lines = [
+        "## The protocol's cost at the paper's scale (cost model)",
+        "",
+        "Computed by `python -m benchmarks.paper_cost` from the cost model "
+        "(`deq_attacks.evaluation.cost.mode_costs`, the attacks' `calls`), not measured: the "
+        f"`cifar10_paper` preset on DEQ-Large (exact 8/7: {N} forward, {BACKWARD} backward "
+        f"Broyden iterates), {N_TEST:,} test and {N_DEV} development images, 3 defenses, 7 "
+        "estimates (ready-made, Exact, the chosen adjoint and unrolled, their ensembles, "
+        "BPTT) with PGD-10 and the standard AutoAttack, and Square (5,000 queries). Per "
+        "gradient: the forward solve and the estimate's backward (Exact "
+        f"{GRADIENT['ready-made (exact)']}, Adjoint(n=8) {GRADIENT['adjoint z_n']}, Unrolled(k=5) "
+        f"{GRADIENT['unrolled z_n']}, BPTT {GRADIENT['bptt']} f evaluations per sample). "
+        "Every column is charged its whole budget on a sample that survives it and nothing "
+        "on one an earlier column broke; verdict mode keeps the strongest column (BPTT "
+        "AutoAttack) and the shared PGD runs, pays the cover on the development split and "
+        "audits 59 survivors per defense. H100 hours use the PGD-AT throughput of "
+        f"[gpu_runs.md](gpu_runs.md): {PGD_AT_SAMPLES_PER_S} samples/s for exact 8/7, each "
+        f"sample {STEPS + 1} gradients of {N + BACKWARD} f evaluations: {F_PER_S:,.0f} f "
+        "evaluations per second (batch 96; an attack's smaller batches of survivors run "
+        "slower).",
+        "",
+        "| robust accuracy | mode | f evaluations per test image | / table "
+        "| H100 hours (10,000 images) |",
+        "|---|---|---|---|---|",
+    ]
     for robust in (0.4, 0.6):
-        for mode, value in paper_scale(robust).items():
+        costs = paper_scale(robust)
+        for mode, value in costs.items():
             hours = value * N_TEST / F_PER_S / 3600
-            print(f"| {robust:.0%} | {mode} | {value:,.0f} | {hours:,.0f} |")
+            lines.append(
+                f"| {robust:.0%} | {mode} | {value:,.0f} | {value / costs['table']:.2f} | "
+                f"{hours:,.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    print(markdown())
 
 
 if __name__ == "__main__":

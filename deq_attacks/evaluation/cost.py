@@ -153,7 +153,7 @@ def mode_costs(
     sample they can and ``robust`` (a fraction) of the clean-correct samples survive all:
 
     - table: every column on every sample;
-    - cascade: the kept columns on every sample ... the weaker ones on the survivors;
+    - cascade: the kept columns on every sample, the weaker ones on the survivors;
     - verdict: the cascade on the development split (the cover), the kept columns on every
       test sample, the skipped ones on ``audit_size`` survivors.
 
