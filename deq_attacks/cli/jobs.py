@@ -191,6 +191,9 @@ def evaluate(args: Namespace, config: EvaluationConfig) -> int:
             )
             print(f"expected cost ({config.mode.value} mode, {len(split.test.x)} test and "
                   f"{len(split.dev.x)} development images):")  # fmt: skip
+            if not cost["countable"]:
+                print("  unknown: the model has no f module whose evaluations can be counted")
+                return 0
             print(describe_cost(cost["steps"], cost["seconds_per_f"]))
             if cost["bound"]:
                 print("  (columns: at most; a broken sample costs less)")

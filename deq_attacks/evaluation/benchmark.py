@@ -129,7 +129,7 @@ def benchmark(
     dev = data.subset(np.arange(len(data) - n_dev, len(data)))
     if dry_run:
         cost = estimate_cost(estimator, (test.x, test.y), (dev.x, dev.y), config)
-        if progress is not None:
+        if progress is not None and cost["countable"]:
             progress("expected cost:\n" + describe_cost(cost["steps"], cost["seconds_per_f"]))
         return cost
     report = evaluate_model(

@@ -49,10 +49,11 @@ def counting_f(deq: nn.Module) -> Iterator[FCounter]:
     them again. A DEQ without an ``f`` module counts nothing (``available`` False)."""
     counter = FCounter()
     f = getattr(deq, "f", None)
-    if not isinstance(f, nn.Module):
+    if not countable(deq):
         counter.available = False
         yield counter
         return
+    assert isinstance(f, nn.Module)
 
     def on_forward(_module: nn.Module, _args: Any, output: Any) -> None:
         if not isinstance(output, Tensor) or output.dim() == 0:
@@ -210,7 +211,9 @@ def expected_costs(
     attacks and an upper bound for attacks that stop on success; cascade and verdict modes
     are bounded by the table (verdict: and the cover on the development split).
 
-    Returns ``{"steps": {step: f evaluations}, "unknown_columns": [labels]}``."""
+    Returns ``{"steps": {step: f evaluations}, "unknown_columns": [labels], "bound": whether
+    the columns' figure is an upper bound, "countable"}`` (a DEQ without an ``f`` module:
+    no steps, ``countable`` False)."""
     from deq_attacks.evaluation.columns import protocol_columns, protocol_estimates
     from deq_attacks.evaluation.settings import Mode, SweepMode
     from deq_attacks.gradients import BackpropThroughSolver, ready_made
@@ -218,6 +221,8 @@ def expected_costs(
     x_dev, y_dev = development
     probe_x, probe_y = x_dev[:2], y_dev[:2]
     deq = estimator.deq
+    if not countable(deq):
+        return {"steps": {}, "unknown_columns": [], "bound": True, "countable": False}
     units: dict[str, UnitCosts] = {}
 
     def cost_of(estimate: GradientEstimate | None) -> UnitCosts:
@@ -256,4 +261,10 @@ def expected_costs(
     steps["columns"] = n_test * per_sample
     if config.mode is Mode.VERDICT:
         steps["columns"] += n_dev * per_sample  # the cover on the development split
-    return {"steps": steps, "unknown_columns": unknown, "bound": config.mode is not Mode.TABLE}
+    bound = config.mode is not Mode.TABLE
+    return {"steps": steps, "unknown_columns": unknown, "bound": bound, "countable": True}
+
+
+def countable(deq: nn.Module) -> bool:
+    """Whether ``counting_f`` can count ``deq``'s f evaluations (it has an ``f`` module)."""
+    return isinstance(getattr(deq, "f", None), nn.Module)

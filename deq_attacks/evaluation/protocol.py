@@ -123,7 +123,11 @@ def evaluate_model(
             f"{', '.join(store.replaced)}; they are replaced"
         )
     cost = estimate_cost(estimator, (x, y), (x_dev, y_dev), config, extras, shards.block_size)
-    say("expected cost before the work:\n" + describe_cost(cost["steps"], cost["seconds_per_f"]))
+    if cost["countable"]:
+        expected = describe_cost(cost["steps"], cost["seconds_per_f"])
+        say("expected cost before the work:\n" + expected)
+    else:
+        say("expected cost unknown: the model has no f module whose evaluations can be counted")
     with ConvergenceLog() as log, counting_f(deq) as f_count:
         ctx = RunContext(
             estimator, x, y, x_dev, y_dev, config, store, shards, say, log,
@@ -180,6 +184,8 @@ def estimate_cost(
     "bound", "seconds_per_f", "expected_wall_s"}``."""
     x_dev, y_dev = development
     cost = expected_costs(estimator, config, development, len(test[0]), extra_estimates)
+    if not cost["countable"]:
+        return {**cost, "seconds_per_f": None, "expected_wall_s": None}
     size = batch or config.attack_batch(estimator.device)
     seconds = seconds_per_f(
         estimator, ready_made(estimator.deq.training_gradient), x_dev[:size], y_dev[:size]
