@@ -114,7 +114,8 @@ def test_benchmark_runs_the_verdict_mode_and_returns_the_per_sample_verdict() ->
         benchmark(torch.nn.Linear(2, 2), 10, "digits")  # type: ignore[arg-type]
 
 
-def test_default_config_is_table_mode_and_fp32() -> None:
+def test_default_config_is_verdict_mode_racing_sweep_and_fp32() -> None:
     config = EvaluationConfig()
-    assert config.mode.value == "table" and config.precision == "fp32"
+    assert config.mode.value == "verdict" and config.precision == "fp32"
+    assert config.sweep_mode.value == "racing" and config.audit_size == 59
     assert config.compile_backend == "" and config.batch_size is None

@@ -224,3 +224,12 @@ def test_a_verdict_report_says_what_the_audit_did_and_plots_the_race(tmp_path) -
     assert any("race" in e for e in report.sweep)
     paths = write_outputs(report, tmp_path, "verdict")
     assert paths["sweep"].stat().st_size > 0
+
+
+def test_the_new_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="audit_size must be an int >= 1"):
+        EvaluationConfig(audit_size=0)
+    with pytest.raises(TypeError, match="sweep_mode must be a SweepMode"):
+        EvaluationConfig(sweep_mode="racing")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="table, cascade or verdict"):
+        EvaluationConfig(mode="verdict")  # type: ignore[arg-type]
