@@ -212,17 +212,18 @@ def expected_costs(
     are bounded by the table (verdict: and the cover on the development split).
 
     Returns ``{"steps": {step: f evaluations}, "unknown_columns": [labels], "bound": whether
-    the columns' figure is an upper bound, "countable"}`` (a DEQ without an ``f`` module:
-    no steps, ``countable`` False)."""
+    the columns' figure is an upper bound, "countable", "units": estimate repr -> [forward,
+    gradient] f evaluations per sample}`` (every sweep candidate and its ensemble among them;
+    a DEQ without an ``f`` module: no steps, ``countable`` False)."""
     from deq_attacks.evaluation.columns import protocol_columns, protocol_estimates
     from deq_attacks.evaluation.settings import Mode, SweepMode
-    from deq_attacks.gradients import BackpropThroughSolver, ready_made
+    from deq_attacks.gradients import BackpropThroughSolver, ready_made, sweep_family
 
     x_dev, y_dev = development
     probe_x, probe_y = x_dev[:2], y_dev[:2]
     deq = estimator.deq
     if not countable(deq):
-        return {"steps": {}, "unknown_columns": [], "bound": True, "countable": False}
+        return {"steps": {}, "unknown_columns": [], "bound": True, "countable": False, "units": {}}
     units: dict[str, UnitCosts] = {}
 
     def cost_of(estimate: GradientEstimate | None) -> UnitCosts:
@@ -245,6 +246,8 @@ def expected_costs(
         else:
             sweep += n_dev * sum(costs)
         chosen[family] = candidates[int(np.argmax(costs))]
+        for candidate in candidates:  # every pick's ensemble: the column costs reuse them
+            cost_of(sweep_family(family).ensemble(candidate))
     steps["sweep"] = sweep
     steps["clean"] = n_test * cost_of(None).forward
     extras = dict(extra_estimates or {})
@@ -262,7 +265,13 @@ def expected_costs(
     if config.mode is Mode.VERDICT:
         steps["columns"] += n_dev * per_sample  # the cover on the development split
     bound = config.mode is not Mode.TABLE
-    return {"steps": steps, "unknown_columns": unknown, "bound": bound, "countable": True}
+    return {
+        "steps": steps,
+        "unknown_columns": unknown,
+        "bound": bound,
+        "countable": True,
+        "units": {k: [u.forward, u.gradient] for k, u in units.items()},
+    }
 
 
 def countable(deq: nn.Module) -> bool:

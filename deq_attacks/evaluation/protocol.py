@@ -41,6 +41,7 @@ from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells
 from deq_attacks.evaluation.columns import BPTT, protocol_columns, protocol_estimates
 from deq_attacks.evaluation.context import RunContext, arrays, check_split
 from deq_attacks.evaluation.cost import (
+    UnitCosts,
     column_cost,
     counting_f,
     describe_cost,
@@ -153,7 +154,7 @@ def evaluate_model(
                 cells = cascade_cells(ctx, columns, defenses, clean, strengths)
         elif config.mode is Mode.VERDICT:
             strengths = DevStrengths(ctx, estimates, defenses, dev, sweep)
-            costs = column_costs(estimator, columns, config, (x_dev, y_dev))
+            costs = column_costs(estimator, columns, config, (x_dev, y_dev), cost["units"])
             with ctx.step("columns"):  # the cover and the audit, timed on their own too
                 cells, audits = verdict_cells(ctx, columns, defenses, clean, strengths, costs)
         else:
@@ -200,11 +201,19 @@ def column_costs(
     columns: Sequence[Column],
     config: EvaluationConfig,
     development: tuple[np.ndarray, np.ndarray],
+    known: Mapping[str, Sequence[float]],
 ) -> dict[str, float | None]:
-    """Column label -> f evaluations per sample of one run (``cost.column_cost``), counted on
-    two development images."""
+    """Column label -> f evaluations per sample of one run (``cost.column_cost``), from the
+    unit costs ``known`` by estimate repr (``estimate_cost``'s, counted before the run), else
+    counted on two development images."""
     x, y = development[0][:2], development[1][:2]
-    units = {repr(c.estimate): unit_costs(estimator, c.estimate, x, y) for c in columns}
+    units = {}
+    for column in columns:
+        key = repr(column.estimate)
+        if key in known:
+            units[key] = UnitCosts(*known[key])
+        elif key not in units:
+            units[key] = unit_costs(estimator, column.estimate, x, y)
     return {
         c.label: column_cost(c, config.threat, estimator.nb_classes, units[repr(c.estimate)])
         for c in columns
