@@ -25,7 +25,7 @@ mkdir -p "$OUT"
 : >"$OUT/steps.jsonl"
 
 step() {  # NAME LIMIT_S COMMAND...: run it, log to OUT/NAME.log, record exit code and seconds
-  local name=$1 limit=$2
+  local name=$1 limit=$(($2 * SCALE))
   shift 2
   local start
   start=$(date +%s.%N)
@@ -37,16 +37,17 @@ step() {  # NAME LIMIT_S COMMAND...: run it, log to OUT/NAME.log, record exit co
   echo "$name: exit $rc, ${wall} s"
 }
 
-if [ "$TINY" = 1 ]; then
-  N_TEST=8; N_DEV=8; LIMIT=48; TRAIN_S=120; BENCH=(--quick --cases verdict)
-  MODEL=(--model small_conv_deq --width 4 --forward_threshold 3 --backward_threshold 2)
+if [ "$TINY" = 1 ]; then  # the limits x5: a shared CPU, and torch's import alone takes seconds
+  SCALE=5; N_TEST=8; N_DEV=8; LIMIT=64; TRAIN_S=65; BENCH=(--quick --cases verdict)
+  MODEL=(--model small_conv_deq --width 4 --forward_threshold 3 --backward_threshold 2
+         --batch_size 16 --eval_batch_size 16)
   EVAL_MODEL=(--model small_conv_deq --model_arg in_channels=3 --model_arg image_size=32
               --model_arg channels=4 --threshold 3)
   TESTS=(tests/test_evaluation_gpu_paths.py -k "not benchmark")
 else
   # worst case 40 + 60 + 4 x 65 + 2 x 60 = 480 s; PGD-AT of DEQ-Large ran at about 50
   # samples/s on an H100 (docs/gpu_runs.md): 1,800 images are about 40 s of an epoch
-  N_TEST=200; N_DEV=50; LIMIT=1800; TRAIN_S=65
+  SCALE=1; N_TEST=200; N_DEV=50; LIMIT=1800; TRAIN_S=65
   BENCH=(--cases gradient_estimates,art_pgd,broyden_vs_torchdeq,solver_bookkeeping,defense_memory,training_step,through_solver,pgd_at_throughput,shared_runs,scaling)
   MODEL=()
   EVAL_MODEL=(--model deq_large --threshold 8)
@@ -64,7 +65,7 @@ for preset in deq_large_exact_8_7 deq_large_unrolling; do
     fi
     # one epoch of PGD-AT on LIMIT images (no clean pretraining): about a minute on an H100
     step "train_${preset}_${accel}" "$TRAIN_S" deq-attacks train --preset "$preset" \
-      --data "$DATA" --dev_size 50 --train_limit "$LIMIT" --pretrain_steps 0 --epochs 1 \
+      --data "$DATA" --dev_size "$N_DEV" --train_limit "$LIMIT" --pretrain_steps 0 --epochs 1 \
       --plots false --device "$DEVICE" --out_dir "$OUT/train_${preset}_${accel}" \
       "${MODEL[@]}" "${flags[@]}"
   done
