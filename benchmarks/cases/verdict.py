@@ -102,7 +102,8 @@ def run(ctx: Context) -> list[Row]:
         base = dataclasses.replace(base, **_QUICK_EVAL)
     workload = f"demo{' (quick)' if quick else ''}, {many} test digits"
     rows = _verdict_rows(estimator, (test.x, test.y), (dev.x, dev.y), base, workload)
-    rows.append(_race_row("racing_vs_grid_demo", estimator, (dev.x, dev.y), base, workload))
+    label = f"demo{' (quick)' if quick else ''}, {n} development digits"
+    rows.append(_race_row("racing_vs_grid_demo", estimator, (dev.x, dev.y), base, label))
     if MNIST.is_file():
         mnist, mnist_dev = _mnist_model(ctx.device.type, quick)
         config = evaluation_preset("mnist").apply(dataclasses.replace(base, batch_size=100))
