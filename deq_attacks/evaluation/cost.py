@@ -131,16 +131,6 @@ def racing_rounds(candidates: int, n: int) -> list[tuple[int, int]]:
     return schedule
 
 
-def racing_images(candidates: int, n: int) -> int:
-    """Candidate-images attacked by a race without an early stop (each candidate attacks
-    only the images new in each round)."""
-    total, before = 0, 0
-    for alive, seen in racing_rounds(candidates, n):
-        total += alive * (seen - before)
-        before = seen
-    return total
-
-
 def mode_costs(
     ordered: Sequence[float],
     n_test: int,
@@ -207,16 +197,18 @@ def expected_costs(
     """The f evaluations each step of a run with ``config`` (an ``EvaluationConfig``) is
     expected to cost, from the settings and per-sample unit costs counted on two development
     images. Before the sweep the chosen intermediate estimates are unknown: each family's
-    costliest candidate stands for its pick. Table mode's columns are exact for fixed-step
-    attacks and an upper bound for attacks that stop on success; cascade and verdict modes
-    are bounded by the table (verdict: and the cover on the development split).
+    costliest candidate stands for its pick. The sweep is the grid's cost (a race's ties can
+    keep every candidate to the end: the grid bounds it). Table mode's columns are exact for
+    fixed-step attacks and an upper bound for attacks that stop on success; cascade and
+    verdict modes are bounded by the table (verdict: and the cover on the development
+    split).
 
     Returns ``{"steps": {step: f evaluations}, "unknown_columns": [labels], "bound": whether
     the columns' figure is an upper bound, "countable", "units": estimate repr -> [forward,
     gradient] f evaluations per sample}`` (every sweep candidate and its ensemble among them;
     a DEQ without an ``f`` module: no steps, ``countable`` False)."""
     from deq_attacks.evaluation.columns import protocol_columns, protocol_estimates
-    from deq_attacks.evaluation.settings import Mode, SweepMode
+    from deq_attacks.evaluation.settings import Mode
     from deq_attacks.gradients import BackpropThroughSolver, ready_made, sweep_family
 
     x_dev, y_dev = development
@@ -241,10 +233,7 @@ def expected_costs(
     sweep = 0.0
     for family, candidates in config.sweep.candidates(deq.solver).items():
         costs = [pgd(c) for c in candidates]
-        if config.sweep_mode is SweepMode.RACING:
-            sweep += racing_images(len(candidates), n_dev) * max(costs)
-        else:
-            sweep += n_dev * sum(costs)
+        sweep += n_dev * sum(costs)  # a race attacks each candidate on a part of it at most
         chosen[family] = candidates[int(np.argmax(costs))]
         for candidate in candidates:  # every pick's ensemble: the column costs reuse them
             cost_of(sweep_family(family).ensemble(candidate))

@@ -103,13 +103,13 @@ def audit_lines(report: EvaluationReport) -> list[str]:
     lines = []
     for defense, a in report.audit.items():
         skipped = len(a["skipped"])
-        broke = sum(a["broke"].values())
+        broke = a["broken"]
         escalated = ", ".join(a["escalated"]) or "none"
         swapped = "".join(f" ({k} replaced by the cheaper {v})" for k, v in a["swapped"].items())
         lines.append(
             f"Verdict mode, {defense}: kept {', '.join(a['kept'])}{swapped}; the audit ran the "
             f"{skipped} skipped columns on {a['size']} of {a['survivors']} survivors and broke "
-            f"{broke} (escalated to every survivor: {escalated}); at most "
+            f"{broke} of them (escalated to every survivor: {escalated}); at most "
             f"{100 * a['bound']:.1f}% of the {a['unaudited']} unaudited survivors would fall "
             f"to the columns left skipped (one-sided {100 * a['confidence']:.0f}% "
             "Clopper-Pearson), and the interval's lower end is widened by it."

@@ -58,7 +58,8 @@ def verdict_cells(
         the cells (every column that ran, on the samples it ran on) and per defense the
         audit's record: ``kept``, ``skipped``, ``swapped``, ``survivors``, ``size``,
         ``audited`` (test indices), ``broke`` (skipped column -> audited samples it broke),
-        ``escalated``, ``unaudited`` (survivors never audited), ``bound``.
+        ``broken`` (audited samples some skipped column broke), ``escalated``, ``unaudited``
+        (survivors never audited), ``bound``.
     """
     with ctx.step("cover"):
         ctx.say("development split: the cascade's cover of the breaks (verdict mode)")
@@ -157,6 +158,7 @@ def audit(
     rng = np.random.default_rng([ctx.config.seed, zlib.crc32(defense.encode())])
     audited = np.sort(rng.choice(survivors, size, replace=False)) if size else survivors[:0]
     broke: dict[str, int] = {}
+    broken = np.zeros(n, dtype=bool)
     for column in skipped:
         cells.order[defense].append(column.label)
         if not size:
@@ -165,6 +167,7 @@ def audit(
         ctx.say(f"audit: {column.label} against {defense} on {size} survivors")
         correct = _run(ctx, f"audit/{defense}", column, defense, readout, cells, audited, n)
         broke[column.label] = int((~correct).sum())
+        broken[audited[~correct]] = True
     escalated = [label for label, count in broke.items() if count]
     in_audit = np.zeros(n, dtype=bool)
     in_audit[audited] = True
@@ -184,6 +187,7 @@ def audit(
         "size": int(size),
         "audited": audited.tolist(),
         "broke": broke,
+        "broken": int(broken.sum()),
         "escalated": escalated,
         "unaudited": unaudited,
         "confidence": CONFIDENCE,
