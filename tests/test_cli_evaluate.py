@@ -30,7 +30,7 @@ TINY = ["--steps", "1", "--aa_iterations", "1", "--aa_queries", "3", "--aa_targe
         "--square_queries", "3", "--long_steps", "2", "--batch_size", "8",
         "--diagnostic_samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
         "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",
-        "--eps", "0.1", "--step", "0.05"]  # fmt: skip
+        "--eps", "0.1", "--step", "0.05", "--mode", "table"]  # fmt: skip
 
 #: A user's torchdeq model, as they wrote it: their own names (encoder, layer, head), torchdeq's
 #: weight norm, a core with Anderson. ``build`` loads a checkpoint into it before adapting it;
@@ -587,7 +587,7 @@ def test_dry_run_prints_the_expected_cost_and_attacks_nothing(tmp_path: Path, ca
     argv = ["evaluate", "--model", "small_conv_deq", "--model-arg", "in_channels=1",
             "--model-arg", "image_size=8", "--threshold", "3",
             "--training-gradient", "phantom", "--n-dev", "4", "--n-test", "6", *TINY,
-            "--dry-run", "true", "--out-dir", str(out)]  # fmt: skip
+            "--mode", "verdict", "--dry-run", "true", "--out-dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "expected cost (verdict mode, 6 test and 4 development images)" in printed
