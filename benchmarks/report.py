@@ -130,6 +130,9 @@ def render(results_dir: Path, docs: Path) -> str:
     parts = [HEADER.format(results=shown.as_posix(), memory=memory)]
     parts += [render_device(d["device"], d) for d in datas]
     parts.append(render_notes(datas))
+    from benchmarks.paper_cost import markdown as paper_cost
+
+    parts.append(paper_cost())
     text = "\n".join(parts)
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text(text)

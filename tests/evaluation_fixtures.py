@@ -12,10 +12,12 @@ from torch import Tensor, nn
 
 from deq_attacks import Broyden, DEQEstimator, PhantomGradient
 from deq_attacks.data import load_digits
-from deq_attacks.evaluation import EvaluationConfig, SweepConfig
+from deq_attacks.evaluation import EvaluationConfig, Mode, SweepConfig, SweepMode
 from deq_attacks.models import mlp_deq
 
 TINY = EvaluationConfig(
+    mode=Mode.TABLE,
+    sweep_mode=SweepMode.GRID,
     eps=0.1,
     step=0.05,
     steps=2,

@@ -30,7 +30,7 @@ TINY = ["--steps", "1", "--aa_iterations", "1", "--aa_queries", "3", "--aa_targe
         "--square_queries", "3", "--long_steps", "2", "--batch_size", "8",
         "--diagnostic_samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
         "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",
-        "--eps", "0.1", "--step", "0.05"]  # fmt: skip
+        "--eps", "0.1", "--step", "0.05", "--mode", "table"]  # fmt: skip
 
 #: A user's torchdeq model, as they wrote it: their own names (encoder, layer, head), torchdeq's
 #: weight norm, a core with Anderson. ``build`` loads a checkpoint into it before adapting it;
@@ -533,7 +533,7 @@ def test_preset_sets_the_budgets_and_a_file_and_options_override_it(
         _, _, config = resolve(["--model", "m", *argv])
         assert (config.eps, config.step, config.steps) == (0.2, 0.01, 7)
     _, _, plain = resolve(["--model", "m"])
-    assert (plain.eps, plain.steps, plain.mode) == (8 / 255, 10, Mode.TABLE)
+    assert (plain.eps, plain.steps, plain.mode) == (8 / 255, 10, Mode.VERDICT)
     # a config file (YAML) over the preset, an option over the file; enums by name or value
     settings = tmp_path / "evaluation.yaml"
     settings.write_text("preset: mnist\nsteps: 12\nmode: cascade\nsweep: [unrolled.k=1]\n")
@@ -580,3 +580,17 @@ def test_the_example_builder_module_fits_its_documented_commands(
             assert built.model.solver.threshold == 20
     finally:
         sys.modules.pop("own_deq_builder", None)
+
+
+def test_dry_run_prints_the_expected_cost_and_attacks_nothing(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    argv = ["evaluate", "--model", "small_conv_deq", "--model-arg", "in_channels=1",
+            "--model-arg", "image_size=8", "--threshold", "3",
+            "--training-gradient", "phantom", "--n-dev", "4", "--n-test", "6", *TINY,
+            "--mode", "verdict", "--dry-run", "true", "--out-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "expected cost (verdict mode, 6 test and 4 development images)" in printed
+    for step in ("early_exit", "sweep", "clean", "columns", "total"):
+        assert step in printed and "f evaluations" in printed
+    assert not out.exists()

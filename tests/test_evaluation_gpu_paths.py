@@ -81,7 +81,7 @@ def test_bf16_protocol_reports_fp32_beside_it_on_the_same_images() -> None:
     assert all(c.name != "bf16_vs_fp32" for c in full.diagnostics)
 
 
-def test_benchmark_runs_the_cascade_and_returns_the_per_sample_verdict() -> None:
+def test_benchmark_runs_the_verdict_mode_and_returns_the_per_sample_verdict() -> None:
     deq = tiny_estimator(trained=True).deq
     result = benchmark(
         deq, n_examples=12, dataset="digits", eps=0.1, batch_size=6, n_dev=12, steps=2,
@@ -89,7 +89,11 @@ def test_benchmark_runs_the_cascade_and_returns_the_per_sample_verdict() -> None
         diagnostic_samples=2, bptt=False, sweep=SWEEP,
     )  # fmt: skip
     report = result.report
-    assert report.mode == "cascade" and report.settings["n_test"] == 12
+    assert report.mode == "verdict" and report.settings["n_test"] == 12
+    assert set(report.audit) == {"final", "early", "ensemble"}
+    assert set(report.to_json()["cost"]["expected_f_evals"]) == {
+        "early_exit", "sweep", "clean", "columns"
+    }
     best = max(report.robustness(), key=lambda r: r.robust)
     assert (result.defense, result.robust_accuracy) == (best.defense, best.accuracy)
     assert result.verdict.shape == (12,) and result.verdict.mean() == result.robust_accuracy
@@ -110,6 +114,11 @@ def test_benchmark_runs_the_cascade_and_returns_the_per_sample_verdict() -> None
         result.model_info(nme="typo")
     with pytest.raises(ValueError, match="threat_model must be one of Linf, L2"):
         benchmark(deq, 12, "digits", "L1")
+    cost = benchmark(
+        deq, n_examples=12, dataset="digits", eps=0.1, batch_size=6, n_dev=12, steps=2,
+        bptt=False, sweep=SWEEP, dry_run=True, progress=None,
+    )  # fmt: skip
+    assert isinstance(cost, dict) and cost["expected_wall_s"] > 0 and cost["bound"]
     with pytest.raises(ValueError, match="too few"):
         benchmark(deq, 590, "digits", n_dev=10)
     with pytest.raises(ValueError, match="eps is required"):
@@ -118,9 +127,10 @@ def test_benchmark_runs_the_cascade_and_returns_the_per_sample_verdict() -> None
         benchmark(torch.nn.Linear(2, 2), 10, "digits")  # type: ignore[arg-type]
 
 
-def test_default_config_is_table_mode_and_fp32() -> None:
+def test_default_config_is_verdict_mode_racing_sweep_and_fp32() -> None:
     config = EvaluationConfig()
-    assert config.mode.value == "table" and config.precision == "fp32"
+    assert config.mode.value == "verdict" and config.precision == "fp32"
+    assert config.sweep_mode.value == "racing" and config.audit_size == 59
     assert config.compile_backend == "" and config.batch_size is None
 
 

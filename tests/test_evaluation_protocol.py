@@ -275,7 +275,7 @@ def test_cli_evaluate_on_a_checkpoint(tmp_path: Path, capsys) -> None:
             "--square_queries", "3", "--long_steps", "2", "--batch_size", "8",
             "--diagnostic_samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
             "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",
-            "--eps", "0.1", "--step", "0.05"]  # fmt: skip
+            "--eps", "0.1", "--step", "0.05", "--mode", "table"]  # fmt: skip
     code = main([*common, "--checkpoint", str(weights), *tiny, "--out-dir", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from deq_attacks.cli import demo
-from deq_attacks.evaluation import EvaluationConfig, SweepConfig
+from deq_attacks.evaluation import EvaluationConfig, Mode, SweepConfig, SweepMode
 from deq_attacks.evaluation.presets import evaluation_preset
 from deq_attacks.training import preset
 from deq_attacks.training.config import Device
@@ -28,8 +28,11 @@ def test_demo_resolves_the_preset_with_its_shared_settings() -> None:
         "steps: 5 -> 10",
         "seed: 3 -> 0",
     ]
-    # the evaluation: the digits preset with the demo's sweep, the shared options applied
-    digits = evaluation_preset("digits").apply(EvaluationConfig(sweep=demo.DEMO_SWEEP))
+    # the evaluation: the digits preset with the demo's sweep, the full table and the grid
+    # sweep (the README's table), the shared options applied
+    digits = evaluation_preset("digits").apply(
+        EvaluationConfig(sweep=demo.DEMO_SWEEP, mode=Mode.TABLE, sweep_mode=SweepMode.GRID)
+    )
     assert demo.evaluation_defaults() == digits
     assert evaluation == dataclasses.replace(digits, eps=0.2, steps=5, seed=3)
     # the nested form wins over a shortcut; --sweep adds to the demo's grid

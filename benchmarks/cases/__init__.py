@@ -26,6 +26,7 @@ CASES: tuple[str, ...] = (
     "shared_runs",
     "scaling",
     "cascade",
+    "verdict",
 )
 
 

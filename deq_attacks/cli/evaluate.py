@@ -161,6 +161,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out_dir", "--out-dir", type=Path, default=Path("runs/evaluate"))
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int | None, help="torch CPU threads (null: torch's)")
+    parser.add_argument(
+        "--dry_run",
+        "--dry-run",
+        type=bool,
+        default=False,
+        help="print the expected f evaluations and wall time of each step and exit",
+    )
     add_settings(parser, EvaluationConfig, skip={"sweep"})
     add_sweep_option(parser)
     return parser

@@ -25,6 +25,8 @@ from deq_attacks.evaluation import (
     markdown_report,
     write_outputs,
 )
+from deq_attacks.evaluation.cost import describe_cost
+from deq_attacks.evaluation.protocol import estimate_cost
 from deq_attacks.evaluation.splits import (
     EvaluationSplit,
     choose_split,
@@ -196,6 +198,21 @@ def evaluate(args: Namespace, config: EvaluationConfig) -> int:
             "split": split.record(),
             **built.record,
         }
+        if args.dry_run:
+            cost = estimate_cost(
+                estimator, (split.test.x, split.test.y), (split.dev.x, split.dev.y), config
+            )
+            print(f"expected cost ({config.mode.value} mode, {len(split.test.x)} test and "
+                  f"{len(split.dev.x)} development images):")  # fmt: skip
+            if not cost["countable"]:
+                print("  unknown: the model has no f module whose evaluations can be counted")
+                return 0
+            print(describe_cost(cost["steps"], cost["seconds_per_f"]))
+            if cost["bound"]:
+                print("  (columns: at most; a broken sample costs less)")
+            if cost["unknown_columns"]:
+                print("  columns of unknown cost: " + ", ".join(cost["unknown_columns"]))
+            return 0
         try:
             run_protocol(estimator, split.dev, split.test, config, args.out_dir, description)
         except KeyboardInterrupt:

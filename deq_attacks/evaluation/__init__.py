@@ -15,6 +15,7 @@ if TYPE_CHECKING:
         SurvivalMatrix,
         choose_early_exit,
         choose_strongest,
+        clopper_pearson_upper,
         wilson_interval,
     )
     from deq_attacks.evaluation.alignment import AlignmentResult, gradient_alignment
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     )
     from deq_attacks.evaluation.result import EvaluationReport
     from deq_attacks.evaluation.scoring import per_state_accuracy, score_readouts
-    from deq_attacks.evaluation.settings import EvaluationConfig, Mode, SweepConfig
+    from deq_attacks.evaluation.settings import EvaluationConfig, Mode, SweepConfig, SweepMode
     from deq_attacks.evaluation.splits import held_out_data
     from deq_attacks.evaluation.sweep import run_sweep
     from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
@@ -61,6 +62,7 @@ __getattr__, __dir__ = lazy_exports(
             "SurvivalMatrix",
             "choose_early_exit",
             "choose_strongest",
+            "clopper_pearson_upper",
             "wilson_interval",
         ),
         "deq_attacks.evaluation.attacks": (
@@ -94,7 +96,7 @@ __getattr__, __dir__ = lazy_exports(
         ),
         "deq_attacks.evaluation.result": ("EvaluationReport",),
         "deq_attacks.evaluation.scoring": ("per_state_accuracy", "score_readouts"),
-        "deq_attacks.evaluation.settings": ("EvaluationConfig", "Mode", "SweepConfig"),
+        "deq_attacks.evaluation.settings": ("EvaluationConfig", "Mode", "SweepConfig", "SweepMode"),
         "deq_attacks.evaluation.splits": ("held_out_data",),
         "deq_attacks.evaluation.sweep": ("run_sweep",),
         "deq_attacks.evaluation.threat": ("AutoAttackSettings", "ThreatModel"),
@@ -118,11 +120,13 @@ __all__ = [
     "SampleSeeds",
     "SurvivalMatrix",
     "SweepConfig",
+    "SweepMode",
     "ThreatModel",
     "attack_names",
     "benchmark",
     "choose_early_exit",
     "choose_strongest",
+    "clopper_pearson_upper",
     "column_scores",
     "evaluate_model",
     "fixed_step_pgd",

@@ -29,6 +29,33 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def clopper_pearson_upper(failures: int, n: int, confidence: float = 0.95) -> float:
+    """The one-sided Clopper-Pearson upper bound of a binomial proportion after ``failures``
+    in ``n`` trials: the p at which P(X <= failures; n, p) = 1 - confidence (the beta
+    quantile; with zero failures 1 - (1 - confidence)^(1/n)), by bisection on the binomial
+    distribution function; 1 when failures = n, 0 when n = 0 trials were needed."""
+    if n < 0 or not 0 <= failures <= n:
+        raise ValueError(f"need 0 <= failures <= n, got {failures} of {n}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n == 0:
+        return 0.0
+    if failures == n:
+        return 1.0
+    alpha = 1 - confidence
+    if failures == 0:
+        return 1 - alpha ** (1 / n)
+
+    def cdf(p: float) -> float:
+        return sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(failures + 1))
+
+    low, high = failures / n, 1.0
+    for _ in range(100):  # cdf falls with p: bisect to float precision
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) > alpha else (low, middle)
+    return high
+
+
 @dataclass(frozen=True)
 class Robustness:
     """A robust accuracy with its 95% Wilson interval and the defense it belongs to."""

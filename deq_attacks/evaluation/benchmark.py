@@ -1,5 +1,6 @@
 """A RobustBench-style entry point: ``benchmark(deq, n_examples, dataset, threat_model, eps,
-...)`` runs the white-box protocol in cascade mode and returns the per-sample verdict.
+...)`` runs the white-box protocol in verdict mode (the audited cascade) and returns the
+per-sample verdict; ``dry_run=True`` returns the expected cost instead.
 
 It has the shape of ``robustbench.eval.benchmark(model, n_examples, dataset, threat_model,
 ..., batch_size, eps)``, which runs the standard AutoAttack against a plain network and returns
@@ -29,7 +30,8 @@ from deq_attacks.data import (
 )
 from deq_attacks.deq.contract import DEQModel
 from deq_attacks.evaluation.aggregate import Robustness
-from deq_attacks.evaluation.protocol import evaluate_model
+from deq_attacks.evaluation.cost import describe_cost
+from deq_attacks.evaluation.protocol import estimate_cost, evaluate_model
 from deq_attacks.evaluation.result import EvaluationReport
 from deq_attacks.evaluation.settings import EvaluationConfig, Mode
 from deq_attacks.evaluation.threat import NORMS
@@ -170,10 +172,12 @@ def benchmark(
     device: str | torch.device | None = None,
     n_dev: int = 100,
     store_path: Path | None = None,
-    progress: Any = None,
+    progress: Any = print,
+    dry_run: bool = False,
     **settings: Any,
-) -> BenchmarkResult:
-    """The white-box protocol in cascade mode on the first ``n_examples`` held-out images.
+) -> BenchmarkResult | dict[str, Any]:
+    """The white-box protocol (verdict mode unless ``mode=`` says otherwise) on the first
+    ``n_examples`` held-out images; the expected cost is told (``progress``) first.
 
     Args:
         model: a DEQ (``deq_attacks.DEQ`` or any ``DEQModel``) or its ``DEQEstimator``.
@@ -191,7 +195,9 @@ def benchmark(
         n_dev: development images for the protocol's choices: the last ones of the held-out
             set, disjoint from the test images.
         store_path: resume from / record into this store file.
-        progress: callable(str) told of each step.
+        progress: callable(str) told of each step (default print; None: silent).
+        dry_run: return the expected cost (``protocol.estimate_cost``: f evaluations per
+            step, seconds per f evaluation, expected wall seconds) without attacking.
         **settings: any other ``EvaluationConfig`` field (e.g. ``aa_iterations=5``).
     """
     if threat_model not in NORMS:
@@ -218,7 +224,7 @@ def benchmark(
         settings = {"large_eps": 16 * eps, **settings}
     config = EvaluationConfig(
         **{
-            "eps": eps, "step": eps / 4, "batch_size": batch_size, "mode": Mode.CASCADE,
+            "eps": eps, "step": eps / 4, "batch_size": batch_size, "mode": Mode.VERDICT,
             "norm": threat_model, **settings,
         }  # fmt: skip
     )
@@ -231,6 +237,11 @@ def benchmark(
     estimator = _estimator(model, data, device)
     test = data.subset(np.arange(n_examples))
     dev = data.subset(np.arange(len(data) - n_dev, len(data)))
+    if dry_run:
+        cost = estimate_cost(estimator, (test.x, test.y), (dev.x, dev.y), config)
+        if progress is not None and cost["countable"]:
+            progress("expected cost:\n" + describe_cost(cost["steps"], cost["seconds_per_f"]))
+        return cost
     report = evaluate_model(
         estimator, (test.x, test.y), (dev.x, dev.y), config, store_path=store_path,
         description={"benchmark": str(dataset), "n_examples": n_examples}, progress=progress,

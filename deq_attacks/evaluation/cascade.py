@@ -24,7 +24,7 @@ no ordering run is made.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -117,12 +117,24 @@ def cascade_cells(
     defenses: Mapping[str, Readout],
     clean: Mapping[str, np.ndarray],
     strengths: DevStrengths,
+    *,
+    development: bool = False,
+    keep: Mapping[str, Collection[str]] | None = None,
 ) -> Cells:
-    """The columns in cascade order, each on the samples still robust."""
-    n = len(ctx.x)
+    """The columns in cascade order, each on the samples still robust.
+
+    Args:
+        development: run on the development split (store keys under ``dev/``).
+        keep: defense -> the column labels that run against it (None: all); the ready-made
+            PGD always runs on every sample, a shared column on the samples still robust for
+            a defense that keeps it (and counts for those defenses only).
+    """
+    n = len(ctx.x_dev if development else ctx.x)
+    prefix = "dev/" if development else ""
+    kept = {d: set(keep[d]) if keep is not None else {c.label for c in columns} for d in defenses}
     alive = {d: np.asarray(clean[f"defense/{d}"], dtype=bool).copy() for d in defenses}
     cells = Cells({d: {c.label: np.full(n, NOT_RUN, np.int8) for c in columns} for d in defenses})
-    order: list[str] = []
+    order: dict[str, list[str]] = {d: [] for d in defenses}
 
     def any_alive() -> bool:
         return bool(np.any(list(alive.values())))
@@ -132,13 +144,20 @@ def cascade_cells(
             return float("inf")
         return float(np.mean(list(strengths(column.estimate).values())))
 
-    def run_shared(column: Column, indices: np.ndarray) -> None:
-        order.append(column.label)
+    def run_shared(column: Column, users: list[str]) -> None:
+        for d in users:
+            order[d].append(column.label)
+        indices = (
+            np.arange(n)
+            if _is_ready(ctx, column)  # on every sample: the diagnostics read it
+            else np.flatnonzero(np.any([alive[d] for d in users], axis=0))
+        )
         if not len(indices):
             return
         ctx.say(f"cascade: {column.label} on {len(indices)} samples (one run for every defense)")
-        result = attack_cells(ctx, f"shared/{column.label}", column, defenses, indices)
-        for d in defenses:
+        key = f"{prefix}shared/{column.label}"
+        result = attack_cells(ctx, key, column, defenses, indices, development=development)
+        for d in users:
             correct = result[f"defense/{d}"].astype(bool)
             cells.survived[d][column.label][indices] = correct
             alive[d][indices] &= correct
@@ -147,32 +166,34 @@ def cascade_cells(
             cells.ready_scores = result
 
     for column in (c for c in columns if c.shared and _is_ready(ctx, c)):
-        run_shared(column, np.arange(n))  # on every sample: the diagnostics read it
+        run_shared(column, list(defenses))
     others = [c for c in columns if c.shared and not _is_ready(ctx, c)]
     for column in sorted(others, key=mean_strength) if any_alive() else others:
-        run_shared(column, np.flatnonzero(np.any(list(alive.values()), axis=0)))
+        users = [d for d in defenses if column.label in kept[d]]
+        if users:
+            run_shared(column, users)
     for d, readout in defenses.items():
-        cells.order[d] = list(order)
+        cells.order[d] = order[d]
         per_defense = (
             cascade_order(columns, d, strengths)
             if alive[d].any()
             else [c for c in columns if not c.shared]  # nothing left to attack: no order runs
         )
-        for column in per_defense:
+        for column in (c for c in per_defense if c.label in kept[d]):
             indices = np.flatnonzero(alive[d])
             cells.order[d].append(column.label)
             if not len(indices):
                 continue
             ctx.say(f"cascade: {column.label} against {d} on {len(indices)} samples")
-            key = f"{d}/{column.label}"
-            result = attack_cells(ctx, key, column, {d: readout}, indices)
+            key = f"{prefix}{d}/{column.label}"
+            result = attack_cells(ctx, key, column, {d: readout}, indices, development=development)
             correct = result[f"defense/{d}"].astype(bool)
             cells.survived[d][column.label][indices] = correct
             alive[d][indices] &= correct
             cells.record(d, column.label, result)
             extra = extras_of(result)
             if extra:
-                cells.extras[key] = {k: _spread(v, indices, n) for k, v in extra.items()}
+                cells.extras[key] = {k: spread(v, indices, n) for k, v in extra.items()}
     return cells
 
 
@@ -180,7 +201,7 @@ def _is_ready(ctx: RunContext, column: Column) -> bool:
     return column.attack.name == "pgd" and column.estimate == ctx.ready
 
 
-def _spread(values: np.ndarray, indices: np.ndarray, n: int) -> list[object]:
+def spread(values: np.ndarray, indices: np.ndarray, n: int) -> list[object]:
     """Per-sample values of the attacked ``indices`` as a list over all ``n`` samples (None
     where not attacked)."""
     out: list[object] = [None] * n

@@ -92,12 +92,15 @@ def attack_cells(
     column: Column,
     readouts: Mapping[str, Readout],
     indices: np.ndarray,
+    *,
+    development: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Run ``column`` on the test samples ``indices`` (``column_block``, block by block, each
-    block stored). Returns per-sample arrays in the order of ``indices``: ``"index"``,
-    ``"defense/<name>"``, the attack's extras, and for a shared column ``"states"`` and
-    ``"residuals"`` (every iterate)."""
-    block = column_block(ctx.estimator, column, ctx.x, ctx.y, readouts, ctx.config)
+    """Run ``column`` on the test samples ``indices`` (of the development split if
+    ``development``) (``column_block``, block by block, each block stored). Returns per-sample
+    arrays in the order of ``indices``: ``"index"``, ``"defense/<name>"``, the attack's
+    extras, and for a shared column ``"states"`` and ``"residuals"`` (every iterate)."""
+    x, y = (ctx.x_dev, ctx.y_dev) if development else (ctx.x, ctx.y)
+    block = column_block(ctx.estimator, column, x, y, readouts, ctx.config)
     return ctx.blockwise(key, block, indices)
 
 

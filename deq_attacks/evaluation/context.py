@@ -14,6 +14,7 @@ import numpy as np
 
 from deq_attacks.deq.convergence import ConvergenceLog
 from deq_attacks.evaluation.attacks import ThreatModel
+from deq_attacks.evaluation.cost import FCounter
 from deq_attacks.evaluation.distributed import BlockResult, Shards, map_blocks
 from deq_attacks.evaluation.settings import EvaluationConfig
 from deq_attacks.evaluation.store import ResultStore
@@ -51,9 +52,10 @@ class RunContext:
         store: finished steps and blocks (resume); shards: this process's share.
         say: progress callback; log: the run's ConvergenceLog.
         ready: the ready-made estimate (the training gradient's).
-        timings: per named step (filled by ``step``), its wall seconds ``"wall_s"`` and this
+        timings: per named step (filled by ``step``), its wall seconds ``"wall_s"``, this
             process's CPU seconds ``"cpu_s"`` (all threads; other jobs on the machine do
-            not inflate it).
+            not inflate it) and the f evaluations it made ``"f_evals"`` (``f_count``).
+        f_count: the run's f evaluations so far (``cost.counting_f``), None: not counted.
     """
 
     estimator: DEQEstimator
@@ -68,6 +70,7 @@ class RunContext:
     log: ConvergenceLog
     ready: GradientEstimate
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    f_count: FCounter | None = None
 
     @property
     def threat(self) -> ThreatModel:
@@ -81,12 +84,15 @@ class RunContext:
     def step(self, name: str) -> Iterator[None]:
         """Time the step ``name`` (added to ``timings``)."""
         wall, cpu = time.perf_counter(), time.process_time()
+        evaluations = self.f_count.total if self.f_count is not None else 0
         try:
             yield
         finally:
-            spent = self.timings.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
+            spent = self.timings.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0, "f_evals": 0})
             spent["wall_s"] += time.perf_counter() - wall
             spent["cpu_s"] += time.process_time() - cpu
+            if self.f_count is not None:
+                spent["f_evals"] += self.f_count.total - evaluations
 
     def blockwise(
         self, key: str, fn: Callable[[np.ndarray], BlockResult], indices: np.ndarray

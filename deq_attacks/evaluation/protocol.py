@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,19 @@ import numpy as np
 from deq_attacks.deq.convergence import ConvergenceLog
 from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
 from deq_attacks.evaluation.aggregate import choose_early_exit, tied_best
+from deq_attacks.evaluation.attacks import Column
 from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells
 from deq_attacks.evaluation.columns import BPTT, protocol_columns, protocol_estimates
 from deq_attacks.evaluation.context import RunContext, arrays, check_split
+from deq_attacks.evaluation.cost import (
+    UnitCosts,
+    column_cost,
+    counting_f,
+    describe_cost,
+    expected_costs,
+    seconds_per_f,
+    unit_costs,
+)
 from deq_attacks.evaluation.diagnostics import eot_draws_for, judge
 from deq_attacks.evaluation.distributed import Shards
 from deq_attacks.evaluation.measurements import measure, repeated_forwards
@@ -55,6 +65,7 @@ from deq_attacks.evaluation.shared_runs import clean_scores, shared_pgd_scores
 from deq_attacks.evaluation.store import ResultStore, data_hash, weights_hash
 from deq_attacks.evaluation.sweep import run_sweep
 from deq_attacks.evaluation.table import table_cells
+from deq_attacks.evaluation.verdict import verdict_cells
 from deq_attacks.gradients import BackpropThroughSolver, GradientEstimate, estimate_spec, ready_made
 from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.records import to_jsonable
@@ -124,40 +135,53 @@ def evaluate_model(
             f"starting afresh: {store_path} held results for other "
             f"{', '.join(store.replaced)}; they are kept in {store.moved_to}"
         )
-    with store, ConvergenceLog() as log:
-        ctx = RunContext(
-            estimator, x, y, x_dev, y_dev, config, store, shards, say, log,
-            ready_made(deq.training_gradient),
-        )  # fmt: skip
-        config = ctx.config = eot_config(ctx)
-        with ctx.step("early_exit"):
-            dev = early_exit(ctx)
-        defenses: dict[str, Readout] = {
-            "final": Final(),
-            "early": Early(int(dev["early_exit"])),
-            "ensemble": Ensemble(),
-        }
-        with ctx.step("sweep"):
-            chosen, sweep, plan = sweep_step(ctx, defenses)
-        estimates = protocol_estimates(ctx.ready, chosen, {**yardstick(config), **extras})
-        columns = protocol_columns(estimates, config)
-        with ctx.step("clean"):
-            clean = clean_step(ctx, defenses)
-        if config.mode is Mode.CASCADE:
-            strengths = DevStrengths(ctx, estimates, defenses, dev, sweep)
-            with ctx.step("columns"):  # its ordering runs, timed as "order" too, are inside
-                cells = cascade_cells(ctx, columns, defenses, clean, strengths)
+    with store:
+        cost = estimate_cost(estimator, (x, y), (x_dev, y_dev), config, extras, shards.block_size)
+        if cost["countable"]:
+            expected = describe_cost(cost["steps"], cost["seconds_per_f"])
+            say("expected cost before the work:\n" + expected)
         else:
-            with ctx.step("columns"):
-                cells = table_cells(ctx, columns, defenses)
-        with ctx.step("measurements"):
-            measured = measure(ctx, estimates, defenses)
-        checks = judge(ctx, defenses, columns, cells, clean, measured)
-        convergence = merged(store.get("convergence") or [], log.records)
-        store.put("convergence", convergence)
+            say("expected cost unknown: the model has no f module whose evaluations can be counted")
+        with ConvergenceLog() as log, counting_f(deq) as f_count:
+            ctx = RunContext(
+                estimator, x, y, x_dev, y_dev, config, store, shards, say, log,
+                ready_made(deq.training_gradient), f_count=f_count,
+            )  # fmt: skip
+            config = ctx.config = eot_config(ctx)
+            with ctx.step("early_exit"):
+                dev = early_exit(ctx)
+            defenses: dict[str, Readout] = {
+                "final": Final(),
+                "early": Early(int(dev["early_exit"])),
+                "ensemble": Ensemble(),
+            }
+            with ctx.step("sweep"):
+                chosen, sweep, plan = sweep_step(ctx, defenses)
+            estimates = protocol_estimates(ctx.ready, chosen, {**yardstick(config), **extras})
+            columns = protocol_columns(estimates, config)
+            with ctx.step("clean"):
+                clean = clean_step(ctx, defenses)
+            audits: dict[str, dict[str, Any]] = {}
+            if config.mode is Mode.CASCADE:
+                strengths = DevStrengths(ctx, estimates, defenses, dev, sweep)
+                with ctx.step("columns"):  # its ordering runs, timed as "order" too, are inside
+                    cells = cascade_cells(ctx, columns, defenses, clean, strengths)
+            elif config.mode is Mode.VERDICT:
+                strengths = DevStrengths(ctx, estimates, defenses, dev, sweep)
+                costs = column_costs(estimator, columns, config, (x_dev, y_dev), cost["units"])
+                with ctx.step("columns"):  # the cover and the audit, timed on their own too
+                    cells, audits = verdict_cells(ctx, columns, defenses, clean, strengths, costs)
+            else:
+                with ctx.step("columns"):
+                    cells = table_cells(ctx, columns, defenses)
+            with ctx.step("measurements"):
+                measured = measure(ctx, estimates, defenses)
+            checks = judge(ctx, defenses, columns, cells, clean, measured)
+            convergence = merged(store.get("convergence") or [], log.records)
+            store.put("convergence", convergence)
     return build_report(
         ctx, fingerprint, dev, defenses, (chosen, sweep, plan), estimates, columns, clean,
-        cells, checks, convergence,
+        cells, checks, convergence, audits, cost,
     )  # fmt: skip
 
 
@@ -175,7 +199,7 @@ def eot_config(ctx: RunContext) -> EvaluationConfig:
         numbers = ctx.store.put("randomness", {**numbers, **decision})
     if numbers["switched_on"]:
         ctx.say(
-            "randomized output (two identical forwards differ by "
+            "randomized output (identical forwards differ by "
             f"{numbers['relative_difference']:.1e}): EOT on, {numbers['eot_draws']} draws per "
             "gradient step"
         )
@@ -185,6 +209,55 @@ def eot_config(ctx: RunContext) -> EvaluationConfig:
 EARLY_CLEAN_GAP = 0.1
 """An early exit whose clean development accuracy is below the last iterate's by more than
 this warns (its robustness is that of a weaker classifier)."""
+
+
+def estimate_cost(
+    estimator: DEQEstimator,
+    test: tuple[np.ndarray, np.ndarray],
+    development: tuple[np.ndarray, np.ndarray],
+    config: EvaluationConfig,
+    extra_estimates: Mapping[str, GradientEstimate] | None = None,
+    batch: int | None = None,
+) -> dict[str, Any]:
+    """The expected f evaluations of each step of ``evaluate_model`` with these arguments
+    (``cost.expected_costs``) and the wall seconds per f evaluation from one timed batch of
+    ``batch`` development images (default: the attack batch): ``{"steps", "unknown_columns",
+    "bound", "seconds_per_f", "expected_wall_s"}``."""
+    x_dev, y_dev = development
+    cost = expected_costs(estimator, config, development, len(test[0]), extra_estimates)
+    if not cost["countable"]:
+        return {**cost, "seconds_per_f": None, "expected_wall_s": None}
+    size = batch or config.attack_batch(estimator.device)
+    seconds = seconds_per_f(
+        estimator, ready_made(estimator.deq.training_gradient), x_dev[:size], y_dev[:size]
+    )
+    cost["seconds_per_f"] = seconds
+    cost["expected_wall_s"] = sum(cost["steps"].values()) * seconds
+    return cost
+
+
+def column_costs(
+    estimator: DEQEstimator,
+    columns: Sequence[Column],
+    config: EvaluationConfig,
+    development: tuple[np.ndarray, np.ndarray],
+    known: Mapping[str, Sequence[float]],
+) -> dict[str, float | None]:
+    """Column label -> f evaluations per sample of one run (``cost.column_cost``), from the
+    unit costs ``known`` by estimate repr (``estimate_cost``'s, counted before the run), else
+    counted on two development images."""
+    x, y = development[0][:2], development[1][:2]
+    units = {}
+    for column in columns:
+        key = repr(column.estimate)
+        if key in known:
+            units[key] = UnitCosts(*known[key])
+        elif key not in units:
+            units[key] = unit_costs(estimator, column.estimate, x, y)
+    return {
+        c.label: column_cost(c, config.threat, estimator.nb_classes, units[repr(c.estimate)])
+        for c in columns
+    }
 
 
 def early_exit(ctx: RunContext) -> dict[str, Any]:
@@ -245,6 +318,7 @@ def sweep_step(
     return run_sweep(
         ctx.estimator, ctx.config.sweep, ctx.x_dev, ctx.y_dev, ctx.threat, defenses, "early",
         ctx.shards, seed=ctx.config.seed, done=done, on_entry=keep, progress=ctx.say,
+        mode=ctx.config.sweep_mode,
     )  # fmt: skip
 
 

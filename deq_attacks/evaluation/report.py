@@ -84,7 +84,9 @@ def summary_lines(report: EvaluationReport) -> list[str]:
         f"White-box robustness (per sample: survives every column): {sample} "
         f"({sample.defense} defense)."
         + (" Cascade mode: each column attacked only the samples still robust." if
-           report.mode != "table" else ""),
+           report.mode == "cascade" else "")
+        + (" Verdict mode: the columns the development split needs, the others audited." if
+           report.mode == "verdict" else ""),
         f"Early exit n* = {report.early_exit} (development split, ready-made PGD"
         + _tie(report.development)
         + ").",
@@ -94,7 +96,44 @@ def summary_lines(report: EvaluationReport) -> list[str]:
         + ".",
     ]  # fmt: skip
     lines += plan_lines(report)
+    lines += audit_lines(report)
+    lines += cost_lines(report)
     return lines
+
+
+def audit_lines(report: EvaluationReport) -> list[str]:
+    """Verdict mode: per defense, the columns kept by the development split and the audit of
+    the skipped ones (size, breaks, escalations, the bound that widens the interval)."""
+    lines = []
+    for defense, a in report.audit.items():
+        skipped = len(a["skipped"])
+        broke = a["broken"]
+        escalated = ", ".join(a["escalated"]) or "none"
+        swapped = "".join(f" ({k} replaced by the cheaper {v})" for k, v in a["swapped"].items())
+        lines.append(
+            f"Verdict mode, {defense}: kept {', '.join(a['kept'])}{swapped}; the audit ran the "
+            f"{skipped} skipped columns on {a['size']} of {a['survivors']} survivors and broke "
+            f"{broke} of them (escalated to every survivor: {escalated}); at most "
+            f"{100 * a['bound']:.1f}% of the {a['unaudited']} unaudited survivors would fall "
+            f"to the columns left skipped (one-sided {100 * a['confidence']:.0f}% "
+            "Clopper-Pearson), and the interval's lower end is widened by it."
+        )
+    return lines
+
+
+def cost_lines(report: EvaluationReport) -> list[str]:
+    """The expected f evaluations of the attack steps against the counted ones."""
+    cost = report.cost_record()
+    expected, actual = cost.get("expected_f_evals", {}), cost.get("actual_f_evals", {})
+    if not expected:
+        return []
+    counted = sum(v for v in actual.values() if v is not None)
+    bound = " at most" if cost.get("bound") else ""
+    return [
+        f"Cost: expected{bound} {sum(expected.values()):,.0f} f evaluations "
+        f"(~{cost['expected_wall_s']:,.0f} s) before the work; counted {counted:,.0f} in "
+        f"{', '.join(expected)}."
+    ]
 
 
 def plan_lines(report: EvaluationReport) -> list[str]:
@@ -228,13 +267,27 @@ def plot_states(report: EvaluationReport, path: Path) -> Path:
 
 def plot_sweep(report: EvaluationReport, path: Path) -> Path:
     """Accuracy of the early-state defense under each intermediate attack against n, one line
-    per (beta) or (k, lambda) (Fig. 3 and 4), on the development split; titled with the model,
-    data and split, norm and eps; PNG and PDF."""
+    per (beta) or (k, lambda) (Fig. 3 and 4), on the development split; after a racing sweep a
+    third panel: each candidate's accuracy against the development images it had seen, round by
+    round (a candidate that left the race early is scored on fewer images); titled with the
+    model, data and split, norm and eps; PNG and PDF."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 3.5))
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, family in zip(axes, ("adjoint", "unrolled"), strict=True):
+    raced = [e for e in report.sweep if "race" in e]
+    fig = Figure(figsize=(15 if raced else 10, 3.5))
+    axes = fig.subplots(1, 3 if raced else 2, sharey=True)
+    if raced:
+        for entry in raced:
+            seen = [r["images"] for r in entry["race"]]
+            accuracy = [100 * r["accuracy"] for r in entry["race"]]
+            chosen = bool(entry.get("chosen"))
+            label = entry["estimate"] if chosen else None
+            axes[2].plot(seen, accuracy, "o-" if chosen else "o:", label=label)
+        axes[2].set_xscale("log", base=2)
+        axes[2].set_title("race (successive halving; solid: chosen)")
+        axes[2].set_xlabel("development images seen")
+        axes[2].legend(fontsize=6)
+    for ax, family in zip(axes[:2], ("adjoint", "unrolled"), strict=True):
         lines: dict[str, list[tuple[int, float]]] = {}
         for entry in report.sweep:
             if entry["family"] != family:

@@ -51,7 +51,12 @@ class EvaluationReport:
         states: test-split per-iterate clean and ready-made accuracy and mean residual.
         diagnostics: the checks with verdicts.
         convergence: the run's ConvergenceLog records (one per call site of a forward).
-        timings: per step, its wall seconds ``"wall_s"`` and CPU seconds ``"cpu_s"``.
+        timings: per step, its wall seconds ``"wall_s"``, CPU seconds ``"cpu_s"`` and f
+            evaluations ``"f_evals"``.
+        audit: verdict mode, per defense: the kept and skipped columns, the audit's size, what
+            it broke, the escalated columns and the bound (``verdict.audit``).
+        cost: the expected f evaluations per step before the work, the seconds per f
+            evaluation of the timed batch and the expected wall time (``estimate_cost``).
     """
 
     settings: dict[str, Any]
@@ -70,6 +75,8 @@ class EvaluationReport:
     diagnostics: list[Check] = field(default_factory=list)
     convergence: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    audit: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cost: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mode(self) -> str:
@@ -97,13 +104,33 @@ class EvaluationReport:
         return out
 
     def robustness(self) -> list[Robustness]:
-        """Per defense: the per-sample robust accuracy with its 95% Wilson interval."""
+        """Per defense: the per-sample robust accuracy with its 95% Wilson interval; in
+        verdict mode its lower end widened by the audit's bound on the unaudited survivors
+        that the skipped columns would break (``missed_bound``)."""
         result = []
         for d, robust in self.verdict().items():
             k, n = int(robust.sum()), len(robust)
             low, high = wilson_interval(k, n)
+            low = max(0.0, low - self.missed_bound(d) / n)
             result.append(Robustness(d, k / n, low, high, k, n))
         return result
+
+    def missed_bound(self, defense: str) -> float:
+        """Verdict mode: the upper bound (one-sided 95%) on the number of robust samples the
+        skipped columns would break: the audit's bound on the fraction times the unaudited
+        survivors; 0 in the other modes."""
+        audit = self.audit.get(defense)
+        return float(audit["bound"]) * int(audit["unaudited"]) if audit else 0.0
+
+    def cost_record(self) -> dict[str, Any]:
+        """Expected (before the work) and counted f evaluations and wall seconds per step."""
+        expected = dict(self.cost.get("steps", {}))
+        return {
+            **{k: v for k, v in self.cost.items() if k != "steps"},
+            "expected_f_evals": expected,
+            "actual_f_evals": {k: self.timings.get(k, {}).get("f_evals") for k in expected},
+            "actual_wall_s": {k: self.timings.get(k, {}).get("wall_s") for k in expected},
+        }
 
     def matrix(self) -> SurvivalMatrix:
         """The full (defense, column, sample) matrix; table mode only."""
@@ -159,6 +186,8 @@ class EvaluationReport:
                 "diagnostics": [c.to_json() for c in self.diagnostics],
                 "convergence": self.convergence,
                 "timings": self.timings,
+                "audit": self.audit,
+                "cost": self.cost_record(),
             }
         )
 
@@ -179,6 +208,8 @@ def build_report(
     cells: Cells,
     checks: Sequence[Check],
     convergence: list[dict[str, Any]],
+    audits: Mapping[str, dict[str, Any]] | None = None,
+    cost: Mapping[str, Any] | None = None,
 ) -> EvaluationReport:
     """The report of a finished run."""
     chosen, entries, plan = sweep
@@ -220,4 +251,6 @@ def build_report(
         diagnostics=list(checks),
         convergence=convergence,
         timings={k: dict(v) for k, v in ctx.timings.items()},
+        audit={k: dict(v) for k, v in (audits or {}).items()},
+        cost=dict(cost or {}),
     )

@@ -26,12 +26,17 @@ def shared_pgd_scores(
     shards: Shards,
     *,
     seed: int = 0,
+    indices: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Run the threat model's fixed-step PGD (its eps, step and steps) with ``estimate`` once
     per block, from the per-sample random starts of ``seed``, and score its adversarial
     examples against ``defenses`` and every iterate.
 
-    Returns ``score_readouts``' arrays for all samples: ``"defense/<name>"`` bool (S,),
+    Args:
+        indices: the samples of ``x`` to attack (default all); a sample's result does not
+            depend on which others are attacked with it (its seeds follow its index).
+
+    Returns ``score_readouts``' arrays for the samples: ``"defense/<name>"`` bool (S,),
     ``"states"`` bool (S, N), ``"residuals"`` float (S, N), gathered across processes.
     """
 
@@ -40,7 +45,7 @@ def shared_pgd_scores(
         x_adv = fixed_step_pgd(estimator, estimate, x[part], y[part], threat, seed=seeds)
         return score_readouts(estimator, x_adv, y[part], defenses, len(x_adv))
 
-    return map_blocks(block, len(x), shards)
+    return map_blocks(block, len(x) if indices is None else indices, shards)
 
 
 def clean_scores(

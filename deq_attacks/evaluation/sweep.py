@@ -7,7 +7,8 @@ early-state defense. The grid itself is ``settings.SweepConfig``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,10 +16,17 @@ import numpy as np
 from deq_attacks.deq.readout import Readout
 from deq_attacks.evaluation.aggregate import choose_strongest
 from deq_attacks.evaluation.attacks import ThreatModel
+from deq_attacks.evaluation.cost import racing_rounds
 from deq_attacks.evaluation.distributed import Shards
-from deq_attacks.evaluation.settings import SweepConfig
+from deq_attacks.evaluation.settings import SweepConfig, SweepMode
 from deq_attacks.evaluation.shared_runs import shared_pgd_scores
-from deq_attacks.gradients import GradientEstimate, estimate_spec, sweep_family
+from deq_attacks.gradients import (
+    GradientEstimate,
+    PerStepEstimate,
+    SweepFamily,
+    estimate_spec,
+    sweep_family,
+)
 from deq_attacks.interfaces import DEQEstimator
 
 
@@ -36,6 +44,7 @@ def run_sweep(
     done: Mapping[str, dict[str, Any]] | None = None,
     on_entry: Callable[[dict[str, Any]], None] | None = None,
     progress: Callable[[str], None] | None = None,
+    mode: SweepMode = SweepMode.GRID,
 ) -> tuple[dict[str, GradientEstimate], list[dict[str, Any]], list[dict[str, Any]]]:
     """Score every candidate on the development split and choose, per family, the one under
     which the defense ``criterion`` (the early-state defense) has the lowest accuracy.
@@ -44,9 +53,12 @@ def run_sweep(
     why) and every candidate are decided and checked before the first attack.
 
     Args:
-        done: finished entries by estimate repr (resume); ``on_entry(entry)`` is called after
-            each new one; ``progress(text)`` reports each candidate as it finishes
+        done: finished entries by estimate repr (resume; a race resumes once its family's
+            race finished); ``on_entry(entry)`` is called after each new one;
+            ``progress(text)`` reports each candidate as it finishes
             ("sweep 3/12 Unrolled(n=4): early 41.0%").
+        mode: GRID scores every candidate on the whole split; RACING races each family's
+            candidates (``race``): its entries hold the images each saw and the race.
 
     Returns:
         (family -> chosen estimate, the whole sweep: one entry per candidate with its
@@ -61,32 +73,118 @@ def run_sweep(
     entries: list[dict[str, Any]] = []
     all_candidates = config.candidates(solver)
     total = sum(len(c) for c in all_candidates.values())
+
+    def score(estimate: PerStepEstimate, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return shared_pgd_scores(
+            estimator, estimate, x_dev, y_dev, threat, defenses, shards, seed=seed,
+            indices=indices,
+        )  # fmt: skip
+
     for name, candidates in all_candidates.items():
         family = sweep_family(name)
+
+        def entry_of(
+            estimate: PerStepEstimate,
+            scores: Mapping[str, np.ndarray],
+            name: str = name,
+            family: SweepFamily = family,
+        ) -> dict[str, Any]:
+            return {
+                "family": name,
+                "estimate": repr(estimate),
+                "params": family.params(estimate),
+                "spec": estimate_spec(estimate),
+                "accuracy": {d: float(scores[f"defense/{d}"].mean()) for d in defenses},
+                "state_accuracy": scores["states"].mean(axis=0).tolist(),
+                "images": len(scores["states"]),
+            }
+
+        def report(entry: dict[str, Any], resumed: str = "") -> None:
+            entries.append(entry)
+            if progress is not None:
+                accuracy = f"{criterion} {entry['accuracy'][criterion]:.1%}"
+                seen = f" on {entry['images']} images" if "race" in entry else ""
+                progress(f"sweep {len(entries)}/{total} {entry['estimate']}: {accuracy}{seen}"
+                         f"{resumed}")  # fmt: skip
+
+        if mode is SweepMode.RACING and candidates:
+            stored = [(done or {}).get(repr(c)) for c in candidates]
+            if any(e is not None and e.get("chosen") for e in stored):  # a finished race
+                finished = [e for e in stored if e is not None]
+                for old in finished:
+                    report(old, " (stored)")
+                pick = next(i for i, e in enumerate(stored) if e is not None and e["chosen"])
+                chosen[name] = candidates[pick]
+                continue
+            raced, pick = race(candidates, len(x_dev), criterion, score, entry_of)
+            for new in raced:
+                if on_entry is not None:
+                    on_entry(new)
+                report(new)
+            chosen[name] = candidates[pick]
+            continue
         accuracies = []
         for estimate in candidates:
             key = repr(estimate)
             entry = (done or {}).get(key)
             resumed = " (stored)" if entry is not None else ""
             if entry is None:
-                scores = shared_pgd_scores(
-                    estimator, estimate, x_dev, y_dev, threat, defenses, shards, seed=seed
-                )
-                entry = {
-                    "family": name,
-                    "estimate": key,
-                    "params": family.params(estimate),
-                    "spec": estimate_spec(estimate),
-                    "accuracy": {d: float(scores[f"defense/{d}"].mean()) for d in defenses},
-                    "state_accuracy": scores["states"].mean(axis=0).tolist(),
-                }
+                entry = entry_of(estimate, score(estimate, np.arange(len(x_dev))))
                 if on_entry is not None:
                     on_entry(entry)
-            entries.append(entry)
             accuracies.append(entry["accuracy"][criterion])
-            if progress is not None:
-                score = f"{criterion} {accuracies[-1]:.1%}{resumed}"
-                progress(f"sweep {len(entries)}/{total} {key}: {score}")
+            report(entry, resumed)
         if candidates:
             chosen[name] = candidates[choose_strongest(accuracies)]
     return chosen, entries, plan
+
+
+def race(
+    candidates: Sequence[PerStepEstimate],
+    n: int,
+    criterion: str,
+    score: Callable[[PerStepEstimate, np.ndarray], dict[str, np.ndarray]],
+    entry_of: Callable[[PerStepEstimate, Mapping[str, np.ndarray]], dict[str, Any]],
+) -> tuple[list[dict[str, Any]], int]:
+    """Successive halving over ``candidates`` on growing prefixes of the ``n`` development
+    images (``cost.racing_rounds``): each round every candidate still racing attacks the
+    images new to it (a sample's result does not depend on the others: per-sample seeds), the
+    stronger half (lowest accuracy of ``criterion``) and every candidate tied with its weakest
+    goes on; the last round sees all ``n`` (the first of the strongest is chosen). The race
+    stops as soon as a candidate leaves no ``criterion``
+    sample robust on the images it saw (nothing can be stronger).
+
+    Returns the entries of the candidates that ran (``entry_of`` with ``"race"``: per round
+    the images seen and the accuracy, ``"chosen"``) and the index of the chosen one."""
+    scores: dict[int, dict[str, np.ndarray]] = {}
+    history: dict[int, list[dict[str, Any]]] = {}
+    alive = list(range(len(candidates)))
+    pick = None
+    for number, (_, seen) in enumerate(racing_rounds(len(candidates), n)):
+        accuracy = {}
+        for i in alive:
+            before = len(scores[i]["states"]) if i in scores else 0
+            new = score(candidates[i], np.arange(before, seen))
+            scores[i] = (
+                {k: np.concatenate([scores[i][k], new[k]]) for k in new} if i in scores else new
+            )
+            accuracy[i] = float(scores[i][f"defense/{criterion}"].mean())
+            history.setdefault(i, []).append(
+                {"round": number, "images": seen, "accuracy": accuracy[i]}
+            )
+            if accuracy[i] == 0.0:  # the floor: no candidate can do better
+                pick = i
+                break
+        if pick is not None:
+            break
+        if seen < n:  # the stronger half goes on, and every candidate tied with it
+            cut = sorted(accuracy[i] for i in alive)[max(1, math.ceil(len(alive) / 2)) - 1]
+            alive = [i for i in alive if accuracy[i] <= cut]
+    if pick is None:
+        final = [float(scores[i][f"defense/{criterion}"].mean()) for i in alive]
+        pick = alive[choose_strongest(final)]
+    entries = []
+    for i in sorted(scores):
+        entry = entry_of(candidates[i], scores[i])
+        entries.append({**entry, "race": history[i], "chosen": i == pick})
+    return entries, pick

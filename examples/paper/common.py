@@ -33,7 +33,9 @@ from deq_attacks.evaluation import (
     READY_MADE,
     EvaluationConfig,
     EvaluationReport,
+    Mode,
     SweepConfig,
+    SweepMode,
     evaluate_model,
     held_out_data,
     write_tables,
@@ -226,10 +228,13 @@ def estimator(result: RunResult, setup: Setup) -> DEQEstimator:
 
 
 def eval_config(setup: Setup, autoattack: bool | None = None, **changes: Any) -> EvaluationConfig:
-    """The preset's protocol settings (table mode), then the user's ``--eval.*``; ``autoattack``
-    adds (True) or drops (False) the standard AutoAttack after the PGD (None: as it is); then
-    ``changes``; the attack batch resolved for the device (recorded in the results)."""
-    config = EvaluationConfig(**{**EVALUATION[setup.preset], **setup.eval_settings})
+    """The preset's protocol settings (table mode and the grid sweep: the paper's tables and
+    its Fig. 3/4 need every cell and every candidate), then the user's ``--eval.*``;
+    ``autoattack`` adds (True) or drops (False) the standard AutoAttack after the PGD (None: as
+    it is); then ``changes``; the attack batch resolved for the device (recorded in the
+    results)."""
+    paper_tables = {"mode": Mode.TABLE, "sweep_mode": SweepMode.GRID}
+    config = EvaluationConfig(**{**paper_tables, **EVALUATION[setup.preset], **setup.eval_settings})
     if autoattack is not None:
         names = [n for n in config.attacks.split(",") if n.strip() and n.strip() != "autoattack"]
         if autoattack:

@@ -213,5 +213,15 @@ class StandardAutoAttack(Attack):
         extras["broken_by"] = outcome.broken_by
         return AttackOutput(outcome.x_adv, extras)
 
+    def calls(self, threat: ThreatModel, num_classes: int) -> tuple[float, float]:
+        """APGD-CE: one gradient per iteration; APGD-T: the same per target; FAB-T: per
+        target and iteration one gradient and one forward; Square: one forward per query;
+        and the clean check."""
+        s = self.settings
+        targets = min(s.target_classes, num_classes - 1)
+        gradients = s.iterations * (1 + 2 * targets)
+        forwards = 1 + 2 * targets + targets * s.iterations + s.queries
+        return float(forwards), float(gradients)
+
     def describe(self, threat: ThreatModel) -> dict[str, Any]:
         return {"autoattack": self.settings.describe(), "eot_draws": self.eot_draws}

@@ -101,6 +101,12 @@ class Attack(ABC):
     def describe(self, threat: ThreatModel) -> dict[str, Any]:
         """This attack's settings as JSON (written beside its column's results)."""
 
+    def calls(self, threat: ThreatModel, num_classes: int) -> tuple[float, float] | None:
+        """(forward calls, gradient calls) of the model per sample that survives the whole
+        attack (the most it costs; a sample broken early may cost less), from the settings;
+        None where unknown (the cost estimate then leaves the column out and says so)."""
+        return None
+
 
 A = TypeVar("A", bound=type[Attack])
 

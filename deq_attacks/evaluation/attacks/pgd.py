@@ -197,6 +197,9 @@ class FixedStepPGD(Attack):
         )  # fmt: skip
         return AttackOutput(x_adv)
 
+    def calls(self, threat: ThreatModel, num_classes: int) -> tuple[float, float]:
+        return 0.0, float(threat.steps if self.steps is None else self.steps)
+
     def describe(self, threat: ThreatModel) -> dict[str, Any]:
         return {
             "budget": threat.steps if self.steps is None else self.steps,

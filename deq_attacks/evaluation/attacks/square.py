@@ -53,5 +53,8 @@ class Square(Attack):
         )  # fmt: skip
         return AttackOutput(square.run(xt, yt, seeds).detach().cpu().numpy())
 
+    def calls(self, threat: ThreatModel, num_classes: int) -> tuple[float, float]:
+        return float(self.queries + 1), 0.0  # the clean margin, then one query per step
+
     def describe(self, threat: ThreatModel) -> dict[str, Any]:
         return {"budget": self.queries, "p_init": self.p_init, "loss": "margin"}

@@ -1,0 +1,268 @@
+"""The cost of an evaluation in f evaluations, before and while it runs.
+
+One f evaluation is one sample's pass through the DEQ's layer f: a forward step of a solver,
+an unrolled or adjoint step, or a VJP through f (the unit the paper's budgets are made of; the
+hardware only sets its price). ``counting_f`` counts them (hooks on ``deq.f``); ``unit_costs``
+counts what one forward (defended logits) and one gradient with an estimate cost per sample on
+the model itself; ``Attack.calls`` says how many of each an attack makes per sample;
+``expected_costs`` turns the settings into the f evaluations of every step of a run, and
+``seconds_per_f`` calibrates them to wall time with one timed batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from deq_attacks.deq.readout import Final
+from deq_attacks.evaluation.attacks import Column, ThreatModel
+from deq_attacks.gradients import GradientEstimate
+from deq_attacks.interfaces import DEQEstimator
+
+
+@dataclass
+class FCounter:
+    """f evaluations counted so far (sample rows through f: forwards and VJPs)."""
+
+    forwards: int = 0
+    vjps: int = 0
+    available: bool = True
+
+    @property
+    def total(self) -> int:
+        return self.forwards + self.vjps
+
+
+@contextmanager
+def counting_f(deq: nn.Module) -> Iterator[FCounter]:
+    """Count every f evaluation of ``deq`` while inside: each call of ``deq.f`` adds the rows
+    of its output, and each VJP through such an output (a backward pass that reaches it) adds
+    them again. A DEQ without an ``f`` module counts nothing (``available`` False)."""
+    counter = FCounter()
+    f = getattr(deq, "f", None)
+    if not countable(deq):
+        counter.available = False
+        yield counter
+        return
+    assert isinstance(f, nn.Module)
+
+    def on_forward(_module: nn.Module, _args: Any, output: Any) -> None:
+        if not isinstance(output, Tensor) or output.dim() == 0:
+            return
+        rows = int(output.shape[0])
+        counter.forwards += rows
+        if output.requires_grad:
+
+            def on_vjp(grad: Tensor) -> None:
+                counter.vjps += rows
+
+            # a functional transform's tensor refuses hooks: its VJP goes uncounted
+            with contextlib.suppress(RuntimeError):
+                output.register_hook(on_vjp)
+
+    handle = f.register_forward_hook(on_forward)
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """Per sample, f evaluations of one forward of the defended logits and of one gradient
+    (forward and backward) with an estimate."""
+
+    forward: float
+    gradient: float
+
+
+def unit_costs(
+    estimator: DEQEstimator, estimate: GradientEstimate | None, x: np.ndarray, y: np.ndarray
+) -> UnitCosts:
+    """Counted on the images ``x`` (a few suffice): the mean f evaluations per sample of one
+    ``predict`` and, with ``estimate``, of one ``loss_gradient`` (what PGD calls per step;
+    AutoAttack's backward goes the same way); gradient 0 without an estimate."""
+    view = estimator.view(estimate=estimate, defense=Final())
+    n = len(x)
+    with counting_f(estimator.deq) as counter:
+        view.predict(x)
+    forward = counter.total / n
+    if estimate is None:
+        return UnitCosts(forward, 0.0)
+    with counting_f(estimator.deq) as counter:
+        view.loss_gradient(torch.as_tensor(x, device=view.device), torch.as_tensor(y))
+    return UnitCosts(forward, counter.total / n)
+
+
+def column_cost(
+    column: Column, threat: ThreatModel, num_classes: int, units: UnitCosts
+) -> float | None:
+    """f evaluations per sample of one run of ``column`` on a sample it does not break (its
+    attack's calls, then the scoring forward); None where the attack's calls are unknown."""
+    calls = column.attack.calls(threat, num_classes)
+    if calls is None:
+        return None
+    forwards, gradients = calls
+    return (forwards + 1) * units.forward + gradients * units.gradient
+
+
+def racing_rounds(candidates: int, n: int) -> list[tuple[int, int]]:
+    """Successive halving's schedule over ``candidates`` on ``n`` development images:
+    (candidates still racing, images seen) per round: the images double and the candidates
+    halve each round, until one sees all ``n`` (one candidate: one round of ``n``)."""
+    if candidates < 1 or n < 1:
+        raise ValueError(f"need >= 1 candidate and image, got {candidates} and {n}")
+    rounds = math.ceil(math.log2(candidates)) + 1 if candidates > 1 else 1
+    schedule = []
+    alive = candidates
+    for r in range(rounds):
+        seen = max(1, math.ceil(n / 2 ** (rounds - 1 - r)))
+        schedule.append((alive, seen))
+        alive = math.ceil(alive / 2)
+    return schedule
+
+
+def mode_costs(
+    ordered: Sequence[float],
+    n_test: int,
+    n_dev: int,
+    robust: float,
+    audit_size: int = 59,
+    kept: int = 1,
+) -> dict[str, float]:
+    """The column work of one defense in each mode, in f evaluations, for columns of the given
+    per-sample costs ordered strongest first, when the first ``kept`` of them break every
+    sample they can and ``robust`` (a fraction) of the clean-correct samples survive all:
+
+    - table: every column on every sample;
+    - cascade: the kept columns on every sample, the weaker ones on the survivors;
+    - verdict: the cascade on the development split (the cover), the kept columns on every
+      test sample, the skipped ones on ``audit_size`` survivors.
+
+    A model of the expected work (columns that break nothing new after the strongest), used for
+    the paper-scale estimate of docs/benchmarks.md."""
+    head, tail = sum(ordered[:kept]), sum(ordered[kept:])
+    survivors = robust * n_test
+    return {
+        "table": n_test * (head + tail),
+        "cascade": n_test * head + survivors * tail,
+        "verdict": n_dev * head + robust * n_dev * tail + n_test * head
+        + min(audit_size, survivors) * tail,
+    }
+
+
+def seconds_per_f(
+    estimator: DEQEstimator, estimate: GradientEstimate, x: np.ndarray, y: np.ndarray
+) -> float:
+    """Wall seconds per f evaluation, from one timed batch: a forward and a gradient with
+    ``estimate`` on ``x`` (the first a warm-up, the second timed)."""
+    view = estimator.view(estimate=estimate, defense=Final())
+    xt, yt = torch.as_tensor(x, device=view.device), torch.as_tensor(y)
+    view.loss_gradient(xt, yt)
+    with counting_f(estimator.deq) as counter:
+        start = time.perf_counter()
+        view.loss_gradient(xt, yt)
+        spent = time.perf_counter() - start
+    return spent / max(counter.total, 1)
+
+
+def describe_cost(expected: Mapping[str, float], seconds: float) -> str:
+    """One line per step and the total: expected f evaluations and wall time."""
+    lines = [
+        f"  {step:<12} {value:>14,.0f} f evaluations  ~{value * seconds:,.0f} s"
+        for step, value in expected.items()
+    ]
+    total = sum(expected.values())
+    lines.append(f"  {'total':<12} {total:>14,.0f} f evaluations  ~{total * seconds:,.0f} s")
+    return "\n".join(lines)
+
+
+def expected_costs(
+    estimator: DEQEstimator,
+    config: Any,
+    development: tuple[np.ndarray, np.ndarray],
+    n_test: int,
+    extra_estimates: Mapping[str, GradientEstimate] | None = None,
+    defenses: int = 3,
+) -> dict[str, Any]:
+    """The f evaluations each step of a run with ``config`` (an ``EvaluationConfig``) is
+    expected to cost, from the settings and per-sample unit costs counted on two development
+    images. Before the sweep the chosen intermediate estimates are unknown: each family's
+    costliest candidate stands for its pick. The sweep is the grid's cost (a race's ties can
+    keep every candidate to the end: the grid bounds it). Table mode's columns are exact for
+    fixed-step attacks and an upper bound for attacks that stop on success; cascade and
+    verdict modes are bounded by the table (verdict: and the cover on the development
+    split).
+
+    Returns ``{"steps": {step: f evaluations}, "unknown_columns": [labels], "bound": whether
+    the columns' figure is an upper bound, "countable", "units": estimate repr -> [forward,
+    gradient] f evaluations per sample}`` (every sweep candidate and its ensemble among them;
+    a DEQ without an ``f`` module: no steps, ``countable`` False)."""
+    from deq_attacks.evaluation.columns import protocol_columns, protocol_estimates
+    from deq_attacks.evaluation.settings import Mode
+    from deq_attacks.gradients import BackpropThroughSolver, ready_made, sweep_family
+
+    x_dev, y_dev = development
+    probe_x, probe_y = x_dev[:2], y_dev[:2]
+    deq = estimator.deq
+    if not countable(deq):
+        return {"steps": {}, "unknown_columns": [], "bound": True, "countable": False, "units": {}}
+    units: dict[str, UnitCosts] = {}
+
+    def cost_of(estimate: GradientEstimate | None) -> UnitCosts:
+        key = repr(estimate)
+        if key not in units:
+            units[key] = unit_costs(estimator, estimate, probe_x, probe_y)
+        return units[key]
+
+    threat, n_dev = config.threat, len(x_dev)
+    ready = ready_made(deq.training_gradient)
+    pgd = lambda e: threat.steps * cost_of(e).gradient + cost_of(e).forward  # noqa: E731
+    # the ready-made PGD on the development split, and its clean scores
+    steps: dict[str, float] = {"early_exit": n_dev * (pgd(ready) + cost_of(None).forward)}
+    chosen: dict[str, GradientEstimate] = {}
+    sweep = 0.0
+    for family, candidates in config.sweep.candidates(deq.solver).items():
+        costs = [pgd(c) for c in candidates]
+        sweep += n_dev * sum(costs)  # a race attacks each candidate on a part of it at most
+        chosen[family] = candidates[int(np.argmax(costs))]
+        for candidate in candidates:  # every pick's ensemble: the column costs reuse them
+            cost_of(sweep_family(family).ensemble(candidate))
+    steps["sweep"] = sweep
+    steps["clean"] = n_test * cost_of(None).forward
+    extras = dict(extra_estimates or {})
+    if config.bptt:
+        extras = {"bptt": BackpropThroughSolver(checkpoint=config.bptt_checkpoint), **extras}
+    columns = protocol_columns(protocol_estimates(ready, chosen, extras), config)
+    per_sample, unknown = 0.0, []
+    for column in columns:
+        cost = column_cost(column, threat, estimator.nb_classes, cost_of(column.estimate))
+        if cost is None:
+            unknown.append(column.label)
+            continue
+        per_sample += cost * (1 if column.shared else defenses)
+    steps["columns"] = n_test * per_sample
+    if config.mode is Mode.VERDICT:
+        steps["columns"] += n_dev * per_sample  # the cover on the development split
+    bound = config.mode is not Mode.TABLE
+    return {
+        "steps": steps,
+        "unknown_columns": unknown,
+        "bound": bound,
+        "countable": True,
+        "units": {k: [u.forward, u.gradient] for k, u in units.items()},
+    }
+
+
+def countable(deq: nn.Module) -> bool:
+    """Whether ``counting_f`` can count ``deq``'s f evaluations (it has an ``f`` module)."""
+    return isinstance(getattr(deq, "f", None), nn.Module)
