@@ -181,7 +181,7 @@ def test_the_random_noise_baseline_trips_on_a_reversed_gradient() -> None:
     """Every white-box gradient climbs away from the boundary: uniform noise at the eps breaks
     samples that every PGD column left correct."""
     config = dataclasses.replace(TINY, step=0.025, steps=10, attacks="pgd", bptt=False,
-                                 long_steps=5)  # fmt: skip
+                                 long_steps=11)  # fmt: skip
     report = evaluate_model(as_deq(ReversedBands(20.0, 32.0)), digits(32), digits(8), config)
     noise = next(c for c in report.diagnostics if c.name == "random_noise_baseline")
     assert noise.verdict == "flag" and len(noise.numbers["final"]["broken_by_noise_only"]) >= 2

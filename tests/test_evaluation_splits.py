@@ -158,7 +158,7 @@ def test_held_out_data_is_the_part_of_the_pool_training_leaves_out(tmp_path: Pat
 
 
 def test_presets_set_threat_model_and_budgets() -> None:
-    assert set(PRESETS) == {"cifar10_paper", "mnist", "digits"}
+    assert set(PRESETS) == {"cifar10_paper", "cifar10_l2", "mnist", "digits"}
     mnist = evaluation_preset("mnist").apply(EvaluationConfig())
     assert (mnist.eps, mnist.step, mnist.steps) == (0.3, 0.01, 40)
     assert mnist.autoattack_settings == EvaluationConfig().autoattack_settings  # standard

@@ -233,7 +233,10 @@ def test_help_texts_come_from_the_field_docstrings(capsys) -> None:
     with pytest.raises(SystemExit):
         train_cli.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--phantom_lam PHANTOM_LAM Damping lambda of the phantom gradient." in text
+    assert (
+        "--phantom_lam PHANTOM_LAM, --phantom-lam PHANTOM_LAM Damping lambda of the phantom "
+        "gradient." in text
+    )
     assert "--gradient {EXACT,PHANTOM,AUTOGRAD}" in text
     compile_mode = text.rsplit("--compile_mode COMPILE_MODE", 1)[1].split("--compile_backend")[0]
     assert all(mode in compile_mode.replace("- ", "-") for mode in COMPILE_MODES)  # (wrapped)

@@ -29,7 +29,8 @@ def run(setup: common.Setup) -> dict:
     est = common.estimator(result, setup)
     config = common.eval_config(setup, autoattack=False)
     long = LONG_STEPS[setup.preset]
-    longer = dataclasses.replace(config, steps=long)
+    # long_steps is not read here; it must only stay above steps for the config to be valid
+    longer = dataclasses.replace(config, steps=long, long_steps=max(config.long_steps, long + 1))
     gradients = {"exact": Exact(), "unrolling": Phantom(5, 0.5)}
     columns = {c.label: c for c in protocol_columns(gradients, config)}
     long_columns = {c.label: c for c in protocol_columns(gradients, longer)}
