@@ -1,4 +1,4 @@
-"""The same numbers on every x86-64 CPU: pinned CPU kernels and one thread.
+"""Fewer differences between x86-64 CPUs: pinned CPU kernels and one thread.
 
 Float results on a CPU depend on which vector instructions torch's kernels use: ATen picks
 AVX-512 or AVX2 code by the CPU it finds, oneDNN (convolutions) and MKL (matrix products) do
@@ -7,8 +7,11 @@ difference into another model: the demo trained on an AVX-512 machine and on an 
 chose another early exit, other intermediate attacks and another most robust defense.
 ``pin_cpu_kernels`` makes every CPU that has AVX2 run the AVX2 code (ATen's
 ``ATEN_CPU_CAPABILITY``, oneDNN's ``ONEDNN_MAX_CPU_ISA``, MKL's conditional numerical
-reproducibility ``MKL_CBWR``), so that runs with one thread agree across machines. The three
-are read when torch first uses them, not when it is imported: pin before the first operation.
+reproducibility ``MKL_CBWR``), which removes the largest source of difference. It does not make
+every CPU agree: the demo's seed 0 still ended at another robust accuracy on an Intel Xeon than
+on an AMD EPYC (library builds, microcode and the kernels' own choices differ), so a rerun on
+one machine repeats its numbers and other machines fall in a range (README). The three are read
+when torch first uses them, not when it is imported: pin before the first operation.
 """
 
 from __future__ import annotations

@@ -247,8 +247,10 @@ def demo(
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     if kernels is not None:
-        print(f"CPU kernels pinned to {kernels}: the same numbers on every x86-64 CPU with it "
-              "(--native_kernels true: this CPU's own)")  # fmt: skip
+        print(
+            f"CPU kernels pinned to {kernels}, one thread: a rerun on this machine repeats its "
+            "numbers; other CPUs fall in a range (--native_kernels true: this CPU's own)"
+        )
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)  # ART's random starts and Square draw from numpy
     run_dir = args.out_dir / "training"
