@@ -397,24 +397,9 @@ def load_cifar10(
     from torchvision.datasets import CIFAR10
 
     root = Path(root)
-    try:
-        ds = CIFAR10(root=str(root), train=train, download=download)
-    except RuntimeError as err:
-        if download:
-            raise
-        raise FileNotFoundError(
-            f"CIFAR-10 not found under {root} (expected {root / 'cifar-10-batches-py'}); "
-            "pass download=True to fetch it, or use load_arrays_file on a local .npz"
-        ) from err
-    data = np.asarray(ds.data)  # (N, 32, 32, 3) uint8
-    targets = np.asarray(ds.targets, dtype=np.int64)
-    if limit is not None:
-        if limit < 0:
-            raise ValueError(f"limit must be non-negative, got {limit}")
-        data, targets = data[:limit], targets[:limit]
-    x = np.ascontiguousarray(data.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0))
-    split = "train" if train else "test"
-    return ImageDataset(x, targets, f"cifar10:{split}", num_classes=10)
+    ds = _torchvision_set(CIFAR10, "CIFAR-10", root / "cifar-10-batches-py", root, train, download)
+    data = np.asarray(ds.data).transpose(0, 3, 1, 2)  # (N, 32, 32, 3) uint8 -> (N, 3, 32, 32)
+    return _uint8_dataset(data, np.asarray(ds.targets), "cifar10", train, limit)
 
 
 def load_mnist(
@@ -434,20 +419,36 @@ def load_mnist(
     from torchvision.datasets import MNIST
 
     root = Path(root)
+    ds = _torchvision_set(MNIST, "MNIST", root / "MNIST" / "raw", root, train, download)
+    return _uint8_dataset(ds.data.numpy()[:, None], ds.targets.numpy(), "mnist", train, limit)
+
+
+def _torchvision_set(
+    cls: Any, title: str, expected: Path, root: Path, train: bool, download: bool
+) -> Any:
+    """``cls(root, train, download)`` (a torchvision data set), or a FileNotFoundError naming
+    ``expected`` when it is absent and ``download`` is off."""
     try:
-        ds = MNIST(root=str(root), train=train, download=download)
+        return cls(root=str(root), train=train, download=download)
     except RuntimeError as err:
         if download:
             raise
         raise FileNotFoundError(
-            f"MNIST not found under {root} (expected {root / 'MNIST' / 'raw'}); pass "
-            "download=True to fetch it, or use load_arrays_file on a local .npz"
+            f"{title} not found under {root} (expected {expected}); pass download=True to "
+            "fetch it, or use load_arrays_file on a local .npz"
         ) from err
-    data, targets = ds.data.numpy(), ds.targets.numpy().astype(np.int64)
+
+
+def _uint8_dataset(
+    data: np.ndarray, targets: np.ndarray, name: str, train: bool, limit: int | None
+) -> ImageDataset:
+    """Images (N, C, H, W) uint8 and labels as an ``ImageDataset`` in [0, 1] of 10 classes,
+    the first ``limit`` of them (all when None), named ``name:train`` or ``name:test``."""
+    targets = targets.astype(np.int64)
     if limit is not None:
         if limit < 0:
             raise ValueError(f"limit must be non-negative, got {limit}")
         data, targets = data[:limit], targets[:limit]
-    x = np.ascontiguousarray(data[:, None].astype(np.float32) / np.float32(255.0))
+    x = np.ascontiguousarray(data.astype(np.float32) / np.float32(255.0))
     split = "train" if train else "test"
-    return ImageDataset(x, targets, f"mnist:{split}", num_classes=10)
+    return ImageDataset(x, targets, f"{name}:{split}", num_classes=10)
