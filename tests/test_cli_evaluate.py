@@ -619,6 +619,8 @@ def test_the_entropy_defense_runs_from_the_command_line(tmp_path: Path, capsys) 
     assert "## Input-entropy-reduction defense" in (out / "results.md").read_text()
     assert "adaptive worst case" in (out / "results.tex").read_text()
     capsys.readouterr()
+    assert main([*argv, "--dry-run", "true"]) == 0  # its cost is not counted in advance
+    assert "columns of unknown cost: entropy defense" in capsys.readouterr().out
     refused = ["evaluate", *model, "--threshold", "1", *TINY, *defense, "--out-dir", str(out)]
     assert main(refused) == 2
     err = capsys.readouterr().err.strip()
