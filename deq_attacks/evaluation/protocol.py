@@ -21,10 +21,11 @@ Named steps over one ``RunContext``:
    dependence, gradient health, Exact backward, alignment, spectral radius; with bf16 attacks
    the ready-made PGD again in fp32).
 6. ``diagnostics``: checks that judge those numbers.
-7. ``entropy_defense`` (with ``EvaluationConfig.entropy_defense``): the follow-up's
-   input-entropy-reduction defense on the test split (``evaluate_entropy_defense``, under the
-   run's threat model and seed): its authors' non-adaptive column and the adaptive ones, block
-   by block. Reported beside the readouts, it does not count in the white-box robustness.
+7. ``entropy_defense`` (with ``EvaluationConfig.entropy_defense``; it runs after the columns,
+   before the measurements): the follow-up's input-entropy-reduction defense on the test
+   split (``evaluate_entropy_defense``, under the run's threat model and seed): its authors'
+   non-adaptive column and the adaptive ones, block by block. Reported beside the readouts, it
+   does not count in the white-box robustness.
 
 Every finished step and every finished block of an attack is stored under a fingerprint of
 the settings, the weights and the data; a rerun resumes from it (a finished run computes
