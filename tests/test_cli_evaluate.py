@@ -594,3 +594,35 @@ def test_dry_run_prints_the_expected_cost_and_attacks_nothing(tmp_path: Path, ca
     for step in ("early_exit", "sweep", "clean", "columns", "total"):
         assert step in printed and "f evaluations" in printed
     assert not out.exists()
+
+
+def test_the_entropy_defense_runs_from_the_command_line(tmp_path: Path, capsys) -> None:
+    """``--entropy_defense true``: the defense's step runs after the columns (its adaptive
+    AutoAttack too, AutoAttack being among the attacks) and the report carries it; a solver
+    threshold below one round of the defense is refused before work."""
+    out = tmp_path / "out"
+    model = ["--model", "small_conv_deq", "--model-arg", "in_channels=1", "--model-arg",
+             "image_size=8", "--training-gradient", "phantom", "--n-dev", "4", "--n-test", "6"]
+    defense = ["--entropy_defense", "true", "--entropy-steps", "2", "--entropy_step", "0.025",
+               "--entropy_eps", "0.1"]  # fmt: skip
+    argv = ["evaluate", *model, "--threshold", "3", *TINY, *defense, "--out-dir", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    entropy = results["entropy_defense"]
+    assert entropy["settings"]["defense"] == {"steps": 2, "step": 0.025, "eps": 0.1, "every": 2}
+    assert entropy["settings"]["threat"]["eps"] == 0.1 and entropy["settings"]["n"] == 6
+    assert {"non-adaptive PGD", "adaptive PGD (BPTT)", "adaptive AutoAttack",
+            "adaptive worst case"} <= set(entropy["correct"])  # fmt: skip
+    worst, authors = entropy["adaptive_worst_case"], entropy["non_adaptive"]
+    assert worst["accuracy"] <= authors["accuracy"] and worst["n"] == 6
+    assert "entropy_defense" in results["timings"]
+    assert "## Input-entropy-reduction defense" in (out / "results.md").read_text()
+    assert "adaptive worst case" in (out / "results.tex").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--dry-run", "true"]) == 0  # its cost is not counted in advance
+    assert "columns of unknown cost: entropy defense" in capsys.readouterr().out
+    refused = ["evaluate", *model, "--threshold", "1", *TINY, *defense, "--out-dir", str(out)]
+    assert main(refused) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("deq-attacks evaluate: the solver's threshold 1 is below the defense's 2 "
+                   "solver steps per round")  # fmt: skip

@@ -4,11 +4,15 @@ least as strong as the authors' non-adaptive one."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
 from attack_fixtures import assert_valid_adversarial
-from evaluation_fixtures import splits, tiny_estimator
+from evaluation_fixtures import TINY, splits, tiny_estimator
+from test_evaluation_protocol import forbid_computation
 
 from deq_attacks import FixedPointIteration, PhantomGradient
 from deq_attacks.deq.entropy import (
@@ -17,11 +21,12 @@ from deq_attacks.deq.entropy import (
     lower_entropy,
     prediction_entropy,
 )
-from deq_attacks.evaluation import ThreatModel
+from deq_attacks.evaluation import ThreatModel, evaluate_model, markdown_report
 from deq_attacks.evaluation.entropy_defense import (
     EntropyDefendedModule,
     evaluate_entropy_defense,
 )
+from deq_attacks.evaluation.latex import latex_table
 from deq_attacks.models import mlp_deq
 
 DIGITS = InputEntropyReduction(steps=5, step=0.025, eps=0.1, every=2)
@@ -110,3 +115,86 @@ def test_adaptive_attacks_are_at_least_as_strong_as_the_authors_non_adaptive_one
         np.testing.assert_array_equal(values, again.correct[column], err_msg=column)
     with pytest.raises(ValueError, match="without preprocessing"):
         evaluate_entropy_defense(tiny_estimator(preprocessing=(0.2, 0.7)), x, y, threat, DIGITS)
+
+
+#: The tiny protocol with the defense on (PGD only, the defense's settings as DIGITS).
+DEFENDED = dataclasses.replace(
+    TINY, attacks="pgd", bptt=False, entropy_defense=True, entropy_steps=DIGITS.steps,
+    entropy_step=DIGITS.step, entropy_eps=DIGITS.eps, entropy_every=DIGITS.every,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def defended_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("entropy") / "store.jsonl"
+    dev, test = splits()
+    report = evaluate_model(tiny_estimator(trained=True), test, dev, DEFENDED, store_path=path)
+    return path, report
+
+
+def test_the_protocol_reports_the_defense_non_adaptive_and_adaptive(defended_run) -> None:
+    _, report = defended_run
+    result = report.entropy_defense
+    assert result is not None and "entropy_defense" in report.timings
+    worst = result.correct["adaptive worst case"]
+    assert worst.mean() <= result.accuracy("non-adaptive PGD")[0]
+    assert (worst <= result.correct["clean"]).all() and len(worst) == 16
+    # the protocol's step is evaluate_entropy_defense itself, per sample (blocks of 8 here)
+    _, (x, y) = splits()
+    direct = evaluate_entropy_defense(
+        tiny_estimator(trained=True), x, y, DEFENDED.threat, DIGITS, seed=0, batch_size=16
+    )
+    for column, values in direct.correct.items():
+        np.testing.assert_array_equal(result.correct[column], values, err_msg=column)
+    assert result.settings == direct.settings
+    saved = json.loads(json.dumps(report.to_json()))["entropy_defense"]
+    assert saved["kind"]["non-adaptive PGD"] == "non-adaptive"
+    assert saved["kind"]["adaptive PGD (BPTT)"] == "adaptive"
+    assert saved["kind"]["clean undefended"] == "undefended"
+    assert "not an adaptive attack" in saved["non_adaptive"]["note"]
+    assert saved["adaptive_worst_case"]["k"] == int(worst.sum())
+    assert saved["adaptive_worst_case"]["low"] <= saved["adaptive_worst_case"]["accuracy"]
+    assert saved["correct"]["adaptive worst case"] == worst.tolist()
+    # it is no readout: the headline's defenses are the readouts
+    assert [r.defense for r in report.robustness()] == ["final", "early", "ensemble"]
+    text = markdown_report(report, "t")
+    assert "## Input-entropy-reduction defense" in text and "is not adaptive" in text
+    worst_row = f"| adaptive worst case | adaptive worst case | {100 * worst.mean():.1f} ["
+    assert worst_row in text
+    assert "adaptive worst case" in latex_table(report)
+
+
+def test_a_rerun_resumes_the_defense_and_it_stays_out_of_a_plain_runs_fingerprint(
+    defended_run, monkeypatch
+) -> None:
+    path, report = defended_run
+    dev, test = splits()
+    # a run without the defense has the fingerprint of a run from before the option
+    assert "entropy_steps" in report.settings["fingerprint"]["config"]
+    plain = dataclasses.replace(TINY, attacks="pgd", bptt=False)
+    off = evaluate_model(tiny_estimator(trained=True), test, dev, plain)
+    assert not any(k.startswith("entropy") for k in off.settings["fingerprint"]["config"])
+    assert off.entropy_defense is None and "entropy_defense" not in off.to_json()
+    assert "entropy_defense" not in off.timings
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished step was recomputed")
+
+    monkeypatch.setattr("deq_attacks.evaluation.protocol.evaluate_entropy_defense", fail)
+    forbid_computation(monkeypatch, fail)
+    again = evaluate_model(tiny_estimator(trained=True), test, dev, DEFENDED, store_path=path)
+    assert again.entropy_defense is not None and report.entropy_defense is not None
+    assert again.entropy_defense.to_json() == report.entropy_defense.to_json()
+
+
+def test_the_defenses_settings_are_checked_before_work() -> None:
+    with pytest.raises(ValueError, match="entropy_steps set but entropy_defense is off"):
+        dataclasses.replace(TINY, entropy_steps=3)
+    with pytest.raises(ValueError, match="entropy_eps must be in"):
+        dataclasses.replace(TINY, entropy_defense=True, entropy_eps=2.0)
+    dev, test = splits()
+    too_few = dataclasses.replace(TINY, entropy_defense=True, entropy_every=5)
+    with pytest.raises(ValueError, match="threshold 4 is below the defense's 5 solver steps"):
+        evaluate_model(tiny_estimator(trained=True), test, dev, too_few)
+    with pytest.raises(ValueError, match="without preprocessing"):
+        evaluate_model(tiny_estimator(preprocessing=(0.2, 0.7)), test, dev, DEFENDED)

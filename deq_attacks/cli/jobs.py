@@ -177,6 +177,8 @@ def evaluate(args: Namespace, config: EvaluationConfig) -> int:
         built = build_model(args)
         deq = built.model.to(args.device)
         classes = check_model_fits_data(deq, split, args.device)
+        if config.entropy_settings is not None:  # a round of the defense fits the solver
+            config.entropy_settings.rounds(deq.solver.threshold)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
         return fail("evaluate", error)
     print(split.summary())

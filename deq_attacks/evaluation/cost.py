@@ -203,7 +203,8 @@ def expected_costs(
     verdict modes are bounded by the table (verdict: and the cover on the development
     split).
 
-    Returns ``{"steps": {step: f evaluations}, "unknown_columns": [labels], "bound": whether
+    Returns ``{"steps": {step: f evaluations}, "unknown_columns": [labels; "entropy defense"
+    for its step when on], "bound": whether
     the columns' figure is an upper bound, "countable", "units": estimate repr -> [forward,
     gradient] f evaluations per sample}`` (every sweep candidate and its ensemble among them;
     a DEQ without an ``f`` module: no steps, ``countable`` False)."""
@@ -251,6 +252,8 @@ def expected_costs(
             continue
         per_sample += cost * (1 if column.shared else defenses)
     steps["columns"] = n_test * per_sample
+    if config.entropy_defense:  # its inner input updates are not counted in advance
+        unknown.append("entropy defense")
     if config.mode is Mode.VERDICT:
         steps["columns"] += n_dev * per_sample  # the cover on the development split
     bound = config.mode is not Mode.TABLE

@@ -126,6 +126,33 @@ def autograd_gradient(module: Callable[[Tensor], Tensor]) -> Callable[[Tensor, T
     return gradient
 
 
+#: The authors' column and the per-sample worst case over the adaptive attacks.
+NON_ADAPTIVE, WORST = "non-adaptive PGD", "adaptive worst case"
+
+#: What each kind of column is (``kind``).
+KINDS = {
+    "clean": "the defended prediction of the clean image",
+    "undefended": "the undefended DEQ (a reference, not the defense)",
+    "non-adaptive": "PGD crafted with the defense off, scored with it on: the authors' "
+    "evaluation, not an adaptive attack",
+    "adaptive": "an attack on the defended model itself",
+    "adaptive worst case": "per sample: correct under the defense clean and after every "
+    "adaptive attack",
+}
+
+
+def kind(column: str) -> str:
+    """The kind of a column (a key of ``KINDS``)."""
+    if column.endswith("undefended"):
+        return "undefended"
+    named = {"clean": "clean", NON_ADAPTIVE: "non-adaptive", WORST: "adaptive worst case"}
+    if column in named:
+        return named[column]
+    if column.startswith("adaptive"):
+        return "adaptive"
+    raise ValueError(f"no entropy-defense column {column!r}")
+
+
 @dataclass
 class EntropyDefenseResult:
     """Per-sample correctness under the defense, per column (module docstring).
@@ -153,10 +180,19 @@ class EntropyDefenseResult:
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
+        """The settings; per column its kind (``kind``), accuracy with interval and per-sample
+        flags; the authors' non-adaptive number and the adaptive worst case, labelled."""
+        accuracy = {c: dict(zip(("accuracy", "low", "high"), self.accuracy(c), strict=True))
+                    for c in self.correct}  # fmt: skip
+        worst = self.correct[WORST]
         return {
             "settings": self.settings,
-            "accuracy": {c: dict(zip(("accuracy", "low", "high"), self.accuracy(c)))
-                         for c in self.correct},  # fmt: skip
+            "kind": {c: kind(c) for c in self.correct},
+            "non_adaptive": {**accuracy[NON_ADAPTIVE], "column": NON_ADAPTIVE,
+                             "note": KINDS["non-adaptive"]},  # fmt: skip
+            "adaptive_worst_case": {**accuracy[WORST], "k": int(worst.sum()), "n": len(worst),
+                                    "note": KINDS["adaptive worst case"]},  # fmt: skip
+            "accuracy": accuracy,
             "correct": {c: v.astype(bool).tolist() for c, v in self.correct.items()},
         }
 
@@ -173,6 +209,7 @@ def evaluate_entropy_defense(
     seed: int = 0,
     batch_size: int = 50,
     progress: Callable[[str], None] | None = None,
+    index: np.ndarray | None = None,
 ) -> EntropyDefenseResult:
     """The defense's columns on (x, y) (module docstring).
 
@@ -189,16 +226,13 @@ def evaluate_entropy_defense(
         seed: per-sample seeds of every random start.
         batch_size: samples per attack batch (results do not depend on it).
         progress: told of each column.
+        index: the samples' ids (S,) for their per-sample seeds (default 0..S-1): a sample's
+            result does not depend on the part of a split it is evaluated in.
     """
-    if any(
-        not (np.all(op.mean == 0) and np.all(op.std == 1))
-        for op in estimator.preprocessing_operations
-        if hasattr(op, "mean")
-    ) or estimator.preprocessing_defences:
-        raise ValueError(
-            "the entropy defense updates the pixels the DEQ receives: give an estimator "
-            "without preprocessing (normalise inside the model)"
-        )
+    check_defendable(estimator, defense)
+    ids = np.arange(len(x)) if index is None else np.asarray(index, dtype=np.int64)
+    if ids.shape != (len(x),):
+        raise ValueError(f"index must give one id per sample ({len(x)}), got {ids.shape}")
     say = progress or (lambda _text: None)
     deq = estimator.deq
     craft = craft_estimate if craft_estimate is not None else BackpropThroughSolver()
@@ -213,22 +247,23 @@ def evaluate_entropy_defense(
 
     for start in range(0, len(x), batch_size):
         part = np.arange(start, min(start + batch_size, len(x)))
+        seeds = ids[part]
         xb = torch.as_tensor(x[part], device=device)
         yb = torch.as_tensor(y[part], device=device)
         found: dict[str, np.ndarray] = {}
         with torch.no_grad():
             found["clean undefended"] = (undefended.predict(x[part]).argmax(1) == y[part])
         found["clean"] = defended_correct(xb, yb)
-        say(f"samples {part[0]}..{part[-1]}: non-adaptive PGD (crafted without the defense)")
+        say(f"samples {seeds[0]}..{seeds[-1]}: non-adaptive PGD (crafted without the defense)")
         crafted = fixed_step_pgd(
-            undefended, craft, x[part], y[part], threat, seed=SampleSeeds(seed, "pgd", part)
+            undefended, craft, x[part], y[part], threat, seed=SampleSeeds(seed, "pgd", seeds)
         )
         crafted_t = torch.as_tensor(crafted, device=device)
         with torch.no_grad():
             found["non-adaptive PGD, undefended"] = (
                 undefended.predict(crafted).argmax(1) == y[part]
             )
-        found["non-adaptive PGD"] = defended_correct(crafted_t, yb)
+        found[NON_ADAPTIVE] = defended_correct(crafted_t, yb)
         gradients = {
             "BPTT": autograd_gradient(modules["bptt"]),
             "BPDA": autograd_gradient(modules["bpda"]),
@@ -237,33 +272,61 @@ def evaluate_entropy_defense(
             ),
         }
         for name, gradient in gradients.items():
-            say(f"samples {part[0]}..{part[-1]}: adaptive PGD ({name})")
+            say(f"samples {seeds[0]}..{seeds[-1]}: adaptive PGD ({name})")
             adv = defense_aware_pgd(
-                gradient, modules["bptt"], xb, yb, threat, SampleSeeds(seed, "pgd", part)
+                gradient, modules["bptt"], xb, yb, threat, SampleSeeds(seed, "pgd", seeds)
             )
             found[f"adaptive PGD ({name})"] = defended_correct(adv, yb)
         if autoattack is not None:
-            say(f"samples {part[0]}..{part[-1]}: adaptive AutoAttack")
+            say(f"samples {seeds[0]}..{seeds[-1]}: adaptive AutoAttack")
             outcome = run_standard_autoattack(
                 modules["bptt"], xb, yb, threat.eps, autoattack, estimator.nb_classes,
-                SampleSeeds(seed, "autoattack", part), norm=threat.norm,
+                SampleSeeds(seed, "autoattack", seeds), norm=threat.norm,
             )  # fmt: skip
             found["adaptive AutoAttack"] = outcome.survived
         for name, values in found.items():
             columns.setdefault(name, []).append(np.asarray(values, dtype=bool))
     correct = {name: np.concatenate(parts) for name, parts in columns.items()}
     adaptive = [c for c in correct if c.startswith("adaptive")]
-    correct["adaptive worst case"] = np.logical_and.reduce(
+    correct[WORST] = np.logical_and.reduce(
         [correct["clean"], *(correct[c] for c in adaptive)]
     )
-    settings = {
+    return EntropyDefenseResult(
+        correct, defense_settings(threat, defense, craft, autoattack, seed, len(x))
+    )
+
+
+def check_defendable(estimator: DEQEstimator, defense: InputEntropyReduction) -> None:
+    """Raise (one line) unless the defense can run on ``estimator``: no preprocessing (it
+    updates the pixels the DEQ receives) and a solver threshold of at least one round."""
+    if any(
+        not (np.all(op.mean == 0) and np.all(op.std == 1))
+        for op in estimator.preprocessing_operations
+        if hasattr(op, "mean")
+    ) or estimator.preprocessing_defences:
+        raise ValueError(
+            "the entropy defense updates the pixels the DEQ receives: give an estimator "
+            "without preprocessing (normalise inside the model)"
+        )
+    defense.rounds(estimator.deq.solver.threshold)
+
+
+def defense_settings(
+    threat: ThreatModel,
+    defense: InputEntropyReduction,
+    craft: GradientEstimate,
+    autoattack: AutoAttackSettings | None,
+    seed: int,
+    n: int,
+) -> dict[str, Any]:
+    """The settings (JSON) of ``evaluate_entropy_defense``'s result on ``n`` samples."""
+    return {
         "threat": to_jsonable(threat),
         "defense": to_jsonable(defense),
         "craft_estimate": repr(craft),
         "autoattack": None if autoattack is None else autoattack.describe(),
         "seed": seed,
-        "n": len(x),
+        "n": n,
         "eot": "none: the defense is deterministic (EOT would average identical gradients)",
     }
-    return EntropyDefenseResult(correct, settings)
 

@@ -21,6 +21,11 @@ Named steps over one ``RunContext``:
    dependence, gradient health, Exact backward, alignment, spectral radius; with bf16 attacks
    the ready-made PGD again in fp32).
 6. ``diagnostics``: checks that judge those numbers.
+7. ``entropy_defense`` (with ``EvaluationConfig.entropy_defense``; it runs after the columns,
+   before the measurements): the follow-up's input-entropy-reduction defense on the test
+   split (``evaluate_entropy_defense``, under the run's threat model and seed): its authors'
+   non-adaptive column and the adaptive ones, block by block. Reported beside the readouts, it
+   does not count in the white-box robustness.
 
 Every finished step and every finished block of an attack is stored under a fingerprint of
 the settings, the weights and the data; a rerun resumes from it (a finished run computes
@@ -41,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from deq_attacks.deq.convergence import ConvergenceLog
+from deq_attacks.deq.entropy import InputEntropyReduction
 from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
 from deq_attacks.evaluation.aggregate import choose_early_exit, tied_best
 from deq_attacks.evaluation.attacks import Column
@@ -58,9 +64,15 @@ from deq_attacks.evaluation.cost import (
 )
 from deq_attacks.evaluation.diagnostics import eot_draws_for, judge
 from deq_attacks.evaluation.distributed import Shards
+from deq_attacks.evaluation.entropy_defense import (
+    EntropyDefenseResult,
+    check_defendable,
+    defense_settings,
+    evaluate_entropy_defense,
+)
 from deq_attacks.evaluation.measurements import measure, repeated_forwards
 from deq_attacks.evaluation.result import EvaluationReport, build_report
-from deq_attacks.evaluation.settings import EvaluationConfig, Mode
+from deq_attacks.evaluation.settings import ENTROPY_FIELDS, EvaluationConfig, Mode
 from deq_attacks.evaluation.shared_runs import clean_scores, shared_pgd_scores
 from deq_attacks.evaluation.store import ResultStore, data_hash, weights_hash
 from deq_attacks.evaluation.sweep import run_sweep
@@ -101,6 +113,9 @@ def evaluate_model(
     (x, y), (x_dev, y_dev) = test, development
     check_split("test", x, y, estimator)
     check_split("development", x_dev, y_dev, estimator)
+    entropy = config.entropy_settings
+    if entropy is not None:
+        check_defendable(estimator, entropy)
     extras = dict(extra_estimates or {})
     for label, estimate in extras.items():
         if not isinstance(estimate, GradientEstimate):
@@ -114,6 +129,9 @@ def evaluate_model(
     settings = to_jsonable(config)
     if config.norm == "Linf":  # added later: left out at its default, earlier stores resume
         del settings["norm"]
+    if not config.entropy_defense:  # the same
+        for name in ("entropy_defense", *(f"entropy_{n}" for n in ENTROPY_FIELDS)):
+            del settings[name]
     fingerprint = {
         "config": settings,
         "batch_size": shards.block_size,
@@ -174,6 +192,10 @@ def evaluate_model(
             else:
                 with ctx.step("columns"):
                     cells = table_cells(ctx, columns, defenses)
+            entropy_result = None
+            if entropy is not None:
+                with ctx.step("entropy_defense"):
+                    entropy_result = entropy_defense_step(ctx, entropy)
             with ctx.step("measurements"):
                 measured = measure(ctx, estimates, defenses)
             checks = judge(ctx, defenses, columns, cells, clean, measured)
@@ -181,7 +203,7 @@ def evaluate_model(
             store.put("convergence", convergence)
     return build_report(
         ctx, fingerprint, dev, defenses, (chosen, sweep, plan), estimates, columns, clean,
-        cells, checks, convergence, audits, cost,
+        cells, checks, convergence, audits, cost, entropy_result,
     )  # fmt: skip
 
 
@@ -329,6 +351,39 @@ def clean_step(ctx: RunContext, defenses: Mapping[str, Readout]) -> dict[str, np
         return arrays(done)
     scores = clean_scores(ctx.estimator, ctx.x, ctx.y, defenses, ctx.shards)
     return arrays(ctx.store.put("clean", scores))
+
+
+def entropy_defense_step(
+    ctx: RunContext, defense: InputEntropyReduction
+) -> EntropyDefenseResult:
+    """The input-entropy-reduction defense on the test split (``evaluate_entropy_defense``)
+    under the run's threat model and seed, block by block (each finished block stored); the
+    adaptive AutoAttack runs when ``autoattack`` is among the run's attacks, with its budgets.
+    Its attacks take single-draw gradients: on a randomized model (EOT on) its settings say
+    so."""
+    config = ctx.config
+    autoattack = config.autoattack_settings if "autoattack" in config.attack_list else None
+    craft = BackpropThroughSolver()
+
+    def block(index: np.ndarray) -> dict[str, np.ndarray]:
+        result = evaluate_entropy_defense(
+            ctx.estimator, ctx.x[index], ctx.y[index], ctx.threat, defense,
+            craft_estimate=craft, autoattack=autoattack, seed=config.seed,
+            batch_size=ctx.batch, progress=ctx.say, index=index,
+        )  # fmt: skip
+        return {"index": index, **result.correct}
+
+    ctx.say("test split: the input-entropy-reduction defense, non-adaptive and adaptive")
+    found = ctx.blockwise("entropy_defense", block, np.arange(len(ctx.x)))
+    correct = {k: v.astype(bool) for k, v in found.items() if k != "index"}
+    settings = defense_settings(ctx.threat, defense, craft, autoattack, config.seed, len(ctx.x))
+    if config.eot_draws > 1:
+        settings["eot"] = (
+            f"not applied: the run's gradient columns average {config.eot_draws} draws, but "
+            "the defense's attacks take single-draw gradients; on a randomized model its "
+            "accuracies may overstate robustness"
+        )
+    return EntropyDefenseResult(correct, settings)
 
 
 def merged(

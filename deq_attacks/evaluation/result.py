@@ -17,6 +17,7 @@ from deq_attacks.evaluation.aggregate import (
     wilson_interval,
 )
 from deq_attacks.evaluation.diagnostics import Check
+from deq_attacks.evaluation.entropy_defense import EntropyDefenseResult
 from deq_attacks.evaluation.store import jsonable
 from deq_attacks.gradients import GradientEstimate, estimate_spec
 from deq_attacks.records import to_jsonable
@@ -57,6 +58,8 @@ class EvaluationReport:
             it broke, the escalated columns and the bound (``verdict.audit``).
         cost: the expected f evaluations per step before the work, the seconds per f
             evaluation of the timed batch and the expected wall time (``estimate_cost``).
+        entropy_defense: the input-entropy-reduction defense's columns (``--entropy_defense``;
+            None when off). Not a readout: it does not count in ``robustness()``.
     """
 
     settings: dict[str, Any]
@@ -77,6 +80,7 @@ class EvaluationReport:
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     audit: dict[str, dict[str, Any]] = field(default_factory=dict)
     cost: dict[str, Any] = field(default_factory=dict)
+    entropy_defense: EntropyDefenseResult | None = None
 
     @property
     def mode(self) -> str:
@@ -154,6 +158,7 @@ class EvaluationReport:
         }
 
     def to_json(self) -> dict[str, Any]:
+        """Every field as JSON; ``entropy_defense`` only when the defense was evaluated."""
         per_sample = self.robustness()
         robust: dict[str, Any] = {"per_sample": best_defense(per_sample).__dict__}
         per_defense: dict[str, Any] = {"per_sample": [r.__dict__ for r in per_sample]}
@@ -188,6 +193,8 @@ class EvaluationReport:
                 "timings": self.timings,
                 "audit": self.audit,
                 "cost": self.cost_record(),
+                **({} if self.entropy_defense is None else
+                   {"entropy_defense": self.entropy_defense.to_json()}),  # fmt: skip
             }
         )
 
@@ -210,6 +217,7 @@ def build_report(
     convergence: list[dict[str, Any]],
     audits: Mapping[str, dict[str, Any]] | None = None,
     cost: Mapping[str, Any] | None = None,
+    entropy_defense: EntropyDefenseResult | None = None,
 ) -> EvaluationReport:
     """The report of a finished run."""
     chosen, entries, plan = sweep
@@ -253,4 +261,5 @@ def build_report(
         timings={k: dict(v) for k, v in ctx.timings.items()},
         audit={k: dict(v) for k, v in (audits or {}).items()},
         cost=dict(cost or {}),
+        entropy_defense=entropy_defense,
     )

@@ -9,7 +9,7 @@ objects and never runs the ``TYPE_CHECKING`` imports (torch) to resolve them."""
 
 import enum
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel, check_budget
@@ -17,8 +17,13 @@ from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel, check
 if TYPE_CHECKING:
     import torch
 
+    from deq_attacks.deq.entropy import InputEntropyReduction
     from deq_attacks.gradients import FamilyPlan, PerStepEstimate
     from deq_attacks.solvers import Solver
+
+#: The entropy defense's settings: ``InputEntropyReduction``'s fields, ``entropy_<name>`` in
+#: ``EvaluationConfig``.
+ENTROPY_FIELDS = ("steps", "step", "eps", "every")
 
 #: Attack batch (= shard block) when ``batch_size`` is None, by device type.
 DEFAULT_BATCH = {"cpu": 100, "cuda": 500}
@@ -199,6 +204,19 @@ class EvaluationConfig:
     """The grid of intermediate attacks (on the command line: --sweep FAMILY.PARAM=VALUES)."""
     norm: str = "Linf"
     """Threat model: Linf or L2 (RobustBench's names); every attack column runs under it."""
+    entropy_defense: bool = False
+    """Also evaluate the follow-up's input-entropy-reduction defense (Yang et al. 2023) on the
+    test split, as its authors did (PGD crafted with the defense off: not adaptive) and
+    adaptively (the exact gradient through it, BPDA; AutoAttack when among the attacks);
+    reported beside the readouts, not in the white-box robustness (docs/defenses.md)."""
+    entropy_steps: int = 10
+    """The entropy defense: signed-gradient steps on the input per round (paper 10)."""
+    entropy_step: float = 2 / 255
+    """The entropy defense: size of each input step (paper 2/255)."""
+    entropy_eps: float = 8 / 255
+    """The entropy defense: L-inf radius its input updates stay in (paper 8/255)."""
+    entropy_every: int = 2
+    """The entropy defense: solver steps per round (paper 2; at most the solver's threshold)."""
 
     def __post_init__(self) -> None:
         from deq_attacks.evaluation.attacks import PRECISIONS, attack_class, parse_attacks
@@ -273,10 +291,42 @@ class EvaluationConfig:
             check_compile_backend(self.compile_backend)
         if not isinstance(self.sweep, SweepConfig):
             raise TypeError(f"sweep must be a SweepConfig, got {self.sweep!r}")
+        self._check_entropy_defense()
+
+    def _check_entropy_defense(self) -> None:
+        """The entropy defense's settings are valid, and given only with the defense on."""
+        from deq_attacks.deq.entropy import InputEntropyReduction
+
+        if not isinstance(self.entropy_defense, bool):
+            raise TypeError(f"entropy_defense must be true or false, got {self.entropy_defense!r}")
+        values = {name: getattr(self, f"entropy_{name}") for name in ENTROPY_FIELDS}
+        try:
+            InputEntropyReduction(**values)
+        except ValueError as error:
+            raise ValueError(f"entropy_{error}") from None
+        if not self.entropy_defense:
+            defaults = {f.name: f.default for f in fields(self)}
+            given = [f"entropy_{n}" for n, v in values.items() if v != defaults[f"entropy_{n}"]]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} set but entropy_defense is off (give --entropy_defense "
+                    "true to evaluate the defense)"
+                )
 
     @property
     def threat(self) -> ThreatModel:
         return ThreatModel(self.eps, self.step, self.steps, norm=self.norm)
+
+    @property
+    def entropy_settings(self) -> "InputEntropyReduction | None":
+        """The entropy defense's settings, None when it is off."""
+        if not self.entropy_defense:
+            return None
+        from deq_attacks.deq.entropy import InputEntropyReduction
+
+        return InputEntropyReduction(
+            **{name: getattr(self, f"entropy_{name}") for name in ENTROPY_FIELDS}
+        )
 
     @property
     def autoattack_settings(self) -> AutoAttackSettings:
