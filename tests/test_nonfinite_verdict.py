@@ -64,7 +64,7 @@ def test_defended_model_answers_an_empty_batch() -> None:
     assert x.grad is not None and x.grad.shape == x.shape
 
 
-@pytest.mark.parametrize("mode", [Mode.TABLE, Mode.CASCADE])
+@pytest.mark.parametrize("mode", [Mode.TABLE, Mode.CASCADE, Mode.VERDICT])
 def test_a_deq_nan_away_from_the_input_is_never_robust(mode: Mode) -> None:
     dev, test = splits(8, 8)
     config = dataclasses.replace(TINY, mode=mode, bptt=False, diagnostic_samples=2)
