@@ -34,6 +34,7 @@ from deq_attacks.evaluation import (
 )
 from deq_attacks.evaluation.cost import counting_f, racing_rounds
 from deq_attacks.evaluation.distributed import Shards
+from deq_attacks.evaluation.sweep import margin_rank_sums, race
 
 TARGET = 3
 """The class the one-class attack breaks."""
@@ -176,7 +177,39 @@ def test_the_race_picks_the_grids_clear_winner_for_less_work() -> None:
     assert all(e["race"][0]["images"] == 4 for e in raced)  # the first round: an eighth
     winner = next(e for e in raced if e["chosen"])
     assert [r["images"] for r in winner["race"]] == [4, 8, 16, 32]
-    assert sum(e["images"] for e in raced) < 8 * 32
+    # every round halves, ties on accuracy broken by the margin rank sums: 8, 4, 2, 1
+    for number, alive in enumerate([8, 4, 2, 1]):
+        assert sum(len(e["race"]) > number for e in raced) == alive
+    assert sum(e["images"] for e in raced) == 8 * 4 + 4 * 4 + 2 * 8 + 16
+    for e in raced:
+        for r in e["race"][:-1]:
+            assert r["goes_on"]
+        if not e["chosen"]:
+            assert e["race"][-1]["goes_on"] is False and e["race"][-1]["margin_rank_sum"] > 0
+
+
+def test_the_race_breaks_accuracy_ties_by_the_margin_rank_sums() -> None:
+    # three candidates on three images: A and B tie on accuracy, A's margins are lower
+    a, b, c = np.array([-1.0, 0.5, 2.0]), np.array([-0.5, 1.0, 3.0]), np.array([1.0, -np.inf, 0.1])
+    np.testing.assert_allclose(margin_rank_sums([a, b, c]), [1 + 2 + 2, 2 + 3 + 3, 3 + 1 + 1])
+    np.testing.assert_allclose(margin_rank_sums([a, a]), [4.5, 4.5])  # equal: the mean rank, 1.5
+    accuracy = {"A": 1 / 3, "B": 1 / 3, "C": 1 / 3, "D": 2 / 3}
+    margins = {"A": a, "B": b, "C": c, "D": np.array([2.0, 2.0, 2.0])}
+    rounds = {"A": [], "B": [], "C": [], "D": []}
+
+    def score(name: str, indices: np.ndarray) -> dict[str, np.ndarray]:
+        rounds[name].append(len(indices))
+        right = np.arange(3) < round(3 * accuracy[name])
+        return {"defense/early": right[indices], "margin/early": margins[name][indices],
+                "states": right[indices, None]}  # fmt: skip
+
+    entries, pick = race(list("ABCD"), 3, "early", score, lambda e, s: {"estimate": e})
+    # image 0: all four right; the lowest margins (A -1.0, B -0.5) go on; images 0-1: A and
+    # B both 50%, A's margins lower: A alone goes on
+    assert rounds == {"A": [1, 1, 1], "B": [1, 1], "C": [1], "D": [1]}
+    b_race = next(e for e in entries if e["estimate"] == "B")["race"]
+    assert b_race[-1]["goes_on"] is False and b_race[-1]["accuracy"] == 0.5
+    assert pick == 0 and [e["estimate"] for e in entries if e["chosen"]] == ["A"]
 
 
 def test_the_race_stops_at_the_floor() -> None:

@@ -35,20 +35,34 @@ def correct(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.argmax(1) == y) & torch.isfinite(logits).all(1)
 
 
+def margin(logits: Tensor, y: Tensor) -> Tensor:
+    """float (B,): the label's logit minus the largest other one (negative: misclassified;
+    -inf where ``logits`` (B, K) are not all finite, as ``correct`` never counts them)."""
+    true = logits.gather(1, y[:, None])[:, 0]
+    others = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+    return torch.where(torch.isfinite(logits).all(1), true - others, float("-inf"))
+
+
 def score_readouts(
     estimator: DEQEstimator,
     x: np.ndarray,
     y: np.ndarray,
     defenses: Mapping[str, Readout],
     batch_size: int,
+    *,
+    margins: bool = False,
 ) -> dict[str, np.ndarray]:
     """Per-sample correctness of each defense and of each raw iterate, from one solve per batch.
+
+    Args:
+        margins: also return each defense's ``margin`` (the racing sweep's tie-break).
 
     Returns:
         ``"defense/<name>"``: bool (B,) for each defense (``correct``: finite and right);
         ``"finite/<name>"``: bool (B,) whether the defense's logits are all finite;
         ``"states"``: bool (B, N) whether ``z_n`` classifies the sample correctly (n = 1..N,
-        the solver's threshold); ``"residuals"``: float (B, N) relative residual of ``z_n``.
+        the solver's threshold); ``"residuals"``: float (B, N) relative residual of ``z_n``;
+        with ``margins``, ``"margin/<name>"``: float (B,) for each defense.
     """
     deq = estimator.deq
     threshold = deq.solver.threshold
@@ -56,6 +70,8 @@ def score_readouts(
         readout.check(threshold)
     out: dict[str, list[np.ndarray]] = {f"defense/{k}": [] for k in defenses}
     out.update({f"finite/{k}": [] for k in defenses})
+    if margins:
+        out.update({f"margin/{k}": [] for k in defenses})
     out["states"], out["residuals"] = [], []
     was_training = deq.training
     deq.eval()
@@ -70,6 +86,8 @@ def score_readouts(
                     logits = deq.logits(readout.state(deq, trajectory, injection), injection)
                     out[f"defense/{name}"].append(correct(logits, yb).cpu().numpy())
                     out[f"finite/{name}"].append(torch.isfinite(logits).all(1).cpu().numpy())
+                    if margins:
+                        out[f"margin/{name}"].append(margin(logits, yb).cpu().numpy())
                 states = [
                     correct(deq.logits(trajectory.state(n), injection), yb)
                     for n in range(1, threshold + 1)

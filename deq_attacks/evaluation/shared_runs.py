@@ -27,6 +27,7 @@ def shared_pgd_scores(
     *,
     seed: int = 0,
     indices: np.ndarray | None = None,
+    margins: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run the threat model's fixed-step PGD (its eps, step and steps) with ``estimate`` once
     per block, from the per-sample random starts of ``seed``, and score its adversarial
@@ -35,6 +36,7 @@ def shared_pgd_scores(
     Args:
         indices: the samples of ``x`` to attack (default all); a sample's result does not
             depend on which others are attacked with it (its seeds follow its index).
+        margins: also return each defense's ``"margin/<name>"`` (``score_readouts``).
 
     Returns ``score_readouts``' arrays for the samples: ``"defense/<name>"`` bool (S,),
     ``"states"`` bool (S, N), ``"residuals"`` float (S, N), gathered across processes.
@@ -43,7 +45,7 @@ def shared_pgd_scores(
     def block(part: np.ndarray) -> dict[str, np.ndarray]:
         seeds = SampleSeeds(seed, "pgd", part)
         x_adv = fixed_step_pgd(estimator, estimate, x[part], y[part], threat, seed=seeds)
-        return score_readouts(estimator, x_adv, y[part], defenses, len(x_adv))
+        return score_readouts(estimator, x_adv, y[part], defenses, len(x_adv), margins=margins)
 
     return map_blocks(block, len(x) if indices is None else indices, shards)
 
