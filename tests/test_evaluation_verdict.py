@@ -6,6 +6,7 @@ the grid's winner and stops at the floor; the expected f evaluations match the c
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,7 +33,7 @@ from deq_attacks.evaluation import (
     run_sweep,
     scoped_attacks,
 )
-from deq_attacks.evaluation.cost import counting_f, racing_rounds
+from deq_attacks.evaluation.cost import counting_f, expected_costs, racing_rounds
 from deq_attacks.evaluation.distributed import Shards
 from deq_attacks.evaluation.sweep import margin_rank_sums, race
 
@@ -134,6 +135,57 @@ def test_a_column_that_alone_breaks_samples_is_kept_or_escalated(classes_dev: bo
     saved = verdict.to_json()
     assert saved["settings"]["mode"] == "verdict" and saved["audit"]["final"]["size"] >= 1
     assert "cover" in verdict.timings and "audit" in verdict.timings
+
+
+def test_without_a_cover_the_shared_audit_escalates_what_breaks() -> None:
+    dev, test = _digits(False)
+    with scoped_attacks():
+        register_attack("one-class")(OneClassPGD)
+        table = _run(weak(), dev, test)
+        verdict = _run(weak(mode=Mode.VERDICT, audit_size=4, cover_size=0), dev, test)
+    for defense, robust in table.verdict().items():
+        np.testing.assert_array_equal(verdict.verdict()[defense], robust, err_msg=defense)
+    assert "cover" in verdict.timings and verdict.timings["cover"]["f_evals"] == 0
+    # one random order of the test samples: each defense audits its first 4 survivors in it
+    order = np.random.default_rng([TINY.seed, zlib.crc32(b"audit")]).permutation(len(test[1]))
+    audited = {}
+    for defense, a in verdict.audit.items():
+        assert a["kept"] == ["ready-made PGD"] and a["cover_images"] == 0
+        alive = np.asarray(verdict.clean[defense]) & np.asarray(
+            [v is not False for v in verdict.survived[defense]["ready-made PGD"]]
+        )
+        assert a["survivors"] == int(alive.sum())
+        audited[defense] = sorted(order[alive[order]][:4].tolist())
+        assert a["audited"] == audited[defense]
+        # a cascade: each audited sample counts once, for the column that broke it first
+        row = verdict.survived[defense]
+        first_broken = sum(
+            any(row[c][i] is False for c in a["skipped"]) for i in a["audited"]
+        )  # fmt: skip
+        assert a["broken"] == sum(a["broke"].values()) == first_broken
+        assert set(a["escalated"]) == {c for c, k in a["broke"].items() if k}
+    everywhere = set.intersection(*(set(v) for v in audited.values()))
+    assert everywhere  # the premise: the defenses' survivors overlap
+    assert all(a["shared"] == len(everywhere & set(a["audited"])) for a in verdict.audit.values())
+    assert any("one-class" in a["escalated"] for a in verdict.audit.values())
+
+
+def test_the_cover_size_is_checked_and_cuts_the_expected_cover() -> None:
+    with pytest.raises(ValueError, match="cover_size must be an int >= 0 or None"):
+        EvaluationConfig(cover_size=-1)
+    with pytest.raises(ValueError, match="cover_size must be an int >= 0 or None"):
+        EvaluationConfig(cover_size=True)  # type: ignore[arg-type]
+    data = load_digits()
+    dev = data.x[1200:1216], data.y[1200:1216]
+    estimator = tiny_estimator(trained=True)
+    columns = {
+        size: expected_costs(
+            estimator, weak(attacks="pgd", mode=Mode.VERDICT, cover_size=size), dev, 24
+        )["steps"]["columns"]
+        for size in (None, 8, 0)
+    }
+    per_image = (columns[None] - columns[0]) / 16
+    assert per_image > 0 and columns[8] == pytest.approx(columns[0] + 8 * per_image)
 
 
 @pytest.mark.parametrize("failures,n", [(0, 59), (0, 1), (1, 10), (3, 59), (7, 20), (0, 299)])

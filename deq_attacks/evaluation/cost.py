@@ -254,8 +254,9 @@ def expected_costs(
     steps["columns"] = n_test * per_sample
     if config.entropy_defense:  # its inner input updates are not counted in advance
         unknown.append("entropy defense")
-    if config.mode is Mode.VERDICT:
-        steps["columns"] += n_dev * per_sample  # the cover on the development split
+    if config.mode is Mode.VERDICT:  # the cover on (part of) the development split
+        cover = n_dev if config.cover_size is None else min(config.cover_size, n_dev)
+        steps["columns"] += cover * per_sample
     bound = config.mode is not Mode.TABLE
     return {
         "steps": steps,
