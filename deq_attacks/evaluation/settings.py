@@ -158,8 +158,8 @@ class EvaluationConfig:
     extra breaks bound the missed fraction at 5%, one-sided 95% Clopper-Pearson)."""
     cover_size: int | None = None
     """Verdict mode: development images the cover attacks with every column (a seeded random
-    subset; None: the whole development split; 0: no cover, the ready-made PGD alone is kept
-    and the audit decides what else runs)."""
+    subset; None: the whole development split; 0: no cover, the ready-made PGD and the
+    strongest column alone are kept and the audit decides what else runs)."""
     sweep_mode: SweepMode = SweepMode.RACING
     """RACING: successive halving of the sweep's candidates on growing parts of the
     development split, stopping at 0% robust; GRID: every candidate on the whole split."""
@@ -235,9 +235,7 @@ class EvaluationConfig:
                 f"its ready-made run (attacks: {self.attacks!r})"
             )
         if not isinstance(self.mode, Mode):
-            raise TypeError(
-                f"mode must be a Mode (table, cascade or verdict), got {self.mode!r}"
-            )
+            raise TypeError(f"mode must be a Mode (table, cascade or verdict), got {self.mode!r}")
         if not isinstance(self.sweep_mode, SweepMode):
             raise TypeError(
                 f"sweep_mode must be a SweepMode (racing or grid), got {self.sweep_mode!r}"

@@ -1,10 +1,13 @@
 """Verdict mode: the cascade cut to the columns the development split shows are needed, and an
 audit of the columns it skips.
 
-1. The cover, per defense, on the development split (or on a seeded random subset of
-   ``cover_size`` of its images; 0: no cover, the ready-made PGD alone is kept): the cascade
-   (strongest first, each column on the samples still robust) keeps every column that breaks
-   a development sample no earlier column broke. Of a kept column and a cheaper skipped one
+1. The cover, per defense: the ready-made PGD (the diagnostics read it) and the strongest
+   column (the first of the cascade's per-defense order: the strongest estimate by the
+   development PGD, its attack that looks at the defended output; with BPTT that is
+   typically BPTT AutoAttack) are always kept. On the development split (or on a seeded
+   random subset of ``cover_size`` of its images; 0: no cover) the cascade (strongest first,
+   each column on the samples still robust) keeps every column that breaks a development
+   sample no earlier column broke. Of a kept column and a cheaper skipped one
    that also breaks every sample the kept one broke first, the cheaper is kept instead (cost:
    f evaluations per sample, ``cost``).
 2. The test split: the cascade over the kept columns only.
@@ -39,7 +42,7 @@ import numpy as np
 from deq_attacks.deq.readout import Readout
 from deq_attacks.evaluation.aggregate import clopper_pearson_upper
 from deq_attacks.evaluation.attacks import Column
-from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells, spread
+from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells, cascade_order, spread
 from deq_attacks.evaluation.cells import NOT_RUN, Cells, attack_cells, extras_of
 from deq_attacks.evaluation.context import RunContext, arrays
 from deq_attacks.evaluation.shared_runs import clean_scores
@@ -71,6 +74,12 @@ def verdict_cells(
     """
     ready = next(c.label for c in columns if c.shared and c.estimate == ctx.ready)
     with ctx.step("cover"):
+        strongest = {
+            d: cascade_order(columns, d, strengths)[0].label
+            if np.asarray(clean[f"defense/{d}"]).any()
+            else ready
+            for d in defenses
+        }
         dev_ctx = cover_context(ctx)
         if len(dev_ctx.x_dev):
             ctx.say(
@@ -80,11 +89,11 @@ def verdict_cells(
             dev_clean = _dev_clean(dev_ctx, defenses)
             dev = cascade_cells(dev_ctx, columns, defenses, dev_clean, strengths, development=True)
             covers = {
-                d: cover(dev_ctx, columns, d, readout, dev, costs)
+                d: cover(dev_ctx, columns, d, readout, dev, costs, strongest[d])
                 for d, readout in defenses.items()
             }
         else:
-            covers = {d: ([ready], {}) for d in defenses}
+            covers = {d: (list(dict.fromkeys([ready, strongest[d]])), {}) for d in defenses}
     keep = {d: kept for d, (kept, _) in covers.items()}
     cells = cascade_cells(ctx, columns, defenses, clean, strengths, keep=keep)
     with ctx.step("audit"):
@@ -129,19 +138,21 @@ def cover(
     readout: Readout,
     dev: Cells,
     costs: Mapping[str, float | None],
+    strongest: str,
 ) -> tuple[list[str], dict[str, str]]:
     """The columns the development cascade needs against ``defense`` (each broke a sample no
-    earlier one broke; the ready-made PGD always), a kept column replaced by a cheaper one
-    that breaks every development sample it broke first. Returns (kept labels in run order,
-    kept label -> the cheaper label that replaced it)."""
+    earlier one broke; the ready-made PGD and the ``strongest`` column always), a kept column
+    replaced by a cheaper one that breaks every development sample it broke first. Returns
+    (kept labels in run order, kept label -> the cheaper label that replaced it)."""
     n = len(ctx.x_dev)
     first = np.array(first_breakers(dev, defense, n), dtype=object)
     ready = next(c.label for c in columns if c.shared and c.estimate == ctx.ready)
-    needed = [c for c in dev.order[defense] if c == ready or (first == c).any()]
+    always = (ready, strongest)
+    needed = [c for c in dev.order[defense] if c in always or (first == c).any()]
     kept, swapped = list(needed), {}
     for label in needed:
         cost = costs.get(label)
-        if label == ready or cost is None:
+        if label in always or cost is None:
             continue
         broke = np.flatnonzero(first == label)
         cheaper = sorted(
