@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from deq_attacks.evaluation.settings import EvaluationConfig
     from deq_attacks.interfaces import DEQEstimator
 
-
 @dataclass
 class AutoAttackOutcome:
     """Per-sample results of one AutoAttack run on a batch.

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from deq_attacks.evaluation.settings import EvaluationConfig
     from deq_attacks.interfaces import DEQEstimator
 
-
 class UnrolledSurrogate(nn.Module):
     """The DEQ unrolled to ``depth`` steps as an explicit network: ``z_0`` from the DEQ, then
     ``z_{t+1} = f(z_t; x)`` ``depth`` times, then the head; plain autograd through every step.
@@ -190,9 +189,7 @@ class TransferAPGD(Attack):
         shown = (
             f"DEQ unrolled ({'solver threshold' if self.depth is None else self.depth} steps)"
             if surrogate is None
-            else surrogate
-            if isinstance(surrogate, str)
-            else type(surrogate).__name__
+            else surrogate if isinstance(surrogate, str) else type(surrogate).__name__
         )
         return {
             "surrogate": shown, "attack": "APGD-CE", "budget": self.iterations,
