@@ -142,13 +142,16 @@ def _verdict_rows(
     whole = {k: sum(s.get("f_evals", 0) for n, s in r.timings.items()
                     if n in ("early_exit", "sweep", "clean", "columns", "measurements"))
              for k, r in reports.items()}  # fmt: skip
-    differing = sum(
-        int((table.verdict()[d] != verdict.verdict()[d]).sum()) for d in table.defenses
-    )
+    pairs = disagreements(table, verdict)
+    differing = len(pairs)
+    record = "; ".join(
+        f"{d} #{i}: table broken by {', '.join(cols)}" for d, i, cols in pairs[:12]
+    ) + (f"; and {differing - 12} more" if differing > 12 else "")
     audits = "; ".join(
-        f"{d}: kept {len(a['kept'])} of {len(a['kept']) + len(a['skipped'])}, audit "
-        f"{a['size']} of {a['survivors']} broke {sum(a['broke'].values())}, escalated "
-        f"{len(a['escalated'])}, bound {100 * a['bound']:.1f}%"
+        f"{d}: kept {', '.join(a['kept'])} ({len(a['kept'])} of "
+        f"{len(a['kept']) + len(a['skipped'])}), audit {a['size']} of {a['survivors']} "
+        f"({a['shared']} shared by all defenses) broke {a['broken']}, escalated "
+        f"{', '.join(a['escalated']) or 'none'}, bound {100 * a['bound']:.1f}%"
         for d, a in verdict.audit.items()
     )
     robust = ", ".join(f"{r.defense} {100 * r.accuracy:.0f}%" for r in verdict.robustness())
@@ -162,7 +165,8 @@ def _verdict_rows(
             workload=workload,
             timed=f"evaluate_model's column step, demo model and settings, {len(test[0])} "
             f"test digits, {len(table.columns)} columns x 3 defenses",
-            notes=f"verdicts differ on {differing} (defense, sample) pairs; {audits}; "
+            notes=f"verdicts differ on {differing} (defense, sample) pairs"
+            f"{' (' + record + ')' if pairs else ''}; {audits}; "
             f"per-sample robust {robust}; f evaluations {f_verdict:,} vs {f_table:,}; CPU "
             f"{cpu_verdict:.0f} s vs {cpu_table:.0f} s (ratio {cpu_verdict / cpu_table:.2f}); "
             f"whole run {whole['verdict'] / whole['table']:.2f} in f evaluations",
@@ -198,6 +202,21 @@ def _verdict_rows(
         )
     )
     return rows
+
+
+def disagreements(
+    table: EvaluationReport, verdict: EvaluationReport
+) -> list[tuple[str, int, list[str]]]:
+    """The (defense, test sample) pairs whose verdicts differ, each with the table's columns
+    that broke the sample (empty where the table calls it robust and verdict mode does not:
+    that cannot happen, every break verdict mode finds is the table's)."""
+    out = []
+    for d in table.defenses:
+        differ = np.flatnonzero(table.verdict()[d] != verdict.verdict()[d])
+        for i in differ.tolist():
+            broke = [c for c, row in table.survived[d].items() if row[i] is False]
+            out.append((d, i, broke))
+    return out
 
 
 def _race_row(

@@ -138,6 +138,7 @@ def mode_costs(
     robust: float,
     audit_size: int = 59,
     kept: int = 1,
+    cover: int | None = None,
 ) -> dict[str, float]:
     """The column work of one defense in each mode, in f evaluations, for columns of the given
     per-sample costs ordered strongest first, when the first ``kept`` of them break every
@@ -145,17 +146,18 @@ def mode_costs(
 
     - table: every column on every sample;
     - cascade: the kept columns on every sample, the weaker ones on the survivors;
-    - verdict: the cascade on the development split (the cover), the kept columns on every
-      test sample, the skipped ones on ``audit_size`` survivors.
+    - verdict: the cascade on ``cover`` development images (the cover; None: all ``n_dev``),
+      the kept columns on every test sample, the skipped ones on ``audit_size`` survivors.
 
     A model of the expected work (columns that break nothing new after the strongest), used for
     the paper-scale estimate of docs/benchmarks.md."""
     head, tail = sum(ordered[:kept]), sum(ordered[kept:])
     survivors = robust * n_test
+    n_cover = n_dev if cover is None else min(cover, n_dev)
     return {
         "table": n_test * (head + tail),
         "cascade": n_test * head + survivors * tail,
-        "verdict": n_dev * head + robust * n_dev * tail + n_test * head
+        "verdict": n_cover * head + robust * n_cover * tail + n_test * head
         + min(audit_size, survivors) * tail,
     }
 

@@ -2,9 +2,8 @@
 audit of the columns it skips.
 
 1. The cover, per defense: the ready-made PGD (the diagnostics read it) and the strongest
-   column (the first of the cascade's per-defense order: the strongest estimate by the
-   development PGD, its attack that looks at the defended output; with BPTT that is
-   typically BPTT AutoAttack) are always kept. On the development split (or on a seeded
+   column (``strongest_column``: the yardstick's AutoAttack, BPTT's true gradient, where
+   the protocol has it) are always kept. On the development split (or on a seeded
    random subset of ``cover_size`` of its images; 0: no cover) the cascade (strongest first,
    each column on the samples still robust) keeps every column that breaks a development
    sample no earlier column broke. Of a kept column and a cheaper skipped one
@@ -46,6 +45,7 @@ from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells, cascade_
 from deq_attacks.evaluation.cells import NOT_RUN, Cells, attack_cells, extras_of
 from deq_attacks.evaluation.context import RunContext, arrays
 from deq_attacks.evaluation.shared_runs import clean_scores
+from deq_attacks.gradients import BackpropThroughSolver
 
 CONFIDENCE = 0.95
 """One-sided confidence of the audit's bound."""
@@ -75,7 +75,7 @@ def verdict_cells(
     ready = next(c.label for c in columns if c.shared and c.estimate == ctx.ready)
     with ctx.step("cover"):
         strongest = {
-            d: cascade_order(columns, d, strengths)[0].label
+            d: strongest_column(columns, d, strengths)
             if np.asarray(clean[f"defense/{d}"]).any()
             else ready
             for d in defenses
@@ -102,6 +102,18 @@ def verdict_cells(
         audits[d]["swapped"] = covers[d][1]
         audits[d]["cover_images"] = len(dev_ctx.x_dev)
     return cells, audits
+
+
+def strongest_column(columns: Sequence[Column], defense: str, strengths: DevStrengths) -> str:
+    """The column verdict mode always keeps against ``defense``: the yardstick's (backprop
+    through the solver: the true gradient of the defended output) attack that looks at the
+    defended output (AutoAttack) where the protocol has it, else the first column of the
+    cascade's per-defense order (the strongest estimate by the development PGD)."""
+    per_defense = [c for c in columns if not c.shared]
+    yardstick = [c for c in per_defense if isinstance(c.estimate, BackpropThroughSolver)]
+    if yardstick:
+        return min(yardstick, key=lambda c: (c.attack.shared, per_defense.index(c))).label
+    return cascade_order(columns, defense, strengths)[0].label
 
 
 def cover_context(ctx: RunContext) -> RunContext:
