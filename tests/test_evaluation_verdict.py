@@ -105,7 +105,7 @@ def test_a_column_that_alone_breaks_samples_is_kept_or_escalated(classes_dev: bo
     with scoped_attacks():
         register_attack("one-class")(OneClassPGD)
         table = _run(weak(), dev, test)
-        verdict = _run(weak(mode=Mode.VERDICT, audit_size=3), dev, test)
+        verdict = _run(weak(mode=Mode.VERDICT, audit_size=3, cover_size=None), dev, test)
     # the premise: the one-class column breaks samples no other column breaks
     alone = 0
     for defense, row in table.survived.items():

@@ -156,10 +156,11 @@ class EvaluationConfig:
     audit_size: int = 59
     """Verdict mode: test survivors per defense that face every skipped column (59: zero
     extra breaks bound the missed fraction at 5%, one-sided 95% Clopper-Pearson)."""
-    cover_size: int | None = None
-    """Verdict mode: development images the cover attacks with every column (a seeded random
-    subset; None: the whole development split; 0: no cover, the ready-made PGD and the
-    strongest column alone are kept and the audit decides what else runs)."""
+    cover_size: int | None = 0
+    """Verdict mode: development images the cover attacks with every column, to keep the
+    columns that break what the strongest column misses (a seeded random subset; None: the
+    whole development split; 0: no cover, the ready-made PGD and the strongest column alone
+    are kept and the audit decides what else runs)."""
     sweep_mode: SweepMode = SweepMode.RACING
     """RACING: successive halving of the sweep's candidates on growing parts of the
     development split, stopping at 0% robust; GRID: every candidate on the whole split."""
