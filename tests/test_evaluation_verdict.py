@@ -277,6 +277,27 @@ def test_the_race_stops_at_the_floor() -> None:
     assert racing_rounds(1, 32) == [(1, 32)]
 
 
+def test_the_expected_race_follows_the_halving_schedule() -> None:
+    data = load_digits()
+    dev = data.x[1200:1216], data.y[1200:1216]
+    estimator = tiny_estimator(trained=True)
+    sweep = SweepConfig({"adjoint": {"n": "1,2,3,4", "beta": "1.0"},
+                         "unrolled": {"n": "1,2", "k": "1", "lam": "1.0"}})  # fmt: skip
+    out = {}
+    for mode in (SweepMode.GRID, SweepMode.RACING):
+        config = dataclasses.replace(TINY, attacks="pgd", sweep=sweep, sweep_mode=mode)
+        out[mode] = expected_costs(estimator, config, dev, 24)
+    units = out[SweepMode.GRID]["units"]
+    candidates = config.sweep.candidates(estimator.deq.solver)
+    pgd = {f: [TINY.steps * units[repr(c)][1] + units[repr(c)][0] for c in candidates[f]]
+           for f in ("adjoint", "unrolled")}  # fmt: skip
+    assert out[SweepMode.GRID]["steps"]["sweep"] == pytest.approx(16 * sum(map(sum, pgd.values())))
+    # 4 candidates: 4 on 4 images, 2 on 4 more, 1 on the last 8 (32 candidate-images of the
+    # grid's 64); 2 candidates: 2 on 8, 1 on 8 more (24 of 32); at the costliest's price
+    race = 32 * max(pgd["adjoint"]) + 24 * max(pgd["unrolled"])
+    assert out[SweepMode.RACING]["steps"]["sweep"] == pytest.approx(race)
+
+
 def test_the_expected_cost_is_within_20_percent_of_the_counted_f_evaluations() -> None:
     config = dataclasses.replace(TINY, attacks="pgd", mode=Mode.TABLE, sweep_mode=SweepMode.GRID)
     data = load_digits()

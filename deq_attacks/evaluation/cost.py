@@ -199,11 +199,12 @@ def expected_costs(
     """The f evaluations each step of a run with ``config`` (an ``EvaluationConfig``) is
     expected to cost, from the settings and per-sample unit costs counted on two development
     images. Before the sweep the chosen intermediate estimates are unknown: each family's
-    costliest candidate stands for its pick. The sweep is the grid's cost (a race's ties can
-    keep every candidate to the end: the grid bounds it). Table mode's columns are exact for
+    costliest candidate stands for its pick. The grid's sweep: every candidate on the whole
+    split; a race: its halving schedule (``racing_rounds``) at the costliest candidate's
+    price, an upper bound (a race that reaches 0% stops early). Table mode's columns are exact for
     fixed-step attacks and an upper bound for attacks that stop on success; cascade and
-    verdict modes are bounded by the table (verdict: and the cover on the development
-    split).
+    verdict modes are bounded by the table (verdict: and the cover on ``cover_size``
+    development images).
 
     Returns ``{"steps": {step: f evaluations}, "unknown_columns": [labels; "entropy defense"
     for its step when on], "bound": whether
@@ -211,7 +212,7 @@ def expected_costs(
     gradient] f evaluations per sample}`` (every sweep candidate and its ensemble among them;
     a DEQ without an ``f`` module: no steps, ``countable`` False)."""
     from deq_attacks.evaluation.columns import protocol_columns, protocol_estimates
-    from deq_attacks.evaluation.settings import Mode
+    from deq_attacks.evaluation.settings import Mode, SweepMode
     from deq_attacks.gradients import BackpropThroughSolver, ready_made, sweep_family
 
     x_dev, y_dev = development
@@ -236,7 +237,12 @@ def expected_costs(
     sweep = 0.0
     for family, candidates in config.sweep.candidates(deq.solver).items():
         costs = [pgd(c) for c in candidates]
-        sweep += n_dev * sum(costs)  # a race attacks each candidate on a part of it at most
+        if config.sweep_mode is SweepMode.RACING and candidates:  # its halving schedule
+            schedule = racing_rounds(len(candidates), n_dev)
+            new = np.diff([0, *(seen for _, seen in schedule)])
+            sweep += max(costs) * float(np.dot([alive for alive, _ in schedule], new))
+        else:
+            sweep += n_dev * sum(costs)
         chosen[family] = candidates[int(np.argmax(costs))]
         for candidate in candidates:  # every pick's ensemble: the column costs reuse them
             cost_of(sweep_family(family).ensemble(candidate))
