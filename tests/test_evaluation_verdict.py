@@ -187,6 +187,11 @@ def test_the_cover_size_is_checked_and_cuts_the_expected_cover() -> None:
     }
     per_image = (columns[None] - columns[0]) / 16
     assert per_image > 0 and columns[8] == pytest.approx(columns[0] + 8 * per_image)
+    # only shared columns (PGD, no BPTT): the ready-made PGD is the strongest kept
+    config = weak(attacks="pgd", bptt=False, mode=Mode.VERDICT, audit_size=2, cover_size=4)
+    report = evaluate_model(estimator, (data.x[1216:1228], data.y[1216:1228]), dev, config)
+    assert all(a["kept"][0] == "ready-made PGD" for a in report.audit.values())
+    assert all(a["cover_images"] == 4 for a in report.audit.values())
 
 
 @pytest.mark.parametrize("failures,n", [(0, 59), (0, 1), (1, 10), (3, 59), (7, 20), (0, 299)])

@@ -75,7 +75,7 @@ def verdict_cells(
     ready = next(c.label for c in columns if c.shared and c.estimate == ctx.ready)
     with ctx.step("cover"):
         strongest = {
-            d: strongest_column(columns, d, strengths)
+            d: strongest_column(columns, d, strengths, ready)
             if np.asarray(clean[f"defense/{d}"]).any()
             else ready
             for d in defenses
@@ -104,12 +104,17 @@ def verdict_cells(
     return cells, audits
 
 
-def strongest_column(columns: Sequence[Column], defense: str, strengths: DevStrengths) -> str:
+def strongest_column(
+    columns: Sequence[Column], defense: str, strengths: DevStrengths, ready: str
+) -> str:
     """The column verdict mode always keeps against ``defense``: the yardstick's (backprop
     through the solver: the true gradient of the defended output) attack that looks at the
     defended output (AutoAttack) where the protocol has it, else the first column of the
-    cascade's per-defense order (the strongest estimate by the development PGD)."""
+    cascade's per-defense order (the strongest estimate by the development PGD); ``ready``
+    (the ready-made PGD's label) where every column is shared."""
     per_defense = [c for c in columns if not c.shared]
+    if not per_defense:
+        return ready
     yardstick = [c for c in per_defense if isinstance(c.estimate, BackpropThroughSolver)]
     if yardstick:
         return min(yardstick, key=lambda c: (c.attack.shared, per_defense.index(c))).label
