@@ -22,7 +22,7 @@ from deq_attacks.evaluation import (
     fixed_step_pgd,
 )
 from deq_attacks.evaluation.attacks import precision
-from deq_attacks.evaluation.attacks.pgd import compiled
+from deq_attacks.adversarial.pgd import compiled
 from deq_attacks.evaluation.benchmark import MODEL_INFO_FIELDS, held_out_images
 from deq_attacks.models import small_conv_deq
 

@@ -171,7 +171,7 @@ def test_unconverged_forwards_warn_once_per_run_with_a_count() -> None:
     found = [w for w in caught if issubclass(w.category, NotConvergedWarning)]
     assert len(found) == 1 and "call site(s)" in str(found[0].message)  # the run's summary
     records = {r["site"]: r for r in report.convergence}
-    attack_site = next(s for s in records if "attacks/defended.py:" in s)
+    attack_site = next(s for s in records if "adversarial/defended.py:" in s)
     record = records[attack_site]
     assert record["calls"] > 10 and 0 < record["unconverged_calls"] <= record["calls"]
     assert record["samples_above"] > 0

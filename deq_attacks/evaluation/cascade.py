@@ -1,7 +1,7 @@
 """Cascade mode: per defense, the columns strongest first, each attacking only the samples still
 robust. The per-sample verdict (a sample is robust only if it survives every column) is the
 same as the full table's, because every column's per-sample result depends on the sample alone
-(per-sample seeds, ``attacks.seeds``); the cells of samples already broken stay unattacked.
+(per-sample seeds, ``adversarial.seeds``); the cells of samples already broken stay unattacked.
 
 The order, chosen on the development split (it changes the cost, never the verdict):
 

@@ -47,7 +47,7 @@ from deq_attacks.evaluation.attacks import (
     fixed_step_pgd,
     run_standard_autoattack,
 )
-from deq_attacks.evaluation.attacks.pgd import STEPS, random_start
+from deq_attacks.adversarial.pgd import STEPS, random_start
 from deq_attacks.gradients import BackpropThroughSolver, GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.records import to_jsonable

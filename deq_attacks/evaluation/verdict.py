@@ -16,7 +16,7 @@ Per defense:
    the report widens the robust accuracy's interval by it.
 
 Every column's result on a sample depends on the sample alone (per-sample seeds,
-``attacks.seeds``): running it on a subset (the cover, the audit, the escalation) gives the
+``adversarial.seeds``): running it on a subset (the cover, the audit, the escalation) gives the
 result the full table would give, so a sample broken in this mode is broken in the table,
 and an audited survivor is robust in the table.
 """
