@@ -155,7 +155,7 @@ lambda) or AUTOGRAD (the ResNet/WRN baselines)."""
     norm: str = "Linf"
     """Threat model of the training and dev PGD: Linf or L2 (ART's PGD with norm inf or 2)."""
     adversary: str = "torch"
-    """Who runs the training and dev PGD: torch (``deq_attacks.adversarial.pgd``) or art
+    """Who makes the training and dev PGD: torch (`deq_attacks.adversarial.pgd`) or art
     (ART's ProjectedGradientDescent over a DEQEstimator); the same adversaries, torch faster."""
     # --- monitoring -----------------------------------------------------------------------
     eval_batch_size: int | None = None
