@@ -11,10 +11,10 @@ import torch
 from evaluation_fixtures import TINY, splits, tiny_estimator
 from torch import Tensor, nn
 
+from deq_attacks.adversarial.defended import NonFiniteAsWrong
 from deq_attacks.deq.readout import Final
 from deq_attacks.evaluation import Mode, evaluate_model, markdown_report, score_readouts
 from deq_attacks.evaluation.attacks import DefendedModel
-from deq_attacks.adversarial.defended import NonFiniteAsWrong
 from deq_attacks.evaluation.scoring import correct
 
 

@@ -14,6 +14,7 @@ from attack_fixtures import assert_valid_adversarial, l2_distance
 from evaluation_fixtures import TINY, splits, tiny_estimator
 
 from deq_attacks import Exact, Phantom, Unrolled
+from deq_attacks.adversarial.pgd import l2_step, random_start
 from deq_attacks.evaluation import (
     EvaluationConfig,
     SampleSeeds,
@@ -34,7 +35,6 @@ from deq_attacks.evaluation.attacks import (
     StandardAutoAttack,
     run_standard_autoattack,
 )
-from deq_attacks.adversarial.pgd import l2_step, random_start
 from deq_attacks.evaluation.presets import evaluation_preset
 from deq_attacks.evaluation.threat import AutoAttackSettings
 from deq_attacks.training.adversary import Budget, art_classifier, pgd_attack

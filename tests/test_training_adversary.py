@@ -10,6 +10,7 @@ import pytest
 import torch
 from art.attacks.evasion import ProjectedGradientDescent
 from torch import nn
+from training_fixtures import tiny_preset
 
 from deq_attacks import Broyden, DEQEstimator, PhantomGradient
 from deq_attacks.adversarial import DefendedModel, art_random_start, pgd
@@ -17,7 +18,6 @@ from deq_attacks.data import load_digits
 from deq_attacks.models import small_conv_deq
 from deq_attacks.training import TrainConfig, run_training
 from deq_attacks.training.adversary import Budget, make_adversary
-from training_fixtures import tiny_preset
 
 BUDGETS = {"Linf": Budget(0.1, 0.03, 4, True, "Linf"), "L2": Budget(1.0, 0.3, 4, True, "L2")}
 
