@@ -240,8 +240,7 @@ def test_resume_reuses_per_sample_results_and_checks_the_fingerprint(
 
 def forbid_computation(monkeypatch, fail) -> None:
     """Make every attack run, forward scoring and measurement of the protocol call ``fail``."""
-    for module in ("context", "shared_runs"):
-        monkeypatch.setattr(f"deq_attacks.evaluation.{module}.map_blocks", fail)
+    monkeypatch.setattr("deq_attacks.evaluation.distributed.BlockMap.mine", fail)  # every block
     for name in ("batch_outputs", "gradient_health", "exact_backward", "spectral_radii",
                  "alignment"):  # fmt: skip
         monkeypatch.setattr(f"deq_attacks.evaluation.measurements.{name}", fail)

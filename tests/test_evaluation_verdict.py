@@ -184,7 +184,7 @@ def test_the_race_picks_the_grids_clear_winner_for_less_work() -> None:
 def test_the_race_stops_at_the_floor() -> None:
     grid = {"unrolled": {"n": "1,2,3,4", "k": "1", "lam": "1.0"},
             "adjoint": {"n": "1,2", "beta": "1.0"}}  # fmt: skip
-    (chosen, entries, _), _work = _sweep(SweepMode.RACING, 1.0, grid)
+    entries = _sweep(SweepMode.RACING, 1.0, grid)[0].entries
     for family in ("unrolled", "adjoint"):
         raced = [e for e in entries if e["family"] == family]
         assert len(raced) == 1 and raced[0]["chosen"]  # the first candidate is at 0%
