@@ -345,11 +345,12 @@ def _ready_pgd(
     """The ready-made fixed-step PGD on every test sample (the shared run's seeds), block by
     block and stored: per defense, bool (S,) correct under it."""
     config = ctx.config
+    model = ctx.estimator.view(estimate=ctx.ready)  # one view for every block
 
     def block(part: np.ndarray) -> dict[str, np.ndarray]:
         with precision(ctx.estimator.device, arithmetic or config.precision):
             x_adv = fixed_step_pgd(
-                ctx.estimator, ctx.ready, ctx.x[part], ctx.y[part], threat, steps=steps,
+                model, ctx.ready, ctx.x[part], ctx.y[part], threat, steps=steps,
                 seed=SampleSeeds(config.seed, "pgd", part), compile_backend=config.compile_backend,
                 eot_draws=config.eot_draws,
             )  # fmt: skip

@@ -40,9 +40,11 @@ def shared_pgd_scores(
     Returns the samples' ``score_readouts``, gathered across processes.
     """
 
+    model = estimator.view(estimate=estimate)  # one view for every block
+
     def block(part: np.ndarray) -> dict[str, np.ndarray]:
         seeds = SampleSeeds(seed, "pgd", part)
-        x_adv = fixed_step_pgd(estimator, estimate, x[part], y[part], threat, seed=seeds)
+        x_adv = fixed_step_pgd(model, estimate, x[part], y[part], threat, seed=seeds)
         return score_readouts(estimator, x_adv, y[part], defenses, len(x_adv)).arrays()
 
     return Scores.from_arrays(map_blocks(block, len(x) if indices is None else indices, shards))
