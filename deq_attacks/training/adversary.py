@@ -149,5 +149,3 @@ def art_batch(
     one_hot = np.eye(num_classes, dtype=np.float32)[y.cpu().numpy()]
     x_adv = attack.generate(x.detach().cpu().numpy(), one_hot)
     return torch.from_numpy(x_adv).to(x.device)
-
-
