@@ -172,7 +172,7 @@ def test_the_fingerprint_names_what_a_run_computes() -> None:
     assert preset("cpu_unrolling").fingerprint() != fingerprint
     # the solver fields came later: at their default they leave the fingerprint as it was,
     # so that runs cached before them are found again; another solver is another run
-    later = {"forward_solver", "backward_solver", "norm", "random_state"}
+    later = {"forward_solver", "backward_solver", "norm", "random_state", "adversary"}
     values = {k: v for k, v in to_jsonable(config).items()
               if k not in RUN_ONLY_KEYS | later}  # fmt: skip
     before = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
@@ -180,6 +180,7 @@ def test_the_fingerprint_names_what_a_run_computes() -> None:
     assert dataclasses.replace(config, forward_solver="anderson").fingerprint() != fingerprint
     assert dataclasses.replace(config, norm="L2").fingerprint() != fingerprint
     assert dataclasses.replace(config, random_state=True).fingerprint() != fingerprint
+    assert dataclasses.replace(config, adversary="art").fingerprint() != fingerprint
 
 
 def test_cli_resolves_preset_file_and_options(tmp_path: Path, capsys) -> None:

@@ -24,7 +24,7 @@ audit of the columns it skips.
    survivor was audited), and the report widens the robust accuracy's interval by it.
 
 Every column's result on a sample depends on the sample alone (per-sample seeds,
-``attacks.seeds``): running it on a subset (the cover, the audit, the escalation) gives the
+``adversarial.seeds``): running it on a subset (the cover, the audit, the escalation) gives the
 result the full table would give, so a sample broken in this mode is broken in the table,
 and an audited survivor is robust in the table.
 """
@@ -42,8 +42,9 @@ from deq_attacks.deq.readout import Readout
 from deq_attacks.evaluation.aggregate import clopper_pearson_upper
 from deq_attacks.evaluation.attacks import Column
 from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells, cascade_order, spread
-from deq_attacks.evaluation.cells import NOT_RUN, Cells, attack_cells, extras_of
-from deq_attacks.evaluation.context import RunContext, arrays
+from deq_attacks.evaluation.cells import NOT_RUN, Cells
+from deq_attacks.evaluation.context import RunContext
+from deq_attacks.evaluation.scores import Scores
 from deq_attacks.evaluation.shared_runs import clean_scores
 from deq_attacks.gradients import BackpropThroughSolver
 
@@ -55,7 +56,7 @@ def verdict_cells(
     ctx: RunContext,
     columns: Sequence[Column],
     defenses: Mapping[str, Readout],
-    clean: Mapping[str, np.ndarray],
+    clean: Scores,
     strengths: DevStrengths,
     costs: Mapping[str, float | None],
 ) -> tuple[Cells, dict[str, dict[str, Any]]]:
@@ -75,9 +76,7 @@ def verdict_cells(
     ready = next(c.label for c in columns if c.shared and c.estimate == ctx.ready)
     with ctx.step("cover"):
         strongest = {
-            d: strongest_column(columns, d, strengths, ready)
-            if np.asarray(clean[f"defense/{d}"]).any()
-            else ready
+            d: strongest_column(columns, d, strengths, ready) if clean.correct[d].any() else ready
             for d in defenses
         }
         dev_ctx = cover_context(ctx)
@@ -134,12 +133,12 @@ def cover_context(ctx: RunContext) -> RunContext:
     return dataclasses.replace(ctx, x_dev=ctx.x_dev[chosen], y_dev=ctx.y_dev[chosen])
 
 
-def _dev_clean(ctx: RunContext, defenses: Mapping[str, Readout]) -> dict[str, np.ndarray]:
+def _dev_clean(ctx: RunContext, defenses: Mapping[str, Readout]) -> Scores:
     done = ctx.store.get("dev/clean")
     if done is None:
         scores = clean_scores(ctx.estimator, ctx.x_dev, ctx.y_dev, defenses, ctx.shards)
-        done = ctx.store.put("dev/clean", {k: v for k, v in scores.items() if "/" in k})
-    return arrays(done)
+        done = ctx.store.put("dev/clean", Scores(scores.correct, scores.finite).arrays())
+    return Scores.from_arrays(done)
 
 
 def first_breakers(cells: Cells, defense: str, n: int) -> list[str]:
@@ -181,9 +180,9 @@ def cover(
             todo = broke[known == NOT_RUN]
             if len(todo):
                 key = f"dev/swap/{defense}/{label}/{column.label}"
-                result = attack_cells(ctx, key, column, {defense: readout}, todo, development=True)
+                scores = ctx.run_column(column, {defense: readout}, todo, development=True, key=key)
                 known = known.copy()
-                known[known == NOT_RUN] = result[f"defense/{defense}"].astype(np.int8)
+                known[known == NOT_RUN] = scores.correct[defense].astype(np.int8)
             if not known.any():  # it breaks every one of them
                 kept[kept.index(label)] = column.label
                 swapped[label] = column.label
@@ -196,7 +195,7 @@ def audit(
     columns: Sequence[Column],
     defenses: Mapping[str, Readout],
     cells: Cells,
-    clean: Mapping[str, np.ndarray],
+    clean: Scores,
     keep: Mapping[str, Sequence[str]],
     costs: Mapping[str, float | None],
 ) -> dict[str, dict[str, Any]]:
@@ -207,9 +206,7 @@ def audit(
 
     def robust(d: str) -> np.ndarray:
         row = cells.survived[d]
-        return np.asarray(clean[f"defense/{d}"], dtype=bool) & ~np.any(
-            [row[c] == 0 for c in row], axis=0
-        )
+        return clean.correct[d] & ~np.any([row[c] == 0 for c in row], axis=0)
 
     # one random order of the test samples for every defense: each audits its first survivors
     order = np.random.default_rng([ctx.config.seed, zlib.crc32(b"audit")]).permutation(n)
@@ -287,10 +284,10 @@ def _run(
         if not len(union):
             return {d: np.ones(0, dtype=bool) for d in todo}
         readouts = {d: defenses[d] for d in todo}
-        result = attack_cells(ctx, f"{prefix}/shared/{column.label}", column, readouts, union)
+        scores = ctx.run_column(column, readouts, union, key=f"{prefix}/shared/{column.label}")
         out = {}
         for d, indices in todo.items():
-            correct = result[f"defense/{d}"].astype(bool)
+            correct = scores.correct[d]
             cells.survived[d][column.label][union] = correct
             out[d] = correct[np.searchsorted(union, indices)]
         return out
@@ -300,11 +297,11 @@ def _run(
             out[d] = np.ones(0, dtype=bool)
             continue
         key = f"{prefix}/{d}/{column.label}"
-        result = attack_cells(ctx, key, column, {d: defenses[d]}, indices)
-        correct = result[f"defense/{d}"].astype(bool)
+        found = ctx.run_column(column, {d: defenses[d]}, indices, key=key)
+        correct = found.correct[d]
         cells.survived[d][column.label][indices] = correct
         out[d] = correct
-        extra = extras_of(result)
+        extra = found.extras.get(key)
         if extra:
             merged = cells.extras.setdefault(f"{d}/{column.label}", {k: [None] * n for k in extra})
             for name, values in extra.items():

@@ -38,6 +38,7 @@ LATER_FIELDS: dict[str, Any] = {
     "backward_solver": DEFAULT_SOLVER,
     "norm": "Linf",
     "random_state": False,
+    "adversary": "torch",  # reproduces the ART PGD that trained the earlier runs
 }
 
 #: ``data`` value for arrays handed to ``run_training(config, run_dir, data=...)``.
@@ -153,6 +154,9 @@ lambda) or AUTOGRAD (the ResNet/WRN baselines)."""
     """Uniform random start of the training PGD (the dev PGD always has one)."""
     norm: str = "Linf"
     """Threat model of the training and dev PGD: Linf or L2 (ART's PGD with norm inf or 2)."""
+    adversary: str = "torch"
+    """Who makes the training and dev PGD: torch (`deq_attacks.adversarial.pgd`) or art
+    (ART's ProjectedGradientDescent over a DEQEstimator); the same adversaries, torch faster."""
     # --- monitoring -----------------------------------------------------------------------
     eval_batch_size: int | None = None
     """Batch of the dev evaluation (null: 200 on CPU, 500 on CUDA)."""
@@ -304,6 +308,8 @@ def _problems(c: TrainConfig) -> list[str]:
         out.append(f"jac_frequency must be in (0, 1], got {c.jac_frequency!r}")
     if c.norm not in ("Linf", "L2"):
         out.append(f"norm must be Linf or L2, got {c.norm!r}")
+    if c.adversary not in ("torch", "art"):
+        out.append(f"adversary must be torch or art, got {c.adversary!r}")
     top = 1 if c.norm == "Linf" else math.inf
     for name in ("eps", "step"):
         if not 0 < finite(name) <= top:
