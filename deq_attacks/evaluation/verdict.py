@@ -223,6 +223,8 @@ def audit(
     broke = {d: {c.label: 0 for c in skipped[d]} for d in defenses}
     for column in by_cost:  # the cascade over the skipped columns, cheapest first
         todo = {d: audited[d][robust(d)[audited[d]]] for d in defenses if column in skipped[d]}
+        if not any(len(indices) for indices in todo.values()):
+            continue  # every audited sample already broken
         ctx.say(
             f"audit: {column.label} against "
             + ", ".join(f"{d} on {len(i)}" for d, i in todo.items())
