@@ -53,9 +53,9 @@ from deq_attacks import (  # noqa: E402
 )
 from deq_attacks.evaluation.alignment import gradient_alignment  # noqa: E402
 from deq_attacks.gradients import ready_made  # noqa: E402
+from deq_attacks.splits import held_out_data  # noqa: E402
 from deq_attacks.training import preset, run_training  # noqa: E402
 from deq_attacks.training.config import Device  # noqa: E402
-from deq_attacks.training.data_loading import held_out_split  # noqa: E402
 
 THRESHOLD = 8
 EPS, STEP = 0.1, 0.025
@@ -197,7 +197,7 @@ def apgd(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    held_out = held_out_split(args.data)  # images the training pool leaves out
+    held_out = held_out_data(args.data)  # images the training pool leaves out
     if len(held_out) < args.n_dev + args.n_test:
         raise SystemExit(f"only {len(held_out)} held-out images for --n-dev + --n-test")
     dev = held_out.subset(np.arange(args.n_dev))

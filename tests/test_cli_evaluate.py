@@ -380,12 +380,12 @@ def test_data_the_model_was_not_built_for_is_refused(tmp_path: Path, capsys) -> 
         ],
         capsys,
     )
-    assert "the model does not run on one image of mnist_like (shape (1, 28, 28))" in err
+    assert "the model does not take the images of mnist_like (shape (1, 28, 28))" in err
     err = _refused(
         ["--model", "mlp_deq", "--model-arg", "in_features=64", "--model-arg", "num_classes=5"],
         capsys,
     )
-    assert "has label 9, but the model has 5 outputs" in err
+    assert "expected logits (1, 10) for its 10 classes" in err
     column = tmp_path / "column.npz"
     np.savez(column, x=np.zeros((4, 8, 8), np.uint8), y=np.zeros((4, 1), np.int64))
     err = _refused(["--model", "small_conv_deq", "--data", str(column)], capsys)

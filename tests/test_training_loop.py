@@ -19,13 +19,13 @@ from torch import nn
 from deq_attacks.deq import Early, Ensemble, JacobianRegularization
 from deq_attacks.deq.dropout import reset_variational_dropout
 from deq_attacks.models import small_conv_deq
+from deq_attacks.splits import training_split
 from deq_attacks.training import loop as loop_module
 from deq_attacks.training import monitor as monitor_module
 from deq_attacks.training import run_training
 from deq_attacks.training.build import JacobianSchedule, jacobian_schedule, unrolled_logits
 from deq_attacks.training.data_loading import (
     GlobalBatchSampler,
-    _split_indices,
     epoch_loader,
     load_training_data,
 )
@@ -225,7 +225,7 @@ def test_arrays_file_split_and_augmentation(shared_dir: Path) -> None:
     data = load_training_data(config)
     assert data.image_shape == (3, 32, 32) and data.num_classes == 10
     assert len(data) == 4660 - 100 and len(data.dev_y) == 100
-    train_idx, dev_idx = _split_indices(4660, 100, None)
+    train_idx, dev_idx = training_split(4660, 100, None)
     assert not set(train_idx.tolist()) & set(dev_idx.tolist())
     raw = torch.from_numpy(np.load(path)["x_train"][train_idx[:20]]).float() / 255
     torch.manual_seed(0)
@@ -268,7 +268,7 @@ def test_cifar10_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyP
     )
     data = load_training_data(config)
     assert (len(data), len(data.dev_y), data.image_shape) == (150, 50, (3, 32, 32))
-    _, dev_idx = _split_indices(200, 50, None)
+    _, dev_idx = training_split(200, 50, None)
     expected_dev = torch.from_numpy(images[dev_idx].reshape(50, 3, 32, 32)).float() / 255
     torch.testing.assert_close(data.dev_x, expected_dev, rtol=0, atol=1e-7)
     assert data.dev_y.tolist() == [labels[i] for i in dev_idx]

@@ -17,14 +17,10 @@ from safetensors.torch import load_file
 
 from deq_attacks import Phantom
 from deq_attacks.data import ImageDataset, load_digits
+from deq_attacks.splits import DIGITS_TRAIN_POOL, held_out_data, training_split
 from deq_attacks.training import MEMORY_DATA, ConfigMismatchError, run_training
 from deq_attacks.training import loop as loop_module
-from deq_attacks.training.data_loading import (
-    DIGITS_TRAIN_POOL,
-    _split_indices,
-    held_out_split,
-    load_training_data,
-)
+from deq_attacks.training.data_loading import load_training_data
 from tests.training_fixtures import tiny_preset
 
 
@@ -164,27 +160,27 @@ def test_clear_errors_before_any_training(tmp_path: Path, monkeypatch: pytest.Mo
     _refuses(tmp_path, r"returns \(2, 3\) .* expected logits \(2, 10\)", three, pool)
 
 
-def test_held_out_split_is_disjoint_from_the_training_pool(tmp_path: Path) -> None:
+def test_held_out_data_is_disjoint_from_the_training_pool(tmp_path: Path) -> None:
     """What the demo trains on (train + dev of the pool) and what it evaluates on (the
     held-out split) partition the data: the digits' first 1,200 and the rest; an arrays
     file's first 80% and last 20%, or its x_train and x_test."""
     digits = load_digits()
     config = _config(train_limit=None, dev_size=100)
     data = load_training_data(config)
-    train_idx, dev_idx = _split_indices(DIGITS_TRAIN_POOL, 100, None)
+    train_idx, dev_idx = training_split(DIGITS_TRAIN_POOL, 100, None)
     assert sorted([*train_idx, *dev_idx]) == list(range(DIGITS_TRAIN_POOL))
     assert torch.equal(data.dev_x, torch.from_numpy(digits.x[dev_idx]))
-    held = held_out_split("digits")
+    held = held_out_data("digits")
     assert np.array_equal(held.x, digits.x[DIGITS_TRAIN_POOL:])
     path = tmp_path / "arrays.npz"
     np.savez(path, x=digits.x[:50], y=digits.y[:50])
     pool = load_training_data(_config(data=str(path), train_limit=None, dev_size=10))
     assert len(pool) + len(pool.dev_y) == 40
-    assert np.array_equal(held_out_split(str(path)).x, digits.x[40:50])
+    assert np.array_equal(held_out_data(str(path)).x, digits.x[40:50])
     split = tmp_path / "split.npz"
     np.savez(split, x_train=digits.x[:30], y_train=digits.y[:30], x_test=digits.x[30:45],
              y_test=digits.y[30:45])  # fmt: skip
     assert len(load_training_data(_config(data=str(split), train_limit=None, dev_size=10))) == 20
-    assert np.array_equal(held_out_split(str(split)).x, digits.x[30:45])
-    with pytest.raises(ValueError, match="no held-out split"):
-        held_out_split("cifar10")
+    assert np.array_equal(held_out_data(str(split)).x, digits.x[30:45])
+    with pytest.raises(FileNotFoundError, match="not 'digits', 'cifar10:ROOT' or an arrays"):
+        held_out_data("cifar10")

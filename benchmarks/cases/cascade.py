@@ -23,9 +23,9 @@ from benchmarks.workloads import Settings
 from deq_attacks import DEQ, DEQEstimator
 from deq_attacks.cli.demo import evaluation_defaults
 from deq_attacks.evaluation import EvaluationConfig, EvaluationReport, Mode, evaluate_model
+from deq_attacks.splits import held_out_data
 from deq_attacks.training import preset, run_training
 from deq_attacks.training.config import Device
-from deq_attacks.training.data_loading import held_out_split
 
 CACHE = Path(__file__).resolve().parents[2] / "runs" / "benchmark_cascade"
 TARGET = 0.5
@@ -84,7 +84,7 @@ def _is_quick(settings: Settings) -> bool:
 def run(ctx: Context) -> list[Row]:
     quick = _is_quick(ctx.settings)
     estimator, n = demo_model(ctx.device.type, quick)
-    held_out = held_out_split("digits")
+    held_out = held_out_data("digits")
     dev = held_out.subset(np.arange(n))
     base = dataclasses.replace(evaluation_defaults(), batch_size=100)
     if quick:

@@ -16,7 +16,6 @@ from deq_attacks.cli.model_options import build_model
 from deq_attacks.cli.options import fail
 from deq_attacks.data import ImageDataset
 from deq_attacks.deq import DEQ
-from deq_attacks.deq.contract import DEQModel
 from deq_attacks.distributed import is_main_process, process_group
 from deq_attacks.evaluation import (
     EvaluationConfig,
@@ -27,19 +26,20 @@ from deq_attacks.evaluation import (
 )
 from deq_attacks.evaluation.cost import describe_cost
 from deq_attacks.evaluation.protocol import estimate_cost
-from deq_attacks.evaluation.splits import (
+from deq_attacks.evaluation.store import StoreBusyError
+from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.interfaces.inputs import check_model_fits
+from deq_attacks.records import to_jsonable
+from deq_attacks.splits import (
     EvaluationSplit,
     choose_split,
     evaluation_pool,
+    held_out_data,
     parse_range,
     read_indices,
 )
-from deq_attacks.evaluation.store import StoreBusyError
-from deq_attacks.interfaces import DEQEstimator
-from deq_attacks.records import to_jsonable
 from deq_attacks.training import ConfigMismatchError, TrainConfig, preset, run_training
 from deq_attacks.training.config import Device
-from deq_attacks.training.data_loading import held_out_split
 from deq_attacks.training.resume import read_state
 
 STORE = "store.jsonl"
@@ -126,45 +126,6 @@ def select_split(args: Namespace) -> EvaluationSplit:
     )
 
 
-def check_model_fits_data(model: DEQModel, split: EvaluationSplit, device: str) -> int:
-    """Refuse data the model was not built for, before any work; return its class count.
-
-    Checks the declared ``input_shape``, runs one development image through the model, and
-    checks that every label has a logit (and the data's class count, when known, equals the
-    model's).
-    """
-    data = split.pool.data
-    sample = data.image_shape
-    if model.input_shape is not None and tuple(model.input_shape) != sample:
-        raise ValueError(
-            f"the model was built for samples of shape {tuple(model.input_shape)} "
-            f"(its input_shape), but {data.name} has {sample}: choose the model or data that "
-            "fit (e.g. --model_arg image_size=... for small_conv_deq)"
-        )
-    x = torch.from_numpy(data.x[split.dev_indices[:1]]).to(device)
-    try:
-        with torch.no_grad():
-            logits = model.eval()(x)
-    except Exception as error:  # any failure of the user's model on this data: say which
-        raise ValueError(
-            f"the model does not run on one image of {data.name} (shape {sample}): "
-            f"{type(error).__name__}: {error}"
-        ) from None
-    if logits.dim() != 2 or logits.shape[0] != 1:
-        raise ValueError(f"the model returns shape {tuple(logits.shape)}, not logits (B, classes)")
-    classes = int(logits.shape[1])
-    labels = np.concatenate([data.y[split.dev_indices], data.y[split.test_indices]])
-    if int(labels.max()) >= classes:
-        raise ValueError(
-            f"{data.name} has label {int(labels.max())}, but the model has {classes} outputs"
-        )
-    if data.num_classes is not None and data.num_classes != classes:
-        raise ValueError(
-            f"{data.name} has {data.num_classes} classes, but the model has {classes} outputs"
-        )
-    return classes
-
-
 def evaluate(args: Namespace, config: EvaluationConfig) -> int:
     """``deq-attacks evaluate`` with parsed options and a validated config: the split, the
     model (checked against the data) and the protocol; the exit code."""
@@ -176,7 +137,10 @@ def evaluate(args: Namespace, config: EvaluationConfig) -> int:
         split = select_split(args)
         built = build_model(args)
         deq = built.model.to(args.device)
-        classes = check_model_fits_data(deq, split, args.device)
+        data = split.pool.data
+        labels = np.concatenate([data.y[split.dev_indices], data.y[split.test_indices]])
+        sample = torch.from_numpy(data.x[split.dev_indices[:1]]).to(args.device)
+        classes = check_model_fits(deq, sample, labels, data.name, data.num_classes)
         if config.entropy_settings is not None:  # a round of the defense fits the solver
             config.entropy_settings.rounds(deq.solver.threshold)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
@@ -237,7 +201,7 @@ def demo(
     if config.device is Device.CUDA and not torch.cuda.is_available():
         return fail("demo", "device cuda: no CUDA device is available")
     try:
-        held_out = held_out_split(config.data)
+        held_out = held_out_data(config.data)
     except (ValueError, FileNotFoundError) as error:
         return fail("demo", error)
     if len(held_out) < args.n_dev + args.n_test:

@@ -21,13 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deq_attacks.data import (
-    ImageDataset,
-    load_arrays_file,
-    load_cifar10,
-    load_digits,
-    load_mnist,
-)
+from deq_attacks.data import ImageDataset, load_cifar10, load_mnist
 from deq_attacks.deq.contract import DEQModel
 from deq_attacks.evaluation.aggregate import Robustness
 from deq_attacks.evaluation.cost import describe_cost
@@ -36,6 +30,7 @@ from deq_attacks.evaluation.result import EvaluationReport
 from deq_attacks.evaluation.settings import EvaluationConfig, Mode
 from deq_attacks.evaluation.threat import NORMS
 from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.splits import held_out_data
 
 #: eps when none is given, per named data set and threat model (inputs in [0, 1]): CIFAR-10's
 #: are RobustBench's; MNIST's are the common L-inf 0.3 and L2 2.0 (Madry et al., Croce & Hein);
@@ -142,22 +137,13 @@ def standard_budgets(config: EvaluationConfig) -> bool:
 
 def held_out_images(dataset: str | Path, data_dir: str | Path) -> ImageDataset:
     """The images of a data set that its training split does not contain: CIFAR-10's or
-    MNIST's test set (torchvision's layout, under ``data_dir``), the embedded digits past the
-    1,200 training ones, or an arrays file's test split (the whole file if it has none)."""
+    MNIST's test set (torchvision's layout, under ``data_dir``), or the held-out part of the
+    embedded digits or an arrays file (``deq_attacks.splits.held_out_data``)."""
     if dataset == "cifar10":
         return load_cifar10(data_dir, train=False)
     if dataset == "mnist":
         return load_mnist(data_dir, train=False)
-    if dataset == "digits":
-        return load_digits().split(1200)[1]
-    path = Path(dataset)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"dataset {dataset!r}: not 'cifar10', 'mnist', 'digits' or a file"
-        )
-    with np.load(path) as arrays:
-        has_test = "x_test" in arrays.files
-    return load_arrays_file(path, split="test" if has_test else None)
+    return held_out_data(str(dataset))
 
 
 def benchmark(

@@ -121,30 +121,6 @@ def build_model(
     return model
 
 
-def check_model_fits(model: nn.Module, x: Tensor, num_classes: int, where: str) -> None:
-    """Raise ValueError (one line) unless ``model`` classifies the sample batch ``x``
-    (B, C, H, W) into ``num_classes`` logits: an eval-mode forward without gradients, so the
-    weights, buffers and random streams are left as they were."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(x)
-    except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"the model does not take the images of {where} (shape {tuple(x.shape[1:])}): {first}"
-        ) from None
-    finally:
-        model.train(was_training)
-    if not isinstance(logits, Tensor) or tuple(logits.shape) != (x.shape[0], num_classes):
-        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(
-            f"the model returns {shape} for {x.shape[0]} images of {where}, expected logits "
-            f"({x.shape[0]}, {num_classes}) for its {num_classes} classes"
-        )
-
-
 def unrolled_logits(deq: DEQModel, x: Tensor, depth: int) -> Tensor:
     """The weight-tied network run unrolled (the reference code's pretraining): the model's
     reset hooks (dropout masks, weight normalisation), then ``depth`` applications of f from

@@ -27,6 +27,7 @@ from deq_attacks import distributed
 from deq_attacks.acceleration import Acceleration
 from deq_attacks.checkpoints import load_weights
 from deq_attacks.deq import DEQ, JacobianRegularization
+from deq_attacks.interfaces.inputs import check_model_fits
 from deq_attacks.models.registry import resolve_builder
 from deq_attacks.training import resume
 from deq_attacks.training.adversary import adversarial_batch, art_classifier, pgd_attack
@@ -34,7 +35,6 @@ from deq_attacks.training.build import (
     JacobianSchedule,
     TrainingModule,
     build_model,
-    check_model_fits,
     jacobian_schedule,
     optimizer_and_schedule,
 )
@@ -196,7 +196,7 @@ def _run(
         raise ValueError(f"batch_size {config.batch_size} not divisible by {processes.world}")
     resume.seed_everything(config.seed)  # identical initial weights on every rank
     model = build_model(config, data.image_shape, data.num_classes).to(device)
-    check_model_fits(model, data.dev_x[:2].to(device), data.num_classes, data.name)
+    check_model_fits(model, data.dev_x[:2].to(device), data.dev_y, data.name, data.num_classes)
     acceleration = config.acceleration
     acceleration.apply(model)
     optimizer, schedule = optimizer_and_schedule(model, config, config.epochs * steps_per_epoch)
