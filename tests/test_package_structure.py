@@ -153,18 +153,19 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "numerics": frozenset({"solvers"}),
     "deq": frozenset({"numerics", "solvers"}),
     "models": frozenset({"deq", "solvers"}),
+    "model_spec": frozenset({"deq", "solvers", "models", "checkpoints"}),  # the one builder
     "adapters": frozenset({"deq", "solvers", "checkpoints", "models"}),
     "acceleration": frozenset({"deq"}),
     "gradients": frozenset({"deq", "numerics", "solvers"}),
     "interfaces": frozenset({"deq", "gradients", "numerics", "solvers"}),
     "autoattack": frozenset(),  # fra31's front door over pyautoattack: a front end
     "evaluation": FOUNDATIONS
-    | {"numerics", "deq", "gradients", "interfaces", "acceleration", "models"},
+    | {"numerics", "deq", "gradients", "interfaces", "acceleration", "models", "model_spec"},
     "training": FOUNDATIONS
-    | {"numerics", "deq", "gradients", "interfaces", "acceleration", "models"},
+    | {"numerics", "deq", "gradients", "interfaces", "acceleration", "models", "model_spec"},
     "cli": frozenset(
         {*FOUNDATIONS, "numerics", "deq", "gradients", "interfaces", "acceleration", "models",
-         "adapters", "evaluation", "training"}
+         "model_spec", "adapters", "evaluation", "training"}
     ),  # fmt: skip
 }
 

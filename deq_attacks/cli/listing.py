@@ -107,8 +107,8 @@ def presets() -> list[str]:
     lines += _rows((name, p.summary) for name, p in EVALUATION.items())
     lines += ["training (deq-attacks train --preset, deq-attacks demo --preset):"]
     lines += _rows(
-        (name, f"{c.model}, {c.gradient.value} gradient, data {c.data}, {c.epochs} epochs, "
-               f"{c.device.value}")
+        (name, f"{c.model.name}, {getattr(c.model.training_gradient, 'value', None)} gradient, "
+               f"data {c.data.source}, {c.optimiser.epochs} epochs, {c.execution.device.value}")
         for name, c in TRAINING.items()
     )  # fmt: skip
     return lines

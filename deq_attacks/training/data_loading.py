@@ -41,7 +41,6 @@ from deq_attacks.training.config import MEMORY_DATA, TrainConfig
 TrainingArrays = ImageDataset | tuple[np.ndarray | Tensor, np.ndarray | Tensor]
 
 
-
 class TensorImages(Dataset[tuple[Tensor, Tensor]]):
     """Images (N, C, H, W) float in [0, 1] and labels (N,), with a per-item transform."""
 
@@ -76,9 +75,9 @@ class TrainingData:
 def augmentation(config: TrainConfig, side: int) -> list[torch.nn.Module]:
     """RandomCrop(side, padding) and RandomHorizontalFlip as the config asks."""
     out: list[torch.nn.Module] = []
-    if config.crop_padding > 0:
-        out.append(transforms.RandomCrop(side, padding=config.crop_padding))
-    if config.flip:
+    if config.data.crop_padding > 0:
+        out.append(transforms.RandomCrop(side, padding=config.data.crop_padding))
+    if config.data.flip:
         out.append(transforms.RandomHorizontalFlip())
     return out
 
@@ -95,16 +94,20 @@ def fingerprint(name: str, *arrays: np.ndarray) -> dict[str, object]:
 def _cifar10(config: TrainConfig) -> TrainingData:
     from torchvision.datasets import CIFAR10
 
-    root = Path(config.data_root)
+    root = Path(config.data.data_root)
     train_tf = transforms.Compose([*augmentation(config, 32), transforms.ToTensor()])
     try:
-        augmented = CIFAR10(str(root), train=True, download=config.download, transform=train_tf)
+        augmented = CIFAR10(
+            str(root), train=True, download=config.data.download, transform=train_tf
+        )
     except RuntimeError as error:
         raise FileNotFoundError(
             f"CIFAR-10 not found under {root} (expected {root / 'cifar-10-batches-py'}): pass "
             "--download true to fetch it, or --data-root to where it is"
         ) from error
-    train_idx, dev_idx = training_split(len(augmented), config.dev_size, config.train_limit)
+    train_idx, dev_idx = training_split(
+        len(augmented), config.data.dev_size, config.data.train_limit
+    )
     dev_x = torch.from_numpy(augmented.data[dev_idx]).permute(0, 3, 1, 2).float() / 255.0
     dev_y = torch.as_tensor(np.asarray(augmented.targets)[dev_idx], dtype=torch.int64)
     return TrainingData(
@@ -134,7 +137,7 @@ def as_image_dataset(data: TrainingArrays) -> ImageDataset:
 
 def _from_pool(config: TrainConfig, pool: ImageDataset) -> TrainingData:
     """The split, augmentation and fingerprint of an in-memory pool."""
-    train_idx, dev_idx = training_split(len(pool), config.dev_size, config.train_limit)
+    train_idx, dev_idx = training_split(len(pool), config.data.dev_size, config.data.train_limit)
     x, y = torch.from_numpy(pool.x), torch.from_numpy(pool.y)
     steps = augmentation(config, pool.x.shape[-1])
     train = TensorImages(x[train_idx], y[train_idx], transforms.Compose(steps) if steps else None)
@@ -151,9 +154,9 @@ def _from_pool(config: TrainConfig, pool: ImageDataset) -> TrainingData:
 
 
 def load_training_data(config: TrainConfig, data: TrainingArrays | None = None) -> TrainingData:
-    """The training set and dev split that ``config.data`` names (with ``data="memory"``, the
+    """The training set and dev split that ``config.data.source`` names (with ``data="memory"``, the
     arrays ``data``); raises ValueError before any work when the two disagree."""
-    if config.data == MEMORY_DATA:
+    if config.data.source == MEMORY_DATA:
         if data is None:
             raise ValueError(
                 "data='memory' trains on the arrays passed as run_training(config, run_dir, "
@@ -162,12 +165,12 @@ def load_training_data(config: TrainConfig, data: TrainingArrays | None = None) 
         return _from_pool(config, as_image_dataset(data))
     if data is not None:
         raise ValueError(
-            f"the config names its data ({config.data!r}); arrays passed to run_training are "
-            "used only with data='memory'"
+            f"the config names its data ({config.data.source!r}); arrays passed to run_training "
+            "are used only with data.source='memory'"
         )
-    if config.data == "cifar10":
+    if config.data.source == "cifar10":
         return _cifar10(config)
-    return _from_pool(config, training_pool(config.data))
+    return _from_pool(config, training_pool(config.data.source))
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -203,12 +206,16 @@ def epoch_loader(
     data: TrainingData, config: TrainConfig, epoch: int, rank: int, world: int, pin: bool
 ) -> DataLoader[tuple[Tensor, Tensor]]:
     """The DataLoader of one epoch for one rank; its workers are seeded from the epoch too."""
-    sampler = GlobalBatchSampler(len(data), config.batch_size, config.seed, epoch, rank, world)
+    sampler = GlobalBatchSampler(
+        len(data), config.optimiser.batch_size, config.execution.seed, epoch, rank, world
+    )
     return DataLoader(
         data.train,
         batch_sampler=sampler,
-        num_workers=config.num_workers,
+        num_workers=config.execution.num_workers,
         pin_memory=pin,
-        generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch) + 7919 * rank),
+        generator=torch.Generator().manual_seed(
+            epoch_seed(config.execution.seed, epoch) + 7919 * rank
+        ),
         persistent_workers=False,
     )

@@ -29,16 +29,22 @@ def evaluate_dev(
     acceleration: Acceleration,
 ) -> dict[str, Any]:
     """Clean and PGD accuracy on the dev split (PGD with the training gradient, random start,
-    in batches of ``config.dev_batch_size``), residual per state and spectral radius, under
-    the acceleration's precision; the model is left in eval mode."""
+    in batches of ``config.execution.dev_batch_size``), residual per state and spectral radius,
+    under the acceleration's precision; the model is left in eval mode."""
     model.eval()
     shape = tuple(int(s) for s in dev_x.shape[1:])
     correct, adv_correct = 0, 0
     residual_sums: Tensor | None = None
-    batch = config.dev_batch_size
+    batch = config.execution.dev_batch_size
     classifier = art_classifier(model, shape, num_classes, device)  # type: ignore[arg-type]
     attack = pgd_attack(
-        classifier, config.eps, config.step, config.steps, True, batch, norm=config.norm
+        classifier,
+        config.threat.eps,
+        config.threat.step,
+        config.threat.steps,
+        True,
+        batch,
+        norm=config.threat.norm,
     )
     for x, y in _batches(dev_x, dev_y, batch):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -48,7 +54,7 @@ def evaluate_dev(
             trajectory = model.last_trajectory
             assert trajectory is not None
             per_state = torch.stack(
-                [trajectory.residual(n) for n in range(1, config.forward_threshold + 1)], dim=1
+                [trajectory.residual(n) for n in range(1, model.solver.threshold + 1)], dim=1
             ).sum(0)
             residual_sums = per_state if residual_sums is None else residual_sums + per_state
         with acceleration.autocast(device):
@@ -62,9 +68,9 @@ def evaluate_dev(
     }
     if isinstance(model, DEQ) and residual_sums is not None:
         record["dev_residuals"] = [float(v) / n for v in residual_sums.float().cpu()]
-        if config.spectral_samples > 0:
+        if config.execution.spectral_samples > 0:
             record["dev_spectral_radius"] = dev_spectral_radius(
-                model, dev_x[: config.spectral_samples].to(device)
+                model, dev_x[: config.execution.spectral_samples].to(device)
             )
     return record
 
