@@ -95,7 +95,8 @@ class ModelSpec:
     backward_solver: str | None = None
     """Backward solver of the EXACT gradient, in the same form (null: broyden)."""
     backward_threshold: int | None = None
-    """Backward iterates of the EXACT gradient (null: forward_threshold - 1)."""
+    """Backward iterates of the EXACT gradient (null: forward_threshold - 1; unused by the
+    others)."""
     solver_tol: float | None = None
     """Relative-residual tolerance of both solvers (null: the forward solver's own; 1e-4 for
     the backward solve)."""
@@ -126,17 +127,16 @@ class ModelSpec:
         if out:
             return out
         if self.training_gradient is Gradient.AUTOGRAD:
-            for name in ("forward_solver", "forward_threshold", "backward_solver"):
-                if getattr(self, name) is not None:
+            for name in ("forward_solver", "backward_solver"):
+                if getattr(self, name) not in (None, DEFAULT_SOLVER):
                     out.append(f"{name} is for DEQs: {self.name} with autograd solves nothing")
         elif self.name in BASELINE_MODELS and self.training_gradient is not None:
             out.append(f"{self.name} is not a DEQ: use training_gradient autograd")
-        if self.training_gradient is not Gradient.EXACT:
-            for name in ("backward_solver", "backward_threshold"):
-                if getattr(self, name) is not None and self.training_gradient is not None:
-                    out.append(f"{name} is the exact gradient's: use training_gradient exact")
-            if self.training_gradient is None and self.backward_solver is not None:
-                out.append("backward_solver is the exact gradient's: give training_gradient exact")
+        if self.training_gradient is not Gradient.EXACT and self.backward_solver not in (
+            None,
+            DEFAULT_SOLVER,
+        ):
+            out.append("backward_solver is the exact gradient's: give training_gradient exact")
         if self.key_map and self.checkpoint is None:
             out.append("key_map renames the keys of checkpoint: give checkpoint too")
         for name in ("forward_solver", "backward_solver"):

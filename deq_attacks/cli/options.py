@@ -134,10 +134,13 @@ def register_enum(cls: type[enum.Enum]) -> None:
 
 
 def _enums_of(cls: type) -> Iterable[type[enum.Enum]]:
+    """The enums among the field types of ``cls`` and of its sections (dataclass fields)."""
     for hint in typing.get_type_hints(cls).values():
         for part in (hint, *typing.get_args(hint)):
             if isinstance(part, type) and issubclass(part, enum.Enum):
                 yield part
+            elif isinstance(part, type) and dataclasses.is_dataclass(part):
+                yield from _enums_of(part)
 
 
 def add_settings(
