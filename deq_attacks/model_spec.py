@@ -122,7 +122,8 @@ class ModelSpec:
         return self.training_gradient is not Gradient.AUTOGRAD
 
     def problems(self) -> list[str]:
-        """Every invalid field, each as one message (``__post_init__`` raises them at once)."""
+        """Every invalid field, each as one message (``__post_init__`` raises them at once);
+        the fields the registries judge are ``registry_problems``."""
         out = _value_problems(self)
         if out:
             return out
@@ -139,6 +140,21 @@ class ModelSpec:
             out.append("backward_solver is the exact gradient's: give training_gradient exact")
         if self.key_map and self.checkpoint is None:
             out.append("key_map renames the keys of checkpoint: give checkpoint too")
+        return out
+
+    def registry_problems(self) -> list[str]:
+        """The problems the model and solver registries find: an unknown model name, a solver
+        text that does not build with the spec's threshold and tol. They import torch, so
+        construction leaves them to the spec's users (``TrainConfig``, ``build_model``): a
+        parser built from the spec's defaults stays free of torch."""
+        from deq_attacks.models.registry import list_models
+
+        out: list[str] = []
+        if ":" not in self.name and self.name not in list_models():
+            out.append(
+                f"unknown model {self.name!r}: registered are {', '.join(list_models())}, or "
+                "give a 'module:function' entry point"
+            )
         for name in ("forward_solver", "backward_solver"):
             try:
                 self._solver(name)
@@ -186,18 +202,9 @@ def _is_int(value: object) -> bool:
 
 def _value_problems(s: ModelSpec) -> list[str]:
     """The fields that are invalid on their own."""
-    from deq_attacks.models.registry import list_models
-
     out: list[str] = []
-    if (
-        not isinstance(s.name, str)
-        or not s.name
-        or (":" not in s.name and s.name not in list_models())
-    ):
-        out.append(
-            f"unknown model {s.name!r}: registered are {', '.join(list_models())}, or give a "
-            "'module:function' entry point"
-        )
+    if not isinstance(s.name, str) or not s.name:
+        out.append(f"name must be a model name or 'module:function', got {s.name!r}")
     if not isinstance(s.args, dict) or not all(isinstance(k, str) and k for k in s.args):
         out.append(f"args must be a dict of keyword names to values, got {s.args!r}")
     if s.training_gradient is not None and not isinstance(s.training_gradient, Gradient):
@@ -257,6 +264,9 @@ def build_model(
     from deq_attacks.deq.contract import DEQModel
     from deq_attacks.models.registry import builder_keywords, resolve_builder
 
+    problems = spec.registry_problems()
+    if problems:
+        raise ValueError("invalid model spec: " + "; ".join(problems))
     builder = resolve_builder(spec.name)
     keywords = builder_keywords(builder)
     kwargs = dict(spec.args)

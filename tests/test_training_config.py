@@ -153,7 +153,8 @@ def test_options_are_typed_and_enums_read_by_name_or_value() -> None:
     with pytest.raises(CommandError, match="expected one of EXACT, PHANTOM, AUTOGRAD"):
         train_cli.resolve(["--preset", "cpu_exact", "--model.training_gradient", "implicit"])
     # the flat options of before the sections name their new spelling
-    for old, new in (("--epochs", "--optimiser.epochs"), ("--gradient", "--model.training_gradient"),
+    for old, new in (("--epochs", "--optimiser.epochs"),
+                     ("--gradient", "--model.training_gradient"),
                      ("--forward-threshold", "--model.forward_threshold"),
                      ("--data", "--data.source")):  # fmt: skip
         with pytest.raises(CommandError, match=f"^{old} is now {new}"):
@@ -237,7 +238,7 @@ def test_cli_resolves_preset_file_and_options(tmp_path: Path, capsys) -> None:
     assert train_cli.main(["--preset", "cpu_exact", "--execution.bf16", "true"]) == 2
     err = capsys.readouterr().err
     assert err == (
-        "deq-attacks train: invalid execution settings: bf16 autocast is for CUDA only; on CPU "
+        "deq-attacks train: invalid training config: bf16 autocast is for CUDA only; on CPU "
         "run in float32 (drop bf16)\n"
     )
     assert train_cli.main(["--optimiser.lr", "0.1"]) == 2

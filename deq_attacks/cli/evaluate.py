@@ -49,6 +49,7 @@ from deq_attacks.model_spec import ModelSpec
 
 #: evaluate's model options before the model spec, and their names now.
 RENAMED = {
+    "--model": "--model.name",
     "--model_arg": "--model.args.KEY VALUE",
     "--solver": "--model.forward_solver",
     "--threshold": "--model.forward_threshold",

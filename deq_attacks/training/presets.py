@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from deq_attacks.model_spec import ModelSpec
-from deq_attacks.training.config import PAPER_MODEL, Device, Gradient, TrainConfig
+from deq_attacks.training.config import Device, Gradient, TrainConfig, paper_model
 
 #: 150 epochs (Table 7; the reference config says 220), 16,000 clean steps first, batch 96,
 #: Adam 1e-3 with cosine decay, Jacobian regularisation 0.4 at frequency 0.02 until epoch 90,
@@ -50,7 +50,7 @@ def phantom(model: ModelSpec, k: int = 5, lam: float = 0.5) -> ModelSpec:
 def _paper_presets() -> dict[str, TrainConfig]:
     presets: dict[str, TrainConfig] = {}
     for name in ("deq_large", "deq_xl"):
-        model = dataclasses.replace(PAPER_MODEL, name=name)
+        model = dataclasses.replace(paper_model(), name=name)
         for forward, backward in ((8, 7), (18, 20), (30, 30), (50, 50)):
             presets[f"{name}_exact_{forward}_{backward}"] = PAPER.updated(
                 model=exact(model, forward, backward)
@@ -69,7 +69,7 @@ def _paper_presets() -> dict[str, TrainConfig]:
 #: the 8x8 digits, clean pretraining of the unrolled network first, then PGD-AT at eps 0.1.
 CPU = PAPER.updated(
     model=dataclasses.replace(
-        PAPER_MODEL, name="small_conv_deq", args={"channels": 32, "dropout": 0.0}
+        paper_model(), name="small_conv_deq", args={"channels": 32, "dropout": 0.0}
     ),
     source="digits",
     dev_size=200,
