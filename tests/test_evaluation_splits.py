@@ -62,7 +62,7 @@ def test_the_default_test_split_is_disjoint_from_what_training_loads(tmp_path: P
     from deq_attacks.training.data_loading import load_training_data
 
     path = _arrays_file(tmp_path / "single.npz", 60)
-    training = load_training_data(TrainConfig(data=str(path), dev_size=5))
+    training = load_training_data(TrainConfig().updated(source=str(path), dev_size=5))
     seen = {bytes(x.numpy().tobytes()) for x, _ in training.train}
     seen |= {bytes(x.numpy().tobytes()) for x in training.dev_x}
     split = choose_split(evaluation_pool(str(path)), n_dev=5, n_test=7)

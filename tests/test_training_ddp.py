@@ -34,7 +34,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     # random numbers); GroupNorm and per-sample Broyden keep samples independent.
     config = tiny_preset(
         "deq_large_exact_8_7",
-        width=8,
+        args={"channels": 8},
         train_limit=48,
         batch_size=16,
         epochs=2,
@@ -67,7 +67,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     assert "2 process(es)" in proc.stdout
 
     one = run_training(config, tmp_path / "one", log=lambda _: None)
-    torch.manual_seed(config.seed)  # the initial weights every rank starts from
+    torch.manual_seed(config.execution.seed)  # the initial weights every rank starts from
     one_init = build_model(config, (1, 8, 8), 10).state_dict()
     two_state = json.loads((tmp_path / "two" / "state.json").read_text())
     assert two_state["global_step"] == one.state.global_step == 6

@@ -31,8 +31,7 @@ def _config():
     DEQ-mode step, stopped at epoch index 2) all draw on the saved RNG and counters."""
     return tiny_preset(
         "deq_large_exact_8_7",
-        width=8,
-        dropout=0.1,
+        args={"channels": 8, "dropout": 0.1},
         train_limit=100,
         dev_size=20,
         batch_size=10,
