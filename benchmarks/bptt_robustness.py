@@ -21,7 +21,6 @@ worst cosine of each other estimate's gradient with backprop through the solver
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -125,15 +124,18 @@ def other_estimates(early_n: int) -> dict[str, GradientEstimate]:
 def trained_model(name: str, args: argparse.Namespace) -> DEQEstimator:
     """Model ``name`` trained by ``run_training`` into ``--out-dir``/name (a rerun resumes),
     with the weights of its best epoch, in eval mode."""
-    config = dataclasses.replace(
-        preset("demo"),
-        data=args.data,
+    config = preset("demo").updated(
+        source=args.data,
         seed=args.seed,
         device=Device(args.device),
         threads=args.threads,
         **MODELS[name],
     )
-    assert (config.forward_threshold, config.eps, config.step) == (THRESHOLD, EPS, STEP)
+    assert (config.model.forward_threshold, config.threat.eps, config.threat.step) == (
+        THRESHOLD,
+        EPS,
+        STEP,
+    )
     directory = args.out_dir / name
     result = run_training(config, directory)
     deq = result.load_best()

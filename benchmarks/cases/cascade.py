@@ -51,7 +51,8 @@ BOUNDS: Bounds = (
 )
 
 #: Smoke-mode changes: a tiny model trained for one epoch, a few images, tiny budgets.
-_QUICK_TRAINING = {"width": 4, "forward_threshold": 3, "epochs": 1, "pretrain_steps": 1,
+_QUICK_TRAINING = {"args": {"channels": 4, "dropout": 0.0}, "forward_threshold": 3,
+                   "epochs": 1, "pretrain_steps": 1,
                    "adversarial": False, "dev_size": 12, "train_limit": 60, "batch_size": 20,
                    "plots": False}  # fmt: skip
 _QUICK_EVAL = {"steps": 2, "square_queries": 10, "aa_iterations": 2, "aa_queries": 5,
@@ -61,9 +62,9 @@ _QUICK_EVAL = {"steps": 2, "square_queries": 10, "aa_iterations": 2, "aa_queries
 def demo_model(device: str, quick: bool, cache: Path = CACHE) -> tuple[DEQEstimator, int]:
     """The demo preset's trained model (best development-PGD checkpoint) as an estimator, and
     the number of test images to attack."""
-    config = dataclasses.replace(preset("demo"), device=Device(device), threads=None)
+    config = preset("demo").updated(device=Device(device), threads=None)
     if quick:
-        config = dataclasses.replace(config, **_QUICK_TRAINING)
+        config = config.updated(**_QUICK_TRAINING)
     run_dir = cache.with_name(cache.name + ("_quick" if quick else ""))
     result = run_training(config, run_dir, log=lambda _text: None)
     deq = result.load_best()

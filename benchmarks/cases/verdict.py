@@ -263,14 +263,14 @@ def _mnist_model(
     """The demo preset trained briefly on MNIST (1,100 images, 3 clean epochs and one of
     PGD-AT at eps 0.1; cached in runs/benchmark_mnist_deq) and 200 development images of the
     file's held-out part."""
-    config = dataclasses.replace(
-        preset("demo"), data=str(MNIST), device=Device(device), threads=None,
+    config = preset("demo").updated(
+        source=str(MNIST), device=Device(device), threads=None,
         train_limit=1100, epochs=4, plots=False,
     )  # fmt: skip
     if quick:
-        config = dataclasses.replace(
-            config, width=4, forward_threshold=3, epochs=1, pretrain_steps=1,
-            adversarial=False, dev_size=12, train_limit=60, batch_size=20,
+        config = config.updated(
+            args={"channels": 4, "dropout": 0.0}, forward_threshold=3, epochs=1,
+            pretrain_steps=1, adversarial=False, dev_size=12, train_limit=60, batch_size=20,
         )  # fmt: skip
     run_dir = MNIST_CACHE.with_name(MNIST_CACHE.name + ("_quick" if quick else ""))
     result = run_training(config, run_dir, log=lambda _text: None)

@@ -247,11 +247,18 @@ def given_settings(
     parser: ArgumentParser, argv: list[str], cls: type, nested_key: str
 ) -> dict[str, Any]:
     """The fields of ``cls`` under ``nested_key`` that the command line or a config file set
-    (typed by jsonargparse; each is checked by validating ``cls()`` with it)."""
+    (typed by jsonargparse), by their own names: a section's fields (a field that is a
+    dataclass, as ``TrainConfig.optimiser``) come out of it. Each is checked by validating
+    ``cls()`` with it (``cls().updated(**values)`` where the class has sections)."""
     given = parse(parser, argv, defaults=False).get(nested_key)
-    values = given.as_dict() if isinstance(given, Namespace) else {}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for key, value in (given.as_dict() if isinstance(given, Namespace) else {}).items():
+        section = dataclasses.is_dataclass(hints.get(key)) and isinstance(value, Mapping)
+        values.update(value if section else {key: value})
     try:
-        dataclasses.replace(cls(), **values)
+        base = cls()
+        base.updated(**values) if hasattr(base, "updated") else dataclasses.replace(base, **values)
     except (ValueError, TypeError) as error:
         raise CommandError(f"--{nested_key}.*: {error}") from None
     return values
