@@ -30,6 +30,7 @@ from deq_attacks.evaluation.result import EvaluationReport
 from deq_attacks.evaluation.settings import EvaluationConfig, Mode
 from deq_attacks.evaluation.threat import NORMS
 from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.model_spec import ModelSpec, build_model
 from deq_attacks.splits import held_out_data
 
 #: eps when none is given, per named data set and threat model (inputs in [0, 1]): CIFAR-10's
@@ -147,7 +148,7 @@ def held_out_images(dataset: str | Path, data_dir: str | Path) -> ImageDataset:
 
 
 def benchmark(
-    model: DEQModel | DEQEstimator,
+    model: DEQModel | DEQEstimator | ModelSpec,
     n_examples: int = 10_000,
     dataset: str | Path = "cifar10",
     threat_model: str = "Linf",
@@ -166,7 +167,9 @@ def benchmark(
     ``n_examples`` held-out images; the expected cost is told (``progress``) first.
 
     Args:
-        model: a DEQ (``deq_attacks.DEQ`` or any ``DEQModel``) or its ``DEQEstimator``.
+        model: a DEQ (``deq_attacks.DEQ`` or any ``DEQModel``), its ``DEQEstimator``, or a
+            ``ModelSpec`` (the model options of ``deq-attacks evaluate``: name, args, solvers,
+            checkpoint), built for the data set's images by ``model_spec.build_model``.
         n_examples: test images: the first ones of the held-out set (RobustBench's choice).
         dataset: "cifar10", "mnist", "digits" or the path of an arrays file (``.npz``).
         threat_model: "Linf" or "L2" (RobustBench's names): the norm of every attack.
@@ -251,14 +254,25 @@ def benchmark(
 
 
 def _estimator(
-    model: DEQModel | DEQEstimator, data: ImageDataset, device: str | torch.device | None
+    model: DEQModel | DEQEstimator | ModelSpec,
+    data: ImageDataset,
+    device: str | torch.device | None,
 ) -> DEQEstimator:
+    classes = int(data.num_classes or data.y.max() + 1)
+    if isinstance(model, ModelSpec):
+        built = build_model(model, data.image_shape, classes).model
+        if not isinstance(built, DEQModel):
+            raise TypeError(f"benchmark() takes DEQs; model {model.name} trains with autograd")
+        model = built
     if isinstance(model, DEQEstimator):
         if device is not None and torch.device(device) != model.device:
             raise ValueError(f"the estimator runs on {model.device}, not on {device}")
         return model
     if not isinstance(model, DEQModel):
-        raise TypeError(f"model must be a DEQ or a DEQEstimator, got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a DEQ, a DEQEstimator or a ModelSpec of a DEQ, got "
+            f"{type(model).__name__}"
+        )
     param = next(model.parameters(), None)
     where = (
         torch.device(device)
@@ -269,6 +283,6 @@ def _estimator(
     return DEQEstimator(
         model,
         input_shape=data.x.shape[1:],
-        nb_classes=int(data.num_classes or data.y.max() + 1),
+        nb_classes=classes,
         device_type="gpu" if where.type == "cuda" else "cpu",
     )
