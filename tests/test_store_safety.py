@@ -110,7 +110,8 @@ def cli_args(weights: Path, out_dir: Path) -> list[str]:
     return [
         "evaluate", "--model.name", "mlp_deq", "--model.args.in_features", "64",
         "--model.args.num_classes", "10", "--model.args.hidden", "16",
-        "--model.forward_threshold", "4", "--model.checkpoint", str(weights), "--n-dev", "8", "--n-test", "8", "--steps", "2",
+        "--model.forward_threshold", "4", "--model.checkpoint", str(weights),
+        "--n-dev", "8", "--n-test", "8", "--steps", "2",
         "--attacks", "pgd", "--bptt", "false", "--long-steps", "3", "--batch-size", "4",
         "--diagnostic-samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
         "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",
