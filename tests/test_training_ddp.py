@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from deq_attacks.records import to_jsonable
 from deq_attacks.training import run_training
-from deq_attacks.training.build import build_model
+from deq_attacks.training.build import training_model
 from tests.training_fixtures import tiny_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
 
     one = run_training(config, tmp_path / "one", log=lambda _: None)
     torch.manual_seed(config.execution.seed)  # the initial weights every rank starts from
-    one_init = build_model(config, (1, 8, 8), 10).state_dict()
+    one_init = training_model(config, (1, 8, 8), 10).state_dict()
     two_state = json.loads((tmp_path / "two" / "state.json").read_text())
     assert two_state["global_step"] == one.state.global_step == 6
     # the training loss is averaged over both ranks: the global batch's mean

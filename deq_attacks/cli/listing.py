@@ -1,6 +1,6 @@
 """``deq-attacks list [KIND]``: what the registries hold, one line each: the solvers
-(``--solver``), gradient estimates, attack columns (``--attacks``), sweep families and their
-default grids (``--sweep``), models (``--model``) and presets (``--preset`` of ``evaluate``,
+(``--model.forward_solver``), gradient estimates, attack columns (``--attacks``), sweep families and their
+default grids (``--sweep``), models (``--model.name``) and presets (``--preset`` of ``evaluate``,
 ``train`` and ``demo``). Without KIND, every list.
 
 Solvers, estimates, attacks and models are read from the package's source
