@@ -1,7 +1,7 @@
 """``deq-attacks list [KIND]``: what the registries hold, one line each: the solvers
-(``--model.forward_solver``), gradient estimates, attack columns (``--attacks``), sweep families and their
-default grids (``--sweep``), models (``--model.name``) and presets (``--preset`` of ``evaluate``,
-``train`` and ``demo``). Without KIND, every list.
+(``--model.forward_solver``), gradient estimates, attack columns (``--attacks``), sweep
+families and their default grids (``--sweep``), models (``--model.name``) and presets
+(``--preset`` of ``evaluate``, ``train`` and ``demo``). Without KIND, every list.
 
 Solvers, estimates, attacks and models are read from the package's source
 (``deq_attacks.cli.catalogue``) while their registries are not loaded, so these lists import
