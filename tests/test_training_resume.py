@@ -120,14 +120,15 @@ def test_changed_config_is_refused(tmp_path: Path, capsys) -> None:
     assert train_cli.main(["--config", str(config_file), "--out-dir", str(out)]) == 0
     capsys.readouterr()
     code = train_cli.main(
-        ["--config", str(config_file), "--out-dir", str(out), "--lr", "0.002", "--eps", "0.2"]
+        ["--config", str(config_file), "--out-dir", str(out), "--optimiser.lr", "0.002",
+         "--threat.eps", "0.2"]  # fmt: skip
     )
     err = capsys.readouterr().err
     assert code == 2
-    assert "lr: 0.001 -> 0.002" in err and "eps: 0.1 -> 0.2" in err
+    assert "optimiser.lr: 0.001 -> 0.002" in err and "threat.eps: 0.1 -> 0.2" in err
     # run-only settings may change: this reruns nothing (all epochs done) and succeeds
     threads = torch.get_num_threads()
     assert (
-        train_cli.main(["--config", str(config_file), "--out-dir", str(out), "--threads", "2"]) == 0
+        train_cli.main(["--config", str(config_file), "--out-dir", str(out), "--execution.threads", "2"]) == 0
     )
     assert torch.get_num_threads() == threads  # the run's threads do not outlive it
