@@ -128,7 +128,6 @@ def test_changed_config_is_refused(tmp_path: Path, capsys) -> None:
     assert "optimiser.lr: 0.001 -> 0.002" in err and "threat.eps: 0.1 -> 0.2" in err
     # run-only settings may change: this reruns nothing (all epochs done) and succeeds
     threads = torch.get_num_threads()
-    assert (
-        train_cli.main(["--config", str(config_file), "--out-dir", str(out), "--execution.threads", "2"]) == 0
-    )
+    argv = ["--config", str(config_file), "--out-dir", str(out), "--execution.threads", "2"]
+    assert train_cli.main(argv) == 0
     assert torch.get_num_threads() == threads  # the run's threads do not outlive it
