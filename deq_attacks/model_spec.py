@@ -48,6 +48,15 @@ if TYPE_CHECKING:
     from deq_attacks.deq.contract import DEQModel
     from deq_attacks.solvers import Solver
 
+__all__ = [
+    "BASELINE_MODELS",
+    "DEFAULT_SOLVER",
+    "BuiltModel",
+    "Gradient",
+    "ModelSpec",
+    "build_model",
+]
+
 #: The forward and backward solver of the training presets and of the exact gradient's
 #: backward solve unless a spec names another (the paper's Broyden).
 DEFAULT_SOLVER = "broyden"
@@ -75,7 +84,7 @@ class Gradient(str, enum.Enum):
 class ModelSpec:
     """The model: a builder and what reaches it (docs/own_deq.md)."""
 
-    name: str
+    name: str = ""
     """A registered model (`deq-attacks list models`) or your builder, package.module:function
     (imported from the working directory and called, as Hydra's _target_: a config file naming
     one is trusted like a script); it returns a deq_attacks DEQ (DEQModel)."""
@@ -204,7 +213,10 @@ def _value_problems(s: ModelSpec) -> list[str]:
     """The fields that are invalid on their own."""
     out: list[str] = []
     if not isinstance(s.name, str) or not s.name:
-        out.append(f"name must be a model name or 'module:function', got {s.name!r}")
+        out.append(
+            f"name must be given (--model.name): a registered model (deq-attacks list models) "
+            f"or 'module:function', got {s.name!r}"
+        )
     if not isinstance(s.args, dict) or not all(isinstance(k, str) and k for k in s.args):
         out.append(f"args must be a dict of keyword names to values, got {s.args!r}")
     if s.training_gradient is not None and not isinstance(s.training_gradient, Gradient):
