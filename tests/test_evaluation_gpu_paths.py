@@ -13,6 +13,7 @@ import torch
 from evaluation_fixtures import TINY, splits, tiny_estimator
 
 from deq_attacks import Phantom, Unrolled
+from deq_attacks.adversarial.pgd import compiled
 from deq_attacks.evaluation import (
     EvaluationConfig,
     SweepConfig,
@@ -22,7 +23,6 @@ from deq_attacks.evaluation import (
     fixed_step_pgd,
 )
 from deq_attacks.evaluation.attacks import precision
-from deq_attacks.evaluation.attacks.pgd import compiled
 from deq_attacks.evaluation.benchmark import MODEL_INFO_FIELDS, held_out_images
 from deq_attacks.models import small_conv_deq
 

@@ -30,7 +30,6 @@ from deq_attacks import (
 from deq_attacks.evaluation import (
     BPTT,
     READY_MADE,
-    Column,
     EvaluationConfig,
     Mode,
     SampleSeeds,
@@ -46,7 +45,6 @@ from deq_attacks.evaluation import (
     score_readouts,
 )
 from deq_attacks.evaluation.attacks import FixedStepPGD
-from deq_attacks.evaluation.cells import runs_of
 from deq_attacks.evaluation.distributed import Shards
 from deq_attacks.gradients import estimate_from_spec
 from deq_attacks.models import mlp_deq
@@ -90,12 +88,12 @@ def test_scoring_applies_preprocessing_like_predict() -> None:
     for n in (1, 2, 4):
         with estimator.using(defense=Early(n)):
             expected = estimator.predict(x).argmax(1) == y
-        np.testing.assert_array_equal(scores["states"][:, n - 1], expected)
-    np.testing.assert_array_equal(scores["defense/final"], estimator.predict(x).argmax(1) == y)
+        np.testing.assert_array_equal(scores.states[:, n - 1], expected)
+    np.testing.assert_array_equal(scores.correct["final"], estimator.predict(x).argmax(1) == y)
     with estimator.using(defense=Ensemble()):
-        np.testing.assert_array_equal(scores["defense/ens"], estimator.predict(x).argmax(1) == y)
+        np.testing.assert_array_equal(scores.correct["ens"], estimator.predict(x).argmax(1) == y)
     accuracy, residual = per_state_accuracy(estimator, x, y, 7)
-    np.testing.assert_allclose(accuracy, scores["states"].mean(0))
+    np.testing.assert_allclose(accuracy, scores.states.mean(0))
     assert residual.shape == (4,) and (residual >= 0).all()
     # without the preprocessing the model would see other inputs (the old bug)
     plain = tiny_estimator(trained=True)
@@ -109,9 +107,10 @@ def test_sweep_records_every_candidate_and_picks_the_largest_drop() -> None:
                           "unrolled": {"n": "1,3", "k": "1,2", "lam": "1.0"}})  # fmt: skip
     defenses = {"final": Final(), "early": Early(2)}
     said: list[str] = []
-    chosen, entries, plan = run_sweep(
+    sweep = run_sweep(
         estimator, config, x, y, THREAT, defenses, "early", Shards(), progress=said.append
     )
+    chosen, entries, plan = sweep.chosen, sweep.entries, sweep.plan
     assert [p["family"] for p in plan] == ["adjoint", "unrolled"] and all(p["runs"] for p in plan)
     # every candidate reports as it finishes, with its count and early-state accuracy
     assert len(said) == 12 and said[0].startswith("sweep 1/12 Adjoint(")
@@ -123,7 +122,7 @@ def test_sweep_records_every_candidate_and_picks_the_largest_drop() -> None:
     rerun = run_sweep(estimator, config, x, y, THREAT, defenses, "early", Shards(),
                       done=stored, progress=again.append)  # fmt: skip
     assert [m.endswith("(stored)") for m in again] == [True] * 5 + [False] * 7
-    assert [e["estimate"] for e in rerun[1]] == [e["estimate"] for e in entries]
+    assert [e["estimate"] for e in rerun.entries] == [e["estimate"] for e in entries]
     assert plan[0]["grid"] == {"n": "all", "beta": "0.5,1.0"}
     assert len(entries) == 4 * 2 + 2 * 2
     for family in ("adjoint", "unrolled"):
@@ -152,15 +151,9 @@ def test_columns_are_data_and_extra_estimates_add_columns() -> None:
 
 
 def test_an_estimate_of_the_defended_computation_runs_once_per_defense() -> None:
-    defenses = {"final": Final(), "early": Early(2)}
-    shared = runs_of(Column("p PGD", FixedStepPGD(), Phantom()), defenses)
-    assert shared == {"shared/p PGD": defenses}
-    bptt = Column("bptt PGD", FixedStepPGD(), BackpropThroughSolver())
-    assert runs_of(bptt, defenses) == {
-        "final/bptt PGD": {"final": Final()},
-        "early/bptt PGD": {"early": Early(2)},
-    }
     assert BackpropThroughSolver().depends_on_defense and not Phantom().depends_on_defense
+    assert FixedStepPGD.shared  # one run scores every defense; its column does too ...
+    assert not protocol_columns({"bptt": BackpropThroughSolver()}, TINY)[0].shared  # ... not this
 
 
 def run_tiny(path: Path | None, config: EvaluationConfig = TINY, **kwargs):
@@ -247,8 +240,7 @@ def test_resume_reuses_per_sample_results_and_checks_the_fingerprint(
 
 def forbid_computation(monkeypatch, fail) -> None:
     """Make every attack run, forward scoring and measurement of the protocol call ``fail``."""
-    for module in ("context", "shared_runs"):
-        monkeypatch.setattr(f"deq_attacks.evaluation.{module}.map_blocks", fail)
+    monkeypatch.setattr("deq_attacks.evaluation.distributed.BlockMap.mine", fail)  # every block
     for name in ("batch_outputs", "gradient_health", "exact_backward", "spectral_radii",
                  "alignment"):  # fmt: skip
         monkeypatch.setattr(f"deq_attacks.evaluation.measurements.{name}", fail)

@@ -58,8 +58,7 @@ def forbid_computation(monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("a finished step was recomputed")
 
-    for module in ("context", "shared_runs"):
-        monkeypatch.setattr(f"deq_attacks.evaluation.{module}.map_blocks", fail)
+    monkeypatch.setattr("deq_attacks.evaluation.distributed.BlockMap.mine", fail)  # every block
     for name in ("batch_outputs", "gradient_health", "exact_backward", "spectral_radii",
                  "alignment"):  # fmt: skip
         monkeypatch.setattr(f"deq_attacks.evaluation.measurements.{name}", fail)
@@ -172,7 +171,7 @@ def test_unconverged_forwards_warn_once_per_run_with_a_count() -> None:
     found = [w for w in caught if issubclass(w.category, NotConvergedWarning)]
     assert len(found) == 1 and "call site(s)" in str(found[0].message)  # the run's summary
     records = {r["site"]: r for r in report.convergence}
-    attack_site = next(s for s in records if "attacks/defended.py:" in s)
+    attack_site = next(s for s in records if "adversarial/defended.py:" in s)
     record = records[attack_site]
     assert record["calls"] > 10 and 0 < record["unconverged_calls"] <= record["calls"]
     assert record["samples_above"] > 0

@@ -14,6 +14,7 @@ from attack_fixtures import assert_valid_adversarial, l2_distance
 from evaluation_fixtures import TINY, splits, tiny_estimator
 
 from deq_attacks import Exact, Phantom, Unrolled
+from deq_attacks.adversarial.pgd import l2_step, random_start
 from deq_attacks.evaluation import (
     EvaluationConfig,
     SampleSeeds,
@@ -34,10 +35,9 @@ from deq_attacks.evaluation.attacks import (
     StandardAutoAttack,
     run_standard_autoattack,
 )
-from deq_attacks.evaluation.attacks.pgd import l2_step, random_start
 from deq_attacks.evaluation.presets import evaluation_preset
 from deq_attacks.evaluation.threat import AutoAttackSettings
-from deq_attacks.training.adversary import art_classifier, pgd_attack
+from deq_attacks.training.adversary import Budget, art_classifier, pgd_attack
 from deq_attacks.training.config import TrainConfig
 
 L2 = ThreatModel(eps=0.8, step=0.3, steps=3, norm="L2")
@@ -143,7 +143,7 @@ def test_training_adversary_runs_under_l2() -> None:
     assert TrainConfig().updated(norm="L2", eps=0.5, step=0.125).threat.norm == "L2"
     estimator = tiny_estimator(trained=True)
     classifier = art_classifier(estimator.deq, (1, 8, 8), 10, torch.device("cpu"))
-    attack = pgd_attack(classifier, 0.5, 0.125, 2, True, 8, norm="L2")
+    attack = pgd_attack(classifier, Budget(0.5, 0.125, 2, True, "L2"), 8)
     assert attack.norm == 2
 
 

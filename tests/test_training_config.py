@@ -209,6 +209,7 @@ def test_the_fingerprint_names_what_a_run_computes() -> None:
     assert config.updated(norm="L2").fingerprint() != fingerprint
     assert config.updated(random_state=True).fingerprint() != fingerprint
     assert config.updated(args={"channels": 8}).fingerprint() != fingerprint
+    assert config.updated(adversary="art").fingerprint() != fingerprint
 
 
 def test_cli_resolves_preset_file_and_options(tmp_path: Path, capsys) -> None:

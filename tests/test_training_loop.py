@@ -135,16 +135,16 @@ def test_jacobian_schedule_counts_deq_mode_steps_from_the_global_step() -> None:
 
 def test_dev_pgd_has_a_random_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple] = []
-    original = monitor_module.pgd_attack
+    original = monitor_module.make_adversary
 
     def spy(*args, **kwargs):
         calls.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(monitor_module, "pgd_attack", spy)
+    monkeypatch.setattr(monitor_module, "make_adversary", spy)
     config = tiny_preset("deq_large_unrolling", random_start=False)  # training PGD without one
     run_training(config, tmp_path, log=lambda _: None)
-    assert calls and all(args[4] is True for args in calls)  # random_start of the dev PGD
+    assert calls and all(args[2].random_start is True for args in calls)  # the dev PGD's
 
 
 def test_unrolled_pretraining_network_is_f_applied_depth_times() -> None:

@@ -216,7 +216,7 @@ def _race_row(
     )  # fmt: skip
     defenses = {
         "final": Final(),
-        "early": Early(choose_early_exit(scored["states"])),
+        "early": Early(choose_early_exit(scored.states)),
         "ensemble": Ensemble(),
     }
     out: dict[str, tuple[Any, int, float]] = {}
@@ -225,8 +225,10 @@ def _race_row(
             estimator, config.sweep, dev[0], dev[1], config.threat, defenses, "early",
             shards, seed=config.seed, mode=mode,
         ))  # fmt: skip
-    (chosen_grid, entries, _), f_grid, cpu_grid = out["grid"]
-    (chosen_race, raced, _), f_race, cpu_race = out["racing"]
+    grid, f_grid, cpu_grid = out["grid"]
+    race, f_race, cpu_race = out["racing"]
+    chosen_grid, entries = grid.chosen, grid.entries
+    chosen_race, raced = race.chosen, race.entries
     same = chosen_grid == chosen_race
     differ = "" if same else (
         "; chosen differ: "

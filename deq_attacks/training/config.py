@@ -112,6 +112,9 @@ class ThreatSettings:
     """Uniform random start of the training PGD (the dev PGD always has one)."""
     norm: str = "Linf"
     """Threat model of the training and dev PGD: Linf or L2 (ART's PGD with norm inf or 2)."""
+    adversary: str = "torch"
+    """Who makes the training and dev PGD: torch (`deq_attacks.adversarial.pgd`) or art
+    (ART's ProjectedGradientDescent over a DEQEstimator); the same adversaries, torch faster."""
 
     def __post_init__(self) -> None:
         checks = _Checks(self)
@@ -119,6 +122,8 @@ class ThreatSettings:
         checks.ints(("steps",), 1)
         if self.norm not in ("Linf", "L2"):
             checks.out.append(f"norm must be Linf or L2, got {self.norm!r}")
+        if self.adversary not in ("torch", "art"):
+            checks.out.append(f"adversary must be torch or art, got {self.adversary!r}")
         top = 1 if self.norm == "Linf" else math.inf
         where = "in (0, 1] under L-inf" if top == 1 else "a finite number > 0"
         for name in ("eps", "step"):
@@ -293,6 +298,7 @@ def paper_model() -> ModelSpec:
         backward_threshold=7,
         solver_tol=1e-3,
     )
+
 
 #: The sections of a TrainConfig, by name.
 SECTIONS: dict[str, type] = {

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from art.attacks.evasion import ProjectedGradientDescent
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -30,7 +29,7 @@ from deq_attacks.deq import DEQ, JacobianRegularization
 from deq_attacks.interfaces.inputs import check_model_fits
 from deq_attacks.models.registry import resolve_builder
 from deq_attacks.training import resume
-from deq_attacks.training.adversary import adversarial_batch, art_classifier, pgd_attack
+from deq_attacks.training.adversary import Adversary, Budget, make_adversary
 from deq_attacks.training.build import (
     JacobianSchedule,
     TrainingModule,
@@ -76,7 +75,7 @@ class StepContext:
     model: nn.Module  # the bare model (adversaries are made on it, outside DDP)
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
-    attack: ProjectedGradientDescent
+    adversary: Adversary  # makes the PGD examples of a batch (``make_adversary``)
     num_classes: int
     device: torch.device
     acceleration: Acceleration
@@ -109,7 +108,7 @@ def training_step(
     accel, device = ctx.acceleration, ctx.device
     if adversarial:
         with accel.autocast(device):
-            x = adversarial_batch(ctx.attack, ctx.model, x, y, ctx.num_classes)
+            x = ctx.adversary(x, y)
     ctx.wrapped.train()
     ctx.optimizer.zero_grad(set_to_none=True)
     with accel.autocast(device):
@@ -233,22 +232,28 @@ def _run(
         ids = [device.index] if device.type == "cuda" else None
         wrapped = DistributedDataParallel(module, device_ids=ids)
     local_batch = config.optimiser.batch_size // processes.world
-    classifier = art_classifier(model, data.image_shape, data.num_classes, device)
-    attack = pgd_attack(
-        classifier,
+    budget = Budget(
         config.threat.eps,
         config.threat.step,
         config.threat.steps,
         config.threat.random_start,
+        config.threat.norm,
+    )
+    adversary = make_adversary(
+        config.threat.adversary,
+        model,
+        budget,
+        data.image_shape,
+        data.num_classes,
+        device,
         local_batch,
-        norm=config.threat.norm,
     )
     ctx = StepContext(
         wrapped,
         model,
         optimizer,
         schedule,
-        attack,
+        adversary,
         data.num_classes,
         device,
         acceleration,

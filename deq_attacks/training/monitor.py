@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from deq_attacks.acceleration import Acceleration
 from deq_attacks.deq import DEQ, spectral_radius
-from deq_attacks.training.adversary import adversarial_batch, art_classifier, pgd_attack
+from deq_attacks.training.adversary import Budget, make_adversary
 from deq_attacks.training.config import TrainConfig
 
 
@@ -28,23 +28,25 @@ def evaluate_dev(
     device: torch.device,
     acceleration: Acceleration,
 ) -> dict[str, Any]:
-    """Clean and PGD accuracy on the dev split (PGD with the training gradient, random start,
-    in batches of ``config.execution.dev_batch_size``), residual per state and spectral radius,
-    under the acceleration's precision; the model is left in eval mode."""
+    """Clean and PGD accuracy on the dev split (``config.threat.adversary``'s PGD with the training
+    gradient, random start, in batches of ``config.execution.dev_batch_size``), residual per state and
+    spectral radius, under the acceleration's precision; the model is left in eval mode."""
     model.eval()
     shape = tuple(int(s) for s in dev_x.shape[1:])
     correct, adv_correct = 0, 0
     residual_sums: Tensor | None = None
     batch = config.execution.dev_batch_size
-    classifier = art_classifier(model, shape, num_classes, device)  # type: ignore[arg-type]
-    attack = pgd_attack(
-        classifier,
-        config.threat.eps,
-        config.threat.step,
-        config.threat.steps,
-        True,
-        batch,
-        norm=config.threat.norm,
+    budget = Budget(
+        config.threat.eps, config.threat.step, config.threat.steps, True, config.threat.norm
+    )
+    adversary = make_adversary(
+        config.threat.adversary,
+        model,
+        budget,
+        shape,
+        num_classes,
+        device,
+        batch,  # type: ignore[arg-type]
     )
     for x, y in _batches(dev_x, dev_y, batch):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -58,7 +60,7 @@ def evaluate_dev(
             ).sum(0)
             residual_sums = per_state if residual_sums is None else residual_sums + per_state
         with acceleration.autocast(device):
-            x_adv = adversarial_batch(attack, model, x, y, num_classes)
+            x_adv = adversary(x, y)
         with torch.no_grad(), acceleration.autocast(device):
             adv_correct += int((model(acceleration.inputs(x_adv)).argmax(1) == y).sum())
     n = len(dev_y)
