@@ -28,9 +28,10 @@ def evaluate_dev(
     device: torch.device,
     acceleration: Acceleration,
 ) -> dict[str, Any]:
-    """Clean and PGD accuracy on the dev split (``config.threat.adversary``'s PGD with the training
-    gradient, random start, in batches of ``config.execution.dev_batch_size``), residual per state and
-    spectral radius, under the acceleration's precision; the model is left in eval mode."""
+    """Clean and PGD accuracy on the dev split (``config.threat.adversary``'s PGD with the
+    training gradient, random start, in batches of ``config.execution.dev_batch_size``),
+    residual per state and spectral radius, under the acceleration's precision; the model is
+    left in eval mode."""
     model.eval()
     shape = tuple(int(s) for s in dev_x.shape[1:])
     correct, adv_correct = 0, 0
@@ -43,10 +44,10 @@ def evaluate_dev(
         config.threat.adversary,
         model,
         budget,
-        shape,
+        shape,  # type: ignore[arg-type]
         num_classes,
         device,
-        batch,  # type: ignore[arg-type]
+        batch,
     )
     for x, y in _batches(dev_x, dev_y, batch):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
