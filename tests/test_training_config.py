@@ -167,8 +167,11 @@ def test_config_json_round_trip_and_differences() -> None:
     assert again == config
     other = config.updated(lr=2e-3, threads=4)
     assert config.differences(other) == ["optimiser.lr: 0.001 -> 0.002"]  # threads: run-only
-    with pytest.raises(ValueError, match="unknown TrainConfig sections"):
+    with pytest.raises(ValueError, match="unknown TrainConfig sections") as caught:
         TrainConfig.from_json({"learning_rate": 1})
+    assert "flat config.json" not in str(caught.value)
+    with pytest.raises(ValueError, match="flat config.json of a deq_attacks before the sections"):
+        TrainConfig.from_json({"model": "small_conv_deq", "epochs": 3, "eps": 0.1})
     with pytest.raises(ValueError, match="unknown OptimiserSettings keys"):
         TrainConfig.from_json({"optimiser": {"learning_rate": 1}})
 

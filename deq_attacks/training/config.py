@@ -385,7 +385,20 @@ class TrainConfig:
         reported at once."""
         unknown = sorted(set(values) - set(SECTIONS))
         if unknown:
-            raise ValueError(f"unknown TrainConfig sections {unknown}; known: {list(SECTIONS)}")
+            flat = (
+                any(_owns(key) for key in unknown)
+                or "model" in values
+                and not isinstance(values["model"], (dict, ModelSpec))
+            )
+            hint = (
+                " (a flat config.json of a deq_attacks before the sections: start a new run "
+                "folder, or nest its keys under their sections)"
+                if flat
+                else ""
+            )
+            raise ValueError(
+                f"unknown TrainConfig sections {unknown}; known: {list(SECTIONS)}{hint}"
+            )
         built: dict[str, Any] = {}
         problems: list[str] = []
         for name, section in SECTIONS.items():
@@ -403,12 +416,20 @@ class TrainConfig:
         return cls(**built)
 
 
-def _owner(key: str) -> str:
-    """The section that has the field ``key``."""
+def _owns(key: str) -> str | None:
+    """The section that has the field ``key``, or None."""
     for name, section in SECTIONS.items():
         if key in {f.name for f in dataclasses.fields(section)}:
             return name
-    raise TypeError(f"TrainConfig has no setting {key!r}")
+    return None
+
+
+def _owner(key: str) -> str:
+    """The section that has the field ``key``."""
+    owner = _owns(key)
+    if owner is None:
+        raise TypeError(f"TrainConfig has no setting {key!r}")
+    return owner
 
 
 def _section(cls: type, values: dict[str, Any]) -> Any:
