@@ -197,3 +197,22 @@ def test_arts_trainer_under_torchrun_is_refused_before_any_work(
     with pytest.raises(ValueError, match="art_madry runs in one process .* without torchrun"):
         run_training(_config(), tmp_path / "ddp", log=_quiet)
     assert not (tmp_path / "ddp").exists()
+
+
+def test_a_baseline_trains_through_arts_trainer_with_its_last_smaller_batch(
+    tmp_path: Path,
+) -> None:
+    config = tiny_preset(
+        "resnet18_pgd_at",
+        trainer="art_madry",
+        pretrain_steps=0,
+        epochs=2,
+        train_limit=40,
+        batch_size=16,
+    )
+    result = run_training(config, tmp_path / "resnet", log=_quiet)
+    first, last = result.state.history
+    # 40 images: batches of 16, 16 and 8 per epoch; the cosine decay ends with the last one
+    assert [first["global_step"], last["global_step"]] == [3, 6]
+    assert last["lr"] == pytest.approx(config.optimiser.lr_min)
+    assert 0 <= last["train_accuracy"] <= 1 and last["train_loss"] > 0

@@ -486,7 +486,7 @@ def _art_madry_problems(c: TrainConfig) -> list[str]:
         (not c.threat.adversarial, "threat.adversarial false", "it trains on PGD examples only"),
         (c.threat.norm != "Linf", "threat.norm L2", "its PGD is L-inf"),
         (c.optimiser.pretrain_steps > 0, f"optimiser.pretrain_steps {c.optimiser.pretrain_steps}",
-         "it has no unrolled clean pretraining: set 0"),
+         "it has no clean pretraining: set 0"),
         (c.optimiser.jac_weight > 0, f"optimiser.jac_weight {c.optimiser.jac_weight}",
          "its fit takes no Jacobian penalty: set 0"),
         (c.optimiser.random_state, "optimiser.random_state", "its fit takes the loss at z*"),

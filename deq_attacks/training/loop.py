@@ -204,13 +204,13 @@ def _run(
         )
     data = load_training_data(config, arrays)
     steps_per_epoch = len(data) // config.optimiser.batch_size
-    if art_madry and steps_per_epoch >= 1:
-        steps_per_epoch = art_trainer.steps_per_epoch(len(data), config.optimiser.batch_size)
     if steps_per_epoch < 1:
         raise ValueError(
             f"{len(data)} training images of {data.name} are fewer than one batch of "
             f"{config.optimiser.batch_size} (lower batch_size or dev_size)"
         )
+    if art_madry:  # ART's trainer keeps the last, smaller batch
+        steps_per_epoch = art_trainer.steps_per_epoch(len(data), config.optimiser.batch_size)
     if config.optimiser.batch_size % processes.world:
         raise ValueError(
             f"batch_size {config.optimiser.batch_size} not divisible by {processes.world}"
