@@ -28,7 +28,7 @@ from deq_attacks.deq import DEQ
 from deq_attacks.gradients import ready_made
 from deq_attacks.interfaces import DEQEstimator, WhiteBoxModule
 
-#: The adversaries of ``TrainConfig.adversary``.
+#: The adversaries of ``TrainConfig.threat.adversary``.
 ADVERSARIES = ("torch", "art")
 
 Adversary = Callable[[Tensor, Tensor], Tensor]
