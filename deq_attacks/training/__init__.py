@@ -9,7 +9,8 @@
 
 ART's ``AdversarialTrainerMadryPGD`` can drive ``run_training`` (``execution.trainer=
 "art_madry"``, ``training/art_trainer.py``); ART's trainers (Madry, TRADES) also train a
-``DEQEstimator`` by hand: see docs/training.md. The names are imported on first use (``deq_attacks.lazy``).
+``DEQEstimator`` by hand: see docs/training.md. The names are imported on first use
+(``deq_attacks.lazy``).
 """
 
 from typing import TYPE_CHECKING
