@@ -123,7 +123,7 @@ def test_benchmark_runs_the_verdict_mode_and_returns_the_per_sample_verdict() ->
         benchmark(deq, 590, "digits", n_dev=10)
     with pytest.raises(ValueError, match="eps is required"):
         benchmark(deq, 10, "some/file.npz")
-    with pytest.raises(TypeError, match="DEQ or a DEQEstimator"):
+    with pytest.raises(TypeError, match="a DEQ, a DEQEstimator or a ModelSpec"):
         benchmark(torch.nn.Linear(2, 2), 10, "digits")  # type: ignore[arg-type]
 
 

@@ -260,15 +260,15 @@ def test_cli_evaluate_on_a_checkpoint(tmp_path: Path, capsys) -> None:
     from deq_attacks.cli import main
 
     weights = save_weights(tiny_estimator(trained=True).deq, tmp_path / "w.safetensors")
-    common = ["evaluate", "--model", "mlp_deq", "--model-arg", "in_features=64",
-              "--model-arg", "num_classes=10", "--model-arg", "hidden=16"]  # fmt: skip
-    tiny = ["--threshold", "3", "--n-dev", "8", "--n-test", "8", "--steps", "1",
+    common = ["evaluate", "--model.name", "mlp_deq", "--model.args.in_features", "64",
+              "--model.args.num_classes", "10", "--model.args.hidden", "16"]  # fmt: skip
+    tiny = ["--model.forward_threshold", "3", "--n-dev", "8", "--n-test", "8", "--steps", "1",
             "--aa_iterations", "1", "--aa_queries", "3", "--aa_target_classes", "2",
             "--square_queries", "3", "--long_steps", "2", "--batch_size", "8",
             "--diagnostic_samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
             "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",
             "--eps", "0.1", "--step", "0.05", "--mode", "table"]  # fmt: skip
-    code = main([*common, "--checkpoint", str(weights), *tiny, "--out-dir", str(tmp_path)])
+    code = main([*common, "--model.checkpoint", str(weights), *tiny, "--out-dir", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
     assert "White-box robustness (paper" in out and "## Diagnostics" in out
@@ -277,7 +277,7 @@ def test_cli_evaluate_on_a_checkpoint(tmp_path: Path, capsys) -> None:
     assert saved["settings"]["config"]["sweep"]["grids"]["adjoint"] == {"n": "1", "beta": "1.0"}
     assert [p["family"] for p in saved["settings"]["sweep_plan"]] == ["adjoint", "unrolled"]
     assert saved["settings"]["fingerprint"]["description"]["model"] == "mlp_deq"
-    assert main(["evaluate", "--model", "no_such_model", "--out-dir", str(tmp_path)]) == 2
+    assert main(["evaluate", "--model.name", "no_such_model", "--out-dir", str(tmp_path)]) == 2
     assert "unknown model" in capsys.readouterr().err
     assert main([*common, "--n-test", "100000", "--out-dir", str(tmp_path)]) == 2
     assert "held-out images" in capsys.readouterr().err

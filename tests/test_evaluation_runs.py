@@ -40,9 +40,10 @@ CHEAP = dataclasses.replace(
 def cli_args(weights: Path, out_dir: Path) -> list[str]:
     """A tiny ``deq-attacks evaluate`` of the tiny MLP DEQ (16 test images, blocks of 8)."""
     return [
-        "evaluate", "--model", "mlp_deq", "--model-arg", "in_features=64",
-        "--model-arg", "num_classes=10", "--model-arg", "hidden=16", "--threshold", "4",
-        "--checkpoint", str(weights), "--n-dev", "8", "--n-test", "16", "--steps", "2",
+        "evaluate", "--model.name", "mlp_deq", "--model.args.in_features", "64",
+        "--model.args.num_classes", "10", "--model.args.hidden", "16",
+        "--model.forward_threshold", "4", "--model.checkpoint", str(weights),
+        "--n-dev", "8", "--n-test", "16", "--steps", "2",
         "--aa_iterations", "2", "--aa_queries", "10", "--aa_target_classes", "2",
         "--square_queries", "20", "--long_steps", "3", "--batch_size", "8",
         "--diagnostic_samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",

@@ -45,7 +45,7 @@ def test_help_imports_no_torch(argv: list[str]) -> None:
             "--aa_iterations AA_ITERATIONS, --aa-iterations AA_ITERATIONS APGD-CE/APGD-T/FAB-T "
             "iterations." in text
         )
-        assert "--mode {TABLE,CASCADE,VERDICT}" in text and "--model_arg KEY=VALUE" in text
+        assert "--mode {TABLE,CASCADE,VERDICT}" in text and "--model.args ARGS" in text
         assert "--sweep_mode {GRID,RACING}" in text and "--dry_run" in text
 
 

@@ -101,6 +101,6 @@ def test_pgd_at_through_either_adversary_trains_the_same_run(tmp_path) -> None:
 
 def test_the_adversary_is_checked() -> None:
     with pytest.raises(ValueError, match="adversary must be torch or art, got 'foolbox'"):
-        TrainConfig(adversary="foolbox")
+        TrainConfig().updated(adversary="foolbox")
     with pytest.raises(ValueError, match="adversary must be one of torch, art"):
         make_adversary("foolbox", _plain(), BUDGETS["Linf"], (1, 8, 8), 10, torch.device("cpu"), 8)

@@ -51,9 +51,9 @@ if TYPE_CHECKING:
     from deq_attacks.evaluation.scores import Development, Scores, SweepResult
     from deq_attacks.evaluation.scoring import per_state_accuracy, score_readouts
     from deq_attacks.evaluation.settings import EvaluationConfig, Mode, SweepConfig, SweepMode
-    from deq_attacks.evaluation.splits import held_out_data
     from deq_attacks.evaluation.sweep import run_sweep
     from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
+    from deq_attacks.splits import held_out_data
 
 __getattr__, __dir__ = lazy_exports(
     __name__,
@@ -99,7 +99,7 @@ __getattr__, __dir__ = lazy_exports(
         "deq_attacks.evaluation.scores": ("Development", "Scores", "SweepResult"),
         "deq_attacks.evaluation.scoring": ("per_state_accuracy", "score_readouts"),
         "deq_attacks.evaluation.settings": ("EvaluationConfig", "Mode", "SweepConfig", "SweepMode"),
-        "deq_attacks.evaluation.splits": ("held_out_data",),
+        "deq_attacks.splits": ("held_out_data",),
         "deq_attacks.evaluation.sweep": ("run_sweep",),
         "deq_attacks.evaluation.threat": ("AutoAttackSettings", "ThreatModel"),
     },

@@ -24,20 +24,12 @@ from deq_attacks.evaluation.settings import EvaluationConfig
 from deq_attacks.evaluation.store import ResultStore
 from deq_attacks.gradients import GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.interfaces.inputs import check_data
 
 
 def check_split(name: str, x: np.ndarray, y: np.ndarray, estimator: DEQEstimator) -> None:
     """Raise, naming the split, unless (x, y) are images the estimator takes and labels."""
-    if x.ndim < 2 or len(x) == 0 or len(x) != len(y):
-        raise ValueError(f"{name}: need a non-empty batch and one label per image, got {x.shape}")
-    if tuple(x.shape[1:]) != tuple(estimator.input_shape):
-        raise ValueError(
-            f"{name}: images {x.shape[1:]} but the model takes {estimator.input_shape}"
-        )
-    if x.dtype != np.float32 or x.min() < 0 or x.max() > 1:
-        raise ValueError(f"{name}: images must be float32 in [0, 1]")
-    if y.min() < 0 or y.max() >= estimator.nb_classes:
-        raise ValueError(f"{name}: labels must lie in 0..{estimator.nb_classes - 1}")
+    check_data(x, y, estimator.input_shape, estimator.nb_classes, name)
 
 
 def arrays(stored: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -48,10 +48,11 @@ KINDS = {
 
 
 def label(setup: common.Setup, kind: str) -> str:
-    c = common.train_config(setup, kind)
-    if c.gradient.value == "phantom":
+    c = common.train_config(setup, kind).model
+    gradient = getattr(c.training_gradient, "value", None)
+    if gradient == "phantom":
         return f"unrolling ({c.forward_threshold}/-)"
-    return f"{c.gradient.value} ({c.forward_threshold}/{c.backward_threshold})"
+    return f"{gradient} ({c.forward_threshold}/{c.backward_threshold})"
 
 
 def training_speed(result: RunResult) -> float | None:
