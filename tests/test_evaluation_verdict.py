@@ -346,3 +346,40 @@ def test_the_new_settings_are_checked() -> None:
         EvaluationConfig(sweep_mode="racing")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="table, cascade or verdict"):
         EvaluationConfig(mode="verdict")  # type: ignore[arg-type]
+
+
+def test_the_shared_solve_probe_counts_what_each_estimate_costs_alone() -> None:
+    """The cost probe shares one forward solve among the estimates' backwards: per estimate it
+    counts exactly the f evaluations of a fresh ``predict`` and ``loss_gradient`` on its own."""
+    from deq_attacks import (
+        AdjointBroyden,
+        Exact,
+        GradientEnsemble,
+        Phantom,
+        Unrolled,
+    )
+    from deq_attacks.evaluation.cost import UnitCostProbe
+    from deq_attacks.gradients import Adjoint
+
+    data = load_digits()
+    x, y = data.x[1200:1202], data.y[1200:1202]
+    estimator = tiny_estimator(trained=True)
+    estimates = [
+        None, Exact(), Phantom(2, 0.5), Unrolled(n=2, k=1), Adjoint(n=3, beta=0.5),
+        GradientEnsemble(of=Unrolled(n=None, k=1)), AdjointBroyden(),
+        BackpropThroughSolver(), GradientEnsemble(of=Adjoint(n=None, beta=0.5)),
+    ]  # fmt: skip
+    probe = UnitCostProbe(estimator, x, y)
+    for estimate in estimates:
+        view = estimator.view(estimate=estimate, defense=Final())
+        with counting_f(estimator.deq) as forward:
+            view.predict(x)
+        alone = 0
+        if estimate is not None:
+            with counting_f(estimator.deq) as gradient:
+                view.loss_gradient(x, y)
+            alone = gradient.total
+        counted = probe(estimate)
+        assert (counted.forward, counted.gradient) == (forward.total / 2, alone / 2), estimate
+        assert counted.forward > 0 and (estimate is None or counted.gradient >= counted.forward)
+    assert len(probe.counted()) == len(estimates)

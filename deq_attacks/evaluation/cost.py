@@ -2,7 +2,7 @@
 
 One f evaluation is one sample's pass through the DEQ's layer f: a forward step of a solver,
 an unrolled or adjoint step, or a VJP through f (the unit the paper's budgets are made of; the
-hardware only sets its price). ``counting_f`` counts them (hooks on ``deq.f``); ``unit_costs``
+hardware only sets its price). ``counting_f`` counts them (hooks on ``deq.f``); ``UnitCostProbe``
 counts what one forward (defended logits) and one gradient with an estimate cost per sample on
 the model itself; ``Attack.calls`` says how many of each an attack makes per sample;
 ``expected_costs`` turns the settings into the f evaluations of every step of a run, and
@@ -25,8 +25,10 @@ from torch import Tensor, nn
 
 from deq_attacks.deq.readout import Final
 from deq_attacks.evaluation.attacks import Column, ThreatModel
-from deq_attacks.gradients import GradientEstimate
+from deq_attacks.gradients import GradientEstimate, loss_cotangent
 from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.interfaces.whitebox import eval_mode
+from deq_attacks.solvers import Trajectory
 
 
 @dataclass
@@ -85,22 +87,66 @@ class UnitCosts:
     gradient: float
 
 
-def unit_costs(
-    estimator: DEQEstimator, estimate: GradientEstimate | None, x: np.ndarray, y: np.ndarray
-) -> UnitCosts:
-    """Counted on the images ``x`` (a few suffice): the mean f evaluations per sample of one
-    ``predict`` and, with ``estimate``, of one ``loss_gradient`` (what PGD calls per step;
-    AutoAttack's backward goes the same way); gradient 0 without an estimate."""
-    view = estimator.view(estimate=estimate, defense=Final())
-    n = len(x)
-    with counting_f(estimator.deq) as counter:
-        view.predict(x)
-    forward = counter.total / n
-    if estimate is None:
-        return UnitCosts(forward, 0.0)
-    with counting_f(estimator.deq) as counter:
-        view.loss_gradient(torch.as_tensor(x, device=view.device), torch.as_tensor(y))
-    return UnitCosts(forward, counter.total / n)
+class UnitCostProbe:
+    """Per-sample unit costs of estimates, counted on the few images ``x`` (two suffice): the
+    f evaluations of one ``predict`` of the defended logits and of one gradient (what PGD calls
+    per step; AutoAttack's backward goes the same way). One forward solve, counted once, is
+    shared by every estimate's backward, so probing a sweep's many candidates costs one solve
+    and their backwards; an estimate that reuses the forward's graphs (``reuses_forward``) is
+    counted with its own solve. Calling the probe again with an estimate returns its count."""
+
+    def __init__(self, estimator: DEQEstimator, x: np.ndarray, y: np.ndarray) -> None:
+        self._estimator = estimator
+        self._white_box = estimator.white_box.view(defense=Final())
+        self._x = torch.as_tensor(x, device=estimator.device)
+        labels = torch.as_tensor(y, device=estimator.device)
+        self._cotangent = loss_cotangent(nn.functional.cross_entropy, labels)
+        self._forward: float | None = None
+        self._solve: tuple[Trajectory, float] | None = None
+        self._counted: dict[str, UnitCosts] = {}
+
+    def counted(self) -> dict[str, list[float]]:
+        """Estimate repr -> [forward, gradient] f evaluations per sample counted so far."""
+        return {k: [u.forward, u.gradient] for k, u in self._counted.items()}
+
+    def _per_sample(self, counter: FCounter) -> float:
+        return counter.total / len(self._x)
+
+    def forward(self) -> float:
+        """f evaluations per sample of one forward of the defended logits."""
+        if self._forward is None:
+            with counting_f(self._estimator.deq) as counter:
+                self._estimator.view(defense=Final()).predict(self._x.cpu().numpy())
+            self._forward = self._per_sample(counter)
+        return self._forward
+
+    def _shared_solve(self) -> tuple[Trajectory, float]:
+        """The forward solve every estimate's backward starts from (every iterate kept)."""
+        if self._solve is None:
+            deq = self._estimator.deq
+            with eval_mode(deq), torch.no_grad(), counting_f(deq) as counter:
+                trajectory = deq.solve(deq.inject(self._x), keep=True)
+            self._solve = trajectory, self._per_sample(counter)
+        return self._solve
+
+    def __call__(self, estimate: GradientEstimate | None) -> UnitCosts:
+        key = repr(estimate)
+        if key not in self._counted:
+            self._counted[key] = self._count(estimate)
+        return self._counted[key]
+
+    def _count(self, estimate: GradientEstimate | None) -> UnitCosts:
+        if estimate is None:
+            return UnitCosts(self.forward(), 0.0)
+        deq = self._estimator.deq
+        if estimate.reuses_forward:
+            with counting_f(deq) as counter:
+                self._white_box.input_gradient(self._x, self._cotangent, estimate)
+            return UnitCosts(self.forward(), self._per_sample(counter))
+        trajectory, solve = self._shared_solve()
+        with counting_f(deq) as counter:
+            self._white_box.input_gradient(self._x, self._cotangent, estimate, trajectory)
+        return UnitCosts(self.forward(), solve + self._per_sample(counter))
 
 
 def column_cost(
@@ -220,13 +266,7 @@ def expected_costs(
     deq = estimator.deq
     if not countable(deq):
         return {"steps": {}, "unknown_columns": [], "bound": True, "countable": False, "units": {}}
-    units: dict[str, UnitCosts] = {}
-
-    def cost_of(estimate: GradientEstimate | None) -> UnitCosts:
-        key = repr(estimate)
-        if key not in units:
-            units[key] = unit_costs(estimator, estimate, probe_x, probe_y)
-        return units[key]
+    cost_of = UnitCostProbe(estimator, probe_x, probe_y)
 
     threat, n_dev = config.threat, len(x_dev)
     ready = ready_made(deq.training_gradient)
@@ -271,7 +311,7 @@ def expected_costs(
         "unknown_columns": unknown,
         "bound": bound,
         "countable": True,
-        "units": {k: [u.forward, u.gradient] for k, u in units.items()},
+        "units": cost_of.counted(),
     }
 
 

@@ -54,13 +54,13 @@ from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells
 from deq_attacks.evaluation.columns import BPTT, protocol_columns, protocol_estimates
 from deq_attacks.evaluation.context import RunContext, check_split
 from deq_attacks.evaluation.cost import (
+    UnitCostProbe,
     UnitCosts,
     column_cost,
     counting_f,
     describe_cost,
     expected_costs,
     seconds_per_f,
-    unit_costs,
 )
 from deq_attacks.evaluation.diagnostics import eot_draws_for, judge
 from deq_attacks.evaluation.distributed import Shards
@@ -272,14 +272,11 @@ def column_costs(
     """Column label -> f evaluations per sample of one run (``cost.column_cost``), from the
     unit costs ``known`` by estimate repr (``estimate_cost``'s, counted before the run), else
     counted on two development images."""
-    x, y = development[0][:2], development[1][:2]
+    probe = UnitCostProbe(estimator, development[0][:2], development[1][:2])
     units = {}
     for column in columns:
         key = repr(column.estimate)
-        if key in known:
-            units[key] = UnitCosts(*known[key])
-        elif key not in units:
-            units[key] = unit_costs(estimator, column.estimate, x, y)
+        units[key] = UnitCosts(*known[key]) if key in known else probe(column.estimate)
     return {
         c.label: column_cost(c, config.threat, estimator.nb_classes, units[repr(c.estimate)])
         for c in columns
