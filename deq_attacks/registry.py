@@ -216,7 +216,7 @@ class Registry(Mapping[str, T], Generic[T]):
         if self.base is not None and not (isinstance(entry, type) and issubclass(entry, self.base)):
             raise TypeError(f"a {self.kind} is a {self.base.__name__} subclass, got {entry!r}")
         if self.base is not None and not dataclasses.is_dataclass(entry):
-            raise TypeError(f"{entry.__name__} must be a dataclass: its fields make its spec")
+            raise TypeError(f"{entry!r} must be a dataclass: its fields make its spec")
         known = self._entries.get(name)
         if known is not None and known is not entry and known != entry:
             shown = getattr(known, "__name__", repr(known))

@@ -16,7 +16,7 @@ import functools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,13 +31,8 @@ from deq_attacks.evaluation.threat import ThreatModel
 from deq_attacks.gradients import GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
 
-if TYPE_CHECKING:
-    from deq_attacks.evaluation.settings import EvaluationConfig
 
-
-def random_start(
-    x: np.ndarray, eps: float, seeds: SampleSeeds, norm: str = "Linf"
-) -> np.ndarray:
+def random_start(x: np.ndarray, eps: float, seeds: SampleSeeds, norm: str = "Linf") -> np.ndarray:
     """``x`` plus a draw uniform in the eps-ball of ``norm`` per sample, clipped to [0, 1]
     (L-inf: uniform in [-eps, eps] per pixel; L2: a Gaussian direction scaled to radius
     ``eps * u ** (1 / d)``, u uniform in [0, 1]); row j draws from ``seeds.start(j)`` (seeded by
@@ -168,20 +163,17 @@ class FixedStepPGD(Attack):
     one shared run per estimate scores every defense.
 
     Args:
-        steps: iterations (None: the threat model's).
-        compile_backend: ``torch.compile`` backend of the step and f ("": none).
-        eot_draws: gradients averaged per step (``fixed_step_pgd``).
+        steps: iterations (None: the threat model's); its spec: ``pgd:steps=20``.
+        compile_backend: ``torch.compile`` backend of the step and f ("": none); shared.
+        eot_draws: gradients averaged per step (``fixed_step_pgd``); shared.
     """
 
     label: ClassVar[str] = "PGD"
     shared: ClassVar[bool] = True
+    takes: ClassVar[tuple[str, ...]] = ("eot_draws", "compile_backend")
     steps: int | None = None
     compile_backend: str = ""
     eot_draws: int = 1
-
-    @classmethod
-    def from_config(cls, config: EvaluationConfig) -> FixedStepPGD:
-        return cls(config.steps, config.compile_backend, config.eot_draws)
 
     def run(
         self,
