@@ -258,8 +258,8 @@ class Registry(Mapping[str, T], Generic[T]):
         return list(self._entries)
 
     def choices(self) -> str:
-        """The names as a message lists them, sorted."""
-        return ", ".join(sorted(self._entries)) or "(none)"
+        """The names as a message lists them, in registration order."""
+        return ", ".join(self._entries) or "(none)"
 
     def get_entry(self, name: str) -> T:
         """The entry ``name``; an unknown name raises listing the choices."""

@@ -222,9 +222,7 @@ class EvaluationConfig:
                 f"its ready-made run (attacks: {self.attacks!r})"
             )
         if not isinstance(self.mode, Mode):
-            raise TypeError(
-                f"mode must be a Mode (table, cascade or verdict), got {self.mode!r}"
-            )
+            raise TypeError(f"mode must be a Mode (table, cascade or verdict), got {self.mode!r}")
         if not isinstance(self.sweep_mode, SweepMode):
             raise TypeError(
                 f"sweep_mode must be a SweepMode (racing or grid), got {self.sweep_mode!r}"
