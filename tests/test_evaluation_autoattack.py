@@ -101,7 +101,7 @@ def test_art_autoattack_is_its_own_attack_and_honours_steps() -> None:
     assert iterations[:3] == [2, 2, 2] and attack.attacks[3].max_iter == 100
     default = ArtAutoAttackList().build(estimator, THREAT)
     assert [a.max_iter for a in default.attacks][:2] == [100, 100]
-    assert ArtAutoAttackList.name == "art-autoattack" and StandardAutoAttack.name == "autoattack"
+    assert ArtAutoAttackList.name == "art_autoattack" and StandardAutoAttack.name == "autoattack"
 
 
 def test_the_documented_pyautoattack_call_runs_on_a_view_and_uses_its_estimate() -> None:

@@ -85,7 +85,8 @@ def test_benchmark_runs_the_verdict_mode_and_returns_the_per_sample_verdict() ->
     deq = tiny_estimator(trained=True).deq
     result = benchmark(
         deq, n_examples=12, dataset="digits", eps=0.1, batch_size=6, n_dev=12, steps=2,
-        aa_iterations=2, aa_queries=5, aa_target_classes=2, square_queries=5, long_steps=3,
+        attacks="pgd,autoattack:iterations=2,queries=5,target_classes=2,square:queries=5",
+        long_steps=3,
         diagnostic_samples=2, bptt=False, sweep=SWEEP,
     )  # fmt: skip
     report = result.report

@@ -196,8 +196,8 @@ def test_transfer_beats_white_box_trips_on_a_reversed_gradient() -> None:
     sys.modules["indicator_surrogates"] = module
     try:
         config = dataclasses.replace(
-            TINY, eps=0.3, step=0.1, attacks="pgd,transfer", bptt=False, long_steps=5,
-            transfer_surrogate="indicator_surrogates:logistic",
+            TINY, eps=0.3, step=0.1, bptt=False, long_steps=5,
+            attacks="pgd,transfer:surrogate=indicator_surrogates:logistic",
         )  # fmt: skip
         report = evaluate_model(as_deq(Reversed()), digits(32), digits(8), config)
     finally:

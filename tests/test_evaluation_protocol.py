@@ -271,8 +271,8 @@ def test_cli_evaluate_on_a_checkpoint(tmp_path: Path, capsys) -> None:
     common = ["evaluate", "--model", "mlp_deq", "--model-arg", "in_features=64",
               "--model-arg", "num_classes=10", "--model-arg", "hidden=16"]  # fmt: skip
     tiny = ["--threshold", "3", "--n-dev", "8", "--n-test", "8", "--steps", "1",
-            "--aa_iterations", "1", "--aa_queries", "3", "--aa_target_classes", "2",
-            "--square_queries", "3", "--long_steps", "2", "--batch_size", "8",
+            "--attacks", "pgd,autoattack:iterations=1,queries=3,target_classes=2,square:queries=3",
+            "--long_steps", "2", "--batch_size", "8",
             "--diagnostic_samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
             "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",
             "--eps", "0.1", "--step", "0.05", "--mode", "table"]  # fmt: skip

@@ -68,7 +68,7 @@ def test_a_users_surrogate_by_name_and_the_column_in_the_protocol() -> None:
     sys.modules["my_surrogates"] = module
     try:
         config = dataclasses.replace(
-            TINY, attacks="pgd,transfer", bptt=False, transfer_surrogate="my_surrogates:unrolled"
+            TINY, attacks="pgd,transfer:surrogate=my_surrogates:unrolled", bptt=False
         )
         dev, test = splits(n_dev=8, n_test=8)
         report = evaluate_model(estimator, test, dev, config)
@@ -79,8 +79,8 @@ def test_a_users_surrogate_by_name_and_the_column_in_the_protocol() -> None:
         assert len(report.survived[defense]["transfer"]) == len(test[0])
     with pytest.raises(ValueError, match="has no attribute 'nothing'"):
         TransferAPGD("deq_attacks:nothing").model_for(estimator)
-    with pytest.raises(ValueError, match="transfer_depth is for the unrolled surrogate"):
-        EvaluationConfig(transfer_surrogate="a:b", transfer_depth=3)
+    with pytest.raises(ValueError, match="transfer depth is for the unrolled surrogate"):
+        EvaluationConfig(attacks="pgd,transfer:surrogate=a:b,depth=3")
 
 
 def test_the_transfer_column_runs_in_cascade_mode_after_the_gradient_columns() -> None:

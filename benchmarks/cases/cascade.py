@@ -54,7 +54,7 @@ BOUNDS: Bounds = (
 _QUICK_TRAINING = {"width": 4, "forward_threshold": 3, "epochs": 1, "pretrain_steps": 1,
                    "adversarial": False, "dev_size": 12, "train_limit": 60, "batch_size": 20,
                    "plots": False}  # fmt: skip
-_QUICK_EVAL = {"steps": 2, "square_queries": 10, "aa_iterations": 2, "aa_queries": 5,
+_QUICK_EVAL = {"steps": 2, "attacks": "pgd,autoattack:iterations=2,queries=5,square:queries=10",
                "long_steps": 3, "batch_size": 6, "diagnostic_samples": 2}  # fmt: skip
 
 

@@ -50,7 +50,7 @@ def _is_classvar(annotation: ast.expr) -> bool:
 
 def spec_defaults(node: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> list[tuple[str, str]]:
     """(setting, default as source text) of an attack class's spec: its dataclass fields and
-    those of its bases in the same module, less the shared settings it ``takes``."""
+    those of its bases in the same module (each less the shared settings it ``takes``)."""
     fields: dict[str, str] = {}
     takes: set[str] = set()
     bases = [classes[b.id] for b in node.bases if isinstance(b, ast.Name) and b.id in classes]
@@ -62,17 +62,9 @@ def spec_defaults(node: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> list[
         name = item.target.id
         if _is_classvar(item.annotation):
             if name == "takes" and isinstance(item.value, ast.Tuple):
-                takes |= {e.value for e in item.value.elts if isinstance(e, ast.Constant)}
+                takes |= {str(e.value) for e in item.value.elts if isinstance(e, ast.Constant)}
             continue
         fields[name] = ast.unparse(item.value) if item.value is not None else "required"
-    for base in bases:
-        takes |= {
-            e.value
-            for item in base.body
-            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
-            and item.target.id == "takes" and isinstance(item.value, ast.Tuple)
-            for e in item.value.elts if isinstance(e, ast.Constant)
-        }  # fmt: skip
     return [(k, v) for k, v in fields.items() if k not in takes]
 
 

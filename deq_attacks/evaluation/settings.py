@@ -210,11 +210,13 @@ class EvaluationConfig:
     """The entropy defense: solver steps per round (paper 2; at most the solver's threshold)."""
 
     def __post_init__(self) -> None:
-        from deq_attacks.evaluation.attacks import PRECISIONS, parse_attacks
+        from deq_attacks.evaluation.attacks import PRECISIONS, attack_text, parse_attacks
 
         ThreatModel(self.eps, self.step, self.steps, norm=self.norm)
         attacks = parse_attacks(self.attacks)
         names = [attack.name for attack in attacks]
+        # one text per set of attacks: canonical names, settings at their default left out
+        object.__setattr__(self, "attacks", ",".join(attack_text(a) for a in attacks))
         if "pgd" not in names:
             raise ValueError(
                 "the protocol needs the fixed-step PGD ('pgd') among its attacks: the "

@@ -157,7 +157,7 @@ class ArtAutoAttackList(_PerSampleArt):
             raise ValueError(
                 f"ART's L2 Square divides by zero on images under 10 pixels a side (its tiles "
                 f"are side // 5 < 2 pixels; these are {model.input_shape}): under L2 use the "
-                "standard AutoAttack ('autoattack') or ART's APGD ('apgd-ce', 'apgd-dlr')"
+                "standard AutoAttack ('autoattack') or ART's APGD ('apgd_ce', 'apgd_dlr')"
             )
         if self.steps is None:
             return ArtAutoAttack(model, norm=norm, eps=threat.eps, eps_step=threat.step,
