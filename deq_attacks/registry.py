@@ -370,7 +370,9 @@ class Registry(Mapping[str, T], Generic[T]):
             return str(value.value)
         if value is None:
             return "none"
-        if isinstance(value, (bool, int, float, str)):
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float, str)):
             return str(value)
         raise TypeError(f"no text form for the {self.kind} setting value {value!r}")
 

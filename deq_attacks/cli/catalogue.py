@@ -53,9 +53,9 @@ def spec_defaults(node: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> list[
     those of its bases in the same module (each less the shared settings it ``takes``)."""
     fields: dict[str, str] = {}
     takes: set[str] = set()
-    bases = [classes[b.id] for b in node.bases if isinstance(b, ast.Name) and b.id in classes]
-    for base in bases:
-        fields.update(spec_defaults(base, classes))
+    for base in node.bases:
+        if isinstance(base, ast.Name) and base.id in classes:
+            fields.update(spec_defaults(classes[base.id], classes))
     for item in node.body:
         if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
             continue

@@ -87,7 +87,7 @@ def attacks() -> list[str]:
         docs = [(name, inspect.getdoc(ATTACKS[name]) or "") for name in ATTACKS]
         settings = {
             name: settings_text(
-                [(f.name, repr(f.default)) for f in dataclasses.fields(cls)
+                [(f.name, repr(f.default)) for f in dataclasses.fields(cls)  # type: ignore[arg-type]
                  if f.name in ATTACKS.settings_of(name)]
             )
             for name, cls in ATTACKS.items()
