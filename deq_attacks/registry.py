@@ -258,8 +258,8 @@ class Registry(Mapping[str, T], Generic[T]):
         return list(self._entries)
 
     def choices(self) -> str:
-        """The names as a message lists them, in registration order."""
-        return ", ".join(self._entries) or "(none)"
+        """The names as a message lists them, sorted."""
+        return ", ".join(sorted(self._entries)) or "(none)"
 
     def get_entry(self, name: str) -> T:
         """The entry ``name``; an unknown name raises listing the choices."""
@@ -396,7 +396,7 @@ class Registry(Mapping[str, T], Generic[T]):
     def from_json(self, spec: Mapping[str, Any]) -> Any:
         """The instance that ``to_json`` described."""
         if not isinstance(spec, Mapping) or self.key not in spec:
-            raise ValueError(f"a {self.kind} spec needs a {self.key!r} name, got {spec!r}")
+            raise ValueError(f"a {self.kind} spec needs its name under {self.key!r}, got {spec!r}")
         name = str(spec[self.key])
         cls = self._entry_class(name)
         settings = {k: v for k, v in spec.items() if k != self.key}

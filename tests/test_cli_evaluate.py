@@ -551,7 +551,7 @@ def test_preset_sets_the_budgets_and_a_file_and_options_override_it(
     _, _, again = resolve(["--config", str(tmp_path / "printed.yaml")])
     assert again == dataclasses.replace(config, step=0.01)  # the file's, not the option's step
     err = _refused(["--model", "m", "--preset", "imagenet"], capsys)
-    assert "unknown evaluation preset 'imagenet'; choose one of cifar10_paper" in err
+    assert "unknown evaluation preset 'imagenet'; choose one of cifar10_l2, cifar10_paper" in err
     err = _refused(["--model", "m", "--steps", "0"], capsys)
     assert "steps must be an int >= 1, got 0" in err  # the dataclass's own validation
     err = _refused(["--model", "m", "--eps", "big"], capsys)
