@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
+__all__ = ["Registry", "canonical", "format_spec", "parse_spec", "split_specs", "split_top"]
+
 T = TypeVar("T")
 C = TypeVar("C")
 
@@ -287,7 +289,7 @@ class Registry(Mapping[str, T], Generic[T]):
             raise TypeError(f"a {self.kind} is not built from a spec")
         return entry  # type: ignore[return-value]
 
-    def _check_keys(self, name: str, keys: Iterator[str] | list[str]) -> None:
+    def _check_keys(self, name: str, keys: list[str]) -> None:
         known = self.settings_of(name)
         unknown = [k for k in keys if k not in known]
         if unknown:

@@ -40,8 +40,7 @@ from deq_attacks.evaluation import (
     held_out_data,
     write_tables,
 )
-from deq_attacks.evaluation.attacks import Square, StandardAutoAttack
-from deq_attacks.evaluation.threat import AutoAttackSettings
+from deq_attacks.evaluation.attacks import AutoAttackSettings, Square, StandardAutoAttack
 from deq_attacks.records import plain, to_jsonable
 from deq_attacks.registry import parse_spec, split_specs
 from deq_attacks.training import Device, Gradient, RunResult, TrainConfig, preset
