@@ -4,6 +4,7 @@ list is a separate attack whose ``steps`` take effect."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from functools import cache
 
 import numpy as np
@@ -33,7 +34,8 @@ def spied_run():
     view = make_estimator().view(estimate=spy)
     taps = tap_gradients(view.model)
     x, y = correct_batch(6)
-    out = StandardAutoAttack(SMALL).run(view, x, y, THREAT, SampleSeeds.first(0, "aa", len(x)))
+    attack = StandardAutoAttack(**asdict(SMALL))
+    out = attack.run(view, x, y, THREAT, SampleSeeds.first(0, "aa", len(x)))
     return spy, taps, x, y, out.x_adv, out.extras
 
 
@@ -55,7 +57,7 @@ def test_poisoned_estimate_reaches_autoattack(monkeypatch) -> None:
     zero = ZeroEstimate()
     x, y = correct_batch(4)
     view = make_estimator().view(estimate=zero)
-    StandardAutoAttack(SMALL).run(view, x, y, THREAT, SampleSeeds.first(0, "aa", len(x)))
+    StandardAutoAttack(**asdict(SMALL)).run(view, x, y, THREAT, SampleSeeds.first(0, "aa", len(x)))
     assert zero.calls > 0 and exact_calls == []
 
 

@@ -82,7 +82,6 @@ def mdeq_origin(name: str) -> MDEQOrigin:
         )
     return MDEQ_ORIGINS[name]
 
-
 _WNORM = {
     "weight_g": "parametrizations.weight.original0",
     "weight_v": "parametrizations.weight.original1",

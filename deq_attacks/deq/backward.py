@@ -63,7 +63,9 @@ class ImplicitGradient(TrainingGradient):
         return deq.step(z_star, injection)
 
     def attach(self, deq: DEQModel, z_star: Tensor, injection: Tensor) -> Tensor:
-        return implicit_state(self.backward_solver, deq.step, z_star, injection, self.on_backward)
+        return implicit_state(
+            self.backward_solver, deq.step, z_star, injection, self.on_backward
+        )
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,9 @@ def held_out_images(dataset: str | Path, data_dir: str | Path) -> ImageDataset:
         return load_digits().split(1200)[1]
     path = Path(dataset)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset {dataset!r}: not 'cifar10', 'mnist', 'digits' or a file")
+        raise FileNotFoundError(
+            f"dataset {dataset!r}: not 'cifar10', 'mnist', 'digits' or a file"
+        )
     with np.load(path) as arrays:
         has_test = "x_test" in arrays.files
     return load_arrays_file(path, split="test" if has_test else None)
@@ -223,12 +225,8 @@ def benchmark(
         settings = {"large_eps": 16 * eps, **settings}
     config = EvaluationConfig(
         **{
-            "eps": eps,
-            "step": eps / 4,
-            "batch_size": batch_size,
-            "mode": Mode.VERDICT,
-            "norm": threat_model,
-            **settings,
+            "eps": eps, "step": eps / 4, "batch_size": batch_size, "mode": Mode.VERDICT,
+            "norm": threat_model, **settings,
         }  # fmt: skip
     )
     data = held_out_images(dataset, data_dir)

@@ -96,7 +96,9 @@ class DevStrengths:
         return dict(ctx.store.put(key, measured))
 
 
-def cascade_order(columns: Sequence[Column], defense: str, strengths: DevStrengths) -> list[Column]:
+def cascade_order(
+    columns: Sequence[Column], defense: str, strengths: DevStrengths
+) -> list[Column]:
     """The per-defense columns (not shared) in cascade order (see the module docstring)."""
     position = {c.label: i for i, c in enumerate(columns)}
 

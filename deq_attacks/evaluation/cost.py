@@ -155,9 +155,7 @@ def mode_costs(
     return {
         "table": n_test * (head + tail),
         "cascade": n_test * head + survivors * tail,
-        "verdict": n_dev * head
-        + robust * n_dev * tail
-        + n_test * head
+        "verdict": n_dev * head + robust * n_dev * tail + n_test * head
         + min(audit_size, survivors) * tail,
     }
 

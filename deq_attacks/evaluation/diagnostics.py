@@ -478,7 +478,8 @@ def transfer_failure_check(
         + ", ".join(f"{d} {len(v)}" for d, v in flagged.items())
         + ": the white-box gradients are obfuscated"
         if flagged
-        else "the transfer attack broke no sample that every white-box gradient attack left correct"
+        else "the transfer attack broke no sample that every white-box gradient attack left "
+        "correct"
     )
     return Check("transfer_beats_white_box", verdict(bool(flagged)), message, numbers)
 

@@ -100,3 +100,4 @@ def map_blocks(
     return {
         k: np.concatenate([np.asarray(results[i][k]) for i in range(len(blocks))]) for k in keys
     }
+

@@ -188,17 +188,10 @@ class EntropyDefenseResult:
         return {
             "settings": self.settings,
             "kind": {c: kind(c) for c in self.correct},
-            "non_adaptive": {
-                **accuracy[NON_ADAPTIVE],
-                "column": NON_ADAPTIVE,
-                "note": KINDS["non-adaptive"],
-            },  # fmt: skip
-            "adaptive_worst_case": {
-                **accuracy[WORST],
-                "k": int(worst.sum()),
-                "n": len(worst),
-                "note": KINDS["adaptive worst case"],
-            },  # fmt: skip
+            "non_adaptive": {**accuracy[NON_ADAPTIVE], "column": NON_ADAPTIVE,
+                             "note": KINDS["non-adaptive"]},  # fmt: skip
+            "adaptive_worst_case": {**accuracy[WORST], "k": int(worst.sum()), "n": len(worst),
+                                    "note": KINDS["adaptive worst case"]},  # fmt: skip
             "accuracy": accuracy,
             "correct": {c: v.astype(bool).tolist() for c, v in self.correct.items()},
         }
@@ -259,7 +252,7 @@ def evaluate_entropy_defense(
         yb = torch.as_tensor(y[part], device=device)
         found: dict[str, np.ndarray] = {}
         with torch.no_grad():
-            found["clean undefended"] = undefended.predict(x[part]).argmax(1) == y[part]
+            found["clean undefended"] = (undefended.predict(x[part]).argmax(1) == y[part])
         found["clean"] = defended_correct(xb, yb)
         say(f"samples {seeds[0]}..{seeds[-1]}: non-adaptive PGD (crafted without the defense)")
         crafted = fixed_step_pgd(
@@ -267,7 +260,9 @@ def evaluate_entropy_defense(
         )
         crafted_t = torch.as_tensor(crafted, device=device)
         with torch.no_grad():
-            found["non-adaptive PGD, undefended"] = undefended.predict(crafted).argmax(1) == y[part]
+            found["non-adaptive PGD, undefended"] = (
+                undefended.predict(crafted).argmax(1) == y[part]
+            )
         found[NON_ADAPTIVE] = defended_correct(crafted_t, yb)
         gradients = {
             "BPTT": autograd_gradient(modules["bptt"]),
@@ -293,7 +288,9 @@ def evaluate_entropy_defense(
             columns.setdefault(name, []).append(np.asarray(values, dtype=bool))
     correct = {name: np.concatenate(parts) for name, parts in columns.items()}
     adaptive = [c for c in correct if c.startswith("adaptive")]
-    correct[WORST] = np.logical_and.reduce([correct["clean"], *(correct[c] for c in adaptive)])
+    correct[WORST] = np.logical_and.reduce(
+        [correct["clean"], *(correct[c] for c in adaptive)]
+    )
     return EntropyDefenseResult(
         correct, defense_settings(threat, defense, craft, autoattack, seed, len(x))
     )
@@ -302,14 +299,11 @@ def evaluate_entropy_defense(
 def check_defendable(estimator: DEQEstimator, defense: InputEntropyReduction) -> None:
     """Raise (one line) unless the defense can run on ``estimator``: no preprocessing (it
     updates the pixels the DEQ receives) and a solver threshold of at least one round."""
-    if (
-        any(
-            not (np.all(op.mean == 0) and np.all(op.std == 1))
-            for op in estimator.preprocessing_operations
-            if hasattr(op, "mean")
-        )
-        or estimator.preprocessing_defences
-    ):
+    if any(
+        not (np.all(op.mean == 0) and np.all(op.std == 1))
+        for op in estimator.preprocessing_operations
+        if hasattr(op, "mean")
+    ) or estimator.preprocessing_defences:
         raise ValueError(
             "the entropy defense updates the pixels the DEQ receives: give an estimator "
             "without preprocessing (normalise inside the model)"
@@ -335,3 +329,4 @@ def defense_settings(
         "n": n,
         "eot": "none: the defense is deterministic (EOT would average identical gradients)",
     }
+

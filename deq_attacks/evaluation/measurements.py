@@ -303,19 +303,11 @@ def measure(
     rows = np.arange(len(x))
     stored.update(
         path=lambda: attack_path(
-            ctx.estimator,
-            ctx.ready,
-            x,
-            y,
-            ctx.threat,
-            config.long_steps,
-            SampleSeeds(config.seed, "pgd", rows),
-            config.eot_draws,
+            ctx.estimator, ctx.ready, x, y, ctx.threat, config.long_steps,
+            SampleSeeds(config.seed, "pgd", rows), config.eot_draws,
         ),  # fmt: skip
         unstable=lambda: unstable_predictions(
-            ctx.estimator,
-            x,
-            UNSTABLE_NOISE * ctx.threat.eps,
+            ctx.estimator, x, UNSTABLE_NOISE * ctx.threat.eps,
             SampleSeeds(config.seed, "unstable", rows),
         ),  # fmt: skip
         dynamic=lambda: dynamic_calls(ctx.estimator, x),

@@ -353,7 +353,9 @@ def clean_step(ctx: RunContext, defenses: Mapping[str, Readout]) -> dict[str, np
     return arrays(ctx.store.put("clean", scores))
 
 
-def entropy_defense_step(ctx: RunContext, defense: InputEntropyReduction) -> EntropyDefenseResult:
+def entropy_defense_step(
+    ctx: RunContext, defense: InputEntropyReduction
+) -> EntropyDefenseResult:
     """The input-entropy-reduction defense on the test split (``evaluate_entropy_defense``)
     under the run's threat model and seed, block by block (each finished block stored); the
     adaptive AutoAttack runs when ``autoattack`` is among the run's attacks, with its budgets.
@@ -385,7 +387,9 @@ def entropy_defense_step(ctx: RunContext, defense: InputEntropyReduction) -> Ent
     return EntropyDefenseResult(correct, settings)
 
 
-def merged(earlier: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def merged(
+    earlier: list[dict[str, Any]], records: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """ConvergenceLog records of earlier finished sessions of this store and of this one, per
     call site (counts added, the worst residual kept)."""
     sites = {r["site"]: dict(r) for r in earlier}

@@ -193,11 +193,8 @@ class EvaluationReport:
                 "timings": self.timings,
                 "audit": self.audit,
                 "cost": self.cost_record(),
-                **(
-                    {}
-                    if self.entropy_defense is None
-                    else {"entropy_defense": self.entropy_defense.to_json()}
-                ),  # fmt: skip
+                **({} if self.entropy_defense is None else
+                   {"entropy_defense": self.entropy_defense.to_json()}),  # fmt: skip
             }
         )
 

@@ -65,7 +65,9 @@ def verdict_cells(
         ctx.say("development split: the cascade's cover of the breaks (verdict mode)")
         dev_clean = _dev_clean(ctx, defenses)
         dev = cascade_cells(ctx, columns, defenses, dev_clean, strengths, development=True)
-        covers = {d: cover(ctx, columns, d, readout, dev, costs) for d, readout in defenses.items()}
+        covers = {
+            d: cover(ctx, columns, d, readout, dev, costs) for d, readout in defenses.items()
+        }
     keep = {d: kept for d, (kept, _) in covers.items()}
     cells = cascade_cells(ctx, columns, defenses, clean, strengths, keep=keep)
     audits = {}
@@ -121,7 +123,9 @@ def cover(
             todo = broke[known == NOT_RUN]
             if len(todo):
                 key = f"dev/swap/{defense}/{label}/{column.label}"
-                result = attack_cells(ctx, key, column, {defense: readout}, todo, development=True)
+                result = attack_cells(
+                    ctx, key, column, {defense: readout}, todo, development=True
+                )
                 known = known.copy()
                 known[known == NOT_RUN] = result[f"defense/{defense}"].astype(np.int8)
             if not known.any():  # it breaks every one of them

@@ -231,12 +231,7 @@ def _run(
     local_batch = config.batch_size // processes.world
     classifier = art_classifier(model, data.image_shape, data.num_classes, device)
     attack = pgd_attack(
-        classifier,
-        config.eps,
-        config.step,
-        config.steps,
-        config.random_start,
-        local_batch,
+        classifier, config.eps, config.step, config.steps, config.random_start, local_batch,
         norm=config.norm,
     )
     ctx = StepContext(

@@ -32,7 +32,9 @@ from deq_attacks.gradients import GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
 
 
-def random_start(x: np.ndarray, eps: float, seeds: SampleSeeds, norm: str = "Linf") -> np.ndarray:
+def random_start(
+    x: np.ndarray, eps: float, seeds: SampleSeeds, norm: str = "Linf"
+) -> np.ndarray:
     """``x`` plus a draw uniform in the eps-ball of ``norm`` per sample, clipped to [0, 1]
     (L-inf: uniform in [-eps, eps] per pixel; L2: a Gaussian direction scaled to radius
     ``eps * u ** (1 / d)``, u uniform in [0, 1]); row j draws from ``seeds.start(j)`` (seeded by

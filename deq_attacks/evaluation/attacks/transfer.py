@@ -186,9 +186,7 @@ class TransferAPGD(Attack):
         shown = (
             f"DEQ unrolled ({'solver threshold' if self.depth is None else self.depth} steps)"
             if surrogate is None
-            else surrogate
-            if isinstance(surrogate, str)
-            else type(surrogate).__name__
+            else surrogate if isinstance(surrogate, str) else type(surrogate).__name__
         )
         return {
             "surrogate": shown, "attack": "APGD-CE", "budget": self.iterations,
