@@ -21,7 +21,6 @@ worst cosine of each other estimate's gradient with backprop through the solver
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -53,9 +52,9 @@ from deq_attacks import (  # noqa: E402
 )
 from deq_attacks.evaluation.alignment import gradient_alignment  # noqa: E402
 from deq_attacks.gradients import ready_made  # noqa: E402
+from deq_attacks.splits import held_out_data  # noqa: E402
 from deq_attacks.training import preset, run_training  # noqa: E402
 from deq_attacks.training.config import Device  # noqa: E402
-from deq_attacks.training.data_loading import held_out_split  # noqa: E402
 
 THRESHOLD = 8
 EPS, STEP = 0.1, 0.025
@@ -125,15 +124,18 @@ def other_estimates(early_n: int) -> dict[str, GradientEstimate]:
 def trained_model(name: str, args: argparse.Namespace) -> DEQEstimator:
     """Model ``name`` trained by ``run_training`` into ``--out-dir``/name (a rerun resumes),
     with the weights of its best epoch, in eval mode."""
-    config = dataclasses.replace(
-        preset("demo"),
-        data=args.data,
+    config = preset("demo").updated(
+        source=args.data,
         seed=args.seed,
         device=Device(args.device),
         threads=args.threads,
         **MODELS[name],
     )
-    assert (config.forward_threshold, config.eps, config.step) == (THRESHOLD, EPS, STEP)
+    assert (config.model.forward_threshold, config.threat.eps, config.threat.step) == (
+        THRESHOLD,
+        EPS,
+        STEP,
+    )
     directory = args.out_dir / name
     result = run_training(config, directory)
     deq = result.load_best()
@@ -197,7 +199,7 @@ def apgd(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    held_out = held_out_split(args.data)  # images the training pool leaves out
+    held_out = held_out_data(args.data)  # images the training pool leaves out
     if len(held_out) < args.n_dev + args.n_test:
         raise SystemExit(f"only {len(held_out)} held-out images for --n-dev + --n-test")
     dev = held_out.subset(np.arange(args.n_dev))

@@ -7,7 +7,8 @@ defense's robust accuracy, with the CPU and torch that ran them.
     python -m benchmarks.demo_spread --seeds 0,1,2 --out benchmarks/results/demo_spread.json
 
 Each seed's outputs stay in ``<runs>/seed_<s>/`` (a rerun resumes from their stores); extra
-arguments after ``--`` go to every ``deq-attacks demo`` call (e.g. ``-- --train.epochs 2``).
+arguments after ``--`` go to every ``deq-attacks demo`` call (e.g.
+``-- --train.optimiser.epochs 2``).
 """
 
 from __future__ import annotations

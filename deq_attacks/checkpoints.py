@@ -265,7 +265,7 @@ class KeyMap:
 
     @classmethod
     def parse(cls, items: Iterable[str]) -> KeyMap:
-        """Rules from ``"OLD=NEW"`` strings (the command line's ``--key-map``)."""
+        """Rules from ``"OLD=NEW"`` strings (the command line's ``--model.key_map``)."""
         rules = []
         for item in items:
             old, sep, new = item.partition("=")
@@ -340,7 +340,7 @@ def check_fits(state: Mapping[str, Tensor], model: nn.Module, source: str) -> No
     if unexpected and missing:
         hint = (
             f" (checkpoint keys begin with {_listing(_prefixes(unexpected))}, the model's with "
-            f"{_listing(_prefixes(missing))}: a key map OLD=NEW, --key-map on the command "
+            f"{_listing(_prefixes(missing))}: a key map OLD=NEW, --model.key_map on the command "
             "line, renames prefixes)"
         )
     raise CheckpointMismatchError(

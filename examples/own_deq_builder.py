@@ -4,10 +4,10 @@ A torchdeq user's model (their own names: ``encoder``, ``layer``, ``head``, a co
 Anderson) and the two builders the command line can call:
 
 - ``build(checkpoint=None, **deq_kwargs)`` loads the checkpoint into the user's own module,
-  then adapts it (``from_torchdeq``); ``**deq_kwargs`` lets ``--solver`` and
-  ``--training_gradient`` through to the DEQ;
+  then adapts it (``from_torchdeq``); ``**deq_kwargs`` lets ``--model.forward_solver`` and
+  ``--model.training_gradient`` through to the DEQ;
 - ``build_adapted(**deq_kwargs)`` takes no checkpoint: the command line loads it into the
-  adapted DEQ, renaming the keys with ``--key_map``.
+  adapted DEQ, renaming the keys with ``--model.key_map``.
 
 Running this file trains the model for a few epochs on the first 1,200 embedded digits (about
 half a minute on one CPU thread) and writes ``runs/own_deq/own_deq.pt`` (a plain
@@ -16,10 +16,12 @@ prints the commands::
 
     cd examples
     python own_deq_builder.py
-    deq-attacks evaluate --model own_deq_builder:build --checkpoint runs/own_deq/own_deq.pt \\
-        --data digits --preset digits --out_dir runs/own_deq
-    deq-attacks evaluate --model own_deq_builder:build_adapted \\
-        --checkpoint runs/own_deq/own_deq.pt --key_map encoder.=injection. --key_map layer.=f. \\
+    deq-attacks evaluate --model.name own_deq_builder:build \\
+        --model.checkpoint runs/own_deq/own_deq.pt --data digits --preset digits \\
+        --out_dir runs/own_deq
+    deq-attacks evaluate --model.name own_deq_builder:build_adapted \\
+        --model.checkpoint runs/own_deq/own_deq.pt --model.key_map+ encoder.=injection. \\
+        --model.key_map+ layer.=f. \\
         --data digits --preset digits --out_dir runs/own_deq_adapted
 
 ``deq-attacks`` imports ``own_deq_builder`` from the working directory, as ``python -m``
@@ -85,7 +87,8 @@ def build(checkpoint: str | Path | None = None, **deq_kwargs: object) -> DEQ:
 
 
 def build_adapted(**deq_kwargs: object) -> DEQ:
-    """The same model, untrained: ``--checkpoint`` with ``--key_map`` loads the weights."""
+    """The same model, untrained: ``--model.checkpoint`` with ``--model.key_map`` loads the
+    weights."""
     return build(None, **deq_kwargs)
 
 
@@ -112,10 +115,11 @@ def main() -> None:
     print(f"clean accuracy on the 597 held-out digits: {held_out:.3f}; wrote {path}")
     print(
         "now, from the folder of own_deq_builder.py:\n"
-        f"  deq-attacks evaluate --model own_deq_builder:build --checkpoint {path} "
+        f"  deq-attacks evaluate --model.name own_deq_builder:build --model.checkpoint {path} "
         "--data digits --preset digits --out_dir runs/own_deq\n"
-        f"  deq-attacks evaluate --model own_deq_builder:build_adapted --checkpoint {path} "
-        "--key_map encoder.=injection. --key_map layer.=f. --data digits --preset digits "
+        "  deq-attacks evaluate --model.name own_deq_builder:build_adapted "
+        f"--model.checkpoint {path} --model.key_map+ encoder.=injection. "
+        "--model.key_map+ layer.=f. --data digits --preset digits "
         "--out_dir runs/own_deq_adapted"
     )
 

@@ -10,10 +10,10 @@ arrays file of the MNIST test set (``x`` uint8 (10000, 1, 28, 28), ``y``), e.g.
 
     cd examples
     python own_deq_mnist.py ../../shared/data/mnist_t10k.npz      # trains on images 0-7,999
-    deq-attacks evaluate --model own_deq_mnist:build \\
-        --checkpoint runs/own_deq_mnist/mnist_deq.pt --data ../../shared/data/mnist_t10k.npz \\
-        --preset mnist --dev-range 9800:10000 --test-range 8000:8200 --mode cascade \\
-        --out-dir runs/own_deq_mnist/eval
+    deq-attacks evaluate --model.name own_deq_mnist:build \\
+        --model.checkpoint runs/own_deq_mnist/mnist_deq.pt \\
+        --data ../../shared/data/mnist_t10k.npz --preset mnist --dev-range 9800:10000 \\
+        --test-range 8000:8200 --mode cascade --out-dir runs/own_deq_mnist/eval
 """
 
 from __future__ import annotations

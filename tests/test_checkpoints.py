@@ -109,7 +109,7 @@ def test_key_map_renames_prefixes_in_order(tmp_path: Path) -> None:
     source, target = _filled(UserNet()), OurNames()
     path = tmp_path / "user.pt"
     torch.save({"state_dict": source.state_dict()}, path)
-    with pytest.raises(CheckpointMismatchError, match=r"--key-map.*renames prefixes"):
+    with pytest.raises(CheckpointMismatchError, match=r"--model.key_map.*renames prefixes"):
         load_weights(target, path)  # the names differ: the hint says how to map them
     # in order: the second rule sees the first one's output ("enc." exists only after it)
     loaded = load_weights(target, path, key_map=["encoder.=enc.", "enc.=injection.", "layer.=f."])

@@ -36,7 +36,8 @@ def test_every_multi_word_option_takes_dashes_and_underscores(name: str) -> None
 
 
 def test_the_dashed_spelling_reaches_the_setting(capsys) -> None:
-    argv = ["--model", "mlp_deq", "--long-steps", "30", "--batch-size", "4", "--print-config"]
+    argv = ["--model.name", "mlp_deq", "--long-steps", "30", "--batch-size", "4",
+            "--print-config"]  # fmt: skip
     assert main(["evaluate", *argv]) == 0
     printed = capsys.readouterr().out
     assert "long_steps: 30" in printed and "batch_size: 4" in printed
@@ -46,9 +47,9 @@ def test_the_dashed_spelling_reaches_the_setting(capsys) -> None:
                 "train",
                 "--preset",
                 "cpu_unrolling",
-                "--dev-size",
+                "--data.dev-size",
                 "50",
-                "--train-limit",
+                "--data.train-limit",
                 "200",
                 "--print-config",
             ]

@@ -21,8 +21,9 @@ from deq_attacks import Anderson, Broyden, ImplicitGradient, PhantomGradient
 from deq_attacks.cli import main, working_directory_on_path
 from deq_attacks.cli import train as train_cli
 from deq_attacks.cli.evaluate import build_parser, resolve
-from deq_attacks.cli.model_options import BuiltModel, build_model
+from deq_attacks.cli.options import settings
 from deq_attacks.evaluation import Mode
+from deq_attacks.model_spec import BuiltModel, ModelSpec, build_model
 from deq_attacks.models.registry import resolve_builder
 
 #: The smallest protocol: one PGD step, tiny AutoAttack and Square, a one-candidate sweep.
@@ -134,7 +135,7 @@ def _user_net(module: str):
 def _build(*argv: str) -> BuiltModel:
     """``build_model`` on parsed options, with the working directory importable as in main."""
     with working_directory_on_path():
-        return build_model(build_parser().parse_args(list(argv)))
+        return build_model(settings(ModelSpec, build_parser().parse_args(list(argv)).model))
 
 
 def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -153,8 +154,8 @@ def test_entry_point_is_imported_from_the_working_directory(user_dir, capsys) ->
     _, name = user_dir
     with pytest.raises(ValueError, match="cannot import"):
         resolve_builder(f"{name}:build")  # not on sys.path by itself
-    err = _refused(["--model", f"{name}:build_fixed", "--model-arg", "bogus=1"], capsys)
-    assert f"the builder of --model {name}:build_fixed takes no bogus=" in err  # imported: its
+    err = _refused(["--model.name", f"{name}:build_fixed", "--model.args.bogus", "1"], capsys)
+    assert f"the builder of model {name}:build_fixed takes no bogus=" in err  # imported: its
     assert "(it accepts: hidden)" in err  # signature was read
     assert sys.path[0] != str(user_dir[0])  # and the working directory left sys.path again
 
@@ -162,12 +163,11 @@ def test_entry_point_is_imported_from_the_working_directory(user_dir, capsys) ->
 def _entry_point_argv(command: str, model: str) -> list[str]:
     """``command`` (evaluate, train, demo) asked for the model entry point ``model``."""
     if command == "evaluate":
-        return ["evaluate", "--model", model, "--training-gradient", "exact"]
+        return ["evaluate", "--model.name", model, "--model.training-gradient", "exact"]
     if command == "train":
-        return ["train", "--preset", "cpu_unrolling", "--model", model, "--width", "null",
-                "--dropout", "null"]  # fmt: skip
-    return ["demo", "--native_kernels", "true", "--train.model", model, "--train.width", "null",
-            "--train.dropout", "null"]  # fmt: skip
+        return ["train", "--preset", "cpu_unrolling", "--model.name", model, "--model.args", "{}"]
+    return ["demo", "--native_kernels", "true", "--train.model.name", model,
+            "--train.model.args", "{}"]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", ["train", "demo"])
@@ -227,7 +227,7 @@ def test_console_script_imports_from_the_working_directory(
 )
 def test_bad_entry_points_are_named(user_dir, capsys, model: str, message: str) -> None:
     _, name = user_dir
-    assert message in _refused(["--model", model.format(name=name)], capsys)
+    assert message in _refused(["--model.name", model.format(name=name)], capsys)
 
 
 # --- the builder contract and the solver ----------------------------------------------------
@@ -235,40 +235,66 @@ def test_bad_entry_points_are_named(user_dir, capsys, model: str, message: str) 
 
 def test_options_reach_a_builder_only_if_it_takes_them(user_dir, capsys) -> None:
     _, name = user_dir
-    err = _refused(["--model", f"{name}:build_fixed", "--training-gradient", "phantom"], capsys)
-    assert "--training_gradient: the builder" in err and "(it accepts: hidden)" in err
-    err = _refused(["--model", f"{name}:build_fixed", "--model-arg", "width=3"], capsys)
-    assert "--model_arg width=...: the builder" in err
-    err = _refused(["--model", f"{name}:build_ignoring", "--solver", "broyden:threshold=3"], capsys)
+    err = _refused(
+        ["--model.name", f"{name}:build_fixed", "--model.training-gradient", "phantom"], capsys
+    )
+    assert "training_gradient: the builder" in err and "(it accepts: hidden)" in err
+    err = _refused(["--model.name", f"{name}:build_fixed", "--model.args.width", "3"], capsys)
+    assert "model.args.width: the builder" in err
+    err = _refused(
+        ["--model.name", f"{name}:build_ignoring", "--model.forward_solver", "broyden:threshold=3"],
+        capsys,
+    )
     assert "took solver=Broyden(threshold=3) but its model solves with Anderson" in err
-    err = _refused(["--model", f"{name}:build_ignoring", "--training-gradient", "phantom"], capsys)
+    err = _refused(
+        ["--model.name", f"{name}:build_ignoring", "--model.training-gradient", "phantom"], capsys
+    )
     assert "took training_gradient=PhantomGradient" in err
-    err = _refused(["--model", f"{name}:build", "--solver", "newton"], capsys)
+    err = _refused(["--model.name", f"{name}:build", "--model.forward_solver", "newton"], capsys)
     assert "unknown solver 'newton'; choose one of" in err and "anderson" in err
     err = _refused(
-        ["--model", f"{name}:build", "--solver", "anderson:threshold=4", "--threshold", "5"], capsys
+        [
+            "--model.name",
+            f"{name}:build",
+            "--model.forward_solver",
+            "anderson:threshold=4",
+            "--model.forward_threshold",
+            "5",
+        ],
+        capsys,
     )
     assert "the threshold is given twice" in err
 
 
 def test_threshold_keeps_the_models_own_solver(user_dir) -> None:
     _, name = user_dir
-    built = _build("--model", f"{name}:build", "--threshold", "5")
+    built = _build("--model.name", f"{name}:build", "--model.forward_threshold", "5")
     assert built.model.solver == Anderson(threshold=5, tol=1e-4, stop_mode="abs", memory=6)
     assert built.record["solver_spec"]["solver"] == "anderson"
-    assert built.record["solver_choice"] == "the model's own solver with --threshold 5"
-    own = _build("--model", f"{name}:build")
+    assert built.record["solver_choice"] == (
+        "the model's own solver with forward_threshold 5, solver_tol 0.0001"
+    )
+    own = _build("--model.name", f"{name}:build")
     assert own.model.solver == Anderson(threshold=6, tol=1e-4, stop_mode="abs", memory=6)
     assert own.record["solver_choice"] == "the model's own solver"
 
 
 def test_solver_replaces_only_when_asked_and_says_so(user_dir) -> None:
     _, name = user_dir
-    passed = _build("--model", f"{name}:build", "--solver", "broyden:threshold=7")
+    passed = _build(
+        "--model.name", f"{name}:build", "--model.forward_solver", "broyden:threshold=7"
+    )
     assert passed.model.solver == Broyden(threshold=7)
-    assert passed.record["solver_choice"] == "--solver broyden:threshold=7, passed to the builder"
+    assert passed.record["solver_choice"] == (
+        "forward_solver broyden:threshold=7, passed to the builder"
+    )
     applied = _build(
-        "--model", f"{name}:build_fixed", "--solver", "fixed_point", "--threshold", "9"
+        "--model.name",
+        f"{name}:build_fixed",
+        "--model.forward_solver",
+        "fixed_point",
+        "--model.forward_threshold",
+        "9",
     )
     assert applied.model.solver.threshold == 9
     assert type(applied.model.solver).__name__ == "FixedPointIteration"
@@ -277,27 +303,32 @@ def test_solver_replaces_only_when_asked_and_says_so(user_dir) -> None:
         in (applied.notes[0])
     )
     gradient = _build(
-        "--model", f"{name}:build", "--training-gradient", "exact", "--threshold", "5"
+        "--model.name",
+        f"{name}:build",
+        "--model.training-gradient",
+        "exact",
+        "--model.forward_threshold",
+        "5",
     )
     assert gradient.model.training_gradient == ImplicitGradient(Broyden(threshold=4, tol=1e-4))
-    phantom = _build("--model", f"{name}:build", "--training-gradient", "phantom")
+    phantom = _build("--model.name", f"{name}:build", "--model.training-gradient", "phantom")
     assert phantom.model.training_gradient == PhantomGradient(5, 0.5)
 
 
 def test_the_exact_gradients_backward_solver_comes_from_the_registry(user_dir, capsys) -> None:
     _, name = user_dir
     built = _build(
-        "--model", f"{name}:build", "--training-gradient", "exact", "--threshold", "5",
-        "--backward-solver", "anderson:memory=3",
+        "--model.name", f"{name}:build", "--model.training-gradient", "exact",
+        "--model.forward_threshold", "5", "--model.backward-solver", "anderson:memory=3",
     )  # fmt: skip
     expected = Anderson(threshold=4, tol=1e-4, memory=3)
     assert built.model.training_gradient == ImplicitGradient(expected)
-    err = _refused(["--model", f"{name}:build", "--backward-solver", "anderson"], capsys)
-    assert "--backward_solver anderson is the solver of --training_gradient exact" in err
-    argv = ["--model", f"{name}:build", "--training-gradient", "exact"]
-    err = _refused([*argv, "--backward-solver", "anderson:threshold=3"], capsys)
+    err = _refused(["--model.name", f"{name}:build", "--model.backward-solver", "anderson"], capsys)
+    assert "backward_solver is the exact gradient's: give training_gradient exact" in err
+    argv = ["--model.name", f"{name}:build", "--model.training-gradient", "exact"]
+    err = _refused([*argv, "--model.backward-solver", "anderson:threshold=3"], capsys)
     assert "the threshold is given twice" in err
-    err = _refused([*argv, "--backward-solver", "newton"], capsys)
+    err = _refused([*argv, "--model.backward-solver", "newton"], capsys)
     assert "unknown solver 'newton'; choose one of anderson, broyden, fixed_point" in err
 
 
@@ -306,11 +337,11 @@ def test_the_exact_gradients_backward_solver_comes_from_the_registry(user_dir, c
 
 def test_builder_loads_a_pt_checkpoint_into_its_own_module(user_dir) -> None:
     directory, name = user_dir
-    _build("--model", f"{name}:build")  # imports the user's module
+    _build("--model.name", f"{name}:build")  # imports the user's module
     net = _user_net(name)
     path = directory / "trained.pt"
     torch.save({"epoch": 4, "state_dict": net.state_dict()}, path)
-    built = _build("--model", f"{name}:build", "--checkpoint", str(path))
+    built = _build("--model.name", f"{name}:build", "--model.checkpoint", str(path))
     assert torch.equal(built.model.f.conv.weight_v, net.layer.conv.weight_v)
     assert torch.equal(built.model.injection.weight, net.encoder.weight)
     assert built.record["checkpoint"]["loaded_by"] == "builder"
@@ -318,30 +349,38 @@ def test_builder_loads_a_pt_checkpoint_into_its_own_module(user_dir) -> None:
 
 def test_key_map_loads_a_users_checkpoint_into_the_adapted_deq(user_dir, capsys) -> None:
     directory, name = user_dir
-    _build("--model", f"{name}:build_plain")
+    _build("--model.name", f"{name}:build_plain")
     net = _user_net(name)
     path = directory / "trained.pth"
     torch.save(net.state_dict(), path)
-    err = _refused(["--model", f"{name}:build_plain", "--checkpoint", str(path)], capsys)
-    assert "does not fit the model" in err and "--key-map" in err
+    err = _refused(["--model.name", f"{name}:build_plain", "--model.checkpoint", str(path)], capsys)
+    assert "does not fit the model" in err and "--model.key_map" in err
     built = _build(
-        "--model",
+        "--model.name",
         f"{name}:build_plain",
-        "--checkpoint",
+        "--model.checkpoint",
         str(path),
-        "--key-map",
+        "--model.key_map+",
         "encoder.=injection.",
-        "--key-map",
+        "--model.key_map+",
         "layer.=f.",
     )
     assert torch.equal(built.model.f.conv.weight_g, net.layer.conv.weight_g)
     assert "key map encoder.=injection. (2 keys), layer.=f. (3 keys)" in built.notes[-1]
     err = _refused(
-        ["--model", f"{name}:build", "--checkpoint", str(path), "--key-map", "a.=b."], capsys
+        [
+            "--model.name",
+            f"{name}:build",
+            "--model.checkpoint",
+            str(path),
+            "--model.key_map+",
+            "a.=b.",
+        ],
+        capsys,
     )
     assert "takes checkpoint= and loads the file itself" in err
-    assert "give --checkpoint too" in _refused(
-        ["--model", f"{name}:build_plain", "--key-map", "a.=b."], capsys
+    assert "give checkpoint too" in _refused(
+        ["--model.name", f"{name}:build_plain", "--model.key_map+", "a.=b."], capsys
     )
 
 
@@ -349,13 +388,17 @@ def test_a_checkpoint_that_does_not_fit_or_cannot_be_read_is_one_line(user_dir, 
     directory, name = user_dir
     corrupt = directory / "corrupt.pt"
     corrupt.write_bytes(b"PK\x03\x04 not really a zip")
-    err = _refused(["--model", f"{name}:build_plain", "--checkpoint", str(corrupt)], capsys)
+    err = _refused(
+        ["--model.name", f"{name}:build_plain", "--model.checkpoint", str(corrupt)], capsys
+    )
     assert "corrupt or truncated torch.save file" in err
     small = directory / "small.pt"
     torch.save({"head.1.weight": torch.zeros(3, 3)}, small)
-    err = _refused(["--model", f"{name}:build", "--checkpoint", str(small)], capsys)
+    err = _refused(["--model.name", f"{name}:build", "--model.checkpoint", str(small)], capsys)
     assert "the builder raised CheckpointMismatchError" in err and "does not fit" in err
-    err = _refused(["--model", f"{name}:build", "--checkpoint", str(directory / "no.pt")], capsys)
+    err = _refused(
+        ["--model.name", f"{name}:build", "--model.checkpoint", str(directory / "no.pt")], capsys
+    )
     assert "no.pt: no such file" in err
 
 
@@ -367,29 +410,38 @@ def test_data_the_model_was_not_built_for_is_refused(tmp_path: Path, capsys) -> 
     mnist_like = tmp_path / "mnist_like.npz"
     np.savez(mnist_like, x=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), y=np.arange(40) % 10)
     common = ["--data", str(mnist_like), "--n-dev", "2", "--n-test", "2"]
-    err = _refused(["--model", "small_conv_deq", "--model-arg", "image_size=8", *common], capsys)
+    err = _refused(
+        ["--model.name", "small_conv_deq", "--model.args.image_size", "8", *common], capsys
+    )
     assert "built for samples of shape (1, 8, 8) (its input_shape), but mnist_like has " in err
     err = _refused(
         [
-            "--model",
+            "--model.name",
             "mlp_deq",
-            "--model-arg",
-            "in_features=64",
-            "--model-arg",
-            "num_classes=10",
+            "--model.args.in_features",
+            "64",
+            "--model.args.num_classes",
+            "10",
             *common,
         ],
         capsys,
     )
-    assert "the model does not run on one image of mnist_like (shape (1, 28, 28))" in err
+    assert "the model does not take the images of mnist_like (shape (1, 28, 28))" in err
     err = _refused(
-        ["--model", "mlp_deq", "--model-arg", "in_features=64", "--model-arg", "num_classes=5"],
+        [
+            "--model.name",
+            "mlp_deq",
+            "--model.args.in_features",
+            "64",
+            "--model.args.num_classes",
+            "5",
+        ],
         capsys,
     )
-    assert "has label 9, but the model has 5 outputs" in err
+    assert "expected logits (1, 10) for its 10 classes" in err
     column = tmp_path / "column.npz"
     np.savez(column, x=np.zeros((4, 8, 8), np.uint8), y=np.zeros((4, 1), np.int64))
-    err = _refused(["--model", "small_conv_deq", "--data", str(column)], capsys)
+    err = _refused(["--model.name", "small_conv_deq", "--data", str(column)], capsys)
     assert "labels must be class indices of shape (N,), got (4, 1)" in err
 
 
@@ -405,11 +457,11 @@ def test_data_the_model_was_not_built_for_is_refused(tmp_path: Path, capsys) -> 
     ],
 )
 def test_split_options_are_checked_before_work(capsys, options, message) -> None:
-    assert message in _refused(["--model", "small_conv_deq", *options], capsys)
+    assert message in _refused(["--model.name", "small_conv_deq", *options], capsys)
 
 
 def test_a_missing_or_broken_config_file_is_one_line(tmp_path: Path, capsys) -> None:
-    for main_of in (train_cli.main, lambda argv: main(["evaluate", "--model", "m", *argv])):
+    for main_of in (train_cli.main, lambda argv: main(["evaluate", "--model.name", "m", *argv])):
         assert main_of(["--config", str(tmp_path / "absent.json")]) == 2
         err = capsys.readouterr().err
         assert 'key "config"' in err and "absent.json" in err and "does not exist" in err
@@ -432,24 +484,24 @@ def test_key_mapped_torchdeq_checkpoint_with_another_solver_runs_to_the_end(
     user_dir, capsys
 ) -> None:
     directory, name = user_dir
-    _build("--model", f"{name}:build_plain")
+    _build("--model.name", f"{name}:build_plain")
     path = directory / "trained.pt"
     torch.save({"model": _user_net(name).state_dict()}, path)
     out = directory / "out"
     code = main(
         [
             "evaluate",
-            "--model",
+            "--model.name",
             f"{name}:build_plain",
-            "--checkpoint",
+            "--model.checkpoint",
             str(path),
-            "--key-map",
+            "--model.key_map+",
             "encoder.=injection.",
-            "--key-map",
+            "--model.key_map+",
             "layer.=f.",
-            "--solver",
+            "--model.forward_solver",
             "broyden:threshold=3",
-            "--training-gradient",
+            "--model.training-gradient",
             "phantom",
             "--dev-range",
             "1300:1304",
@@ -487,16 +539,16 @@ def test_torchdeq_model_from_a_pt_checkpoint_runs_to_the_end(
     """A torchdeq DEQ with an Anderson or a fixed-point solver goes through the whole
     protocol (sweep, PGD, AutoAttack, Square, BPTT, diagnostics) from a ``.pt`` checkpoint."""
     directory, name = user_dir
-    _build("--model", f"{name}:{builder}")
+    _build("--model.name", f"{name}:{builder}")
     path = directory / "trained.pt"
     torch.save({"state_dict": _user_net(name).state_dict()}, path)
     out = directory / "out"
     code = main(
         [
             "evaluate",
-            "--model",
+            "--model.name",
             f"{name}:{builder}",
-            "--checkpoint",
+            "--model.checkpoint",
             str(path),
             "--n-dev",
             "4",
@@ -523,40 +575,38 @@ def test_torchdeq_model_from_a_pt_checkpoint_runs_to_the_end(
     assert solver_class in adjoint["reason"]
 
 
-def test_preset_sets_the_budgets_and_a_file_and_options_override_it(
-    tmp_path: Path, capsys
-) -> None:
-    _, _, config = resolve(["--model", "m", "--preset", "mnist"])
+def test_preset_sets_the_budgets_and_a_file_and_options_override_it(tmp_path: Path, capsys) -> None:
+    _, _, config = resolve(["--model.name", "m", "--preset", "mnist"])
     assert (config.eps, config.step, config.steps, config.attack_specs[1].iterations) == (
         0.3, 0.01, 40, 100
     )
     # the order does not matter: the preset sets defaults, an option a value
     for argv in (["--preset", "mnist", "--eps", "0.2", "--steps", "7"],
                  ["--eps", "0.2", "--steps", "7", "--preset", "mnist"]):  # fmt: skip
-        _, _, config = resolve(["--model", "m", *argv])
+        _, _, config = resolve(["--model.name", "m", *argv])
         assert (config.eps, config.step, config.steps) == (0.2, 0.01, 7)
-    _, _, plain = resolve(["--model", "m"])
+    _, _, plain = resolve(["--model.name", "m"])
     assert (plain.eps, plain.steps, plain.mode) == (8 / 255, 10, Mode.VERDICT)
     # a config file (YAML) over the preset, an option over the file; enums by name or value
     settings = tmp_path / "evaluation.yaml"
     settings.write_text("preset: mnist\nsteps: 12\nmode: cascade\nsweep: [unrolled.k=1]\n")
-    _, args, config = resolve(["--model", "m", "--config", str(settings), "--step", "0.02"])
+    _, args, config = resolve(["--model.name", "m", "--config", str(settings), "--step", "0.02"])
     assert (config.eps, config.step, config.steps, config.mode) == (0.3, 0.02, 12, Mode.CASCADE)
     assert config.sweep.grids == {"unrolled": {"k": "1"}} and args.preset == "mnist"
     # --print_config prints a file that resolves to the same settings
-    assert main(["evaluate", "--model", "m", "--config", str(settings), "--print_config"]) == 0
+    assert main(["evaluate", "--model.name", "m", "--config", str(settings), "--print_config"]) == 0
     printed = capsys.readouterr().out
     assert "mode: CASCADE" in printed and "steps: 12" in printed
     (tmp_path / "printed.yaml").write_text(printed)
     _, _, again = resolve(["--config", str(tmp_path / "printed.yaml")])
     assert again == dataclasses.replace(config, step=0.01)  # the file's, not the option's step
-    err = _refused(["--model", "m", "--preset", "imagenet"], capsys)
+    err = _refused(["--model.name", "m", "--preset", "imagenet"], capsys)
     assert "unknown evaluation preset 'imagenet'; choose one of cifar10_l2, cifar10_paper" in err
-    err = _refused(["--model", "m", "--steps", "0"], capsys)
+    err = _refused(["--model.name", "m", "--steps", "0"], capsys)
     assert "steps must be an int >= 1, got 0" in err  # the dataclass's own validation
-    err = _refused(["--model", "m", "--eps", "big"], capsys)
+    err = _refused(["--model.name", "m", "--eps", "big"], capsys)
     assert 'key "eps"' in err and "big" in err
-    assert "FAMILY.PARAM=VALUES" in _refused(["--model", "m", "--sweep", "unrolled=1"], capsys)
+    assert "FAMILY.PARAM=VALUES" in _refused(["--model.name", "m", "--sweep", "unrolled=1"], capsys)
 
 
 def test_the_example_builder_module_fits_its_documented_commands(
@@ -567,17 +617,17 @@ def test_the_example_builder_module_fits_its_documented_commands(
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
     monkeypatch.chdir(examples)
     try:
-        _build("--model", "own_deq_builder:build")
+        _build("--model.name", "own_deq_builder:build")
         module = sys.modules["own_deq_builder"]
         net = module.DigitsDEQ()
         path = tmp_path / "own_deq.pt"
         torch.save({"epoch": 4, "state_dict": net.state_dict()}, path)
         for argv in (
-            ["--model", "own_deq_builder:build"],
-            ["--model", "own_deq_builder:build_adapted", "--key-map", "encoder.=injection.",
-             "--key-map", "layer.=f."],
+            ["--model.name", "own_deq_builder:build"],
+            ["--model.name", "own_deq_builder:build_adapted",
+             "--model.key_map+", "encoder.=injection.", "--model.key_map+", "layer.=f."],
         ):  # fmt: skip
-            built = _build(*argv, "--checkpoint", str(path))
+            built = _build(*argv, "--model.checkpoint", str(path))
             assert torch.equal(built.model.f.conv.weight_v, net.layer.conv.weight_v)
             assert built.model.input_shape == (1, 8, 8)
             assert built.model.solver.threshold == 20
@@ -587,9 +637,9 @@ def test_the_example_builder_module_fits_its_documented_commands(
 
 def test_dry_run_prints_the_expected_cost_and_attacks_nothing(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    argv = ["evaluate", "--model", "small_conv_deq", "--model-arg", "in_channels=1",
-            "--model-arg", "image_size=8", "--threshold", "3",
-            "--training-gradient", "phantom", "--n-dev", "4", "--n-test", "6", *TINY,
+    argv = ["evaluate", "--model.name", "small_conv_deq", "--model.args.in_channels", "1",
+            "--model.args.image_size", "8", "--model.forward_threshold", "3",
+            "--model.training-gradient", "phantom", "--n-dev", "4", "--n-test", "6", *TINY,
             "--mode", "verdict", "--dry-run", "true", "--out-dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -604,11 +654,32 @@ def test_the_entropy_defense_runs_from_the_command_line(tmp_path: Path, capsys) 
     AutoAttack too, AutoAttack being among the attacks) and the report carries it; a solver
     threshold below one round of the defense is refused before work."""
     out = tmp_path / "out"
-    model = ["--model", "small_conv_deq", "--model-arg", "in_channels=1", "--model-arg",
-             "image_size=8", "--training-gradient", "phantom", "--n-dev", "4", "--n-test", "6"]
+    model = [
+        "--model.name",
+        "small_conv_deq",
+        "--model.args.in_channels",
+        "1",
+        "--model.args.image_size",
+        "8",
+        "--model.training-gradient",
+        "phantom",
+        "--n-dev",
+        "4",
+        "--n-test",
+        "6",
+    ]
     defense = ["--entropy_defense", "true", "--entropy-steps", "2", "--entropy_step", "0.025",
                "--entropy_eps", "0.1"]  # fmt: skip
-    argv = ["evaluate", *model, "--threshold", "3", *TINY, *defense, "--out-dir", str(out)]
+    argv = [
+        "evaluate",
+        *model,
+        "--model.forward_threshold",
+        "3",
+        *TINY,
+        *defense,
+        "--out-dir",
+        str(out),
+    ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     entropy = results["entropy_defense"]
@@ -624,7 +695,16 @@ def test_the_entropy_defense_runs_from_the_command_line(tmp_path: Path, capsys) 
     capsys.readouterr()
     assert main([*argv, "--dry-run", "true"]) == 0  # its cost is not counted in advance
     assert "columns of unknown cost: entropy defense" in capsys.readouterr().out
-    refused = ["evaluate", *model, "--threshold", "1", *TINY, *defense, "--out-dir", str(out)]
+    refused = [
+        "evaluate",
+        *model,
+        "--model.forward_threshold",
+        "1",
+        *TINY,
+        *defense,
+        "--out-dir",
+        str(out),
+    ]
     assert main(refused) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("deq-attacks evaluate: the solver's threshold 1 is below the defense's 2 "

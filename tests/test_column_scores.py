@@ -37,8 +37,8 @@ def test_a_column_on_its_own_equals_the_protocols_cells() -> None:
 
     clean = column_scores(estimator, x, y, CHEAP, defenses=defenses)
     for d in defenses:
-        assert clean[f"defense/{d}"].tolist() == report.clean[d]
-    assert np.allclose(clean["states"].mean(0), report.states["clean_accuracy"])
+        assert clean.correct[d].tolist() == report.clean[d]
+    assert np.allclose(clean.per_state(), report.states["clean_accuracy"])
 
     estimates = {"ready-made": ready_made(estimator.deq.training_gradient)}
     columns = {c.label: c for c in protocol_columns(estimates, CHEAP)}
@@ -46,11 +46,11 @@ def test_a_column_on_its_own_equals_the_protocols_cells() -> None:
     pgd = column_scores(estimator, x, y, CHEAP, columns["ready-made PGD"], defenses)
     square = column_scores(estimator, x, y, CHEAP, columns["square"], defenses)
     for d in defenses:
-        assert pgd[f"defense/{d}"].tolist() == report.survived[d]["ready-made PGD"]
-        assert square[f"defense/{d}"].tolist() == report.survived[d]["square"]
-    assert np.allclose(pgd["states"].mean(0), report.states["ready_made_accuracy"])
-    assert "states" not in square  # Square runs once per defense: no shared iterates
+        assert pgd.correct[d].tolist() == report.survived[d]["ready-made PGD"]
+        assert square.correct[d].tolist() == report.survived[d]["square"]
+    assert np.allclose(pgd.per_state(), report.states["ready_made_accuracy"])
+    assert square.states is None  # Square runs once per defense: no shared iterates
     # the default defense is the final state
     final = column_scores(estimator, x, y, CHEAP, columns["ready-made PGD"])
-    assert set(final) == {"defense/final", "finite/final", "states", "residuals"}
-    assert final["defense/final"].tolist() == report.survived["final"]["ready-made PGD"]
+    assert set(final.correct) == set(final.finite) == {"final"} and final.states is not None
+    assert final.correct["final"].tolist() == report.survived["final"]["ready-made PGD"]

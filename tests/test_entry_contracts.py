@@ -131,7 +131,7 @@ def test_long_steps_must_exceed_steps_before_any_work(capsys) -> None:
         EvaluationConfig(steps=40, long_steps=20)
     with pytest.raises(ValueError, match="long_steps"):
         dataclasses.replace(TINY, long_steps=TINY.steps)
-    argv = ["evaluate", "--model", "mlp_deq", "--preset", "mnist", "--long-steps", "20"]
+    argv = ["evaluate", "--model.name", "mlp_deq", "--preset", "mnist", "--long-steps", "20"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "long_steps (20) must be more than steps (40)" in err[0]

@@ -279,7 +279,8 @@ def test_a_new_family_joins_the_sweep_and_the_columns(registered: None) -> None:
     )
     threat = ThreatModel(eps=0.1, step=0.05, steps=1)
     defenses = {"final": Final(), "early": Early(2)}
-    chosen, entries, plan = run_sweep(estimator, config, x, y, threat, defenses, "early", Shards())
+    sweep = run_sweep(estimator, config, x, y, threat, defenses, "early", Shards())
+    chosen, entries, plan = sweep.chosen, sweep.entries, sweep.plan
     assert [p["family"] for p in plan] == ["adjoint", "unrolled", "damped_step"]
     mine = [e for e in entries if e["family"] == "damped_step"]
     assert [e["params"] for e in mine] == [{"n": 1, "lam": 1.0}, {"n": 2, "lam": 1.0}]
@@ -312,7 +313,8 @@ def test_the_sweep_and_its_columns_run_over_anderson_with_the_planned_adjoint() 
     )
     threat = ThreatModel(eps=0.1, step=0.05, steps=1)
     defenses = {"final": Final(), "early": Early(2)}
-    chosen, entries, plan = run_sweep(estimator, config, x, y, threat, defenses, "early", Shards())
+    sweep = run_sweep(estimator, config, x, y, threat, defenses, "early", Shards())
+    chosen, entries, plan = sweep.chosen, sweep.entries, sweep.plan
     assert plan[0]["fixed"] == {"inverse": "negative_identity"}
     assert "Anderson keeps no inverse-Jacobian estimate" in plan[0]["reason"]
     assert chosen["adjoint"].inverse is InverseEstimate.NEGATIVE_IDENTITY  # type: ignore[attr-defined]

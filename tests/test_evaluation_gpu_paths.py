@@ -13,6 +13,7 @@ import torch
 from evaluation_fixtures import TINY, splits, tiny_estimator
 
 from deq_attacks import Phantom, Unrolled
+from deq_attacks.adversarial.pgd import compiled
 from deq_attacks.evaluation import (
     EvaluationConfig,
     SweepConfig,
@@ -22,7 +23,6 @@ from deq_attacks.evaluation import (
     fixed_step_pgd,
 )
 from deq_attacks.evaluation.attacks import precision
-from deq_attacks.evaluation.attacks.pgd import compiled
 from deq_attacks.evaluation.benchmark import MODEL_INFO_FIELDS, held_out_images
 from deq_attacks.models import small_conv_deq
 
@@ -124,7 +124,7 @@ def test_benchmark_runs_the_verdict_mode_and_returns_the_per_sample_verdict() ->
         benchmark(deq, 590, "digits", n_dev=10)
     with pytest.raises(ValueError, match="eps is required"):
         benchmark(deq, 10, "some/file.npz")
-    with pytest.raises(TypeError, match="DEQ or a DEQEstimator"):
+    with pytest.raises(TypeError, match="a DEQ, a DEQEstimator or a ModelSpec"):
         benchmark(torch.nn.Linear(2, 2), 10, "digits")  # type: ignore[arg-type]
 
 

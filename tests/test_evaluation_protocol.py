@@ -30,7 +30,6 @@ from deq_attacks import (
 from deq_attacks.evaluation import (
     BPTT,
     READY_MADE,
-    Column,
     EvaluationConfig,
     Mode,
     SampleSeeds,
@@ -46,7 +45,6 @@ from deq_attacks.evaluation import (
     score_readouts,
 )
 from deq_attacks.evaluation.attacks import FixedStepPGD
-from deq_attacks.evaluation.cells import runs_of
 from deq_attacks.evaluation.distributed import Shards
 from deq_attacks.gradients import estimate_from_spec
 from deq_attacks.models import mlp_deq
@@ -90,12 +88,12 @@ def test_scoring_applies_preprocessing_like_predict() -> None:
     for n in (1, 2, 4):
         with estimator.using(defense=Early(n)):
             expected = estimator.predict(x).argmax(1) == y
-        np.testing.assert_array_equal(scores["states"][:, n - 1], expected)
-    np.testing.assert_array_equal(scores["defense/final"], estimator.predict(x).argmax(1) == y)
+        np.testing.assert_array_equal(scores.states[:, n - 1], expected)
+    np.testing.assert_array_equal(scores.correct["final"], estimator.predict(x).argmax(1) == y)
     with estimator.using(defense=Ensemble()):
-        np.testing.assert_array_equal(scores["defense/ens"], estimator.predict(x).argmax(1) == y)
+        np.testing.assert_array_equal(scores.correct["ens"], estimator.predict(x).argmax(1) == y)
     accuracy, residual = per_state_accuracy(estimator, x, y, 7)
-    np.testing.assert_allclose(accuracy, scores["states"].mean(0))
+    np.testing.assert_allclose(accuracy, scores.states.mean(0))
     assert residual.shape == (4,) and (residual >= 0).all()
     # without the preprocessing the model would see other inputs (the old bug)
     plain = tiny_estimator(trained=True)
@@ -109,9 +107,10 @@ def test_sweep_records_every_candidate_and_picks_the_largest_drop() -> None:
                           "unrolled": {"n": "1,3", "k": "1,2", "lam": "1.0"}})  # fmt: skip
     defenses = {"final": Final(), "early": Early(2)}
     said: list[str] = []
-    chosen, entries, plan = run_sweep(
+    sweep = run_sweep(
         estimator, config, x, y, THREAT, defenses, "early", Shards(), progress=said.append
     )
+    chosen, entries, plan = sweep.chosen, sweep.entries, sweep.plan
     assert [p["family"] for p in plan] == ["adjoint", "unrolled"] and all(p["runs"] for p in plan)
     # every candidate reports as it finishes, with its count and early-state accuracy
     assert len(said) == 12 and said[0].startswith("sweep 1/12 Adjoint(")
@@ -123,7 +122,7 @@ def test_sweep_records_every_candidate_and_picks_the_largest_drop() -> None:
     rerun = run_sweep(estimator, config, x, y, THREAT, defenses, "early", Shards(),
                       done=stored, progress=again.append)  # fmt: skip
     assert [m.endswith("(stored)") for m in again] == [True] * 5 + [False] * 7
-    assert [e["estimate"] for e in rerun[1]] == [e["estimate"] for e in entries]
+    assert [e["estimate"] for e in rerun.entries] == [e["estimate"] for e in entries]
     assert plan[0]["grid"] == {"n": "all", "beta": "0.5,1.0"}
     assert len(entries) == 4 * 2 + 2 * 2
     for family in ("adjoint", "unrolled"):
@@ -152,15 +151,9 @@ def test_columns_are_data_and_extra_estimates_add_columns() -> None:
 
 
 def test_an_estimate_of_the_defended_computation_runs_once_per_defense() -> None:
-    defenses = {"final": Final(), "early": Early(2)}
-    shared = runs_of(Column("p PGD", FixedStepPGD(), Phantom()), defenses)
-    assert shared == {"shared/p PGD": defenses}
-    bptt = Column("bptt PGD", FixedStepPGD(), BackpropThroughSolver())
-    assert runs_of(bptt, defenses) == {
-        "final/bptt PGD": {"final": Final()},
-        "early/bptt PGD": {"early": Early(2)},
-    }
     assert BackpropThroughSolver().depends_on_defense and not Phantom().depends_on_defense
+    assert FixedStepPGD.shared  # one run scores every defense; its column does too ...
+    assert not protocol_columns({"bptt": BackpropThroughSolver()}, TINY)[0].shared  # ... not this
 
 
 def run_tiny(path: Path | None, config: EvaluationConfig = TINY, **kwargs):
@@ -247,8 +240,7 @@ def test_resume_reuses_per_sample_results_and_checks_the_fingerprint(
 
 def forbid_computation(monkeypatch, fail) -> None:
     """Make every attack run, forward scoring and measurement of the protocol call ``fail``."""
-    for module in ("context", "shared_runs"):
-        monkeypatch.setattr(f"deq_attacks.evaluation.{module}.map_blocks", fail)
+    monkeypatch.setattr("deq_attacks.evaluation.distributed.BlockMap.mine", fail)  # every block
     for name in ("batch_outputs", "gradient_health", "exact_backward", "spectral_radii",
                  "alignment"):  # fmt: skip
         monkeypatch.setattr(f"deq_attacks.evaluation.measurements.{name}", fail)
@@ -268,15 +260,15 @@ def test_cli_evaluate_on_a_checkpoint(tmp_path: Path, capsys) -> None:
     from deq_attacks.cli import main
 
     weights = save_weights(tiny_estimator(trained=True).deq, tmp_path / "w.safetensors")
-    common = ["evaluate", "--model", "mlp_deq", "--model-arg", "in_features=64",
-              "--model-arg", "num_classes=10", "--model-arg", "hidden=16"]  # fmt: skip
-    tiny = ["--threshold", "3", "--n-dev", "8", "--n-test", "8", "--steps", "1",
+    common = ["evaluate", "--model.name", "mlp_deq", "--model.args.in_features", "64",
+              "--model.args.num_classes", "10", "--model.args.hidden", "16"]  # fmt: skip
+    tiny = ["--model.forward_threshold", "3", "--n-dev", "8", "--n-test", "8", "--steps", "1",
             "--attacks", "pgd,autoattack:iterations=1,queries=3,target_classes=2,square:queries=3",
             "--long_steps", "2", "--batch_size", "8",
             "--diagnostic_samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
             "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",
             "--eps", "0.1", "--step", "0.05", "--mode", "table"]  # fmt: skip
-    code = main([*common, "--checkpoint", str(weights), *tiny, "--out-dir", str(tmp_path)])
+    code = main([*common, "--model.checkpoint", str(weights), *tiny, "--out-dir", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
     assert "White-box robustness (paper" in out and "## Diagnostics" in out
@@ -285,7 +277,7 @@ def test_cli_evaluate_on_a_checkpoint(tmp_path: Path, capsys) -> None:
     assert saved["settings"]["config"]["sweep"]["grids"]["adjoint"] == {"n": "1", "beta": "1.0"}
     assert [p["family"] for p in saved["settings"]["sweep_plan"]] == ["adjoint", "unrolled"]
     assert saved["settings"]["fingerprint"]["description"]["model"] == "mlp_deq"
-    assert main(["evaluate", "--model", "no_such_model", "--out-dir", str(tmp_path)]) == 2
+    assert main(["evaluate", "--model.name", "no_such_model", "--out-dir", str(tmp_path)]) == 2
     assert "unknown model" in capsys.readouterr().err
     assert main([*common, "--n-test", "100000", "--out-dir", str(tmp_path)]) == 2
     assert "held-out images" in capsys.readouterr().err

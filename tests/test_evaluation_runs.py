@@ -40,9 +40,10 @@ CHEAP = dataclasses.replace(
 def cli_args(weights: Path, out_dir: Path) -> list[str]:
     """A tiny ``deq-attacks evaluate`` of the tiny MLP DEQ (16 test images, blocks of 8)."""
     return [
-        "evaluate", "--model", "mlp_deq", "--model-arg", "in_features=64",
-        "--model-arg", "num_classes=10", "--model-arg", "hidden=16", "--threshold", "4",
-        "--checkpoint", str(weights), "--n-dev", "8", "--n-test", "16", "--steps", "2",
+        "evaluate", "--model.name", "mlp_deq", "--model.args.in_features", "64",
+        "--model.args.num_classes", "10", "--model.args.hidden", "16",
+        "--model.forward_threshold", "4", "--model.checkpoint", str(weights),
+        "--n-dev", "8", "--n-test", "16", "--steps", "2",
         "--attacks", "pgd,autoattack:iterations=2,queries=10,target_classes=2,square:queries=20",
         "--long_steps", "3", "--batch_size", "8",
         "--diagnostic_samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
@@ -57,8 +58,7 @@ def forbid_computation(monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("a finished step was recomputed")
 
-    for module in ("context", "shared_runs"):
-        monkeypatch.setattr(f"deq_attacks.evaluation.{module}.map_blocks", fail)
+    monkeypatch.setattr("deq_attacks.evaluation.distributed.BlockMap.mine", fail)  # every block
     for name in ("batch_outputs", "gradient_health", "exact_backward", "spectral_radii",
                  "alignment"):  # fmt: skip
         monkeypatch.setattr(f"deq_attacks.evaluation.measurements.{name}", fail)
@@ -171,7 +171,7 @@ def test_unconverged_forwards_warn_once_per_run_with_a_count() -> None:
     found = [w for w in caught if issubclass(w.category, NotConvergedWarning)]
     assert len(found) == 1 and "call site(s)" in str(found[0].message)  # the run's summary
     records = {r["site"]: r for r in report.convergence}
-    attack_site = next(s for s in records if "attacks/defended.py:" in s)
+    attack_site = next(s for s in records if "adversarial/defended.py:" in s)
     record = records[attack_site]
     assert record["calls"] > 10 and 0 < record["unconverged_calls"] <= record["calls"]
     assert record["samples_above"] > 0

@@ -11,7 +11,7 @@ import pytest
 from deq_attacks.evaluation import held_out_data
 from deq_attacks.evaluation.presets import PRESETS, evaluation_preset
 from deq_attacks.evaluation.settings import EvaluationConfig
-from deq_attacks.evaluation.splits import (
+from deq_attacks.splits import (
     DIGITS_TRAIN_POOL,
     TRAIN_FRACTION,
     choose_split,
@@ -59,12 +59,10 @@ def test_a_file_without_a_test_split_defaults_to_the_part_training_holds_out(
 def test_the_default_test_split_is_disjoint_from_what_training_loads(tmp_path: Path) -> None:
     """Against the training data loader itself: no evaluated image is a training image."""
     from deq_attacks.training.config import TrainConfig
-    from deq_attacks.training.data_loading import DIGITS_TRAIN_POOL as TRAINING_DIGITS
     from deq_attacks.training.data_loading import load_training_data
 
-    assert TRAINING_DIGITS == DIGITS_TRAIN_POOL
     path = _arrays_file(tmp_path / "single.npz", 60)
-    training = load_training_data(TrainConfig(data=str(path), dev_size=5))
+    training = load_training_data(TrainConfig().updated(source=str(path), dev_size=5))
     seen = {bytes(x.numpy().tobytes()) for x, _ in training.train}
     seen |= {bytes(x.numpy().tobytes()) for x in training.dev_x}
     split = choose_split(evaluation_pool(str(path)), n_dev=5, n_test=7)

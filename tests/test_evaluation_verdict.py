@@ -161,8 +161,10 @@ def _sweep(mode: SweepMode, eps: float, grid: dict[str, dict[str, str]]):
 def test_the_race_picks_the_grids_clear_winner_for_less_work() -> None:
     grid = {"adjoint": {"n": "1,3", "beta": "0.01,0.03,0.1,1.0"},
             "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}  # fmt: skip
-    (chosen_grid, entries_grid, _), work_grid = _sweep(SweepMode.GRID, 0.2, grid)
-    (chosen_race, entries_race, _), work_race = _sweep(SweepMode.RACING, 0.2, grid)
+    grid_sweep, work_grid = _sweep(SweepMode.GRID, 0.2, grid)
+    race_sweep, work_race = _sweep(SweepMode.RACING, 0.2, grid)
+    chosen_grid, entries_grid = grid_sweep.chosen, grid_sweep.entries
+    chosen_race, entries_race = race_sweep.chosen, race_sweep.entries
     adjoint = sorted(e["accuracy"]["early"] for e in entries_grid if e["family"] == "adjoint")
     assert adjoint[0] + 0.05 < adjoint[1]  # the premise: one candidate is clearly strongest
     assert chosen_race == chosen_grid
@@ -178,7 +180,7 @@ def test_the_race_picks_the_grids_clear_winner_for_less_work() -> None:
 def test_the_race_stops_at_the_floor() -> None:
     grid = {"unrolled": {"n": "1,2,3,4", "k": "1", "lam": "1.0"},
             "adjoint": {"n": "1,2", "beta": "1.0"}}  # fmt: skip
-    (chosen, entries, _), _work = _sweep(SweepMode.RACING, 1.0, grid)
+    entries = _sweep(SweepMode.RACING, 1.0, grid)[0].entries
     for family in ("unrolled", "adjoint"):
         raced = [e for e in entries if e["family"] == family]
         assert len(raced) == 1 and raced[0]["chosen"]  # the first candidate is at 0%

@@ -45,7 +45,7 @@ def test_help_imports_no_torch(argv: list[str]) -> None:
             "--long_steps LONG_STEPS, --long-steps LONG_STEPS PGD steps of the more-steps check "
             "(more than steps)." in text
         )
-        assert "--mode {TABLE,CASCADE,VERDICT}" in text and "--model_arg KEY=VALUE" in text
+        assert "--mode {TABLE,CASCADE,VERDICT}" in text and "--model.args ARGS" in text
         assert "--sweep_mode {GRID,RACING}" in text and "--dry_run" in text
 
 

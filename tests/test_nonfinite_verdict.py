@@ -11,10 +11,10 @@ import torch
 from evaluation_fixtures import TINY, splits, tiny_estimator
 from torch import Tensor, nn
 
+from deq_attacks.adversarial.defended import NonFiniteAsWrong
 from deq_attacks.deq.readout import Final
 from deq_attacks.evaluation import Mode, evaluate_model, markdown_report, score_readouts
 from deq_attacks.evaluation.attacks import DefendedModel
-from deq_attacks.evaluation.attacks.defended import NonFiniteAsWrong
 from deq_attacks.evaluation.scoring import correct
 
 
@@ -48,10 +48,10 @@ def test_scoring_counts_nan_logits_as_wrong_for_defenses_and_states() -> None:
     estimator = nan_away_estimator()
     (x, y), _ = splits()
     clean = score_readouts(estimator, x, y, {"final": Final()}, 8)
-    assert clean["finite/final"].all() and clean["defense/final"].mean() > 0.5
+    assert clean.finite["final"].all() and clean.accuracy("final") > 0.5
     scores = score_readouts(estimator, np.clip(x + 0.01, 0, 1), y, {"final": Final()}, 8)
-    assert not scores["finite/final"].any()
-    assert not scores["defense/final"].any() and not scores["states"].any()
+    assert not scores.finite["final"].any()
+    assert not scores.correct["final"].any() and not np.asarray(scores.states).any()
     assert (y == 0).any()  # class-0 samples exist: argmax alone would call them correct
 
 

@@ -224,26 +224,29 @@ def test_bad_options_fail_before_work(tmp_path: Path) -> None:
 
 
 def test_setting_changes_reach_the_configs_and_the_cache_key(tmp_path: Path) -> None:
-    setup = setup_for(tmp_path, tmp_path, "x", "--train.epochs", "3",
-                      "--train.jac_weight", "0", "--eval.eps", "0.2")  # fmt: skip
+    setup = setup_for(tmp_path, tmp_path, "x", "--train.optimiser.epochs", "3",
+                      "--train.optimiser.jac_weight", "0", "--eval.eps", "0.2")  # fmt: skip
     assert setup.train_settings == {"epochs": 3, "jac_weight": 0.0}  # only what was given
     assert setup.eval_settings == {"eps": 0.2}
     config = common.train_config(setup, "exact")
-    assert (config.epochs, config.jac_weight) == (3, 0.0)
+    assert (config.optimiser.epochs, config.optimiser.jac_weight) == (3, 0.0)
     # the same settings from a config file; an option after it wins
     settings = tmp_path / "settings.yaml"
-    settings.write_text("train:\n  epochs: 3\n  gradient: phantom\neval:\n  eps: 0.3\n")
+    settings.write_text(
+        "train:\n  optimiser:\n    epochs: 3\n  model:\n    training_gradient: phantom\n"
+        "eval:\n  eps: 0.3\n"
+    )
     from_file = setup_for(tmp_path, tmp_path, "x", "--config", str(settings), "--eval.eps", "0.2")
-    assert from_file.train_settings == {"epochs": 3, "gradient": Gradient.PHANTOM}
+    assert from_file.train_settings == {"epochs": 3, "training_gradient": Gradient.PHANTOM}
     assert from_file.eval_settings == {"eps": 0.2}
     # the script's own variable (Table 11's weight) wins over the user's setting
-    assert common.train_config(setup, "exact", jac_weight=1.2).jac_weight == 1.2
+    assert common.train_config(setup, "exact", jac_weight=1.2).optimiser.jac_weight == 1.2
     assert common.eval_config(setup).eps == 0.2
     assert common.eval_config(setup, eps=0.3).eps == 0.3
     plain = common.train_config(setup_for(tmp_path, tmp_path, "x"), "exact")
     assert plain.fingerprint() != config.fingerprint()
-    with pytest.raises(SystemExit, match="unrecognized arguments: --train.epoch 3"):
-        setup_for(tmp_path, tmp_path, "x", "--train.epoch", "3")
+    with pytest.raises(SystemExit, match="unrecognized arguments: --train.optimiser.epoch 3"):
+        setup_for(tmp_path, tmp_path, "x", "--train.optimiser.epoch", "3")
     with pytest.raises(SystemExit, match='key "eval.eps".*Got value: big'):
         setup_for(tmp_path, tmp_path, "x", "--eval.eps", "big")
     with pytest.raises(SystemExit, match=r"--eval.\*: eps must be in \(0, 1\]"):

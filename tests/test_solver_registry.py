@@ -166,13 +166,13 @@ def test_a_solver_added_from_a_test_file_trains_a_deq(
     )
     result = run_training(config, tmp_path, log=lambda _: None)
     assert isinstance(result.model, DEQ)
-    assert result.model.solver == HalvingIteration(threshold=4, tol=config.solver_tol)
+    assert result.model.solver == HalvingIteration(threshold=4, tol=config.model.solver_tol)
     backward = result.model.training_gradient.backward_solver  # type: ignore[attr-defined]
-    assert backward == HalvingIteration(3, config.solver_tol, stop_mode=StopMode.ABS)
+    assert backward == HalvingIteration(3, config.model.solver_tol, stop_mode=StopMode.ABS)
     assert {3, 4} <= set(thresholds)  # forward and backward solves ran during training
     assert result.state.epochs_done == 1
     recorded = json.loads((tmp_path / "config.json").read_text())
-    assert (recorded["forward_solver"], recorded["backward_solver"]) == (
+    assert (recorded["model"]["forward_solver"], recorded["model"]["backward_solver"]) == (
         "test_halving",
         "test_halving:stop_mode=abs",
     )

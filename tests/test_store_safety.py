@@ -108,9 +108,10 @@ def test_a_second_evaluate_on_one_out_dir_is_refused_while_the_first_holds_it(
 
 def cli_args(weights: Path, out_dir: Path) -> list[str]:
     return [
-        "evaluate", "--model", "mlp_deq", "--model-arg", "in_features=64",
-        "--model-arg", "num_classes=10", "--model-arg", "hidden=16", "--threshold", "4",
-        "--checkpoint", str(weights), "--n-dev", "8", "--n-test", "8", "--steps", "2",
+        "evaluate", "--model.name", "mlp_deq", "--model.args.in_features", "64",
+        "--model.args.num_classes", "10", "--model.args.hidden", "16",
+        "--model.forward_threshold", "4", "--model.checkpoint", str(weights),
+        "--n-dev", "8", "--n-test", "8", "--steps", "2",
         "--attacks", "pgd", "--bptt", "false", "--long-steps", "3", "--batch-size", "4",
         "--diagnostic-samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
         "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",

@@ -14,6 +14,7 @@ from attack_fixtures import assert_valid_adversarial, l2_distance
 from evaluation_fixtures import TINY, splits, tiny_estimator
 
 from deq_attacks import Exact, Phantom, Unrolled
+from deq_attacks.adversarial.pgd import l2_step, random_start
 from deq_attacks.evaluation import (
     EvaluationConfig,
     SampleSeeds,
@@ -34,10 +35,9 @@ from deq_attacks.evaluation.attacks import (
     StandardAutoAttack,
     run_standard_autoattack,
 )
-from deq_attacks.evaluation.attacks.pgd import l2_step, random_start
 from deq_attacks.evaluation.presets import evaluation_preset
 from deq_attacks.evaluation.threat import AutoAttackSettings
-from deq_attacks.training.adversary import art_classifier, pgd_attack
+from deq_attacks.training.adversary import Budget, art_classifier, pgd_attack
 from deq_attacks.training.config import TrainConfig
 
 L2 = ThreatModel(eps=0.8, step=0.3, steps=3, norm="L2")
@@ -139,11 +139,11 @@ def test_norm_is_validated_and_sets_the_budget_range() -> None:
 
 def test_training_adversary_runs_under_l2() -> None:
     with pytest.raises(ValueError, match="norm must be Linf or L2"):
-        TrainConfig(norm="L1")
-    assert TrainConfig(norm="L2", eps=0.5, step=0.125).norm == "L2"
+        TrainConfig().updated(norm="L1")
+    assert TrainConfig().updated(norm="L2", eps=0.5, step=0.125).threat.norm == "L2"
     estimator = tiny_estimator(trained=True)
     classifier = art_classifier(estimator.deq, (1, 8, 8), 10, torch.device("cpu"))
-    attack = pgd_attack(classifier, 0.5, 0.125, 2, True, 8, norm="L2")
+    attack = pgd_attack(classifier, Budget(0.5, 0.125, 2, True, "L2"), 8)
     assert attack.norm == 2
 
 
@@ -160,8 +160,12 @@ def test_protocol_runs_end_to_end_under_l2_and_says_so() -> None:
     text = markdown_report(report, "L2")
     threat_line = next(line for line in text.splitlines() if line.startswith("- Threat model"))
     assert "L2, eps 0.5" in threat_line and "L-inf" not in threat_line
-    linf = evaluate_model(estimator, test, dev, dataclasses.replace(config, norm="Linf", eps=0.1,
-                                                                    step=0.05, large_eps=0.5))
+    linf = evaluate_model(
+        estimator,
+        test,
+        dev,
+        dataclasses.replace(config, norm="Linf", eps=0.1, step=0.05, large_eps=0.5),
+    )
     assert linf.settings["threat"]["norm"] == "Linf"
     # the norm came later: at its default it is left out of the store's fingerprint, so that
     # stores written before it resume; L2 is another run
@@ -180,7 +184,10 @@ def test_benchmark_runs_under_l2() -> None:
     )  # fmt: skip
     config = result.report.settings["config"]
     assert (config["norm"], config["eps"], config["step"], config["large_eps"]) == (
-        "L2", 0.5, 0.125, 8.0
+        "L2",
+        0.5,
+        0.125,
+        8.0,
     )
     assert result.robust_accuracy <= result.clean_accuracy
     with pytest.raises(ValueError, match="its threat_model argument"):

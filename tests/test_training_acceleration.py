@@ -5,7 +5,6 @@ CUDA-only options are refused off CUDA before any work."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -149,10 +148,10 @@ def test_a_compiled_training_run_matches_the_eager_one(tmp_path: Path) -> None:
     (aot_eager) end within float tolerance of the eager run, and keep its checkpoint layout."""
     torch._dynamo.reset()
     config = tiny_preset(
-        "deq_large_exact_8_7", epochs=2, pretrain_steps=2, width=8, crop_padding=0
+        "deq_large_exact_8_7", epochs=2, pretrain_steps=2, args={"channels": 8}, crop_padding=0
     )
     eager = run_training(config, tmp_path / "eager", log=lambda _: None)
-    fast = dataclasses.replace(config, compile=True, compile_backend="aot_eager")
+    fast = config.updated(compile=True, compile_backend="aot_eager")
     compiled = run_training(fast, tmp_path / "compiled", log=lambda _: None)
     assert compiled.state.history[1]["jacobian_penalty"] is not None
     for a, b in zip(eager.state.history, compiled.state.history, strict=True):

@@ -68,9 +68,7 @@ def estimates_used(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     return seen
 
 
-def test_madry_pgd_trainer_trains_a_deq_with_the_selected_estimate(
-    digits, estimates_used
-) -> None:
+def test_madry_pgd_trainer_trains_a_deq_with_the_selected_estimate(digits, estimates_used) -> None:
     x, y = digits
     estimator = _estimator()
     before = _clean_loss(estimator, x, y)

@@ -4,7 +4,6 @@ fingerprint>``), found again at once by a second caller, the model back with its
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -19,17 +18,17 @@ def test_a_second_caller_finds_the_run_and_gets_the_best_weights(tmp_path: Path)
     config = tiny_preset("cpu_unrolling")
     first = train_cached(config, tmp_path, "unrolling", log=lambda text: None)
     assert first.run_dir == tmp_path / f"unrolling-{config.fingerprint()}"
-    assert first.state.epochs_done == config.epochs
+    assert first.state.epochs_done == config.optimiser.epochs
     best = read_checkpoint(first.run_dir / "best.safetensors").state
     assert not first.model.training
     assert all(torch.equal(v, best[k]) for k, v in first.model.state_dict().items())
     lines: list[str] = []
     # a run-only setting (threads) computes the same run: the same folder, nothing trained
-    same = dataclasses.replace(config, threads=2)
+    same = config.updated(threads=2)
     again = train_cached(same, tmp_path, "unrolling", lines.append)
     assert again.run_dir == first.run_dir
     assert [p.name for p in tmp_path.iterdir()] == [first.run_dir.name]
-    assert lines[-1] == f"{first.run_dir}: all {config.epochs} epochs are done"
+    assert lines[-1] == f"{first.run_dir}: all {config.optimiser.epochs} epochs are done"
     assert not any(line.startswith("training ") for line in lines)
     with torch.no_grad():
         next(again.model.parameters()).add_(1.0)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from deq_attacks.records import to_jsonable
 from deq_attacks.training import run_training
-from deq_attacks.training.build import build_model
+from deq_attacks.training.build import training_model
 from tests.training_fixtures import tiny_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     # random numbers); GroupNorm and per-sample Broyden keep samples independent.
     config = tiny_preset(
         "deq_large_exact_8_7",
-        width=8,
+        args={"channels": 8},
         train_limit=48,
         batch_size=16,
         epochs=2,
@@ -67,8 +67,8 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     assert "2 process(es)" in proc.stdout
 
     one = run_training(config, tmp_path / "one", log=lambda _: None)
-    torch.manual_seed(config.seed)  # the initial weights every rank starts from
-    one_init = build_model(config, (1, 8, 8), 10).state_dict()
+    torch.manual_seed(config.execution.seed)  # the initial weights every rank starts from
+    one_init = training_model(config, (1, 8, 8), 10).state_dict()
     two_state = json.loads((tmp_path / "two" / "state.json").read_text())
     assert two_state["global_step"] == one.state.global_step == 6
     # the training loss is averaged over both ranks: the global batch's mean

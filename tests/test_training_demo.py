@@ -17,16 +17,17 @@ from deq_attacks.training.config import Device
 
 def test_demo_resolves_the_preset_with_its_shared_settings() -> None:
     _, _, config, evaluation = demo.resolve(
-        ["--eps", "0.2", "--steps", "5", "--seed", "3", "--train.epochs", "4"]
+        ["--eps", "0.2", "--steps", "5", "--seed", "3", "--train.optimiser.epochs", "4"]
     )
     expected = preset("demo")
-    assert (config.eps, config.steps, config.seed, config.epochs) == (0.2, 5, 3, 4)
-    assert (config.step, config.device, config.threads) == (0.025, Device.CPU, 1)
+    t, e = config.threat, config.execution
+    assert (t.eps, t.steps, e.seed, config.optimiser.epochs) == (0.2, 5, 3, 4)
+    assert (t.step, e.device, e.threads) == (0.025, Device.CPU, 1)
     assert config.differences(expected) == [
-        "epochs: 4 -> 8",
-        "eps: 0.2 -> 0.1",
-        "steps: 5 -> 10",
-        "seed: 3 -> 0",
+        "threat.eps: 0.2 -> 0.1",
+        "threat.steps: 5 -> 10",
+        "optimiser.epochs: 4 -> 8",
+        "execution.seed: 3 -> 0",
     ]
     # the evaluation: the digits preset with the demo's sweep, the full table and the grid
     # sweep (the README's table), the shared options applied
@@ -37,10 +38,19 @@ def test_demo_resolves_the_preset_with_its_shared_settings() -> None:
     assert evaluation == dataclasses.replace(digits, eps=0.2, steps=5, seed=3)
     # the nested form wins over a shortcut; --sweep adds to the demo's grid
     _, _, config, evaluation = demo.resolve(
-        ["--eps", "0.2", "--eval.eps", "0.3", "--sweep", "adjoint.beta=1.0",
-         "--preset", "cpu_exact"]  # fmt: skip
+        [
+            "--eps",
+            "0.2",
+            "--eval.eps",
+            "0.3",
+            "--sweep",
+            "adjoint.beta=1.0",
+            "--preset",
+            "cpu_exact",
+        ]  # fmt: skip
     )
-    assert (config.eps, evaluation.eps, config.width) == (0.2, 0.3, preset("cpu_exact").width)
+    assert (config.threat.eps, evaluation.eps) == (0.2, 0.3)
+    assert config.model == preset("cpu_exact").model
     assert evaluation.sweep == SweepConfig(
         {"unrolled": {"k": "1,5", "lam": "1.0"}, "adjoint": {"beta": "1.0"}}
     )
@@ -50,14 +60,17 @@ def test_demo_resolves_the_preset_with_its_shared_settings() -> None:
     ("argv", "message"),
     [
         (["--train.bogus", "1"], "unrecognized arguments: --train.bogus 1"),
-        (["--train.epochs", "many"], 'key "train.epochs"'),
-        (["--train.dev_size", "5000"], "dev_size=5000 is not below the 1200 images"),
-        (["--train.model", "nowhere.models:deq", "--train.width", "null",
-          "--train.dropout", "null"], "cannot import 'nowhere.models'"),  # fmt: skip
+        (["--train.optimiser.epochs", "many"], 'key "train.optimiser.epochs"'),
+        (["--train.epochs", "4"], "--train.epochs is now --train.optimiser.epochs"),
+        (["--train.data.dev_size", "5000"], "dev_size=5000 is not below the 1200 images"),
+        (
+            ["--train.model.name", "nowhere.models:deq", "--train.model.args", "{}"],
+            "cannot import 'nowhere.models'",
+        ),  # fmt: skip
         (["--preset", "nope"], "unknown preset 'nope'"),
         (["--n-test", "1000"], "only 597 held-out images for --n_dev 100 + --n_test 1000"),
-        (["--data", "missing.npz"], "no held-out split"),
-        (["--train.bf16", "true"], "bf16 autocast is for CUDA only"),
+        (["--data", "missing.npz"], "not 'digits', 'cifar10:ROOT' or an arrays file"),
+        (["--train.execution.bf16", "true"], "bf16 autocast is for CUDA only"),
         (["--eval.steps", "0"], "steps must be an int >= 1, got 0"),
         (["--eps", "2"], "eps must be in (0, 1]"),
     ],

@@ -5,7 +5,6 @@ through an Early/Ensemble readout."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,13 +18,13 @@ from torch import nn
 from deq_attacks.deq import Early, Ensemble, JacobianRegularization
 from deq_attacks.deq.dropout import reset_variational_dropout
 from deq_attacks.models import small_conv_deq
+from deq_attacks.splits import training_split
 from deq_attacks.training import loop as loop_module
 from deq_attacks.training import monitor as monitor_module
 from deq_attacks.training import run_training
 from deq_attacks.training.build import JacobianSchedule, jacobian_schedule, unrolled_logits
 from deq_attacks.training.data_loading import (
     GlobalBatchSampler,
-    _split_indices,
     epoch_loader,
     load_training_data,
 )
@@ -50,7 +49,7 @@ def test_code_paths_cover_every_paper_preset() -> None:
     for name in PAPER_PRESETS:
         config = tiny_preset(name)
         keys = [{d.split(":")[0] for d in tiny_preset(p).differences(config)} for p in CODE_PATHS]
-        assert any(k <= {"forward_threshold", "backward_threshold"} for k in keys), name
+        assert any(k <= {"model.forward_threshold", "model.backward_threshold"} for k in keys), name
 
 
 @pytest.mark.parametrize("name", CODE_PATHS)
@@ -65,7 +64,7 @@ def test_one_short_epoch_of_each_paper_preset(name: str, tmp_path: Path) -> None
     assert record["samples_per_s"] > 0
     if config.is_deq:
         residuals = record["dev_residuals"]
-        assert len(residuals) == config.forward_threshold
+        assert len(residuals) == config.model.forward_threshold
         assert all(math.isfinite(r) and r >= 0 for r in residuals)
         assert record["dev_spectral_radius"] > 0
     else:
@@ -136,16 +135,16 @@ def test_jacobian_schedule_counts_deq_mode_steps_from_the_global_step() -> None:
 
 def test_dev_pgd_has_a_random_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple] = []
-    original = monitor_module.pgd_attack
+    original = monitor_module.make_adversary
 
     def spy(*args, **kwargs):
         calls.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(monitor_module, "pgd_attack", spy)
+    monkeypatch.setattr(monitor_module, "make_adversary", spy)
     config = tiny_preset("deq_large_unrolling", random_start=False)  # training PGD without one
     run_training(config, tmp_path, log=lambda _: None)
-    assert calls and all(args[4] is True for args in calls)  # random_start of the dev PGD
+    assert calls and all(args[2].random_start is True for args in calls)  # the dev PGD's
 
 
 def test_unrolled_pretraining_network_is_f_applied_depth_times() -> None:
@@ -220,12 +219,12 @@ def test_arrays_file_split_and_augmentation(shared_dir: Path) -> None:
     """A CIFAR-10 arrays file: x_train only is read, 100 dev images held out of it (disjoint
     from the training images), RandomCrop(32, padding=4) + flip applied per item."""
     path = shared_dir / "data" / "cifar10_subset.npz"
-    config = tiny_preset("deq_large_unrolling", data=str(path), dev_size=100, train_limit=None)
-    config = dataclasses.replace(config, crop_padding=4, flip=True)
+    config = tiny_preset("deq_large_unrolling", source=str(path), dev_size=100, train_limit=None)
+    config = config.updated(crop_padding=4, flip=True)
     data = load_training_data(config)
     assert data.image_shape == (3, 32, 32) and data.num_classes == 10
     assert len(data) == 4660 - 100 and len(data.dev_y) == 100
-    train_idx, dev_idx = _split_indices(4660, 100, None)
+    train_idx, dev_idx = training_split(4660, 100, None)
     assert not set(train_idx.tolist()) & set(dev_idx.tolist())
     raw = torch.from_numpy(np.load(path)["x_train"][train_idx[:20]]).float() / 255
     torch.manual_seed(0)
@@ -236,7 +235,7 @@ def test_arrays_file_split_and_augmentation(shared_dir: Path) -> None:
 
 
 def test_missing_cifar10_is_a_clear_error(tmp_path: Path) -> None:
-    config = tiny_preset("deq_large_unrolling", data="cifar10", data_root=tmp_path)
+    config = tiny_preset("deq_large_unrolling", source="cifar10", data_root=tmp_path)
     with pytest.raises(FileNotFoundError, match="--download true"):
         load_training_data(config)
 
@@ -264,11 +263,11 @@ def test_cifar10_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
 
     config = tiny_preset(
-        "deq_large_exact_8_7", data="cifar10", data_root=tmp_path, dev_size=50, train_limit=None
+        "deq_large_exact_8_7", source="cifar10", data_root=tmp_path, dev_size=50, train_limit=None
     )
     data = load_training_data(config)
     assert (len(data), len(data.dev_y), data.image_shape) == (150, 50, (3, 32, 32))
-    _, dev_idx = _split_indices(200, 50, None)
+    _, dev_idx = training_split(200, 50, None)
     expected_dev = torch.from_numpy(images[dev_idx].reshape(50, 3, 32, 32)).float() / 255
     torch.testing.assert_close(data.dev_x, expected_dev, rtol=0, atol=1e-7)
     assert data.dev_y.tolist() == [labels[i] for i in dev_idx]

@@ -6,7 +6,6 @@ ValueError raised before any training step."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -17,15 +16,11 @@ from safetensors.torch import load_file
 
 from deq_attacks import Phantom
 from deq_attacks.data import ImageDataset, load_digits
+from deq_attacks.splits import DIGITS_TRAIN_POOL, held_out_data, training_split
 from deq_attacks.training import MEMORY_DATA, ConfigMismatchError, run_training
 from deq_attacks.training import loop as loop_module
-from deq_attacks.training.data_loading import (
-    DIGITS_TRAIN_POOL,
-    _split_indices,
-    held_out_split,
-    load_training_data,
-)
-from tests.training_fixtures import tiny_preset
+from deq_attacks.training.data_loading import load_training_data
+from tests.training_fixtures import entry_point, tiny_preset
 
 
 def _config(**changes):
@@ -46,7 +41,7 @@ def test_arrays_in_memory_train_exactly_as_the_named_data(tmp_path: Path) -> Non
     (x, y) gives the run that ``data="digits"`` gives: same weights, losses, dev results."""
     named = run_training(_config(), tmp_path / "named", log=lambda _: None)
     pool = load_digits().split(DIGITS_TRAIN_POOL)[0]
-    memory = dataclasses.replace(_config(), data=MEMORY_DATA)
+    memory = _config(source=MEMORY_DATA)
     runs = {
         "dataset": pool,
         "numpy": (pool.x, pool.y),
@@ -82,16 +77,15 @@ def test_training_learns_and_the_adversaries_use_the_training_gradient(
 
     monkeypatch.setattr(Phantom, "injection_gradient", spy)
     x, y = load_digits().split(400)[0].x, load_digits().split(400)[0].y
-    config = dataclasses.replace(
-        _config(),
-        data=MEMORY_DATA,
+    config = _config(
+        source=MEMORY_DATA,
         train_limit=None,
         dev_size=80,
         batch_size=32,
         epochs=3,
         pretrain_steps=20,  # 2 clean epochs of 10 steps, then one PGD-AT epoch
         lr=1e-2,
-        width=8,
+        args={"channels": 8},
     )
     result = run_training(config, tmp_path, log=lambda _: None, data=(x, y))
     history = result.state.history
@@ -102,7 +96,7 @@ def test_training_learns_and_the_adversaries_use_the_training_gradient(
 
 
 def test_a_run_folder_refuses_other_data(tmp_path: Path) -> None:
-    memory = dataclasses.replace(_config(epochs=1), data=MEMORY_DATA)
+    memory = _config(epochs=1, source=MEMORY_DATA)
     pool = load_digits().split(DIGITS_TRAIN_POOL)[0]
     run_training(memory, tmp_path, log=lambda _: None, data=pool)
     other = pool.subset(np.arange(len(pool))[::-1])  # the same images in another order
@@ -124,13 +118,13 @@ def test_clear_errors_before_any_training(tmp_path: Path, monkeypatch: pytest.Mo
         raise AssertionError("a training step ran")
 
     monkeypatch.setattr(loop_module, "training_step", no_training)
-    memory = dataclasses.replace(_config(), data=MEMORY_DATA)
+    memory = _config(source=MEMORY_DATA)
     pool = load_digits().split(DIGITS_TRAIN_POOL)[0]
     _refuses(tmp_path, r"dev_size=1200 is not below the 1200 images", _config(dev_size=1200))
     _refuses(
         tmp_path,
         r"dev_size=50 is not below the 40 images",
-        dataclasses.replace(memory, dev_size=50),
+        memory.updated(dev_size=50),
         pool.subset(np.arange(40)),
     )
     few = _config(train_limit=16, batch_size=32)
@@ -138,15 +132,15 @@ def test_clear_errors_before_any_training(tmp_path: Path, monkeypatch: pytest.Mo
     _refuses(
         tmp_path,
         "cannot import 'no_such_package.models' for model 'no_such_package.models:deq'",
-        _config(model="no_such_package.models:deq", width=None),
+        entry_point(_config(), "no_such_package.models:deq"),
     )
     _refuses(
         tmp_path,
         "has no attribute 'missing'",
-        _config(model="tests.training_fixtures:missing", width=None),
+        entry_point(_config(), "tests.training_fixtures:missing"),
     )
     _refuses(tmp_path, "data='memory' trains on the arrays passed", memory)
-    _refuses(tmp_path, "used only with data='memory'", _config(), pool)
+    _refuses(tmp_path, "used only with data.source='memory'", _config(), pool)
     with pytest.raises(TypeError, match="x must be float32, got float64"):
         run_training(memory, tmp_path / "run", data=(pool.x.astype(np.float64), pool.y))
     with pytest.raises(TypeError, match="an ImageDataset or an \\(x, y\\) pair"):
@@ -156,35 +150,33 @@ def test_clear_errors_before_any_training(tmp_path: Path, monkeypatch: pytest.Mo
     small = ImageDataset(
         rng.random((40, 1, 6, 6), dtype=np.float32), rng.integers(0, 10, 40), "small"
     )
-    entry = dataclasses.replace(
-        memory, model="tests.training_fixtures:mlp_for_64_pixels", width=None
-    )
+    entry = entry_point(memory, "tests.training_fixtures:mlp_for_64_pixels")
     _refuses(tmp_path, r"does not take the images of small \(shape \(1, 6, 6\)\)", entry, small)
-    three = dataclasses.replace(entry, model="tests.training_fixtures:three_class_deq")
+    three = entry_point(entry, "tests.training_fixtures:three_class_deq")
     _refuses(tmp_path, r"returns \(2, 3\) .* expected logits \(2, 10\)", three, pool)
 
 
-def test_held_out_split_is_disjoint_from_the_training_pool(tmp_path: Path) -> None:
+def test_held_out_data_is_disjoint_from_the_training_pool(tmp_path: Path) -> None:
     """What the demo trains on (train + dev of the pool) and what it evaluates on (the
     held-out split) partition the data: the digits' first 1,200 and the rest; an arrays
     file's first 80% and last 20%, or its x_train and x_test."""
     digits = load_digits()
     config = _config(train_limit=None, dev_size=100)
     data = load_training_data(config)
-    train_idx, dev_idx = _split_indices(DIGITS_TRAIN_POOL, 100, None)
+    train_idx, dev_idx = training_split(DIGITS_TRAIN_POOL, 100, None)
     assert sorted([*train_idx, *dev_idx]) == list(range(DIGITS_TRAIN_POOL))
     assert torch.equal(data.dev_x, torch.from_numpy(digits.x[dev_idx]))
-    held = held_out_split("digits")
+    held = held_out_data("digits")
     assert np.array_equal(held.x, digits.x[DIGITS_TRAIN_POOL:])
     path = tmp_path / "arrays.npz"
     np.savez(path, x=digits.x[:50], y=digits.y[:50])
-    pool = load_training_data(_config(data=str(path), train_limit=None, dev_size=10))
+    pool = load_training_data(_config(source=str(path), train_limit=None, dev_size=10))
     assert len(pool) + len(pool.dev_y) == 40
-    assert np.array_equal(held_out_split(str(path)).x, digits.x[40:50])
+    assert np.array_equal(held_out_data(str(path)).x, digits.x[40:50])
     split = tmp_path / "split.npz"
     np.savez(split, x_train=digits.x[:30], y_train=digits.y[:30], x_test=digits.x[30:45],
              y_test=digits.y[30:45])  # fmt: skip
-    assert len(load_training_data(_config(data=str(split), train_limit=None, dev_size=10))) == 20
-    assert np.array_equal(held_out_split(str(split)).x, digits.x[30:45])
-    with pytest.raises(ValueError, match="no held-out split"):
-        held_out_split("cifar10")
+    assert len(load_training_data(_config(source=str(split), train_limit=None, dev_size=10))) == 20
+    assert np.array_equal(held_out_data(str(split)).x, digits.x[30:45])
+    with pytest.raises(FileNotFoundError, match="not 'digits', 'cifar10:ROOT' or an arrays"):
+        held_out_data("cifar10")

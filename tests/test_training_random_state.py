@@ -10,9 +10,8 @@ import torch
 
 from deq_attacks import Broyden, PhantomGradient
 from deq_attacks.models import mlp_deq
-from deq_attacks.training import run_training
+from deq_attacks.training import preset, run_training
 from deq_attacks.training.build import TrainingModule
-from deq_attacks.training.config import Gradient, TrainConfig
 from deq_attacks.training.loop import random_solve_steps
 from tests.training_fixtures import tiny_preset
 
@@ -61,7 +60,7 @@ def test_run_training_takes_the_loss_at_the_drawn_state(
     monkeypatch.setattr(TrainingModule, "forward", spy)
     config = tiny_preset("deq_large_unrolling", random_state=True, epochs=3, seed=5)
     run_training(config, tmp_path / "random", log=lambda _: None)
-    threshold = config.forward_threshold
+    threshold = config.model.forward_threshold
     # the DEQ-mode steps are global steps 1..5 (step 0 is the unrolled pretraining)
     assert seen == [random_solve_steps(5, step, threshold) for step in range(1, 6)]
     assert all(1 <= n <= threshold for n in seen)  # type: ignore[operator]
@@ -73,5 +72,4 @@ def test_run_training_takes_the_loss_at_the_drawn_state(
 
 def test_random_state_is_refused_for_a_network_that_is_not_a_deq() -> None:
     with pytest.raises(ValueError, match="random_state .* is DEQ-only"):
-        TrainConfig(model="resnet18", gradient=Gradient.AUTOGRAD, jac_weight=0.0,
-                    pretrain_steps=0, random_state=True)  # fmt: skip
+        preset("resnet18_pgd_at").updated(random_state=True)

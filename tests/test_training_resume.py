@@ -31,8 +31,7 @@ def _config():
     DEQ-mode step, stopped at epoch index 2) all draw on the saved RNG and counters."""
     return tiny_preset(
         "deq_large_exact_8_7",
-        width=8,
-        dropout=0.1,
+        args={"channels": 8, "dropout": 0.1},
         train_limit=100,
         dev_size=20,
         batch_size=10,
@@ -121,14 +120,14 @@ def test_changed_config_is_refused(tmp_path: Path, capsys) -> None:
     assert train_cli.main(["--config", str(config_file), "--out-dir", str(out)]) == 0
     capsys.readouterr()
     code = train_cli.main(
-        ["--config", str(config_file), "--out-dir", str(out), "--lr", "0.002", "--eps", "0.2"]
+        ["--config", str(config_file), "--out-dir", str(out), "--optimiser.lr", "0.002",
+         "--threat.eps", "0.2"]  # fmt: skip
     )
     err = capsys.readouterr().err
     assert code == 2
-    assert "lr: 0.001 -> 0.002" in err and "eps: 0.1 -> 0.2" in err
+    assert "optimiser.lr: 0.001 -> 0.002" in err and "threat.eps: 0.1 -> 0.2" in err
     # run-only settings may change: this reruns nothing (all epochs done) and succeeds
     threads = torch.get_num_threads()
-    assert (
-        train_cli.main(["--config", str(config_file), "--out-dir", str(out), "--threads", "2"]) == 0
-    )
+    argv = ["--config", str(config_file), "--out-dir", str(out), "--execution.threads", "2"]
+    assert train_cli.main(argv) == 0
     assert torch.get_num_threads() == threads  # the run's threads do not outlive it

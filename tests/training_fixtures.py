@@ -9,7 +9,7 @@ from torch import nn
 
 from deq_attacks.models import mlp_deq
 from deq_attacks.training import TrainConfig, preset
-from deq_attacks.training.config import Device, Gradient
+from deq_attacks.training.config import Device
 
 #: The paper presets (Table 7, 10 and the Table 4 baselines).
 PAPER_PRESETS = [
@@ -27,14 +27,15 @@ PAPER_PRESETS = [
 
 def tiny(config: TrainConfig, **changes: Any) -> TrainConfig:
     """``config``'s code path on a tiny model and a few digits: 16 training images, batch 8,
-    one pretraining step then PGD-2, one epoch, one CPU thread, no plot."""
-    model = {"resnet18": ("resnet18", 4), "wrn34_10": ("wrn34_10", 1)}.get(
-        config.model, ("small_conv_deq", 4)
+    one pretraining step then PGD-2, one epoch, one CPU thread, no plot. ``changes`` name
+    fields of any section (``TrainConfig.updated``)."""
+    name, width = {"resnet18": ("resnet18", 4), "wrn34_10": ("wrn34_10", 1)}.get(
+        config.model.name, ("small_conv_deq", 4)
     )
+    key = {"resnet18": "width", "wrn34_10": "widen"}.get(name, "channels")
     values: dict[str, Any] = dict(
-        model=model[0],
-        width=model[1],
-        data="digits",
+        model=dataclasses.replace(config.model, name=name, args={key: width}),
+        source="digits",
         train_limit=16,
         dev_size=8,
         batch_size=8,
@@ -50,10 +51,15 @@ def tiny(config: TrainConfig, **changes: Any) -> TrainConfig:
         num_workers=0,
         plots=False,
     )
-    if config.gradient is not Gradient.AUTOGRAD:
+    if config.is_deq:
         values["jac_frequency"] = 0.5
     values.update(changes)
-    return dataclasses.replace(config, **values)
+    return config.updated(**values)
+
+
+def entry_point(config: TrainConfig, name: str) -> TrainConfig:
+    """``config`` with the model built by the entry point ``name`` (no builder arguments)."""
+    return config.updated(model=dataclasses.replace(config.model, name=name, args={}))
 
 
 def tiny_preset(name: str, **changes: Any) -> TrainConfig:

@@ -23,9 +23,9 @@ from benchmarks.workloads import Settings
 from deq_attacks import DEQ, DEQEstimator
 from deq_attacks.cli.demo import evaluation_defaults
 from deq_attacks.evaluation import EvaluationConfig, EvaluationReport, Mode, evaluate_model
+from deq_attacks.splits import held_out_data
 from deq_attacks.training import preset, run_training
 from deq_attacks.training.config import Device
-from deq_attacks.training.data_loading import held_out_split
 
 CACHE = Path(__file__).resolve().parents[2] / "runs" / "benchmark_cascade"
 TARGET = 0.5
@@ -51,7 +51,8 @@ BOUNDS: Bounds = (
 )
 
 #: Smoke-mode changes: a tiny model trained for one epoch, a few images, tiny budgets.
-_QUICK_TRAINING = {"width": 4, "forward_threshold": 3, "epochs": 1, "pretrain_steps": 1,
+_QUICK_TRAINING = {"args": {"channels": 4, "dropout": 0.0}, "forward_threshold": 3,
+                   "epochs": 1, "pretrain_steps": 1,
                    "adversarial": False, "dev_size": 12, "train_limit": 60, "batch_size": 20,
                    "plots": False}  # fmt: skip
 _QUICK_EVAL = {"steps": 2, "attacks": "pgd,autoattack:iterations=2,queries=5,square:queries=10",
@@ -61,9 +62,9 @@ _QUICK_EVAL = {"steps": 2, "attacks": "pgd,autoattack:iterations=2,queries=5,squ
 def demo_model(device: str, quick: bool, cache: Path = CACHE) -> tuple[DEQEstimator, int]:
     """The demo preset's trained model (best development-PGD checkpoint) as an estimator, and
     the number of test images to attack."""
-    config = dataclasses.replace(preset("demo"), device=Device(device), threads=None)
+    config = preset("demo").updated(device=Device(device), threads=None)
     if quick:
-        config = dataclasses.replace(config, **_QUICK_TRAINING)
+        config = config.updated(**_QUICK_TRAINING)
     run_dir = cache.with_name(cache.name + ("_quick" if quick else ""))
     result = run_training(config, run_dir, log=lambda _text: None)
     deq = result.load_best()
@@ -84,7 +85,7 @@ def _is_quick(settings: Settings) -> bool:
 def run(ctx: Context) -> list[Row]:
     quick = _is_quick(ctx.settings)
     estimator, n = demo_model(ctx.device.type, quick)
-    held_out = held_out_split("digits")
+    held_out = held_out_data("digits")
     dev = held_out.subset(np.arange(n))
     base = dataclasses.replace(evaluation_defaults(), batch_size=100)
     if quick:

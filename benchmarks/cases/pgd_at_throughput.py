@@ -1,5 +1,5 @@
-"""One PGD-AT step of the training loop (ART's PGD with the training gradient in eval mode,
-then the training step) with the phantom gradient against one with the exact one."""
+"""One PGD-AT step of the training loop (the default torch PGD with the training gradient in
+eval mode, then the training step) with the phantom gradient against one with the exact one."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from benchmarks.cases.common import EPS, EPS_STEP, Bounds, Context, Row, full_so
 from deq_attacks import Broyden, ImplicitGradient, PhantomGradient
 from deq_attacks.acceleration import Acceleration
 from deq_attacks.training import loop as training_loop
-from deq_attacks.training.adversary import art_classifier, pgd_attack
+from deq_attacks.training.adversary import Budget, make_adversary
 from deq_attacks.training.build import TrainingModule, optimizer_and_schedule
 from deq_attacks.training.presets import PAPER
 
@@ -17,7 +17,7 @@ BOUNDS: Bounds = (
     (
         ("pgd_at_phantom_vs_exact",),
         "A PGD-AT step is PGD-10 (ten input gradients through the training gradient, in eval "
-        "mode, plus ART's bookkeeping) and one training step: the adversary dominates, so the "
+        "mode) and one training step: the adversary dominates, so the "
         "ratio follows the per-estimate cost of Phantom(k) against Exact (its backward solve). "
         "Samples/s in the notes are batch / step time; the paper's 35.4 (phantom) and 28.3 "
         "(exact 8/7) samples/s are DEQ-Large on an RTX 3090 with batch 96 (Table 10).",
@@ -39,16 +39,16 @@ def run(ctx: Context) -> list[Row]:
             ctx.device, solver=full_solver(Broyden, n), training_gradient=gradient
         )
         optimizer, schedule = optimizer_and_schedule(deq, PAPER, total_steps=10_000)
-        classifier = art_classifier(
-            deq, ctx.workload.input_shape, ctx.workload.num_classes, ctx.device
-        )
-        attack = pgd_attack(classifier, EPS, EPS_STEP, s.pgd_steps, True, len(x))
+        adversary = make_adversary(
+            "torch", deq, Budget(EPS, EPS_STEP, s.pgd_steps, True),
+            ctx.workload.input_shape, ctx.workload.num_classes, ctx.device, len(x),
+        )  # fmt: skip
         step_ctx = training_loop.StepContext(
             TrainingModule(deq, depth=n),
             deq,
             optimizer,
             schedule,
-            attack,
+            adversary,
             ctx.workload.num_classes,
             ctx.device,
             Acceleration(),
@@ -61,7 +61,7 @@ def run(ctx: Context) -> list[Row]:
         None,
         steps["phantom"],
         steps["exact"],
-        f"deq_attacks.training.loop.training_step on batch {len(x)}: ART PGD-{s.pgd_steps} "
+        f"deq_attacks.training.loop.training_step on batch {len(x)}: torch PGD-{s.pgd_steps} "
         "(random start, eval mode, the training gradient) then the Adam step",
         "paper Table 10 (DEQ-Large, batch 96, RTX 3090): phantom 35.4, exact (8/7) 28.3 "
         "samples/s, time ratio 0.80",

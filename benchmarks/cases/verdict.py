@@ -49,9 +49,9 @@ from deq_attacks.evaluation.distributed import Shards
 from deq_attacks.evaluation.presets import evaluation_preset
 from deq_attacks.evaluation.shared_runs import shared_pgd_scores
 from deq_attacks.gradients import ready_made
+from deq_attacks.splits import held_out_data
 from deq_attacks.training import preset, run_training
 from deq_attacks.training.config import Device
-from deq_attacks.training.data_loading import held_out_split
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The shared data beside the checkout (../shared) or beside its worktree folder.
@@ -93,7 +93,7 @@ BOUNDS: Bounds = (
 def run(ctx: Context) -> list[Row]:
     quick = _is_quick(ctx.settings)
     estimator, n = demo_model(ctx.device.type, quick)
-    held_out = held_out_split("digits")
+    held_out = held_out_data("digits")
     dev = held_out.subset(np.arange(n))
     many = 2 * n if quick else (len(held_out) - n) // 100 * 100
     test = held_out.subset(np.arange(n, n + many))
@@ -216,7 +216,7 @@ def _race_row(
     )  # fmt: skip
     defenses = {
         "final": Final(),
-        "early": Early(choose_early_exit(scored["states"])),
+        "early": Early(choose_early_exit(scored.states)),
         "ensemble": Ensemble(),
     }
     out: dict[str, tuple[Any, int, float]] = {}
@@ -225,8 +225,10 @@ def _race_row(
             estimator, config.sweep, dev[0], dev[1], config.threat, defenses, "early",
             shards, seed=config.seed, mode=mode,
         ))  # fmt: skip
-    (chosen_grid, entries, _), f_grid, cpu_grid = out["grid"]
-    (chosen_race, raced, _), f_race, cpu_race = out["racing"]
+    grid, f_grid, cpu_grid = out["grid"]
+    race, f_race, cpu_race = out["racing"]
+    chosen_grid, entries = grid.chosen, grid.entries
+    chosen_race, raced = race.chosen, race.entries
     same = chosen_grid == chosen_race
     differ = "" if same else (
         "; chosen differ: "
@@ -263,14 +265,14 @@ def _mnist_model(
     """The demo preset trained briefly on MNIST (1,100 images, 3 clean epochs and one of
     PGD-AT at eps 0.1; cached in runs/benchmark_mnist_deq) and 200 development images of the
     file's held-out part."""
-    config = dataclasses.replace(
-        preset("demo"), data=str(MNIST), device=Device(device), threads=None,
+    config = preset("demo").updated(
+        source=str(MNIST), device=Device(device), threads=None,
         train_limit=1100, epochs=4, plots=False,
     )  # fmt: skip
     if quick:
-        config = dataclasses.replace(
-            config, width=4, forward_threshold=3, epochs=1, pretrain_steps=1,
-            adversarial=False, dev_size=12, train_limit=60, batch_size=20,
+        config = config.updated(
+            args={"channels": 4, "dropout": 0.0}, forward_threshold=3, epochs=1,
+            pretrain_steps=1, adversarial=False, dev_size=12, train_limit=60, batch_size=20,
         )  # fmt: skip
     run_dir = MNIST_CACHE.with_name(MNIST_CACHE.name + ("_quick" if quick else ""))
     result = run_training(config, run_dir, log=lambda _text: None)
@@ -280,7 +282,7 @@ def _mnist_model(
         deq, input_shape=result.image_shape, nb_classes=result.num_classes,
         device_type="gpu" if device == "cuda" else "cpu",
     )  # fmt: skip
-    held_out = held_out_split(str(MNIST))
+    held_out = held_out_data(str(MNIST))
     size = 12 if quick else 200
     dev = held_out.subset(np.arange(len(held_out) - size, len(held_out)))
     return estimator, (dev.x, dev.y)

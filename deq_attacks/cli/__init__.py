@@ -8,7 +8,7 @@ when it runs (``deq-attacks --help`` imports no torch).
 - ``deq-attacks list``: the registered solvers, estimates, attacks, sweeps, models, presets.
 
 Every subcommand runs with the working directory first on ``sys.path``, as under ``python -m``:
-a ``--model module:function`` (``--train.model`` of the demo) is imported from there.
+a ``--model.name module:function`` (``--train.model.name`` of the demo) is imported from there.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``deq-attacks``: train a DEQ and evaluate it white-box, ending with the result table.
 
     deq-attacks                                   # the demo preset, a few minutes on 2 cores
-    deq-attacks demo --eps 0.2 --train.epochs 4 --eval.attacks pgd,square:queries=50
+    deq-attacks demo --eps 0.2 --train.optimiser.epochs 4 --eval.attacks pgd,square:queries=50
     deq-attacks demo --print_config > demo.yaml   # every setting, as a file for --config
 
 The default runs in a few minutes on 2 CPU cores on scikit-learn's embedded digits (real 8x8
@@ -13,8 +13,9 @@ exit and intermediate-attack sweep on a development split, PGD-10 and AutoAttack
 gradient estimate, Square, per-sample worst case, diagnostics) against the final, early-exit
 and ensemble defenses.
 
-``--train.FIELD`` and ``--eval.FIELD`` set any setting of the training (``TrainConfig``) and of
-the evaluation (``EvaluationConfig``); ``--preset`` chooses the training preset their defaults
+``--train.SECTION.FIELD`` and ``--eval.FIELD`` set any setting of the training (``TrainConfig``,
+e.g. ``--train.optimiser.epochs``, ``--train.model.args.channels``) and of the evaluation
+(``EvaluationConfig``); ``--preset`` chooses the training preset their defaults
 come from (``deq-attacks list presets``). ``--eps``, ``--step``, ``--steps`` and ``--seed`` set
 both (the nested form wins where both are given); ``--data``, ``--device`` and ``--threads``
 set the training's.
@@ -42,9 +43,11 @@ from deq_attacks.cli.options import (
     new_parser,
     parse,
     print_settings,
+    refuse_renamed,
     set_settings_defaults,
     settings,
 )
+from deq_attacks.cli.train import renamed_options
 from deq_attacks.evaluation.presets import evaluation_preset
 from deq_attacks.evaluation.settings import EvaluationConfig, Mode, SweepConfig, SweepMode
 from deq_attacks.training.config import Device, TrainConfig
@@ -116,7 +119,8 @@ def build_parser() -> ArgumentParser:
         "AVX2 ones the demo pins so that its table is the same on every x86-64 CPU "
         "(deq_attacks.reproducibility): faster on some CPUs, but the numbers depend on the CPU",
     )
-    add_settings(parser, TrainConfig, "train", title="--train.FIELD: the training (TrainConfig)")
+    add_settings(parser, TrainConfig, "train",
+                 title="--train.SECTION.FIELD: the training (TrainConfig)")  # fmt: skip
     add_settings(parser, EvaluationConfig, "eval", skip={"sweep"},
                  title="--eval.FIELD: the evaluation (EvaluationConfig)")  # fmt: skip
     add_sweep_option(parser)
@@ -133,10 +137,11 @@ def set_defaults(parser: ArgumentParser, name: str, shortcuts: dict[str, Any]) -
         raise CommandError(str(error)) from None
     evaluation = evaluation_defaults()
     shared = {k: v for k, v in shortcuts.items() if k in SHARED}
-    if "device" in shortcuts:
-        shortcuts = {**shortcuts, "device": Device(shortcuts["device"])}
+    fields = {("source" if k == "data" else k): v for k, v in shortcuts.items()}
+    if "device" in fields:
+        fields["device"] = Device(fields["device"])
     try:
-        training = dataclasses.replace(training, **shortcuts)
+        training = training.updated(**fields)
         evaluation = dataclasses.replace(evaluation, **shared)
     except (ValueError, TypeError) as error:
         raise CommandError(str(error)) from None
@@ -149,6 +154,7 @@ def resolve(
 ) -> tuple[ArgumentParser, Namespace, TrainConfig, EvaluationConfig]:
     """Parse and validate: the preset and the shortcuts as defaults, then config files, then
     the nested options."""
+    refuse_renamed(argv, renamed_options("--train."))
     parser = build_parser()
     args = parse(parser, list(argv))
     given = {k: args[k] for k in (*SHARED, *TRAINING_ONLY) if args[k] is not None}

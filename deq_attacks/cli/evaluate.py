@@ -1,24 +1,27 @@
 """``deq-attacks evaluate``: the whole white-box protocol on a trained DEQ.
 
-    deq-attacks evaluate --model small_conv_deq --model_arg in_channels=1 \\
-        --model_arg image_size=8 --threshold 8 --training_gradient phantom \\
-        --checkpoint runs/demo/training/best.safetensors --data digits --preset digits
+    deq-attacks evaluate --model.name small_conv_deq --model.forward_threshold 8 \\
+        --model.training_gradient phantom --model.checkpoint runs/demo/training/best.safetensors \\
+        --data digits --preset digits
 
-    deq-attacks evaluate --model mymodels:build --checkpoint model.pt --data mnist_t10k.npz \\
-        --preset mnist --dev_range 8000:8100 --test_range 8100:9100 --eps 0.2
+    deq-attacks evaluate --model.name mymodels:build --model.checkpoint model.pt \\
+        --data mnist_t10k.npz --preset mnist --dev_range 8000:8100 --test_range 8100:9100 --eps 0.2
 
     deq-attacks evaluate --config my_evaluation.yaml --steps 20   # a file, then an option
 
-The model is a registered name or a user's ``package.module:function`` (imported from the
-working directory) returning a DEQ; see docs/own_deq.md for the builder contract. The data is
+The model is a ``ModelSpec`` (``--model.name``, ``--model.args.KEY VALUE``, the solvers and
+thresholds, ``--model.checkpoint``), spelled as ``deq-attacks train`` spells it: a registered
+name or a user's ``package.module:function`` (imported from the working directory) returning a
+DEQ, its ``num_classes``, ``in_channels`` and ``image_size`` the data's unless given; see
+docs/own_deq.md for the builder contract. The data is
 ``digits`` (embedded), an arrays file (``.npz``) or ``cifar10:ROOT`` (torchvision's test set).
 The development split (early exit, sweep) and the test split are ranges or index files into
 that data, or by default the first ``--n_dev`` and next ``--n_test`` images of the part that
 training does not use (the digits past 1,200, a file's test split, or the last 20% of a file
 without one); the split used is printed and recorded in the results. ``--preset`` sets the
 threat model and budgets of a data set (``deq-attacks list presets``); a config file or an
-option overrides it. Every multi-word option is also spelled with dashes (``--model-arg``,
-``--aa-iterations``). Under
+option overrides it. Every multi-word option is also spelled with dashes
+(``--model.forward-threshold``, ``--aa-iterations``). Under
 ``torchrun --nproc_per_node=K`` the test samples are sharded across the processes (gloo on
 CPU, NCCL on CUDA) and the results gathered.
 """
@@ -38,75 +41,23 @@ from deq_attacks.cli.options import (
     new_parser,
     parse,
     print_settings,
+    refuse_renamed,
     settings,
 )
 from deq_attacks.evaluation.settings import EvaluationConfig, SweepConfig
+from deq_attacks.model_spec import ModelSpec
 
-
-def add_model_options(parser: ArgumentParser) -> None:
-    """``--model``, ``--model_arg``, ``--solver``, ``--threshold``, ``--training_gradient``,
-    ``--backward_solver``, ``--checkpoint`` and ``--key_map`` (how each reaches the model:
-    ``model_options``)."""
-    group = parser.add_argument_group("model (how each option reaches it: docs/own_deq.md)")
-    group.add_argument(
-        "--model",
-        required=True,
-        help="a registered name (deq-attacks list models) or your builder, "
-        "package.module:function (imported from the working directory and called, as "
-        "Hydra's _target_: a config file naming one is trusted like a script); it returns "
-        "a deq_attacks DEQ (DEQModel)",
-    )
-    group.add_argument(
-        "--model_arg",
-        "--model-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="keyword for the builder (Python literal or string); repeatable",
-    )
-    group.add_argument(
-        "--solver",
-        type=str | None,
-        metavar="NAME[:KEY=VALUE,...]",
-        help="replace the model's forward solver, e.g. anderson:threshold=8,memory=5 "
-        "(deq-attacks list solvers)",
-    )
-    group.add_argument(
-        "--threshold",
-        type=int | None,
-        help="forward iterates of the model's own solver (or of --solver); the solver kind is kept",
-    )
-    group.add_argument(
-        "--training_gradient",
-        "--training-gradient",
-        choices=["phantom", "exact"],
-        help="the model's training gradient: phantom (k=5, lam=0.5) or exact (implicit, a "
-        "backward solve of threshold - 1 iterates by --backward_solver); it fixes the "
-        "ready-made attack",
-    )
-    group.add_argument(
-        "--backward_solver",
-        "--backward-solver",
-        type=str | None,
-        metavar="NAME[:KEY=VALUE,...]",
-        help="the backward solver of --training_gradient exact (null: broyden), e.g. "
-        "anderson:memory=5; its threshold and tol come from --training_gradient",
-    )
-    group.add_argument(
-        "--checkpoint",
-        type=Path | None,
-        help="weights: .safetensors or a torch.save state dict (.pt/.pth/.bin/.pth.tar; read "
-        "with weights_only=True, containers such as 'state_dict' opened)",
-    )
-    group.add_argument(
-        "--key_map",
-        "--key-map",
-        action="append",
-        default=[],
-        metavar="OLD=NEW",
-        help="rename checkpoint key prefixes before loading (e.g. encoder.=injection.); "
-        "repeatable, applied in order",
-    )
+#: evaluate's model options before the model spec, and their names now.
+RENAMED = {
+    "--model": "--model.name",
+    "--model_arg": "--model.args.KEY VALUE",
+    "--solver": "--model.forward_solver",
+    "--threshold": "--model.forward_threshold",
+    "--training_gradient": "--model.training_gradient",
+    "--backward_solver": "--model.backward_solver",
+    "--checkpoint": "--model.checkpoint",
+    "--key_map": "--model.key_map+",
+}
 
 
 def add_split_options(parser: ArgumentParser) -> None:
@@ -150,7 +101,9 @@ def add_sweep_option(parser: ArgumentParser) -> None:
 
 def build_parser() -> ArgumentParser:
     parser = new_parser("deq-attacks evaluate", __doc__.splitlines()[0], __doc__)
-    add_model_options(parser)
+    add_settings(parser, ModelSpec, "model",
+                 title="--model.FIELD: the model (ModelSpec; how each reaches it: "
+                 "docs/own_deq.md)")  # fmt: skip
     add_split_options(parser)
     parser.add_argument(
         "--preset",
@@ -184,6 +137,7 @@ def sweep_config(items: Sequence[str], base: SweepConfig | None = None) -> Sweep
 
 def resolve(argv: Sequence[str]) -> tuple[ArgumentParser, Namespace, EvaluationConfig]:
     """Parse and validate: the preset (if any) as defaults, then config files, then options."""
+    refuse_renamed(argv, RENAMED)
     parser = build_parser()
     args = parse(parser, list(argv))
     if args.preset is not None:

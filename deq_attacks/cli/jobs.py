@@ -12,8 +12,7 @@ import numpy as np
 import torch
 from jsonargparse import Namespace
 
-from deq_attacks.cli.model_options import build_model
-from deq_attacks.cli.options import fail
+from deq_attacks.cli.options import fail, settings
 from deq_attacks.data import ImageDataset
 from deq_attacks.deq import DEQ
 from deq_attacks.deq.contract import DEQModel
@@ -27,19 +26,20 @@ from deq_attacks.evaluation import (
 )
 from deq_attacks.evaluation.cost import describe_cost
 from deq_attacks.evaluation.protocol import estimate_cost
-from deq_attacks.evaluation.splits import (
+from deq_attacks.evaluation.store import StoreBusyError
+from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.interfaces.inputs import check_model_fits
+from deq_attacks.model_spec import ModelSpec, build_model
+from deq_attacks.splits import (
     EvaluationSplit,
     choose_split,
     evaluation_pool,
+    held_out_data,
     parse_range,
     read_indices,
 )
-from deq_attacks.evaluation.store import StoreBusyError
-from deq_attacks.interfaces import DEQEstimator
-from deq_attacks.records import to_jsonable
 from deq_attacks.training import ConfigMismatchError, TrainConfig, preset, run_training
 from deq_attacks.training.config import Device
-from deq_attacks.training.data_loading import held_out_split
 from deq_attacks.training.resume import read_state
 
 STORE = "store.jsonl"
@@ -126,45 +126,6 @@ def select_split(args: Namespace) -> EvaluationSplit:
     )
 
 
-def check_model_fits_data(model: DEQModel, split: EvaluationSplit, device: str) -> int:
-    """Refuse data the model was not built for, before any work; return its class count.
-
-    Checks the declared ``input_shape``, runs one development image through the model, and
-    checks that every label has a logit (and the data's class count, when known, equals the
-    model's).
-    """
-    data = split.pool.data
-    sample = data.image_shape
-    if model.input_shape is not None and tuple(model.input_shape) != sample:
-        raise ValueError(
-            f"the model was built for samples of shape {tuple(model.input_shape)} "
-            f"(its input_shape), but {data.name} has {sample}: choose the model or data that "
-            "fit (e.g. --model_arg image_size=... for small_conv_deq)"
-        )
-    x = torch.from_numpy(data.x[split.dev_indices[:1]]).to(device)
-    try:
-        with torch.no_grad():
-            logits = model.eval()(x)
-    except Exception as error:  # any failure of the user's model on this data: say which
-        raise ValueError(
-            f"the model does not run on one image of {data.name} (shape {sample}): "
-            f"{type(error).__name__}: {error}"
-        ) from None
-    if logits.dim() != 2 or logits.shape[0] != 1:
-        raise ValueError(f"the model returns shape {tuple(logits.shape)}, not logits (B, classes)")
-    classes = int(logits.shape[1])
-    labels = np.concatenate([data.y[split.dev_indices], data.y[split.test_indices]])
-    if int(labels.max()) >= classes:
-        raise ValueError(
-            f"{data.name} has label {int(labels.max())}, but the model has {classes} outputs"
-        )
-    if data.num_classes is not None and data.num_classes != classes:
-        raise ValueError(
-            f"{data.name} has {data.num_classes} classes, but the model has {classes} outputs"
-        )
-    return classes
-
-
 def evaluate(args: Namespace, config: EvaluationConfig) -> int:
     """``deq-attacks evaluate`` with parsed options and a validated config: the split, the
     model (checked against the data) and the protocol; the exit code."""
@@ -174,9 +135,15 @@ def evaluate(args: Namespace, config: EvaluationConfig) -> int:
         torch.set_num_threads(args.threads)
     try:
         split = select_split(args)
-        built = build_model(args)
+        spec = settings(ModelSpec, args.model)
+        data = split.pool.data
+        built = build_model(spec, data.image_shape, data.num_classes)
+        if not isinstance(built.model, DEQModel):
+            raise TypeError(f"evaluate takes DEQs; model {spec.name} trains with autograd")
         deq = built.model.to(args.device)
-        classes = check_model_fits_data(deq, split, args.device)
+        labels = np.concatenate([data.y[split.dev_indices], data.y[split.test_indices]])
+        sample = torch.from_numpy(data.x[split.dev_indices[:1]]).to(args.device)
+        classes = check_model_fits(deq, sample, labels, data.name, data.num_classes)
         if config.entropy_settings is not None:  # a round of the defense fits the solver
             config.entropy_settings.rounds(deq.solver.threshold)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
@@ -192,8 +159,8 @@ def evaluate(args: Namespace, config: EvaluationConfig) -> int:
             device_type="gpu" if args.device == "cuda" else "cpu",
         )
         description = {
-            "model": args.model,
-            "model_args": args.model_arg,
+            "model": spec.name,
+            "model_args": spec.args,
             "data": args.data,
             "preset": args.preset,
             "input_shape": list(deq.input_shape) if deq.input_shape is not None else None,
@@ -234,10 +201,10 @@ def demo(
     """``deq-attacks demo`` with validated settings: train (or resume) with ``config``, then
     the protocol with ``evaluation`` on held-out development and test images; ``kernels``: the
     pinned CPU kernels (None: the CPU's own), recorded with the results."""
-    if config.device is Device.CUDA and not torch.cuda.is_available():
+    if config.execution.device is Device.CUDA and not torch.cuda.is_available():
         return fail("demo", "device cuda: no CUDA device is available")
     try:
-        held_out = held_out_split(config.data)
+        held_out = held_out_data(config.data.source)
     except (ValueError, FileNotFoundError) as error:
         return fail("demo", error)
     if len(held_out) < args.n_dev + args.n_test:
@@ -246,15 +213,15 @@ def demo(
             f"only {len(held_out)} held-out images for --n_dev {args.n_dev} + --n_test "
             f"{args.n_test}",
         )
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    if config.execution.threads is not None:
+        torch.set_num_threads(config.execution.threads)
     if kernels is not None:
         print(
             f"CPU kernels pinned to {kernels}, one thread: a rerun on this machine repeats its "
             "numbers; other CPUs fall in a range (--native_kernels true: this CPU's own)"
         )
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)  # ART's random starts and Square draw from numpy
+    torch.manual_seed(config.execution.seed)
+    np.random.seed(config.execution.seed)  # ART's random starts and Square draw from numpy
     run_dir = args.out_dir / "training"
     try:
         result = run_training(config, run_dir)
@@ -265,7 +232,7 @@ def demo(
         return 130
     deq = result.model
     if not isinstance(deq, DEQ):
-        message = f"the demo evaluates DEQs; preset {args.preset!r} trains {config.model}"
+        message = f"the demo evaluates DEQs; preset {args.preset!r} trains {config.model.name}"
         return fail("demo", message)
     state = result.state
     result.load_best()
@@ -277,13 +244,13 @@ def demo(
         deq,
         input_shape=result.image_shape,
         nb_classes=result.num_classes,
-        device_type="gpu" if config.device is Device.CUDA else "cpu",
+        device_type="gpu" if config.execution.device is Device.CUDA else "cpu",
     )
-    start = to_jsonable(preset(args.preset))
-    changed = {k: v for k, v in to_jsonable(config).items() if v != start[k]}
+    start = preset(args.preset).flat()
+    changed = {k: v for k, v in config.flat().items() if v != start[k]}
     description = {
-        "model": f"{config.model} ({args.preset} preset)",
-        "data": config.data,
+        "model": f"{config.model.name} ({args.preset} preset)",
+        "data": config.data.source,
         "training": {"preset": args.preset, "changed": changed},
         "cpu_kernels": kernels or f"native ({torch.backends.cpu.get_cpu_capability()})",
     }
@@ -306,7 +273,7 @@ def demo(
 
 def train(config: TrainConfig, out_dir: Path) -> int:
     """``deq-attacks train`` with a validated config: the run (resumed if it exists)."""
-    if config.device is Device.CUDA and not torch.cuda.is_available():
+    if config.execution.device is Device.CUDA and not torch.cuda.is_available():
         return fail(
             "train",
             "device=cuda, but torch sees no CUDA device (the paper presets are for GPUs; "

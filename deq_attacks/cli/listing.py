@@ -1,7 +1,7 @@
 """``deq-attacks list [KIND]``: what the registries hold, one line each: the solvers
-(``--solver``), gradient estimates, attack columns (``--attacks``), sweep families and their
-default grids (``--sweep``), models (``--model``) and presets (``--preset`` of ``evaluate``,
-``train`` and ``demo``). Without KIND, every list.
+(``--model.forward_solver``), gradient estimates, attack columns (``--attacks``), sweep
+families and their default grids (``--sweep``), models (``--model.name``) and presets
+(``--preset`` of ``evaluate``, ``train`` and ``demo``). Without KIND, every list.
 
 Solvers, estimates, attacks and models are read from the package's source
 (``deq_attacks.cli.catalogue``) while their registries are not loaded, so these lists import
@@ -123,8 +123,8 @@ def presets() -> list[str]:
     lines += _rows((name, p.summary) for name, p in EVALUATION.items())
     lines += ["training (deq-attacks train --preset, deq-attacks demo --preset):"]
     lines += _rows(
-        (name, f"{c.model}, {c.gradient.value} gradient, data {c.data}, {c.epochs} epochs, "
-               f"{c.device.value}")
+        (name, f"{c.model.name}, {getattr(c.model.training_gradient, 'value', None)} gradient, "
+               f"data {c.data.source}, {c.optimiser.epochs} epochs, {c.execution.device.value}")
         for name, c in TRAINING.items()
     )  # fmt: skip
     return lines

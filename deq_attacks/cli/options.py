@@ -4,9 +4,11 @@ Every parser (``new_parser``) takes ``--config FILE`` (YAML or JSON; applied whe
 the command line, so later options override it) and ``--print_config`` (the subcommand prints
 the resolved, validated settings as a config file and exits). ``add_settings`` adds one option
 per field of a config dataclass (its help: the docstring under the field), at the top level
-(``--eps``) or under a nested key (``--train.eps``). Enums are shown by name and read by name or
-value, in any case (``--gradient PHANTOM`` or ``phantom``), so a run's ``config.json``, which
-records values, reads back.
+(``--eps``) or under a nested key (``--eval.eps``); a field that is itself a dataclass (a
+section of ``TrainConfig``, a ``ModelSpec``) gives its fields under its name
+(``--optimiser.epochs``, ``--train.model.name``). Enums are shown by name and read by name or
+value, in any case (``--model.training_gradient PHANTOM`` or ``phantom``), so a run's
+``config.json``, which records values, reads back.
 
 A preset sets defaults, not values: a subcommand parses once to learn the preset's name,
 applies its settings with ``set_settings_defaults`` and parses again, so that dataclass
@@ -29,7 +31,7 @@ import enum
 import sys
 import typing
 from argparse import ArgumentError, RawDescriptionHelpFormatter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from jsonargparse import (
@@ -49,6 +51,7 @@ __all__ = [
     "new_parser",
     "parse",
     "print_settings",
+    "refuse_renamed",
     "register_enum",
     "set_settings_defaults",
     "settings",
@@ -131,10 +134,13 @@ def register_enum(cls: type[enum.Enum]) -> None:
 
 
 def _enums_of(cls: type) -> Iterable[type[enum.Enum]]:
+    """The enums among the field types of ``cls`` and of its sections (dataclass fields)."""
     for hint in typing.get_type_hints(cls).values():
         for part in (hint, *typing.get_args(hint)):
             if isinstance(part, type) and issubclass(part, enum.Enum):
                 yield part
+            elif isinstance(part, type) and dataclasses.is_dataclass(part):
+                yield from _enums_of(part)
 
 
 def add_settings(
@@ -178,11 +184,21 @@ def set_settings_defaults(
     skipped = set(skip)
     parser.set_defaults(
         {
-            prefix + f.name: getattr(config, f.name)
+            prefix + key: value
             for f in dataclasses.fields(config)
             if f.name not in skipped
+            for key, value in _leaves(f.name, getattr(config, f.name))
         }
     )
+
+
+def _leaves(key: str, value: Any) -> Iterable[tuple[str, Any]]:
+    """``(key, value)``, or a section's (a dataclass's) fields as ``(key.field, value)``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _leaves(f"{key}.{f.name}", getattr(value, f.name))
+    else:
+        yield key, value
 
 
 def parse(parser: ArgumentParser, argv: list[str], *, defaults: bool = True) -> Namespace:
@@ -195,12 +211,32 @@ def parse(parser: ArgumentParser, argv: list[str], *, defaults: bool = True) -> 
         raise CommandError(" ".join(line.strip() for line in str(error).splitlines())) from None
 
 
+def refuse_renamed(argv: Sequence[str], renamed: Mapping[str, str]) -> None:
+    """Raise a one-line ``CommandError`` naming the new spelling of the first option of
+    ``argv`` that ``renamed`` lists (old name, underscores or dashes -> new name)."""
+    for token in argv:
+        name = token.split("=", 1)[0]
+        new = renamed.get(name) or renamed.get(name.replace("-", "_").replace("__", "--", 1))
+        if new is not None:
+            raise CommandError(f"{name} is now {new}")
+
+
 def settings(cls: type[C], values: Namespace | Mapping[str, Any], **fixed: Any) -> C:
     """``cls`` built (and so validated) from ``fixed`` and the other fields of ``cls`` in
     ``values``; a ValueError or TypeError of its validation becomes a ``CommandError``."""
     given = values.as_dict() if isinstance(values, Namespace) else dict(values)
     names = {f.name for f in dataclasses.fields(cls)} - set(fixed)  # type: ignore[arg-type]
     kwargs = {k: v for k, v in given.items() if k in names}
+    hints = typing.get_type_hints(cls)
+    problems = []
+    for key, value in kwargs.items():  # sections (nested dataclasses): each validates itself
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, Mapping):
+            try:
+                kwargs[key] = settings(hints[key], value)
+            except CommandError as error:
+                problems.append(str(error))
+    if problems:
+        raise CommandError("; ".join(problems))
     try:
         return cls(**kwargs, **fixed)
     except (ValueError, TypeError) as error:
@@ -211,11 +247,18 @@ def given_settings(
     parser: ArgumentParser, argv: list[str], cls: type, nested_key: str
 ) -> dict[str, Any]:
     """The fields of ``cls`` under ``nested_key`` that the command line or a config file set
-    (typed by jsonargparse; each is checked by validating ``cls()`` with it)."""
+    (typed by jsonargparse), by their own names: a section's fields (a field that is a
+    dataclass, as ``TrainConfig.optimiser``) come out of it. Each is checked by validating
+    ``cls()`` with it (``cls().updated(**values)`` where the class has sections)."""
     given = parse(parser, argv, defaults=False).get(nested_key)
-    values = given.as_dict() if isinstance(given, Namespace) else {}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for key, value in (given.as_dict() if isinstance(given, Namespace) else {}).items():
+        section = dataclasses.is_dataclass(hints.get(key)) and isinstance(value, Mapping)
+        values.update(value if section else {key: value})
     try:
-        dataclasses.replace(cls(), **values)
+        base = cls()
+        base.updated(**values) if hasattr(base, "updated") else dataclasses.replace(base, **values)
     except (ValueError, TypeError) as error:
         raise CommandError(f"--{nested_key}.*: {error}") from None
     return values

@@ -1,19 +1,22 @@
 """``deq-attacks train``: adversarial training from a named preset (Table 7 and CPU presets).
 
     deq-attacks train --preset cpu_unrolling --out_dir runs/cpu_unrolling
-    deq-attacks train --preset deq_large_exact_8_7 --data_root data --download true
-    deq-attacks train --config runs/cpu_unrolling/config.json --epochs 20   # a run's settings
+    deq-attacks train --preset deq_large_exact_8_7 --data.data_root data --data.download true
+    deq-attacks train --config runs/cpu_unrolling/config.json --optimiser.epochs 20
     torchrun --nproc_per_node=4 -m deq_attacks train --preset deq_xl_unrolling
 
 Settings: the preset's values as defaults (``deq-attacks list presets``), then config files
-(``--config``: YAML or JSON, e.g. a run's ``config.json``), then single options (``--lr
-5e-4``), one per ``TrainConfig`` field; every setting is validated before any work starts
+(``--config``: YAML or JSON, e.g. a run's ``config.json``), then single options, one per
+field of a ``TrainConfig`` section: ``--model.*`` (the ``ModelSpec``, as ``deq-attacks
+evaluate`` takes it), ``--threat.*``, ``--data.*``, ``--optimiser.*`` and ``--execution.*``
+(``--optimiser.lr 5e-4``); every setting is validated before any work starts
 (``--print_config`` prints them and exits). The run folder gets ``config.json``; a rerun with
 the same settings resumes after the last epoch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,10 +30,31 @@ from deq_attacks.cli.options import (
     new_parser,
     parse,
     print_settings,
+    refuse_renamed,
     set_settings_defaults,
     settings,
 )
-from deq_attacks.training.config import TrainConfig
+from deq_attacks.training.config import SECTIONS, TrainConfig
+
+
+def renamed_options(prefix: str = "--") -> dict[str, str]:
+    """The flat options of ``TrainConfig`` before its sections, and their names now
+    (``--epochs`` -> ``--optimiser.epochs``; ``prefix`` ``--train.`` for the demo's)."""
+    renamed = {
+        f"{prefix}{f.name}": f"{prefix}{section}.{f.name}"
+        for section, cls in SECTIONS.items()
+        if section != "model"
+        for f in dataclasses.fields(cls)
+    }
+    for old, new in (("model", "name"), ("gradient", "training_gradient"),
+                     ("width", "args.channels (small_conv_deq; resnet18: args.width, wrn34_10: "
+                      "args.widen)"), ("dropout", "args.dropout")):  # fmt: skip
+        renamed[f"{prefix}{old}"] = f"{prefix}model.{new}"
+    for name in ("forward_solver", "backward_solver", "forward_threshold", "backward_threshold",
+                 "solver_tol", "phantom_k", "phantom_lam"):  # fmt: skip
+        renamed[f"{prefix}{name}"] = f"{prefix}model.{name}"
+    renamed[f"{prefix}data"] = f"{prefix}data.source"
+    return renamed
 
 
 def build_parser() -> ArgumentParser:
@@ -50,6 +74,7 @@ def build_parser() -> ArgumentParser:
 
 def resolve(argv: Sequence[str]) -> tuple[ArgumentParser, Namespace, TrainConfig]:
     """Parse and validate: the preset as defaults, then config files, then options."""
+    refuse_renamed(argv, renamed_options())
     parser = build_parser()
     args = parse(parser, list(argv))
     if args.preset is None and not args.config:

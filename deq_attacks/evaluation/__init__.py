@@ -47,12 +47,13 @@ if TYPE_CHECKING:
         write_outputs,
         write_tables,
     )
-    from deq_attacks.evaluation.result import EvaluationReport
+    from deq_attacks.evaluation.result import EvaluationReport, RunRecord
+    from deq_attacks.evaluation.scores import Development, Scores, SweepResult
     from deq_attacks.evaluation.scoring import per_state_accuracy, score_readouts
     from deq_attacks.evaluation.settings import EvaluationConfig, Mode, SweepConfig, SweepMode
-    from deq_attacks.evaluation.splits import held_out_data
     from deq_attacks.evaluation.sweep import run_sweep
     from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
+    from deq_attacks.splits import held_out_data
 
 __getattr__, __dir__ = lazy_exports(
     __name__,
@@ -94,10 +95,11 @@ __getattr__, __dir__ = lazy_exports(
             "write_outputs",
             "write_tables",
         ),
-        "deq_attacks.evaluation.result": ("EvaluationReport",),
+        "deq_attacks.evaluation.result": ("EvaluationReport", "RunRecord"),
+        "deq_attacks.evaluation.scores": ("Development", "Scores", "SweepResult"),
         "deq_attacks.evaluation.scoring": ("per_state_accuracy", "score_readouts"),
         "deq_attacks.evaluation.settings": ("EvaluationConfig", "Mode", "SweepConfig", "SweepMode"),
-        "deq_attacks.evaluation.splits": ("held_out_data",),
+        "deq_attacks.splits": ("held_out_data",),
         "deq_attacks.evaluation.sweep": ("run_sweep",),
         "deq_attacks.evaluation.threat": ("AutoAttackSettings", "ThreatModel"),
     },
@@ -113,14 +115,18 @@ __all__ = [
     "BenchmarkResult",
     "Column",
     "DefendedModel",
+    "Development",
     "EvaluationConfig",
     "EvaluationReport",
     "Mode",
     "Robustness",
+    "RunRecord",
     "SampleSeeds",
+    "Scores",
     "SurvivalMatrix",
     "SweepConfig",
     "SweepMode",
+    "SweepResult",
     "ThreatModel",
     "attack_names",
     "benchmark",

@@ -21,13 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deq_attacks.data import (
-    ImageDataset,
-    load_arrays_file,
-    load_cifar10,
-    load_digits,
-    load_mnist,
-)
+from deq_attacks.data import ImageDataset, load_cifar10, load_mnist
 from deq_attacks.deq.contract import DEQModel
 from deq_attacks.evaluation.aggregate import Robustness
 from deq_attacks.evaluation.cost import describe_cost
@@ -36,6 +30,8 @@ from deq_attacks.evaluation.result import EvaluationReport
 from deq_attacks.evaluation.settings import EvaluationConfig, Mode
 from deq_attacks.evaluation.threat import NORMS
 from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.model_spec import ModelSpec, build_model
+from deq_attacks.splits import held_out_data
 
 #: eps when none is given, per named data set and threat model (inputs in [0, 1]): CIFAR-10's
 #: are RobustBench's; MNIST's are the common L-inf 0.3 and L2 2.0 (Madry et al., Croce & Hein);
@@ -142,26 +138,17 @@ def standard_budgets(config: EvaluationConfig) -> bool:
 
 def held_out_images(dataset: str | Path, data_dir: str | Path) -> ImageDataset:
     """The images of a data set that its training split does not contain: CIFAR-10's or
-    MNIST's test set (torchvision's layout, under ``data_dir``), the embedded digits past the
-    1,200 training ones, or an arrays file's test split (the whole file if it has none)."""
+    MNIST's test set (torchvision's layout, under ``data_dir``), or the held-out part of the
+    embedded digits or an arrays file (``deq_attacks.splits.held_out_data``)."""
     if dataset == "cifar10":
         return load_cifar10(data_dir, train=False)
     if dataset == "mnist":
         return load_mnist(data_dir, train=False)
-    if dataset == "digits":
-        return load_digits().split(1200)[1]
-    path = Path(dataset)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"dataset {dataset!r}: not 'cifar10', 'mnist', 'digits' or a file"
-        )
-    with np.load(path) as arrays:
-        has_test = "x_test" in arrays.files
-    return load_arrays_file(path, split="test" if has_test else None)
+    return held_out_data(str(dataset))
 
 
 def benchmark(
-    model: DEQModel | DEQEstimator,
+    model: DEQModel | DEQEstimator | ModelSpec,
     n_examples: int = 10_000,
     dataset: str | Path = "cifar10",
     threat_model: str = "Linf",
@@ -180,7 +167,9 @@ def benchmark(
     ``n_examples`` held-out images; the expected cost is told (``progress``) first.
 
     Args:
-        model: a DEQ (``deq_attacks.DEQ`` or any ``DEQModel``) or its ``DEQEstimator``.
+        model: a DEQ (``deq_attacks.DEQ`` or any ``DEQModel``), its ``DEQEstimator``, or a
+            ``ModelSpec`` (the model options of ``deq-attacks evaluate``: name, args, solvers,
+            checkpoint), built for the data set's images by ``model_spec.build_model``.
         n_examples: test images: the first ones of the held-out set (RobustBench's choice).
         dataset: "cifar10", "mnist", "digits" or the path of an arrays file (``.npz``).
         threat_model: "Linf" or "L2" (RobustBench's names): the norm of every attack.
@@ -266,14 +255,25 @@ def benchmark(
 
 
 def _estimator(
-    model: DEQModel | DEQEstimator, data: ImageDataset, device: str | torch.device | None
+    model: DEQModel | DEQEstimator | ModelSpec,
+    data: ImageDataset,
+    device: str | torch.device | None,
 ) -> DEQEstimator:
+    classes = int(data.num_classes or data.y.max() + 1)
+    if isinstance(model, ModelSpec):
+        built = build_model(model, data.image_shape, classes).model
+        if not isinstance(built, DEQModel):
+            raise TypeError(f"benchmark() takes DEQs; model {model.name} trains with autograd")
+        model = built
     if isinstance(model, DEQEstimator):
         if device is not None and torch.device(device) != model.device:
             raise ValueError(f"the estimator runs on {model.device}, not on {device}")
         return model
     if not isinstance(model, DEQModel):
-        raise TypeError(f"model must be a DEQ or a DEQEstimator, got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a DEQ, a DEQEstimator or a ModelSpec of a DEQ, got "
+            f"{type(model).__name__}"
+        )
     param = next(model.parameters(), None)
     where = (
         torch.device(device)
@@ -284,6 +284,6 @@ def _estimator(
     return DEQEstimator(
         model,
         input_shape=data.x.shape[1:],
-        nb_classes=int(data.num_classes or data.y.max() + 1),
+        nb_classes=classes,
         device_type="gpu" if where.type == "cuda" else "cpu",
     )

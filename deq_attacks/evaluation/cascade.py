@@ -1,7 +1,7 @@
 """Cascade mode: per defense, the columns strongest first, each attacking only the samples still
 robust. The per-sample verdict (a sample is robust only if it survives every column) is the
 same as the full table's, because every column's per-sample result depends on the sample alone
-(per-sample seeds, ``attacks.seeds``); the cells of samples already broken stay unattacked.
+(per-sample seeds, ``adversarial.seeds``); the cells of samples already broken stay unattacked.
 
 The order, chosen on the development split (it changes the cost, never the verdict):
 
@@ -25,14 +25,14 @@ no ordering run is made.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
 from deq_attacks.deq.readout import Readout
 from deq_attacks.evaluation.attacks import Column
-from deq_attacks.evaluation.cells import NOT_RUN, Cells, attack_cells, extras_of
+from deq_attacks.evaluation.cells import NOT_RUN, Cells
 from deq_attacks.evaluation.context import RunContext
+from deq_attacks.evaluation.scores import Development, Scores, SweepResult
 from deq_attacks.evaluation.shared_runs import shared_pgd_scores
 from deq_attacks.gradients import GradientEstimate
 
@@ -46,7 +46,7 @@ class DevStrengths:
         estimates: the columns' estimates by label.
         defenses: the defenses by name.
         development: the early-exit step's result (the ready-made estimate's accuracies).
-        sweep: the sweep's entries (the intermediate candidates' accuracies).
+        sweep: the sweep (its entries: the intermediate candidates' accuracies).
     """
 
     def __init__(
@@ -54,16 +54,14 @@ class DevStrengths:
         ctx: RunContext,
         estimates: Mapping[str, GradientEstimate],
         defenses: Mapping[str, Readout],
-        development: Mapping[str, Any],
-        sweep: Sequence[Mapping[str, Any]],
+        development: Development,
+        sweep: SweepResult,
     ) -> None:
         self._ctx, self._defenses = ctx, defenses
         self._labels = {repr(e): label for label, e in estimates.items()}
-        n_star = int(development["early_exit"])
-        ready = dict(development["pgd_accuracy"])
-        ready["early"] = float(development["pgd_accuracy_per_state"][n_star - 1])
+        ready = {**development.pgd_accuracy, "early": development.early_pgd_accuracy}
         self._known = {repr(ctx.ready): {d: ready[d] for d in defenses}}
-        for entry in sweep:
+        for entry in sweep.entries:
             self._known.setdefault(entry["estimate"], dict(entry["accuracy"]))
 
     def __call__(self, estimate: GradientEstimate) -> dict[str, float]:
@@ -92,7 +90,7 @@ class DevStrengths:
                 ctx.estimator.view(defense=next(iter(readouts.values()))), estimate,
                 ctx.x_dev, ctx.y_dev, ctx.threat, readouts, ctx.shards, seed=ctx.config.seed,
             )  # fmt: skip
-            measured.update({d: float(scores[f"defense/{d}"].mean()) for d in readouts})
+            measured.update({d: scores.accuracy(d) for d in readouts})
         return dict(ctx.store.put(key, measured))
 
 
@@ -115,7 +113,7 @@ def cascade_cells(
     ctx: RunContext,
     columns: Sequence[Column],
     defenses: Mapping[str, Readout],
-    clean: Mapping[str, np.ndarray],
+    clean: Scores,
     strengths: DevStrengths,
     *,
     development: bool = False,
@@ -130,9 +128,8 @@ def cascade_cells(
             a defense that keeps it (and counts for those defenses only).
     """
     n = len(ctx.x_dev if development else ctx.x)
-    prefix = "dev/" if development else ""
     kept = {d: set(keep[d]) if keep is not None else {c.label for c in columns} for d in defenses}
-    alive = {d: np.asarray(clean[f"defense/{d}"], dtype=bool).copy() for d in defenses}
+    alive = {d: clean.correct[d].copy() for d in defenses}
     cells = Cells({d: {c.label: np.full(n, NOT_RUN, np.int8) for c in columns} for d in defenses})
     order: dict[str, list[str]] = {d: [] for d in defenses}
 
@@ -155,15 +152,14 @@ def cascade_cells(
         if not len(indices):
             return
         ctx.say(f"cascade: {column.label} on {len(indices)} samples (one run for every defense)")
-        key = f"{prefix}shared/{column.label}"
-        result = attack_cells(ctx, key, column, defenses, indices, development=development)
+        scores = ctx.run_column(column, defenses, indices, development=development)
         for d in users:
-            correct = result[f"defense/{d}"].astype(bool)
+            correct = scores.correct[d]
             cells.survived[d][column.label][indices] = correct
             alive[d][indices] &= correct
-            cells.record(d, column.label, result)
+            cells.record(d, column.label, scores)
         if _is_ready(ctx, column):
-            cells.ready_scores = result
+            cells.ready_scores = scores
 
     for column in (c for c in columns if c.shared and _is_ready(ctx, c)):
         run_shared(column, list(defenses))
@@ -185,15 +181,14 @@ def cascade_cells(
             if not len(indices):
                 continue
             ctx.say(f"cascade: {column.label} against {d} on {len(indices)} samples")
-            key = f"{prefix}{d}/{column.label}"
-            result = attack_cells(ctx, key, column, {d: readout}, indices, development=development)
-            correct = result[f"defense/{d}"].astype(bool)
+            scores = ctx.run_column(column, {d: readout}, indices, development=development)
+            correct = scores.correct[d]
             cells.survived[d][column.label][indices] = correct
             alive[d][indices] &= correct
-            cells.record(d, column.label, result)
-            extra = extras_of(result)
-            if extra:
-                cells.extras[key] = {k: spread(v, indices, n) for k, v in extra.items()}
+            cells.record(d, column.label, scores)
+            for run, extra in scores.extras.items():
+                if extra:
+                    cells.extras[run] = {k: spread(v, indices, n) for k, v in extra.items()}
     return cells
 
 

@@ -1,6 +1,6 @@
 """What every step of one evaluation run needs, in one place: the estimator, the splits, the
 settings, the result store, the shards, the progress callback, the run's ConvergenceLog and the
-wall time of each step."""
+wall time of each step; and the one column runner of every mode (``RunContext.run_column``)."""
 
 from __future__ import annotations
 
@@ -12,28 +12,24 @@ from typing import Any
 
 import numpy as np
 
+from deq_attacks.adversarial import SampleSeeds, precision
 from deq_attacks.deq.convergence import ConvergenceLog
-from deq_attacks.evaluation.attacks import ThreatModel
+from deq_attacks.deq.readout import Readout
+from deq_attacks.evaluation.attacks import Column, ThreatModel
 from deq_attacks.evaluation.cost import FCounter
-from deq_attacks.evaluation.distributed import BlockResult, Shards, map_blocks
+from deq_attacks.evaluation.distributed import BlockMap, BlockResult, Shards
+from deq_attacks.evaluation.scores import Scores
+from deq_attacks.evaluation.scoring import score_readouts
 from deq_attacks.evaluation.settings import EvaluationConfig
 from deq_attacks.evaluation.store import ResultStore
 from deq_attacks.gradients import GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.interfaces.inputs import check_data
 
 
 def check_split(name: str, x: np.ndarray, y: np.ndarray, estimator: DEQEstimator) -> None:
     """Raise, naming the split, unless (x, y) are images the estimator takes and labels."""
-    if x.ndim < 2 or len(x) == 0 or len(x) != len(y):
-        raise ValueError(f"{name}: need a non-empty batch and one label per image, got {x.shape}")
-    if tuple(x.shape[1:]) != tuple(estimator.input_shape):
-        raise ValueError(
-            f"{name}: images {x.shape[1:]} but the model takes {estimator.input_shape}"
-        )
-    if x.dtype != np.float32 or x.min() < 0 or x.max() > 1:
-        raise ValueError(f"{name}: images must be float32 in [0, 1]")
-    if y.min() < 0 or y.max() >= estimator.nb_classes:
-        raise ValueError(f"{name}: labels must lie in 0..{estimator.nb_classes - 1}")
+    check_data(x, y, estimator.input_shape, estimator.nb_classes, name)
 
 
 def arrays(stored: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -97,20 +93,77 @@ class RunContext:
     def blockwise(
         self, key: str, fn: Callable[[np.ndarray], BlockResult], indices: np.ndarray
     ) -> dict[str, np.ndarray]:
-        """Step ``key``: ``fn`` on the blocks of ``indices`` (``map_blocks``), each finished
+        """Step ``key``: ``fn`` on the blocks of ``indices`` (``BlockMap``), each finished
         block recorded in the store at once; a finished step, or its finished blocks, are
         read back instead of recomputed. ``fn`` returns the block's ``"index"`` with its
         per-sample arrays."""
         done = self.store.get(key)
         if done is not None:
             return arrays(done)
+        blocks = self._blocks(key, indices)
+        for number, part in blocks.mine():
+            blocks.finish(number, fn(part))
+        return arrays(self.store.put(key, blocks.result()))
+
+    def run_column(
+        self,
+        column: Column,
+        defenses: Mapping[str, Readout],
+        indices: np.ndarray,
+        *,
+        development: bool = False,
+        key: str | None = None,
+    ) -> Scores:
+        """``column`` on the samples ``indices`` of the test split (the development split if
+        ``development``) against ``defenses``, block by block, each block stored (a finished
+        run or block is read back): a shared column in one run scored for every defense (and
+        every iterate), any other in one run per defense. Each run attacks one view of the
+        estimator (the column's estimate, its first defense), in ``config.precision``, with
+        the samples' own seeds (``config.seed``, the column's label). Its store key is
+        ``key`` (one run only), else ``[dev/]shared/<label>`` or ``[dev/]<defense>/<label>``;
+        the returned scores hold each run's extras under that key."""
+        x, y = (self.x_dev, self.y_dev) if development else (self.x, self.y)
+        prefix = "dev/" if development else ""
+        runs = (
+            {f"{prefix}shared/{column.label}": dict(defenses)}
+            if column.shared
+            else {f"{prefix}{d}/{column.label}": {d: r} for d, r in defenses.items()}
+        )
+        if key is not None:
+            if len(runs) != 1:
+                raise ValueError(f"one store key names one run, not {len(runs)}: {key!r}")
+            runs = {key: next(iter(runs.values()))}
+        found = Scores({})
+        for run, readouts in runs.items():
+            done = self.store.get(run)
+            if done is None:
+                first = next(iter(readouts.values()))
+                model = self.estimator.view(estimate=column.estimate, defense=first)
+                blocks = self._blocks(run, indices)
+                for number, part in blocks.mine():
+                    seeds = SampleSeeds(self.config.seed, column.label, part)
+                    with precision(model.device, self.config.precision):
+                        output = column.attack.run(model, x[part], y[part], self.threat, seeds)
+                    scores = score_readouts(
+                        self.estimator, output.x_adv, y[part], readouts, len(part)
+                    )
+                    if not column.shared:
+                        scores = Scores(scores.correct, scores.finite)
+                    scores.index, scores.extras = part, {run: output.extras}
+                    blocks.finish(number, scores.arrays(run))
+                done = self.store.put(run, blocks.result())
+            found = found.merge(Scores.from_arrays(done, run))
+        return found
+
+    def _blocks(self, key: str, indices: np.ndarray) -> BlockMap:
+        """The blocks of step ``key`` on ``indices``, its finished ones read from the store
+        (checked to hold the same samples), each new one stored when gathered."""
         partial = {n: arrays(v) for n, v in self.store.blocks(key).items()}
         expected = self.shards.cut(np.asarray(indices, dtype=np.int64))
         for number, block in partial.items():
             if number >= len(expected) or not np.array_equal(block["index"], expected[number]):
                 raise RuntimeError(f"the store's block {number} of {key!r} holds other samples")
-        result = map_blocks(
-            fn, indices, self.shards, done=partial,
+        return BlockMap(
+            indices, self.shards, done=partial,
             on_block=lambda number, value: self.store.put_block(key, number, value),
         )  # fmt: skip
-        return arrays(self.store.put(key, result))

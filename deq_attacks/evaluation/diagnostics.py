@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from deq_attacks.evaluation.attacks import Column
     from deq_attacks.evaluation.cells import Cells
     from deq_attacks.evaluation.context import RunContext
+    from deq_attacks.evaluation.scores import Scores
 
 BACKWARD_RESIDUAL_LIMIT = 0.05
 """Relative residual above which an Exact backward (adjoint) solve counts as not converged."""
@@ -510,7 +511,7 @@ def judge(
     defenses: Mapping[str, Readout],
     columns: Sequence[Column],
     cells: Cells,
-    clean: Mapping[str, np.ndarray],
+    clean: Scores,
     measured: Mapping[str, Any],
 ) -> list[Check]:
     """Every check of a run, from its cells and its measurements (``measurements.measure``)."""
@@ -527,15 +528,15 @@ def judge(
         broken = {d: int((cells.survived[d][square] == 0).sum()) for d in defenses}
         robust = {d: int(v.sum()) for d, v in verdicts(cells, clean).items()}
         checks.append(square_first_check(broken, robust, len(ctx.x)))
-    clean_ok = {d: np.asarray(clean[f"defense/{d}"], dtype=bool) for d in defenses}
-    short = {d: np.asarray(cells.ready_scores[f"defense/{d}"], dtype=bool) for d in defenses}
+    clean_ok = {d: clean.correct[d] for d in defenses}
+    short = {d: cells.ready.correct[d] for d in defenses}
     long = {d: measured["long_pgd"][d] & clean_ok[d] for d in defenses}
     checks.append(more_steps_check(short, long, (config.steps, config.long_steps)))
     checks.append(large_eps_check(measured["large_eps"], config.large_eps))
-    checks.append(accumulation_check(np.asarray(cells.ready_scores["states"], dtype=bool)))
-    checks.append(forward_convergence_check(np.asarray(clean["residuals"], dtype=float)[:, -1]))
+    checks.append(accumulation_check(np.asarray(cells.ready.states, dtype=bool)))
+    checks.append(forward_convergence_check(np.asarray(clean.residuals, dtype=float)[:, -1]))
     checks += batch_and_randomness_check(measured["batch"], measured.get("randomness"))
-    finite = {d: clean.get(f"finite/{d}", np.ones(len(ctx.x), bool)) for d in defenses}
+    finite = {d: clean.finite.get(d, np.ones(len(ctx.x), bool)) for d in defenses}
     checks.append(nonfinite_logits_check(finite, cells.nonfinite))
     checks.append(gradient_health_check(measured["gradients"]))
     checks.append(exact_backward_check(measured["exact_backward"]))
@@ -555,7 +556,7 @@ def failure_indicators(
     defenses: Mapping[str, Readout],
     columns: Sequence[Column],
     cells: Cells,
-    clean: Mapping[str, np.ndarray],
+    clean: Scores,
     measured: Mapping[str, Any],
 ) -> list[Check]:
     """The indicators of attack failure and the baselines, from the cells and measurements:
@@ -592,11 +593,11 @@ def failure_indicators(
     return checks
 
 
-def verdicts(cells: Cells, clean: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def verdicts(cells: Cells, clean: Scores) -> dict[str, np.ndarray]:
     """Per defense, bool (S,): clean-correct and broken by no column (a sample a cascade did
     not attack with a column had been broken before it)."""
     return {
-        d: np.asarray(clean[f"defense/{d}"], dtype=bool)
+        d: clean.correct[d]
         & np.all([v != 0 for v in row.values()], axis=0)
         for d, row in cells.survived.items()
     }

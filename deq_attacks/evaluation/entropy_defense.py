@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deq_attacks.adversarial.pgd import STEPS, random_start
 from deq_attacks.deq import DEQModel, Final
 from deq_attacks.deq.entropy import InputEntropyReduction, entropy_defended_logits
 from deq_attacks.evaluation.aggregate import wilson_interval
@@ -47,7 +48,6 @@ from deq_attacks.evaluation.attacks import (
     fixed_step_pgd,
     run_standard_autoattack,
 )
-from deq_attacks.evaluation.attacks.pgd import STEPS, random_start
 from deq_attacks.gradients import BackpropThroughSolver, GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.records import to_jsonable

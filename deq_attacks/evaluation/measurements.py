@@ -34,6 +34,7 @@ from deq_attacks.evaluation.attacks import (
 )
 from deq_attacks.evaluation.columns import BPTT, READY_MADE
 from deq_attacks.evaluation.context import RunContext
+from deq_attacks.evaluation.scores import Scores
 from deq_attacks.evaluation.scoring import model_input, score_readouts
 from deq_attacks.gradients import Exact, GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
@@ -327,10 +328,10 @@ def _noise_scores(ctx: RunContext, defenses: Mapping[str, Readout]) -> dict[str,
         seeds = SampleSeeds(ctx.config.seed, "noise", part)
         noisy = uniform_noise(ctx.x[part], ctx.threat.eps, seeds)
         scores = score_readouts(ctx.estimator, noisy, ctx.y[part], defenses, len(part))
-        return {"index": part, **{k: v for k, v in scores.items() if k.startswith("defense/")}}
+        return Scores(scores.correct, index=part).arrays()
 
     result = ctx.blockwise("measure/noise", block, np.arange(len(ctx.x)))
-    return {d: result[f"defense/{d}"].astype(bool) for d in defenses}
+    return Scores.from_arrays(result).correct
 
 
 def _ready_pgd(
@@ -344,16 +345,17 @@ def _ready_pgd(
     """The ready-made fixed-step PGD on every test sample (the shared run's seeds), block by
     block and stored: per defense, bool (S,) correct under it."""
     config = ctx.config
+    model = ctx.estimator.view(estimate=ctx.ready)  # one view for every block
 
     def block(part: np.ndarray) -> dict[str, np.ndarray]:
         with precision(ctx.estimator.device, arithmetic or config.precision):
             x_adv = fixed_step_pgd(
-                ctx.estimator, ctx.ready, ctx.x[part], ctx.y[part], threat, steps=steps,
+                model, ctx.ready, ctx.x[part], ctx.y[part], threat, steps=steps,
                 seed=SampleSeeds(config.seed, "pgd", part), compile_backend=config.compile_backend,
                 eot_draws=config.eot_draws,
             )  # fmt: skip
         scores = score_readouts(ctx.estimator, x_adv, ctx.y[part], defenses, len(part))
-        return {"index": part, **{k: v for k, v in scores.items() if k.startswith("defense/")}}
+        return Scores(scores.correct, index=part).arrays()
 
     result = ctx.blockwise(key, block, np.arange(len(ctx.x)))
-    return {d: result[f"defense/{d}"].astype(bool) for d in defenses}
+    return Scores.from_arrays(result).correct

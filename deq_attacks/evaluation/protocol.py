@@ -52,7 +52,7 @@ from deq_attacks.evaluation.aggregate import choose_early_exit, tied_best
 from deq_attacks.evaluation.attacks import Column, StandardAutoAttack
 from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells
 from deq_attacks.evaluation.columns import BPTT, protocol_columns, protocol_estimates
-from deq_attacks.evaluation.context import RunContext, arrays, check_split
+from deq_attacks.evaluation.context import RunContext, check_split
 from deq_attacks.evaluation.cost import (
     UnitCosts,
     column_cost,
@@ -71,7 +71,8 @@ from deq_attacks.evaluation.entropy_defense import (
     evaluate_entropy_defense,
 )
 from deq_attacks.evaluation.measurements import measure, repeated_forwards
-from deq_attacks.evaluation.result import EvaluationReport, build_report
+from deq_attacks.evaluation.result import EvaluationReport, RunRecord, build_report
+from deq_attacks.evaluation.scores import Development, Scores, SweepResult
 from deq_attacks.evaluation.settings import ENTROPY_FIELDS, EvaluationConfig, Mode
 from deq_attacks.evaluation.shared_runs import clean_scores, shared_pgd_scores
 from deq_attacks.evaluation.store import ResultStore, data_hash, weights_hash
@@ -170,12 +171,14 @@ def evaluate_model(
                 dev = early_exit(ctx)
             defenses: dict[str, Readout] = {
                 "final": Final(),
-                "early": Early(int(dev["early_exit"])),
+                "early": Early(dev.early_exit),
                 "ensemble": Ensemble(),
             }
             with ctx.step("sweep"):
-                chosen, sweep, plan = sweep_step(ctx, defenses)
-            estimates = protocol_estimates(ctx.ready, chosen, {**yardstick(config), **extras})
+                sweep = sweep_step(ctx, defenses)
+            estimates = protocol_estimates(
+                ctx.ready, sweep.chosen, {**yardstick(config), **extras}
+            )
             columns = protocol_columns(estimates, config)
             with ctx.step("clean"):
                 clean = clean_step(ctx, defenses)
@@ -201,10 +204,11 @@ def evaluate_model(
             checks = judge(ctx, defenses, columns, cells, clean, measured)
             convergence = merged(store.get("convergence") or [], log.records)
             store.put("convergence", convergence)
-    return build_report(
-        ctx, fingerprint, dev, defenses, (chosen, sweep, plan), estimates, columns, clean,
-        cells, checks, convergence, audits, cost, entropy_result,
+    record = RunRecord(
+        fingerprint, dev, defenses, sweep, estimates, columns, clean, cells, checks,
+        convergence, audits, cost, entropy_result,
     )  # fmt: skip
+    return build_report(ctx, record)
 
 
 def eot_config(ctx: RunContext) -> EvaluationConfig:
@@ -282,16 +286,16 @@ def column_costs(
     }
 
 
-def early_exit(ctx: RunContext) -> dict[str, Any]:
+def early_exit(ctx: RunContext) -> Development:
     """n* by the ready-made PGD on the development split: the iterate with the best accuracy
     (ties: the best clean accuracy among them, then the latest; ``choose_early_exit``), the
-    tied iterates (``early_exit_tied``) and how far n*'s clean accuracy is below the last
-    iterate's (``early_exit_clean_gap``; above ``EARLY_CLEAN_GAP`` it warns); with the
-    per-iterate clean and PGD accuracy, the residuals, and the PGD accuracy of the final and
-    ensemble defenses (the cascade's order)."""
+    tied iterates and how far n*'s clean accuracy is below the last iterate's (above
+    ``EARLY_CLEAN_GAP`` it warns); with the per-iterate clean and PGD accuracy, the
+    residuals, and the PGD accuracy of the final and ensemble defenses (the cascade's
+    order)."""
     dev = ctx.store.get("development")
     if dev is not None:
-        return dict(dev)
+        return Development(**dev)
     ctx.say("development split: ready-made PGD over every iterate")
     scored: dict[str, Readout] = {"final": Final(), "ensemble": Ensemble()}
     attacked = shared_pgd_scores(
@@ -299,8 +303,9 @@ def early_exit(ctx: RunContext) -> dict[str, Any]:
         seed=ctx.config.seed,
     )  # fmt: skip
     clean = clean_scores(ctx.estimator, ctx.x_dev, ctx.y_dev, {"final": Final()}, ctx.shards)
-    clean_accuracy = clean["states"].mean(0)
-    n_star = choose_early_exit(attacked["states"], clean_accuracy)
+    assert attacked.states is not None and clean.residuals is not None
+    clean_accuracy = clean.per_state()
+    n_star = choose_early_exit(attacked.states, clean_accuracy)
     gap = float(clean_accuracy[-1] - clean_accuracy[n_star - 1])
     if gap > EARLY_CLEAN_GAP:
         message = (
@@ -310,24 +315,19 @@ def early_exit(ctx: RunContext) -> dict[str, Any]:
         )
         warnings.warn(message, stacklevel=2)
         ctx.say(f"warning: {message}")
-    result = ctx.store.put(
-        "development",
-        {
-            "early_exit": n_star,
-            "early_exit_tied": tied_best(attacked["states"]),
-            "early_exit_clean_gap": gap,
-            "pgd_accuracy_per_state": attacked["states"].mean(0),
-            "clean_accuracy_per_state": clean_accuracy,
-            "residual_per_state": clean["residuals"].mean(0),
-            "pgd_accuracy": {d: float(attacked[f"defense/{d}"].mean()) for d in scored},
-        },
+    found = Development(
+        early_exit=int(n_star),
+        early_exit_tied=tied_best(attacked.states),
+        early_exit_clean_gap=gap,
+        pgd_accuracy_per_state=attacked.per_state().tolist(),
+        clean_accuracy_per_state=clean_accuracy.tolist(),
+        residual_per_state=clean.residuals.mean(0).tolist(),
+        pgd_accuracy={d: attacked.accuracy(d) for d in scored},
     )
-    return dict(result)
+    return Development(**ctx.store.put("development", dataclasses.asdict(found)))
 
 
-def sweep_step(
-    ctx: RunContext, defenses: Mapping[str, Readout]
-) -> tuple[dict[str, GradientEstimate], list[dict[str, Any]], list[dict[str, Any]]]:
+def sweep_step(ctx: RunContext, defenses: Mapping[str, Readout]) -> SweepResult:
     """The sweep of intermediate attacks on the development split (``run_sweep``), each
     finished candidate stored."""
     done = dict(ctx.store.get("sweep") or {})
@@ -344,13 +344,13 @@ def sweep_step(
     )  # fmt: skip
 
 
-def clean_step(ctx: RunContext, defenses: Mapping[str, Readout]) -> dict[str, np.ndarray]:
+def clean_step(ctx: RunContext, defenses: Mapping[str, Readout]) -> Scores:
     """Clean correctness of every defense and iterate on the test split, and residuals."""
     done = ctx.store.get("clean")
-    if done is not None:
-        return arrays(done)
-    scores = clean_scores(ctx.estimator, ctx.x, ctx.y, defenses, ctx.shards)
-    return arrays(ctx.store.put("clean", scores))
+    if done is None:
+        scores = clean_scores(ctx.estimator, ctx.x, ctx.y, defenses, ctx.shards)
+        done = ctx.store.put("clean", scores.arrays())
+    return Scores.from_arrays(done)
 
 
 def entropy_defense_step(

@@ -4,6 +4,7 @@ and JSON views of them."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from deq_attacks.evaluation.aggregate import (
 )
 from deq_attacks.evaluation.diagnostics import Check
 from deq_attacks.evaluation.entropy_defense import EntropyDefenseResult
+from deq_attacks.evaluation.scores import Development, Scores, SweepResult
 from deq_attacks.evaluation.store import jsonable
 from deq_attacks.gradients import GradientEstimate, estimate_spec
 from deq_attacks.records import to_jsonable
@@ -203,48 +205,63 @@ def _cell(value: int) -> bool | None:
     return None if value < 0 else bool(value)
 
 
-def build_report(
-    ctx: RunContext,
-    fingerprint: Mapping[str, Any],
-    development: Mapping[str, Any],
-    defenses: Mapping[str, Readout],
-    sweep: tuple[Mapping[str, GradientEstimate], list[dict[str, Any]], list[dict[str, Any]]],
-    estimates: Mapping[str, GradientEstimate],
-    columns: Sequence[Column],
-    clean: Mapping[str, np.ndarray],
-    cells: Cells,
-    checks: Sequence[Check],
-    convergence: list[dict[str, Any]],
-    audits: Mapping[str, dict[str, Any]] | None = None,
-    cost: Mapping[str, Any] | None = None,
-    entropy_defense: EntropyDefenseResult | None = None,
-) -> EvaluationReport:
+@dataclass
+class RunRecord:
+    """What the steps of one protocol run found, for its report (``build_report``).
+
+    Attributes:
+        fingerprint: the store's fingerprint (settings, weights, data).
+        development: the early-exit step's result; defenses: name -> readout.
+        sweep: the sweep's result; estimates: the columns' estimates by label.
+        columns: the columns in order; clean: the clean test scores; cells: the columns'.
+        checks: the diagnostics; convergence: the ConvergenceLog records.
+        audits: verdict mode's audit per defense; cost: the expected cost before the work.
+        entropy_defense: the input-entropy-reduction defense's result, if it ran.
+    """
+
+    fingerprint: Mapping[str, Any]
+    development: Development
+    defenses: Mapping[str, Readout]
+    sweep: SweepResult
+    estimates: Mapping[str, GradientEstimate]
+    columns: Sequence[Column]
+    clean: Scores
+    cells: Cells
+    checks: Sequence[Check]
+    convergence: list[dict[str, Any]]
+    audits: Mapping[str, dict[str, Any]] = field(default_factory=dict)
+    cost: Mapping[str, Any] = field(default_factory=dict)
+    entropy_defense: EntropyDefenseResult | None = None
+
+
+def build_report(ctx: RunContext, record: RunRecord) -> EvaluationReport:
     """The report of a finished run."""
-    chosen, entries, plan = sweep
-    config = ctx.config
+    config, sweep, cells, clean = ctx.config, record.sweep, record.cells, record.clean
+    defenses, columns = record.defenses, record.columns
+    assert clean.states is not None and clean.residuals is not None
     settings = {
         "config": to_jsonable(config),
         "threat": to_jsonable(ctx.threat),
-        "fingerprint": dict(fingerprint),
+        "fingerprint": dict(record.fingerprint),
         "mode": config.mode.value,
         "batch_size": ctx.batch,
         "device": ctx.estimator.device.type,
         "n_test": len(ctx.x),
         "n_development": len(ctx.x_dev),
         "processes": ctx.shards.world,
-        "sweep_plan": plan,
+        "sweep_plan": sweep.plan,
         "solver": repr(ctx.estimator.deq.solver),
     }
     return EvaluationReport(
         settings=settings,
-        early_exit=int(development["early_exit"]),
-        development=dict(development),
-        sweep=entries,
-        chosen={k: repr(v) for k, v in chosen.items()},
-        estimates={label: estimate_spec(e) for label, e in estimates.items()},
+        early_exit=record.development.early_exit,
+        development=dataclasses.asdict(record.development),
+        sweep=sweep.entries,
+        chosen={k: repr(v) for k, v in sweep.chosen.items()},
+        estimates={label: estimate_spec(e) for label, e in record.estimates.items()},
         defenses={k: repr(v) for k, v in defenses.items()},
         columns={c.label: c.describe(ctx.threat) for c in columns},
-        clean={d: list(map(bool, clean[f"defense/{d}"])) for d in defenses},
+        clean={d: list(map(bool, clean.correct[d])) for d in defenses},
         survived={
             d: {c.label: [_cell(int(v)) for v in cells.survived[d][c.label]] for c in columns}
             for d in defenses
@@ -252,14 +269,14 @@ def build_report(
         order=cells.order,
         extras=cells.extras,
         states={
-            "clean_accuracy": np.mean(clean["states"], axis=0).tolist(),
-            "ready_made_accuracy": np.mean(cells.ready_scores["states"], axis=0).tolist(),
-            "residual": np.mean(clean["residuals"], axis=0).tolist(),
+            "clean_accuracy": clean.per_state().tolist(),
+            "ready_made_accuracy": cells.ready.per_state().tolist(),
+            "residual": np.mean(clean.residuals, axis=0).tolist(),
         },
-        diagnostics=list(checks),
-        convergence=convergence,
+        diagnostics=list(record.checks),
+        convergence=record.convergence,
         timings={k: dict(v) for k, v in ctx.timings.items()},
-        audit={k: dict(v) for k, v in (audits or {}).items()},
-        cost=dict(cost or {}),
-        entropy_defense=entropy_defense,
+        audit={k: dict(v) for k, v in record.audits.items()},
+        cost=dict(record.cost),
+        entropy_defense=record.entropy_defense,
     )

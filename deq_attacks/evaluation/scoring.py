@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from deq_attacks.deq.readout import Readout
+from deq_attacks.evaluation.scores import Scores
 from deq_attacks.interfaces import DEQEstimator
 
 
@@ -41,22 +42,23 @@ def score_readouts(
     y: np.ndarray,
     defenses: Mapping[str, Readout],
     batch_size: int,
-) -> dict[str, np.ndarray]:
+) -> Scores:
     """Per-sample correctness of each defense and of each raw iterate, from one solve per batch.
 
     Returns:
-        ``"defense/<name>"``: bool (B,) for each defense (``correct``: finite and right);
-        ``"finite/<name>"``: bool (B,) whether the defense's logits are all finite;
-        ``"states"``: bool (B, N) whether ``z_n`` classifies the sample correctly (n = 1..N,
-        the solver's threshold); ``"residuals"``: float (B, N) relative residual of ``z_n``.
+        ``Scores`` of the B samples: ``correct`` bool (B,) per defense (``correct``: finite
+        and right), ``finite`` bool (B,) per defense (its logits all finite), ``states`` bool
+        (B, N) whether ``z_n`` classifies the sample correctly (n = 1..N, the solver's
+        threshold), ``residuals`` float (B, N) the relative residual of ``z_n``.
     """
     deq = estimator.deq
     threshold = deq.solver.threshold
     for readout in defenses.values():
         readout.check(threshold)
-    out: dict[str, list[np.ndarray]] = {f"defense/{k}": [] for k in defenses}
-    out.update({f"finite/{k}": [] for k in defenses})
-    out["states"], out["residuals"] = [], []
+    right: dict[str, list[np.ndarray]] = {k: [] for k in defenses}
+    finite: dict[str, list[np.ndarray]] = {k: [] for k in defenses}
+    states: list[np.ndarray] = []
+    residuals: list[np.ndarray] = []
     was_training = deq.training
     deq.eval()
     try:
@@ -68,18 +70,23 @@ def score_readouts(
                 trajectory = deq.solve(injection, keep=True)
                 for name, readout in defenses.items():
                     logits = deq.logits(readout.state(deq, trajectory, injection), injection)
-                    out[f"defense/{name}"].append(correct(logits, yb).cpu().numpy())
-                    out[f"finite/{name}"].append(torch.isfinite(logits).all(1).cpu().numpy())
-                states = [
+                    right[name].append(correct(logits, yb).cpu().numpy())
+                    finite[name].append(torch.isfinite(logits).all(1).cpu().numpy())
+                per_state = [
                     correct(deq.logits(trajectory.state(n), injection), yb)
                     for n in range(1, threshold + 1)
                 ]
-                out["states"].append(torch.stack(states, dim=1).cpu().numpy())
-                residuals = [trajectory.residual(n) for n in range(1, threshold + 1)]
-                out["residuals"].append(torch.stack(residuals, dim=1).cpu().numpy())
+                states.append(torch.stack(per_state, dim=1).cpu().numpy())
+                residual = [trajectory.residual(n) for n in range(1, threshold + 1)]
+                residuals.append(torch.stack(residual, dim=1).cpu().numpy())
     finally:
         deq.train(was_training)
-    return {k: np.concatenate(v) for k, v in out.items()}
+    return Scores(
+        {k: np.concatenate(v) for k, v in right.items()},
+        {k: np.concatenate(v) for k, v in finite.items()},
+        np.concatenate(states),
+        np.concatenate(residuals),
+    )
 
 
 def per_state_accuracy(
@@ -88,4 +95,5 @@ def per_state_accuracy(
     """Accuracy of every raw iterate ``z_n`` as the readout and its mean relative residual,
     both (N,), with the estimator's preprocessing applied as in ``predict``."""
     scores = score_readouts(estimator, x, y, {}, batch_size)
-    return scores["states"].mean(axis=0), scores["residuals"].mean(axis=0)
+    assert scores.residuals is not None
+    return scores.per_state(), scores.residuals.mean(axis=0)

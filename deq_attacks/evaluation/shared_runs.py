@@ -11,6 +11,7 @@ import numpy as np
 from deq_attacks.deq.readout import Readout
 from deq_attacks.evaluation.attacks import SampleSeeds, ThreatModel, fixed_step_pgd
 from deq_attacks.evaluation.distributed import Shards, map_blocks
+from deq_attacks.evaluation.scores import Scores
 from deq_attacks.evaluation.scoring import score_readouts
 from deq_attacks.gradients import GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
@@ -27,7 +28,7 @@ def shared_pgd_scores(
     *,
     seed: int = 0,
     indices: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
+) -> Scores:
     """Run the threat model's fixed-step PGD (its eps, step and steps) with ``estimate`` once
     per block, from the per-sample random starts of ``seed``, and score its adversarial
     examples against ``defenses`` and every iterate.
@@ -36,16 +37,17 @@ def shared_pgd_scores(
         indices: the samples of ``x`` to attack (default all); a sample's result does not
             depend on which others are attacked with it (its seeds follow its index).
 
-    Returns ``score_readouts``' arrays for the samples: ``"defense/<name>"`` bool (S,),
-    ``"states"`` bool (S, N), ``"residuals"`` float (S, N), gathered across processes.
+    Returns the samples' ``score_readouts``, gathered across processes.
     """
+
+    model = estimator.view(estimate=estimate)  # one view for every block
 
     def block(part: np.ndarray) -> dict[str, np.ndarray]:
         seeds = SampleSeeds(seed, "pgd", part)
-        x_adv = fixed_step_pgd(estimator, estimate, x[part], y[part], threat, seed=seeds)
-        return score_readouts(estimator, x_adv, y[part], defenses, len(x_adv))
+        x_adv = fixed_step_pgd(model, estimate, x[part], y[part], threat, seed=seeds)
+        return score_readouts(estimator, x_adv, y[part], defenses, len(x_adv)).arrays()
 
-    return map_blocks(block, len(x) if indices is None else indices, shards)
+    return Scores.from_arrays(map_blocks(block, len(x) if indices is None else indices, shards))
 
 
 def clean_scores(
@@ -54,10 +56,13 @@ def clean_scores(
     y: np.ndarray,
     defenses: Mapping[str, Readout],
     shards: Shards,
-) -> dict[str, np.ndarray]:
+) -> Scores:
     """``score_readouts`` of the clean inputs, gathered across processes."""
-    return map_blocks(
-        lambda part: score_readouts(estimator, x[part], y[part], defenses, shards.block_size),
+    found = map_blocks(
+        lambda part: score_readouts(
+            estimator, x[part], y[part], defenses, shards.block_size
+        ).arrays(),
         len(x),
         shards,
     )
+    return Scores.from_arrays(found)

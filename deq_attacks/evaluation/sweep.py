@@ -18,6 +18,7 @@ from deq_attacks.evaluation.aggregate import choose_strongest
 from deq_attacks.evaluation.attacks import ThreatModel
 from deq_attacks.evaluation.cost import racing_rounds
 from deq_attacks.evaluation.distributed import Shards
+from deq_attacks.evaluation.scores import SweepResult
 from deq_attacks.evaluation.settings import SweepConfig, SweepMode
 from deq_attacks.evaluation.shared_runs import shared_pgd_scores
 from deq_attacks.gradients import (
@@ -45,7 +46,7 @@ def run_sweep(
     on_entry: Callable[[dict[str, Any]], None] | None = None,
     progress: Callable[[str], None] | None = None,
     mode: SweepMode = SweepMode.GRID,
-) -> tuple[dict[str, GradientEstimate], list[dict[str, Any]], list[dict[str, Any]]]:
+) -> SweepResult:
     """Score every candidate on the development split and choose, per family, the one under
     which the defense ``criterion`` (the early-state defense) has the lowest accuracy.
 
@@ -61,9 +62,9 @@ def run_sweep(
             candidates (``race``): its entries hold the images each saw and the race.
 
     Returns:
-        (family -> chosen estimate, the whole sweep: one entry per candidate with its
-        family, parameters, spec, accuracy of every defense and of every iterate z_n, the
-        plan: one JSON record per family with its grid).
+        ``SweepResult``: family -> chosen estimate, the whole sweep (one entry per candidate
+        with its family, parameters, spec, accuracy of every defense and of every iterate
+        z_n) and the plan (one JSON record per family with its grid).
     """
     if criterion not in defenses:
         raise ValueError(f"criterion defense {criterion!r} is not among {sorted(defenses)}")
@@ -78,7 +79,7 @@ def run_sweep(
         return shared_pgd_scores(
             estimator, estimate, x_dev, y_dev, threat, defenses, shards, seed=seed,
             indices=indices,
-        )  # fmt: skip
+        ).arrays()  # fmt: skip
 
     for name, candidates in all_candidates.items():
         family = sweep_family(name)
@@ -136,7 +137,7 @@ def run_sweep(
             report(entry, resumed)
         if candidates:
             chosen[name] = candidates[choose_strongest(accuracies)]
-    return chosen, entries, plan
+    return SweepResult(chosen, entries, plan)
 
 
 def race(

@@ -9,30 +9,30 @@ import numpy as np
 
 from deq_attacks.deq.readout import Readout
 from deq_attacks.evaluation.attacks import Column
-from deq_attacks.evaluation.cells import Cells, attack_cells, extras_of, runs_of
+from deq_attacks.evaluation.cells import Cells
 from deq_attacks.evaluation.context import RunContext
 
 
 def table_cells(
     ctx: RunContext, columns: Sequence[Column], defenses: Mapping[str, Readout]
 ) -> Cells:
-    """Each column on every sample: a shared column once for every defense, the others once
-    per defense."""
+    """Each column on every sample (``RunContext.run_column``): a shared column once for every
+    defense, the others once per defense."""
     everything = np.arange(len(ctx.x))
     cells = Cells(
         {d: {} for d in defenses}, order={d: [c.label for c in columns] for d in defenses}
     )
     for column in columns:
-        for key, readouts in runs_of(column, defenses).items():
-            how = "one run for" if column.shared else "against"
-            ctx.say(f"test split: {column.label} ({how} {', '.join(readouts)})")
-            result = attack_cells(ctx, key, column, readouts, everything)
-            for name in readouts:
-                cells.survived[name][column.label] = result[f"defense/{name}"].astype(np.int8)
-                cells.record(name, column.label, result)
-            extra = extras_of(result)
-            if extra and not column.shared:
-                cells.extras[key] = {k: v.tolist() for k, v in extra.items()}
-            if column.shared and column.attack.name == "pgd" and column.estimate == ctx.ready:
-                cells.ready_scores = result
+        how = "one run for" if column.shared else "against"
+        ctx.say(f"test split: {column.label} ({how} {', '.join(defenses)})")
+        scores = ctx.run_column(column, defenses, everything)
+        for name in defenses:
+            cells.survived[name][column.label] = scores.correct[name].astype(np.int8)
+            cells.record(name, column.label, scores)
+        if not column.shared:
+            for run, extra in scores.extras.items():
+                if extra:
+                    cells.extras[run] = {k: v.tolist() for k, v in extra.items()}
+        if column.shared and column.attack.name == "pgd" and column.estimate == ctx.ready:
+            cells.ready_scores = scores
     return cells

@@ -16,7 +16,7 @@ Per defense:
    the report widens the robust accuracy's interval by it.
 
 Every column's result on a sample depends on the sample alone (per-sample seeds,
-``attacks.seeds``): running it on a subset (the cover, the audit, the escalation) gives the
+``adversarial.seeds``): running it on a subset (the cover, the audit, the escalation) gives the
 result the full table would give, so a sample broken in this mode is broken in the table,
 and an audited survivor is robust in the table.
 """
@@ -33,8 +33,9 @@ from deq_attacks.deq.readout import Readout
 from deq_attacks.evaluation.aggregate import clopper_pearson_upper
 from deq_attacks.evaluation.attacks import Column
 from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells, spread
-from deq_attacks.evaluation.cells import NOT_RUN, Cells, attack_cells, extras_of
-from deq_attacks.evaluation.context import RunContext, arrays
+from deq_attacks.evaluation.cells import NOT_RUN, Cells
+from deq_attacks.evaluation.context import RunContext
+from deq_attacks.evaluation.scores import Scores
 from deq_attacks.evaluation.shared_runs import clean_scores
 
 CONFIDENCE = 0.95
@@ -45,7 +46,7 @@ def verdict_cells(
     ctx: RunContext,
     columns: Sequence[Column],
     defenses: Mapping[str, Readout],
-    clean: Mapping[str, np.ndarray],
+    clean: Scores,
     strengths: DevStrengths,
     costs: Mapping[str, float | None],
 ) -> tuple[Cells, dict[str, dict[str, Any]]]:
@@ -78,12 +79,12 @@ def verdict_cells(
     return cells, audits
 
 
-def _dev_clean(ctx: RunContext, defenses: Mapping[str, Readout]) -> dict[str, np.ndarray]:
+def _dev_clean(ctx: RunContext, defenses: Mapping[str, Readout]) -> Scores:
     done = ctx.store.get("dev/clean")
     if done is None:
         scores = clean_scores(ctx.estimator, ctx.x_dev, ctx.y_dev, defenses, ctx.shards)
-        done = ctx.store.put("dev/clean", {k: v for k, v in scores.items() if "/" in k})
-    return arrays(done)
+        done = ctx.store.put("dev/clean", Scores(scores.correct, scores.finite).arrays())
+    return Scores.from_arrays(done)
 
 
 def first_breakers(cells: Cells, defense: str, n: int) -> list[str]:
@@ -123,11 +124,11 @@ def cover(
             todo = broke[known == NOT_RUN]
             if len(todo):
                 key = f"dev/swap/{defense}/{label}/{column.label}"
-                result = attack_cells(
-                    ctx, key, column, {defense: readout}, todo, development=True
+                scores = ctx.run_column(
+                    column, {defense: readout}, todo, development=True, key=key
                 )
                 known = known.copy()
-                known[known == NOT_RUN] = result[f"defense/{defense}"].astype(np.int8)
+                known[known == NOT_RUN] = scores.correct[defense].astype(np.int8)
             if not known.any():  # it breaks every one of them
                 kept[kept.index(label)] = column.label
                 swapped[label] = column.label
@@ -141,7 +142,7 @@ def audit(
     defense: str,
     readout: Readout,
     cells: Cells,
-    clean: Mapping[str, np.ndarray],
+    clean: Scores,
     kept: Sequence[str],
 ) -> dict[str, Any]:
     """The audit of the skipped columns against ``defense`` on the test survivors of the kept
@@ -149,7 +150,7 @@ def audit(
     docstring); ``cells`` is updated in place."""
     n = len(ctx.x)
     row = cells.survived[defense]
-    alive = np.asarray(clean[f"defense/{defense}"], dtype=bool) & ~np.any(
+    alive = clean.correct[defense] & ~np.any(
         [row[c] == 0 for c in row], axis=0
     )
     survivors = np.flatnonzero(alive)
@@ -208,10 +209,10 @@ def _run(
     """``column`` against ``defense`` on the test samples ``indices``, its cells filled in;
     returns their correctness."""
     key = f"{prefix}/{column.label}"
-    result = attack_cells(ctx, key, column, {defense: readout}, indices)
-    correct = result[f"defense/{defense}"].astype(bool)
+    scores = ctx.run_column(column, {defense: readout}, indices, key=key)
+    correct = scores.correct[defense]
     cells.survived[defense][column.label][indices] = correct
-    extra = extras_of(result)
+    extra = scores.extras.get(key)
     if extra and not column.shared:
         merged = cells.extras.setdefault(
             f"{defense}/{column.label}", {k: [None] * n for k in extra}

@@ -201,7 +201,7 @@ class DEQEstimator(PyTorchClassifier):
         the same parameters to view instead (e.g. ``deq_attacks.acceleration.compiled_f``)."""
         module = self.white_box.view(estimate, defense)
         return DEQEstimator(  # the same model, shape and classes: probed already
-            deq if deq is not None else self.deq,
+            module if deq is None else deq,  # the view itself: one module per view
             input_shape=tuple(self.input_shape),
             nb_classes=self.nb_classes,
             estimate=module.estimate,

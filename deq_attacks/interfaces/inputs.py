@@ -159,3 +159,77 @@ def check_binary_labels(y: object, n: int) -> Tensor:
     if not bool(((t == 0) | (t == 1)).all()):
         raise ValueError("binary labels (N, 1) must be 0 or 1")
     return t.float()
+
+
+def check_data(
+    x: object, y: object, input_shape: tuple[int, ...] | None, nb_classes: int, where: str
+) -> Tensor:
+    """Raise ValueError or TypeError (one line, naming ``where``) unless ``x`` is a
+    batch (N, *input_shape) of finite images in [0, 1] and ``y`` its N class indices in
+    [0, nb_classes) or one-hot rows; return the indices (N,) int64."""
+    try:
+        check_images(x, input_shape, (0.0, 1.0))
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{where} images: {error}") from None
+    assert isinstance(x, (np.ndarray, Tensor))
+    try:
+        return check_labels(y, x.shape[0], nb_classes)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{where} labels: {error}") from None
+
+
+def check_model_fits(
+    model: torch.nn.Module,
+    x: Tensor,
+    y: object,
+    where: str,
+    num_classes: int | None = None,
+) -> int:
+    """The one check that a model fits a data set, before any work; return its class count K.
+
+    ``x`` (B, C, H, W): a few images of the data set ``where`` on the model's device; ``y``:
+    every label the model will be asked about (class indices); ``num_classes``: the data set's
+    class count, when known. Raise ValueError (one line) unless the model's declared
+    ``input_shape`` (when it has one) is x's sample shape, an eval-mode forward without
+    gradients returns logits (B, K) (the model's train mode, weights and buffers are left as
+    they were), ``num_classes`` (when given) equals K, and every label lies in [0, K).
+    """
+    sample = tuple(x.shape[1:])
+    declared = getattr(model, "input_shape", None)
+    if declared is not None and tuple(declared) != sample:
+        raise ValueError(
+            f"the model was built for samples of shape {tuple(declared)} (its input_shape), "
+            f"but {where} has {sample}: choose the model or data that fit"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    except Exception as error:  # any failure of a user's model on this data: say which
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else type(error).__name__
+        raise ValueError(
+            f"the model does not take the images of {where} (shape {sample}): "
+            f"{type(error).__name__}: {first}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"the model returns {shape} for {x.shape[0]} images of {where}, expected logits "
+            f"({x.shape[0]}, classes)"
+        )
+    classes = int(logits.shape[1])
+    if num_classes is not None and num_classes != classes:
+        raise ValueError(
+            f"the model returns {tuple(logits.shape)} for {x.shape[0]} images of {where}, "
+            f"expected logits ({x.shape[0]}, {num_classes}) for its {num_classes} classes"
+        )
+    labels = torch.as_tensor(np.asarray(y)) if not isinstance(y, Tensor) else y
+    if labels.numel() and int(labels.max()) >= classes:
+        raise ValueError(
+            f"{where} has label {int(labels.max())}, but the model has {classes} outputs"
+        )
+    return classes

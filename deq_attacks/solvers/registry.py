@@ -1,4 +1,5 @@
-"""Solvers by name: the registry behind ``--solver``, rebuildable specs and every list of choices.
+"""Solvers by name: the registry behind ``--model.forward_solver``, rebuildable specs and
+every list of choices.
 
 A solver module registers its class once, under a short name::
 

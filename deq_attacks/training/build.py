@@ -1,48 +1,17 @@
-"""The model, optimizer and schedules a TrainConfig describes."""
+"""The model (through the one builder, ``deq_attacks.model_spec``), optimizer and schedules a
+TrainConfig describes."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from deq_attacks.deq import (
-    DEQ,
-    DEQModel,
-    ImplicitGradient,
-    JacobianRegularization,
-    PhantomGradient,
-    TrainingGradient,
-)
-from deq_attacks.models import create_model
-from deq_attacks.solvers import Solver, parse_solver
-from deq_attacks.training.config import Gradient, TrainConfig
-
-#: Models built for 3x32x32 inputs only.
-_CIFAR_ONLY = frozenset({"deq_large", "deq_xl"})
-
-
-def forward_solver(config: TrainConfig) -> Solver:
-    """``config.forward_solver`` from the registry, with ``forward_threshold`` and
-    ``solver_tol``."""
-    return parse_solver(
-        config.forward_solver, threshold=config.forward_threshold, tol=config.solver_tol
-    )
-
-
-def training_gradient(config: TrainConfig) -> TrainingGradient:
-    """Phantom(k, lambda), or the implicit gradient whose backward solver is
-    ``config.backward_solver`` with ``backward_threshold`` and ``solver_tol``."""
-    if config.gradient is Gradient.PHANTOM:
-        return PhantomGradient(config.phantom_k, config.phantom_lam)
-    return ImplicitGradient(
-        parse_solver(
-            config.backward_solver, threshold=config.backward_threshold, tol=config.solver_tol
-        )
-    )
+from deq_attacks import model_spec
+from deq_attacks.deq import DEQ, DEQModel, JacobianRegularization
+from deq_attacks.training.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -78,71 +47,28 @@ class JacobianSchedule:
 
 def jacobian_schedule(config: TrainConfig) -> JacobianSchedule | None:
     """The penalty schedule of ``config`` (None: no regulariser, e.g. ``jac_weight=0``)."""
-    if not config.is_deq or config.jac_weight == 0:
+    if not config.is_deq or config.optimiser.jac_weight == 0:
         return None
     return JacobianSchedule(
-        JacobianRegularization(weight=config.jac_weight),
-        config.jac_frequency,
-        config.pretrain_steps,
-        config.jac_stop_epoch,
+        JacobianRegularization(weight=config.optimiser.jac_weight),
+        config.optimiser.jac_frequency,
+        config.optimiser.pretrain_steps,
+        config.optimiser.jac_stop_epoch,
     )
 
 
-def build_model(
+def training_model(
     config: TrainConfig, image_shape: tuple[int, int, int], num_classes: int
 ) -> nn.Module:
-    """The model ``config.model`` for images ``image_shape`` (C, H, W) and ``num_classes``."""
-    channels, side, _ = image_shape
-    if config.model in _CIFAR_ONLY and image_shape != (3, 32, 32):
-        raise ValueError(f"{config.model} takes 3x32x32 images; the data has {image_shape}")
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
-    if config.is_deq:
-        kwargs.update(
-            solver=forward_solver(config),
-            training_gradient=training_gradient(config),
-        )
-    if config.model == "small_conv_deq":
-        kwargs.update(in_channels=channels, image_size=side)
-        if config.width is not None:
-            kwargs["channels"] = config.width
-        if config.dropout is not None:
-            kwargs["dropout"] = config.dropout
-    elif config.model in ("resnet18", "wrn34_10"):
-        kwargs["in_channels"] = channels
-        if config.width is not None:
-            kwargs["width" if config.model == "resnet18" else "widen"] = config.width
-    model = create_model(config.model, **kwargs)
+    """The model ``config.model`` (``deq_attacks.model_spec.build_model``) for images
+    ``image_shape`` (C, H, W) and ``num_classes``; a DEQ unless it trains with autograd."""
+    model = model_spec.build_model(config.model, image_shape, num_classes).model
     if config.is_deq and not isinstance(model, DEQ):
         raise TypeError(
-            f"{config.model} built a {type(model).__name__}, not a DEQ: use gradient=autograd"
+            f"{config.model.name} built a {type(model).__name__}, not a deq_attacks DEQ (the "
+            "training loop runs its unrolled pretraining): use training_gradient autograd"
         )
-    if not config.is_deq and isinstance(model, DEQ):
-        raise TypeError(f"{config.model} is a DEQ: use gradient=exact or phantom")
     return model
-
-
-def check_model_fits(model: nn.Module, x: Tensor, num_classes: int, where: str) -> None:
-    """Raise ValueError (one line) unless ``model`` classifies the sample batch ``x``
-    (B, C, H, W) into ``num_classes`` logits: an eval-mode forward without gradients, so the
-    weights, buffers and random streams are left as they were."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(x)
-    except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"the model does not take the images of {where} (shape {tuple(x.shape[1:])}): {first}"
-        ) from None
-    finally:
-        model.train(was_training)
-    if not isinstance(logits, Tensor) or tuple(logits.shape) != (x.shape[0], num_classes):
-        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(
-            f"the model returns {shape} for {x.shape[0]} images of {where}, expected logits "
-            f"({x.shape[0]}, {num_classes}) for its {num_classes} classes"
-        )
 
 
 def unrolled_logits(deq: DEQModel, x: Tensor, depth: int) -> Tensor:
@@ -195,8 +121,10 @@ def optimizer_and_schedule(
 ) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.CosineAnnealingLR]:
     """Adam with a cosine decay from ``lr`` to ``lr_min`` stepped once per optimizer step over
     the whole run (as the reference code's CosineAnnealingLR)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.optimiser.lr, weight_decay=config.optimiser.weight_decay
+    )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=total_steps, eta_min=config.lr_min
+        optimizer, T_max=total_steps, eta_min=config.optimiser.lr_min
     )
     return optimizer, schedule

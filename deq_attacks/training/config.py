@@ -1,11 +1,13 @@
-"""``TrainConfig``: every setting of one PGD-AT run (Sec. 6, Appendix A, Table 7), validated.
+"""``TrainConfig``: every setting of one PGD-AT run (Sec. 6, Appendix A, Table 7), in five
+sections that each validate themselves: ``model`` (a ``ModelSpec``, as ``evaluate`` takes it),
+``threat`` (the adversary), ``data``, ``optimiser`` and ``execution``.
 
 The defaults are the paper's exact-trained DEQ-Large recipe; `presets.PRESETS` names the others.
-Every field is a scalar, so the command line derives its options from this class (the docstring
-under each field is its help) and the run folder records it as ``config.json``. The module
-imports no torch: validation imports the model registry and ``Acceleration`` when it runs (and
-no ``from __future__ import annotations``: jsonargparse then reads the fields' types as objects,
-without running the ``TYPE_CHECKING`` imports).
+The command line derives its options from these classes (``--optimiser.epochs``; the docstring
+under each field is its help) and the run folder records the config as ``config.json``. The
+module imports no torch: validation imports the model registry, the solver registry and
+``Acceleration`` when it runs (and no ``from __future__ import annotations``: jsonargparse then
+reads the fields' types as objects, without running the ``TYPE_CHECKING`` imports).
 """
 
 import dataclasses
@@ -13,50 +15,42 @@ import enum
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deq_attacks.model_spec import BASELINE_MODELS, DEFAULT_SOLVER, Gradient, ModelSpec
 from deq_attacks.records import to_jsonable
 
 if TYPE_CHECKING:
     from deq_attacks.acceleration import Acceleration
 
-#: Registered models that are not DEQs: trained with plain autograd, no DEQ-only steps.
-BASELINE_MODELS = frozenset({"resnet18", "wrn34_10"})
-#: Models with a width setting: channels of the small conv DEQ, base width of ResNet-18, widen
-#: factor of WRN-34.
-_WIDTH_MODELS = frozenset({"small_conv_deq", "resnet18", "wrn34_10"})
+__all__ = [
+    "BASELINE_MODELS",
+    "DEFAULT_SOLVER",
+    "MEMORY_DATA",
+    "RUN_ONLY_KEYS",
+    "DataSettings",
+    "Device",
+    "ExecutionSettings",
+    "Gradient",
+    "OptimiserSettings",
+    "ThreatSettings",
+    "TrainConfig",
+]
 
-#: The forward and backward solver unless a config names another (the paper's Broyden).
-DEFAULT_SOLVER = "broyden"
-
-#: Fields added after run folders were cached under ``TrainConfig.fingerprint``, with the
-#: default that leaves them out of it.
-LATER_FIELDS: dict[str, Any] = {
-    "forward_solver": DEFAULT_SOLVER,
-    "backward_solver": DEFAULT_SOLVER,
-    "norm": "Linf",
-    "random_state": False,
-}
-
-#: ``data`` value for arrays handed to ``run_training(config, run_dir, data=...)``.
+#: ``data.source`` value for arrays handed to ``run_training(config, run_dir, data=...)``.
 MEMORY_DATA = "memory"
 #: The dev evaluation's batch when ``eval_batch_size`` is None, per device.
 DEFAULT_EVAL_BATCH = {"cpu": 200, "cuda": 500}
 
 #: Settings that change how a run executes but not what it computes: a resumed run may differ
 #: in these (threads, loader workers, where CIFAR-10 lives, whether it may be downloaded, plots).
-RUN_ONLY_KEYS = frozenset({"threads", "num_workers", "data_root", "download", "plots"})
-
-
-class Gradient(str, enum.Enum):
-    """How the training gradient reaches the parameters (and which gradient PGD-AT attacks
-    with: the same one, Appendix A)."""
-
-    EXACT = "exact"  # ImplicitGradient: a backward solve by backward_solver
-    PHANTOM = "phantom"  # PhantomGradient(k, lambda): the unrolling-trained DEQ
-    AUTOGRAD = "autograd"  # plain backpropagation: the ResNet / WRN baselines
+RUN_ONLY_KEYS = frozenset(
+    {"execution.threads", "execution.num_workers", "data.data_root", "data.download",
+     "execution.plots"}
+)  # fmt: skip
 
 
 class Device(str, enum.Enum):
@@ -64,44 +58,87 @@ class Device(str, enum.Enum):
     CUDA = "cuda"
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run. The docstring under each field is its help on the command line."""
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    # --- model ----------------------------------------------------------------------------
-    model: str = "deq_large"
-    """Registered model (deq_large, deq_xl, small_conv_deq, resnet18, wrn34_10; `deq-attacks
-    list models`) or a 'module:function' entry point, imported and called (as Hydra's
-    _target_: a config file naming one is to be trusted like a script)."""
-    width: int | None = None
-    """Channels of small_conv_deq, base width of resnet18, widen factor of wrn34_10 (null: the
-    model's default)."""
-    dropout: float | None = None
-    """Variational dropout in f of small_conv_deq (MDEQs: built in, 0.22)."""
-    gradient: Gradient = Gradient.EXACT
-    """Training gradient: EXACT (implicit, a backward solve), PHANTOM (unrolling, k and
-lambda) or AUTOGRAD (the ResNet/WRN baselines)."""
-    forward_solver: str = DEFAULT_SOLVER
-    """Forward solver: a registered name (`deq-attacks list solvers`) with optional settings,
-    as evaluate's --solver takes it (e.g. anderson or anderson:memory=5); its threshold and tol
-    are forward_threshold and solver_tol."""
-    backward_solver: str = DEFAULT_SOLVER
-    """Backward solver of the exact gradient, in the same form; its threshold and tol are
-    backward_threshold and solver_tol."""
-    forward_threshold: int = 8
-    """Forward solver iterates."""
-    backward_threshold: int = 7
-    """Backward solver iterates of the exact gradient."""
-    solver_tol: float = 1e-3
-    """Relative-residual tolerance of both solvers."""
-    phantom_k: int = 5
-    """Unrolling steps k of the phantom gradient."""
-    phantom_lam: float = 0.5
-    """Damping lambda of the phantom gradient."""
-    # --- data -----------------------------------------------------------------------------
-    data: str = "cifar10"
+
+class _Checks:
+    """Collects the problems of one section's fields, each as one message."""
+
+    def __init__(self, section: object) -> None:
+        self.section, self.out = section, []  # type: ignore[var-annotated]
+
+    def ints(self, names: tuple[str, ...], low: int, optional: bool = False) -> None:
+        """Each field an int >= ``low`` (``optional``: or None)."""
+        for name in names:
+            value = getattr(self.section, name)
+            if optional and value is None:
+                continue
+            if not _is_int(value) or value < low:
+                what = f"None or an int >= {low}" if optional else f"an int >= {low}"
+                self.out.append(f"{name} must be {what}, got {value!r}")
+
+    def number(self, name: str, ok: Callable[[float], bool], what: str) -> None:
+        """The field a number for which ``ok`` holds (``what`` says which)."""
+        value = getattr(self.section, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            self.out.append(f"{name} must be {what}, got {value!r}")
+
+    def bools(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            if not isinstance(getattr(self.section, name), bool):
+                self.out.append(
+                    f"{name} must be true or false, got {getattr(self.section, name)!r}"
+                )
+
+    def raise_any(self, section: str) -> None:
+        if self.out:
+            raise ValueError(f"invalid {section} settings: " + "; ".join(self.out))
+
+
+@dataclass(frozen=True)
+class ThreatSettings:
+    """The adversary of PGD-AT and of the development PGD."""
+
+    adversarial: bool = True
+    """PGD-AT after pretraining."""
+    eps: float = 8 / 255
+    """Budget in `norm`, inputs in [0, 1]."""
+    step: float = 2 / 255
+    """PGD step size (its length in `norm`)."""
+    steps: int = 10
+    """PGD iterations."""
+    random_start: bool = True
+    """Uniform random start of the training PGD (the dev PGD always has one)."""
+    norm: str = "Linf"
+    """Threat model of the training and dev PGD: Linf or L2 (ART's PGD with norm inf or 2)."""
+    adversary: str = "torch"
+    """Who makes the training and dev PGD: torch (`deq_attacks.adversarial.pgd`) or art
+    (ART's ProjectedGradientDescent over a DEQEstimator); the same adversaries, torch faster."""
+
+    def __post_init__(self) -> None:
+        checks = _Checks(self)
+        checks.bools(("adversarial", "random_start"))
+        checks.ints(("steps",), 1)
+        if self.norm not in ("Linf", "L2"):
+            checks.out.append(f"norm must be Linf or L2, got {self.norm!r}")
+        if self.adversary not in ("torch", "art"):
+            checks.out.append(f"adversary must be torch or art, got {self.adversary!r}")
+        top = 1 if self.norm == "Linf" else math.inf
+        where = "in (0, 1] under L-inf" if top == 1 else "a finite number > 0"
+        for name in ("eps", "step"):
+            checks.number(name, lambda v: 0 < v <= top, where)
+        checks.raise_any("threat")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The training data, its development split (checkpoint choice) and augmentation."""
+
+    source: str = "cifar10"
     """'cifar10' (torchvision), 'digits' (embedded), an arrays file .npz, or 'memory' (the arrays
-    passed to run_training(..., data=...))."""
+    passed to run_training(..., data=...)); training uses the part deq_attacks.splits assigns
+    to it."""
     data_root: Path = Path("data")
     """torchvision's CIFAR-10 folder."""
     download: bool = False
@@ -114,7 +151,28 @@ lambda) or AUTOGRAD (the ResNet/WRN baselines)."""
     """RandomCrop padding of the augmentation (0: no crop)."""
     flip: bool = True
     """Random horizontal flip."""
-    # --- optimisation ---------------------------------------------------------------------
+
+    def __post_init__(self) -> None:
+        checks = _Checks(self)
+        checks.ints(("crop_padding",), 0)
+        checks.ints(("dev_size",), 1)
+        checks.ints(("train_limit",), 1, optional=True)
+        checks.bools(("download", "flip"))
+        known = ("cifar10", "digits", MEMORY_DATA)
+        if not isinstance(self.source, str) or (
+            self.source not in known and not self.source.endswith(".npz")
+        ):
+            checks.out.append(
+                "source must be 'cifar10', 'digits', 'memory' or an arrays file ending in .npz: "
+                f"{self.source!r}"
+            )
+        checks.raise_any("data")
+
+
+@dataclass(frozen=True)
+class OptimiserSettings:
+    """Adam, its schedule, the clean pretraining and the Jacobian regulariser."""
+
     epochs: int = 150
     """Epochs in all, pretraining included."""
     batch_size: int = 96
@@ -140,27 +198,25 @@ lambda) or AUTOGRAD (the ResNet/WRN baselines)."""
     at z_n instead of z*, n uniform in 1..forward_threshold (one draw per step, seeded by
     (seed, step)), the training gradient starting from z_n; adversaries and the dev
     evaluation keep the full solve."""
-    # --- adversary (PGD-AT and the development PGD) ---------------------------------------
-    adversarial: bool = True
-    """PGD-AT after pretraining."""
-    eps: float = 8 / 255
-    """Budget in `norm`, inputs in [0, 1]."""
-    step: float = 2 / 255
-    """PGD step size (its length in `norm`)."""
-    steps: int = 10
-    """PGD iterations."""
-    random_start: bool = True
-    """Uniform random start of the training PGD (the dev PGD always has one)."""
-    norm: str = "Linf"
-    """Threat model of the training and dev PGD: Linf or L2 (ART's PGD with norm inf or 2)."""
-    # --- monitoring -----------------------------------------------------------------------
-    eval_batch_size: int | None = None
-    """Batch of the dev evaluation (null: 200 on CPU, 500 on CUDA)."""
-    spectral_samples: int = 32
-    """Dev images for the spectral radius of J_f at z* (0: skip)."""
-    plots: bool = True
-    """Redraw training.png after every epoch."""
-    # --- execution ------------------------------------------------------------------------
+
+    def __post_init__(self) -> None:
+        checks = _Checks(self)
+        checks.ints(("epochs", "batch_size", "pretrain_depth"), 1)
+        checks.ints(("pretrain_steps", "jac_stop_epoch"), 0)
+        checks.number("lr", lambda v: v > 0, "> 0")
+        lr = self.lr if isinstance(self.lr, (int, float)) else math.nan
+        checks.number("lr_min", lambda v: 0 <= v <= lr, f"in [0, lr={self.lr}]")
+        checks.number("weight_decay", lambda v: v >= 0, ">= 0")
+        checks.number("jac_weight", lambda v: v >= 0, ">= 0")
+        checks.number("jac_frequency", lambda v: 0 < v <= 1, "in (0, 1]")
+        checks.bools(("random_state",))
+        checks.raise_any("optimiser")
+
+
+@dataclass(frozen=True)
+class ExecutionSettings:
+    """Where and how the run executes: seed, device, speed-ups, workers, monitoring."""
+
     seed: int = 0
     """Seed of everything random."""
     device: Device = Device.CUDA
@@ -182,15 +238,31 @@ lambda) or AUTOGRAD (the ResNet/WRN baselines)."""
     """Torch CPU threads (null: torch's)."""
     num_workers: int = 2
     """DataLoader worker processes."""
+    eval_batch_size: int | None = None
+    """Batch of the dev evaluation (null: 200 on CPU, 500 on CUDA)."""
+    spectral_samples: int = 32
+    """Dev images for the spectral radius of J_f at z* (0: skip)."""
+    plots: bool = True
+    """Redraw training.png after every epoch."""
 
     def __post_init__(self) -> None:
-        problems = list(_problems(self))
-        if problems:
-            raise ValueError("invalid training config: " + "; ".join(problems))
+        checks = _Checks(self)
+        checks.ints(("seed", "num_workers", "spectral_samples"), 0)
+        checks.ints(("threads", "eval_batch_size"), 1, optional=True)
+        checks.bools(("plots",))
+        if not isinstance(self.device, Device):
+            checks.out.append(f"device must be cpu or cuda, got {self.device!r}")
+        checks.raise_any("execution")
 
-    @property
-    def is_deq(self) -> bool:
-        return self.gradient is not Gradient.AUTOGRAD
+    def acceleration_problems(self) -> list[str]:
+        """The speed-up options that are invalid or that the device cannot serve. They import
+        ``deq_attacks.acceleration`` (and so torch): ``TrainConfig`` checks them, so that a
+        parser built from the defaults stays free of torch."""
+        try:
+            acceleration = self.acceleration
+        except ValueError as error:
+            return [str(error)]
+        return acceleration.problems(self.device.value)
 
     @property
     def acceleration(self) -> "Acceleration":
@@ -213,171 +285,182 @@ lambda) or AUTOGRAD (the ResNet/WRN baselines)."""
             return self.eval_batch_size
         return DEFAULT_EVAL_BATCH[self.device.value]
 
+
+def paper_model() -> ModelSpec:
+    """The paper's model: DEQ-Large, exact gradient, Broyden forward/backward 8/7, tol 1e-3
+    (built when asked: validating a spec imports the registries, and so torch)."""
+    return ModelSpec(
+        "deq_large",
+        training_gradient=Gradient.EXACT,
+        forward_solver=DEFAULT_SOLVER,
+        forward_threshold=8,
+        backward_solver=DEFAULT_SOLVER,
+        backward_threshold=7,
+        solver_tol=1e-3,
+    )
+
+
+#: The sections of a TrainConfig, by name.
+SECTIONS: dict[str, type] = {
+    "model": ModelSpec,
+    "threat": ThreatSettings,
+    "data": DataSettings,
+    "optimiser": OptimiserSettings,
+    "execution": ExecutionSettings,
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. The docstring under each field is its help on the command line."""
+
+    model: ModelSpec = field(default_factory=paper_model)
+    """The model (as deq-attacks evaluate takes it); training fills num_classes, in_channels
+    and image_size from the data."""
+    threat: ThreatSettings = field(default_factory=ThreatSettings)
+    """The adversary of PGD-AT and of the development PGD."""
+    data: DataSettings = field(default_factory=DataSettings)
+    """The training data."""
+    optimiser: OptimiserSettings = field(default_factory=OptimiserSettings)
+    """Optimiser, schedule, pretraining and regulariser."""
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)
+    """Seed, device, speed-ups and monitoring."""
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}"
+            for name, cls in SECTIONS.items()
+            if not isinstance(getattr(self, name), cls)
+        ]
+        if not problems:
+            problems = _cross_problems(self)
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+    @property
+    def is_deq(self) -> bool:
+        return self.model.is_deq
+
+    def updated(self, **changes: Any) -> "TrainConfig":
+        """A copy with fields changed by their own names, whichever section holds them
+        (``updated(epochs=3, eps=0.1)``), or whole sections by theirs (``updated(model=...)``)."""
+        sections: dict[str, dict[str, Any]] = {}
+        direct = {k: v for k, v in changes.items() if k in SECTIONS}
+        for key, value in changes.items():
+            if key in direct:
+                continue
+            owner = _owner(key)
+            sections.setdefault(owner, {})[key] = value
+        for owner, values in sections.items():
+            direct[owner] = dataclasses.replace(direct.get(owner, getattr(self, owner)), **values)
+        return dataclasses.replace(self, **direct)
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting as JSON values under ``section.field`` keys."""
+        return {
+            f"{section}.{key}": value
+            for section, values in to_jsonable(self).items()
+            for key, value in values.items()
+        }
+
     def differences(self, other: "TrainConfig") -> list[str]:
-        """Keys (outside ``RUN_ONLY_KEYS``) whose values differ, as ``key: self -> other``."""
+        """Settings (outside ``RUN_ONLY_KEYS``) whose values differ, as ``key: self -> other``."""
+        mine, theirs = self.flat(), other.flat()
         return [
-            f"{f.name}: {getattr(self, f.name)!r} -> {getattr(other, f.name)!r}"
-            for f in dataclasses.fields(self)
-            if f.name not in RUN_ONLY_KEYS and getattr(self, f.name) != getattr(other, f.name)
+            f"{key}: {mine[key]!r} -> {theirs[key]!r}"
+            for key in mine
+            if key not in RUN_ONLY_KEYS and mine[key] != theirs[key]
         ]
 
     def fingerprint(self) -> str:
         """12 hex digits of the SHA-256 of the settings outside ``RUN_ONLY_KEYS`` (as JSON):
-        configs that compute the same run share it (``train_cached`` names run folders by it).
-        Fields added after runs were cached (``LATER_FIELDS``) are left out at their default,
-        so that those runs keep their fingerprint."""
-        values = {
-            k: v
-            for k, v in to_jsonable(self).items()
-            if k not in RUN_ONLY_KEYS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])
-        }
+        configs that compute the same run share it (``train_cached`` names run folders by it)."""
+        values = {k: v for k, v in self.flat().items() if k not in RUN_ONLY_KEYS}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> "TrainConfig":
-        """The config that ``deq_attacks.records.to_jsonable`` wrote (unknown keys raise)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """The config that ``deq_attacks.records.to_jsonable`` wrote (unknown keys raise), or
+        settings by section as the command line parses them; every section's problems are
+        reported at once."""
+        unknown = sorted(set(values) - set(SECTIONS))
         if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}; known: {sorted(known)}")
-        converted = dict(values)
-        converted["gradient"] = Gradient(values.get("gradient", Gradient.EXACT.value))
-        converted["device"] = Device(values.get("device", Device.CUDA.value))
-        if "data_root" in values:
-            converted["data_root"] = Path(values["data_root"])
-        return cls(**converted)
+            flat = (
+                any(_owns(key) for key in unknown)
+                or "model" in values
+                and not isinstance(values["model"], (dict, ModelSpec))
+            )
+            hint = (
+                " (a flat config.json of a deq_attacks before the sections: start a new run "
+                "folder, or nest its keys under their sections)"
+                if flat
+                else ""
+            )
+            raise ValueError(
+                f"unknown TrainConfig sections {unknown}; known: {list(SECTIONS)}{hint}"
+            )
+        built: dict[str, Any] = {}
+        problems: list[str] = []
+        for name, section in SECTIONS.items():
+            given = values.get(name)
+            if given is None or isinstance(given, section):
+                if given is not None:
+                    built[name] = given
+                continue
+            try:
+                built[name] = _section(section, dict(given))
+            except (ValueError, TypeError) as error:
+                problems.append(str(error))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return cls(**built)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _owns(key: str) -> str | None:
+    """The section that has the field ``key``, or None."""
+    for name, section in SECTIONS.items():
+        if key in {f.name for f in dataclasses.fields(section)}:
+            return name
+    return None
 
 
-def _problems(c: TrainConfig) -> list[str]:
-    """Every invalid setting of ``c``, each as one message."""
-    from deq_attacks.models.registry import list_models
-
-    out: list[str] = []
-    positive = (
-        "forward_threshold",
-        "backward_threshold",
-        "phantom_k",
-        "epochs",
-        "batch_size",
-        "pretrain_depth",
-        "steps",
-    )
-    for name in positive:
-        if not _is_int(getattr(c, name)) or getattr(c, name) < 1:
-            out.append(f"{name} must be an int >= 1, got {getattr(c, name)!r}")
-    for name in ("pretrain_steps", "jac_stop_epoch", "crop_padding", "spectral_samples", "seed"):
-        if not _is_int(getattr(c, name)) or getattr(c, name) < 0:
-            out.append(f"{name} must be an int >= 0, got {getattr(c, name)!r}")
-    if not _is_int(c.num_workers) or c.num_workers < 0:
-        out.append(f"num_workers must be an int >= 0, got {c.num_workers!r}")
-    if not _is_int(c.dev_size) or c.dev_size < 1:
-        out.append(f"dev_size must be an int >= 1 (checkpoints are chosen on it), got {c.dev_size}")
-    for name in ("train_limit", "threads", "width", "eval_batch_size"):
-        value = getattr(c, name)
-        if value is not None and (not _is_int(value) or value < 1):
-            out.append(f"{name} must be None or an int >= 1, got {value!r}")
-
-    def finite(name: str) -> float:
-        value = getattr(c, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            out.append(f"{name} must be a number, got {value!r}")
-            return math.nan
-        return float(value)
-
-    if not finite("lr") > 0:
-        out.append(f"lr must be > 0, got {c.lr!r}")
-    if not 0 <= finite("lr_min") <= c.lr:
-        out.append(f"lr_min must be in [0, lr={c.lr}], got {c.lr_min!r}")
-    if not finite("weight_decay") >= 0:
-        out.append(f"weight_decay must be >= 0, got {c.weight_decay!r}")
-    if not 0 <= finite("solver_tol") < math.inf:
-        out.append(f"solver_tol must be a finite number >= 0, got {c.solver_tol!r}")
-    if not 0 < finite("phantom_lam") <= 1:
-        out.append(f"phantom_lam must be in (0, 1], got {c.phantom_lam!r}")
-    if not finite("jac_weight") >= 0:
-        out.append(f"jac_weight must be >= 0, got {c.jac_weight!r}")
-    if not 0 < finite("jac_frequency") <= 1:
-        out.append(f"jac_frequency must be in (0, 1], got {c.jac_frequency!r}")
-    if c.norm not in ("Linf", "L2"):
-        out.append(f"norm must be Linf or L2, got {c.norm!r}")
-    top = 1 if c.norm == "Linf" else math.inf
-    for name in ("eps", "step"):
-        if not 0 < finite(name) <= top:
-            where = "in (0, 1] under L-inf" if top == 1 else "a finite number > 0"
-            out.append(f"{name} must be {where}, got {getattr(c, name)!r}")
-    if c.dropout is not None and not 0 <= finite("dropout") < 1:
-        out.append(f"dropout must be in [0, 1), got {c.dropout!r}")
-    if not isinstance(c.gradient, Gradient):
-        out.append(
-            f"gradient must be a Gradient ({[g.value for g in Gradient]}), got {c.gradient!r}"
-        )
-    if not isinstance(c.device, Device):
-        out.append(f"device must be cpu or cuda, got {c.device!r}")
-    if not c.model or (":" not in c.model and c.model not in list_models()):
-        out.append(
-            f"unknown model {c.model!r}: registered are {', '.join(list_models())}, or give a "
-            "'module:function' entry point"
-        )
-    if not isinstance(c.random_state, bool):
-        out.append(f"random_state must be a bool, got {c.random_state!r}")
-    elif c.random_state and c.gradient is Gradient.AUTOGRAD:
-        out.append("random_state (the loss at a random z_n) is DEQ-only, not for gradient=autograd")
-    if c.model in BASELINE_MODELS and c.gradient is not Gradient.AUTOGRAD:
-        out.append(f"{c.model} is not a DEQ: use gradient=autograd")
-    if c.gradient is Gradient.AUTOGRAD and c.model not in BASELINE_MODELS and ":" not in c.model:
-        out.append(f"{c.model} is a DEQ: use gradient=exact or phantom, not autograd")
-    if c.gradient is Gradient.AUTOGRAD and c.jac_weight > 0:
-        out.append("Jacobian regularisation is DEQ-only: set jac_weight=0 for gradient=autograd")
-    if c.width is not None and c.model not in _WIDTH_MODELS:
-        out.append(f"width applies to {sorted(_WIDTH_MODELS)} only, not {c.model}")
-    if c.dropout is not None and c.model != "small_conv_deq":
-        out.append(f"dropout is a setting of small_conv_deq only (MDEQs fix 0.22), not {c.model}")
-    out.extend(_solver_problems(c))
-    try:
-        acceleration = c.acceleration
-    except ValueError as error:
-        out.append(str(error))
-    else:
-        if isinstance(c.device, Device):
-            out.extend(acceleration.problems(c.device.value))
-    known_data = ("cifar10", "digits", MEMORY_DATA)
-    if not isinstance(c.data, str) or (c.data not in known_data and not c.data.endswith(".npz")):
-        out.append(
-            f"data must be 'cifar10', 'digits', 'memory' or an arrays file ending in .npz: "
-            f"{c.data!r}"
-        )
-    return out
+def _owner(key: str) -> str:
+    """The section that has the field ``key``."""
+    owner = _owns(key)
+    if owner is None:
+        raise TypeError(f"TrainConfig has no setting {key!r}")
+    return owner
 
 
-def _solver_problems(c: TrainConfig) -> list[str]:
-    """The problems of ``forward_solver`` and ``backward_solver``: each must build, from the
-    registry, with its threshold and ``solver_tol`` (those that are valid themselves), and
-    only where it is used."""
-    from deq_attacks.solvers.registry import parse_solver
+def _section(cls: type, values: dict[str, Any]) -> Any:
+    """The section ``cls`` from JSON values (enums and paths converted; unknown keys raise)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+    converted = dict(values)
+    for key, kind in (("device", Device), ("training_gradient", Gradient)):
+        if isinstance(converted.get(key), str):
+            converted[key] = kind(converted[key])
+    for key in ("data_root", "checkpoint"):
+        if isinstance(converted.get(key), str):
+            converted[key] = Path(converted[key])
+    return cls(**converted)
 
-    out: list[str] = []
-    fields = (("forward_solver", c.forward_threshold), ("backward_solver", c.backward_threshold))
-    for name, threshold in fields:
-        spec = getattr(c, name)
-        if not isinstance(spec, str):
-            out.append(f"{name} must be text (a solver name, settings optional), got {spec!r}")
-            continue
-        fixed: dict[str, Any] = {}
-        if _is_int(threshold) and threshold >= 1:
-            fixed["threshold"] = threshold
-        tol = c.solver_tol
-        if not isinstance(tol, bool) and isinstance(tol, (int, float)) and 0 <= tol < math.inf:
-            fixed["tol"] = tol
-        try:
-            parse_solver(spec, **fixed)
-        except (ValueError, TypeError) as error:
-            out.append(f"{name}: {error}")
-    if c.gradient is Gradient.AUTOGRAD and c.forward_solver != DEFAULT_SOLVER:
-        out.append(f"forward_solver is for DEQs: {c.model} with gradient=autograd solves nothing")
-    if c.gradient is not Gradient.EXACT and c.backward_solver != DEFAULT_SOLVER:
-        out.append("backward_solver is the exact gradient's: use it with gradient=exact")
+
+def _cross_problems(c: TrainConfig) -> list[str]:
+    """The problems that span sections (each section has checked its own fields)."""
+    model = c.model
+    out = model.registry_problems() + c.execution.acceleration_problems()
+    if model.training_gradient is None:
+        out.append("model.training_gradient must be given for training: exact, phantom or autograd")
+    elif model.training_gradient is Gradient.AUTOGRAD:
+        if ":" not in model.name and model.name not in BASELINE_MODELS:
+            out.append(f"{model.name} is a DEQ: use training_gradient exact or phantom")
+        if c.optimiser.jac_weight > 0:
+            out.append("Jacobian regularisation is DEQ-only: set jac_weight=0 for autograd")
+        if c.optimiser.random_state:
+            out.append("random_state (the loss at a random z_n) is DEQ-only, not for autograd")
+    elif model.forward_solver is None or model.forward_threshold is None:
+        out.append("model.forward_solver and model.forward_threshold must be given for training")
     return out

@@ -4,9 +4,9 @@ set, we never touch it).
 
 - ``cifar10``: torchvision's CIFAR-10 training set (50,000 images) with RandomCrop(32,
   padding=4) and RandomHorizontalFlip, as the reference code; the dev split comes from it.
-- ``digits``: the embedded 8x8 digits; the first 1,200 are the training pool (the rest stay
-  for testing, as in ``deq-attacks demo``).
-- an ``.npz`` arrays file: its ``x_train``/``y_train`` when present, else its first 80%.
+- ``digits`` or an ``.npz`` arrays file: ``deq_attacks.splits.training_pool`` (the first 1,200
+  digits, the file's ``x_train``/``y_train``, else its first 80%); the rest is held out for
+  evaluation by the same module's rule.
 - ``memory``: arrays in memory, ``run_training(config, run_dir, data=ImageDataset or (x, y))``
   (x float32 (N, C, H, W) in [0, 1], y int64 (N,), numpy or torch): the whole of them is the
   training pool, through the same split, augmentation and batches.
@@ -33,16 +33,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from deq_attacks.data import ImageDataset, load_arrays_file, load_digits
+from deq_attacks.data import ImageDataset
+from deq_attacks.splits import training_pool, training_split
 from deq_attacks.training.config import MEMORY_DATA, TrainConfig
 
 #: What ``run_training(..., data=...)`` takes: a validated data set or an (images, labels) pair.
 TrainingArrays = ImageDataset | tuple[np.ndarray | Tensor, np.ndarray | Tensor]
-
-#: Images of the embedded digits used for training (the rest are the demo's test pool).
-DIGITS_TRAIN_POOL = 1200
-#: Seed of the (fixed) development split: it must not move with the training seed.
-DEV_SPLIT_SEED = 20221128
 
 
 class TensorImages(Dataset[tuple[Tensor, Tensor]]):
@@ -79,9 +75,9 @@ class TrainingData:
 def augmentation(config: TrainConfig, side: int) -> list[torch.nn.Module]:
     """RandomCrop(side, padding) and RandomHorizontalFlip as the config asks."""
     out: list[torch.nn.Module] = []
-    if config.crop_padding > 0:
-        out.append(transforms.RandomCrop(side, padding=config.crop_padding))
-    if config.flip:
+    if config.data.crop_padding > 0:
+        out.append(transforms.RandomCrop(side, padding=config.data.crop_padding))
+    if config.data.flip:
         out.append(transforms.RandomHorizontalFlip())
     return out
 
@@ -95,34 +91,23 @@ def fingerprint(name: str, *arrays: np.ndarray) -> dict[str, object]:
     return {"name": name, "images": int(len(arrays[0])), "sha256": digest.hexdigest()}
 
 
-def _split_indices(n: int, dev_size: int, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(train, dev) indices of a pool of n: dev is a fixed random subset, train the rest (its
-    first ``limit`` only, when given)."""
-    if dev_size >= n:
-        raise ValueError(
-            f"dev_size={dev_size} is not below the {n} images of the training data: no "
-            "training images would be left (lower dev_size)"
-        )
-    order = np.random.default_rng(DEV_SPLIT_SEED).permutation(n)
-    dev, train = np.sort(order[:dev_size]), np.sort(order[dev_size:])
-    if limit is not None:
-        train = train[:limit]
-    return train, dev
-
-
 def _cifar10(config: TrainConfig) -> TrainingData:
     from torchvision.datasets import CIFAR10
 
-    root = Path(config.data_root)
+    root = Path(config.data.data_root)
     train_tf = transforms.Compose([*augmentation(config, 32), transforms.ToTensor()])
     try:
-        augmented = CIFAR10(str(root), train=True, download=config.download, transform=train_tf)
+        augmented = CIFAR10(
+            str(root), train=True, download=config.data.download, transform=train_tf
+        )
     except RuntimeError as error:
         raise FileNotFoundError(
             f"CIFAR-10 not found under {root} (expected {root / 'cifar-10-batches-py'}): pass "
             "--download true to fetch it, or --data-root to where it is"
         ) from error
-    train_idx, dev_idx = _split_indices(len(augmented), config.dev_size, config.train_limit)
+    train_idx, dev_idx = training_split(
+        len(augmented), config.data.dev_size, config.data.train_limit
+    )
     dev_x = torch.from_numpy(augmented.data[dev_idx]).permute(0, 3, 1, 2).float() / 255.0
     dev_y = torch.as_tensor(np.asarray(augmented.targets)[dev_idx], dtype=torch.int64)
     return TrainingData(
@@ -152,7 +137,7 @@ def as_image_dataset(data: TrainingArrays) -> ImageDataset:
 
 def _from_pool(config: TrainConfig, pool: ImageDataset) -> TrainingData:
     """The split, augmentation and fingerprint of an in-memory pool."""
-    train_idx, dev_idx = _split_indices(len(pool), config.dev_size, config.train_limit)
+    train_idx, dev_idx = training_split(len(pool), config.data.dev_size, config.data.train_limit)
     x, y = torch.from_numpy(pool.x), torch.from_numpy(pool.y)
     steps = augmentation(config, pool.x.shape[-1])
     train = TensorImages(x[train_idx], y[train_idx], transforms.Compose(steps) if steps else None)
@@ -168,48 +153,10 @@ def _from_pool(config: TrainConfig, pool: ImageDataset) -> TrainingData:
     )
 
 
-def training_pool(data: str) -> ImageDataset:
-    """The training pool of ``data`` ("digits" or an arrays file), from which the training
-    images and the dev split are drawn: the first 1,200 digits, the file's ``x_train`` /
-    ``y_train``, or the first 80% of a file without splits."""
-    if data == "digits":
-        return load_digits().split(DIGITS_TRAIN_POOL)[0]
-    if data in ("cifar10", MEMORY_DATA):
-        raise ValueError(f"training_pool takes 'digits' or an arrays file, not {data!r}")
-    path = Path(data)
-    if not path.is_file():
-        raise FileNotFoundError(f"arrays file not found: {data}")
-    with np.load(path) as arrays:
-        has_split = "x_train" in arrays.files
-    if has_split:
-        return load_arrays_file(path, split="train")
-    everything = load_arrays_file(path)
-    return everything.split(int(0.8 * len(everything)))[0]
-
-
-def held_out_split(data: str) -> ImageDataset:
-    """The images that ``training_pool(data)`` ("digits" or an arrays file) leaves out:
-    the digits after the first 1,200, the file's ``x_test``/``y_test``, or the last 20% of a
-    file without splits. Raises for data with no such split."""
-    if data == "digits":
-        return load_digits().split(DIGITS_TRAIN_POOL)[1]
-    path = Path(data)
-    if data in ("cifar10", MEMORY_DATA) or not path.is_file():
-        raise ValueError(f"data {data!r} has no held-out split here: use 'digits' or an .npz file")
-    with np.load(path) as arrays:
-        keys = set(arrays.files)
-    if "x_train" in keys:
-        if "x_test" not in keys:
-            raise ValueError(f"{path} has x_train but no x_test: no held-out split")
-        return load_arrays_file(path, split="test")
-    everything = load_arrays_file(path)
-    return everything.split(int(0.8 * len(everything)))[1]
-
-
 def load_training_data(config: TrainConfig, data: TrainingArrays | None = None) -> TrainingData:
-    """The training set and dev split that ``config.data`` names (with ``data="memory"``, the
+    """The training set and dev split that ``config.data.source`` names (with ``data="memory"``, the
     arrays ``data``); raises ValueError before any work when the two disagree."""
-    if config.data == MEMORY_DATA:
+    if config.data.source == MEMORY_DATA:
         if data is None:
             raise ValueError(
                 "data='memory' trains on the arrays passed as run_training(config, run_dir, "
@@ -218,12 +165,12 @@ def load_training_data(config: TrainConfig, data: TrainingArrays | None = None) 
         return _from_pool(config, as_image_dataset(data))
     if data is not None:
         raise ValueError(
-            f"the config names its data ({config.data!r}); arrays passed to run_training are "
-            "used only with data='memory'"
+            f"the config names its data ({config.data.source!r}); arrays passed to run_training "
+            "are used only with data.source='memory'"
         )
-    if config.data == "cifar10":
+    if config.data.source == "cifar10":
         return _cifar10(config)
-    return _from_pool(config, training_pool(config.data))
+    return _from_pool(config, training_pool(config.data.source))
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -259,12 +206,16 @@ def epoch_loader(
     data: TrainingData, config: TrainConfig, epoch: int, rank: int, world: int, pin: bool
 ) -> DataLoader[tuple[Tensor, Tensor]]:
     """The DataLoader of one epoch for one rank; its workers are seeded from the epoch too."""
-    sampler = GlobalBatchSampler(len(data), config.batch_size, config.seed, epoch, rank, world)
+    sampler = GlobalBatchSampler(
+        len(data), config.optimiser.batch_size, config.execution.seed, epoch, rank, world
+    )
     return DataLoader(
         data.train,
         batch_sampler=sampler,
-        num_workers=config.num_workers,
+        num_workers=config.execution.num_workers,
         pin_memory=pin,
-        generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch) + 7919 * rank),
+        generator=torch.Generator().manual_seed(
+            epoch_seed(config.execution.seed, epoch) + 7919 * rank
+        ),
         persistent_workers=False,
     )

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from art.attacks.evasion import ProjectedGradientDescent
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -27,16 +26,16 @@ from deq_attacks import distributed
 from deq_attacks.acceleration import Acceleration
 from deq_attacks.checkpoints import load_weights
 from deq_attacks.deq import DEQ, JacobianRegularization
+from deq_attacks.interfaces.inputs import check_model_fits
 from deq_attacks.models.registry import resolve_builder
 from deq_attacks.training import resume
-from deq_attacks.training.adversary import adversarial_batch, art_classifier, pgd_attack
+from deq_attacks.training.adversary import Adversary, Budget, make_adversary
 from deq_attacks.training.build import (
     JacobianSchedule,
     TrainingModule,
-    build_model,
-    check_model_fits,
     jacobian_schedule,
     optimizer_and_schedule,
+    training_model,
 )
 from deq_attacks.training.config import TrainConfig
 from deq_attacks.training.data_loading import (
@@ -76,7 +75,7 @@ class StepContext:
     model: nn.Module  # the bare model (adversaries are made on it, outside DDP)
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
-    attack: ProjectedGradientDescent
+    adversary: Adversary  # makes the PGD examples of a batch (``make_adversary``)
     num_classes: int
     device: torch.device
     acceleration: Acceleration
@@ -109,7 +108,7 @@ def training_step(
     accel, device = ctx.acceleration, ctx.device
     if adversarial:
         with accel.autocast(device):
-            x = adversarial_batch(ctx.attack, ctx.model, x, y, ctx.num_classes)
+            x = ctx.adversary(x, y)
     ctx.wrapped.train()
     ctx.optimizer.zero_grad(set_to_none=True)
     with accel.autocast(device):
@@ -140,15 +139,15 @@ def _solve_steps(
 ) -> int | None:
     """The forward solve's length of a training step: a random n with ``random_state`` in DEQ
     mode, else the full solve (None)."""
-    if not config.random_state or pretraining or not isinstance(ctx.model, DEQ):
+    if not config.optimiser.random_state or pretraining or not isinstance(ctx.model, DEQ):
         return None
-    return random_solve_steps(config.seed, global_step, ctx.model.solver.threshold)
+    return random_solve_steps(config.execution.seed, global_step, ctx.model.solver.threshold)
 
 
 def _phase(config: TrainConfig, first_step: int, last_step: int) -> str:
-    pre = first_step < config.pretrain_steps
-    post = last_step >= config.pretrain_steps
-    after = "pgd-at" if config.adversarial else "clean"
+    pre = first_step < config.optimiser.pretrain_steps
+    post = last_step >= config.optimiser.pretrain_steps
+    after = "pgd-at" if config.threat.adversarial else "clean"
     return "pretrain" if pre and not post else (f"pretrain+{after}" if pre else after)
 
 
@@ -160,18 +159,18 @@ def run_training(
 ) -> RunResult:
     """Train as ``config`` says into ``run_dir``; a rerun with the same config and data resumes
     after the last finished epoch (a changed config or other data is refused). With
-    ``config.data == "memory"``, ``data`` (an ImageDataset or an (x, y) pair) is the training
+    ``config.data.source == "memory"``, ``data`` (an ImageDataset or an (x, y) pair) is the training
     pool. Works alone or under torchrun. Everything that can be checked before training is
     (the model's entry point, the data, dev_size, the model against the images), each problem
     raising one ValueError (TypeError for data of the wrong type, FileNotFoundError for
-    missing data). ``config.threads`` holds for the run only: torch's thread count is restored
-    afterwards."""
-    resolve_builder(config.model)  # a model entry point that does not import fails here
+    missing data). ``config.execution.threads`` holds for the run only: torch's thread count
+    is restored afterwards."""
+    resolve_builder(config.model.name)  # a model entry point that does not import fails here
     threads = torch.get_num_threads()
     try:
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
-        with distributed.process_group(config.device.value) as processes:
+        if config.execution.threads is not None:
+            torch.set_num_threads(config.execution.threads)
+        with distributed.process_group(config.execution.device.value) as processes:
             return _run(config, Path(run_dir), processes, log, data)
     finally:
         torch.set_num_threads(threads)
@@ -186,20 +185,24 @@ def _run(
 ) -> RunResult:
     device, main = processes.device, processes.is_main
     data = load_training_data(config, arrays)
-    steps_per_epoch = len(data) // config.batch_size
+    steps_per_epoch = len(data) // config.optimiser.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
             f"{len(data)} training images of {data.name} are fewer than one batch of "
-            f"{config.batch_size} (lower batch_size or dev_size)"
+            f"{config.optimiser.batch_size} (lower batch_size or dev_size)"
         )
-    if config.batch_size % processes.world:
-        raise ValueError(f"batch_size {config.batch_size} not divisible by {processes.world}")
-    resume.seed_everything(config.seed)  # identical initial weights on every rank
-    model = build_model(config, data.image_shape, data.num_classes).to(device)
-    check_model_fits(model, data.dev_x[:2].to(device), data.num_classes, data.name)
-    acceleration = config.acceleration
+    if config.optimiser.batch_size % processes.world:
+        raise ValueError(
+            f"batch_size {config.optimiser.batch_size} not divisible by {processes.world}"
+        )
+    resume.seed_everything(config.execution.seed)  # identical initial weights on every rank
+    model = training_model(config, data.image_shape, data.num_classes).to(device)
+    check_model_fits(model, data.dev_x[:2].to(device), data.dev_y, data.name, data.num_classes)
+    acceleration = config.execution.acceleration
     acceleration.apply(model)
-    optimizer, schedule = optimizer_and_schedule(model, config, config.epochs * steps_per_epoch)
+    optimizer, schedule = optimizer_and_schedule(
+        model, config, config.optimiser.epochs * steps_per_epoch
+    )
     resume.check_config(run_dir, config)
     resume.check_data(run_dir, data.fingerprint)
     distributed.barrier()
@@ -218,28 +221,39 @@ def _run(
             )
         if main:
             log(f"resuming {run_dir} after epoch {state.epochs_done} (step {state.global_step})")
-    if state.epochs_done >= config.epochs:
+    if state.epochs_done >= config.optimiser.epochs:
         if main:
-            log(f"{run_dir}: all {config.epochs} epochs are done")
+            log(f"{run_dir}: all {config.optimiser.epochs} epochs are done")
         return RunResult(run_dir, state, model, data.image_shape, data.num_classes)
 
-    module = TrainingModule(model, config.pretrain_depth)
+    module = TrainingModule(model, config.optimiser.pretrain_depth)
     wrapped: nn.Module = module
     if processes.distributed:
         ids = [device.index] if device.type == "cuda" else None
         wrapped = DistributedDataParallel(module, device_ids=ids)
-    local_batch = config.batch_size // processes.world
-    classifier = art_classifier(model, data.image_shape, data.num_classes, device)
-    attack = pgd_attack(
-        classifier, config.eps, config.step, config.steps, config.random_start, local_batch,
-        norm=config.norm,
+    local_batch = config.optimiser.batch_size // processes.world
+    budget = Budget(
+        config.threat.eps,
+        config.threat.step,
+        config.threat.steps,
+        config.threat.random_start,
+        config.threat.norm,
+    )
+    adversary = make_adversary(
+        config.threat.adversary,
+        model,
+        budget,
+        data.image_shape,
+        data.num_classes,
+        device,
+        local_batch,
     )
     ctx = StepContext(
         wrapped,
         model,
         optimizer,
         schedule,
-        attack,
+        adversary,
         data.num_classes,
         device,
         acceleration,
@@ -248,16 +262,16 @@ def _run(
     if main:
         params = sum(p.numel() for p in model.parameters())
         log(
-            f"training {config.model} ({params / 1e6:.2f}M parameters) on {data.name}: "
+            f"training {config.model.name} ({params / 1e6:.2f}M parameters) on {data.name}: "
             f"{len(data)} images, dev {len(data.dev_y)}, {steps_per_epoch} steps/epoch x "
-            f"{config.epochs} epochs, {processes.world} process(es) on {device}"
+            f"{config.optimiser.epochs} epochs, {processes.world} process(es) on {device}"
         )
     # the random streams start here: per rank, fresh or as the last finished epoch left them
     if rng is not None:
         resume.set_rng_state(rng)
     else:
-        resume.seed_everything(config.seed + 1009 * processes.rank)
-    for epoch in range(state.epochs_done, config.epochs):
+        resume.seed_everything(config.execution.seed + 1009 * processes.rank)
+    for epoch in range(state.epochs_done, config.optimiser.epochs):
         _train_epoch(ctx, config, data, epoch, state, processes, run_dir)
         _finish_epoch(ctx, config, data, epoch, state, processes, run_dir, log)
     return RunResult(run_dir, state, model, data.image_shape, data.num_classes)
@@ -321,14 +335,14 @@ def _train_epoch(
     for x, y in bar:
         x = x.to(processes.device, non_blocking=True)
         y = y.to(processes.device, non_blocking=True)
-        pretraining = state.global_step < config.pretrain_steps
+        pretraining = state.global_step < config.optimiser.pretrain_steps
         schedule = ctx.jacobian
         carries = schedule is not None and schedule.applies(state.global_step, epoch)
         result = training_step(
             ctx,
             x,
             y,
-            adversarial=config.adversarial and not pretraining,
+            adversarial=config.threat.adversarial and not pretraining,
             unrolled=pretraining and deq,
             penalty=schedule.regularization if schedule is not None and carries else None,
             solve_steps=_solve_steps(ctx, config, state.global_step, pretraining),
@@ -398,16 +412,16 @@ def _finish_epoch(
             if improved:
                 resume.save_best(run_dir, ctx.model)
             resume.write_metrics(run_dir, state.history)
-            if config.plots:
+            if config.execution.plots:
                 plot_history(
                     state.history,
                     run_dir / "training.png",
-                    eps=config.eps if config.adversarial else None,
-                    title=f"{config.model} on {config.data}",
+                    eps=config.threat.eps if config.threat.adversarial else None,
+                    title=f"{config.model.name} on {config.data.source}",
                 )
             resume.publish(run_dir, epoch + 1, state)
     if processes.is_main:
-        log(_summary(record, config.epochs))
+        log(_summary(record, config.optimiser.epochs))
     distributed.barrier()
 
 

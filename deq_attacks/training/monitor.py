@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from deq_attacks.acceleration import Acceleration
 from deq_attacks.deq import DEQ, spectral_radius
-from deq_attacks.training.adversary import adversarial_batch, art_classifier, pgd_attack
+from deq_attacks.training.adversary import Budget, make_adversary
 from deq_attacks.training.config import TrainConfig
 
 
@@ -28,17 +28,26 @@ def evaluate_dev(
     device: torch.device,
     acceleration: Acceleration,
 ) -> dict[str, Any]:
-    """Clean and PGD accuracy on the dev split (PGD with the training gradient, random start,
-    in batches of ``config.dev_batch_size``), residual per state and spectral radius, under
-    the acceleration's precision; the model is left in eval mode."""
+    """Clean and PGD accuracy on the dev split (``config.threat.adversary``'s PGD with the
+    training gradient, random start, in batches of ``config.execution.dev_batch_size``),
+    residual per state and spectral radius, under the acceleration's precision; the model is
+    left in eval mode."""
     model.eval()
     shape = tuple(int(s) for s in dev_x.shape[1:])
     correct, adv_correct = 0, 0
     residual_sums: Tensor | None = None
-    batch = config.dev_batch_size
-    classifier = art_classifier(model, shape, num_classes, device)  # type: ignore[arg-type]
-    attack = pgd_attack(
-        classifier, config.eps, config.step, config.steps, True, batch, norm=config.norm
+    batch = config.execution.dev_batch_size
+    budget = Budget(
+        config.threat.eps, config.threat.step, config.threat.steps, True, config.threat.norm
+    )
+    adversary = make_adversary(
+        config.threat.adversary,
+        model,
+        budget,
+        shape,  # type: ignore[arg-type]
+        num_classes,
+        device,
+        batch,
     )
     for x, y in _batches(dev_x, dev_y, batch):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -48,11 +57,11 @@ def evaluate_dev(
             trajectory = model.last_trajectory
             assert trajectory is not None
             per_state = torch.stack(
-                [trajectory.residual(n) for n in range(1, config.forward_threshold + 1)], dim=1
+                [trajectory.residual(n) for n in range(1, model.solver.threshold + 1)], dim=1
             ).sum(0)
             residual_sums = per_state if residual_sums is None else residual_sums + per_state
         with acceleration.autocast(device):
-            x_adv = adversarial_batch(attack, model, x, y, num_classes)
+            x_adv = adversary(x, y)
         with torch.no_grad(), acceleration.autocast(device):
             adv_correct += int((model(acceleration.inputs(x_adv)).argmax(1) == y).sum())
     n = len(dev_y)
@@ -62,9 +71,9 @@ def evaluate_dev(
     }
     if isinstance(model, DEQ) and residual_sums is not None:
         record["dev_residuals"] = [float(v) / n for v in residual_sums.float().cpu()]
-        if config.spectral_samples > 0:
+        if config.execution.spectral_samples > 0:
             record["dev_spectral_radius"] = dev_spectral_radius(
-                model, dev_x[: config.spectral_samples].to(device)
+                model, dev_x[: config.execution.spectral_samples].to(device)
             )
     return record
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from deq_attacks.model_spec import ModelSpec
 from deq_attacks.registry import Registry
-from deq_attacks.training.config import Device, Gradient, TrainConfig
+from deq_attacks.training.config import Device, Gradient, TrainConfig, paper_model
 
 #: 150 epochs (Table 7; the reference config says 220), 16,000 clean steps first, batch 96,
 #: Adam 1e-3 with cosine decay, Jacobian regularisation 0.4 at frequency 0.02 until epoch 90,
@@ -24,31 +25,54 @@ from deq_attacks.training.config import Device, Gradient, TrainConfig
 PAPER = TrainConfig()
 
 
+def exact(model: ModelSpec, forward: int = 8, backward: int = 7) -> ModelSpec:
+    """``model`` trained with the exact gradient: Broyden forward/backward thresholds."""
+    return dataclasses.replace(
+        model,
+        training_gradient=Gradient.EXACT,
+        forward_threshold=forward,
+        backward_solver=model.backward_solver or "broyden",
+        backward_threshold=backward,
+    )
+
+
+def phantom(model: ModelSpec, k: int = 5, lam: float = 0.5) -> ModelSpec:
+    """``model`` trained with the phantom (unrolling) gradient, k steps of damping lambda."""
+    return dataclasses.replace(
+        model,
+        training_gradient=Gradient.PHANTOM,
+        phantom_k=k,
+        phantom_lam=lam,
+        backward_solver=None,
+        backward_threshold=None,
+    )
+
+
 def _paper_presets() -> dict[str, TrainConfig]:
     presets: dict[str, TrainConfig] = {}
-    for model in ("deq_large", "deq_xl"):
+    for name in ("deq_large", "deq_xl"):
+        model = dataclasses.replace(paper_model(), name=name)
         for forward, backward in ((8, 7), (18, 20), (30, 30), (50, 50)):
-            presets[f"{model}_exact_{forward}_{backward}"] = dataclasses.replace(
-                PAPER, model=model, forward_threshold=forward, backward_threshold=backward
+            presets[f"{name}_exact_{forward}_{backward}"] = PAPER.updated(
+                model=exact(model, forward, backward)
             )
-        presets[f"{model}_unrolling"] = dataclasses.replace(
-            PAPER, model=model, gradient=Gradient.PHANTOM, phantom_k=5, phantom_lam=0.5
-        )
-    for model in ("resnet18", "wrn34_10"):
-        presets[f"{model}_pgd_at"] = dataclasses.replace(
-            PAPER, model=model, gradient=Gradient.AUTOGRAD, pretrain_steps=0, jac_weight=0.0
+        presets[f"{name}_unrolling"] = PAPER.updated(model=phantom(model))
+    for name in ("resnet18", "wrn34_10"):
+        presets[f"{name}_pgd_at"] = PAPER.updated(
+            model=ModelSpec(name, training_gradient=Gradient.AUTOGRAD),
+            pretrain_steps=0,
+            jac_weight=0.0,
         )
     return presets
 
 
 #: The CPU recipe (tuned here on 2 cores; see docs/training.md): a 32-channel small conv DEQ on
 #: the 8x8 digits, clean pretraining of the unrolled network first, then PGD-AT at eps 0.1.
-CPU = dataclasses.replace(
-    PAPER,
-    model="small_conv_deq",
-    width=32,
-    dropout=0.0,
-    data="digits",
+CPU = PAPER.updated(
+    model=dataclasses.replace(
+        paper_model(), name="small_conv_deq", args={"channels": 32, "dropout": 0.0}
+    ),
+    source="digits",
     dev_size=200,
     crop_padding=1,
     flip=False,
@@ -75,11 +99,10 @@ CPU = dataclasses.replace(
 #: The main job's training (``deq-attacks demo``): a 16-channel small conv DEQ on the digits
 #: with the unrolling (phantom) gradient, clean pretraining of the unrolled network, then PGD-AT
 #: at eps 0.1; the best epoch by dev PGD-10 accuracy. Tuned for about a minute on one thread.
-DEMO = dataclasses.replace(
-    CPU,
-    width=16,
-    gradient=Gradient.PHANTOM,
-    solver_tol=1e-4,
+DEMO = CPU.updated(
+    model=dataclasses.replace(
+        phantom(CPU.model), args={"channels": 16, "dropout": 0.0}, solver_tol=1e-4
+    ),
     dev_size=100,
     crop_padding=0,
     epochs=8,
@@ -94,9 +117,9 @@ DEMO = dataclasses.replace(
 
 def _cpu_presets() -> dict[str, TrainConfig]:
     return {
-        "cpu_exact": dataclasses.replace(CPU, forward_threshold=8, backward_threshold=7),
-        "cpu_unrolling": dataclasses.replace(CPU, gradient=Gradient.PHANTOM),
-        "cpu_clean": dataclasses.replace(CPU, adversarial=False),
+        "cpu_exact": CPU.updated(model=exact(CPU.model, 8, 7)),
+        "cpu_unrolling": CPU.updated(model=phantom(CPU.model)),
+        "cpu_clean": CPU.updated(adversarial=False),
         "demo": DEMO,
     }
 

@@ -41,6 +41,7 @@ from deq_attacks.evaluation import (
     write_tables,
 )
 from deq_attacks.evaluation.attacks import AutoAttackSettings, Square, StandardAutoAttack
+from deq_attacks.model_spec import ModelSpec
 from deq_attacks.records import plain, to_jsonable
 from deq_attacks.registry import parse_spec, split_specs
 from deq_attacks.training import Device, Gradient, RunResult, TrainConfig, preset
@@ -63,8 +64,8 @@ PAPER_KINDS = {
 #: forward/backward iterations).
 CPU_KINDS = {"exact": "cpu_exact", "unrolling": "cpu_unrolling", "clean": "cpu_clean"}
 CPU_BASELINE: dict[str, Any] = dict(
-    model="resnet18", width=8, dropout=None, gradient=Gradient.AUTOGRAD, pretrain_steps=0,
-    jac_weight=0.0,
+    model=ModelSpec("resnet18", args={"width": 8}, training_gradient=Gradient.AUTOGRAD),
+    pretrain_steps=0, jac_weight=0.0,
 )  # fmt: skip
 #: --preset tiny: the CPU models, smaller (width 8, baselines 4) and shorter.
 TINY_TRAINING: dict[str, Any] = dict(
@@ -98,7 +99,8 @@ SPLITS = {"paper": (1000, 9000), "cpu": (100, 200), "tiny": (10, 20)}
 
 def parser(description: str) -> ArgumentParser:
     """The options every paper script takes (a script adds its own), with ``--config FILE``;
-    ``--train.FIELD`` / ``--eval.FIELD`` change that setting for every model / evaluation."""
+    ``--train.SECTION.FIELD`` / ``--eval.FIELD`` change that setting for every model /
+    evaluation."""
     p = options.new_parser(None, description)
     p.add_argument("--preset", choices=PRESETS, default="cpu", help="paper (GPU) | cpu | tiny")
     p.add_argument("--out_dir", "--out-dir", type=Path | None,
@@ -111,8 +113,8 @@ def parser(description: str) -> ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     p.add_argument("--jobs", type=int | None, help="independent runs (protocols, models to "
                    f"train) at once, each in a process (null: {DEFAULT_JOBS})")
-    options.add_settings(p, TrainConfig, "train", title="--train.FIELD: a setting for every "
-                         "model trained (only those given: each replaces the preset's)")
+    options.add_settings(p, TrainConfig, "train", title="--train.SECTION.FIELD: a setting for "
+                         "every model trained (only those given: each replaces the preset's)")
     options.add_settings(p, EvaluationConfig, "eval", skip={"sweep"}, title="--eval.FIELD: a "
                          "setting for every evaluation (only those given: each replaces the "
                          "preset's)")
@@ -182,23 +184,24 @@ def train_config(setup: Setup, kind: str, **changes: Any) -> TrainConfig:
             raise ValueError(f"no paper model {kind!r}; kinds: {sorted(PAPER_KINDS)} + clean")
         base = preset(PAPER_KINDS["exact" if kind == "clean" else kind])
         if kind == "clean":
-            base = dataclasses.replace(base, adversarial=False)
-        base = dataclasses.replace(base, data_root=setup.data_root, device=Device(setup.device))
+            base = base.updated(adversarial=False)
+        base = base.updated(data_root=setup.data_root, device=Device(setup.device))
     else:
         if kind == "baseline":
-            base = dataclasses.replace(preset("cpu_exact"), **CPU_BASELINE)
+            base = preset("cpu_exact").updated(**CPU_BASELINE)
         elif kind.startswith("exact_"):
             forward, backward = (int(v) for v in kind.split("_")[1:])
-            base = dataclasses.replace(preset("cpu_exact"), forward_threshold=forward,
-                                       backward_threshold=backward)
+            base = preset("cpu_exact").updated(forward_threshold=forward,
+                                               backward_threshold=backward)
         elif kind in CPU_KINDS:
             base = preset(CPU_KINDS[kind])
         else:
             raise ValueError(f"no cpu model {kind!r}; kinds: {sorted(CPU_KINDS)}, baseline")
-        base = dataclasses.replace(base, data=setup.data, device=Device(setup.device))
+        base = base.updated(source=setup.data, device=Device(setup.device))
         if setup.preset == "tiny":
-            base = dataclasses.replace(base, width=8 if base.is_deq else 4, **TINY_TRAINING)
-    return dataclasses.replace(base, **{**setup.train_settings, **changes})  # fmt: skip
+            width = {"channels": 8, "dropout": 0.0} if base.is_deq else {"width": 4}
+            base = base.updated(args=width, **TINY_TRAINING)
+    return base.updated(**{**setup.train_settings, **changes})  # fmt: skip
 
 
 def train_cached(setup: Setup, kind: str, **changes: Any) -> RunResult:
@@ -408,7 +411,7 @@ def scale_note(setup: Setup) -> str:
         training = (f"{TINY_TRAINING['epochs']} epoch on {TINY_TRAINING['train_limit']} images, "
                     "width 8: a smoke test of the script, not a measurement")  # fmt: skip
     else:
-        training = f"{preset('cpu_exact').epochs} epochs on CPU, small conv DEQs"
+        training = f"{preset('cpu_exact').optimiser.epochs} epochs on CPU, small conv DEQs"
     budgets = (
         f"PGD-{settings.get('steps', 10)}, Square "
         f"{square_queries(EvaluationConfig(attacks=settings['attacks']))} queries, "

@@ -35,19 +35,19 @@ def run(setup: common.Setup) -> dict:
     columns = {c.label: c for c in protocol_columns(gradients, config)}
     long_columns = {c.label: c for c in protocol_columns(gradients, longer)}
     clean_scores = column_scores(est, test.x, test.y, config)
-    clean_final = clean_scores["defense/final"]
+    clean_final = clean_scores.correct["final"]
     clean = common.pct(clean_final.mean())
-    square_final = column_scores(est, test.x, test.y, config, columns["square"])["defense/final"]
+    square_final = column_scores(est, test.x, test.y, config, columns["square"]).correct["final"]
     square = common.pct((square_final & clean_final).mean())  # clean-wrong counted as wrong
     rows = []
     for name in gradients:
         label = f"{name} PGD"
-        short = column_scores(est, test.x, test.y, config, columns[label])["defense/final"]
-        far = column_scores(est, test.x, test.y, longer, long_columns[label])["defense/final"]
+        short = column_scores(est, test.x, test.y, config, columns[label]).correct["final"]
+        far = column_scores(est, test.x, test.y, longer, long_columns[label]).correct["final"]
         rows.append({"gradient": name, "clean": clean,
                      f"PGD-{config.steps}": common.pct(short.mean()),
                      f"PGD-{long}": common.pct(far.mean()), "square": square})  # fmt: skip
-    residual = clean_scores["residuals"][:, -1].mean()
+    residual = clean_scores.residuals[:, -1].mean()
     return common.write_results(
         setup, "Table 1: exact-trained (8/7) DEQ, final state", {"table 1": rows},
         {"table 1": PAPER}, started,

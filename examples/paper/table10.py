@@ -48,10 +48,11 @@ KINDS = {
 
 
 def label(setup: common.Setup, kind: str) -> str:
-    c = common.train_config(setup, kind)
-    if c.gradient.value == "phantom":
+    c = common.train_config(setup, kind).model
+    gradient = getattr(c.training_gradient, "value", None)
+    if gradient == "phantom":
         return f"unrolling ({c.forward_threshold}/-)"
-    return f"{c.gradient.value} ({c.forward_threshold}/{c.backward_threshold})"
+    return f"{gradient} ({c.forward_threshold}/{c.backward_threshold})"
 
 
 def training_speed(result: RunResult) -> float | None:
@@ -72,7 +73,7 @@ def state_profile(setup: common.Setup, kind: str) -> dict[str, Any]:
     gradients = {"ready-made": ready, "exact": Exact(), "unroll": Phantom(5, 0.5)}
     columns = {c.label: c for c in protocol_columns(gradients, config)}
     on_dev = column_scores(est, dev.x, dev.y, config, columns["ready-made PGD"])
-    n_star = choose_early_exit(on_dev["states"])
+    n_star = choose_early_exit(on_dev.states)
     defenses = {"final": Final(), "early": Early(n_star)}
     clean = column_scores(est, test.x, test.y, config, defenses=defenses)
     attacked = {name: column_scores(est, test.x, test.y, config, columns[f"{name} PGD"],
@@ -81,11 +82,11 @@ def state_profile(setup: common.Setup, kind: str) -> dict[str, Any]:
     return {
         "kind": kind, "label": label(setup, kind), "early_exit": n_star,
         "speed": training_speed(result),
-        "clean_states": [common.pct(v) for v in clean["states"].mean(0)],
-        "ready_made_states": [common.pct(v) for v in attacked[ready_name]["states"].mean(0)],
-        "residual_states": [round(float(v), 4) for v in clean["residuals"].mean(0)],
-        "defense": {d: {"clean": common.pct(clean[f"defense/{d}"].mean()),
-                        **{f"PGD {a}": common.pct(s[f"defense/{d}"].mean())
+        "clean_states": [common.pct(v) for v in clean.per_state()],
+        "ready_made_states": [common.pct(v) for v in attacked[ready_name].per_state()],
+        "residual_states": [round(float(v), 4) for v in clean.residuals.mean(0)],
+        "defense": {d: {"clean": common.pct(clean.accuracy(d)),
+                        **{f"PGD {a}": common.pct(s.accuracy(d))
                            for a, s in attacked.items()}} for d in defenses},
     }  # fmt: skip
 

@@ -42,10 +42,10 @@ def measure(setup: common.Setup, kind: str, **changes: Any) -> dict[str, float]:
     clean = column_scores(est, test.x, test.y, config)
     pgd = column_scores(est, test.x, test.y, config, columns["ready-made PGD"])
     square = column_scores(est, test.x, test.y, config, columns["square"])
-    return {"clean": common.pct(clean["defense/final"].mean()),
-            "PGD (ready-made)": common.pct(pgd["defense/final"].mean()),
-            "SQUARE": common.pct((square["defense/final"] & clean["defense/final"]).mean()),
-            "residual z_N": round(float(clean["residuals"][:, -1].mean()), 4)}  # fmt: skip
+    return {"clean": common.pct(clean.accuracy("final")),
+            "PGD (ready-made)": common.pct(pgd.accuracy("final")),
+            "SQUARE": common.pct((square.correct["final"] & clean.correct["final"]).mean()),
+            "residual z_N": round(float(clean.residuals[:, -1].mean()), 4)}  # fmt: skip
 
 
 def run(setup: common.Setup) -> dict:

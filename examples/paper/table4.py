@@ -68,7 +68,7 @@ def baseline_row(setup: common.Setup, kind: str, config: Any) -> dict[str, Any]:
 
 
 def train_model(setup: common.Setup, kind: str) -> str:
-    return common.train_config(setup, kind).model
+    return common.train_config(setup, kind).model.name
 
 
 def deq_row(setup: common.Setup, kind: str, config: Any) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def run(setup: common.Setup) -> dict:
     for d in defenses:
         row: dict[str, Any] = {"defense": d, "clean": layout[d]["clean"]}
         for a in _ATTACKS:
-            ours = (layout[d][f"adjoint {a}"], common.pct(scores[a][f"defense/{d}"].mean()),
+            ours = (layout[d][f"adjoint {a}"], common.pct(scores[a].accuracy(d)),
                     layout[d][f"unrolled {a}"])  # fmt: skip
             row[a] = "/".join(f"{x:.2f}" for x in ours)
         rows.append(row)

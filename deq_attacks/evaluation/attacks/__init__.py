@@ -9,6 +9,7 @@ A new attack is one module (its ``Attack`` dataclass with ``@register_attack``) 
 import here.
 """
 
+from deq_attacks.adversarial import PRECISIONS, DefendedModel, SampleSeeds, precision
 from deq_attacks.evaluation.attacks.art import (
     ArtAPGDCE,
     ArtAPGDDLR,
@@ -30,9 +31,7 @@ from deq_attacks.evaluation.attacks.base import (
     register_attack,
     scoped_attacks,
 )
-from deq_attacks.evaluation.attacks.defended import PRECISIONS, DefendedModel, precision
 from deq_attacks.evaluation.attacks.pgd import FixedStepPGD, fixed_step_pgd
-from deq_attacks.evaluation.attacks.seeds import SampleSeeds
 from deq_attacks.evaluation.attacks.square import Square
 from deq_attacks.evaluation.attacks.transfer import TransferAPGD, UnrolledSurrogate
 from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel

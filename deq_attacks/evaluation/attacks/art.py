@@ -26,9 +26,9 @@ from art.attacks.evasion import AutoAttack as ArtAutoAttack
 from art.attacks.evasion import AutoProjectedGradientDescent, DeepFool, SquareAttack
 from art.estimators.classification import PyTorchClassifier
 
+from deq_attacks.adversarial.defended import DefendedModel
+from deq_attacks.adversarial.seeds import SampleSeeds
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
-from deq_attacks.evaluation.attacks.defended import DefendedModel
-from deq_attacks.evaluation.attacks.seeds import SampleSeeds
 from deq_attacks.evaluation.threat import ThreatModel
 
 if TYPE_CHECKING:

@@ -24,14 +24,14 @@ import torch
 from pyautoattack import AutoAttack
 from torch import Tensor, nn
 
+from deq_attacks.adversarial.defended import DefendedModel, NonFiniteAsWrong
+from deq_attacks.adversarial.seeds import SampleSeeds
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
-from deq_attacks.evaluation.attacks.defended import DefendedModel, NonFiniteAsWrong
 from deq_attacks.evaluation.attacks.per_sample import (
     PerSampleAPGD,
     PerSampleAPGDTargeted,
     PerSampleSquare,
 )
-from deq_attacks.evaluation.attacks.seeds import SampleSeeds
 from deq_attacks.evaluation.scoring import correct
 from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
 

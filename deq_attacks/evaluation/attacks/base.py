@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
-from deq_attacks.evaluation.attacks.seeds import SampleSeeds
+from deq_attacks.adversarial.seeds import SampleSeeds
 from deq_attacks.evaluation.threat import ThreatModel
 from deq_attacks.gradients import GradientEstimate, estimate_spec
 from deq_attacks.registry import Registry, split_specs

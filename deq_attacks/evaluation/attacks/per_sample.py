@@ -38,7 +38,7 @@ from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 from pyautoattack.square import SquareAttack
 from torch import Tensor
 
-from deq_attacks.evaluation.attacks.seeds import SampleSeeds
+from deq_attacks.adversarial.seeds import SampleSeeds
 
 
 class RowTracker:

@@ -1,4 +1,5 @@
-"""Fixed-step PGD (L-inf or L2) with a loss-aware estimate: the shared attack run.
+"""The protocol's fixed-step PGD column (L-inf or L2) with a loss-aware estimate: the shared
+attack run, over the attack layer's ``pgd`` (``deq_attacks.adversarial``).
 
 It never looks at the defended output (one random start, no early stop, no best-point
 choice), so its adversarial examples are the same whichever defense the estimator holds: one
@@ -12,8 +13,6 @@ With ``compile_backend`` the sign step and f run through ``torch.compile`` (``co
 
 from __future__ import annotations
 
-import functools
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -22,79 +21,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from deq_attacks.acceleration import compiled_f
-from deq_attacks.deq import DEQ
+from deq_attacks.adversarial import (
+    DefendedModel,
+    SampleSeeds,
+    compiled,
+    compiled_step,
+    pgd,
+    random_start,
+)
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
-from deq_attacks.evaluation.attacks.defended import check_draws
-from deq_attacks.evaluation.attacks.seeds import SampleSeeds
 from deq_attacks.evaluation.threat import ThreatModel
 from deq_attacks.gradients import GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
-
-
-def random_start(
-    x: np.ndarray, eps: float, seeds: SampleSeeds, norm: str = "Linf"
-) -> np.ndarray:
-    """``x`` plus a draw uniform in the eps-ball of ``norm`` per sample, clipped to [0, 1]
-    (L-inf: uniform in [-eps, eps] per pixel; L2: a Gaussian direction scaled to radius
-    ``eps * u ** (1 / d)``, u uniform in [0, 1]); row j draws from ``seeds.start(j)`` (seeded by
-    (seed, global index of row j))."""
-    noise = np.empty_like(x)
-    size = int(np.prod(x.shape[1:]))
-    for j in range(len(x)):
-        rng = seeds.start(j)
-        if norm == "Linf":
-            noise[j] = rng.uniform(-eps, eps, size=x.shape[1:])
-        else:
-            direction = rng.standard_normal(size=x.shape[1:])
-            radius = eps * rng.uniform() ** (1.0 / size)
-            noise[j] = radius * direction / max(float(np.linalg.norm(direction)), 1e-12)
-    return np.clip(x + noise, 0.0, 1.0).astype(x.dtype)
-
-
-def signed_step(x_adv: Tensor, grad: Tensor, x0: Tensor, eps: float, step: float) -> Tensor:
-    """One L-inf PGD step: ``x_adv + step * sign(grad)`` projected to the eps-ball around
-    ``x0`` and to [0, 1]."""
-    x_adv = x_adv + step * grad.sign()
-    return torch.min(torch.max(x_adv, x0 - eps), x0 + eps).clamp(0.0, 1.0)
-
-
-def l2_step(x_adv: Tensor, grad: Tensor, x0: Tensor, eps: float, step: float) -> Tensor:
-    """One L2 PGD step, in ART's order: ``x_adv + step * grad / ||grad||_2`` (per sample; a
-    zero gradient does not move) clipped to [0, 1], then the perturbation from ``x0`` scaled
-    back to L2 length ``eps`` if longer (a shrink towards ``x0``, so it stays in [0, 1])."""
-    shape = (-1, *[1] * (grad.dim() - 1))
-    norms = grad.flatten(1).norm(dim=1).view(shape)
-    x_adv = (x_adv + step * grad / torch.where(norms > 0, norms, 1.0)).clamp(0.0, 1.0)
-    delta = x_adv - x0
-    length = delta.flatten(1).norm(dim=1).view(shape)
-    return x0 + delta * torch.clamp(eps / length.clamp_min(1e-12), max=1.0)
-
-
-#: The PGD step of each norm.
-STEPS = {"Linf": signed_step, "L2": l2_step}
-
-
-@functools.cache
-def _compiled_step(backend: str, norm: str) -> Any:
-    return torch.compile(STEPS[norm], backend=backend, dynamic=True)
-
-
-_COMPILED_DEQS: weakref.WeakKeyDictionary[DEQ, dict[str, DEQ]] = weakref.WeakKeyDictionary()
-
-
-def compiled(estimator: DEQEstimator, backend: str) -> DEQEstimator:
-    """A view of ``estimator`` (its estimate, defense, loss, preprocessing) over a DEQ that
-    shares every module and parameter of ``estimator.deq`` but runs f through
-    ``torch.compile`` (``deq_attacks.acceleration.compiled_f``); built once per DEQ and
-    backend."""
-    deq = estimator.deq
-    if not isinstance(deq, DEQ):
-        raise TypeError(f"compiling f needs a deq_attacks.DEQ, got {type(deq).__name__}")
-    cache = _COMPILED_DEQS.setdefault(deq, {})
-    if backend not in cache:
-        cache[backend] = compiled_f(deq, backend)
-    return estimator.view(deq=cache[backend])
 
 
 def fixed_step_pgd(
@@ -113,8 +51,9 @@ def fixed_step_pgd(
     """Adversarial examples (B, ...) by ``steps`` PGD steps of size ``threat.step`` in
     ``threat.norm`` (L-inf: signed gradient; L2: normalised gradient; the threat model's steps
     by default) from a random start (if the threat model asks for one), projected to the
-    ``threat.eps``-ball and [0, 1]; gradients from ``loss_gradient`` of a view of
-    ``estimator`` with ``estimate`` (loss evaluated at its surrogate states).
+    ``threat.eps``-ball and [0, 1] (``deq_attacks.adversarial.pgd``); gradients from
+    ``DefendedModel.loss_gradient`` of ``estimator`` with ``estimate`` (a view only if it holds
+    another; the loss evaluated at the estimate's surrogate states).
 
     Args:
         x, y: one batch, float32 in [0, 1] and int labels.
@@ -123,38 +62,26 @@ def fixed_step_pgd(
         compile_backend: run the step and f through ``torch.compile`` with this backend
             ("" runs them as they are).
         eot_draws: expectation over transformation: each step's gradient is the mean of this
-            many ``loss_gradient`` calls (a randomized model draws anew in each); 1 is one call.
+            many gradient calls (a randomized model draws anew in each); 1 is one call.
         on_step: called with the start and then with the iterate after each step (B, ...).
     """
-    check_draws(eot_draws)
     steps = threat.steps if steps is None else steps
     seeds = seed if isinstance(seed, SampleSeeds) else SampleSeeds.first(int(seed), "pgd", len(x))
     if len(seeds) != len(x):
         raise ValueError(f"{len(seeds)} seeds for {len(x)} samples")
-    model = estimator.view(estimate=estimate)
-    step_fn = STEPS[threat.norm]
+    model = estimator if estimate == estimator.gradient_estimate else estimator.view(estimate)
+    step_fn = None
     if compile_backend:
         model = compiled(model, compile_backend)
-        step_fn = _compiled_step(compile_backend, threat.norm)
+        step_fn = compiled_step(compile_backend, threat.norm)
     device = model.device
     x0 = torch.as_tensor(x, device=device)
-    labels = torch.as_tensor(y, device=device)
     start = random_start(x, threat.eps, seeds, threat.norm) if threat.random_start else x
-    x_adv = torch.as_tensor(start, device=device).clone()
-    if on_step is not None:
-        on_step(x_adv)
-    for _ in range(steps):
-        grad = model.loss_gradient(x_adv, labels)
-        assert isinstance(grad, torch.Tensor)
-        for _ in range(eot_draws - 1):
-            draw = model.loss_gradient(x_adv, labels)
-            assert isinstance(draw, torch.Tensor)
-            grad = grad + draw
-        if eot_draws > 1:
-            grad = grad / eot_draws
-        x_adv = step_fn(x_adv, grad.to(x_adv.dtype), x0, threat.eps, threat.step)
-        if on_step is not None:
-            on_step(x_adv)
+    x_adv = pgd(
+        DefendedModel(model).loss_gradient, x0, torch.as_tensor(y, device=device),
+        torch.as_tensor(start, device=device), eps=threat.eps, step=threat.step, steps=steps,
+        norm=threat.norm, eot_draws=eot_draws, step_fn=step_fn, on_step=on_step,
+    )  # fmt: skip
     return x_adv.cpu().numpy()
 
 

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from deq_attacks.adversarial.defended import DefendedModel, NonFiniteAsWrong
+from deq_attacks.adversarial.seeds import SampleSeeds
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
-from deq_attacks.evaluation.attacks.defended import DefendedModel, NonFiniteAsWrong
 from deq_attacks.evaluation.attacks.per_sample import PerSampleSquare
-from deq_attacks.evaluation.attacks.seeds import SampleSeeds
 from deq_attacks.evaluation.threat import ThreatModel
 
 if TYPE_CHECKING:

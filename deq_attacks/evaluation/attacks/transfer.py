@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from deq_attacks.adversarial.seeds import SampleSeeds
 from deq_attacks.deq.contract import DEQModel
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
 from deq_attacks.evaluation.attacks.per_sample import PerSampleAPGD
-from deq_attacks.evaluation.attacks.seeds import SampleSeeds
 from deq_attacks.evaluation.threat import ThreatModel
 
 if TYPE_CHECKING:

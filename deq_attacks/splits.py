@@ -1,5 +1,7 @@
-"""Which images an evaluation uses: the pool a data spec names, and the development and test
-splits chosen from it (ranges, index files, or the held-out default), validated and recorded.
+"""Which images training and evaluation use: the one rule that splits a data spec into the
+part training uses and the part it leaves out (held out), and the development and test splits
+an evaluation chooses from a pool (ranges, index files, or the held-out default), validated
+and recorded.
 
 A data spec (``digits``, an arrays file ``FILE.npz``, ``cifar10:ROOT``) names a *pool* of
 images that ranges and index files count in, and the part of it that training does not use
@@ -14,10 +16,10 @@ spec                          pool (indices count in it)              held out b
 ``cifar10:ROOT``              the CIFAR-10 test set (10,000)          all of it
 ============================  ======================================  ======================
 
-``deq-attacks train`` and the demo train on the first 1,200 digits, on a file's ``x_train``,
-or on the first 80% of a file without a test split; the default therefore never evaluates
-on training images. Without ranges, the development split is the first ``n_dev`` held-out
-images and the test split the next ``n_test``.
+Training (``training_pool``) uses the first 1,200 digits, a file's ``x_train``, or the first
+80% of a file without a test split; the default therefore never evaluates on training images.
+Without ranges, the development split is the first ``n_dev`` held-out images and the test
+split the next ``n_test``.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ from deq_attacks.data import (
     load_digits,
 )
 
-#: Images of the embedded digits that ``deq-attacks train`` and the demo train on.
+#: Images of the embedded digits that training uses (the first ones).
 DIGITS_TRAIN_POOL = 1200
-#: The fraction of a file without a test split that ``deq-attacks train`` trains on (the first).
+#: The fraction of a file without a test split that training uses (the first).
 TRAIN_FRACTION = 0.8
+#: Seed of training's (fixed) development split: it must not move with the training seed.
+DEV_SPLIT_SEED = 20221128
 #: Development and test images when neither a count nor indices are given.
 DEFAULT_SPLIT_SIZE = 100
 
@@ -100,7 +104,39 @@ def held_out_data(spec: str) -> ImageDataset:
     """The images of a data spec that training does not use (the pool's held-out part, in
     order): never the training split."""
     pool = evaluation_pool(spec)
-    return pool.data.subset(pool.held_out)
+    start = int(pool.held_out[0])  # the held-out part is always the pool's tail
+    return pool.data if start == 0 else pool.data.split(start)[1]
+
+
+def training_pool(spec: str) -> ImageDataset:
+    """The images of ``digits`` or an arrays file that training uses (its training images and
+    its development split are drawn from them): the first 1,200 digits, the file's
+    ``x_train``/``y_train``, or the first 80% of a file without splits."""
+    if spec == "digits":
+        return load_digits().split(DIGITS_TRAIN_POOL)[0]
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"data {spec!r}: not 'digits' or an arrays file")
+    if "x_train" in arrays_file_keys(path):
+        return load_arrays_file(path, split="train")
+    everything = load_arrays_file(path)
+    return everything.split(int(TRAIN_FRACTION * len(everything)))[0]
+
+
+def training_split(n: int, dev_size: int, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, dev) indices of a training pool of n images: the development split (checkpoint
+    choice) is a fixed random subset of ``dev_size`` (seeded by ``DEV_SPLIT_SEED``, not by the
+    training seed), train the rest (its first ``limit`` only, when given)."""
+    if dev_size >= n:
+        raise ValueError(
+            f"dev_size={dev_size} is not below the {n} images of the training data: no "
+            "training images would be left (lower dev_size)"
+        )
+    order = np.random.default_rng(DEV_SPLIT_SEED).permutation(n)
+    dev, train = np.sort(order[:dev_size]), np.sort(order[dev_size:])
+    if limit is not None:
+        train = train[:limit]
+    return train, dev
 
 
 def describe_indices(indices: np.ndarray) -> str:

@@ -1,19 +1,17 @@
-"""The torch module that attacks which differentiate a model receive, and the arithmetic their
-forwards and backwards run in."""
+"""The defended model that attacks differentiate: ``DEQEstimator``'s preprocessing in front of
+its ``WhiteBoxModule``, as a torch module (logits) and as a loss-aware gradient (the PGD's)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 
+from deq_attacks.gradients import input_gradient
+from deq_attacks.gradients.base import loss_cotangent
 from deq_attacks.interfaces import DEQEstimator
-
-#: The arithmetic an attack can run in: float32, or bfloat16 autocast (torch.autocast).
-PRECISIONS = ("fp32", "bf16")
+from deq_attacks.interfaces.whitebox import eval_mode
 
 
 def check_draws(draws: object) -> int:
@@ -52,6 +50,33 @@ class DefendedModel(nn.Module):
         for _ in range(self.draws - 1):
             logits = logits + cast(Tensor, self.white_box(processed)).float()
         return logits if self.draws == 1 else logits / self.draws
+
+    def loss_gradient(self, x: Tensor, labels: Tensor) -> Tensor:
+        """dL/dx (shaped like x) of the estimator's loss of ``labels`` (B,) class indices,
+        evaluated at each surrogate state of the module's estimate (Eq. 11, 13, 17), back
+        through the preprocessing; the same gradient as ``DEQEstimator.loss_gradient``, on
+        the module itself (no ART call), counted in the module's ``backward_calls``."""
+        if not self.estimator.all_framework_preprocessing:
+            raise ValueError(
+                "the torch attacks need the estimator's preprocessing written in torch (ART's "
+                "framework preprocessing)"
+            )
+        module = self.white_box
+        targets = self.estimator._loss_labels(labels, len(labels))
+        with torch.enable_grad():
+            x_leaf = x.detach().requires_grad_()
+            inputs, _ = self.estimator._apply_preprocessing(
+                x_leaf, y=None, fit=False, no_grad=False
+            )
+            with eval_mode(module.deq):
+                grad = input_gradient(
+                    module.deq, module.estimate, inputs,
+                    loss_cotangent(self.estimator._loss, targets), None, module.defense,
+                )  # fmt: skip
+            if inputs is not x_leaf:  # back through the torch preprocessing
+                (grad,) = torch.autograd.grad(inputs, x_leaf, grad)
+        module.backward_calls += 1
+        return grad
 
 
 class NonFiniteAsWrong(nn.Module):
@@ -97,16 +122,3 @@ class NonFiniteAsWrong(nn.Module):
         out = logits.clone()
         out[bad] = substitute
         return out
-
-
-@contextlib.contextmanager
-def precision(device: torch.device, name: str) -> Iterator[None]:
-    """Run the forwards and backwards inside in ``name`` ("fp32": as they are; "bf16":
-    ``torch.autocast`` to bfloat16 on ``device``'s type)."""
-    if name not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
-    if name == "fp32":
-        yield
-        return
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-        yield
