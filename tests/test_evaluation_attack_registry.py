@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
-from evaluation_fixtures import TINY, splits, tiny_estimator
+from evaluation_fixtures import SQUARE, TINY, splits, tiny_estimator
 
 from deq_attacks.evaluation import (
     Attack,
@@ -59,7 +59,7 @@ def test_a_column_defined_and_registered_here_runs_in_the_protocol() -> None:
         assert "fgsm" in attack_names()
         with pytest.raises(ValueError, match="already registered"):
             register_attack("pgd")(FGSM)
-        config = dataclasses.replace(config, attacks="pgd,fgsm,square")
+        config = dataclasses.replace(config, attacks=f"pgd,fgsm,{SQUARE}")
         dev, test = splits()
         FGSM.seen.clear()
         report = evaluate_model(tiny_estimator(trained=True), test, dev, config)

@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from evaluation_fixtures import TINY, splits, tiny_estimator
+from evaluation_fixtures import SQUARE, TINY, splits, tiny_estimator
 
 from deq_attacks import Phantom, Unrolled
 from deq_attacks.adversarial.pgd import compiled
@@ -67,7 +67,7 @@ def test_bf16_attacks_run_in_bf16() -> None:
 
 def test_bf16_protocol_reports_fp32_beside_it_on_the_same_images() -> None:
     dev, test = splits()
-    cheap = dataclasses.replace(TINY, attacks="pgd,square", bptt=False, sweep=SWEEP)
+    cheap = dataclasses.replace(TINY, attacks=f"pgd,{SQUARE}", bptt=False, sweep=SWEEP)
     low = evaluate_model(
         tiny_estimator(trained=True), test, dev, dataclasses.replace(cheap, precision="bf16")
     )

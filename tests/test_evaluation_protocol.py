@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from art.attacks.evasion import ProjectedGradientDescent
-from evaluation_fixtures import TINY, splits, tiny_deq_weights, tiny_estimator
+from evaluation_fixtures import AA, SQUARE, TINY, splits, tiny_deq_weights, tiny_estimator
 
 from deq_attacks import (
     Adjoint,
@@ -411,7 +411,7 @@ def test_anderson_and_fixed_point_deqs_go_through_the_whole_protocol(solver) -> 
     estimator = DEQEstimator(deq, input_shape=(1, 8, 8), nb_classes=10)
     dev, test = splits(8, 8)
     config = dataclasses.replace(
-        TINY, attacks="pgd,autoattack,square", bptt=True, diagnostic_samples=2,
+        TINY, attacks=f"pgd,{AA},{SQUARE}", bptt=True, diagnostic_samples=2,
         sweep=SweepConfig({"adjoint": {"n": "1", "beta": "1.0"},
                            "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}),
     )  # fmt: skip

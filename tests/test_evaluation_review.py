@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from evaluation_fixtures import TINY, splits, tiny_estimator
+from evaluation_fixtures import AA, TINY, splits, tiny_estimator
 from matplotlib.figure import Figure
 
 from deq_attacks.evaluation import EvaluationConfig, evaluate_model, write_outputs
@@ -29,7 +29,7 @@ def run(config: EvaluationConfig):
 
 @pytest.fixture(scope="module")
 def cascade():
-    config = dataclasses.replace(TINY, mode=Mode.CASCADE, bptt=False, attacks="pgd,autoattack")
+    config = dataclasses.replace(TINY, mode=Mode.CASCADE, bptt=False, attacks=f"pgd,{AA}")
     return run(config)
 
 

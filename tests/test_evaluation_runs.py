@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from evaluation_fixtures import TINY, splits, tiny_estimator
+from evaluation_fixtures import SQUARE, TINY, splits, tiny_estimator
 
 from deq_attacks.checkpoints import save_weights
 from deq_attacks.cli import main
@@ -29,7 +29,7 @@ from deq_attacks.evaluation.store import ResultStore
 ROOT = Path(__file__).resolve().parents[1]
 CHEAP = dataclasses.replace(
     TINY,
-    attacks="pgd,square",
+    attacks=f"pgd,{SQUARE}",
     bptt=False,
     sweep=SweepConfig(
         {"adjoint": {"n": "1", "beta": "1.0"}, "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}

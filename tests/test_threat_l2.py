@@ -11,7 +11,7 @@ import pytest
 import torch
 from art.attacks.evasion import ProjectedGradientDescent
 from attack_fixtures import assert_valid_adversarial, l2_distance
-from evaluation_fixtures import TINY, splits, tiny_estimator
+from evaluation_fixtures import AA, SQUARE, TINY, splits, tiny_estimator
 
 from deq_attacks import Exact, Phantom, Unrolled
 from deq_attacks.adversarial.pgd import l2_step, random_start
@@ -150,7 +150,7 @@ def test_training_adversary_runs_under_l2() -> None:
 def test_protocol_runs_end_to_end_under_l2_and_says_so() -> None:
     (dev, test) = splits(n_dev=8, n_test=8)
     config = dataclasses.replace(
-        TINY, norm="L2", eps=0.5, step=0.2, large_eps=4.0, attacks="pgd,autoattack,square,apgd-ce"
+        TINY, norm="L2", eps=0.5, step=0.2, large_eps=4.0, attacks=f"pgd,{AA},{SQUARE},apgd-ce"
     )
     estimator = tiny_estimator(trained=True)
     report = evaluate_model(estimator, test, dev, config)
