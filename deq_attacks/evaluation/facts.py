@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from deq_attacks.evaluation.attacks import parse_attacks
+from deq_attacks.evaluation.attacks import ATTACKS, parse_attack
 from deq_attacks.evaluation.result import EvaluationReport
+from deq_attacks.registry import parse_spec, split_specs
 
 #: The protocol's own standard budgets (``EvaluationConfig``); each attack's are its own
 #: (``Attack.budgets``, read from its spec in the run's ``attacks``).
@@ -66,8 +67,13 @@ def budgets(report: EvaluationReport) -> list[Budget]:
     found = []
     if "steps" in config:
         found.append(_standard("PGD steps", "steps", int(config["steps"])))
-    for attack in parse_attacks(str(config.get("attacks", "pgd"))):
-        found += [Budget(label, str(value), ok) for label, value, ok in attack.budget_marks()]
+    for spec in split_specs(str(config.get("attacks", "pgd"))):
+        name = parse_spec(spec)[0]
+        if name not in ATTACKS:  # a user's attack, registered in the run's process only
+            found.append(Budget(f"{name} budget", f"{spec} (attack not registered here)", False))
+            continue
+        marks = parse_attack(spec).budget_marks()
+        found += [Budget(label, str(value), ok) for label, value, ok in marks]
     if "long_steps" in config:
         found.append(_standard("more-steps check, PGD steps", "long_steps", config["long_steps"]))
     return found
@@ -85,7 +91,7 @@ def standard(report: EvaluationReport) -> bool:
 def not_run(report: EvaluationReport) -> list[str]:
     """What the full protocol has and this run left out, one phrase each."""
     config = _config(report)
-    attacks = [a.name for a in parse_attacks(str(config.get("attacks", "pgd")))]
+    attacks = [parse_spec(s)[0] for s in split_specs(str(config.get("attacks", "pgd")))]
     missing = [f"the {name} column" for name in ALL_ATTACKS if name not in attacks]
     if config.get("bptt") is False:
         missing.append("backpropagation through the solver (the BPTT yardstick column)")
