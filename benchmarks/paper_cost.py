@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from deq_attacks.evaluation.attacks import FixedStepPGD, Square, StandardAutoAttack
 from deq_attacks.evaluation.cost import mode_costs
+from deq_attacks.evaluation.settings import EvaluationConfig
 from deq_attacks.evaluation.threat import ThreatModel
 
 N, BACKWARD, CLASSES, STEPS = 8, 7, 10, 10
@@ -57,7 +58,8 @@ def shared_pgd() -> float:
 def paper_scale(robust: float) -> dict[str, float]:
     """f evaluations per test image of each mode's columns (3 defenses, the shared PGD on
     every image), the strongest column (BPTT AutoAttack) keeping every break."""
-    per_defense = mode_costs(per_defense_columns(), N_TEST, N_DEV, robust, kept=1)
+    cover = EvaluationConfig().cover_size
+    per_defense = mode_costs(per_defense_columns(), N_TEST, N_DEV, robust, kept=1, cover=cover)
     shared = shared_pgd()
     return {mode: shared + 3 * value / N_TEST for mode, value in per_defense.items()}
 
@@ -78,8 +80,9 @@ def markdown() -> str:
         f"{GRADIENT['unrolled z_n']}, BPTT {GRADIENT['bptt']} f evaluations per sample). "
         "Every column is charged its whole budget on a sample that survives it and nothing "
         "on one an earlier column broke; verdict mode keeps the strongest column (BPTT "
-        "AutoAttack) and the shared PGD runs, pays the cover on the development split and "
-        "audits 59 survivors per defense. H100 hours use the PGD-AT throughput of "
+        "AutoAttack) and the shared PGD runs, pays the cover on its default "
+        f"`cover_size` ({EvaluationConfig().cover_size}) development images and audits 59 "
+        "survivors per defense. H100 hours use the PGD-AT throughput of "
         f"[gpu_runs.md](gpu_runs.md): {PGD_AT_SAMPLES_PER_S} samples/s for exact 8/7, each "
         f"sample {STEPS + 1} gradients of {N + BACKWARD} f evaluations: {F_PER_S:,.0f} f "
         "evaluations per second (batch 96; an attack's smaller batches of survivors run "

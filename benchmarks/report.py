@@ -122,7 +122,8 @@ def render_notes(datas: list[dict[str, Any]]) -> str:
 def render(results_dir: Path, docs: Path) -> str:
     """Write ``docs`` from every ``<device>.json`` in ``results_dir``; return the text."""
     files = sorted(results_dir.glob("*.json"))
-    datas = [json.loads(f.read_text()) for f in files]
+    # the suite's files only (a device's results hold "workloads"; demo_spread.json does not)
+    datas = [d for d in (json.loads(f.read_text()) for f in files) if "workloads" in d]
     memory = "; ".join(sorted({d["memory_method"] for d in datas})) or "none measured"
     shown = results_dir.resolve()
     with contextlib.suppress(ValueError):

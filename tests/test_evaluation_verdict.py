@@ -6,6 +6,7 @@ the grid's winner and stops at the floor; the expected f evaluations match the c
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,8 +33,9 @@ from deq_attacks.evaluation import (
     run_sweep,
     scoped_attacks,
 )
-from deq_attacks.evaluation.cost import counting_f, racing_rounds
+from deq_attacks.evaluation.cost import counting_f, expected_costs, racing_rounds
 from deq_attacks.evaluation.distributed import Shards
+from deq_attacks.evaluation.sweep import margin_rank_sums, race
 
 TARGET = 3
 """The class the one-class attack breaks."""
@@ -69,7 +71,7 @@ class OneClassPGD(Attack):
 def weak(**changes: Any) -> EvaluationConfig:
     """A weak protocol (PGD of one small step) beside the one-class column (registered)."""
     settings: dict[str, Any] = dict(
-        eps=0.15, step=0.01, steps=1, attacks="pgd,one-class", bptt=False,
+        eps=0.15, step=0.01, steps=1, attacks="pgd,one-class", bptt=True,
         sweep=SweepConfig({"adjoint": {"n": "1", "beta": "1.0"},
                            "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}),
     )  # fmt: skip
@@ -99,7 +101,7 @@ def test_a_column_that_alone_breaks_samples_is_kept_or_escalated(classes_dev: bo
     with scoped_attacks():
         register_attack("one_class")(OneClassPGD)
         table = _run(weak(), dev, test)
-        verdict = _run(weak(mode=Mode.VERDICT, audit_size=3), dev, test)
+        verdict = _run(weak(mode=Mode.VERDICT, audit_size=3, cover_size=None), dev, test)
     # the premise: the one-class column breaks samples no other column breaks
     alone = 0
     for defense, row in table.survived.items():
@@ -129,6 +131,63 @@ def test_a_column_that_alone_breaks_samples_is_kept_or_escalated(classes_dev: bo
     saved = verdict.to_json()
     assert saved["settings"]["mode"] == "verdict" and saved["audit"]["final"]["size"] >= 1
     assert "cover" in verdict.timings and "audit" in verdict.timings
+
+
+def test_without_a_cover_the_shared_audit_escalates_what_breaks() -> None:
+    dev, test = _digits(False)
+    with scoped_attacks():
+        register_attack("one_class")(OneClassPGD)
+        table = _run(weak(), dev, test)
+        verdict = _run(weak(mode=Mode.VERDICT, audit_size=4, cover_size=0), dev, test)
+    for defense, robust in table.verdict().items():
+        np.testing.assert_array_equal(verdict.verdict()[defense], robust, err_msg=defense)
+    # no cover, and the strongest column is the yardstick's: no development run, no ordering
+    assert verdict.timings["cover"]["f_evals"] == 0 and "order" not in verdict.timings
+    # one random order of the test samples: each defense audits its first 4 survivors in it
+    order = np.random.default_rng([TINY.seed, zlib.crc32(b"audit")]).permutation(len(test[1]))
+    audited = {}
+    for defense, a in verdict.audit.items():
+        assert a["kept"] == ["ready-made PGD", "bptt PGD"] and a["cover_images"] == 0
+        alive = np.asarray(verdict.clean[defense]) & np.all(
+            [[v is not False for v in verdict.survived[defense][c]] for c in a["kept"]], axis=0
+        )
+        assert a["survivors"] == int(alive.sum())
+        audited[defense] = sorted(order[alive[order]][:4].tolist())
+        assert a["audited"] == audited[defense]
+        # a cascade: each audited sample counts once, for the column that broke it first
+        row = verdict.survived[defense]
+        first_broken = sum(
+            any(row[c][i] is False for c in a["skipped"]) for i in a["audited"]
+        )  # fmt: skip
+        assert a["broken"] == sum(a["broke"].values()) == first_broken
+        assert set(a["escalated"]) == {c for c, k in a["broke"].items() if k}
+    everywhere = set.intersection(*(set(v) for v in audited.values()))
+    assert everywhere  # the premise: the defenses' survivors overlap
+    assert all(a["shared"] == len(everywhere & set(a["audited"])) for a in verdict.audit.values())
+    assert any("one-class" in a["escalated"] for a in verdict.audit.values())
+
+
+def test_the_cover_size_is_checked_and_cuts_the_expected_cover() -> None:
+    with pytest.raises(ValueError, match="cover_size must be an int >= 0 or None"):
+        EvaluationConfig(cover_size=-1)
+    with pytest.raises(ValueError, match="cover_size must be an int >= 0 or None"):
+        EvaluationConfig(cover_size=True)  # type: ignore[arg-type]
+    data = load_digits()
+    dev = data.x[1200:1216], data.y[1200:1216]
+    estimator = tiny_estimator(trained=True)
+    columns = {
+        size: expected_costs(
+            estimator, weak(attacks="pgd", mode=Mode.VERDICT, cover_size=size), dev, 24
+        )["steps"]["columns"]
+        for size in (None, 8, 0)
+    }
+    per_image = (columns[None] - columns[0]) / 16
+    assert per_image > 0 and columns[8] == pytest.approx(columns[0] + 8 * per_image)
+    # only shared columns (PGD, no BPTT): the ready-made PGD is the strongest kept
+    config = weak(attacks="pgd", bptt=False, mode=Mode.VERDICT, audit_size=2, cover_size=4)
+    report = evaluate_model(estimator, (data.x[1216:1228], data.y[1216:1228]), dev, config)
+    assert all(a["kept"][0] == "ready-made PGD" for a in report.audit.values())
+    assert all(a["cover_images"] == 4 for a in report.audit.values())
 
 
 @pytest.mark.parametrize("failures,n", [(0, 59), (0, 1), (1, 10), (3, 59), (7, 20), (0, 299)])
@@ -174,7 +233,39 @@ def test_the_race_picks_the_grids_clear_winner_for_less_work() -> None:
     assert all(e["race"][0]["images"] == 4 for e in raced)  # the first round: an eighth
     winner = next(e for e in raced if e["chosen"])
     assert [r["images"] for r in winner["race"]] == [4, 8, 16, 32]
-    assert sum(e["images"] for e in raced) < 8 * 32
+    # every round halves, ties on accuracy broken by the margin rank sums: 8, 4, 2, 1
+    for number, alive in enumerate([8, 4, 2, 1]):
+        assert sum(len(e["race"]) > number for e in raced) == alive
+    assert sum(e["images"] for e in raced) == 8 * 4 + 4 * 4 + 2 * 8 + 16
+    for e in raced:
+        for r in e["race"][:-1]:
+            assert r["goes_on"]
+        if not e["chosen"]:
+            assert e["race"][-1]["goes_on"] is False and e["race"][-1]["margin_rank_sum"] > 0
+
+
+def test_the_race_breaks_accuracy_ties_by_the_margin_rank_sums() -> None:
+    # three candidates on three images: A and B tie on accuracy, A's margins are lower
+    a, b, c = np.array([-1.0, 0.5, 2.0]), np.array([-0.5, 1.0, 3.0]), np.array([1.0, -np.inf, 0.1])
+    np.testing.assert_allclose(margin_rank_sums([a, b, c]), [1 + 2 + 2, 2 + 3 + 3, 3 + 1 + 1])
+    np.testing.assert_allclose(margin_rank_sums([a, a]), [4.5, 4.5])  # equal: the mean rank, 1.5
+    accuracy = {"A": 1 / 3, "B": 1 / 3, "C": 1 / 3, "D": 2 / 3}
+    margins = {"A": a, "B": b, "C": c, "D": np.array([2.0, 2.0, 2.0])}
+    rounds = {"A": [], "B": [], "C": [], "D": []}
+
+    def score(name: str, indices: np.ndarray) -> dict[str, np.ndarray]:
+        rounds[name].append(len(indices))
+        right = np.arange(3) < round(3 * accuracy[name])
+        return {"defense/early": right[indices], "margin/early": margins[name][indices],
+                "states": right[indices, None]}  # fmt: skip
+
+    entries, pick = race(list("ABCD"), 3, "early", score, lambda e, s: {"estimate": e})
+    # image 0: all four right; the lowest margins (A -1.0, B -0.5) go on; images 0-1: A and
+    # B both 50%, A's margins lower: A alone goes on
+    assert rounds == {"A": [1, 1, 1], "B": [1, 1], "C": [1], "D": [1]}
+    b_race = next(e for e in entries if e["estimate"] == "B")["race"]
+    assert b_race[-1]["goes_on"] is False and b_race[-1]["accuracy"] == 0.5
+    assert pick == 0 and [e["estimate"] for e in entries if e["chosen"]] == ["A"]
 
 
 def test_the_race_stops_at_the_floor() -> None:
@@ -187,6 +278,27 @@ def test_the_race_stops_at_the_floor() -> None:
         assert raced[0]["accuracy"]["early"] == 0.0 and raced[0]["images"] < 32
     assert racing_rounds(5, 32) == [(5, 4), (3, 8), (2, 16), (1, 32)]
     assert racing_rounds(1, 32) == [(1, 32)]
+
+
+def test_the_expected_race_follows_the_halving_schedule() -> None:
+    data = load_digits()
+    dev = data.x[1200:1216], data.y[1200:1216]
+    estimator = tiny_estimator(trained=True)
+    sweep = SweepConfig({"adjoint": {"n": "1,2,3,4", "beta": "1.0"},
+                         "unrolled": {"n": "1,2", "k": "1", "lam": "1.0"}})  # fmt: skip
+    out = {}
+    for mode in (SweepMode.GRID, SweepMode.RACING):
+        config = dataclasses.replace(TINY, attacks="pgd", sweep=sweep, sweep_mode=mode)
+        out[mode] = expected_costs(estimator, config, dev, 24)
+    units = out[SweepMode.GRID]["units"]
+    candidates = config.sweep.candidates(estimator.deq.solver)
+    pgd = {f: [TINY.steps * units[repr(c)][1] + units[repr(c)][0] for c in candidates[f]]
+           for f in ("adjoint", "unrolled")}  # fmt: skip
+    assert out[SweepMode.GRID]["steps"]["sweep"] == pytest.approx(16 * sum(map(sum, pgd.values())))
+    # 4 candidates: 4 on 4 images, 2 on 4 more, 1 on the last 8 (32 candidate-images of the
+    # grid's 64); 2 candidates: 2 on 8, 1 on 8 more (24 of 32); at the costliest's price
+    race = 32 * max(pgd["adjoint"]) + 24 * max(pgd["unrolled"])
+    assert out[SweepMode.RACING]["steps"]["sweep"] == pytest.approx(race)
 
 
 def test_the_expected_cost_is_within_20_percent_of_the_counted_f_evaluations() -> None:

@@ -163,19 +163,24 @@ def cascade_cells(
 
     for column in (c for c in columns if c.shared and _is_ready(ctx, c)):
         run_shared(column, list(defenses))
-    others = [c for c in columns if c.shared and not _is_ready(ctx, c)]
-    for column in sorted(others, key=mean_strength) if any_alive() else others:
+    others = [  # only those some defense keeps: no ordering run for a column never run
+        c
+        for c in columns
+        if c.shared and not _is_ready(ctx, c) and any(c.label in kept[d] for d in defenses)
+    ]
+    for column in sorted(others, key=mean_strength) if any_alive() and len(others) > 1 else others:
         users = [d for d in defenses if column.label in kept[d]]
         if users:
             run_shared(column, users)
     for d, readout in defenses.items():
         cells.order[d] = order[d]
+        mine = [c for c in columns if c.label in kept[d]]
         per_defense = (
-            cascade_order(columns, d, strengths)
-            if alive[d].any()
-            else [c for c in columns if not c.shared]  # nothing left to attack: no order runs
+            cascade_order(mine, d, strengths)
+            if alive[d].any() and sum(not c.shared for c in mine) > 1
+            else [c for c in mine if not c.shared]  # nothing to order: no order runs
         )
-        for column in (c for c in per_defense if c.label in kept[d]):
+        for column in per_defense:
             indices = np.flatnonzero(alive[d])
             cells.order[d].append(column.label)
             if not len(indices):

@@ -138,6 +138,7 @@ def mode_costs(
     robust: float,
     audit_size: int = 59,
     kept: int = 1,
+    cover: int | None = None,
 ) -> dict[str, float]:
     """The column work of one defense in each mode, in f evaluations, for columns of the given
     per-sample costs ordered strongest first, when the first ``kept`` of them break every
@@ -145,17 +146,18 @@ def mode_costs(
 
     - table: every column on every sample;
     - cascade: the kept columns on every sample, the weaker ones on the survivors;
-    - verdict: the cascade on the development split (the cover), the kept columns on every
-      test sample, the skipped ones on ``audit_size`` survivors.
+    - verdict: the cascade on ``cover`` development images (the cover; None: all ``n_dev``),
+      the kept columns on every test sample, the skipped ones on ``audit_size`` survivors.
 
     A model of the expected work (columns that break nothing new after the strongest), used for
     the paper-scale estimate of docs/benchmarks.md."""
     head, tail = sum(ordered[:kept]), sum(ordered[kept:])
     survivors = robust * n_test
+    n_cover = n_dev if cover is None else min(cover, n_dev)
     return {
         "table": n_test * (head + tail),
         "cascade": n_test * head + survivors * tail,
-        "verdict": n_dev * head + robust * n_dev * tail + n_test * head
+        "verdict": n_cover * head + robust * n_cover * tail + n_test * head
         + min(audit_size, survivors) * tail,
     }
 
@@ -197,11 +199,12 @@ def expected_costs(
     """The f evaluations each step of a run with ``config`` (an ``EvaluationConfig``) is
     expected to cost, from the settings and per-sample unit costs counted on two development
     images. Before the sweep the chosen intermediate estimates are unknown: each family's
-    costliest candidate stands for its pick. The sweep is the grid's cost (a race's ties can
-    keep every candidate to the end: the grid bounds it). Table mode's columns are exact for
+    costliest candidate stands for its pick. The grid's sweep: every candidate on the whole
+    split; a race: its halving schedule (``racing_rounds``) at the costliest candidate's
+    price, an upper bound (a race that reaches 0% stops early). Table mode's columns are exact for
     fixed-step attacks and an upper bound for attacks that stop on success; cascade and
-    verdict modes are bounded by the table (verdict: and the cover on the development
-    split).
+    verdict modes are bounded by the table (verdict: and the cover on ``cover_size``
+    development images).
 
     Returns ``{"steps": {step: f evaluations}, "unknown_columns": [labels; "entropy defense"
     for its step when on], "bound": whether
@@ -209,7 +212,7 @@ def expected_costs(
     gradient] f evaluations per sample}`` (every sweep candidate and its ensemble among them;
     a DEQ without an ``f`` module: no steps, ``countable`` False)."""
     from deq_attacks.evaluation.columns import protocol_columns, protocol_estimates
-    from deq_attacks.evaluation.settings import Mode
+    from deq_attacks.evaluation.settings import Mode, SweepMode
     from deq_attacks.gradients import BackpropThroughSolver, ready_made, sweep_family
 
     x_dev, y_dev = development
@@ -234,7 +237,12 @@ def expected_costs(
     sweep = 0.0
     for family, candidates in config.sweep.candidates(deq.solver).items():
         costs = [pgd(c) for c in candidates]
-        sweep += n_dev * sum(costs)  # a race attacks each candidate on a part of it at most
+        if config.sweep_mode is SweepMode.RACING and candidates:  # its halving schedule
+            schedule = racing_rounds(len(candidates), n_dev)
+            new = np.diff([0, *(seen for _, seen in schedule)])
+            sweep += max(costs) * float(np.dot([alive for alive, _ in schedule], new))
+        else:
+            sweep += n_dev * sum(costs)
         chosen[family] = candidates[int(np.argmax(costs))]
         for candidate in candidates:  # every pick's ensemble: the column costs reuse them
             cost_of(sweep_family(family).ensemble(candidate))
@@ -254,8 +262,9 @@ def expected_costs(
     steps["columns"] = n_test * per_sample
     if config.entropy_defense:  # its inner input updates are not counted in advance
         unknown.append("entropy defense")
-    if config.mode is Mode.VERDICT:
-        steps["columns"] += n_dev * per_sample  # the cover on the development split
+    if config.mode is Mode.VERDICT:  # the cover on (part of) the development split
+        cover = n_dev if config.cover_size is None else min(config.cover_size, n_dev)
+        steps["columns"] += cover * per_sample
     bound = config.mode is not Mode.TABLE
     return {
         "steps": steps,

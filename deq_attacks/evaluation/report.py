@@ -298,6 +298,20 @@ def plot_states(report: EvaluationReport, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _left_on_a_tie(entry: Mapping[str, Any], raced: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether ``entry`` left the race in a round where a candidate of its family with the same
+    accuracy went on (the margin rank sums decided)."""
+    last = entry["race"][-1]
+    if last.get("goes_on", True):
+        return False
+    return any(
+        r["round"] == last["round"] and r.get("goes_on") and r["accuracy"] == last["accuracy"]
+        for other in raced
+        if other["family"] == entry["family"]
+        for r in other["race"]
+    )
+
+
 def plot_sweep(report: EvaluationReport, path: Path) -> Path:
     """Accuracy of the early-state defense under each intermediate attack against n, one line
     per (beta) or (k, lambda) (Fig. 3 and 4), on the development split; after a racing sweep a
@@ -315,9 +329,11 @@ def plot_sweep(report: EvaluationReport, path: Path) -> Path:
             accuracy = [100 * r["accuracy"] for r in entry["race"]]
             chosen = bool(entry.get("chosen"))
             label = entry["estimate"] if chosen else None
-            axes[2].plot(seen, accuracy, "o-" if chosen else "o:", label=label)
+            (line,) = axes[2].plot(seen, accuracy, "o-" if chosen else "o:", label=label)
+            if _left_on_a_tie(entry, raced):
+                axes[2].plot(seen[-1], accuracy[-1], "x", color=line.get_color(), ms=9)
         axes[2].set_xscale("log", base=2)
-        axes[2].set_title("race (successive halving; solid: chosen)")
+        axes[2].set_title("race (halving; solid: chosen; x: out on the margin tie-break)")
         axes[2].set_xlabel("development images seen")
         axes[2].legend(fontsize=6)
     for ax, family in zip(axes[:2], ("adjoint", "unrolled"), strict=True):

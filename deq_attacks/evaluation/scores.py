@@ -1,8 +1,9 @@
 """Typed records of one protocol run: what scoring a set of inputs against the defenses finds
 (``Scores``), the early-exit step's result (``Development``) and the sweep's
 (``SweepResult``). ``Scores`` keeps the result store's flat form (the only place that names
-its keys: ``"index"``, ``"defense/<name>"``, ``"finite/<name>"``, ``"states"``,
-``"residuals"`` and an attack's extras), so stores written before these records resume."""
+its keys: ``"index"``, ``"defense/<name>"``, ``"finite/<name>"``, ``"margin/<name>"``,
+``"states"``, ``"residuals"`` and an attack's extras), so stores written before these records
+resume."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class Scores:
         index: int (S,): the samples' indices in their split (None: 0..S-1 of the inputs).
         extras: run (the store key of one attack run) -> the attack's per-sample extras
             (S,) (AutoAttack's per-attack results).
+        margins: defense -> float (S,): the label's logit minus the largest other
+            (``scoring.margin``; only where asked for: the racing sweep's tie-break).
     """
 
     correct: dict[str, np.ndarray]
@@ -38,6 +41,7 @@ class Scores:
     residuals: np.ndarray | None = None
     index: np.ndarray | None = None
     extras: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    margins: dict[str, np.ndarray] = field(default_factory=dict)
 
     def accuracy(self, defense: str) -> float:
         """The fraction of samples ``defense`` classifies correctly."""
@@ -54,6 +58,7 @@ class Scores:
         out: dict[str, np.ndarray] = {} if self.index is None else {"index": self.index}
         out.update({f"defense/{d}": v for d, v in self.correct.items()})
         out.update({f"finite/{d}": v for d, v in self.finite.items()})
+        out.update({f"margin/{d}": v for d, v in self.margins.items()})
         if self.states is not None and self.residuals is not None:
             out["states"], out["residuals"] = self.states, self.residuals
         out.update(self.extras.get(run, {}) if run is not None else {})
@@ -66,7 +71,7 @@ class Scores:
         values = {k: np.asarray(v) for k, v in arrays.items()}
         extras = {
             k: v for k, v in values.items()
-            if k not in _SCORED and not k.startswith(("defense/", "finite/"))
+            if k not in _SCORED and not k.startswith(("defense/", "finite/", "margin/"))
         }  # fmt: skip
         if extras and run is None:
             raise ValueError(f"per-sample extras {sorted(extras)} need the run they belong to")
@@ -77,6 +82,7 @@ class Scores:
             residuals=values.get("residuals"),
             index=values.get("index"),
             extras={run: extras} if extras and run is not None else {},
+            margins={k[7:]: v for k, v in values.items() if k.startswith("margin/")},
         )
 
     def merge(self, other: Scores) -> Scores:
@@ -91,6 +97,7 @@ class Scores:
             self.residuals if self.residuals is not None else other.residuals,
             self.index if self.index is not None else other.index,
             {**self.extras, **other.extras},
+            {**self.margins, **other.margins},
         )
 
 

@@ -36,20 +36,34 @@ def correct(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.argmax(1) == y) & torch.isfinite(logits).all(1)
 
 
+def margin(logits: Tensor, y: Tensor) -> Tensor:
+    """float (B,): the label's logit minus the largest other one (negative: misclassified;
+    -inf where ``logits`` (B, K) are not all finite, as ``correct`` never counts them)."""
+    true = logits.gather(1, y[:, None])[:, 0]
+    others = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+    return torch.where(torch.isfinite(logits).all(1), true - others, float("-inf"))
+
+
 def score_readouts(
     estimator: DEQEstimator,
     x: np.ndarray,
     y: np.ndarray,
     defenses: Mapping[str, Readout],
     batch_size: int,
+    *,
+    margins: bool = False,
 ) -> Scores:
     """Per-sample correctness of each defense and of each raw iterate, from one solve per batch.
+
+    Args:
+        margins: also return each defense's ``margin`` (the racing sweep's tie-break).
 
     Returns:
         ``Scores`` of the B samples: ``correct`` bool (B,) per defense (``correct``: finite
         and right), ``finite`` bool (B,) per defense (its logits all finite), ``states`` bool
         (B, N) whether ``z_n`` classifies the sample correctly (n = 1..N, the solver's
-        threshold), ``residuals`` float (B, N) the relative residual of ``z_n``.
+        threshold), ``residuals`` float (B, N) the relative residual of ``z_n``; with
+        ``margins``, ``margins`` float (B,) per defense.
     """
     deq = estimator.deq
     threshold = deq.solver.threshold
@@ -57,6 +71,7 @@ def score_readouts(
         readout.check(threshold)
     right: dict[str, list[np.ndarray]] = {k: [] for k in defenses}
     finite: dict[str, list[np.ndarray]] = {k: [] for k in defenses}
+    margin_of: dict[str, list[np.ndarray]] = {k: [] for k in defenses} if margins else {}
     states: list[np.ndarray] = []
     residuals: list[np.ndarray] = []
     was_training = deq.training
@@ -72,6 +87,8 @@ def score_readouts(
                     logits = deq.logits(readout.state(deq, trajectory, injection), injection)
                     right[name].append(correct(logits, yb).cpu().numpy())
                     finite[name].append(torch.isfinite(logits).all(1).cpu().numpy())
+                    if margins:
+                        margin_of[name].append(margin(logits, yb).cpu().numpy())
                 per_state = [
                     correct(deq.logits(trajectory.state(n), injection), yb)
                     for n in range(1, threshold + 1)
@@ -86,6 +103,7 @@ def score_readouts(
         {k: np.concatenate(v) for k, v in finite.items()},
         np.concatenate(states),
         np.concatenate(residuals),
+        margins={k: np.concatenate(v) for k, v in margin_of.items()},
     )
 
 

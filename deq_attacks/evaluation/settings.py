@@ -161,6 +161,11 @@ class EvaluationConfig:
     audit_size: int = 59
     """Verdict mode: test survivors per defense that face every skipped column (59: zero
     extra breaks bound the missed fraction at 5%, one-sided 95% Clopper-Pearson)."""
+    cover_size: int | None = 0
+    """Verdict mode: development images the cover attacks with every column, to keep the
+    columns that break what the strongest column misses (a seeded random subset; None: the
+    whole development split; 0: no cover, the ready-made PGD and the strongest column alone
+    are kept and the audit decides what else runs)."""
     sweep_mode: SweepMode = SweepMode.RACING
     """RACING: successive halving of the sweep's candidates on growing parts of the
     development split, stopping at 0% robust; GRID: every candidate on the whole split."""
@@ -235,6 +240,12 @@ class EvaluationConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.cover_size is not None and (
+            isinstance(self.cover_size, bool)
+            or not isinstance(self.cover_size, int)
+            or self.cover_size < 0
+        ):
+            raise ValueError(f"cover_size must be an int >= 0 or None, got {self.cover_size!r}")
         if self.long_steps <= self.steps:
             raise ValueError(
                 f"long_steps ({self.long_steps}) must be more than steps ({self.steps}): the "

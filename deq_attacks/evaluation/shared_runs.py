@@ -28,6 +28,7 @@ def shared_pgd_scores(
     *,
     seed: int = 0,
     indices: np.ndarray | None = None,
+    margins: bool = False,
 ) -> Scores:
     """Run the threat model's fixed-step PGD (its eps, step and steps) with ``estimate`` once
     per block, from the per-sample random starts of ``seed``, and score its adversarial
@@ -36,6 +37,7 @@ def shared_pgd_scores(
     Args:
         indices: the samples of ``x`` to attack (default all); a sample's result does not
             depend on which others are attacked with it (its seeds follow its index).
+        margins: also score each defense's ``margins`` (``score_readouts``).
 
     Returns the samples' ``score_readouts``, gathered across processes.
     """
@@ -45,7 +47,8 @@ def shared_pgd_scores(
     def block(part: np.ndarray) -> dict[str, np.ndarray]:
         seeds = SampleSeeds(seed, "pgd", part)
         x_adv = fixed_step_pgd(model, estimate, x[part], y[part], threat, seed=seeds)
-        return score_readouts(estimator, x_adv, y[part], defenses, len(x_adv)).arrays()
+        scores = score_readouts(estimator, x_adv, y[part], defenses, len(x_adv), margins=margins)
+        return scores.arrays()
 
     return Scores.from_arrays(map_blocks(block, len(x) if indices is None else indices, shards))
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy.stats import rankdata
 
 from deq_attacks.deq.readout import Readout
 from deq_attacks.evaluation.aggregate import choose_strongest
@@ -78,7 +79,7 @@ def run_sweep(
     def score(estimate: PerStepEstimate, indices: np.ndarray) -> dict[str, np.ndarray]:
         return shared_pgd_scores(
             estimator, estimate, x_dev, y_dev, threat, defenses, shards, seed=seed,
-            indices=indices,
+            indices=indices, margins=mode is SweepMode.RACING,
         ).arrays()  # fmt: skip
 
     for name, candidates in all_candidates.items():
@@ -149,14 +150,17 @@ def race(
 ) -> tuple[list[dict[str, Any]], int]:
     """Successive halving over ``candidates`` on growing prefixes of the ``n`` development
     images (``cost.racing_rounds``): each round every candidate still racing attacks the
-    images new to it (a sample's result does not depend on the others: per-sample seeds), the
-    stronger half (lowest accuracy of ``criterion``) and every candidate tied with its weakest
-    goes on; the last round sees all ``n`` (the first of the strongest is chosen). The race
-    stops as soon as a candidate leaves no ``criterion``
-    sample robust on the images it saw (nothing can be stronger).
+    images new to it (a sample's result does not depend on the others: per-sample seeds), and
+    the stronger half goes on: ranked by the accuracy of ``criterion`` (lowest first), ties
+    broken by the margins of ``criterion``'s logits (``margin_rank_sums``: lowest first), then
+    by grid order. The last round sees all ``n``; of its candidates the first of the lowest
+    accuracy is chosen (the grid's rule). The race stops as soon as a candidate leaves no
+    ``criterion`` sample robust on the images it saw (nothing can be stronger).
+    ``score(estimate, indices)`` must return ``"margin/<criterion>"``.
 
     Returns the entries of the candidates that ran (``entry_of`` with ``"race"``: per round
-    the images seen and the accuracy, ``"chosen"``) and the index of the chosen one."""
+    the images seen, the accuracy, the margin rank sum and whether it went on; ``"chosen"``)
+    and the index of the chosen one."""
     scores: dict[int, dict[str, np.ndarray]] = {}
     history: dict[int, list[dict[str, Any]]] = {}
     alive = list(range(len(candidates)))
@@ -178,9 +182,14 @@ def race(
                 break
         if pick is not None:
             break
-        if seen < n:  # the stronger half goes on, and every candidate tied with it
-            cut = sorted(accuracy[i] for i in alive)[max(1, math.ceil(len(alive) / 2)) - 1]
-            alive = [i for i in alive if accuracy[i] <= cut]
+        if seen < n:  # the stronger half goes on
+            ranks = margin_rank_sums([scores[i][f"margin/{criterion}"] for i in alive])
+            rank = dict(zip(alive, ranks.tolist()))
+            ordered = sorted(alive, key=lambda i: (accuracy[i], rank[i], i))
+            goes_on = set(ordered[: max(1, math.ceil(len(alive) / 2))])
+            for i in alive:
+                history[i][-1].update(margin_rank_sum=rank[i], goes_on=i in goes_on)
+            alive = [i for i in alive if i in goes_on]
     if pick is None:
         final = [float(scores[i][f"defense/{criterion}"].mean()) for i in alive]
         pick = alive[choose_strongest(final)]
@@ -189,3 +198,13 @@ def race(
         entry = entry_of(candidates[i], scores[i])
         entries.append({**entry, "race": history[i], "chosen": i == pick})
     return entries, pick
+
+
+def margin_rank_sums(margins: Sequence[np.ndarray]) -> np.ndarray:
+    """float (C,): per candidate, the sum over images of its rank among the C candidates by
+    the margin of the attacked logits on that image (``scoring.margin``, each (S,) over the
+    same S images; rank 1: lowest margin, the strongest attack; ties share their mean rank).
+    Ranks, not the margins themselves, so that one image with a huge margin (or -inf, where
+    the logits are not finite) weighs like any other."""
+    stacked = np.stack([np.asarray(m, dtype=np.float64) for m in margins])
+    return np.asarray(rankdata(stacked, axis=0).sum(axis=1), dtype=np.float64)

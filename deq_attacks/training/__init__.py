@@ -7,8 +7,10 @@
 - ``train_cached(config, cache, name)``: a run folder per config (``<cache>/<name>-<config
   fingerprint>``) that several scripts share; the model comes back with its best weights.
 
-ART's own trainers (``AdversarialTrainerMadryPGD``, TRADES) also train a ``DEQEstimator``:
-see docs/training.md. The names are imported on first use (``deq_attacks.lazy``).
+ART's ``AdversarialTrainerMadryPGD`` can drive ``run_training`` (``execution.trainer=
+"art_madry"``, ``training/art_trainer.py``); ART's trainers (Madry, TRADES) also train a
+``DEQEstimator`` by hand: see docs/training.md. The names are imported on first use
+(``deq_attacks.lazy``).
 """
 
 from typing import TYPE_CHECKING

@@ -8,10 +8,8 @@ PGD draws its random start as ART does (``art_random_start``: numpy's global gen
 steps in ART's arithmetic, so the two give the same adversaries and the same training run
 (``tests/test_training_adversary.py``); the torch one skips ART's array round trips and its
 closing success-rate forward. ART's ``AdversarialTrainerMadryPGD`` drives a ``DEQEstimator``
-too (docs/training.md), but its ``fit`` takes arrays in memory (no per-epoch augmentation)
-and owns the loop, so it cannot run the unrolled pretraining, the per-step cosine schedule,
-the Jacobian-regulariser schedule, DistributedDataParallel, bf16 autocast or exact resume;
-``run_training`` keeps its own loop and takes ART's PGD as its ``"art"`` adversary.
+too: ``execution.trainer="art_madry"`` makes it drive ``run_training``
+(``training/art_trainer.py``, over ``art_classifier``).
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ from deq_attacks.deq import DEQ
 from deq_attacks.gradients import ready_made
 from deq_attacks.interfaces import DEQEstimator, WhiteBoxModule
 
-#: The adversaries of ``TrainConfig.adversary``.
+#: The adversaries of ``TrainConfig.threat.adversary``.
 ADVERSARIES = ("torch", "art")
 
 Adversary = Callable[[Tensor, Tensor], Tensor]
@@ -50,25 +48,36 @@ class Budget:
 
 
 def art_classifier(
-    model: nn.Module, image_shape: tuple[int, int, int], num_classes: int, device: torch.device
+    model: nn.Module,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss: nn.Module | None = None,
 ) -> PyTorchClassifier:
     """ART's view of ``model`` (sharing its parameters): a DEQ as a ``DEQEstimator`` whose
-    gradient is its training gradient, any other network as a plain ``PyTorchClassifier``."""
+    gradient is its training gradient, any other network as a plain ``PyTorchClassifier``;
+    ``optimizer`` for ART's ``fit`` (and trainers), ``loss`` (default cross-entropy) for both
+    ``fit`` and the attacks' gradients."""
     device_type = "gpu" if device.type == "cuda" else "cpu"
+    loss = loss if loss is not None else nn.CrossEntropyLoss()
     if isinstance(model, DEQ):
         return DEQEstimator(
             model,
-            input_shape=image_shape,
-            nb_classes=num_classes,
+            loss,
+            image_shape,
+            num_classes,
+            optimizer,
             estimate=ready_made(model.training_gradient),
             clip_values=(0.0, 1.0),
             device_type=device_type,
         )
     return PyTorchClassifier(
         model,
-        loss=nn.CrossEntropyLoss(),
+        loss=loss,
         input_shape=image_shape,
         nb_classes=num_classes,
+        optimizer=optimizer,
         clip_values=(0.0, 1.0),
         device_type=device_type,
     )

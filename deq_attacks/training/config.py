@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_SOLVER",
     "MEMORY_DATA",
     "RUN_ONLY_KEYS",
+    "TRAINERS",
     "DataSettings",
     "Device",
     "ExecutionSettings",
@@ -42,6 +43,9 @@ __all__ = [
 
 #: ``data.source`` value for arrays handed to ``run_training(config, run_dir, data=...)``.
 MEMORY_DATA = "memory"
+#: Who drives PGD-AT (``execution.trainer``): this package's loop, or ART's
+#: ``AdversarialTrainerMadryPGD`` over a ``DEQEstimator`` (``training/art_trainer.py``).
+TRAINERS = ("deq_attacks", "art_madry")
 #: The dev evaluation's batch when ``eval_batch_size`` is None, per device.
 DEFAULT_EVAL_BATCH = {"cpu": 200, "cuda": 500}
 
@@ -244,12 +248,18 @@ class ExecutionSettings:
     """Dev images for the spectral radius of J_f at z* (0: skip)."""
     plots: bool = True
     """Redraw training.png after every epoch."""
+    trainer: str = "deq_attacks"
+    """Who drives PGD-AT: deq_attacks (this package's loop) or art_madry (ART's
+    AdversarialTrainerMadryPGD over a DEQEstimator, one fit per epoch, L-inf only; refuses
+    pretraining, the Jacobian regulariser, random states, bf16, channels-last and torchrun)."""
 
     def __post_init__(self) -> None:
         checks = _Checks(self)
         checks.ints(("seed", "num_workers", "spectral_samples"), 0)
         checks.ints(("threads", "eval_batch_size"), 1, optional=True)
         checks.bools(("plots",))
+        if self.trainer not in TRAINERS:
+            checks.out.append(f"trainer must be one of {', '.join(TRAINERS)}, got {self.trainer!r}")
         if not isinstance(self.device, Device):
             checks.out.append(f"device must be cpu or cuda, got {self.device!r}")
         checks.raise_any("execution")
@@ -463,4 +473,29 @@ def _cross_problems(c: TrainConfig) -> list[str]:
             out.append("random_state (the loss at a random z_n) is DEQ-only, not for autograd")
     elif model.forward_solver is None or model.forward_threshold is None:
         out.append("model.forward_solver and model.forward_threshold must be given for training")
-    return out
+    return out + _art_madry_problems(c)
+
+
+def _art_madry_problems(c: TrainConfig) -> list[str]:
+    """The settings that ART's ``AdversarialTrainerMadryPGD`` cannot honour, one message each
+    (none unless ``execution.trainer`` is art_madry). Its ``fit`` owns the steps: each batch
+    is ART's L-inf PGD then one ``estimator.fit`` in float32 on the batch as given."""
+    if c.execution.trainer != "art_madry":
+        return []
+    refused = (
+        (not c.threat.adversarial, "threat.adversarial false", "it trains on PGD examples only"),
+        (c.threat.norm != "Linf", "threat.norm L2", "its PGD is L-inf"),
+        (c.optimiser.pretrain_steps > 0, f"optimiser.pretrain_steps {c.optimiser.pretrain_steps}",
+         "it has no clean pretraining: set 0"),
+        (c.optimiser.jac_weight > 0, f"optimiser.jac_weight {c.optimiser.jac_weight}",
+         "its fit takes no Jacobian penalty: set 0"),
+        (c.optimiser.random_state, "optimiser.random_state", "its fit takes the loss at z*"),
+        (c.execution.bf16, "execution.bf16", "its fit runs no autocast"),
+        (c.execution.channels_last, "execution.channels_last",
+         "its fit passes its own contiguous batches"),
+    )  # fmt: skip
+    return [
+        f"execution.trainer art_madry cannot honour {name} ({why})"
+        for bad, name, why in refused
+        if bad
+    ]

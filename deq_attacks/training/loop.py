@@ -3,7 +3,9 @@
 penalty on the steps its schedule names (until ``jac_stop_epoch``); after each epoch, the dev
 measurements, the best checkpoint by dev PGD accuracy, logs, plots and an exact-resume
 checkpoint. One loop for every data source: a data set the config names, or arrays in memory
-(``run_training(config, run_dir, data=(x, y))`` with ``data="memory"``).
+(``run_training(config, run_dir, data=(x, y))`` with ``data="memory"``). With
+``execution.trainer="art_madry"`` ART's ``AdversarialTrainerMadryPGD`` makes each epoch's steps
+(``training/art_trainer.py``) and this loop the rest of the epoch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from deq_attacks.checkpoints import load_weights
 from deq_attacks.deq import DEQ, JacobianRegularization
 from deq_attacks.interfaces.inputs import check_model_fits
 from deq_attacks.models.registry import resolve_builder
-from deq_attacks.training import resume
+from deq_attacks.training import art_trainer, resume
 from deq_attacks.training.adversary import Adversary, Budget, make_adversary
 from deq_attacks.training.build import (
     JacobianSchedule,
@@ -65,6 +67,16 @@ class RunResult:
         """``model`` with the best epoch's weights (``best.safetensors``), in eval mode."""
         load_weights(self.model, self.run_dir / "best.safetensors")
         return self.model.eval()
+
+
+class EpochParts(Protocol):
+    """What the end of an epoch saves and measures: the bare model, the optimizer, the
+    schedule and the acceleration (a ``StepContext``, or ART's ``ArtMadryEpochs``)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    acceleration: Acceleration
 
 
 @dataclass
@@ -184,6 +196,12 @@ def _run(
     arrays: TrainingArrays | None,
 ) -> RunResult:
     device, main = processes.device, processes.is_main
+    art_madry = config.execution.trainer == "art_madry"
+    if art_madry and processes.distributed:
+        raise ValueError(
+            "execution.trainer art_madry runs in one process (ART's trainer has no "
+            "DistributedDataParallel): run it without torchrun"
+        )
     data = load_training_data(config, arrays)
     steps_per_epoch = len(data) // config.optimiser.batch_size
     if steps_per_epoch < 1:
@@ -191,6 +209,8 @@ def _run(
             f"{len(data)} training images of {data.name} are fewer than one batch of "
             f"{config.optimiser.batch_size} (lower batch_size or dev_size)"
         )
+    if art_madry:  # ART's trainer keeps the last, smaller batch
+        steps_per_epoch = art_trainer.steps_per_epoch(len(data), config.optimiser.batch_size)
     if config.optimiser.batch_size % processes.world:
         raise ValueError(
             f"batch_size {config.optimiser.batch_size} not divisible by {processes.world}"
@@ -226,6 +246,45 @@ def _run(
             log(f"{run_dir}: all {config.optimiser.epochs} epochs are done")
         return RunResult(run_dir, state, model, data.image_shape, data.num_classes)
 
+    parts: EpochParts
+    if art_madry:
+        parts = art_trainer.art_madry(
+            model, optimizer, schedule, config, data.image_shape, data.num_classes, device
+        )
+    else:
+        parts = _step_context(config, data, model, optimizer, schedule, processes)
+    if main:
+        params = sum(p.numel() for p in model.parameters())
+        log(
+            f"training {config.model.name} ({params / 1e6:.2f}M parameters) on {data.name}: "
+            f"{len(data)} images, dev {len(data.dev_y)}, {steps_per_epoch} steps/epoch x "
+            f"{config.optimiser.epochs} epochs, {processes.world} process(es) on {device}"
+            + (" (ART's AdversarialTrainerMadryPGD)" if art_madry else "")
+        )
+    # the random streams start here: per rank, fresh or as the last finished epoch left them
+    if rng is not None:
+        resume.set_rng_state(rng)
+    else:
+        resume.seed_everything(config.execution.seed + 1009 * processes.rank)
+    for epoch in range(state.epochs_done, config.optimiser.epochs):
+        if isinstance(parts, StepContext):
+            _train_epoch(parts, config, data, epoch, state, processes, run_dir)
+        else:
+            _art_epoch(parts, config, data, epoch, state, run_dir)
+        _finish_epoch(parts, config, data, epoch, state, processes, run_dir, log)
+    return RunResult(run_dir, state, model, data.image_shape, data.num_classes)
+
+
+def _step_context(
+    config: TrainConfig,
+    data: TrainingData,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    processes: distributed.Processes,
+) -> StepContext:
+    """This loop's steps: the training module (DDP-wrapped under torchrun) and the adversary."""
+    device = processes.device
     module = TrainingModule(model, config.optimiser.pretrain_depth)
     wrapped: nn.Module = module
     if processes.distributed:
@@ -248,7 +307,7 @@ def _run(
         device,
         local_batch,
     )
-    ctx = StepContext(
+    return StepContext(
         wrapped,
         model,
         optimizer,
@@ -256,25 +315,9 @@ def _run(
         adversary,
         data.num_classes,
         device,
-        acceleration,
+        config.execution.acceleration,
         jacobian_schedule(config),
     )
-    if main:
-        params = sum(p.numel() for p in model.parameters())
-        log(
-            f"training {config.model.name} ({params / 1e6:.2f}M parameters) on {data.name}: "
-            f"{len(data)} images, dev {len(data.dev_y)}, {steps_per_epoch} steps/epoch x "
-            f"{config.optimiser.epochs} epochs, {processes.world} process(es) on {device}"
-        )
-    # the random streams start here: per rank, fresh or as the last finished epoch left them
-    if rng is not None:
-        resume.set_rng_state(rng)
-    else:
-        resume.seed_everything(config.execution.seed + 1009 * processes.rank)
-    for epoch in range(state.epochs_done, config.optimiser.epochs):
-        _train_epoch(ctx, config, data, epoch, state, processes, run_dir)
-        _finish_epoch(ctx, config, data, epoch, state, processes, run_dir, log)
-    return RunResult(run_dir, state, model, data.image_shape, data.num_classes)
 
 
 class NonFiniteTrainingError(ValueError):
@@ -369,8 +412,40 @@ def _train_epoch(
     )
 
 
+def _art_epoch(
+    parts: art_trainer.ArtMadryEpochs,
+    config: TrainConfig,
+    data: TrainingData,
+    epoch: int,
+    state: RunState,
+    run_dir: Path,
+) -> None:
+    """One epoch of ART's trainer, recorded as ``_train_epoch`` records one of this loop's
+    (the loss and weights checked for NaN at the epoch's end: ART owns the steps)."""
+    start = time.perf_counter()
+    totals = parts.fit_epoch(data.train, epoch)
+    seconds = time.perf_counter() - start
+    check_finite_step(parts.model, StepResult(totals.loss, totals.correct, None), state, epoch,
+                      run_dir)  # fmt: skip
+    first_step = state.global_step
+    state.global_step += totals.steps
+    state.history.append(
+        {
+            "epoch": epoch + 1,
+            "global_step": state.global_step,
+            "phase": _phase(config, first_step, state.global_step - 1),
+            "lr": parts.schedule.get_last_lr()[0],
+            "train_loss": totals.loss,
+            "train_accuracy": totals.correct / totals.samples,
+            "jacobian_penalty": None,
+            "samples_per_s": totals.samples / seconds,
+            "train_seconds": seconds,
+        }
+    )
+
+
 def _finish_epoch(
-    ctx: StepContext,
+    ctx: EpochParts,
     config: TrainConfig,
     data: TrainingData,
     epoch: int,
