@@ -74,7 +74,7 @@ CKPT="$OUT/train_deq_large_exact_8_7_off/best.safetensors"
 for mode in verdict table; do
   step "evaluate_$mode" 60 deq-attacks evaluate "${EVAL_MODEL[@]}" --training_gradient exact \
     --checkpoint "$CKPT" --data "$DATA" --n_dev "$N_DEV" --n_test "$N_TEST" \
-    --device "$DEVICE" --attacks pgd,square --square_queries 100 --long_steps 20 \
+    --device "$DEVICE" --attacks pgd,square:queries=100 --long_steps 20 \
     --sweep adjoint.n=2,3 --sweep adjoint.beta=1.0 --sweep unrolled.n=1,3 \
     --sweep unrolled.k=1 --sweep unrolled.lam=1.0 --mode "$mode" --out_dir "$OUT/evaluate_$mode"
 done

@@ -12,7 +12,7 @@ from __future__ import annotations
 from deq_attacks.evaluation.attacks import FixedStepPGD, Square, StandardAutoAttack
 from deq_attacks.evaluation.cost import mode_costs
 from deq_attacks.evaluation.settings import EvaluationConfig
-from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
+from deq_attacks.evaluation.threat import ThreatModel
 
 N, BACKWARD, CLASSES, STEPS = 8, 7, 10, 10
 N_TEST, N_DEV = 10_000, 100
@@ -39,7 +39,7 @@ def per_defense_columns() -> list[float]:
     """Per-sample f evaluations of the per-defense columns, strongest first (BPTT AutoAttack,
     then the other estimates' AutoAttack, Square, BPTT PGD), each with its scoring forward."""
     threat = ThreatModel(8 / 255, 2 / 255, STEPS)
-    autoattack = StandardAutoAttack(AutoAttackSettings())
+    autoattack = StandardAutoAttack()
     forwards, gradients = autoattack.calls(threat, CLASSES)
     columns = [(forwards + 1) * N + gradients * GRADIENT["bptt"]]
     columns += [(forwards + 1) * N + gradients * g for k, g in GRADIENT.items() if k != "bptt"]

@@ -15,16 +15,18 @@ from deq_attacks.data import load_digits
 from deq_attacks.evaluation import EvaluationConfig, Mode, SweepConfig, SweepMode
 from deq_attacks.models import mlp_deq
 
+#: The tiny budgets of the attacks (their spec text).
+AA = "autoattack:iterations=2,queries=5,target_classes=2"
+SQUARE = "square:queries=5"
+TRANSFER = "transfer:iterations=2"
+
 TINY = EvaluationConfig(
     mode=Mode.TABLE,
     sweep_mode=SweepMode.GRID,
     eps=0.1,
     step=0.05,
     steps=2,
-    aa_iterations=2,
-    aa_queries=5,
-    aa_target_classes=2,
-    square_queries=5,
+    attacks=f"pgd,{AA},{SQUARE}",
     long_steps=3,
     batch_size=8,
     diagnostic_samples=4,

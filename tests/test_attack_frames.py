@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from evaluation_fixtures import TINY, splits, tiny_estimator
+from evaluation_fixtures import SQUARE, TINY, splits, tiny_estimator
 from torch import Tensor
 
 import deq_attacks
@@ -86,7 +86,7 @@ def test_a_column_builds_its_views_once_not_per_block(
 ) -> None:
     estimator = tiny_estimator(trained=True)
     (x, y), _ = splits()
-    config = dataclasses.replace(CONFIG, attacks="pgd,square")
+    config = dataclasses.replace(CONFIG, attacks=f"pgd,{SQUARE}")
     columns = protocol_columns({"unrolled": Unrolled(n=1)}, config)
     column = next(c for c in columns if c.attack.name == attack)
     built = {}

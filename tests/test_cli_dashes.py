@@ -36,11 +36,11 @@ def test_every_multi_word_option_takes_dashes_and_underscores(name: str) -> None
 
 
 def test_the_dashed_spelling_reaches_the_setting(capsys) -> None:
-    argv = ["--model.name", "mlp_deq", "--aa-iterations", "3", "--batch-size", "4",
+    argv = ["--model.name", "mlp_deq", "--long-steps", "30", "--batch-size", "4",
             "--print-config"]  # fmt: skip
     assert main(["evaluate", *argv]) == 0
     printed = capsys.readouterr().out
-    assert "aa_iterations: 3" in printed and "batch_size: 4" in printed
+    assert "long_steps: 30" in printed and "batch_size: 4" in printed
     assert (
         main(
             [

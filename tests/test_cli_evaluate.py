@@ -27,8 +27,9 @@ from deq_attacks.model_spec import BuiltModel, ModelSpec, build_model
 from deq_attacks.models.registry import resolve_builder
 
 #: The smallest protocol: one PGD step, tiny AutoAttack and Square, a one-candidate sweep.
-TINY = ["--steps", "1", "--aa_iterations", "1", "--aa_queries", "3", "--aa_target_classes", "2",
-        "--square_queries", "3", "--long_steps", "2", "--batch_size", "8",
+TINY = ["--steps", "1",
+        "--attacks", "pgd,autoattack:iterations=1,queries=3,target_classes=2,square:queries=3",
+        "--long_steps", "2", "--batch_size", "8",
         "--diagnostic_samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
         "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",
         "--eps", "0.1", "--step", "0.05", "--mode", "table"]  # fmt: skip
@@ -576,7 +577,9 @@ def test_torchdeq_model_from_a_pt_checkpoint_runs_to_the_end(
 
 def test_preset_sets_the_budgets_and_a_file_and_options_override_it(tmp_path: Path, capsys) -> None:
     _, _, config = resolve(["--model.name", "m", "--preset", "mnist"])
-    assert (config.eps, config.step, config.steps, config.aa_iterations) == (0.3, 0.01, 40, 100)
+    assert (config.eps, config.step, config.steps, config.attack_specs[1].iterations) == (
+        0.3, 0.01, 40, 100
+    )
     # the order does not matter: the preset sets defaults, an option a value
     for argv in (["--preset", "mnist", "--eps", "0.2", "--steps", "7"],
                  ["--eps", "0.2", "--steps", "7", "--preset", "mnist"]):  # fmt: skip
@@ -598,7 +601,7 @@ def test_preset_sets_the_budgets_and_a_file_and_options_override_it(tmp_path: Pa
     _, _, again = resolve(["--config", str(tmp_path / "printed.yaml")])
     assert again == dataclasses.replace(config, step=0.01)  # the file's, not the option's step
     err = _refused(["--model.name", "m", "--preset", "imagenet"], capsys)
-    assert "unknown evaluation preset 'imagenet'; choose one of cifar10_paper" in err
+    assert "unknown evaluation preset 'imagenet'; choose one of cifar10_l2, cifar10_paper" in err
     err = _refused(["--model.name", "m", "--steps", "0"], capsys)
     assert "steps must be an int >= 1, got 0" in err  # the dataclass's own validation
     err = _refused(["--model.name", "m", "--eps", "big"], capsys)

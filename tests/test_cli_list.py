@@ -13,8 +13,7 @@ from deq_attacks.evaluation.presets import PRESETS as EVALUATION_PRESETS
 from deq_attacks.gradients import sweep_families
 from deq_attacks.gradients.registry import estimate_names
 from deq_attacks.models import list_models
-from deq_attacks.solvers import FixedPointIteration, register_solver, solver_names
-from deq_attacks.solvers import registry as solver_registry
+from deq_attacks.solvers import FixedPointIteration, register_solver, scoped_solvers, solver_names
 from deq_attacks.training import PRESETS as TRAINING_PRESETS
 
 
@@ -41,16 +40,16 @@ def test_every_registered_name_once(kind, names, capsys) -> None:
     assert listed(kind, capsys) == list(names())
 
 
-def test_a_solver_registered_later_is_listed(capsys, monkeypatch) -> None:
-    monkeypatch.setattr(solver_registry, "_SOLVERS", dict(solver_registry._SOLVERS))
+def test_a_solver_registered_later_is_listed(capsys) -> None:
+    with scoped_solvers():
 
-    @register_solver("halving")
-    @dataclass(frozen=True, repr=False)
-    class Halving(FixedPointIteration):
-        """Fixed-point iteration with damping one half."""
+        @register_solver("halving")
+        @dataclass(frozen=True, repr=False)
+        class Halving(FixedPointIteration):
+            """Fixed-point iteration with damping one half."""
 
-    line = [x for x in (main(["list", "solvers"]), capsys.readouterr().out)[1].splitlines()
-            if x.split()[:1] == ["halving"]]  # fmt: skip
+        line = [x for x in (main(["list", "solvers"]), capsys.readouterr().out)[1].splitlines()
+                if x.split()[:1] == ["halving"]]  # fmt: skip
     assert line == ["  halving                    Fixed-point iteration with damping one half."]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from evaluation_fixtures import TINY, splits, tiny_estimator
+from evaluation_fixtures import SQUARE, TINY, splits, tiny_estimator
 
 from deq_attacks.deq.readout import Early, Ensemble, Final
 from deq_attacks.evaluation import (
@@ -20,7 +20,7 @@ from deq_attacks.gradients import ready_made
 
 CHEAP = dataclasses.replace(
     TINY,
-    attacks="pgd,square",
+    attacks=f"pgd,{SQUARE}",
     bptt=False,
     sweep=SweepConfig(
         {"adjoint": {"n": "1", "beta": "1.0"}, "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}

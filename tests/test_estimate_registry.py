@@ -112,7 +112,7 @@ def test_text_forms_parse_to_equal_estimates() -> None:
     ("text", "message"),
     [
         ("adjiont", "unknown gradient estimate 'adjiont'; choose one of adjoint, adjoint_broyden"),
-        ("unrolled:m=2", "no parameter 'm'; its parameters: n, k, lam"),
+        ("unrolled:m=2", "no setting 'm'; its settings: n, k, lam"),
         ("unrolled:k=two", "k='two': expected int"),
         ("adjoint:inverse=dense", "one of broyden, negative_identity"),
         ("unrolled:k", "expected NAME:KEY=VALUE"),
@@ -126,11 +126,11 @@ def test_bad_text_names_the_problem_and_the_choices(text: str, message: str) -> 
 
 
 def test_bad_specs_are_refused() -> None:
-    with pytest.raises(ValueError, match="needs an 'estimate' name"):
+    with pytest.raises(ValueError, match="needs its name under 'estimate'"):
         estimate_from_spec({"n": 1})
-    with pytest.raises(ValueError, match="its parameters: checkpoint"):
+    with pytest.raises(ValueError, match="its settings: checkpoint"):
         estimate_from_spec({"estimate": "bptt", "k": 1})
-    with pytest.raises(ValueError, match="nested estimate spec"):
+    with pytest.raises(ValueError, match="setting 'of' takes a nested spec"):
         estimate_from_spec({"estimate": "ensemble", "of": "adjoint"})
     with pytest.raises(ValueError, match="already registered"):
         register_estimate("adjoint")(Unrolled)

@@ -56,20 +56,20 @@ def test_column_and_config_validation() -> None:
         Column("square", Square(), Phantom())
     with pytest.raises(ValueError):
         ThreatModel(eps=2.0)
-    with pytest.raises(ValueError, match="aa_iterations|iterations"):
-        EvaluationConfig(aa_iterations=0)
+    with pytest.raises(ValueError, match="AutoAttack iterations must be an int >= 1"):
+        EvaluationConfig(attacks="pgd,autoattack:iterations=0")
     # the attacks come from the registry, and the errors name the registered ones
-    with pytest.raises(ValueError, match="unknown attack 'nope'; choose from .*autoattack"):
+    with pytest.raises(ValueError, match="unknown attack 'nope'; choose one of .*autoattack"):
         EvaluationConfig(attacks="pgd,nope")
-    assert set(attack_names()) >= {"pgd", "autoattack", "square", "apgd-ce", "apgd-dlr",
-                                   "art-autoattack"}  # fmt: skip
+    assert set(attack_names()) >= {"pgd", "autoattack", "square", "apgd_ce", "apgd_dlr",
+                                   "art_autoattack"}  # fmt: skip
     with pytest.raises(ValueError, match="needs the fixed-step PGD"):
         EvaluationConfig(attacks="square")
     with pytest.raises(ValueError, match="named twice"):
         EvaluationConfig(attacks="pgd,square,pgd")
     with pytest.raises(ValueError, match="precision"):
         EvaluationConfig(precision="fp16")
-    with pytest.raises(ValueError, match="apgd-ce cannot run in bf16"):
+    with pytest.raises(ValueError, match="apgd_ce cannot run in bf16"):
         EvaluationConfig(attacks="pgd,apgd-ce", precision="bf16")
     with pytest.raises(ValueError, match="unknown compile backend"):
         EvaluationConfig(compile_backend="no-such-backend")
@@ -84,13 +84,13 @@ def test_cli_main_job_writes_table(tmp_path: Path, capsys) -> None:
             str(tmp_path),
             "--native_kernels",  # torch already ran here: the kernels cannot be pinned now
             "true",
-            "--train.epochs",
+            "--train.optimiser.epochs",
             "1",
-            "--train.adversarial",
+            "--train.threat.adversarial",
             "false",
-            "--train.width",
+            "--train.model.args.channels",
             "4",
-            "--train.forward_threshold",
+            "--train.model.forward_threshold",
             "3",
             "--n-test",
             "8",
@@ -98,10 +98,8 @@ def test_cli_main_job_writes_table(tmp_path: Path, capsys) -> None:
             "8",
             "--steps",
             "1",
-            "--eval.square_queries",
-            "5",
-            "--eval.aa_iterations",
-            "2",
+            "--eval.attacks",
+            "pgd,autoattack:iterations=2,square:queries=5",
             "--eval.long_steps",
             "2",
             "--eval.batch_size",

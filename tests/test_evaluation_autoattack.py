@@ -4,6 +4,7 @@ list is a separate attack whose ``steps`` take effect."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from functools import cache
 
 import numpy as np
@@ -33,7 +34,8 @@ def spied_run():
     view = make_estimator().view(estimate=spy)
     taps = tap_gradients(view.model)
     x, y = correct_batch(6)
-    out = StandardAutoAttack(SMALL).run(view, x, y, THREAT, SampleSeeds.first(0, "aa", len(x)))
+    attack = StandardAutoAttack(**asdict(SMALL))
+    out = attack.run(view, x, y, THREAT, SampleSeeds.first(0, "aa", len(x)))
     return spy, taps, x, y, out.x_adv, out.extras
 
 
@@ -55,7 +57,7 @@ def test_poisoned_estimate_reaches_autoattack(monkeypatch) -> None:
     zero = ZeroEstimate()
     x, y = correct_batch(4)
     view = make_estimator().view(estimate=zero)
-    StandardAutoAttack(SMALL).run(view, x, y, THREAT, SampleSeeds.first(0, "aa", len(x)))
+    StandardAutoAttack(**asdict(SMALL)).run(view, x, y, THREAT, SampleSeeds.first(0, "aa", len(x)))
     assert zero.calls > 0 and exact_calls == []
 
 
@@ -101,7 +103,7 @@ def test_art_autoattack_is_its_own_attack_and_honours_steps() -> None:
     assert iterations[:3] == [2, 2, 2] and attack.attacks[3].max_iter == 100
     default = ArtAutoAttackList().build(estimator, THREAT)
     assert [a.max_iter for a in default.attacks][:2] == [100, 100]
-    assert ArtAutoAttackList.name == "art-autoattack" and StandardAutoAttack.name == "autoattack"
+    assert ArtAutoAttackList.name == "art_autoattack" and StandardAutoAttack.name == "autoattack"
 
 
 def test_the_documented_pyautoattack_call_runs_on_a_view_and_uses_its_estimate() -> None:

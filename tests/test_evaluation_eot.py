@@ -10,7 +10,7 @@ from functools import cache
 import numpy as np
 import pytest
 import torch
-from evaluation_fixtures import TINY, splits, tiny_estimator
+from evaluation_fixtures import AA, TINY, splits, tiny_estimator
 from torch import Tensor, nn
 
 from deq_attacks import DEQ, BackpropThroughSolver, DEQEstimator, FixedPointIteration
@@ -194,7 +194,7 @@ def test_autoattack_and_art_columns_receive_the_draws() -> None:
 
 def test_the_protocol_switches_eot_on_for_a_randomized_output_and_says_so() -> None:
     config = dataclasses.replace(
-        TINY, attacks="pgd,autoattack", bptt=False, randomized_eot_draws=3, diagnostic_samples=8
+        TINY, attacks=f"pgd,{AA}", bptt=False, randomized_eot_draws=3, diagnostic_samples=8
     )
     dev, test = splits(n_dev=8, n_test=8)
     report = evaluate_model(randomized_deq(), test, dev, config)

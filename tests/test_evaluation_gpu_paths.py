@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from evaluation_fixtures import TINY, splits, tiny_estimator
+from evaluation_fixtures import SQUARE, TINY, splits, tiny_estimator
 
 from deq_attacks import Phantom, Unrolled
 from deq_attacks.adversarial.pgd import compiled
@@ -67,7 +67,7 @@ def test_bf16_attacks_run_in_bf16() -> None:
 
 def test_bf16_protocol_reports_fp32_beside_it_on_the_same_images() -> None:
     dev, test = splits()
-    cheap = dataclasses.replace(TINY, attacks="pgd,square", bptt=False, sweep=SWEEP)
+    cheap = dataclasses.replace(TINY, attacks=f"pgd,{SQUARE}", bptt=False, sweep=SWEEP)
     low = evaluate_model(
         tiny_estimator(trained=True), test, dev, dataclasses.replace(cheap, precision="bf16")
     )
@@ -85,7 +85,8 @@ def test_benchmark_runs_the_verdict_mode_and_returns_the_per_sample_verdict() ->
     deq = tiny_estimator(trained=True).deq
     result = benchmark(
         deq, n_examples=12, dataset="digits", eps=0.1, batch_size=6, n_dev=12, steps=2,
-        aa_iterations=2, aa_queries=5, aa_target_classes=2, square_queries=5, long_steps=3,
+        attacks="pgd,autoattack:iterations=2,queries=5,target_classes=2,square:queries=5",
+        long_steps=3,
         diagnostic_samples=2, bptt=False, sweep=SWEEP,
     )  # fmt: skip
     report = result.report

@@ -10,7 +10,7 @@ import types
 
 import numpy as np
 import torch
-from evaluation_fixtures import TINY, splits, tiny_estimator
+from evaluation_fixtures import TINY, TRANSFER, splits, tiny_estimator
 from test_evaluation_eot import _linear_weights
 from torch import Tensor, nn
 
@@ -123,7 +123,7 @@ THREAT = ThreatModel(eps=0.1, step=0.025, steps=10)
 
 
 def test_a_sound_tiny_deq_trips_no_indicator() -> None:
-    config = dataclasses.replace(TINY, step=0.025, steps=10, attacks="pgd,transfer",
+    config = dataclasses.replace(TINY, step=0.025, steps=10, attacks=f"pgd,{TRANSFER}",
                                  bptt=False, long_steps=30)  # fmt: skip
     dev, test = splits(n_dev=8, n_test=16)
     report = evaluate_model(tiny_estimator(trained=True), test, dev, config)
@@ -196,8 +196,8 @@ def test_transfer_beats_white_box_trips_on_a_reversed_gradient() -> None:
     sys.modules["indicator_surrogates"] = module
     try:
         config = dataclasses.replace(
-            TINY, eps=0.3, step=0.1, attacks="pgd,transfer", bptt=False, long_steps=5,
-            transfer_surrogate="indicator_surrogates:logistic",
+            TINY, eps=0.3, step=0.1, bptt=False, long_steps=5,
+            attacks=f"pgd,{TRANSFER},surrogate=indicator_surrogates:logistic",
         )  # fmt: skip
         report = evaluate_model(as_deq(Reversed()), digits(32), digits(8), config)
     finally:

@@ -4,6 +4,7 @@ batch-invariant to the bit, so that any difference comes from the attack's own r
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from functools import cache
 
 import numpy as np
@@ -27,7 +28,7 @@ THREAT = ThreatModel(eps=0.1, step=0.05, steps=3)
 SMALL = AutoAttackSettings(iterations=3, queries=15, target_classes=2)
 ATTACKS: dict[str, Attack] = {
     "pgd": FixedStepPGD(),
-    "autoattack": StandardAutoAttack(SMALL),
+    "autoattack": StandardAutoAttack(**asdict(SMALL)),
     "square": Square(queries=30),
 }
 N = 12

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from art.attacks.evasion import ProjectedGradientDescent
-from evaluation_fixtures import TINY, splits, tiny_deq_weights, tiny_estimator
+from evaluation_fixtures import AA, SQUARE, TINY, splits, tiny_deq_weights, tiny_estimator
 
 from deq_attacks import (
     Adjoint,
@@ -263,8 +263,8 @@ def test_cli_evaluate_on_a_checkpoint(tmp_path: Path, capsys) -> None:
     common = ["evaluate", "--model.name", "mlp_deq", "--model.args.in_features", "64",
               "--model.args.num_classes", "10", "--model.args.hidden", "16"]  # fmt: skip
     tiny = ["--model.forward_threshold", "3", "--n-dev", "8", "--n-test", "8", "--steps", "1",
-            "--aa_iterations", "1", "--aa_queries", "3", "--aa_target_classes", "2",
-            "--square_queries", "3", "--long_steps", "2", "--batch_size", "8",
+            "--attacks", "pgd,autoattack:iterations=1,queries=3,target_classes=2,square:queries=3",
+            "--long_steps", "2", "--batch_size", "8",
             "--diagnostic_samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
             "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",
             "--eps", "0.1", "--step", "0.05", "--mode", "table"]  # fmt: skip
@@ -411,7 +411,7 @@ def test_anderson_and_fixed_point_deqs_go_through_the_whole_protocol(solver) -> 
     estimator = DEQEstimator(deq, input_shape=(1, 8, 8), nb_classes=10)
     dev, test = splits(8, 8)
     config = dataclasses.replace(
-        TINY, attacks="pgd,autoattack,square", bptt=True, diagnostic_samples=2,
+        TINY, attacks=f"pgd,{AA},{SQUARE}", bptt=True, diagnostic_samples=2,
         sweep=SweepConfig({"adjoint": {"n": "1", "beta": "1.0"},
                            "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}),
     )  # fmt: skip

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from evaluation_fixtures import TINY, splits, tiny_estimator
+from evaluation_fixtures import AA, TINY, splits, tiny_estimator
 from matplotlib.figure import Figure
 
 from deq_attacks.evaluation import EvaluationConfig, evaluate_model, write_outputs
@@ -29,7 +29,7 @@ def run(config: EvaluationConfig):
 
 @pytest.fixture(scope="module")
 def cascade():
-    config = dataclasses.replace(TINY, mode=Mode.CASCADE, bptt=False, attacks="pgd,autoattack")
+    config = dataclasses.replace(TINY, mode=Mode.CASCADE, bptt=False, attacks=f"pgd,{AA}")
     return run(config)
 
 
@@ -78,8 +78,8 @@ def test_cascade_outputs_state_what_a_reviewer_needs(cascade, tmp_path, monkeypa
 def test_standard_budgets_are_marked_standard(cascade) -> None:
     full = dataclasses.replace(cascade, settings={
         **cascade.settings,
-        "config": {**cascade.settings["config"], "steps": 10, "aa_iterations": 100,
-                   "aa_queries": 5000, "aa_target_classes": 9, "long_steps": 100},
+        "config": {**cascade.settings["config"], "steps": 10, "long_steps": 100,
+                   "attacks": "pgd,autoattack"},
     })  # fmt: skip
     assert all(b.standard for b in budgets(full))
     assert not standard(full)  # cascade mode, no Square column, no BPTT

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from evaluation_fixtures import TINY, splits, tiny_estimator
+from evaluation_fixtures import SQUARE, TINY, splits, tiny_estimator
 
 from deq_attacks.checkpoints import save_weights
 from deq_attacks.cli import main
@@ -29,7 +29,7 @@ from deq_attacks.evaluation.store import ResultStore
 ROOT = Path(__file__).resolve().parents[1]
 CHEAP = dataclasses.replace(
     TINY,
-    attacks="pgd,square",
+    attacks=f"pgd,{SQUARE}",
     bptt=False,
     sweep=SweepConfig(
         {"adjoint": {"n": "1", "beta": "1.0"}, "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}
@@ -44,8 +44,8 @@ def cli_args(weights: Path, out_dir: Path) -> list[str]:
         "--model.args.num_classes", "10", "--model.args.hidden", "16",
         "--model.forward_threshold", "4", "--model.checkpoint", str(weights),
         "--n-dev", "8", "--n-test", "16", "--steps", "2",
-        "--aa_iterations", "2", "--aa_queries", "10", "--aa_target_classes", "2",
-        "--square_queries", "20", "--long_steps", "3", "--batch_size", "8",
+        "--attacks", "pgd,autoattack:iterations=2,queries=10,target_classes=2,square:queries=20",
+        "--long_steps", "3", "--batch_size", "8",
         "--diagnostic_samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
         "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",
         "--eps", "0.1", "--step", "0.05", "--out-dir", str(out_dir),

@@ -159,11 +159,12 @@ def test_presets_set_threat_model_and_budgets() -> None:
     assert set(PRESETS) == {"cifar10_paper", "cifar10_l2", "mnist", "digits"}
     mnist = evaluation_preset("mnist").apply(EvaluationConfig())
     assert (mnist.eps, mnist.step, mnist.steps) == (0.3, 0.01, 40)
-    assert mnist.autoattack_settings == EvaluationConfig().autoattack_settings  # standard
+    assert mnist.attacks == EvaluationConfig().attacks  # the standard budgets
     paper = evaluation_preset("cifar10_paper").apply(EvaluationConfig(eps=0.5))
     assert paper == EvaluationConfig()  # the paper's setting is the default
     digits = evaluation_preset("digits").apply(EvaluationConfig())
-    assert (digits.eps, digits.step, digits.aa_iterations, digits.aa_target_classes) == (
+    autoattack = digits.attack_specs[1]
+    assert (digits.eps, digits.step, autoattack.iterations, autoattack.target_classes) == (
         0.1,
         0.025,
         5,

@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from evaluation_fixtures import TINY, splits, tiny_deq_weights, tiny_estimator
+from evaluation_fixtures import TINY, TRANSFER, splits, tiny_deq_weights, tiny_estimator
 
 from deq_attacks import BackpropThroughSolver, DEQEstimator, FixedPointIteration
 from deq_attacks.evaluation import EvaluationConfig, SampleSeeds, ThreatModel, evaluate_model
@@ -68,7 +68,7 @@ def test_a_users_surrogate_by_name_and_the_column_in_the_protocol() -> None:
     sys.modules["my_surrogates"] = module
     try:
         config = dataclasses.replace(
-            TINY, attacks="pgd,transfer", bptt=False, transfer_surrogate="my_surrogates:unrolled"
+            TINY, attacks=f"pgd,{TRANSFER},surrogate=my_surrogates:unrolled", bptt=False
         )
         dev, test = splits(n_dev=8, n_test=8)
         report = evaluate_model(estimator, test, dev, config)
@@ -79,12 +79,12 @@ def test_a_users_surrogate_by_name_and_the_column_in_the_protocol() -> None:
         assert len(report.survived[defense]["transfer"]) == len(test[0])
     with pytest.raises(ValueError, match="has no attribute 'nothing'"):
         TransferAPGD("deq_attacks:nothing").model_for(estimator)
-    with pytest.raises(ValueError, match="transfer_depth is for the unrolled surrogate"):
-        EvaluationConfig(transfer_surrogate="a:b", transfer_depth=3)
+    with pytest.raises(ValueError, match="transfer depth is for the unrolled surrogate"):
+        EvaluationConfig(attacks="pgd,transfer:surrogate=a:b,depth=3")
 
 
 def test_the_transfer_column_runs_in_cascade_mode_after_the_gradient_columns() -> None:
-    config = dataclasses.replace(TINY, attacks="pgd,transfer", bptt=False, mode=Mode.CASCADE)
+    config = dataclasses.replace(TINY, attacks=f"pgd,{TRANSFER}", bptt=False, mode=Mode.CASCADE)
     dev, test = splits(n_dev=8, n_test=16)
     report = evaluate_model(unrolled_deq(), test, dev, config)
     order = report.order["final"]

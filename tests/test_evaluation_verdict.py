@@ -49,10 +49,6 @@ class OneClassPGD(Attack):
     label: ClassVar[str] = "one-class"
     uses_estimate: ClassVar[bool] = False
 
-    @classmethod
-    def from_config(cls, config: EvaluationConfig) -> OneClassPGD:
-        return cls()
-
     def run(
         self, model: Any, x: np.ndarray, y: np.ndarray, threat: ThreatModel, seeds: SampleSeeds
     ) -> AttackOutput:
@@ -103,7 +99,7 @@ def _run(config: EvaluationConfig, dev, test):
 def test_a_column_that_alone_breaks_samples_is_kept_or_escalated(classes_dev: bool) -> None:
     dev, test = _digits(classes_dev)
     with scoped_attacks():
-        register_attack("one-class")(OneClassPGD)
+        register_attack("one_class")(OneClassPGD)
         table = _run(weak(), dev, test)
         verdict = _run(weak(mode=Mode.VERDICT, audit_size=3, cover_size=None), dev, test)
     # the premise: the one-class column breaks samples no other column breaks
@@ -140,7 +136,7 @@ def test_a_column_that_alone_breaks_samples_is_kept_or_escalated(classes_dev: bo
 def test_without_a_cover_the_shared_audit_escalates_what_breaks() -> None:
     dev, test = _digits(False)
     with scoped_attacks():
-        register_attack("one-class")(OneClassPGD)
+        register_attack("one_class")(OneClassPGD)
         table = _run(weak(), dev, test)
         verdict = _run(weak(mode=Mode.VERDICT, audit_size=4, cover_size=0), dev, test)
     for defense, robust in table.verdict().items():
@@ -326,7 +322,7 @@ def test_a_verdict_report_says_what_the_audit_did_and_plots_the_race(tmp_path) -
 
     dev, test = _digits(False)
     with scoped_attacks():
-        register_attack("one-class")(OneClassPGD)
+        register_attack("one_class")(OneClassPGD)
         report = _run(weak(mode=Mode.VERDICT, audit_size=3, sweep_mode=SweepMode.RACING,
                            sweep=SweepConfig({"adjoint": {"n": "1,2", "beta": "1.0"},
                                               "unrolled": {"n": "1", "k": "1", "lam": "1.0"}})),

@@ -42,8 +42,8 @@ def test_help_imports_no_torch(argv: list[str]) -> None:
     if argv[0] == "evaluate":  # the option set is the dataclass's, help and all
         text = " ".join(result.stdout.split())
         assert (
-            "--aa_iterations AA_ITERATIONS, --aa-iterations AA_ITERATIONS APGD-CE/APGD-T/FAB-T "
-            "iterations." in text
+            "--long_steps LONG_STEPS, --long-steps LONG_STEPS PGD steps of the more-steps check "
+            "(more than steps)." in text
         )
         assert "--mode {TABLE,CASCADE,VERDICT}" in text and "--model.args ARGS" in text
         assert "--sweep_mode {GRID,RACING}" in text and "--dry_run" in text

@@ -11,7 +11,7 @@ import pytest
 import torch
 from art.attacks.evasion import ProjectedGradientDescent
 from attack_fixtures import assert_valid_adversarial, l2_distance
-from evaluation_fixtures import TINY, splits, tiny_estimator
+from evaluation_fixtures import AA, SQUARE, TINY, splits, tiny_estimator
 
 from deq_attacks import Exact, Phantom, Unrolled
 from deq_attacks.adversarial.pgd import l2_step, random_start
@@ -133,7 +133,7 @@ def test_norm_is_validated_and_sets_the_budget_range() -> None:
         EvaluationConfig(norm="L2", eps=0.5, step=0.125)
     preset = evaluation_preset("cifar10_l2").apply(EvaluationConfig())
     assert (preset.norm, preset.eps, preset.step, preset.steps) == ("L2", 0.5, 0.125, 10)
-    assert preset.autoattack_settings.standard and preset.square_queries == 5000
+    assert preset.attacks == "pgd,autoattack,square"  # the standard budgets
     assert evaluation_preset("cifar10_paper").apply(preset).norm == "Linf"
 
 
@@ -150,7 +150,7 @@ def test_training_adversary_runs_under_l2() -> None:
 def test_protocol_runs_end_to_end_under_l2_and_says_so() -> None:
     (dev, test) = splits(n_dev=8, n_test=8)
     config = dataclasses.replace(
-        TINY, norm="L2", eps=0.5, step=0.2, large_eps=4.0, attacks="pgd,autoattack,square,apgd-ce"
+        TINY, norm="L2", eps=0.5, step=0.2, large_eps=4.0, attacks=f"pgd,{AA},{SQUARE},apgd-ce"
     )
     estimator = tiny_estimator(trained=True)
     report = evaluate_model(estimator, test, dev, config)
@@ -176,8 +176,9 @@ def test_protocol_runs_end_to_end_under_l2_and_says_so() -> None:
 def test_benchmark_runs_under_l2() -> None:
     deq = tiny_estimator(trained=True).deq
     result = benchmark(
-        deq, 6, "digits", "L2", batch_size=6, n_dev=6, steps=2, aa_iterations=2, aa_queries=5,
-        aa_target_classes=2, square_queries=5, long_steps=3, diagnostic_samples=2, bptt=False,
+        deq, 6, "digits", "L2", batch_size=6, n_dev=6, steps=2,
+        attacks="pgd,autoattack:iterations=2,queries=5,target_classes=2,square:queries=5",
+        long_steps=3, diagnostic_samples=2, bptt=False,
         sweep=SweepConfig({"adjoint": {"n": "1", "beta": "1.0"},
                            "unrolled": {"n": "1", "k": "1", "lam": "1.0"}}),
     )  # fmt: skip
@@ -193,7 +194,11 @@ def test_benchmark_runs_under_l2() -> None:
         benchmark(deq, 6, "digits", "L2", norm="L2")
 
 
-PER_SAMPLE = [FixedStepPGD(), StandardAutoAttack(AutoAttackSettings(3, 15, 2)), Square(queries=30)]
+PER_SAMPLE = [
+    FixedStepPGD(),
+    StandardAutoAttack(iterations=3, queries=15, target_classes=2),
+    Square(queries=30),
+]
 
 
 @pytest.mark.parametrize("attack", PER_SAMPLE, ids=["pgd", "autoattack", "square"])

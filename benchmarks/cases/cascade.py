@@ -55,7 +55,7 @@ _QUICK_TRAINING = {"args": {"channels": 4, "dropout": 0.0}, "forward_threshold":
                    "epochs": 1, "pretrain_steps": 1,
                    "adversarial": False, "dev_size": 12, "train_limit": 60, "batch_size": 20,
                    "plots": False}  # fmt: skip
-_QUICK_EVAL = {"steps": 2, "square_queries": 10, "aa_iterations": 2, "aa_queries": 5,
+_QUICK_EVAL = {"steps": 2, "attacks": "pgd,autoattack:iterations=2,queries=5,square:queries=10",
                "long_steps": 3, "batch_size": 6, "diagnostic_samples": 2}  # fmt: skip
 
 

@@ -45,6 +45,7 @@ from deq_attacks.evaluation import (
     run_sweep,
 )
 from deq_attacks.evaluation.aggregate import choose_early_exit
+from deq_attacks.evaluation.attacks import attack_text
 from deq_attacks.evaluation.cost import counting_f
 from deq_attacks.evaluation.distributed import Shards
 from deq_attacks.evaluation.presets import evaluation_preset
@@ -181,7 +182,9 @@ def _verdict_rows(
         )
     ]
     bptt = BackpropThroughSolver(checkpoint=base.bptt_checkpoint)
-    columns = protocol_columns({"bptt": bptt}, dataclasses.replace(base, attacks="pgd,autoattack"))
+    only_aa = [a for a in base.attack_specs if a.name in ("pgd", "autoattack")]
+    attacks = ",".join(attack_text(a) for a in only_aa)  # the base's AutoAttack budget
+    columns = protocol_columns({"bptt": bptt}, dataclasses.replace(base, attacks=attacks))
     column = next(c for c in columns if c.label == "bptt AA")
     defenses = {"final": Final(), "early": Early(verdict.early_exit), "ensemble": Ensemble()}
     _, f_alone, cpu_alone = _counted(

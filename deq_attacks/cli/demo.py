@@ -1,7 +1,7 @@
 """``deq-attacks``: train a DEQ and evaluate it white-box, ending with the result table.
 
     deq-attacks                                   # the demo preset, a few minutes on 2 cores
-    deq-attacks demo --eps 0.2 --train.optimiser.epochs 4 --eval.square_queries 50
+    deq-attacks demo --eps 0.2 --train.optimiser.epochs 4 --eval.attacks pgd,square:queries=50
     deq-attacks demo --print_config > demo.yaml   # every setting, as a file for --config
 
 The default runs in a few minutes on 2 CPU cores on scikit-learn's embedded digits (real 8x8

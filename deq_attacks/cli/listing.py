@@ -13,6 +13,7 @@ no torch; sweeps and presets are validated objects and import it.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -72,11 +73,26 @@ def estimates() -> list[str]:
 
 
 def attacks() -> list[str]:
-    if (rows := _from_source("attacks")) is not None:
-        return rows
-    from deq_attacks.evaluation.attacks import attack_class, attack_names
+    """Each attack, its summary and its spec's settings with their defaults (``--attacks
+    "name:setting=value"``)."""
+    if REGISTRIES["attacks"] not in sys.modules:
+        from deq_attacks.cli.catalogue import attack_settings, registered
 
-    return _rows((name, _summary(attack_class(name))) for name in attack_names())
+        settings = attack_settings()
+        docs = registered("attacks")
+    else:
+        from deq_attacks.cli.catalogue import settings_text
+        from deq_attacks.evaluation.attacks import ATTACKS
+
+        docs = [(name, inspect.getdoc(ATTACKS[name]) or "") for name in ATTACKS]
+        settings = {
+            name: settings_text(
+                [(f.name, repr(f.default)) for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                 if f.name in ATTACKS.settings_of(name)]
+            )
+            for name, cls in ATTACKS.items()
+        }  # fmt: skip
+    return _rows((name, f"{_summary(doc)} [{settings[name]}]") for name, doc in docs)
 
 
 def sweeps() -> list[str]:

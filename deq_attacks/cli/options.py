@@ -16,8 +16,8 @@ defaults < preset < ``--config`` files < options on the command line. Every prob
 unknown option, a value of the wrong type, a dataclass's validation) is a ``CommandError``;
 ``fail`` prints it as one line ``deq-attacks <command>: <message>`` on stderr (exit code 2).
 
-Option names are the fields' names (``--aa_iterations``), each also spelled with dashes
-(``--aa-iterations``); the hand-written multi-word options of the subcommands take both
+Option names are the fields' names (``--long_steps``), each also spelled with dashes
+(``--long-steps``); the hand-written multi-word options of the subcommands take both
 spellings too (``--out-dir``). This module imports no torch, nor
 does building a parser from the config dataclasses: ``--help`` stays fast. The names in
 ``__all__`` are public: a script of one's own takes a config dataclass's settings as options the
@@ -165,7 +165,7 @@ def add_settings(
 
 def add_dashed_aliases(parser: ArgumentParser, actions: Iterable[Any]) -> None:
     """Give each option of ``actions`` spelled with underscores its dashed spelling too
-    (``--aa_iterations`` and ``--aa-iterations``; ``--train.dev_size``, ``--train.dev-size``)."""
+    (``--long_steps`` and ``--long-steps``; ``--train.dev_size``, ``--train.dev-size``)."""
     for action in actions:
         for name in list(action.option_strings):
             alias = "--" + name[2:].replace("_", "-")

@@ -129,11 +129,11 @@ MODEL_INFO_FIELDS = (
 
 
 def standard_budgets(config: EvaluationConfig) -> bool:
-    """Whether the run attacked with the standard AutoAttack and, where it ran Square, with
-    5,000 queries."""
-    attacks = config.attack_list
-    square = "square" not in attacks or config.square_queries >= 5000
-    return "autoattack" in attacks and config.autoattack_settings.standard and square
+    """Whether the run attacked with the standard AutoAttack and every attack's budget was
+    the standard one (``Attack.budget_marks``: Square with 5,000 queries, ...)."""
+    attacks = config.attack_specs
+    marks = [standard for attack in attacks for _, _, standard in attack.budget_marks()]
+    return "autoattack" in config.attack_list and all(marks)
 
 
 def held_out_images(dataset: str | Path, data_dir: str | Path) -> ImageDataset:
@@ -187,7 +187,8 @@ def benchmark(
         progress: callable(str) told of each step (default print; None: silent).
         dry_run: return the expected cost (``protocol.estimate_cost``: f evaluations per
             step, seconds per f evaluation, expected wall seconds) without attacking.
-        **settings: any other ``EvaluationConfig`` field (e.g. ``aa_iterations=5``).
+        **settings: any other ``EvaluationConfig`` field (e.g.
+            ``attacks="pgd,autoattack:iterations=5"``).
     """
     if threat_model not in NORMS:
         raise ValueError(f"threat_model must be one of {', '.join(NORMS)}, got {threat_model!r}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from deq_attacks.evaluation.attacks import Column, attack_class, column_label
+from deq_attacks.evaluation.attacks import Column, column_label
 from deq_attacks.evaluation.settings import EvaluationConfig
 from deq_attacks.gradients import Exact, GradientEstimate, PerStepEstimate, sweep_families
 
@@ -57,15 +57,12 @@ def protocol_columns(
     in that order: a gradient attack once per estimate (``"<estimate> <label>"``, estimates in
     order), an attack that uses no gradient once (its label)."""
     columns = []
+    attacks = config.attack_specs
     for label, estimate in estimates.items():
-        for name in config.attack_list:
-            attack = attack_class(name)
+        for attack in attacks:
             if attack.uses_estimate:
-                columns.append(
-                    Column(column_label(attack, label), attack.from_config(config), estimate)
-                )
-    for name in config.attack_list:
-        attack = attack_class(name)
+                columns.append(Column(column_label(type(attack), label), attack, estimate))
+    for attack in attacks:
         if not attack.uses_estimate:
-            columns.append(Column(column_label(attack, None), attack.from_config(config)))
+            columns.append(Column(column_label(type(attack), None), attack))
     return columns

@@ -7,17 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from deq_attacks.evaluation.attacks import ATTACKS, parse_attack
 from deq_attacks.evaluation.result import EvaluationReport
+from deq_attacks.registry import parse_spec, split_specs
 
-#: What the protocol runs by default (``EvaluationConfig``): the standard budgets.
-STANDARD = {
-    "steps": 10,
-    "aa_iterations": 100,
-    "aa_queries": 5000,
-    "aa_target_classes": 9,
-    "square_queries": 5000,
-    "long_steps": 100,
-}
+#: The protocol's own standard budgets (``EvaluationConfig``); each attack's are its own
+#: (``Attack.budgets``, read from its spec in the run's ``attacks``).
+STANDARD = {"steps": 10, "long_steps": 100}
 #: The attack columns of the full protocol.
 ALL_ATTACKS = ("pgd", "autoattack", "square")
 
@@ -68,23 +64,23 @@ def budgets(report: EvaluationReport) -> list[Budget]:
     """Every attack budget of the run that has a standard value, marked standard or reduced
     (AutoAttack's only where it ran)."""
     config = _config(report)
-    attacks = str(config.get("attacks", "")).split(",")
-    rows = [("PGD steps", "steps")]
-    if "autoattack" in attacks:
-        rows += [
-            ("AutoAttack APGD/FAB iterations", "aa_iterations"),
-            ("AutoAttack Square queries", "aa_queries"),
-            ("AutoAttack target classes", "aa_target_classes"),
-        ]
-    if "square" in attacks:
-        rows.append(("Square column queries", "square_queries"))
-    rows.append(("more-steps check, PGD steps", "long_steps"))
     found = []
-    for label, key in rows:
-        if key in config:
-            value = int(config[key])
-            found.append(Budget(label, str(value), value >= STANDARD[key]))
+    if "steps" in config:
+        found.append(_standard("PGD steps", "steps", int(config["steps"])))
+    for spec in split_specs(str(config.get("attacks", "pgd"))):
+        name = parse_spec(spec)[0]
+        if name not in ATTACKS:  # a user's attack, registered in the run's process only
+            found.append(Budget(f"{name} budget", f"{spec} (attack not registered here)", False))
+            continue
+        marks = parse_attack(spec).budget_marks()
+        found += [Budget(label, str(value), ok) for label, value, ok in marks]
+    if "long_steps" in config:
+        found.append(_standard("more-steps check, PGD steps", "long_steps", config["long_steps"]))
     return found
+
+
+def _standard(label: str, key: str, value: int) -> Budget:
+    return Budget(label, str(value), int(value) >= STANDARD[key])
 
 
 def standard(report: EvaluationReport) -> bool:
@@ -95,7 +91,7 @@ def standard(report: EvaluationReport) -> bool:
 def not_run(report: EvaluationReport) -> list[str]:
     """What the full protocol has and this run left out, one phrase each."""
     config = _config(report)
-    attacks = str(config.get("attacks", "")).split(",")
+    attacks = [parse_spec(s)[0] for s in split_specs(str(config.get("attacks", "pgd")))]
     missing = [f"the {name} column" for name in ALL_ATTACKS if name not in attacks]
     if config.get("bptt") is False:
         missing.append("backpropagation through the solver (the BPTT yardstick column)")

@@ -1,5 +1,6 @@
 """Named settings of ``deq-attacks evaluate`` (``--preset``): the threat model and the attack
-budgets of a data set, so that a user does not set a dozen options by hand. Options given
+budgets of a data set (the attacks' budgets in their spec text, ``"autoattack:iterations=100"``),
+so that a user does not set a dozen options by hand. Options given
 explicitly still override a preset; the sweep grid is not part of a preset.
 
 - ``cifar10_paper``: the paper's CIFAR-10 evaluation (Sec. 6.2, Appendix A): L-inf eps 8/255,
@@ -30,6 +31,7 @@ from types import MappingProxyType
 from typing import Any
 
 from deq_attacks.evaluation.settings import EvaluationConfig
+from deq_attacks.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -55,83 +57,70 @@ class EvaluationPreset:
         return dataclasses.replace(config, **self.settings)
 
 
-_STANDARD_AUTOATTACK = {
-    "attacks": "pgd,autoattack,square",
-    "aa_iterations": 100,
-    "aa_queries": 5000,
-}
+#: The standard AutoAttack and Square budgets, written out in the spec text.
+_STANDARD_ATTACKS = (
+    "pgd,autoattack:iterations=100,queries=5000,target_classes=9,square:queries=5000"
+)
 
-PRESETS: dict[str, EvaluationPreset] = {
-    preset.name: preset
-    for preset in (
-        EvaluationPreset(
-            "cifar10_paper",
-            "the paper's CIFAR-10 setting: eps 8/255, step 2/255, 10 steps, standard AutoAttack",
-            {
-                "eps": 8 / 255,
-                "step": 2 / 255,
-                "steps": 10,
-                **_STANDARD_AUTOATTACK,
-                "aa_target_classes": 9,
-                "square_queries": 5000,
-                "long_steps": 100,
-                "large_eps": 0.5,
-                "norm": "Linf",
-            },
-        ),
-        EvaluationPreset(
-            "cifar10_l2",
-            "RobustBench's CIFAR-10 L2: eps 0.5, step 0.125, 10 steps, standard AutoAttack",
-            {
-                "norm": "L2",
-                "eps": 0.5,
-                "step": 0.125,
-                "steps": 10,
-                **_STANDARD_AUTOATTACK,
-                "aa_target_classes": 9,
-                "square_queries": 5000,
-                "long_steps": 100,
-                "large_eps": 8.0,
-            },
-        ),
-        EvaluationPreset(
-            "mnist",
-            "MNIST (Madry et al. 2018): eps 0.3, step 0.01, 40 steps, standard AutoAttack",
-            {
-                "eps": 0.3,
-                "step": 0.01,
-                "steps": 40,
-                **_STANDARD_AUTOATTACK,
-                "aa_target_classes": 9,
-                "square_queries": 5000,
-                "long_steps": 100,
-                "large_eps": 0.5,
-                "norm": "Linf",
-            },
-        ),
-        EvaluationPreset(
-            "digits",
-            "the demo on the 8x8 digits: eps 0.1, step 0.025, 10 steps, reduced AutoAttack",
-            {
-                "eps": 0.1,
-                "step": 0.025,
-                "steps": 10,
-                "attacks": "pgd,autoattack,square",
-                "aa_iterations": 5,
-                "aa_queries": 50,
-                "aa_target_classes": 2,
-                "square_queries": 100,
-                "long_steps": 50,
-                "large_eps": 0.5,
-                "norm": "Linf",
-            },
-        ),
-    )
-}
+#: Every evaluation preset, by name.
+PRESETS: Registry[EvaluationPreset] = Registry("evaluation preset")
+for _preset in (
+    EvaluationPreset(
+        "cifar10_paper",
+        "the paper's CIFAR-10 setting: eps 8/255, step 2/255, 10 steps, standard AutoAttack",
+        {
+            "eps": 8 / 255,
+            "step": 2 / 255,
+            "steps": 10,
+            "attacks": _STANDARD_ATTACKS,
+            "long_steps": 100,
+            "large_eps": 0.5,
+            "norm": "Linf",
+        },
+    ),
+    EvaluationPreset(
+        "cifar10_l2",
+        "RobustBench's CIFAR-10 L2: eps 0.5, step 0.125, 10 steps, standard AutoAttack",
+        {
+            "norm": "L2",
+            "eps": 0.5,
+            "step": 0.125,
+            "steps": 10,
+            "attacks": _STANDARD_ATTACKS,
+            "long_steps": 100,
+            "large_eps": 8.0,
+        },
+    ),
+    EvaluationPreset(
+        "mnist",
+        "MNIST (Madry et al. 2018): eps 0.3, step 0.01, 40 steps, standard AutoAttack",
+        {
+            "eps": 0.3,
+            "step": 0.01,
+            "steps": 40,
+            "attacks": _STANDARD_ATTACKS,
+            "long_steps": 100,
+            "large_eps": 0.5,
+            "norm": "Linf",
+        },
+    ),
+    EvaluationPreset(
+        "digits",
+        "the demo on the 8x8 digits: eps 0.1, step 0.025, 10 steps, reduced AutoAttack",
+        {
+            "eps": 0.1,
+            "step": 0.025,
+            "steps": 10,
+            "attacks": "pgd,autoattack:iterations=5,queries=50,target_classes=2,square:queries=100",
+            "long_steps": 50,
+            "large_eps": 0.5,
+            "norm": "Linf",
+        },
+    ),
+):
+    PRESETS.add(_preset.name, _preset)
 
 
 def evaluation_preset(name: str) -> EvaluationPreset:
     """The preset ``name``; an unknown name raises listing the presets."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown evaluation preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]

@@ -49,7 +49,7 @@ from deq_attacks.deq.convergence import ConvergenceLog
 from deq_attacks.deq.entropy import InputEntropyReduction
 from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
 from deq_attacks.evaluation.aggregate import choose_early_exit, tied_best
-from deq_attacks.evaluation.attacks import Column
+from deq_attacks.evaluation.attacks import Column, StandardAutoAttack
 from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells
 from deq_attacks.evaluation.columns import BPTT, protocol_columns, protocol_estimates
 from deq_attacks.evaluation.context import RunContext, check_split
@@ -359,7 +359,8 @@ def entropy_defense_step(
     Its attacks take single-draw gradients: on a randomized model (EOT on) its settings say
     so."""
     config = ctx.config
-    autoattack = config.autoattack_settings if "autoattack" in config.attack_list else None
+    standard = [a for a in config.attack_specs if isinstance(a, StandardAutoAttack)]
+    autoattack = standard[0].settings if standard else None
     craft = BackpropThroughSolver()
 
     def block(index: np.ndarray) -> dict[str, np.ndarray]:

@@ -2,7 +2,9 @@
 sweep grid ``SweepConfig``. The command line derives its options from the fields (the
 docstring under each field is its help), so this module imports no torch: the registries that
 validation consults (attacks, sweep families, torch.compile backends) are imported inside the
-validating functions.
+validating functions. The attacks are their spec text (``attacks``): each attack's budget is
+its own (``deq_attacks.evaluation.attacks``); the settings here are the threat model and what
+every column shares.
 
 No ``from __future__ import annotations`` here: jsonargparse then reads the fields' types as
 objects and never runs the ``TYPE_CHECKING`` imports (torch) to resolve them."""
@@ -12,12 +14,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
-from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel, check_budget
+from deq_attacks.evaluation.threat import ThreatModel, check_budget
 
 if TYPE_CHECKING:
     import torch
 
     from deq_attacks.deq.entropy import InputEntropyReduction
+    from deq_attacks.evaluation.attacks import Attack
     from deq_attacks.gradients import FamilyPlan, PerStepEstimate
     from deq_attacks.solvers import Solver
 
@@ -147,8 +150,10 @@ class EvaluationConfig:
     steps: int = 10
     """PGD iterations."""
     attacks: str = "pgd,autoattack,square"
-    """Attack columns, comma-separated registered names, in column order (one column per
-    gradient estimate for a gradient attack; `deq-attacks list attacks` names them)."""
+    """Attack columns in column order, comma-separated specs NAME[:KEY=VALUE,...] each with
+    its own budget, e.g. 'pgd,autoattack:iterations=100,queries=5000,square:queries=5000'
+    (one column per gradient estimate for a gradient attack; `deq-attacks list attacks`
+    names them and their settings)."""
     mode: Mode = Mode.VERDICT
     """TABLE: every column on every sample; CASCADE: per-sample verdict only, columns
     strongest first on the samples still robust; VERDICT: the cascade cut to the columns the
@@ -168,20 +173,6 @@ class EvaluationConfig:
     """The yardstick column and alignment check: backprop through the solver."""
     bptt_checkpoint: bool = False
     """Recompute f per solver step in the BPTT backward (memory)."""
-    aa_iterations: int = 100
-    """APGD-CE/APGD-T/FAB-T iterations."""
-    aa_queries: int = 5000
-    """AutoAttack's Square queries."""
-    aa_target_classes: int = 9
-    """APGD-T/FAB-T target classes."""
-    square_queries: int = 5000
-    """The Square column's queries."""
-    transfer_surrogate: str = ""
-    """The transfer column's surrogate: empty for the DEQ unrolled to transfer_depth steps as
-    an explicit network, or 'package.module:attribute' naming an nn.Module (inputs in [0, 1]
-    to logits) or a function of the estimator returning one."""
-    transfer_depth: int | None = None
-    """Steps of the unrolled surrogate (null: the solver's threshold)."""
     eot_draws: int = 1
     """Expectation over transformation: every gradient column averages its gradient over this
     many draws per step (1: one draw, the plain gradient)."""
@@ -224,11 +215,13 @@ class EvaluationConfig:
     """The entropy defense: solver steps per round (paper 2; at most the solver's threshold)."""
 
     def __post_init__(self) -> None:
-        from deq_attacks.evaluation.attacks import PRECISIONS, attack_class, parse_attacks
+        from deq_attacks.evaluation.attacks import PRECISIONS, attack_text, parse_attacks
 
         ThreatModel(self.eps, self.step, self.steps, norm=self.norm)
-        AutoAttackSettings(self.aa_iterations, self.aa_queries, self.aa_target_classes)
-        names = parse_attacks(self.attacks)
+        attacks = parse_attacks(self.attacks)
+        names = [attack.name for attack in attacks]
+        # one text per set of attacks: canonical names, settings at their default left out
+        object.__setattr__(self, "attacks", ",".join(attack_text(a) for a in attacks))
         if "pgd" not in names:
             raise ValueError(
                 "the protocol needs the fixed-step PGD ('pgd') among its attacks: the "
@@ -236,26 +229,12 @@ class EvaluationConfig:
                 f"its ready-made run (attacks: {self.attacks!r})"
             )
         if not isinstance(self.mode, Mode):
-            raise TypeError(
-                f"mode must be a Mode (table, cascade or verdict), got {self.mode!r}"
-            )
+            raise TypeError(f"mode must be a Mode (table, cascade or verdict), got {self.mode!r}")
         if not isinstance(self.sweep_mode, SweepMode):
             raise TypeError(
                 f"sweep_mode must be a SweepMode (racing or grid), got {self.sweep_mode!r}"
             )
-        if not isinstance(self.transfer_surrogate, str):
-            raise TypeError(f"transfer_surrogate must be a text, got {self.transfer_surrogate!r}")
-        if self.transfer_surrogate and self.transfer_depth is not None:
-            raise ValueError("transfer_depth is for the unrolled surrogate, not a user's surrogate")
-        if self.transfer_depth is not None and (
-            isinstance(self.transfer_depth, bool)
-            or not isinstance(self.transfer_depth, int)
-            or self.transfer_depth < 1
-        ):
-            raise ValueError(
-                f"transfer_depth must be an int >= 1 or None, got {self.transfer_depth!r}"
-            )
-        counts = ("square_queries", "long_steps", "diagnostic_samples", "eot_draws",
+        counts = ("long_steps", "diagnostic_samples", "eot_draws",
                   "randomized_eot_draws", "audit_size")  # fmt: skip
         for name in counts:
             value = getattr(self, name)
@@ -291,7 +270,7 @@ class EvaluationConfig:
             raise ValueError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
-        refusing = [n for n in names if self.precision not in attack_class(n).precisions]
+        refusing = [a.name for a in attacks if self.precision not in a.precisions]
         if refusing:
             raise ValueError(f"attacks {', '.join(refusing)} cannot run in {self.precision}")
         if not isinstance(self.compile_backend, str):
@@ -340,15 +319,18 @@ class EvaluationConfig:
         )
 
     @property
-    def autoattack_settings(self) -> AutoAttackSettings:
-        return AutoAttackSettings(self.aa_iterations, self.aa_queries, self.aa_target_classes)
+    def attack_specs(self) -> "tuple[Attack, ...]":
+        """The attacks of ``attacks``, in column order, each with its own budget and the
+        shared settings it takes (``eot_draws``, ``compile_backend``)."""
+        from deq_attacks.evaluation.attacks import parse_attacks
+
+        shared = {"eot_draws": self.eot_draws, "compile_backend": self.compile_backend}
+        return tuple(attack.with_shared(**shared) for attack in parse_attacks(self.attacks))
 
     @property
     def attack_list(self) -> tuple[str, ...]:
         """The attack names of ``attacks``, in column order."""
-        from deq_attacks.evaluation.attacks import parse_attacks
-
-        return parse_attacks(self.attacks)
+        return tuple(attack.name for attack in self.attack_specs)
 
     def attack_batch(self, device: "torch.device") -> int:
         """The attack batch on ``device``: ``batch_size``, or the device type's default."""

@@ -19,9 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from deq_attacks.gradients import registry
 from deq_attacks.gradients.base import GradientEstimate, PerStepEstimate
 from deq_attacks.gradients.ensemble import GradientEnsemble
+from deq_attacks.gradients.registry import ESTIMATES
+from deq_attacks.registry import Registry
 from deq_attacks.solvers import Solver
 
 
@@ -202,43 +203,30 @@ class SweepFamily:
         return GradientEnsemble(dataclasses.replace(chosen, n=None))  # type: ignore[type-var]
 
 
-_FAMILIES: dict[str, SweepFamily] = {}
+#: Every sweep family, by name, in registration order.
+FAMILIES: Registry[SweepFamily] = Registry("sweep family")
 
 
 def register_sweep_family(family: SweepFamily) -> SweepFamily:
     """Make ``family`` part of every sweep (after the families registered before it)."""
     if not isinstance(family, SweepFamily):
         raise TypeError(f"register_sweep_family takes a SweepFamily, got {family!r}")
-    known = _FAMILIES.get(family.name)
-    if known is not None and known != family:
-        raise ValueError(f"a sweep family named {family.name!r} is already registered")
-    _FAMILIES[family.name] = family
-    return family
+    return FAMILIES.add(family.name, family)
 
 
 def sweep_families() -> list[SweepFamily]:
     """The registered families, in registration order."""
-    return list(_FAMILIES.values())
+    return list(FAMILIES.values())
 
 
 def sweep_family(name: str) -> SweepFamily:
     """The family registered as ``name``; an unknown name raises listing the families."""
-    if name not in _FAMILIES:
-        raise ValueError(
-            f"unknown sweep family {name!r}; choose one of {', '.join(_FAMILIES) or '(none)'}"
-        )
-    return _FAMILIES[name]
+    return FAMILIES[name]
 
 
 @contextmanager
 def scoped_registry() -> Iterator[None]:
     """Registrations of estimates (``register_estimate``) and sweep families made inside are
     undone on exit: a test or an experiment adds its own estimate for a while."""
-    estimates = registry.snapshot()
-    families = dict(_FAMILIES)
-    try:
+    with ESTIMATES.scoped(), FAMILIES.scoped():
         yield
-    finally:
-        registry.restore(estimates)
-        _FAMILIES.clear()
-        _FAMILIES.update(families)

@@ -1,7 +1,9 @@
 """Models by name (timm style): ``create_model("deq_large", num_classes=10, solver=...)``.
 
-A builder registers itself with ``@register_model``; a user's own model is reached by its Python
-entry point ``"package.module:function"``, which ``create_model`` imports and calls the same way.
+A builder registers itself with ``@register_model`` (``MODELS``, a
+``deq_attacks.registry.Registry``: its one name rule); a user's own model is reached by its
+Python entry point ``"package.module:function"``, which ``create_model`` imports and calls the
+same way.
 ``builder_keywords`` reads what a builder accepts (its signature), so that a caller can refuse
 an option the builder would not take before building anything.
 """
@@ -17,25 +19,24 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from deq_attacks.registry import Registry
+
 ModelBuilder = Callable[..., nn.Module]
 
-_REGISTRY: dict[str, ModelBuilder] = {}
+#: Every model builder, by its function name.
+MODELS: Registry[ModelBuilder] = Registry("model")
 
 B = TypeVar("B", bound=ModelBuilder)
 
 
 def register_model(builder: B) -> B:
     """Decorator: make ``builder`` available to ``create_model`` under its function name."""
-    name = builder.__name__
-    if name in _REGISTRY and _REGISTRY[name] is not builder:
-        raise ValueError(f"a model named {name!r} is already registered")
-    _REGISTRY[name] = builder
-    return builder
+    return MODELS.register()(builder)
 
 
 def list_models() -> list[str]:
     """The registered model names, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(MODELS)
 
 
 def resolve_builder(name: str) -> ModelBuilder:
@@ -64,12 +65,12 @@ def resolve_builder(name: str) -> ModelBuilder:
                 f"{module_name}.{attr} is a {type(builder).__name__}, not callable (model {name!r})"
             )
         return builder
-    if name not in _REGISTRY:
+    if name not in MODELS:
         raise ValueError(
-            f"unknown model {name!r}; registered: {', '.join(list_models())}, or give a "
+            f"unknown model {name!r}; registered: {MODELS.choices()}, or give a "
             "Python entry point 'package.module:function'"
         )
-    return _REGISTRY[name]
+    return MODELS[name]
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

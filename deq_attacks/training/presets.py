@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from deq_attacks.model_spec import ModelSpec
+from deq_attacks.registry import Registry
 from deq_attacks.training.config import Device, Gradient, TrainConfig, paper_model
 
 #: 150 epochs (Table 7; the reference config says 220), 16,000 clean steps first, batch 96,
@@ -123,11 +124,12 @@ def _cpu_presets() -> dict[str, TrainConfig]:
     }
 
 
-PRESETS: dict[str, TrainConfig] = {**_paper_presets(), **_cpu_presets()}
+#: Every training preset, by name.
+PRESETS: Registry[TrainConfig] = Registry("preset")
+for _name, _config in {**_paper_presets(), **_cpu_presets()}.items():
+    PRESETS.add(_name, _config)
 
 
 def preset(name: str) -> TrainConfig:
     """The preset ``name``; an unknown name raises listing the presets."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]

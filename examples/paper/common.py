@@ -40,8 +40,10 @@ from deq_attacks.evaluation import (
     held_out_data,
     write_tables,
 )
+from deq_attacks.evaluation.attacks import AutoAttackSettings, Square, StandardAutoAttack
 from deq_attacks.model_spec import ModelSpec
 from deq_attacks.records import plain, to_jsonable
+from deq_attacks.registry import parse_spec, split_specs
 from deq_attacks.training import Device, Gradient, RunResult, TrainConfig, preset
 
 T = TypeVar("T")
@@ -78,15 +80,19 @@ PAPER_GPU_HOURS = {"deq_large_unrolling": 46, "deq_large_exact_8_7": 57,
 #: training eps of the digits), the default sweep grid, AutoAttack only where asked (reduced).
 EVALUATION: dict[str, dict[str, Any]] = {
     "paper": {},
-    "cpu": dict(eps=0.1, step=0.025, attacks="pgd,square", aa_iterations=10,
-                aa_target_classes=1, aa_queries=100, square_queries=300, long_steps=50,
+    "cpu": dict(eps=0.1, step=0.025, attacks="pgd,square:queries=300", long_steps=50,
                 diagnostic_samples=16),
-    "tiny": dict(eps=0.1, step=0.025, steps=2, attacks="pgd,square", aa_iterations=2,
-                 aa_target_classes=1, aa_queries=5, square_queries=10, long_steps=3,
+    "tiny": dict(eps=0.1, step=0.025, steps=2, attacks="pgd,square:queries=10", long_steps=3,
                  diagnostic_samples=2, batch_size=20,
                  sweep=SweepConfig({"adjoint": {"n": "1,2", "beta": "1.0"},
                                     "unrolled": {"n": "1,2", "k": "1", "lam": "1.0"}})),
 }  # fmt: skip
+#: The AutoAttack that ``eval_config(autoattack=True)`` adds, per preset (reduced on CPU).
+AUTOATTACK = {
+    "paper": "autoattack",
+    "cpu": "autoattack:iterations=10,queries=100,target_classes=1",
+    "tiny": "autoattack:iterations=2,queries=5,target_classes=1",
+}
 #: Development / test images per preset (the first held-out images, then the next).
 SPLITS = {"paper": (1000, 9000), "cpu": (100, 200), "tiny": (10, 20)}
 
@@ -239,15 +245,32 @@ def eval_config(setup: Setup, autoattack: bool | None = None, **changes: Any) ->
     paper_tables = {"mode": Mode.TABLE, "sweep_mode": SweepMode.GRID}
     config = EvaluationConfig(**{**paper_tables, **EVALUATION[setup.preset], **setup.eval_settings})
     if autoattack is not None:
-        names = [n for n in config.attacks.split(",") if n.strip() and n.strip() != "autoattack"]
+        specs = [s for s in split_specs(config.attacks) if parse_spec(s)[0] != "autoattack"]
         if autoattack:
-            names.insert(names.index("pgd") + 1, "autoattack")
-        config = dataclasses.replace(config, attacks=",".join(names))
+            at = [parse_spec(s)[0] for s in specs].index("pgd") + 1
+            specs.insert(at, AUTOATTACK[setup.preset])
+        config = dataclasses.replace(config, attacks=",".join(specs))
     config = dataclasses.replace(config, **changes)
     if config.batch_size is None:
         device = torch.device(setup.device)
         config = dataclasses.replace(config, batch_size=config.attack_batch(device))
     return config
+
+
+def autoattack_settings(config: EvaluationConfig) -> AutoAttackSettings:
+    """The budget of the run's standard AutoAttack (``eval_config(autoattack=True)``)."""
+    found = [a for a in config.attack_specs if isinstance(a, StandardAutoAttack)]
+    if not found:
+        raise ValueError(f"no AutoAttack among the attacks {config.attacks!r}")
+    return found[0].settings
+
+
+def square_queries(config: EvaluationConfig) -> int:
+    """The queries of the run's Square column."""
+    found = [a.queries for a in config.attack_specs if isinstance(a, Square)]
+    if not found:
+        raise ValueError(f"no Square column among the attacks {config.attacks!r}")
+    return found[0]
 
 
 def protocol_extras(result: RunResult) -> dict[str, GradientEstimate]:
@@ -390,7 +413,8 @@ def scale_note(setup: Setup) -> str:
     else:
         training = f"{preset('cpu_exact').optimiser.epochs} epochs on CPU, small conv DEQs"
     budgets = (
-        f"PGD-{settings.get('steps', 10)}, Square {settings['square_queries']} queries, "
+        f"PGD-{settings.get('steps', 10)}, Square "
+        f"{square_queries(EvaluationConfig(attacks=settings['attacks']))} queries, "
         f"AutoAttack {'not run' if 'autoattack' not in settings['attacks'] else 'reduced'}"
     )
     return (

@@ -51,7 +51,7 @@ def run(setup: common.Setup) -> dict:
     return common.write_results(
         setup, "Table 1: exact-trained (8/7) DEQ, final state", {"table 1": rows},
         {"table 1": PAPER}, started,
-        notes=[f"{len(test)} test images, eps {config.eps}, square {config.square_queries} "
+        notes=[f"{len(test)} test images, eps {config.eps}, square {common.square_queries(config)} "
                f"queries; mean relative residual of the last iterate {residual:.3f}",
                "the clean and square cells are per model (the same in both rows)"],
         extra={"residual_last": float(residual)},

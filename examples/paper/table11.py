@@ -58,7 +58,7 @@ def run(setup: common.Setup) -> dict:
     return common.write_results(
         setup, "Table 11: Jacobian-regularisation weights of the exact-trained (8/7) DEQ",
         {"table 11": rows}, {"table 11": PAPER}, started,
-        notes=[f"final state, eps {config.eps}, Square {config.square_queries} queries; "
+        notes=[f"final state, eps {config.eps}, Square {common.square_queries(config)} queries; "
                "columns: gamma (8/7 exact-trained unless named)",
                "residual z_N: mean relative residual of the last iterate, clean test images"],
     )  # fmt: skip

@@ -83,7 +83,7 @@ def run(setup: common.Setup, autoattack: bool = False) -> dict:
     return common.write_results(
         setup, f"{name}: defense x attack", tables, paper, started,
         notes=[f"eps {config.eps}, PGD-{config.steps}, AutoAttack "
-               + (str(config.autoattack_settings.describe()) if autoattack else "off"),
+               + (str(common.autoattack_settings(config).describe()) if autoattack else "off"),
                "adjoint final = exact gradient; unrolled final = phantom gradient (k=5, 0.5)"]
         + [f"{t}: n* = {s['early_exit']}, chosen {s['chosen']}, white-box robustness "
            f"{s['white_box_robustness']}" for t, s in summary.items()] + diagnostics,

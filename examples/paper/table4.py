@@ -54,8 +54,10 @@ def baseline_row(setup: common.Setup, kind: str, config: Any) -> dict[str, Any]:
     for start in range(0, len(test), config.batch_size):
         xb = torch.as_tensor(test.x[start : start + config.batch_size], device=device)
         yb = torch.as_tensor(test.y[start : start + config.batch_size], device=device)
-        outcome = run_standard_autoattack(model, xb, yb, config.eps, config.autoattack_settings,
-                                          classifier.nb_classes, seeds=config.seed)  # fmt: skip
+        outcome = run_standard_autoattack(
+            model, xb, yb, config.eps, common.autoattack_settings(config), classifier.nb_classes,
+            seeds=config.seed,
+        )  # fmt: skip
         with torch.no_grad():
             survived.append((model(torch.as_tensor(outcome.x_adv, device=device)).argmax(1)
                              == yb).cpu().numpy())  # fmt: skip
@@ -91,7 +93,7 @@ def run(setup: common.Setup) -> dict:
         setup, "Table 4: DEQ against a deep network, same PGD-AT recipe", {"table 4": rows},
         {"table 4": PAPER}, started,
         notes=[f"{common.SPLITS[setup.preset][1]} test images at most, eps {config.eps}; "
-               f"AutoAttack {config.autoattack_settings.describe()}",
+               f"AutoAttack {common.autoattack_settings(config).describe()}",
                "DEQ: the worst PGD-10 and the worst AutoAttack column of the ensemble defense "
                "(the protocol of tables 2/3); baseline: ART PGD-10 and the same AutoAttack"],
     )  # fmt: skip

@@ -1,10 +1,12 @@
 """The attack columns of the protocol, one module per attack, registered by name.
 
 ``pgd`` (the fixed-step, loss-aware PGD: the shared run), ``autoattack`` (the standard
-AutoAttack, pyautoattack), ``square`` (Square, pyautoattack), ``apgd-ce`` and ``apgd-dlr``
-(ART's APGD), ``art-autoattack`` (ART's own AutoAttack list) and ``transfer`` (APGD on a
-surrogate: the DEQ unrolled, or the user's model). A new attack is one module
-(its ``Attack`` class with ``@register_attack``) plus one import here.
+AutoAttack, pyautoattack), ``square`` (Square, pyautoattack), ``apgd_ce`` and ``apgd_dlr``
+(ART's APGD), ``art_autoattack`` (ART's own AutoAttack list) and ``transfer`` (APGD on a
+surrogate: the DEQ unrolled, or the user's model); ``-`` in a name reads as ``_``. Each is
+built from its spec text with its own budget (``"autoattack:iterations=100,queries=5000"``).
+A new attack is one module (its ``Attack`` dataclass with ``@register_attack``) plus one
+import here.
 """
 
 from deq_attacks.adversarial import PRECISIONS, DefendedModel, SampleSeeds, precision
@@ -15,12 +17,16 @@ from deq_attacks.evaluation.attacks.art import (
 )
 from deq_attacks.evaluation.attacks.autoattack import StandardAutoAttack, run_standard_autoattack
 from deq_attacks.evaluation.attacks.base import (
+    ATTACKS,
+    SHARED,
     Attack,
     AttackOutput,
     Column,
     attack_class,
     attack_names,
+    attack_text,
     column_label,
+    parse_attack,
     parse_attacks,
     register_attack,
     scoped_attacks,
@@ -31,7 +37,9 @@ from deq_attacks.evaluation.attacks.transfer import TransferAPGD, UnrolledSurrog
 from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
 
 __all__ = [
+    "ATTACKS",
     "PRECISIONS",
+    "SHARED",
     "ArtAPGDCE",
     "ArtAPGDDLR",
     "ArtAutoAttackList",
@@ -49,8 +57,10 @@ __all__ = [
     "UnrolledSurrogate",
     "attack_class",
     "attack_names",
+    "attack_text",
     "column_label",
     "fixed_step_pgd",
+    "parse_attack",
     "parse_attacks",
     "precision",
     "register_attack",

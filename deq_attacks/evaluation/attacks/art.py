@@ -34,12 +34,17 @@ from deq_attacks.evaluation.threat import ThreatModel
 if TYPE_CHECKING:
     from art.attacks.attack import EvasionAttack
 
-    from deq_attacks.evaluation.settings import EvaluationConfig
     from deq_attacks.interfaces import DEQEstimator
 
 
 #: ART's ``norm`` argument of each threat-model norm.
 ART_NORMS = {"Linf": np.inf, "L2": 2}
+
+
+def check_steps(steps: int | None) -> None:
+    """An ART attack's iterations: an int >= 1, or None (the threat model's / ART's)."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be an int >= 1 or none, got {steps!r}")
 
 
 class _PerSampleArt(Attack):
@@ -86,15 +91,16 @@ class _PerSampleArt(Attack):
 
 @dataclass(frozen=True)
 class _ArtAPGD(_PerSampleArt):
-    """ART's APGD with ``steps`` iterations (None: the threat model's) and ``loss``."""
+    """ART's APGD with ``steps`` iterations (None: the threat model's) and ``loss``; its spec:
+    ``apgd_ce:steps=100``; ``eot_draws`` is shared."""
 
     steps: int | None = None
     eot_draws: int = 1
     loss: ClassVar[str]
+    takes: ClassVar[tuple[str, ...]] = ("eot_draws",)
 
-    @classmethod
-    def from_config(cls, config: EvaluationConfig) -> _ArtAPGD:
-        return cls(config.steps, config.eot_draws)
+    def __post_init__(self) -> None:
+        check_steps(self.steps)
 
     def build(self, model: PyTorchClassifier, threat: ThreatModel) -> EvasionAttack:
         return AutoProjectedGradientDescent(
@@ -112,7 +118,7 @@ class _ArtAPGD(_PerSampleArt):
         }  # fmt: skip
 
 
-@register_attack("apgd-ce")
+@register_attack("apgd_ce")
 @dataclass(frozen=True)
 class ArtAPGDCE(_ArtAPGD):
     """ART's APGD on the cross-entropy."""
@@ -121,7 +127,7 @@ class ArtAPGDCE(_ArtAPGD):
     loss: ClassVar[str] = "cross_entropy"
 
 
-@register_attack("apgd-dlr")
+@register_attack("apgd_dlr")
 @dataclass(frozen=True)
 class ArtAPGDDLR(_ArtAPGD):
     """ART's APGD on the difference-of-logits ratio."""
@@ -130,7 +136,7 @@ class ArtAPGDDLR(_ArtAPGD):
     loss: ClassVar[str] = "difference_logits_ratio"
 
 
-@register_attack("art-autoattack")
+@register_attack("art_autoattack")
 @dataclass(frozen=True)
 class ArtAutoAttackList(_PerSampleArt):
     """ART's ``AutoAttack`` list. ``steps`` None keeps ART's defaults (APGD 100 iterations,
@@ -138,12 +144,12 @@ class ArtAutoAttackList(_PerSampleArt):
     50 x steps Square queries (ART's ratio 100 : 5,000)."""
 
     label: ClassVar[str] = "ART-AA"
+    takes: ClassVar[tuple[str, ...]] = ("eot_draws",)
     steps: int | None = None
     eot_draws: int = 1
 
-    @classmethod
-    def from_config(cls, config: EvaluationConfig) -> ArtAutoAttackList:
-        return cls(config.steps, config.eot_draws)
+    def __post_init__(self) -> None:
+        check_steps(self.steps)
 
     def build(self, model: PyTorchClassifier, threat: ThreatModel) -> EvasionAttack:
         norm = ART_NORMS[threat.norm]
@@ -151,7 +157,7 @@ class ArtAutoAttackList(_PerSampleArt):
             raise ValueError(
                 f"ART's L2 Square divides by zero on images under 10 pixels a side (its tiles "
                 f"are side // 5 < 2 pixels; these are {model.input_shape}): under L2 use the "
-                "standard AutoAttack ('autoattack') or ART's APGD ('apgd-ce', 'apgd-dlr')"
+                "standard AutoAttack ('autoattack') or ART's APGD ('apgd_ce', 'apgd_dlr')"
             )
         if self.steps is None:
             return ArtAutoAttack(model, norm=norm, eps=threat.eps, eps_step=threat.step,

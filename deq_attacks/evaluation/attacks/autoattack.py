@@ -15,8 +15,8 @@ whose output is the defended logits.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -36,8 +36,8 @@ from deq_attacks.evaluation.scoring import correct
 from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
 
 if TYPE_CHECKING:
-    from deq_attacks.evaluation.settings import EvaluationConfig
     from deq_attacks.interfaces import DEQEstimator
+
 
 @dataclass
 class AutoAttackOutcome:
@@ -182,15 +182,36 @@ class StandardAutoAttack(Attack):
     ``broken_by`` (the attack that first broke it). With ``eot_draws`` > 1, APGD-CE and APGD-T
     average their loss gradient over that many draws per step (``eot_iter``) and FAB-T
     differentiates the mean logits of that many draws (``DefendedModel(draws=)``); whether
-    an attack succeeded is judged on one draw, as AutoAttack judges it."""
+    an attack succeeded is judged on one draw, as AutoAttack judges it.
+
+    Args:
+        iterations: of APGD-CE, APGD-T and FAB-T (standard: 100).
+        queries: of its Square (standard: 5,000).
+        target_classes: of APGD-T and FAB-T (standard: 9).
+        eot_draws: shared (``EvaluationConfig.eot_draws``), not part of the spec.
+
+    Its spec: ``autoattack:iterations=100,queries=5000,target_classes=9``; smaller budgets are
+    recorded with every result and marked non-standard."""
 
     label: ClassVar[str] = "AA"
-    settings: AutoAttackSettings = field(default_factory=AutoAttackSettings)
+    takes: ClassVar[tuple[str, ...]] = ("eot_draws",)
+    budgets: ClassVar[Mapping[str, str]] = {
+        "iterations": "AutoAttack APGD/FAB iterations",
+        "queries": "AutoAttack Square queries",
+        "target_classes": "AutoAttack target classes",
+    }
+    iterations: int = 100
+    queries: int = 5000
+    target_classes: int = 9
     eot_draws: int = 1
 
-    @classmethod
-    def from_config(cls, config: EvaluationConfig) -> StandardAutoAttack:
-        return cls(config.autoattack_settings, config.eot_draws)
+    def __post_init__(self) -> None:
+        AutoAttackSettings(self.iterations, self.queries, self.target_classes)  # validates
+
+    @property
+    def settings(self) -> AutoAttackSettings:
+        """The budget as ``run_standard_autoattack`` takes it."""
+        return AutoAttackSettings(self.iterations, self.queries, self.target_classes)
 
     def run(
         self,

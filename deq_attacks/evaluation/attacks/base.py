@@ -1,28 +1,35 @@
 """The attack-column protocol and the registry of attacks by name.
 
-An attack is one module: a class implementing ``Attack`` and registered under a short name::
+An attack is one module: a frozen dataclass implementing ``Attack`` whose fields are its own
+budget, registered under a short name::
 
-    @register_attack("my-attack")
+    @register_attack("mine")
     @dataclass(frozen=True)
-    class MyAttack(Attack):
+    class Mine(Attack):
         label: ClassVar[str] = "MINE"          # the column is "<estimate> MINE"
-        steps: int = 10
+        budget: int = 10
 
-        @classmethod
-        def from_config(cls, config): return cls(config.steps)
         def run(self, model, x, y, threat, seeds): ...   # -> AttackOutput
-        def describe(self, threat): return {"budget": self.steps}
+        def describe(self, threat): return {"budget": self.budget}
 
-plus one import in ``deq_attacks/evaluation/attacks/__init__.py``. ``EvaluationConfig.attacks``
-names the attacks a protocol runs; the columns, the command line's choices and the error
-messages come from this registry. ``scoped_attacks()`` undoes registrations made inside it.
+plus one import in ``deq_attacks/evaluation/attacks/__init__.py``. The protocol builds it from
+its spec text (``--attacks "pgd,mine:budget=3"``, ``EvaluationConfig.attacks``), as solvers
+are built (``ATTACKS``, a ``deq_attacks.registry.Registry``; ``-`` in a name reads as ``_``).
+
+What is not one attack's budget reaches it otherwise: the threat model (eps, step, steps,
+norm, random start) and the per-sample seeds are arguments of ``run``; the settings every
+gradient column shares (``SHARED``: ``eot_draws``, ``compile_backend``, fields of
+``EvaluationConfig``) are fields that an attack names in ``takes``: the protocol sets them
+(``with_shared``), and they are not part of its spec. ``scoped_attacks()`` undoes
+registrations made inside it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -31,10 +38,14 @@ import numpy as np
 from deq_attacks.adversarial.seeds import SampleSeeds
 from deq_attacks.evaluation.threat import ThreatModel
 from deq_attacks.gradients import GradientEstimate, estimate_spec
+from deq_attacks.registry import Registry, split_specs
 
 if TYPE_CHECKING:
-    from deq_attacks.evaluation.settings import EvaluationConfig
     from deq_attacks.interfaces import DEQEstimator
+
+#: The protocol's settings that every gradient column shares (``EvaluationConfig``'s fields of
+#: these names): an attack that uses one names it in ``takes``.
+SHARED = ("eot_draws", "compile_backend")
 
 
 @dataclass
@@ -53,7 +64,7 @@ class AttackOutput:
 
 
 class Attack(ABC):
-    """One attack algorithm of the protocol, configured by ``from_config``.
+    """One attack algorithm of the protocol: a frozen dataclass whose fields are its budget.
 
     Class attributes:
         name: the registered name (set by ``register_attack``).
@@ -65,6 +76,10 @@ class Attack(ABC):
         uses_estimate: whether the attack differentiates the model (one column per gradient
             estimate) or only queries it (one column).
         precisions: the arithmetic it can run its forwards and backwards in ("fp32", "bf16").
+        takes: the shared settings (of ``SHARED``) that are fields of this attack, set by the
+            protocol (``with_shared``), not by its spec.
+        budgets: field -> how a report names it, for each budget whose default is the
+            standard value (a smaller value is marked REDUCED).
     """
 
     name: ClassVar[str] = ""
@@ -72,11 +87,22 @@ class Attack(ABC):
     shared: ClassVar[bool] = False
     uses_estimate: ClassVar[bool] = True
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16")
+    takes: ClassVar[tuple[str, ...]] = ()
+    budgets: ClassVar[Mapping[str, str]] = {}
 
-    @classmethod
-    @abstractmethod
-    def from_config(cls, config: EvaluationConfig) -> Attack:
-        """This attack with the budgets of ``config``."""
+    def with_shared(self, **shared: Any) -> Attack:
+        """This attack with the shared settings it ``takes`` from ``shared`` (the others are
+        ignored: an attack that takes none is returned as it is)."""
+        return dataclasses.replace(self, **{k: shared[k] for k in self.takes})  # type: ignore[type-var]
+
+    def budget_marks(self) -> list[tuple[str, int, bool]]:
+        """(label, value, standard) of each of ``budgets``: standard when at least the
+        field's default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return [
+            (label, value := getattr(self, name), value >= defaults[name])
+            for name, label in self.budgets.items()
+        ]
 
     @abstractmethod
     def run(
@@ -110,24 +136,39 @@ class Attack(ABC):
 
 A = TypeVar("A", bound=type[Attack])
 
-_ATTACKS: dict[str, type[Attack]] = {}
+
+def spec_settings(cls: type) -> list[str]:
+    """The settings of an attack's spec: its dataclass fields but the shared ones it takes."""
+    takes = getattr(cls, "takes", ())
+    return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in takes]
+
+
+#: Every attack, by name.
+ATTACKS: Registry[type[Attack]] = Registry("attack", Attack, parameters=spec_settings)
 
 
 def register_attack(name: str) -> Callable[[A], A]:
-    """Class decorator: make an ``Attack`` known under ``name`` (lower case, digits, '-')."""
-    if not name or not name.replace("-", "").isalnum() or name != name.lower():
-        raise ValueError(f"an attack name is lower-case letters, digits and '-', got {name!r}")
+    """Class decorator: make an ``Attack`` dataclass known under ``name`` (lower case, digits,
+    '_'; a '-' given later reads as '_')."""
+    add = ATTACKS.register(name)
 
     def register(cls: A) -> A:
         if not (isinstance(cls, type) and issubclass(cls, Attack)):
             raise TypeError(f"register_attack takes an Attack subclass, got {cls!r}")
         if not getattr(cls, "label", ""):
             raise TypeError(f"{cls.__name__} needs a column label (class attribute 'label')")
-        known = _ATTACKS.get(name)
-        if known is not None and known is not cls:
-            raise ValueError(f"an attack named {name!r} is already registered ({known.__name__})")
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{cls.__name__} must be a dataclass: its fields are its budget")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        odd = [n for n in (*cls.takes, *cls.budgets) if n not in fields]
+        odd += [n for n in cls.takes if n not in SHARED]
+        if odd:
+            raise TypeError(
+                f"{cls.__name__}: {', '.join(odd)} in takes/budgets is not one of its fields "
+                f"(takes: some of {', '.join(SHARED)})"
+            )
+        add(cls)
         cls.name = name
-        _ATTACKS[name] = cls
         return cls
 
     return register
@@ -135,40 +176,42 @@ def register_attack(name: str) -> Callable[[A], A]:
 
 def attack_names() -> list[str]:
     """The registered attacks, in registration order."""
-    return list(_ATTACKS)
+    return ATTACKS.names()
 
 
 def attack_class(name: str) -> type[Attack]:
     """The attack registered as ``name``; an unknown name raises listing the attacks."""
-    if name not in _ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; choose from {', '.join(_ATTACKS)}")
-    return _ATTACKS[name]
+    return ATTACKS[name]
 
 
-def parse_attacks(text: str) -> tuple[str, ...]:
-    """Registered attack names from ``"pgd,autoattack,square"`` (no repeats, at least one)."""
-    if not isinstance(text, str):
-        raise TypeError(f"attacks is a comma-separated text of names, got {text!r}")
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not names:
-        raise ValueError(f"no attack named in {text!r}; choose from {', '.join(_ATTACKS)}")
-    for name in names:
-        attack_class(name)
+def parse_attack(spec: str) -> Attack:
+    """One attack from its spec text, e.g. ``"square:queries=100"``."""
+    attack: Attack = ATTACKS.create(spec)
+    return attack
+
+
+def attack_text(attack: Attack) -> str:
+    """The spec text of ``attack`` (its name and each setting that is not the default)."""
+    return ATTACKS.text(attack)
+
+
+def parse_attacks(text: str) -> tuple[Attack, ...]:
+    """The attacks of ``"pgd,autoattack:iterations=100,queries=50,square:queries=5000"``
+    (specs split by ``registry.split_specs``; no attack twice, at least one)."""
+    specs = split_specs(text)
+    if not specs:
+        raise ValueError(f"no attack named in {text!r}; choose from {ATTACKS.choices()}")
+    attacks = tuple(parse_attack(spec) for spec in specs)
+    names = [a.name for a in attacks]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"attacks named twice: {', '.join(repeated)}")
-    return names
+    return attacks
 
 
-@contextmanager
-def scoped_attacks() -> Iterator[None]:
+def scoped_attacks() -> AbstractContextManager[None]:
     """Attacks registered inside are unregistered on exit (tests, experiments)."""
-    saved = dict(_ATTACKS)
-    try:
-        yield
-    finally:
-        _ATTACKS.clear()
-        _ATTACKS.update(saved)
+    return ATTACKS.scoped()
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,9 +33,6 @@ from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_a
 from deq_attacks.evaluation.threat import ThreatModel
 from deq_attacks.gradients import GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
-
-if TYPE_CHECKING:
-    from deq_attacks.evaluation.settings import EvaluationConfig
 
 
 def fixed_step_pgd(
@@ -95,20 +92,17 @@ class FixedStepPGD(Attack):
     one shared run per estimate scores every defense.
 
     Args:
-        steps: iterations (None: the threat model's).
-        compile_backend: ``torch.compile`` backend of the step and f ("": none).
-        eot_draws: gradients averaged per step (``fixed_step_pgd``).
+        steps: iterations (None: the threat model's); its spec: ``pgd:steps=20``.
+        compile_backend: ``torch.compile`` backend of the step and f ("": none); shared.
+        eot_draws: gradients averaged per step (``fixed_step_pgd``); shared.
     """
 
     label: ClassVar[str] = "PGD"
     shared: ClassVar[bool] = True
+    takes: ClassVar[tuple[str, ...]] = ("eot_draws", "compile_backend")
     steps: int | None = None
     compile_backend: str = ""
     eot_draws: int = 1
-
-    @classmethod
-    def from_config(cls, config: EvaluationConfig) -> FixedStepPGD:
-        return cls(config.steps, config.compile_backend, config.eot_draws)
 
     def run(
         self,

@@ -4,6 +4,7 @@ are per sample (``per_sample.PerSampleSquare``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,7 +18,6 @@ from deq_attacks.evaluation.attacks.per_sample import PerSampleSquare
 from deq_attacks.evaluation.threat import ThreatModel
 
 if TYPE_CHECKING:
-    from deq_attacks.evaluation.settings import EvaluationConfig
     from deq_attacks.interfaces import DEQEstimator
 
 
@@ -25,16 +25,19 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Square(Attack):
     """Square with ``queries`` queries (p_init 0.8, one restart, the schedule of p rescaled to
-    the query budget)."""
+    the query budget); its spec: ``square:queries=5000,p_init=0.8``."""
 
     label: ClassVar[str] = "square"
     uses_estimate: ClassVar[bool] = False
+    budgets: ClassVar[Mapping[str, str]] = {"queries": "Square column queries"}
     queries: int = 5000
     p_init: float = 0.8
 
-    @classmethod
-    def from_config(cls, config: EvaluationConfig) -> Square:
-        return cls(config.square_queries)
+    def __post_init__(self) -> None:
+        if isinstance(self.queries, bool) or not isinstance(self.queries, int) or self.queries < 1:
+            raise ValueError(f"square queries must be an int >= 1, got {self.queries!r}")
+        if not 0 < self.p_init <= 1:
+            raise ValueError(f"square p_init must be in (0, 1], got {self.p_init!r}")
 
     def run(
         self,

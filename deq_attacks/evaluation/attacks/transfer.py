@@ -30,8 +30,8 @@ from deq_attacks.evaluation.attacks.per_sample import PerSampleAPGD
 from deq_attacks.evaluation.threat import ThreatModel
 
 if TYPE_CHECKING:
-    from deq_attacks.evaluation.settings import EvaluationConfig
     from deq_attacks.interfaces import DEQEstimator
+
 
 class UnrolledSurrogate(nn.Module):
     """The DEQ unrolled to ``depth`` steps as an explicit network: ``z_0`` from the DEQ, then
@@ -116,12 +116,16 @@ class TransferAPGD(Attack):
         depth: the unrolled surrogate's depth (None: the solver's threshold).
         iterations: APGD iterations.
         eot_draws: APGD's gradient averaged over this many draws per step (a randomized
-            surrogate; pyautoattack's ``eot_iter``).
+            surrogate; pyautoattack's ``eot_iter``); shared (``EvaluationConfig.eot_draws``).
+
+    Its spec: ``transfer:surrogate=package.module:attribute,iterations=100`` or
+    ``transfer:depth=8`` (the unrolled DEQ).
     """
 
     label: ClassVar[str] = "transfer"
     shared: ClassVar[bool] = True
     uses_estimate: ClassVar[bool] = False
+    takes: ClassVar[tuple[str, ...]] = ("eot_draws",)
     surrogate: nn.Module | str | None = None
     depth: int | None = None
     iterations: int = 100
@@ -142,14 +146,7 @@ class TransferAPGD(Attack):
         ):
             raise ValueError(f"transfer depth must be an int >= 1 or None, got {self.depth!r}")
         if self.depth is not None and self.surrogate is not None:
-            raise ValueError("a depth is for the unrolled surrogate; a user's surrogate has none")
-
-    @classmethod
-    def from_config(cls, config: EvaluationConfig) -> TransferAPGD:
-        return cls(
-            config.transfer_surrogate or None, config.transfer_depth, config.aa_iterations,
-            config.eot_draws,
-        )  # fmt: skip
+            raise ValueError("transfer depth is for the unrolled surrogate, not a user's surrogate")
 
     def model_for(self, estimator: DEQEstimator) -> nn.Module:
         """The surrogate over ``estimator``, on its device."""
