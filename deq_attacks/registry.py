@@ -25,14 +25,24 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Registry", "canonical", "format_spec", "parse_spec", "split_specs", "split_top"]
+__all__ = [
+    "Registry",
+    "canonical",
+    "entry_point",
+    "format_spec",
+    "parse_spec",
+    "split_specs",
+    "split_top",
+]
 
 T = TypeVar("T")
 C = TypeVar("C")
@@ -43,6 +53,25 @@ NAME = re.compile(r"[a-z0-9_]+")
 SETTING = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_-]*\s*=")
 
 _REGISTRIES: list[Registry[Any]] = []
+
+
+def entry_point(text: str, role: str) -> Any:
+    """The attribute that a user's ``"package.module:attribute"`` names, imported; ``role``
+    (e.g. ``"model 'pkg.mod:build'"``) names it in the one-line errors: a malformed text, a
+    module that does not import (any error while importing it, named), a missing attribute."""
+    module_name, sep, attr = text.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{role}: expected 'package.module:attribute'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # the user's module may fail in any way while importing
+        raise ValueError(
+            f"cannot import {module_name!r} for {role} ({type(error).__name__}: {error}; "
+            f"looked on sys.path, which starts with {sys.path[:2]})"
+        ) from None
+    if not hasattr(module, attr):
+        raise ValueError(f"{module_name!r} has no attribute {attr!r} ({role})")
+    return getattr(module, attr)
 
 
 def canonical(name: str) -> str:

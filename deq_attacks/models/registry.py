@@ -10,16 +10,14 @@ an option the builder would not take before building anything.
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from torch import nn
 
-from deq_attacks.registry import Registry
+from deq_attacks.registry import Registry, entry_point
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -47,22 +45,11 @@ def resolve_builder(name: str) -> ModelBuilder:
             it, named), or an attribute that is missing or not callable.
     """
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        if not module_name or not attr:
-            raise ValueError(f"model entry point {name!r}: expected 'package.module:function'")
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as error:  # the user's module may fail in any way while importing
-            raise ValueError(
-                f"cannot import {module_name!r} for model {name!r} ({type(error).__name__}: "
-                f"{error}; looked on sys.path, which starts with {sys.path[:2]})"
-            ) from None
-        if not hasattr(module, attr):
-            raise ValueError(f"{module_name!r} has no attribute {attr!r} (model {name!r})")
-        builder = getattr(module, attr)
+        builder = entry_point(name, f"model {name!r}")
         if not callable(builder):
             raise ValueError(
-                f"{module_name}.{attr} is a {type(builder).__name__}, not callable (model {name!r})"
+                f"{name.replace(':', '.')} is a {type(builder).__name__}, not callable "
+                f"(model {name!r})"
             )
         return builder
     if name not in MODELS:

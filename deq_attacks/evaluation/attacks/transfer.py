@@ -13,7 +13,6 @@ defended output, so one run scores every defense.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from deq_attacks.deq.contract import DEQModel
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
 from deq_attacks.evaluation.attacks.per_sample import PerSampleAPGD
 from deq_attacks.evaluation.threat import ThreatModel
+from deq_attacks.registry import entry_point
 
 if TYPE_CHECKING:
     from deq_attacks.interfaces import DEQEstimator
@@ -70,18 +70,7 @@ class UnrolledSurrogate(nn.Module):
 def load_surrogate(text: str, estimator: DEQEstimator) -> nn.Module:
     """The user's surrogate named ``"package.module:attribute"``: the attribute itself if it is
     an ``nn.Module``, else ``attribute(estimator)``, which must return one."""
-    module_name, sep, attr = text.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"surrogate {text!r}: expected 'package.module:attribute'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as error:  # the user's module may fail in any way while importing
-        raise ValueError(
-            f"cannot import {module_name!r} for the surrogate ({type(error).__name__}: {error})"
-        ) from None
-    if not hasattr(module, attr):
-        raise ValueError(f"{module_name!r} has no attribute {attr!r} (surrogate {text!r})")
-    found = getattr(module, attr)
+    found = entry_point(text, f"surrogate {text!r}")
     if not isinstance(found, nn.Module):
         if not callable(found):
             raise ValueError(f"surrogate {text!r} is a {type(found).__name__}, not a module")
