@@ -35,6 +35,7 @@ from deq_attacks.evaluation import (
 )
 from deq_attacks.evaluation.cost import counting_f, expected_costs, racing_rounds
 from deq_attacks.evaluation.distributed import Shards
+from deq_attacks.evaluation.scores import Scores
 from deq_attacks.evaluation.sweep import margin_rank_sums, race
 
 TARGET = 3
@@ -253,11 +254,10 @@ def test_the_race_breaks_accuracy_ties_by_the_margin_rank_sums() -> None:
     margins = {"A": a, "B": b, "C": c, "D": np.array([2.0, 2.0, 2.0])}
     rounds = {"A": [], "B": [], "C": [], "D": []}
 
-    def score(name: str, indices: np.ndarray) -> dict[str, np.ndarray]:
+    def score(name: str, indices: np.ndarray) -> Scores:
         rounds[name].append(len(indices))
         right = np.arange(3) < round(3 * accuracy[name])
-        return {"defense/early": right[indices], "margin/early": margins[name][indices],
-                "states": right[indices, None]}  # fmt: skip
+        return Scores({"early": right[indices]}, margins={"early": margins[name][indices]})
 
     entries, pick = race(list("ABCD"), 3, "early", score, lambda e, s: {"estimate": e})
     # image 0: all four right; the lowest margins (A -1.0, B -0.5) go on; images 0-1: A and

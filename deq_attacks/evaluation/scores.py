@@ -43,6 +43,11 @@ class Scores:
     extras: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     margins: dict[str, np.ndarray] = field(default_factory=dict)
 
+    @property
+    def samples(self) -> int:
+        """S, the number of samples scored."""
+        return len(next(iter(self.correct.values()), ()))
+
     def accuracy(self, defense: str) -> float:
         """The fraction of samples ``defense`` classifies correctly."""
         return float(np.mean(self.correct[defense]))
@@ -83,6 +88,25 @@ class Scores:
             index=values.get("index"),
             extras={run: extras} if extras and run is not None else {},
             margins={k[7:]: v for k, v in values.items() if k.startswith("margin/")},
+        )
+
+    def extended(self, other: Scores) -> Scores:
+        """These scores followed by ``other``'s: more samples with the same fields."""
+
+        def joined(mine: Mapping[str, np.ndarray], theirs: Mapping[str, np.ndarray]) -> dict:
+            return {k: np.concatenate([mine[k], v]) for k, v in theirs.items()}
+
+        def stacked(mine: np.ndarray | None, theirs: np.ndarray | None) -> np.ndarray | None:
+            return None if mine is None or theirs is None else np.concatenate([mine, theirs])
+
+        return Scores(
+            joined(self.correct, other.correct),
+            joined(self.finite, other.finite),
+            stacked(self.states, other.states),
+            stacked(self.residuals, other.residuals),
+            stacked(self.index, other.index),
+            {run: joined(self.extras[run], e) for run, e in other.extras.items()},
+            joined(self.margins, other.margins),
         )
 
     def merge(self, other: Scores) -> Scores:

@@ -19,7 +19,7 @@ from deq_attacks.evaluation.aggregate import choose_strongest
 from deq_attacks.evaluation.attacks import ThreatModel
 from deq_attacks.evaluation.cost import racing_rounds
 from deq_attacks.evaluation.distributed import Shards
-from deq_attacks.evaluation.scores import SweepResult
+from deq_attacks.evaluation.scores import Scores, SweepResult
 from deq_attacks.evaluation.settings import SweepConfig, SweepMode
 from deq_attacks.evaluation.shared_runs import shared_pgd_scores
 from deq_attacks.gradients import (
@@ -76,18 +76,18 @@ def run_sweep(
     all_candidates = config.candidates(solver)
     total = sum(len(c) for c in all_candidates.values())
 
-    def score(estimate: PerStepEstimate, indices: np.ndarray) -> dict[str, np.ndarray]:
+    def score(estimate: PerStepEstimate, indices: np.ndarray) -> Scores:
         return shared_pgd_scores(
             estimator, estimate, x_dev, y_dev, threat, defenses, shards, seed=seed,
             indices=indices, margins=mode is SweepMode.RACING,
-        ).arrays()  # fmt: skip
+        )  # fmt: skip
 
     for name, candidates in all_candidates.items():
         family = sweep_family(name)
 
         def entry_of(
             estimate: PerStepEstimate,
-            scores: Mapping[str, np.ndarray],
+            scores: Scores,
             name: str = name,
             family: SweepFamily = family,
         ) -> dict[str, Any]:
@@ -96,9 +96,9 @@ def run_sweep(
                 "estimate": repr(estimate),
                 "params": family.params(estimate),
                 "spec": estimate_spec(estimate),
-                "accuracy": {d: float(scores[f"defense/{d}"].mean()) for d in defenses},
-                "state_accuracy": scores["states"].mean(axis=0).tolist(),
-                "images": len(scores["states"]),
+                "accuracy": {d: scores.accuracy(d) for d in defenses},
+                "state_accuracy": scores.per_state().tolist(),
+                "images": scores.samples,
             }
 
         def report(entry: dict[str, Any], resumed: str = "") -> None:
@@ -145,8 +145,8 @@ def race(
     candidates: Sequence[PerStepEstimate],
     n: int,
     criterion: str,
-    score: Callable[[PerStepEstimate, np.ndarray], dict[str, np.ndarray]],
-    entry_of: Callable[[PerStepEstimate, Mapping[str, np.ndarray]], dict[str, Any]],
+    score: Callable[[PerStepEstimate, np.ndarray], Scores],
+    entry_of: Callable[[PerStepEstimate, Scores], dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], int]:
     """Successive halving over ``candidates`` on growing prefixes of the ``n`` development
     images (``cost.racing_rounds``): each round every candidate still racing attacks the
@@ -156,24 +156,22 @@ def race(
     by grid order. The last round sees all ``n``; of its candidates the first of the lowest
     accuracy is chosen (the grid's rule). The race stops as soon as a candidate leaves no
     ``criterion`` sample robust on the images it saw (nothing can be stronger).
-    ``score(estimate, indices)`` must return ``"margin/<criterion>"``.
+    ``score(estimate, indices)`` must return the margins of ``criterion``.
 
     Returns the entries of the candidates that ran (``entry_of`` with ``"race"``: per round
     the images seen, the accuracy, the margin rank sum and whether it went on; ``"chosen"``)
     and the index of the chosen one."""
-    scores: dict[int, dict[str, np.ndarray]] = {}
+    scores: dict[int, Scores] = {}
     history: dict[int, list[dict[str, Any]]] = {}
     alive = list(range(len(candidates)))
     pick = None
     for number, (_, seen) in enumerate(racing_rounds(len(candidates), n)):
         accuracy = {}
         for i in alive:
-            before = len(scores[i]["states"]) if i in scores else 0
+            before = scores[i].samples if i in scores else 0
             new = score(candidates[i], np.arange(before, seen))
-            scores[i] = (
-                {k: np.concatenate([scores[i][k], new[k]]) for k in new} if i in scores else new
-            )
-            accuracy[i] = float(scores[i][f"defense/{criterion}"].mean())
+            scores[i] = scores[i].extended(new) if i in scores else new
+            accuracy[i] = scores[i].accuracy(criterion)
             history.setdefault(i, []).append(
                 {"round": number, "images": seen, "accuracy": accuracy[i]}
             )
@@ -183,7 +181,7 @@ def race(
         if pick is not None:
             break
         if seen < n:  # the stronger half goes on
-            ranks = margin_rank_sums([scores[i][f"margin/{criterion}"] for i in alive])
+            ranks = margin_rank_sums([scores[i].margins[criterion] for i in alive])
             rank = dict(zip(alive, ranks.tolist()))
             ordered = sorted(alive, key=lambda i: (accuracy[i], rank[i], i))
             goes_on = set(ordered[: max(1, math.ceil(len(alive) / 2))])
@@ -191,7 +189,7 @@ def race(
                 history[i][-1].update(margin_rank_sum=rank[i], goes_on=i in goes_on)
             alive = [i for i in alive if i in goes_on]
     if pick is None:
-        final = [float(scores[i][f"defense/{criterion}"].mean()) for i in alive]
+        final = [scores[i].accuracy(criterion) for i in alive]
         pick = alive[choose_strongest(final)]
     entries = []
     for i in sorted(scores):
