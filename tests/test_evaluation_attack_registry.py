@@ -17,6 +17,7 @@ from evaluation_fixtures import SQUARE, TINY, splits, tiny_estimator
 from deq_attacks.evaluation import (
     Attack,
     AttackOutput,
+    DefendedModel,
     EvaluationConfig,
     SampleSeeds,
     SweepConfig,
@@ -37,10 +38,15 @@ class FGSM(Attack):
     seen: ClassVar[list[str]] = []
 
     def run(
-        self, model: Any, x: np.ndarray, y: np.ndarray, threat: ThreatModel, seeds: SampleSeeds
+        self,
+        model: DefendedModel,
+        x: np.ndarray,
+        y: np.ndarray,
+        threat: ThreatModel,
+        seeds: SampleSeeds,
     ) -> AttackOutput:
-        FGSM.seen.append(repr(model.gradient_estimate))
-        grad = torch.as_tensor(model.loss_gradient(x, y))
+        FGSM.seen.append(repr(model.estimate))
+        grad = model.loss_gradient(torch.as_tensor(x), torch.as_tensor(y))
         return AttackOutput(np.clip(x + threat.eps * np.sign(grad.numpy()), 0, 1))
 
     def describe(self, threat: ThreatModel) -> dict[str, Any]:
@@ -100,12 +106,17 @@ class IteratedFGSM(Attack):
             raise ValueError(f"budget must be >= 1, got {self.budget}")
 
     def run(
-        self, model: Any, x: np.ndarray, y: np.ndarray, threat: ThreatModel, seeds: SampleSeeds
+        self,
+        model: DefendedModel,
+        x: np.ndarray,
+        y: np.ndarray,
+        threat: ThreatModel,
+        seeds: SampleSeeds,
     ) -> AttackOutput:
         x_adv = x.copy()
         for _ in range(self.budget):
             IteratedFGSM.calls_seen.append((self.budget, self.eot_draws))
-            grad = torch.as_tensor(model.loss_gradient(x_adv, y)).numpy()
+            grad = model.loss_gradient(torch.as_tensor(x_adv), torch.as_tensor(y)).numpy()
             x_adv = np.clip(x_adv + threat.eps / self.budget * np.sign(grad), x - threat.eps,
                             x + threat.eps).clip(0, 1).astype(np.float32)  # fmt: skip
         return AttackOutput(x_adv)

@@ -20,7 +20,7 @@ from attack_fixtures import (
 
 from deq_attacks import Exact, Unrolled
 from deq_attacks.evaluation import AutoAttackSettings, SampleSeeds, ThreatModel
-from deq_attacks.evaluation.attacks import ArtAutoAttackList, StandardAutoAttack
+from deq_attacks.evaluation.attacks import ArtAutoAttackList, DefendedModel, StandardAutoAttack
 from deq_attacks.evaluation.attacks.autoattack import build_standard
 from deq_attacks.evaluation.threat import STANDARD_ATTACKS
 
@@ -31,8 +31,8 @@ SMALL = AutoAttackSettings(iterations=3, queries=10, target_classes=2)
 @cache
 def spied_run():
     spy = SpyEstimate(Unrolled(n=1, k=1, lam=1.0))
-    view = make_estimator().view(estimate=spy)
-    taps = tap_gradients(view.model)
+    view = DefendedModel.of(make_estimator(), spy)
+    taps = tap_gradients(view.white_box)
     x, y = correct_batch(6)
     attack = StandardAutoAttack(**asdict(SMALL))
     out = attack.run(view, x, y, THREAT, SampleSeeds.first(0, "aa", len(x)))
@@ -56,7 +56,7 @@ def test_poisoned_estimate_reaches_autoattack(monkeypatch) -> None:
     )
     zero = ZeroEstimate()
     x, y = correct_batch(4)
-    view = make_estimator().view(estimate=zero)
+    view = DefendedModel.of(make_estimator(), zero)
     StandardAutoAttack(**asdict(SMALL)).run(view, x, y, THREAT, SampleSeeds.first(0, "aa", len(x)))
     assert zero.calls > 0 and exact_calls == []
 

@@ -164,9 +164,9 @@ def test_eot_with_one_draw_is_todays_gradient() -> None:
                                                         eot_draws=3))  # fmt: skip
     xt = torch.as_tensor(x)
     with torch.no_grad():
-        one = DefendedModel(estimator)(xt)
+        one = DefendedModel.of(estimator)(xt)
         assert torch.equal(one, estimator.model(xt).float())
-        torch.testing.assert_close(DefendedModel(estimator, draws=3)(xt), one)
+        torch.testing.assert_close(DefendedModel.of(estimator, draws=3)(xt), one)
     with pytest.raises(ValueError, match="eot_draws must be an int >= 1"):
         EvaluationConfig(eot_draws=0)
 
@@ -176,13 +176,13 @@ def test_autoattack_and_art_columns_receive_the_draws() -> None:
     from deq_attacks.evaluation.attacks.autoattack import build_standard
 
     estimator = tiny_estimator(trained=True)
-    averaged = DefendedModel(estimator, draws=4)
-    attack = build_standard(DefendedModel(estimator), 0.1, AutoAttackSettings(2, 5, 2), 10, 0,
+    averaged = DefendedModel.of(estimator, draws=4)
+    attack = build_standard(DefendedModel.of(estimator), 0.1, AutoAttackSettings(2, 5, 2), 10, 0,
                             "cpu", eot_draws=4, fab_model=averaged)  # fmt: skip
     assert attack.apgd.eot_iter == 4 and attack.apgd_targeted.eot_iter == 4
     assert attack.fab.predict is averaged
     calls = []
-    model = ArtAPGDCE(2, 3).target(estimator)
+    model = ArtAPGDCE(2, 3).target(DefendedModel.of(estimator))
     model.model.register_forward_hook(lambda *_: calls.append(1))
     hook = estimator.model.register_forward_hook(lambda *_: calls.append(2))
     try:

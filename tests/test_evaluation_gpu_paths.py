@@ -13,7 +13,7 @@ import torch
 from evaluation_fixtures import SQUARE, TINY, splits, tiny_estimator
 
 from deq_attacks import Phantom, Unrolled
-from deq_attacks.adversarial.pgd import compiled
+from deq_attacks.adversarial import DefendedModel, compiled
 from deq_attacks.evaluation import (
     EvaluationConfig,
     SweepConfig,
@@ -39,12 +39,13 @@ def test_compiled_pgd_equals_the_plain_one() -> None:
     fast = fixed_step_pgd(estimator, Phantom(2, 0.5), x, y, THREAT, seed=1,
                           compile_backend="aot_eager")  # fmt: skip
     np.testing.assert_allclose(fast, plain, atol=1e-6)
-    view = compiled(estimator, "aot_eager")
-    assert view.deq is not estimator.deq and view.deq is compiled(estimator, "aot_eager").deq
+    model = DefendedModel.of(estimator)
+    view = compiled(model, "aot_eager")
+    assert view.deq is not model.deq and view.deq is compiled(model, "aot_eager").deq
     assert isinstance(view.deq.f, torch._dynamo.eval_frame.OptimizedModule)
     shared = {id(p) for p in estimator.deq.parameters()}
     assert {id(p) for p in view.deq.parameters()} == shared  # no parameter copied
-    assert view.gradient_estimate == estimator.gradient_estimate
+    assert view.estimate == model.estimate and view.defense == model.defense
 
 
 def test_bf16_attacks_run_in_bf16() -> None:

@@ -36,7 +36,8 @@ N = 12
 
 @cache
 def model():
-    return tiny_estimator(trained=True, batch_invariant=True).view(estimate=Unrolled(1, 1, 1.0))
+    estimator = tiny_estimator(trained=True, batch_invariant=True)
+    return DefendedModel.of(estimator, Unrolled(1, 1, 1.0))
 
 
 def data() -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +95,7 @@ def test_pyautoattacks_own_square_depends_on_the_batch() -> None:
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
 
     def plain(rows: np.ndarray) -> np.ndarray:
-        attack = SquareAttack(DefendedModel(model()), norm="Linf", n_queries=30, eps=THREAT.eps,
+        attack = SquareAttack(model(), norm="Linf", n_queries=30, eps=THREAT.eps,
                               p_init=0.8, n_restarts=1, seed=0, verbose=False, device="cpu",
                               resc_schedule=True)  # fmt: skip
         return attack.perturb(xt[rows], yt[rows]).numpy()

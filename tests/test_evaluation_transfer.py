@@ -38,18 +38,20 @@ def test_the_unrolled_surrogate_is_the_model_when_the_solver_is_plain_iteration(
     _, (x, _) = splits()
     xt = torch.as_tensor(x)
     with torch.no_grad():
-        defended = DefendedModel(estimator)(xt)
-        assert torch.allclose(UnrolledSurrogate(estimator, 5)(xt), defended, atol=1e-6)
-        assert not torch.allclose(UnrolledSurrogate(estimator, 1)(xt), defended, atol=1e-3)
+        model = DefendedModel.of(estimator)
+        defended = model(xt)
+        assert torch.allclose(UnrolledSurrogate(model, 5)(xt), defended, atol=1e-6)
+        assert not torch.allclose(UnrolledSurrogate(model, 1)(xt), defended, atol=1e-3)
 
 
 def test_transfer_from_the_model_itself_breaks_what_white_box_apgd_breaks() -> None:
     estimator = unrolled_deq()
     _, (x, y) = splits(n_test=16)
     seeds = SampleSeeds.first(0, "transfer", len(x))
-    white_box = DefendedModel(estimator.view(estimate=BackpropThroughSolver()))
-    crafted = TransferAPGD(depth=5, iterations=10).run(estimator, x, y, THREAT, seeds).x_adv
-    reference = TransferAPGD(white_box, iterations=10).run(estimator, x, y, THREAT, seeds).x_adv
+    model = DefendedModel.of(estimator)
+    white_box = DefendedModel.of(estimator, BackpropThroughSolver())
+    crafted = TransferAPGD(depth=5, iterations=10).run(model, x, y, THREAT, seeds).x_adv
+    reference = TransferAPGD(white_box, iterations=10).run(model, x, y, THREAT, seeds).x_adv
     assert np.abs(crafted - x).max() <= THREAT.eps + 1e-6
     assert crafted.min() >= 0 and crafted.max() <= 1
     np.testing.assert_allclose(crafted, reference, atol=1e-5)
@@ -57,7 +59,7 @@ def test_transfer_from_the_model_itself_breaks_what_white_box_apgd_breaks() -> N
     assert broken.sum() >= 4  # the check has something to compare
     np.testing.assert_array_equal(broken, estimator.predict(reference).argmax(1) != y)
     # a surrogate that is not the model (one step deep) transfers worse on the same samples
-    weak = TransferAPGD(depth=1, iterations=10).run(estimator, x, y, THREAT, seeds).x_adv
+    weak = TransferAPGD(depth=1, iterations=10).run(model, x, y, THREAT, seeds).x_adv
     assert (estimator.predict(weak).argmax(1) != y).sum() < broken.sum()
 
 
@@ -78,7 +80,7 @@ def test_a_users_surrogate_by_name_and_the_column_in_the_protocol() -> None:
     for defense in report.defenses:
         assert len(report.survived[defense]["transfer"]) == len(test[0])
     with pytest.raises(ValueError, match="has no attribute 'nothing'"):
-        TransferAPGD("deq_attacks:nothing").model_for(estimator)
+        TransferAPGD("deq_attacks:nothing").model_for(DefendedModel.of(estimator))
     with pytest.raises(ValueError, match="transfer depth is for the unrolled surrogate"):
         EvaluationConfig(attacks="pgd,transfer:surrogate=a:b,depth=3")
 
@@ -98,8 +100,9 @@ def test_a_samples_transfer_example_does_not_depend_on_its_batch() -> None:
     _, (x, y) = splits(n_test=8)
     seeds = SampleSeeds.first(0, "transfer", len(x))
     attack = TransferAPGD(iterations=5)
-    together = attack.run(estimator, x, y, THREAT, seeds).x_adv
+    model = DefendedModel.of(estimator)
+    together = attack.run(model, x, y, THREAT, seeds).x_adv
     rows = np.array([5, 2])
-    apart = attack.run(estimator, x[rows], y[rows], THREAT, seeds.subset(rows)).x_adv
+    apart = attack.run(model, x[rows], y[rows], THREAT, seeds.subset(rows)).x_adv
     np.testing.assert_array_equal(apart, together[rows])
     assert not np.array_equal(together[2], together[5])

@@ -56,7 +56,7 @@ def test_scoring_counts_nan_logits_as_wrong_for_defenses_and_states() -> None:
 
 
 def test_defended_model_answers_an_empty_batch() -> None:
-    model = DefendedModel(tiny_estimator())
+    model = DefendedModel.of(tiny_estimator())
     x = torch.zeros(0, 1, 8, 8, requires_grad=True)
     out = model(x)
     assert out.shape == (0, 10)

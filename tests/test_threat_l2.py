@@ -96,7 +96,7 @@ def test_l2_pgd_with_random_start_stays_in_the_ball() -> None:
 def test_l2_standard_autoattack_and_square_stay_in_their_ball() -> None:
     estimator = tiny_estimator(trained=True)
     (x, y), _ = splits()
-    model = DefendedModel(estimator.view(estimate=Exact()))
+    model = DefendedModel.of(estimator, Exact())
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     outcome = run_standard_autoattack(
         model, xt, yt, 1.0, AutoAttackSettings(3, 10, 2), 10, seeds=0, norm="L2"
@@ -105,17 +105,17 @@ def test_l2_standard_autoattack_and_square_stay_in_their_ball() -> None:
     broken = ~outcome.survived & (outcome.broken_by != "clean")
     assert broken.any()  # it attacked: some samples fell, each inside the L2 ball
     assert np.abs(outcome.x_adv - x).max() > 1.0 / 8  # larger than any L-inf 1/8-ball step
-    apgd = ArtAPGDCE(steps=3).run(estimator.view(estimate=Exact()), x[:4], y[:4], L2,
+    apgd = ArtAPGDCE(steps=3).run(model, x[:4], y[:4], L2,
                                   SampleSeeds.first(0, "apgd-ce", 4)).x_adv  # fmt: skip
     assert_valid_adversarial(apgd, x[:4], L2.eps, norm="2")
     assert l2_distance(apgd, x[:4]).max() > 0.3
     # ART's L2 Square cannot run on 8x8 images (NaN): refused before any work, naming it
     with pytest.raises(ValueError, match="ART's L2 Square divides by zero"):
-        ArtAutoAttackList(steps=2).run(estimator, x[:2], y[:2], L2, SampleSeeds.first(0, "a", 2))
-    square = Square(queries=20).run(estimator, x, y, L2, SampleSeeds.first(0, "square", len(x)))
+        ArtAutoAttackList(steps=2).run(model, x[:2], y[:2], L2, SampleSeeds.first(0, "a", 2))
+    square = Square(queries=20).run(model, x, y, L2, SampleSeeds.first(0, "square", len(x)))
     assert_valid_adversarial(square.x_adv, x, L2.eps, norm="2")
     # each sample is attacked alone under L2: its result does not depend on its batch
-    part = Square(queries=20).run(estimator, x[4:8], y[4:8], L2, SampleSeeds(0, "square",
+    part = Square(queries=20).run(model, x[4:8], y[4:8], L2, SampleSeeds(0, "square",
                                   np.arange(4, 8))).x_adv  # fmt: skip
     np.testing.assert_array_equal(part, square.x_adv[4:8])
 
@@ -205,7 +205,8 @@ PER_SAMPLE = [
 def test_l2_result_of_a_sample_does_not_depend_on_its_batch(attack: Attack) -> None:
     """On a DEQ batch-invariant to the bit: a sample's L2 draws are its own. (L2 steps use the
     gradient's values, not only their signs: they agree to float rounding, not to the bit.)"""
-    model = tiny_estimator(trained=True, batch_invariant=True).view(estimate=Unrolled(1, 1, 1.0))
+    estimator = tiny_estimator(trained=True, batch_invariant=True)
+    model = DefendedModel.of(estimator, Unrolled(1, 1, 1.0))
     (x, y), _ = splits(12, 1)
     full = attack.run(model, x, y, L2, SampleSeeds(0, "column", np.arange(12))).x_adv
     kept = np.array([1, 4, 5, 10])

@@ -56,7 +56,7 @@ def test_torch_pgd_equals_arts_pgd_from_the_same_start(norm: str, digits) -> Non
     np.random.seed(3)
     start = art_random_start(x, budget.eps, norm)
     ours = pgd(
-        DefendedModel(estimator).loss_gradient, x, y, start, eps=budget.eps,
+        DefendedModel.of(estimator).loss_gradient, x, y, start, eps=budget.eps,
         step=budget.step, steps=budget.steps, norm=norm,
     ).numpy()  # fmt: skip
     moved = np.abs(art - x.numpy()).max()
@@ -66,7 +66,7 @@ def test_torch_pgd_equals_arts_pgd_from_the_same_start(norm: str, digits) -> Non
         assert np.array_equal(ours, art)
     np.random.seed(4)  # another start: other points (the test can fail)
     other = pgd(
-        DefendedModel(estimator).loss_gradient, x, y, art_random_start(x, budget.eps, norm),
+        DefendedModel.of(estimator).loss_gradient, x, y, art_random_start(x, budget.eps, norm),
         eps=budget.eps, step=budget.step, steps=budget.steps, norm=norm,
     ).numpy()  # fmt: skip
     assert np.abs(other - art).max() > 1e-3

@@ -2,7 +2,13 @@
 starts, per-sample seeds, the precision attacks run in, and the defended model over a
 ``WhiteBoxModule`` (the torch module and loss gradient that attacks differentiate)."""
 
-from deq_attacks.adversarial.defended import DefendedModel, NonFiniteAsWrong, check_draws
+from deq_attacks.adversarial.defended import (
+    DefendedModel,
+    NonFiniteAsWrong,
+    as_defended,
+    check_attackable,
+    check_draws,
+)
 from deq_attacks.adversarial.pgd import (
     NORMS,
     STEPS,
@@ -27,6 +33,8 @@ __all__ = [
     "NonFiniteAsWrong",
     "SampleSeeds",
     "art_random_start",
+    "as_defended",
+    "check_attackable",
     "check_draws",
     "compiled",
     "compiled_step",

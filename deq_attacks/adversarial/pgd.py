@@ -24,10 +24,9 @@ from art.utils import random_sphere
 from torch import Tensor
 
 from deq_attacks.acceleration import compiled_f
-from deq_attacks.adversarial.defended import check_draws
+from deq_attacks.adversarial.defended import DefendedModel, check_draws
 from deq_attacks.adversarial.seeds import SampleSeeds
 from deq_attacks.deq import DEQ
-from deq_attacks.interfaces import DEQEstimator
 
 Gradient = Callable[[Tensor, Tensor], Tensor]
 """``gradient(x (B, ...), labels (B,)) -> dL/dx (B, ...)``: the loss gradient PGD ascends."""
@@ -102,18 +101,17 @@ def compiled_step(backend: str, norm: str) -> Any:
 _COMPILED_DEQS: weakref.WeakKeyDictionary[DEQ, dict[str, DEQ]] = weakref.WeakKeyDictionary()
 
 
-def compiled(estimator: DEQEstimator, backend: str) -> DEQEstimator:
-    """A view of ``estimator`` (its estimate, defense, loss, preprocessing) over a DEQ that
-    shares every module and parameter of ``estimator.deq`` but runs f through
-    ``torch.compile`` (``deq_attacks.acceleration.compiled_f``); built once per DEQ and
-    backend."""
-    deq = estimator.deq
+def compiled(model: DefendedModel, backend: str) -> DefendedModel:
+    """``model`` (its estimate, defense, loss, preprocessing) over a DEQ that shares every
+    module and parameter of ``model.deq`` but runs f through ``torch.compile``
+    (``deq_attacks.acceleration.compiled_f``); that DEQ is built once per DEQ and backend."""
+    deq = model.deq
     if not isinstance(deq, DEQ):
         raise TypeError(f"compiling f needs a deq_attacks.DEQ, got {type(deq).__name__}")
     cache = _COMPILED_DEQS.setdefault(deq, {})
     if backend not in cache:
         cache[backend] = compiled_f(deq, backend)
-    return estimator.view(deq=cache[backend])
+    return model.view(deq=cache[backend])
 
 
 def pgd(

@@ -1,6 +1,7 @@
-"""What every step of one evaluation run needs, in one place: the estimator, the splits, the
-settings, the result store, the shards, the progress callback, the run's ConvergenceLog and the
-wall time of each step; and the one column runner of every mode (``RunContext.run_column``)."""
+"""What every step of one evaluation run needs, in one place: the estimator and its defended
+model, the splits, the settings, the result store, the shards, the progress callback, the run's
+ConvergenceLog and the wall time of each step; and the one column runner of every mode
+(``RunContext.run_column``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from deq_attacks.adversarial import SampleSeeds, precision
+from deq_attacks.adversarial import DefendedModel, SampleSeeds, precision
 from deq_attacks.deq.convergence import ConvergenceLog
 from deq_attacks.deq.readout import Readout
 from deq_attacks.evaluation.attacks import Column, ThreatModel
@@ -42,7 +43,9 @@ class RunContext:
     """One run of the protocol.
 
     Attributes:
-        estimator: the model; never changed (every switch of estimate or defense is a view).
+        estimator: the model as the user gave it (the ART front end); never changed.
+        model: its defended model (``DefendedModel.of(estimator)``, built here), the one the
+            attack columns run on: every switch of estimate or defense is a view of it.
         x, y: the test split; x_dev, y_dev: the development split.
         config: the settings; batch: the attack batch (= shard block) on this device.
         store: finished steps and blocks (resume); shards: this process's share.
@@ -67,6 +70,10 @@ class RunContext:
     ready: GradientEstimate
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     f_count: FCounter | None = None
+    model: DefendedModel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model = DefendedModel.of(self.estimator)
 
     @property
     def threat(self) -> ThreatModel:
@@ -118,7 +125,7 @@ class RunContext:
         ``development``) against ``defenses``, block by block, each block stored (a finished
         run or block is read back): a shared column in one run scored for every defense (and
         every iterate), any other in one run per defense. Each run attacks one view of the
-        estimator (the column's estimate, its first defense), in ``config.precision``, with
+        defended model (the column's estimate, its first defense), in ``config.precision``, with
         the samples' own seeds (``config.seed``, the column's label). Its store key is
         ``key`` (one run only), else ``[dev/]shared/<label>`` or ``[dev/]<defense>/<label>``;
         the returned scores hold each run's extras under that key."""
@@ -138,7 +145,7 @@ class RunContext:
             done = self.store.get(run)
             if done is None:
                 first = next(iter(readouts.values()))
-                model = self.estimator.view(estimate=column.estimate, defense=first)
+                model = self.model.view(column.estimate, first)
                 blocks = self._blocks(run, indices)
                 for number, part in blocks.mine():
                     seeds = SampleSeeds(self.config.seed, column.label, part)

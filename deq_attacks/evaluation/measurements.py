@@ -96,7 +96,7 @@ def attack_path(
     given seeds), followed point by point: per sample, at the start and after each step, the
     cross-entropy of the estimator's defended logits (``"loss"``, (S, steps + 1)) and whether
     its prediction is correct (``"correct"``)."""
-    model = DefendedModel(estimator)
+    model = DefendedModel.of(estimator)
     labels = torch.as_tensor(y, device=estimator.device)
     losses: list[np.ndarray] = []
     correct: list[np.ndarray] = []
@@ -152,7 +152,7 @@ def dynamic_calls(estimator: DEQEstimator, x: np.ndarray) -> dict[str, Any]:
     counters = autoattack_checks.funcs
     for name in counters:
         counters[name] = 0  # pyautoattack never resets them
-    model = DefendedModel(estimator)
+    model = DefendedModel.of(estimator)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         autoattack_checks.check_dynamic(model, torch.as_tensor(x, device=estimator.device))
@@ -208,7 +208,7 @@ def _exact_gradient(
     backward solve's per-sample residuals."""
     solves: list[Trajectory] = []
     recording = dataclasses.replace(exact, on_backward=solves.append)
-    model = DefendedModel(estimator.view(estimate=recording))
+    model = DefendedModel.of(estimator, recording)
     x_leaf = x.detach().clone().requires_grad_()
     loss = scale * torch.nn.functional.cross_entropy(model(x_leaf), y, reduction="sum")
     (grad,) = torch.autograd.grad(loss, x_leaf)

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from deq_attacks.adversarial import check_attackable
 from deq_attacks.deq.convergence import ConvergenceLog
 from deq_attacks.deq.entropy import InputEntropyReduction
 from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
@@ -114,6 +115,7 @@ def evaluate_model(
     (x, y), (x_dev, y_dev) = test, development
     check_split("test", x, y, estimator)
     check_split("development", x_dev, y_dev, estimator)
+    check_attackable(estimator)
     entropy = config.entropy_settings
     if entropy is not None:
         check_defendable(estimator, entropy)

@@ -2,16 +2,18 @@
 own ``AutoAttack`` list (APGD-CE/DLR, DeepFool, Square: another attack set than the standard
 AutoAttack, kept under its own name).
 
-ART builds a ``PyTorchClassifier`` over ``estimator.model`` for these, so they receive the
-column's estimate through the module's backward. ART draws its random numbers from numpy's
-global generator for a whole batch; here each sample is attacked in its own call with numpy
-seeded from the sample's seeds, so its result does not depend on its batch (one sample per
-call is slower; these columns are not in the default list). ART converts logits to numpy, so
-these columns run in float32 only. Under L2 they run ART's L2 variants (``norm=2``).
+Each column wraps the protocol's ``DefendedModel`` in a ``PyTorchClassifier`` of its own
+(inputs in [0, 1], the preprocessing inside the module), so these attacks receive the column's
+estimate through the module's backward; ART is their source, not the protocol's model. ART
+draws its random numbers from numpy's global generator for a whole batch; here each sample is
+attacked in its own call with numpy seeded from the sample's seeds, so its result does not
+depend on its batch (one sample per call is slower; these columns are not in the default
+list). ART converts logits to numpy, so these columns run in float32 only. Under L2 they run
+ART's L2 variants (``norm=2``).
 
-With ``eot_draws`` > 1 ART attacks a ``PyTorchClassifier`` over ``DefendedModel(draws=)``: ART
-builds its own classifier over the module and never averages gradients itself, so its loss is
-taken at the mean logits of that many draws (their Jacobian is the mean of the draws').
+With ``eot_draws`` > 1 the classifier wraps ``model.view(draws=)``: ART builds its own
+classifier over the module and never averages gradients itself, so its loss is taken at the
+mean logits of that many draws (their Jacobian is the mean of the draws').
 """
 
 from __future__ import annotations
@@ -21,12 +23,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 from art.attacks.evasion import AutoAttack as ArtAutoAttack
 from art.attacks.evasion import AutoProjectedGradientDescent, DeepFool, SquareAttack
 from art.estimators.classification import PyTorchClassifier
 
-from deq_attacks.adversarial.defended import DefendedModel
 from deq_attacks.adversarial.seeds import SampleSeeds
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
 from deq_attacks.evaluation.threat import ThreatModel
@@ -34,7 +34,7 @@ from deq_attacks.evaluation.threat import ThreatModel
 if TYPE_CHECKING:
     from art.attacks.attack import EvasionAttack
 
-    from deq_attacks.interfaces import DEQEstimator
+    from deq_attacks.adversarial.defended import DefendedModel
 
 
 #: ART's ``norm`` argument of each threat-model norm.
@@ -57,20 +57,17 @@ class _PerSampleArt(Attack):
     def build(self, model: PyTorchClassifier, threat: ThreatModel) -> EvasionAttack:
         """The ART attack over ``model`` (batch size 1)."""
 
-    def target(self, model: DEQEstimator) -> PyTorchClassifier:
-        """``model``, or with ``eot_draws`` > 1 a classifier over the mean logits of that many
-        draws (inputs in [0, 1], the estimator's preprocessing inside)."""
-        if self.eot_draws == 1:
-            return model
+    def target(self, model: DefendedModel) -> PyTorchClassifier:
+        """ART's classifier over ``model`` (inputs in [0, 1], its preprocessing inside, its
+        loss), over the mean logits of ``eot_draws`` draws."""
         return PyTorchClassifier(
-            DefendedModel(model, self.eot_draws), torch.nn.CrossEntropyLoss(),
-            model.input_shape, model.nb_classes, clip_values=(0.0, 1.0),
-            device_type="gpu" if model.device.type == "cuda" else "cpu",
+            model.view(draws=self.eot_draws), model.loss, model.input_shape, model.nb_classes,
+            clip_values=(0.0, 1.0), device_type="gpu" if model.device.type == "cuda" else "cpu",
         )  # fmt: skip
 
     def run(
         self,
-        model: DEQEstimator,
+        model: DefendedModel,
         x: np.ndarray,
         y: np.ndarray,
         threat: ThreatModel,

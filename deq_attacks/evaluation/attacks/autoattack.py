@@ -9,15 +9,15 @@ put in its APGD, APGD-T and Square the subclasses of ``per_sample`` (the same al
 sample's draws from its own seeds), and run its four attack objects in its order on the samples
 still robust, as its ``run_standard_evaluation`` does, recording after each attack which
 samples survive. The attacks differentiate the torch module they are given: for a column, the
-``DefendedModel`` of the column's estimator view, whose backward is the selected estimate and
-whose output is the defended logits.
+column's ``DefendedModel``, whose backward is the selected estimate and whose output is the
+defended logits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -34,9 +34,6 @@ from deq_attacks.evaluation.attacks.per_sample import (
 )
 from deq_attacks.evaluation.scoring import correct
 from deq_attacks.evaluation.threat import AutoAttackSettings, ThreatModel
-
-if TYPE_CHECKING:
-    from deq_attacks.interfaces import DEQEstimator
 
 
 @dataclass
@@ -181,7 +178,7 @@ class StandardAutoAttack(Attack):
     Extras per sample: ``after/<attack>`` (survival after each of its four attacks) and
     ``broken_by`` (the attack that first broke it). With ``eot_draws`` > 1, APGD-CE and APGD-T
     average their loss gradient over that many draws per step (``eot_iter``) and FAB-T
-    differentiates the mean logits of that many draws (``DefendedModel(draws=)``); whether
+    differentiates the mean logits of that many draws (``model.view(draws=)``); whether
     an attack succeeded is judged on one draw, as AutoAttack judges it.
 
     Args:
@@ -215,7 +212,7 @@ class StandardAutoAttack(Attack):
 
     def run(
         self,
-        model: DEQEstimator,
+        model: DefendedModel,
         x: np.ndarray,
         y: np.ndarray,
         threat: ThreatModel,
@@ -223,9 +220,9 @@ class StandardAutoAttack(Attack):
     ) -> AttackOutput:
         xt = torch.as_tensor(x, device=model.device)
         yt = torch.as_tensor(y, device=model.device)
-        fab = DefendedModel(model, self.eot_draws) if self.eot_draws > 1 else None
+        fab = model.view(draws=self.eot_draws) if self.eot_draws > 1 else None
         outcome = run_standard_autoattack(
-            NonFiniteAsWrong(DefendedModel(model), xt, yt, threat.eps, threat.norm), xt, yt,
+            NonFiniteAsWrong(model, xt, yt, threat.eps, threat.norm), xt, yt,
             threat.eps, self.settings, model.nb_classes, seeds, self.eot_draws,
             None if fab is None else NonFiniteAsWrong(fab, xt, yt, threat.eps, threat.norm),
             threat.norm,

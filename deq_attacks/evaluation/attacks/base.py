@@ -9,7 +9,7 @@ budget, registered under a short name::
         label: ClassVar[str] = "MINE"          # the column is "<estimate> MINE"
         budget: int = 10
 
-        def run(self, model, x, y, threat, seeds): ...   # -> AttackOutput
+        def run(self, model, x, y, threat, seeds): ...   # model: a DefendedModel
         def describe(self, threat): return {"budget": self.budget}
 
 plus one import in ``deq_attacks/evaluation/attacks/__init__.py``. The protocol builds it from
@@ -41,7 +41,7 @@ from deq_attacks.gradients import GradientEstimate, estimate_spec
 from deq_attacks.registry import Registry, split_specs
 
 if TYPE_CHECKING:
-    from deq_attacks.interfaces import DEQEstimator
+    from deq_attacks.adversarial.defended import DefendedModel
 
 #: The protocol's settings that every gradient column shares (``EvaluationConfig``'s fields of
 #: these names): an attack that uses one names it in ``takes``.
@@ -107,7 +107,7 @@ class Attack(ABC):
     @abstractmethod
     def run(
         self,
-        model: DEQEstimator,
+        model: DefendedModel,
         x: np.ndarray,
         y: np.ndarray,
         threat: ThreatModel,
@@ -116,7 +116,11 @@ class Attack(ABC):
         """Attack one block.
 
         Args:
-            model: the estimator view with the column's estimate and the defense fixed.
+            model: the defended model (``deq_attacks.adversarial.DefendedModel``) with the
+                column's estimate and the defense fixed: a torch module (inputs in [0, 1] to
+                logits, differentiable by the estimate), ``loss_gradient(x, labels)`` on
+                tensors, ``nb_classes``, ``input_shape``, ``device``; an ART attack wraps it
+                in a ``PyTorchClassifier`` itself.
             x, y: images (B, ...) float32 in [0, 1] and labels (B,).
             threat: the threat model (eps, step, steps).
             seeds: the per-sample seeds of the block: a sample's draws must come from its own

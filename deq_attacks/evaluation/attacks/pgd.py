@@ -2,7 +2,7 @@
 attack run, over the attack layer's ``pgd`` (``deq_attacks.adversarial``).
 
 It never looks at the defended output (one random start, no early stop, no best-point
-choice), so its adversarial examples are the same whichever defense the estimator holds: one
+choice), so its adversarial examples are the same whichever defense the model holds: one
 run per gradient estimate scores every defense and every iterate ``z_n``. The random start of
 sample i is drawn from its own generator seeded by (seed, i), so a sample's adversary does not
 depend on its batch or on how the samples are sharded.
@@ -24,6 +24,7 @@ from torch import Tensor
 from deq_attacks.adversarial import (
     DefendedModel,
     SampleSeeds,
+    as_defended,
     compiled,
     compiled_step,
     pgd,
@@ -36,7 +37,7 @@ from deq_attacks.interfaces import DEQEstimator
 
 
 def fixed_step_pgd(
-    estimator: DEQEstimator,
+    model: DefendedModel | DEQEstimator,
     estimate: GradientEstimate,
     x: np.ndarray,
     y: np.ndarray,
@@ -52,10 +53,11 @@ def fixed_step_pgd(
     ``threat.norm`` (L-inf: signed gradient; L2: normalised gradient; the threat model's steps
     by default) from a random start (if the threat model asks for one), projected to the
     ``threat.eps``-ball and [0, 1] (``deq_attacks.adversarial.pgd``); gradients from
-    ``DefendedModel.loss_gradient`` of ``estimator`` with ``estimate`` (a view only if it holds
-    another; the loss evaluated at the estimate's surrogate states).
+    ``model.loss_gradient`` with ``estimate`` (a view only if ``model`` holds another; the
+    loss evaluated at the estimate's surrogate states).
 
     Args:
+        model: the defended model (an ART ``DEQEstimator`` is read by ``DefendedModel.of``).
         x, y: one batch, float32 in [0, 1] and int labels.
         steps: override the threat model's (the more-steps check's PGD).
         seed: the per-sample seeds of the batch, or an int: row j then starts from (seed, j).
@@ -69,16 +71,18 @@ def fixed_step_pgd(
     seeds = seed if isinstance(seed, SampleSeeds) else SampleSeeds.first(int(seed), "pgd", len(x))
     if len(seeds) != len(x):
         raise ValueError(f"{len(seeds)} seeds for {len(x)} samples")
-    model = estimator if estimate == estimator.gradient_estimate else estimator.view(estimate)
+    defended = as_defended(model)
+    if estimate != defended.estimate:
+        defended = defended.view(estimate)
     step_fn = None
     if compile_backend:
-        model = compiled(model, compile_backend)
+        defended = compiled(defended, compile_backend)
         step_fn = compiled_step(compile_backend, threat.norm)
-    device = model.device
+    device = defended.device
     x0 = torch.as_tensor(x, device=device)
     start = random_start(x, threat.eps, seeds, threat.norm) if threat.random_start else x
     x_adv = pgd(
-        DefendedModel(model).loss_gradient, x0, torch.as_tensor(y, device=device),
+        defended.loss_gradient, x0, torch.as_tensor(y, device=device),
         torch.as_tensor(start, device=device), eps=threat.eps, step=threat.step, steps=steps,
         norm=threat.norm, eot_draws=eot_draws, step_fn=step_fn, on_step=on_step,
     )  # fmt: skip
@@ -106,14 +110,14 @@ class FixedStepPGD(Attack):
 
     def run(
         self,
-        model: DEQEstimator,
+        model: DefendedModel,
         x: np.ndarray,
         y: np.ndarray,
         threat: ThreatModel,
         seeds: SampleSeeds,
     ) -> AttackOutput:
         x_adv = fixed_step_pgd(
-            model, model.gradient_estimate, x, y, threat, steps=self.steps, seed=seeds,
+            model, model.estimate, x, y, threat, steps=self.steps, seed=seeds,
             compile_backend=self.compile_backend, eot_draws=self.eot_draws,
         )  # fmt: skip
         return AttackOutput(x_adv)

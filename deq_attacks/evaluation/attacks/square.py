@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -16,9 +16,6 @@ from deq_attacks.adversarial.seeds import SampleSeeds
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
 from deq_attacks.evaluation.attacks.per_sample import PerSampleSquare
 from deq_attacks.evaluation.threat import ThreatModel
-
-if TYPE_CHECKING:
-    from deq_attacks.interfaces import DEQEstimator
 
 
 @register_attack("square")
@@ -41,7 +38,7 @@ class Square(Attack):
 
     def run(
         self,
-        model: DEQEstimator,
+        model: DefendedModel,
         x: np.ndarray,
         y: np.ndarray,
         threat: ThreatModel,
@@ -50,7 +47,7 @@ class Square(Attack):
         xt = torch.as_tensor(x, device=model.device)
         yt = torch.as_tensor(y, device=model.device)
         square = PerSampleSquare(
-            NonFiniteAsWrong(DefendedModel(model), xt, yt, threat.eps, threat.norm),
+            NonFiniteAsWrong(model, xt, yt, threat.eps, threat.norm),
             norm=threat.norm, n_queries=self.queries, eps=threat.eps, p_init=self.p_init,
             n_restarts=1, seed=0, verbose=False, device=xt.device, resc_schedule=True,
         )  # fmt: skip

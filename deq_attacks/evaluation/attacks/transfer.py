@@ -6,7 +6,8 @@ The surrogate is the DEQ itself unrolled to a fixed depth as an explicit network
 (``UnrolledSurrogate``: ``depth`` applications of the DEQ's own f from its ``z_0``, then its
 head, differentiated by plain autograd through every step), or a user's own model: an
 ``nn.Module``, or the text ``"package.module:attribute"`` naming one, or naming a function that
-takes the estimator and returns one. APGD is the original one (pyautoattack's, with each
+takes the defended model (``DefendedModel``: its ``deq``, ``preprocess``, ``nb_classes``,
+``input_shape``, ``device``) and returns one. APGD is the original one (pyautoattack's, with each
 sample's random start from its own seeds: ``per_sample.PerSampleAPGD``). It never looks at the
 defended output, so one run scores every defense.
 """
@@ -30,32 +31,33 @@ from deq_attacks.evaluation.threat import ThreatModel
 from deq_attacks.registry import entry_point
 
 if TYPE_CHECKING:
-    from deq_attacks.interfaces import DEQEstimator
+    from deq_attacks.adversarial.defended import DefendedModel
 
 
 class UnrolledSurrogate(nn.Module):
     """The DEQ unrolled to ``depth`` steps as an explicit network: ``z_0`` from the DEQ, then
     ``z_{t+1} = f(z_t; x)`` ``depth`` times, then the head; plain autograd through every step.
-    Inputs (B, ...) in [0, 1] go through the estimator's preprocessing first.
+    Inputs (B, ...) in [0, 1] go through the model's preprocessing first.
 
     Args:
-        estimator: the model whose DEQ (f, injection, head) is unrolled; shared, not copied.
+        model: the defended model whose DEQ (f, injection, head) is unrolled; shared, not
+            copied.
         depth: the number of f applications, >= 1.
     """
 
-    def __init__(self, estimator: DEQEstimator, depth: int) -> None:
+    def __init__(self, model: DefendedModel, depth: int) -> None:
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"the surrogate's depth must be an int >= 1, got {depth!r}")
-        deq = estimator.deq
+        deq = model.deq
         if not isinstance(deq, DEQModel):
             raise TypeError(f"unrolling needs a DEQModel, got {type(deq).__name__}")
-        self.estimator = estimator
+        self.preprocess = model.preprocess
         self.deq = deq
         self.depth = depth
 
     def forward(self, x: Tensor) -> Tensor:
-        processed, _ = self.estimator._apply_preprocessing(x, y=None, fit=False, no_grad=False)
+        processed = self.preprocess(x)
         self.deq.reset()
         injection = self.deq.inject(processed)
         z = self.deq.initial_state(injection).reshape(len(processed), -1)
@@ -67,14 +69,14 @@ class UnrolledSurrogate(nn.Module):
         return f"depth={self.depth}"
 
 
-def load_surrogate(text: str, estimator: DEQEstimator) -> nn.Module:
+def load_surrogate(text: str, model: DefendedModel) -> nn.Module:
     """The user's surrogate named ``"package.module:attribute"``: the attribute itself if it is
-    an ``nn.Module``, else ``attribute(estimator)``, which must return one."""
+    an ``nn.Module``, else ``attribute(model)`` (the defended model), which must return one."""
     found = entry_point(text, f"surrogate {text!r}")
     if not isinstance(found, nn.Module):
         if not callable(found):
             raise ValueError(f"surrogate {text!r} is a {type(found).__name__}, not a module")
-        found = found(estimator)
+        found = found(model)
     if not isinstance(found, nn.Module):
         raise TypeError(f"surrogate {text!r} returned {type(found).__name__}, not an nn.Module")
     return found
@@ -137,19 +139,19 @@ class TransferAPGD(Attack):
         if self.depth is not None and self.surrogate is not None:
             raise ValueError("transfer depth is for the unrolled surrogate, not a user's surrogate")
 
-    def model_for(self, estimator: DEQEstimator) -> nn.Module:
-        """The surrogate over ``estimator``, on its device."""
+    def model_for(self, model: DefendedModel) -> nn.Module:
+        """The surrogate over ``model``, on its device."""
         if self.surrogate is None:
-            depth = self.depth if self.depth is not None else estimator.deq.solver.threshold
-            return UnrolledSurrogate(estimator, depth)
+            depth = self.depth if self.depth is not None else model.deq.solver.threshold
+            return UnrolledSurrogate(model, depth)
         module = self.surrogate
         if isinstance(module, str):
-            module = load_surrogate(module, estimator)
-        return module.to(estimator.device)
+            module = load_surrogate(module, model)
+        return module.to(model.device)
 
     def run(
         self,
-        model: DEQEstimator,
+        model: DefendedModel,
         x: np.ndarray,
         y: np.ndarray,
         threat: ThreatModel,
