@@ -87,7 +87,7 @@ class DevStrengths:
         measured: dict[str, float] = {}
         for readouts in runs:
             scores = shared_pgd_scores(
-                ctx.estimator.view(defense=next(iter(readouts.values()))), estimate,
+                ctx.model.view(defense=next(iter(readouts.values()))), estimate,
                 ctx.x_dev, ctx.y_dev, ctx.threat, readouts, ctx.shards, seed=ctx.config.seed,
             )  # fmt: skip
             measured.update({d: scores.accuracy(d) for d in readouts})

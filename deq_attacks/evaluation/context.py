@@ -152,7 +152,7 @@ class RunContext:
                     with precision(model.device, self.config.precision):
                         output = column.attack.run(model, x[part], y[part], self.threat, seeds)
                     scores = score_readouts(
-                        self.estimator, output.x_adv, y[part], readouts, len(part)
+                        self.model, output.x_adv, y[part], readouts, len(part)
                     )
                     if not column.shared:
                         scores = Scores(scores.correct, scores.finite)

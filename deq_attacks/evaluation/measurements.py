@@ -235,7 +235,7 @@ def spectral_radii(estimator: DEQEstimator, x: np.ndarray, iterations: int = 30)
     (restored afterwards), so that the measurement repeats."""
     deq = estimator.deq
     with torch.no_grad():
-        injection = deq.inject(model_input(estimator, x))
+        injection = deq.inject(model_input(DefendedModel.of(estimator), x))
         z_star = deq.solve(injection).final
     devices = [z_star.device] if z_star.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -327,7 +327,7 @@ def _noise_scores(ctx: RunContext, defenses: Mapping[str, Readout]) -> dict[str,
     def block(part: np.ndarray) -> dict[str, np.ndarray]:
         seeds = SampleSeeds(ctx.config.seed, "noise", part)
         noisy = uniform_noise(ctx.x[part], ctx.threat.eps, seeds)
-        scores = score_readouts(ctx.estimator, noisy, ctx.y[part], defenses, len(part))
+        scores = score_readouts(ctx.model, noisy, ctx.y[part], defenses, len(part))
         return Scores(scores.correct, index=part).arrays()
 
     result = ctx.blockwise("measure/noise", block, np.arange(len(ctx.x)))
@@ -354,7 +354,7 @@ def _ready_pgd(
                 seed=SampleSeeds(config.seed, "pgd", part), compile_backend=config.compile_backend,
                 eot_draws=config.eot_draws,
             )  # fmt: skip
-        scores = score_readouts(ctx.estimator, x_adv, ctx.y[part], defenses, len(part))
+        scores = score_readouts(ctx.model, x_adv, ctx.y[part], defenses, len(part))
         return Scores(scores.correct, index=part).arrays()
 
     result = ctx.blockwise(key, block, np.arange(len(ctx.x)))

@@ -298,10 +298,10 @@ def early_exit(ctx: RunContext) -> Development:
     ctx.say("development split: ready-made PGD over every iterate")
     scored: dict[str, Readout] = {"final": Final(), "ensemble": Ensemble()}
     attacked = shared_pgd_scores(
-        ctx.estimator, ctx.ready, ctx.x_dev, ctx.y_dev, ctx.threat, scored, ctx.shards,
+        ctx.model, ctx.ready, ctx.x_dev, ctx.y_dev, ctx.threat, scored, ctx.shards,
         seed=ctx.config.seed,
     )  # fmt: skip
-    clean = clean_scores(ctx.estimator, ctx.x_dev, ctx.y_dev, {"final": Final()}, ctx.shards)
+    clean = clean_scores(ctx.model, ctx.x_dev, ctx.y_dev, {"final": Final()}, ctx.shards)
     assert attacked.states is not None and clean.residuals is not None
     clean_accuracy = clean.per_state()
     n_star = choose_early_exit(attacked.states, clean_accuracy)
@@ -337,7 +337,7 @@ def sweep_step(ctx: RunContext, defenses: Mapping[str, Readout]) -> SweepResult:
 
     ctx.say("development split: sweep of intermediate attacks")
     return run_sweep(
-        ctx.estimator, ctx.config.sweep, ctx.x_dev, ctx.y_dev, ctx.threat, defenses, "early",
+        ctx.model, ctx.config.sweep, ctx.x_dev, ctx.y_dev, ctx.threat, defenses, "early",
         ctx.shards, seed=ctx.config.seed, done=done, on_entry=keep, progress=ctx.say,
         mode=ctx.config.sweep_mode,
     )  # fmt: skip
@@ -347,7 +347,7 @@ def clean_step(ctx: RunContext, defenses: Mapping[str, Readout]) -> Scores:
     """Clean correctness of every defense and iterate on the test split, and residuals."""
     done = ctx.store.get("clean")
     if done is None:
-        scores = clean_scores(ctx.estimator, ctx.x, ctx.y, defenses, ctx.shards)
+        scores = clean_scores(ctx.model, ctx.x, ctx.y, defenses, ctx.shards)
         done = ctx.store.put("clean", scores.arrays())
     return Scores.from_arrays(done)
 

@@ -1,8 +1,10 @@
-"""Scoring inputs against every defense and every iterate ``z_n`` from one forward solve.
+"""Scoring inputs against every defense and every iterate ``z_n`` from one forward solve, on
+the protocol's defended model (``DefendedModel``; an ART ``DEQEstimator`` is read by
+``DefendedModel.of``).
 
-The input goes through the estimator's ART preprocessing first, exactly as in
-``estimator.predict``, so the prediction of ``Early(n)`` here equals ``predict`` under
-``Early(n)``.
+The input goes through the model's preprocessing first (the estimator's ART preprocessing, in
+torch), as in ``estimator.predict``, so the prediction of ``Early(n)`` here equals ``predict``
+under ``Early(n)``.
 
 ``correct`` is the one rule of per-sample correctness of every column, mode and aggregation: a
 sample whose logits hold a NaN or an infinity is never correct (the argmax of NaN logits is 0,
@@ -17,18 +19,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deq_attacks.adversarial import DefendedModel, as_defended
 from deq_attacks.deq.readout import Readout
 from deq_attacks.evaluation.scores import Scores
 from deq_attacks.interfaces import DEQEstimator
 
 
-def model_input(estimator: DEQEstimator, x: np.ndarray | Tensor) -> Tensor:
-    """``x`` after the estimator's preprocessing, as a tensor on its device (what the model
-    sees in ``predict``)."""
-    if isinstance(x, Tensor):
-        x = x.detach().cpu().numpy()
-    processed, _ = estimator._apply_preprocessing(x, y=None, fit=False)
-    return torch.as_tensor(np.asarray(processed, dtype=np.float32), device=estimator.device)
+def model_input(model: DefendedModel, x: np.ndarray | Tensor) -> Tensor:
+    """``x`` after the model's preprocessing, as a float32 tensor on its device (what the DEQ
+    sees in ``predict``), without a gradient."""
+    with torch.no_grad():
+        processed = model.preprocess(torch.as_tensor(x, device=model.device).detach())
+    return processed.float()
 
 
 def correct(logits: Tensor, y: Tensor) -> Tensor:
@@ -45,7 +47,7 @@ def margin(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def score_readouts(
-    estimator: DEQEstimator,
+    model: DefendedModel | DEQEstimator,
     x: np.ndarray,
     y: np.ndarray,
     defenses: Mapping[str, Readout],
@@ -65,7 +67,8 @@ def score_readouts(
         threshold), ``residuals`` float (B, N) the relative residual of ``z_n``; with
         ``margins``, ``margins`` float (B,) per defense.
     """
-    deq = estimator.deq
+    model = as_defended(model)
+    deq = model.deq
     threshold = deq.solver.threshold
     for readout in defenses.values():
         readout.check(threshold)
@@ -79,7 +82,7 @@ def score_readouts(
     try:
         with torch.no_grad():
             for start in range(0, len(x), batch_size):
-                xb = model_input(estimator, x[start : start + batch_size])
+                xb = model_input(model, x[start : start + batch_size])
                 yb = torch.as_tensor(y[start : start + batch_size], device=xb.device)
                 injection = deq.inject(xb)
                 trajectory = deq.solve(injection, keep=True)
@@ -108,10 +111,10 @@ def score_readouts(
 
 
 def per_state_accuracy(
-    estimator: DEQEstimator, x: np.ndarray, y: np.ndarray, batch_size: int
+    model: DefendedModel | DEQEstimator, x: np.ndarray, y: np.ndarray, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Accuracy of every raw iterate ``z_n`` as the readout and its mean relative residual,
-    both (N,), with the estimator's preprocessing applied as in ``predict``."""
-    scores = score_readouts(estimator, x, y, {}, batch_size)
+    both (N,), with the model's preprocessing applied as in ``predict``."""
+    scores = score_readouts(model, x, y, {}, batch_size)
     assert scores.residuals is not None
     return scores.per_state(), scores.residuals.mean(axis=0)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
+from deq_attacks.adversarial import DefendedModel
 from deq_attacks.deq.readout import Readout
 from deq_attacks.evaluation.aggregate import choose_strongest
 from deq_attacks.evaluation.attacks import ThreatModel
@@ -33,7 +34,7 @@ from deq_attacks.interfaces import DEQEstimator
 
 
 def run_sweep(
-    estimator: DEQEstimator,
+    model: DefendedModel | DEQEstimator,
     config: SweepConfig,
     x_dev: np.ndarray,
     y_dev: np.ndarray,
@@ -69,7 +70,7 @@ def run_sweep(
     """
     if criterion not in defenses:
         raise ValueError(f"criterion defense {criterion!r} is not among {sorted(defenses)}")
-    solver = estimator.deq.solver
+    solver = model.deq.solver
     plan = [{**p.to_json(), "grid": config.grid(p.family)} for p in config.plan(solver)]
     chosen: dict[str, GradientEstimate] = {}
     entries: list[dict[str, Any]] = []
@@ -78,7 +79,7 @@ def run_sweep(
 
     def score(estimate: PerStepEstimate, indices: np.ndarray) -> Scores:
         return shared_pgd_scores(
-            estimator, estimate, x_dev, y_dev, threat, defenses, shards, seed=seed,
+            model, estimate, x_dev, y_dev, threat, defenses, shards, seed=seed,
             indices=indices, margins=mode is SweepMode.RACING,
         )  # fmt: skip
 

@@ -136,7 +136,7 @@ def cover_context(ctx: RunContext) -> RunContext:
 def _dev_clean(ctx: RunContext, defenses: Mapping[str, Readout]) -> Scores:
     done = ctx.store.get("dev/clean")
     if done is None:
-        scores = clean_scores(ctx.estimator, ctx.x_dev, ctx.y_dev, defenses, ctx.shards)
+        scores = clean_scores(ctx.model, ctx.x_dev, ctx.y_dev, defenses, ctx.shards)
         done = ctx.store.put("dev/clean", Scores(scores.correct, scores.finite).arrays())
     return Scores.from_arrays(done)
 
