@@ -282,3 +282,12 @@ def test_normalisation_as_art_preprocessing_is_differentiated_through() -> None:
     got_t = normalising.loss_gradient(torch.from_numpy(x), torch.from_numpy(y))
     np.testing.assert_allclose(got_t.numpy(), want, rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(normalising.predict(x), plain.predict((x - mean) / std), rtol=1e-6)
+
+
+def test_arts_device_type_comes_from_one_mapping() -> None:
+    from deq_attacks.interfaces import art_device_type
+
+    assert art_device_type("cpu") == "cpu" and art_device_type(torch.device("cpu")) == "cpu"
+    assert art_device_type("cuda") == "gpu" and art_device_type(torch.device("cuda", 1)) == "gpu"
+    with pytest.raises(ValueError, match="ART runs on 'cuda' or 'cpu', not 'meta'"):
+        art_device_type("meta")

@@ -27,7 +27,7 @@ from deq_attacks.evaluation import (
 from deq_attacks.evaluation.cost import describe_cost
 from deq_attacks.evaluation.protocol import estimate_cost
 from deq_attacks.evaluation.store import StoreBusyError
-from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.interfaces import DEQEstimator, art_device_type
 from deq_attacks.interfaces.inputs import check_model_fits
 from deq_attacks.model_spec import ModelSpec, build_model
 from deq_attacks.splits import (
@@ -156,7 +156,7 @@ def evaluate(args: Namespace, config: EvaluationConfig) -> int:
             deq,
             input_shape=split.pool.data.image_shape,
             nb_classes=classes,
-            device_type="gpu" if args.device == "cuda" else "cpu",
+            device_type=art_device_type(args.device),
         )
         description = {
             "model": spec.name,
@@ -244,7 +244,7 @@ def demo(
         deq,
         input_shape=result.image_shape,
         nb_classes=result.num_classes,
-        device_type="gpu" if config.execution.device is Device.CUDA else "cpu",
+        device_type=art_device_type(config.execution.device.value),
     )
     start = preset(args.preset).flat()
     changed = {k: v for k, v in config.flat().items() if v != start[k]}

@@ -29,7 +29,7 @@ from deq_attacks.evaluation.protocol import estimate_cost, evaluate_model
 from deq_attacks.evaluation.result import EvaluationReport
 from deq_attacks.evaluation.settings import EvaluationConfig, Mode
 from deq_attacks.evaluation.threat import NORMS
-from deq_attacks.interfaces import DEQEstimator
+from deq_attacks.interfaces import DEQEstimator, art_device_type
 from deq_attacks.model_spec import ModelSpec, build_model
 from deq_attacks.splits import held_out_data
 
@@ -285,5 +285,5 @@ def _estimator(
         model,
         input_shape=data.x.shape[1:],
         nb_classes=classes,
-        device_type="gpu" if where.type == "cuda" else "cpu",
+        device_type=art_device_type(where),
     )

@@ -25,6 +25,15 @@ from deq_attacks.interfaces.inputs import (
 from deq_attacks.interfaces.whitebox import LAYERS, WhiteBoxModule
 
 
+def art_device_type(device: torch.device | str) -> str:
+    """ART's ``device_type`` for a torch device: "gpu" for CUDA, "cpu" for the CPU (ART knows
+    no other; anything else is refused rather than run on the CPU)."""
+    kind = torch.device(device).type
+    if kind not in ("cuda", "cpu"):
+        raise ValueError(f"ART runs on 'cuda' or 'cpu', not {kind!r}")
+    return "gpu" if kind == "cuda" else "cpu"
+
+
 class DEQEstimator(PyTorchClassifier):
     """ART classifier over a DEQ, with a switchable gradient estimate and defense.
 
@@ -212,7 +221,7 @@ class DEQEstimator(PyTorchClassifier):
             preprocessing_defences=self.preprocessing_defences,
             postprocessing_defences=self.postprocessing_defences,
             preprocessing=self.preprocessing,
-            device_type="gpu" if self._device.type == "cuda" else "cpu",
+            device_type=art_device_type(self._device),
             probe=False,
         )
 

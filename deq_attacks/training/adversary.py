@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from deq_attacks.adversarial import Gradient, art_random_start, pgd
 from deq_attacks.deq import DEQ
 from deq_attacks.gradients import ready_made
-from deq_attacks.interfaces import DEQEstimator, WhiteBoxModule
+from deq_attacks.interfaces import DEQEstimator, WhiteBoxModule, art_device_type
 
 #: The adversaries of ``TrainConfig.threat.adversary``.
 ADVERSARIES = ("torch", "art")
@@ -59,7 +59,7 @@ def art_classifier(
     gradient is its training gradient, any other network as a plain ``PyTorchClassifier``;
     ``optimizer`` for ART's ``fit`` (and trainers), ``loss`` (default cross-entropy) for both
     ``fit`` and the attacks' gradients."""
-    device_type = "gpu" if device.type == "cuda" else "cpu"
+    device_type = art_device_type(device)
     loss = loss if loss is not None else nn.CrossEntropyLoss()
     if isinstance(model, DEQ):
         return DEQEstimator(

@@ -30,6 +30,7 @@ from art.estimators.classification import PyTorchClassifier
 from deq_attacks.adversarial.seeds import SampleSeeds
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
 from deq_attacks.evaluation.threat import ThreatModel
+from deq_attacks.interfaces import art_device_type
 
 if TYPE_CHECKING:
     from art.attacks.attack import EvasionAttack
@@ -62,7 +63,7 @@ class _PerSampleArt(Attack):
         loss), over the mean logits of ``eot_draws`` draws."""
         return PyTorchClassifier(
             model.view(draws=self.eot_draws), model.loss, model.input_shape, model.nb_classes,
-            clip_values=(0.0, 1.0), device_type="gpu" if model.device.type == "cuda" else "cpu",
+            clip_values=(0.0, 1.0), device_type=art_device_type(model.device),
         )  # fmt: skip
 
     def run(
