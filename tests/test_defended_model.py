@@ -128,3 +128,18 @@ def test_evaluate_refuses_such_an_estimator_before_any_step() -> None:
     with pytest.raises(ValueError, match="postprocessing defences"):
         evaluate_model(estimator, test, dev, progress=said.append)
     assert said == []
+
+
+def test_alignments_residuals_are_those_of_the_input_the_deq_receives() -> None:
+    from deq_attacks.deq.convergence import last_residuals
+    from deq_attacks.evaluation import gradient_alignment
+
+    estimator = tiny_estimator(trained=True, **NORMALISED)
+    x, y = batch()
+    result = gradient_alignment(estimator, {"exact": Exact()}, x, y, batch_size=len(x))
+    deq = estimator.deq
+    with torch.no_grad():
+        solved = last_residuals(deq.solve(deq.inject((torch.as_tensor(x) - 0.2) / 0.7)))
+        raw = last_residuals(deq.solve(deq.inject(torch.as_tensor(x))))
+    np.testing.assert_allclose(result.residuals, solved.double().numpy(), rtol=1e-6)
+    assert not np.allclose(result.residuals, raw.double().numpy(), rtol=1e-3)

@@ -9,6 +9,7 @@ import torch
 from evaluation_fixtures import splits, tiny_estimator
 
 from deq_attacks import Broyden, Exact, Phantom
+from deq_attacks.adversarial import DefendedModel
 from deq_attacks.evaluation import diagnostics as diag
 from deq_attacks.evaluation import measurements
 
@@ -40,15 +41,15 @@ def test_more_steps_large_eps_accumulation_and_convergence_checks() -> None:
 
 
 def test_exact_backward_check_flags_unconverged_samples() -> None:
-    estimator = tiny_estimator(trained=True)
+    model = DefendedModel.of(tiny_estimator(trained=True))
     (x, y), _ = splits(8)
-    good = diag.exact_backward_check(measurements.exact_backward(estimator, Exact(), x, y))
+    good = diag.exact_backward_check(measurements.exact_backward(model, Exact(), x, y))
     assert good.verdict == "pass"
     assert max(good.numbers["backward_residual"]) <= diag.BACKWARD_RESIDUAL_LIMIT
     assert min(good.numbers["scale_cosine"]) > 0.999
     # one backward iterate cannot solve the adjoint system: every sample is named
     one_step = Exact(Broyden(threshold=1, tol=0.0))
-    bad = diag.exact_backward_check(measurements.exact_backward(estimator, one_step, x, y))
+    bad = diag.exact_backward_check(measurements.exact_backward(model, one_step, x, y))
     assert bad.verdict == "flag"
     residual = np.array(bad.numbers["backward_residual"])
     assert bad.numbers["arbitrary_samples"] == np.flatnonzero(residual > 0.05).tolist()
@@ -56,13 +57,13 @@ def test_exact_backward_check_flags_unconverged_samples() -> None:
 
 
 def test_batch_randomness_gradient_and_spectral_checks_pass_on_a_plain_deq() -> None:
-    estimator = tiny_estimator(trained=True)
+    model = DefendedModel.of(tiny_estimator(trained=True))
     (x, y), _ = splits(6)
-    batch, random = diag.batch_and_randomness_check(measurements.batch_outputs(estimator, x, 6))
+    batch, random = diag.batch_and_randomness_check(measurements.batch_outputs(model, x, 6))
     assert batch.verdict == "pass" and random.verdict == "pass"
     assert batch.numbers["tolerance"] == diag.BATCH_TOLERANCE["cpu"] == 1e-4
     assert batch.numbers["relative_difference"] <= 1e-4
-    numbers = measurements.gradient_health(estimator, {"phantom": Phantom(2, 0.5)}, x, y)
+    numbers = measurements.gradient_health(model, {"phantom": Phantom(2, 0.5)}, x, y)
     health = diag.gradient_health_check(numbers)
     assert health.verdict == "pass" and health.numbers["phantom"] == {"zero": [], "not_finite": []}
 
@@ -71,8 +72,9 @@ def test_spectral_radius_matches_the_dense_jacobian() -> None:
     estimator = tiny_estimator(trained=True)
     deq = estimator.deq
     (x, _), _ = splits(6)
-    rho = measurements.spectral_radii(estimator, x, iterations=100)
-    np.testing.assert_array_equal(rho, measurements.spectral_radii(estimator, x, iterations=100))
+    model = DefendedModel.of(estimator)
+    rho = measurements.spectral_radii(model, x, iterations=100)
+    np.testing.assert_array_equal(rho, measurements.spectral_radii(model, x, iterations=100))
     with torch.no_grad():
         injection = deq.inject(torch.from_numpy(x))
         z_star = deq.solve(injection).final

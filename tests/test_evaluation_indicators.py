@@ -15,6 +15,7 @@ from test_evaluation_eot import _linear_weights
 from torch import Tensor, nn
 
 from deq_attacks import DEQ, DEQEstimator, FixedPointIteration
+from deq_attacks.adversarial import DefendedModel
 from deq_attacks.data import load_digits
 from deq_attacks.evaluation import SampleSeeds, ThreatModel, evaluate_model, measurements
 from deq_attacks.evaluation import diagnostics as diag
@@ -115,8 +116,8 @@ def as_deq(logits: nn.Module) -> DEQEstimator:
 def path_of(estimator: DEQEstimator, threat: ThreatModel, steps: int = 50) -> dict:
     x, y = digits()
     seeds = SampleSeeds.first(0, "pgd", len(x))
-    return measurements.attack_path(estimator, estimator.gradient_estimate, x, y, threat, steps,
-                                    seeds)  # fmt: skip
+    model = DefendedModel.of(estimator)
+    return measurements.attack_path(model, model.estimate, x, y, threat, steps, seeds)
 
 
 THREAT = ThreatModel(eps=0.1, step=0.025, steps=10)
@@ -141,9 +142,11 @@ def test_a_sound_tiny_deq_trips_no_indicator() -> None:
         assert diag.silent_success_check(path, {}).verdict == "pass"
         assert diag.incomplete_optimisation_check(path).verdict == "pass"
         x, _ = digits()
-        unstable = measurements.unstable_predictions(model, x, 0.001, SampleSeeds.first(0, "u", 32))
+        defended = DefendedModel.of(model)
+        seeds = SampleSeeds.first(0, "u", 32)
+        unstable = measurements.unstable_predictions(defended, x, 0.001, seeds)
         assert diag.unstable_predictions_check(unstable).verdict == "pass"
-        assert diag.dynamic_defense_check(measurements.dynamic_calls(model, x)).verdict == "pass"
+        assert diag.dynamic_defense_check(measurements.dynamic_calls(defended, x)).verdict == "pass"
 
 
 def test_silent_success_trips_on_predictions_that_oscillate_along_the_path() -> None:
@@ -171,7 +174,7 @@ def test_incomplete_optimisation_trips_when_the_steps_are_too_small() -> None:
 def test_unstable_predictions_trip_on_a_shattered_output() -> None:
     x, _ = digits()
     numbers = measurements.unstable_predictions(
-        as_deq(Bands(5.0, 20000.0)), x, 0.001, SampleSeeds.first(0, "u", len(x))
+        DefendedModel.of(as_deq(Bands(5.0, 20000.0))), x, 0.001, SampleSeeds.first(0, "u", len(x))
     )
     check = diag.unstable_predictions_check(numbers)
     assert check.verdict == "flag" and len(check.numbers["samples"]) >= 3
@@ -210,9 +213,9 @@ def test_transfer_beats_white_box_trips_on_a_reversed_gradient() -> None:
 
 def test_the_dynamic_defense_check_trips_on_gradient_steps_inside_the_forward() -> None:
     x, _ = digits(8)
-    numbers = measurements.dynamic_calls(as_deq(InnerSteps()), x)
+    numbers = measurements.dynamic_calls(DefendedModel.of(as_deq(InnerSteps())), x)
     check = diag.dynamic_defense_check(numbers)
     assert check.verdict == "flag" and numbers["calls"]["grad"] >= 1
     # pyautoattack's counters are reset: the next plain model is not flagged
-    assert diag.dynamic_defense_check(measurements.dynamic_calls(as_deq(Logistic()), x)).verdict \
-        == "pass"  # fmt: skip
+    plain = measurements.dynamic_calls(DefendedModel.of(as_deq(Logistic())), x)
+    assert diag.dynamic_defense_check(plain).verdict == "pass"

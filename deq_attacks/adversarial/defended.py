@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -70,7 +71,8 @@ class DefendedModel(nn.Module):
         loss: the loss ``loss_gradient`` ascends (default cross-entropy on the logits).
         loss_labels: class indices (B,) to the labels ``loss`` takes (default: themselves,
             checked to lie in [0, nb_classes)).
-        preprocess: the torch preprocessing in front of the DEQ (default none).
+        preprocess: the torch preprocessing in front of the DEQ (default none; whether there
+            is one is ``preprocesses``).
         draws: the logits are the mean of this many forwards (each a fresh draw of a
             randomized model), so their Jacobian is the mean of the draws' Jacobians:
             expectation over transformation for an attack whose loss is linear in the logits
@@ -104,6 +106,7 @@ class DefendedModel(nn.Module):
         self.input_shape = tuple(input_shape)
         self.loss = loss if loss is not None else nn.CrossEntropyLoss()
         self.loss_labels = loss_labels if loss_labels is not None else self._class_indices
+        self.preprocesses = preprocess is not None
         self.preprocess = preprocess if preprocess is not None else _identity
         self.draws = check_draws(draws)
         if device is None:
@@ -123,7 +126,8 @@ class DefendedModel(nn.Module):
         """The defended model of an ART front end: ``estimator``'s module (a view with
         ``estimate`` and/or ``defense`` if given, else the module itself), its loss and label
         rule, classes, input shape, device and its ART preprocessing (which must be written in
-        torch: ART's framework preprocessing, e.g. ``preprocessing=(mean, std)``). An
+        torch: ART's framework preprocessing, e.g. ``preprocessing=(mean, std)``; none when it
+        is only ART's identity standardisation, mean 0 and std 1). An
         estimator with postprocessing defences is refused: they change only ``predict``'s
         output, not the model attacks differentiate (``check_attackable``)."""
         check_attackable(estimator)
@@ -135,10 +139,14 @@ class DefendedModel(nn.Module):
             processed, _ = estimator._apply_preprocessing(x, y=None, fit=False, no_grad=False)
             return cast(Tensor, processed)
 
+        identity = all(
+            hasattr(op, "mean") and np.all(op.mean == 0) and np.all(op.std == 1)
+            for op in estimator.preprocessing_operations
+        )
         return cls(
             white_box, estimator.nb_classes, tuple(estimator.input_shape),
             loss=estimator._loss, loss_labels=lambda y: estimator._loss_labels(y, len(y)),
-            preprocess=preprocess,
+            preprocess=None if identity else preprocess,
             draws=draws, device=estimator.device,
         )  # fmt: skip
 
@@ -179,7 +187,7 @@ class DefendedModel(nn.Module):
             white_box = white_box.view(estimate, defense)
         return DefendedModel(
             white_box, self.nb_classes, self.input_shape, loss=self.loss,
-            loss_labels=self.loss_labels, preprocess=self.preprocess,
+            loss_labels=self.loss_labels, preprocess=self.preprocess if self.preprocesses else None,
             draws=self.draws if draws is None else draws, device=self.device,
         )  # fmt: skip
 

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from deq_attacks.adversarial import DefendedModel, as_defended
 from deq_attacks.deq.readout import Final
 from deq_attacks.gradients import BackpropThroughSolver, GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
@@ -104,7 +106,7 @@ def _summary(
 
 
 def gradient_alignment(
-    estimator: DEQEstimator,
+    model: DefendedModel | DEQEstimator,
     estimates: Mapping[str, GradientEstimate],
     x: np.ndarray,
     y: np.ndarray,
@@ -114,27 +116,27 @@ def gradient_alignment(
     worst_count: int = 5,
 ) -> AlignmentResult:
     """Per estimate, the per-sample cosine between its input gradient and the reference's, for
-    the estimator's current defense.
+    the model's current defense.
 
-    Both gradients come from ``loss_gradient`` (loss-aware, the estimator's loss) of views of
-    the estimator with each estimate (``estimator.view``); the cosine ignores the loss's scale.
+    Both gradients come from ``loss_gradient`` (loss-aware, the model's loss) of views of the
+    model with each estimate (``DefendedModel.view``); the cosine ignores the loss's scale.
 
     Args:
-        estimator: the DEQ under evaluation; its current defense is used.
+        model: the DEQ under evaluation, a ``DefendedModel`` (a ``DEQEstimator`` is read by
+            ``DefendedModel.of``); its current defense is used.
         estimates: name -> estimate to compare (at least one).
         x: inputs (B, *input_shape); y: labels (B,) as class indices.
         batch_size: samples per gradient call.
         reference: the true gradient (default ``BackpropThroughSolver()``).
         worst_count: how many of the worst samples to name per estimate.
     """
-    if not isinstance(estimator, DEQEstimator):
-        raise TypeError(f"estimator must be a DEQEstimator, got {type(estimator).__name__}")
+    defended = as_defended(model)
     if not estimates:
         raise ValueError("estimates is empty: give at least one name -> GradientEstimate")
     for name, estimate in estimates.items():
         if not isinstance(estimate, GradientEstimate):
             raise TypeError(f"estimates[{name!r}] is not a GradientEstimate: {estimate!r}")
-        estimate.check(estimator.deq.solver)
+        estimate.check(defended.deq.solver)
     reference = reference if reference is not None else BackpropThroughSolver()
     if not isinstance(reference, GradientEstimate):
         raise TypeError(f"reference must be a GradientEstimate, got {reference!r}")
@@ -150,15 +152,17 @@ def gradient_alignment(
 
     values: dict[str, list[float | None]] = {name: [] for name in estimates}
     residuals: list[float] = []
+    views = {name: defended.view(estimate) for name, estimate in estimates.items()}
+    truth = defended.view(reference)
     for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        true = np.asarray(estimator.view(estimate=reference).loss_gradient(xb, yb))
-        residuals.extend(_last_residuals(estimator, xb).tolist())
-        for name, estimate in estimates.items():
-            grad = np.asarray(estimator.view(estimate=estimate).loss_gradient(xb, yb))
-            values[name].extend(cosines(grad, true))
+        xb = torch.as_tensor(x[start : start + batch_size], device=defended.device)
+        yb = torch.as_tensor(y[start : start + batch_size], device=defended.device)
+        true = truth.loss_gradient(xb, yb).cpu().numpy()
+        residuals.extend(_last_residuals(defended, xb).tolist())
+        for name, view in views.items():
+            values[name].extend(cosines(view.loss_gradient(xb, yb).cpu().numpy(), true))
     return AlignmentResult(
-        defense=repr(estimator.defense),
+        defense=repr(defended.defense),
         reference=repr(reference),
         residuals=tuple(residuals),
         estimates={
@@ -167,9 +171,9 @@ def gradient_alignment(
     )
 
 
-def _last_residuals(estimator: DEQEstimator, x: np.ndarray) -> np.ndarray:
-    """Relative residual (B,) of each sample's last forward iterate, from its own solve."""
+def _last_residuals(model: DefendedModel, x: Tensor) -> np.ndarray:
+    """Relative residual (B,) of each sample's last forward iterate, from its own solve (of the
+    preprocessed input, as the DEQ receives it)."""
     with torch.no_grad():  # the whole solve
-        xt = torch.as_tensor(x, device=estimator.device)
-        _, residuals = estimator.view(defense=Final()).white_box.defended(xt)
+        _, residuals = model.view(defense=Final()).white_box.defended(model.preprocess(x))
     return residuals.double().cpu().numpy()

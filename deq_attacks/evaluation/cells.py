@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from deq_attacks.adversarial import DefendedModel, as_defended
 from deq_attacks.deq.convergence import ConvergenceLog
 from deq_attacks.deq.readout import Final, Readout
 from deq_attacks.evaluation.attacks import Column
@@ -60,7 +61,7 @@ class Cells:
 
 
 def column_scores(
-    estimator: DEQEstimator,
+    model: DefendedModel | DEQEstimator,
     x: np.ndarray,
     y: np.ndarray,
     config: EvaluationConfig,
@@ -77,6 +78,7 @@ def column_scores(
     ``protocol_columns({"exact": Exact()}, dataclasses.replace(config, attacks="pgd"))``.
 
     Args:
+        model: the defended model (an ART ``DEQEstimator`` is read by ``DefendedModel.of``).
         x, y: images (S, C, H, W) float32 in [0, 1] and labels (S,).
         defenses: name -> readout (default ``{"final": Final()}``); a shared column (the
             fixed-step PGD) scores all from one run, any other runs once per defense.
@@ -88,11 +90,12 @@ def column_scores(
         ``"<defense>/<label>"``).
     """
     chosen = dict(defenses) if defenses is not None else {"final": Final()}
-    shards = Shards.current(config.attack_batch(estimator.device))
+    defended = as_defended(model)
+    shards = Shards.current(config.attack_batch(defended.device))
     if column is None:
-        return clean_scores(estimator, x, y, chosen, shards)
+        return clean_scores(defended, x, y, chosen, shards)
     ctx = RunContext(
-        estimator, x, y, x[:0], y[:0], config, ResultStore(None, {}, shards), shards,
-        lambda _text: None, ConvergenceLog(), ready_made(estimator.deq.training_gradient),
+        defended, x, y, x[:0], y[:0], config, ResultStore(None, {}, shards), shards,
+        lambda _text: None, ConvergenceLog(), ready_made(defended.deq.training_gradient),
     )  # fmt: skip
     return ctx.run_column(column, chosen, np.arange(len(x)))

@@ -1,6 +1,6 @@
-"""What every step of one evaluation run needs, in one place: the estimator and its defended
-model, the splits, the settings, the result store, the shards, the progress callback, the run's
-ConvergenceLog and the wall time of each step; and the one column runner of every mode
+"""What every step of one evaluation run needs, in one place: the defended model, the splits,
+the settings, the result store, the shards, the progress callback, the run's ConvergenceLog and
+the wall time of each step; and the one column runner of every mode
 (``RunContext.run_column``)."""
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ from deq_attacks.evaluation.scoring import score_readouts
 from deq_attacks.evaluation.settings import EvaluationConfig
 from deq_attacks.evaluation.store import ResultStore
 from deq_attacks.gradients import GradientEstimate
-from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.interfaces.inputs import check_data
 
 
-def check_split(name: str, x: np.ndarray, y: np.ndarray, estimator: DEQEstimator) -> None:
-    """Raise, naming the split, unless (x, y) are images the estimator takes and labels."""
-    check_data(x, y, estimator.input_shape, estimator.nb_classes, name)
+def check_split(name: str, x: np.ndarray, y: np.ndarray, model: DefendedModel) -> None:
+    """Raise, naming the split, unless (x, y) are images the model takes and labels."""
+    check_data(x, y, model.input_shape, model.nb_classes, name)
 
 
 def arrays(stored: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -43,9 +42,9 @@ class RunContext:
     """One run of the protocol.
 
     Attributes:
-        estimator: the model as the user gave it (the ART front end); never changed.
-        model: its defended model (``DefendedModel.of(estimator)``, built here), the one the
-            attack columns run on: every switch of estimate or defense is a view of it.
+        model: the defended model (``DefendedModel.of`` of the user's estimator), the one
+            every step runs on; never changed (every switch of estimate or defense is a
+            view of it).
         x, y: the test split; x_dev, y_dev: the development split.
         config: the settings; batch: the attack batch (= shard block) on this device.
         store: finished steps and blocks (resume); shards: this process's share.
@@ -57,7 +56,7 @@ class RunContext:
         f_count: the run's f evaluations so far (``cost.counting_f``), None: not counted.
     """
 
-    estimator: DEQEstimator
+    model: DefendedModel
     x: np.ndarray
     y: np.ndarray
     x_dev: np.ndarray
@@ -70,10 +69,6 @@ class RunContext:
     ready: GradientEstimate
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     f_count: FCounter | None = None
-    model: DefendedModel = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.model = DefendedModel.of(self.estimator)
 
     @property
     def threat(self) -> ThreatModel:

@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from deq_attacks.adversarial import DefendedModel, as_defended
 from deq_attacks.deq.readout import Final
 from deq_attacks.evaluation.attacks import Column, ThreatModel
+from deq_attacks.evaluation.scoring import defended_logits, model_input
 from deq_attacks.gradients import GradientEstimate, loss_cotangent
 from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.interfaces.whitebox import eval_mode
@@ -95,11 +97,12 @@ class UnitCostProbe:
     and their backwards; an estimate that reuses the forward's graphs (``reuses_forward``) is
     counted with its own solve. Calling the probe again with an estimate returns its count."""
 
-    def __init__(self, estimator: DEQEstimator, x: np.ndarray, y: np.ndarray) -> None:
-        self._estimator = estimator
-        self._white_box = estimator.white_box.view(defense=Final())
-        self._x = torch.as_tensor(x, device=estimator.device)
-        labels = torch.as_tensor(y, device=estimator.device)
+    def __init__(self, model: DefendedModel | DEQEstimator, x: np.ndarray, y: np.ndarray) -> None:
+        self._model = as_defended(model).view(defense=Final())
+        self._white_box = self._model.white_box
+        self._x = np.asarray(x)
+        self._inputs = model_input(self._model, x)  # what the DEQ receives
+        labels = torch.as_tensor(y, device=self._model.device)
         self._cotangent = loss_cotangent(nn.functional.cross_entropy, labels)
         self._forward: float | None = None
         self._solve: tuple[Trajectory, float] | None = None
@@ -110,22 +113,22 @@ class UnitCostProbe:
         return {k: [u.forward, u.gradient] for k, u in self._counted.items()}
 
     def _per_sample(self, counter: FCounter) -> float:
-        return counter.total / len(self._x)
+        return counter.total / len(self._inputs)
 
     def forward(self) -> float:
         """f evaluations per sample of one forward of the defended logits."""
         if self._forward is None:
-            with counting_f(self._estimator.deq) as counter:
-                self._estimator.view(defense=Final()).predict(self._x.cpu().numpy())
+            with counting_f(self._model.deq) as counter:
+                defended_logits(self._model, self._x)
             self._forward = self._per_sample(counter)
         return self._forward
 
     def _shared_solve(self) -> tuple[Trajectory, float]:
         """The forward solve every estimate's backward starts from (every iterate kept)."""
         if self._solve is None:
-            deq = self._estimator.deq
+            deq = self._model.deq
             with eval_mode(deq), torch.no_grad(), counting_f(deq) as counter:
-                trajectory = deq.solve(deq.inject(self._x), keep=True)
+                trajectory = deq.solve(deq.inject(self._inputs), keep=True)
             self._solve = trajectory, self._per_sample(counter)
         return self._solve
 
@@ -138,14 +141,14 @@ class UnitCostProbe:
     def _count(self, estimate: GradientEstimate | None) -> UnitCosts:
         if estimate is None:
             return UnitCosts(self.forward(), 0.0)
-        deq = self._estimator.deq
+        deq = self._model.deq
         if estimate.reuses_forward:
             with counting_f(deq) as counter:
-                self._white_box.input_gradient(self._x, self._cotangent, estimate)
+                self._white_box.input_gradient(self._inputs, self._cotangent, estimate)
             return UnitCosts(self.forward(), self._per_sample(counter))
         trajectory, solve = self._shared_solve()
         with counting_f(deq) as counter:
-            self._white_box.input_gradient(self._x, self._cotangent, estimate, trajectory)
+            self._white_box.input_gradient(self._inputs, self._cotangent, estimate, trajectory)
         return UnitCosts(self.forward(), solve + self._per_sample(counter))
 
 
@@ -209,14 +212,14 @@ def mode_costs(
 
 
 def seconds_per_f(
-    estimator: DEQEstimator, estimate: GradientEstimate, x: np.ndarray, y: np.ndarray
+    model: DefendedModel | DEQEstimator, estimate: GradientEstimate, x: np.ndarray, y: np.ndarray
 ) -> float:
     """Wall seconds per f evaluation, from one timed batch: a forward and a gradient with
     ``estimate`` on ``x`` (the first a warm-up, the second timed)."""
-    view = estimator.view(estimate=estimate, defense=Final())
-    xt, yt = torch.as_tensor(x, device=view.device), torch.as_tensor(y)
+    view = as_defended(model).view(estimate, Final())
+    xt, yt = torch.as_tensor(x, device=view.device), torch.as_tensor(y, device=view.device)
     view.loss_gradient(xt, yt)
-    with counting_f(estimator.deq) as counter:
+    with counting_f(view.deq) as counter:
         start = time.perf_counter()
         view.loss_gradient(xt, yt)
         spent = time.perf_counter() - start
@@ -235,7 +238,7 @@ def describe_cost(expected: Mapping[str, float], seconds: float) -> str:
 
 
 def expected_costs(
-    estimator: DEQEstimator,
+    model: DefendedModel | DEQEstimator,
     config: Any,
     development: tuple[np.ndarray, np.ndarray],
     n_test: int,
@@ -263,10 +266,11 @@ def expected_costs(
 
     x_dev, y_dev = development
     probe_x, probe_y = x_dev[:2], y_dev[:2]
-    deq = estimator.deq
+    defended = as_defended(model)
+    deq = defended.deq
     if not countable(deq):
         return {"steps": {}, "unknown_columns": [], "bound": True, "countable": False, "units": {}}
-    cost_of = UnitCostProbe(estimator, probe_x, probe_y)
+    cost_of = UnitCostProbe(defended, probe_x, probe_y)
 
     threat, n_dev = config.threat, len(x_dev)
     ready = ready_made(deq.training_gradient)
@@ -294,7 +298,7 @@ def expected_costs(
     columns = protocol_columns(protocol_estimates(ready, chosen, extras), config)
     per_sample, unknown = 0.0, []
     for column in columns:
-        cost = column_cost(column, threat, estimator.nb_classes, cost_of(column.estimate))
+        cost = column_cost(column, threat, defended.nb_classes, cost_of(column.estimate))
         if cost is None:
             unknown.append(column.label)
             continue

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deq_attacks.adversarial import DefendedModel, as_defended
 from deq_attacks.adversarial.pgd import STEPS, random_start
 from deq_attacks.deq import DEQModel, Final
 from deq_attacks.deq.entropy import InputEntropyReduction, entropy_defended_logits
@@ -48,6 +49,7 @@ from deq_attacks.evaluation.attacks import (
     fixed_step_pgd,
     run_standard_autoattack,
 )
+from deq_attacks.evaluation.scoring import defended_logits
 from deq_attacks.gradients import BackpropThroughSolver, GradientEstimate
 from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.records import to_jsonable
@@ -198,7 +200,7 @@ class EntropyDefenseResult:
 
 
 def evaluate_entropy_defense(
-    estimator: DEQEstimator,
+    model: DefendedModel | DEQEstimator,
     x: np.ndarray,
     y: np.ndarray,
     threat: ThreatModel,
@@ -214,7 +216,8 @@ def evaluate_entropy_defense(
     """The defense's columns on (x, y) (module docstring).
 
     Args:
-        estimator: the DEQ (no preprocessing: the defense updates pixels in [0, 1]); the
+        model: the DEQ (no preprocessing: the defense updates pixels in [0, 1]), a
+            ``DefendedModel`` (a ``DEQEstimator`` is read by ``DefendedModel.of``); the
             undefended model is its Final readout, the state the defense reads out too.
         x, y: images (S, ...) float32 in [0, 1] and labels (S,).
         threat: the attacks' threat model.
@@ -229,16 +232,17 @@ def evaluate_entropy_defense(
         index: the samples' ids (S,) for their per-sample seeds (default 0..S-1): a sample's
             result does not depend on the part of a split it is evaluated in.
     """
-    check_defendable(estimator, defense)
+    defended = as_defended(model)
+    check_defendable(defended, defense)
     ids = np.arange(len(x)) if index is None else np.asarray(index, dtype=np.int64)
     if ids.shape != (len(x),):
         raise ValueError(f"index must give one id per sample ({len(x)}), got {ids.shape}")
     say = progress or (lambda _text: None)
-    deq = estimator.deq
+    deq = defended.deq
     craft = craft_estimate if craft_estimate is not None else BackpropThroughSolver()
     modules = {g: EntropyDefendedModule(deq, defense, g) for g in GRADIENTS}
-    undefended = estimator.view(estimate=craft, defense=Final())
-    device = estimator.device
+    undefended = defended.view(craft, Final())
+    device = defended.device
     columns: dict[str, list[np.ndarray]] = {}
 
     def defended_correct(images: Tensor, labels: Tensor) -> np.ndarray:
@@ -252,7 +256,7 @@ def evaluate_entropy_defense(
         yb = torch.as_tensor(y[part], device=device)
         found: dict[str, np.ndarray] = {}
         with torch.no_grad():
-            found["clean undefended"] = (undefended.predict(x[part]).argmax(1) == y[part])
+            found["clean undefended"] = defended_logits(undefended, x[part]).argmax(1) == y[part]
         found["clean"] = defended_correct(xb, yb)
         say(f"samples {seeds[0]}..{seeds[-1]}: non-adaptive PGD (crafted without the defense)")
         crafted = fixed_step_pgd(
@@ -261,15 +265,13 @@ def evaluate_entropy_defense(
         crafted_t = torch.as_tensor(crafted, device=device)
         with torch.no_grad():
             found["non-adaptive PGD, undefended"] = (
-                undefended.predict(crafted).argmax(1) == y[part]
+                defended_logits(undefended, crafted).argmax(1) == y[part]
             )
         found[NON_ADAPTIVE] = defended_correct(crafted_t, yb)
         gradients = {
             "BPTT": autograd_gradient(modules["bptt"]),
             "BPDA": autograd_gradient(modules["bpda"]),
-            "BPDA, identity": lambda images, labels: torch.as_tensor(
-                undefended.loss_gradient(images, labels)
-            ),
+            "BPDA, identity": undefended.loss_gradient,
         }
         for name, gradient in gradients.items():
             say(f"samples {seeds[0]}..{seeds[-1]}: adaptive PGD ({name})")
@@ -280,7 +282,7 @@ def evaluate_entropy_defense(
         if autoattack is not None:
             say(f"samples {seeds[0]}..{seeds[-1]}: adaptive AutoAttack")
             outcome = run_standard_autoattack(
-                modules["bptt"], xb, yb, threat.eps, autoattack, estimator.nb_classes,
+                modules["bptt"], xb, yb, threat.eps, autoattack, defended.nb_classes,
                 SampleSeeds(seed, "autoattack", seeds), norm=threat.norm,
             )  # fmt: skip
             found["adaptive AutoAttack"] = outcome.survived
@@ -296,19 +298,16 @@ def evaluate_entropy_defense(
     )
 
 
-def check_defendable(estimator: DEQEstimator, defense: InputEntropyReduction) -> None:
-    """Raise (one line) unless the defense can run on ``estimator``: no preprocessing (it
-    updates the pixels the DEQ receives) and a solver threshold of at least one round."""
-    if any(
-        not (np.all(op.mean == 0) and np.all(op.std == 1))
-        for op in estimator.preprocessing_operations
-        if hasattr(op, "mean")
-    ) or estimator.preprocessing_defences:
+def check_defendable(model: DefendedModel | DEQEstimator, defense: InputEntropyReduction) -> None:
+    """Raise (one line) unless the defense can run on ``model``: no preprocessing (it updates
+    the pixels the DEQ receives) and a solver threshold of at least one round."""
+    defended = as_defended(model)
+    if defended.preprocesses:
         raise ValueError(
             "the entropy defense updates the pixels the DEQ receives: give an estimator "
             "without preprocessing (normalise inside the model)"
         )
-    defense.rounds(estimator.deq.solver.threshold)
+    defense.rounds(defended.deq.solver.threshold)
 
 
 def defense_settings(

@@ -6,8 +6,8 @@ step), predictions under tiny noise, the random-noise baseline (Carlini et al. 2
 gradient calls inside one forward (AutoAttack's dynamic-defense check). (The attack runs they
 judge, PGD-100 and the large-eps PGD, are shared PGD runs of the protocol.)
 
-Every switch of estimate or defense is a view of the estimator (``DEQEstimator.view``); the
-estimator itself is never changed.
+Each measures the protocol's defended model (``DefendedModel``); every switch of estimate or
+defense is a view of it (``DefendedModel.view``), and the model itself is never changed.
 """
 
 from __future__ import annotations
@@ -35,42 +35,41 @@ from deq_attacks.evaluation.attacks import (
 from deq_attacks.evaluation.columns import BPTT, READY_MADE
 from deq_attacks.evaluation.context import RunContext
 from deq_attacks.evaluation.scores import Scores
-from deq_attacks.evaluation.scoring import model_input, score_readouts
+from deq_attacks.evaluation.scoring import defended_logits, model_input, score_readouts
 from deq_attacks.gradients import Exact, GradientEstimate
-from deq_attacks.interfaces import DEQEstimator
 from deq_attacks.solvers import Trajectory
 
 UNSTABLE_NOISE = 0.01
 """The tiny noise of the unstable-predictions measurement, as a fraction of the eps."""
 
 
-def batch_outputs(estimator: DEQEstimator, x: np.ndarray, batch_size: int) -> dict[str, Any]:
+def batch_outputs(model: DefendedModel, x: np.ndarray, batch_size: int) -> dict[str, Any]:
     """How much a sample's logits change alone vs in its batch, and between two identical
     forwards (relative to the largest logit), and how many predictions change."""
-    together = estimator.predict(x, batch_size=batch_size)
-    again = estimator.predict(x, batch_size=batch_size)
-    alone = np.concatenate([estimator.predict(x[i : i + 1]) for i in range(len(x))])
+    together = defended_logits(model, x, batch_size)
+    again = defended_logits(model, x, batch_size)
+    alone = np.concatenate([defended_logits(model, x[i : i + 1]) for i in range(len(x))])
     scale = np.abs(together).max() + 1e-12
     return {
         "relative_difference": float(np.abs(together - alone).max() / scale),
         "prediction_changes": int((together.argmax(1) != alone.argmax(1)).sum()),
         "repeat_difference": float(np.abs(together - again).max() / scale),
         "samples": len(x),
-        "device": estimator.device.type,
+        "device": model.device.type,
     }
 
 
 def repeated_forwards(
-    estimator: DEQEstimator, x: np.ndarray, batch_size: int, repeats: int = 8
+    model: DefendedModel, x: np.ndarray, batch_size: int, repeats: int = 8
 ) -> dict[str, Any]:
     """``repeats`` identical forwards of ``x``: the largest logit difference from the first,
     relative to its largest logit, and how many predictions change in some forward (a
     randomized model's outputs differ). Several forwards, not two: a randomized threshold with
     two values draws the same one twice half the time."""
-    first = estimator.predict(x, batch_size=batch_size)
+    first = defended_logits(model, x, batch_size)
     difference, changed = 0.0, np.zeros(len(x), dtype=bool)
     for _ in range(repeats - 1):
-        again = estimator.predict(x, batch_size=batch_size)
+        again = defended_logits(model, x, batch_size)
         difference = max(difference, float(np.abs(first - again).max(initial=0.0)))
         changed |= first.argmax(1) != again.argmax(1)
     scale = np.abs(first).max(initial=0.0) + 1e-12
@@ -83,7 +82,7 @@ def repeated_forwards(
 
 
 def attack_path(
-    estimator: DEQEstimator,
+    model: DefendedModel,
     estimate: GradientEstimate,
     x: np.ndarray,
     y: np.ndarray,
@@ -94,10 +93,9 @@ def attack_path(
 ) -> dict[str, list[list[float]]]:
     """The fixed-step PGD with ``estimate`` and ``steps`` steps (``fixed_step_pgd``, the
     given seeds), followed point by point: per sample, at the start and after each step, the
-    cross-entropy of the estimator's defended logits (``"loss"``, (S, steps + 1)) and whether
+    cross-entropy of the model's defended logits (``"loss"``, (S, steps + 1)) and whether
     its prediction is correct (``"correct"``)."""
-    model = DefendedModel.of(estimator)
-    labels = torch.as_tensor(y, device=estimator.device)
+    labels = torch.as_tensor(y, device=model.device)
     losses: list[np.ndarray] = []
     correct: list[np.ndarray] = []
 
@@ -109,7 +107,7 @@ def attack_path(
         correct.append((logits.argmax(1) == labels).cpu().numpy())
 
     fixed_step_pgd(
-        estimator, estimate, x, y, threat, steps=steps, seed=seeds, eot_draws=eot_draws,
+        model, estimate, x, y, threat, steps=steps, seed=seeds, eot_draws=eot_draws,
         on_step=follow,
     )  # fmt: skip
     return {
@@ -119,19 +117,19 @@ def attack_path(
 
 
 def unstable_predictions(
-    estimator: DEQEstimator, x: np.ndarray, noise: float, seeds: SampleSeeds, draws: int = 10
+    model: DefendedModel, x: np.ndarray, noise: float, seeds: SampleSeeds, draws: int = 10
 ) -> dict[str, Any]:
     """Per sample, in how many of ``draws`` uniform perturbations of size ``noise`` (L-inf,
     clipped to [0, 1]; sample i's from its own seeds) the prediction differs from the
     unperturbed one."""
-    base = estimator.predict(x).argmax(1)
+    base = defended_logits(model, x).argmax(1)
     changes = np.zeros(len(x), dtype=np.int64)
     for draw in range(draws):
         shaken = np.empty_like(x)
         for row in range(len(x)):
             rng = np.random.default_rng(seeds.sample_seed(row, f"unstable-{draw}"))
             shaken[row] = x[row] + rng.uniform(-noise, noise, size=x.shape[1:])
-        changes += estimator.predict(np.clip(shaken, 0.0, 1.0)).argmax(1) != base
+        changes += defended_logits(model, np.clip(shaken, 0.0, 1.0)).argmax(1) != base
     return {"changes": changes.tolist(), "draws": draws, "noise": noise}
 
 
@@ -145,17 +143,16 @@ def uniform_noise(x: np.ndarray, eps: float, seeds: SampleSeeds) -> np.ndarray:
     return np.clip(noisy, 0.0, 1.0).astype(x.dtype)
 
 
-def dynamic_calls(estimator: DEQEstimator, x: np.ndarray) -> dict[str, Any]:
+def dynamic_calls(model: DefendedModel, x: np.ndarray) -> dict[str, Any]:
     """AutoAttack's dynamic-defense check (pyautoattack's ``checks.check_dynamic``): how often
     a function named ``grad``, ``backward`` or ``_make_grads`` is called during one forward of
     the defended model (a defense that takes gradient steps inside its forward)."""
     counters = autoattack_checks.funcs
     for name in counters:
         counters[name] = 0  # pyautoattack never resets them
-    model = DefendedModel.of(estimator)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        autoattack_checks.check_dynamic(model, torch.as_tensor(x, device=estimator.device))
+        autoattack_checks.check_dynamic(model, torch.as_tensor(x, device=model.device))
     calls = dict(counters)
     for name in counters:
         counters[name] = 0
@@ -163,7 +160,7 @@ def dynamic_calls(estimator: DEQEstimator, x: np.ndarray) -> dict[str, Any]:
 
 
 def gradient_health(
-    estimator: DEQEstimator,
+    model: DefendedModel,
     estimates: Mapping[str, GradientEstimate],
     x: np.ndarray,
     y: np.ndarray,
@@ -173,15 +170,21 @@ def gradient_health(
     finite, and (given ``x_near``, points of the threat model's ball around ``x``) those where
     it is not finite at ``x_near`` (a model may break only away from the clean input)."""
     numbers = {}
+    labels = torch.as_tensor(y, device=model.device)
+
+    def gradient(view: DefendedModel, points: np.ndarray) -> np.ndarray:
+        grad = view.loss_gradient(torch.as_tensor(points, device=model.device), labels)
+        return grad.cpu().numpy().reshape(len(points), -1)
+
     for label, estimate in estimates.items():
-        view = estimator.view(estimate=estimate)
-        grad = np.asarray(view.loss_gradient(x, y)).reshape(len(x), -1)
+        view = model.view(estimate)
+        grad = gradient(view, x)
         numbers[label] = {
             "zero": np.flatnonzero(np.abs(grad).sum(1) == 0).tolist(),
             "not_finite": np.flatnonzero(~np.isfinite(grad).all(1)).tolist(),
         }
         if x_near is not None:
-            near = np.asarray(view.loss_gradient(x_near, y)).reshape(len(x), -1)
+            near = gradient(view, x_near)
             numbers[label]["not_finite_near"] = np.flatnonzero(~np.isfinite(near).all(1)).tolist()
     return numbers
 
@@ -202,40 +205,40 @@ def backward_residuals(trajectory: Trajectory | None) -> np.ndarray:
 
 
 def _exact_gradient(
-    estimator: DEQEstimator, exact: Exact, x: Tensor, y: Tensor, scale: float
+    model: DefendedModel, exact: Exact, x: Tensor, y: Tensor, scale: float
 ) -> tuple[Tensor, np.ndarray]:
     """dL/dx by Exact through the autograd path for ``scale * sum of cross-entropies``, and the
     backward solve's per-sample residuals."""
     solves: list[Trajectory] = []
     recording = dataclasses.replace(exact, on_backward=solves.append)
-    model = DefendedModel.of(estimator, recording)
     x_leaf = x.detach().clone().requires_grad_()
-    loss = scale * torch.nn.functional.cross_entropy(model(x_leaf), y, reduction="sum")
+    logits = model.view(recording)(x_leaf)
+    loss = scale * torch.nn.functional.cross_entropy(logits, y, reduction="sum")
     (grad,) = torch.autograd.grad(loss, x_leaf)
     return grad.detach(), backward_residuals(solves[-1] if solves else None)
 
 
 def exact_backward(
-    estimator: DEQEstimator, exact: Exact, x: np.ndarray, y: np.ndarray
+    model: DefendedModel, exact: Exact, x: np.ndarray, y: np.ndarray
 ) -> dict[str, list[float]]:
     """Per sample: the relative residual of the Exact backward solve, and the cosine between
     the Exact gradients of the loss at scale 1 and at scale 1e-3 (equal directions when the
     solve is reliable)."""
-    xt = torch.as_tensor(x, device=estimator.device)
-    yt = torch.as_tensor(y, device=estimator.device)
-    grad_1, residual = _exact_gradient(estimator, exact, xt, yt, 1.0)
-    grad_small, _ = _exact_gradient(estimator, exact, xt, yt, 1e-3)
+    xt = torch.as_tensor(x, device=model.device)
+    yt = torch.as_tensor(y, device=model.device)
+    grad_1, residual = _exact_gradient(model, exact, xt, yt, 1.0)
+    grad_small, _ = _exact_gradient(model, exact, xt, yt, 1e-3)
     cosine = torch.nn.functional.cosine_similarity(grad_1.flatten(1), grad_small.flatten(1), dim=1)
     return {"backward_residual": residual.tolist(), "scale_cosine": cosine.cpu().tolist()}
 
 
-def spectral_radii(estimator: DEQEstimator, x: np.ndarray, iterations: int = 30) -> np.ndarray:
+def spectral_radii(model: DefendedModel, x: np.ndarray, iterations: int = 30) -> np.ndarray:
     """Per-sample spectral radius (S,) of J_f at the solver's answer, by the package's power
     iteration (``deq_attacks.deq.spectral_radius``), started from torch's generator seeded 0
     (restored afterwards), so that the measurement repeats."""
-    deq = estimator.deq
+    deq = model.deq
     with torch.no_grad():
-        injection = deq.inject(model_input(DefendedModel.of(estimator), x))
+        injection = deq.inject(model_input(model, x))
         z_star = deq.solve(injection).final
     devices = [z_star.device] if z_star.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -245,7 +248,7 @@ def spectral_radii(estimator: DEQEstimator, x: np.ndarray, iterations: int = 30)
 
 
 def alignment(
-    estimator: DEQEstimator,
+    model: DefendedModel,
     estimates: Mapping[str, GradientEstimate],
     defenses: Mapping[str, Readout],
     x: np.ndarray,
@@ -259,7 +262,7 @@ def alignment(
     others = {k: v for k, v in estimates.items() if k != reference_label}
     return {
         name: gradient_alignment(
-            estimator.view(defense=readout), others, x, y, batch_size, reference=reference
+            model.view(defense=readout), others, x, y, batch_size, reference=reference
         ).to_json()
         for name, readout in defenses.items()
     }
@@ -292,26 +295,26 @@ def measure(
     out["noise"] = _noise_scores(ctx, defenses)
     ctx.say("measurements: batch dependence, gradients, Exact backward, spectral radius")
     stored = {
-        "batch": lambda: batch_outputs(ctx.estimator, x, ctx.batch),
+        "batch": lambda: batch_outputs(ctx.model, x, ctx.batch),
         "gradients": lambda: gradient_health(
-            ctx.estimator, estimates, x, y, random_in_ball(x, ctx.threat.eps, config.seed)
+            ctx.model, estimates, x, y, random_in_ball(x, ctx.threat.eps, config.seed)
         ),
-        "exact_backward": lambda: exact_backward(ctx.estimator, Exact(), x, y),
-        "spectral_radius": lambda: spectral_radii(ctx.estimator, x),
+        "exact_backward": lambda: exact_backward(ctx.model, Exact(), x, y),
+        "spectral_radius": lambda: spectral_radii(ctx.model, x),
     }
     if BPTT in estimates:
-        stored["alignment"] = lambda: alignment(ctx.estimator, estimates, defenses, x, y, BPTT)
+        stored["alignment"] = lambda: alignment(ctx.model, estimates, defenses, x, y, BPTT)
     rows = np.arange(len(x))
     stored.update(
         path=lambda: attack_path(
-            ctx.estimator, ctx.ready, x, y, ctx.threat, config.long_steps,
+            ctx.model, ctx.ready, x, y, ctx.threat, config.long_steps,
             SampleSeeds(config.seed, "pgd", rows), config.eot_draws,
         ),  # fmt: skip
         unstable=lambda: unstable_predictions(
-            ctx.estimator, x, UNSTABLE_NOISE * ctx.threat.eps,
+            ctx.model, x, UNSTABLE_NOISE * ctx.threat.eps,
             SampleSeeds(config.seed, "unstable", rows),
         ),  # fmt: skip
-        dynamic=lambda: dynamic_calls(ctx.estimator, x),
+        dynamic=lambda: dynamic_calls(ctx.model, x),
     )
     for name, compute in stored.items():
         key = f"measure/{name}"
@@ -345,10 +348,10 @@ def _ready_pgd(
     """The ready-made fixed-step PGD on every test sample (the shared run's seeds), block by
     block and stored: per defense, bool (S,) correct under it."""
     config = ctx.config
-    model = ctx.estimator.view(estimate=ctx.ready)  # one view for every block
+    model = ctx.model.view(ctx.ready)  # one view for every block
 
     def block(part: np.ndarray) -> dict[str, np.ndarray]:
-        with precision(ctx.estimator.device, arithmetic or config.precision):
+        with precision(ctx.model.device, arithmetic or config.precision):
             x_adv = fixed_step_pgd(
                 model, ctx.ready, ctx.x[part], ctx.y[part], threat, steps=steps,
                 seed=SampleSeeds(config.seed, "pgd", part), compile_backend=config.compile_backend,

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from deq_attacks.adversarial import check_attackable
+from deq_attacks.adversarial import DefendedModel, as_defended
 from deq_attacks.deq.convergence import ConvergenceLog
 from deq_attacks.deq.entropy import InputEntropyReduction
 from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
@@ -99,7 +99,9 @@ def evaluate_model(
     """Run the whole protocol (see the module docstring) and return its report.
 
     Args:
-        estimator: the model; never changed (each step attacks a view of it).
+        estimator: the model, an ART front end: read once into the protocol's defended model
+            (``DefendedModel.of``), on which every step runs; never changed (each step
+            attacks a view of it).
         test: images (S, C, H, W) float32 in [0, 1] and labels (S,).
         development: the split for n*, the sweep and the cascade's order (held out from
             training and test).
@@ -113,12 +115,12 @@ def evaluate_model(
     """
     config = config or EvaluationConfig()
     (x, y), (x_dev, y_dev) = test, development
-    check_split("test", x, y, estimator)
-    check_split("development", x_dev, y_dev, estimator)
-    check_attackable(estimator)
+    model = DefendedModel.of(estimator)  # refuses what the attacks cannot differentiate
+    check_split("test", x, y, model)
+    check_split("development", x_dev, y_dev, model)
     entropy = config.entropy_settings
     if entropy is not None:
-        check_defendable(estimator, entropy)
+        check_defendable(model, entropy)
     extras = dict(extra_estimates or {})
     for label, estimate in extras.items():
         if not isinstance(estimate, GradientEstimate):
@@ -127,8 +129,8 @@ def evaluate_model(
             estimate_spec(estimate)
         except ValueError as error:
             raise ValueError(f"extra estimate {label!r}: {error}") from None
-    deq = estimator.deq
-    shards = Shards.current(config.attack_batch(estimator.device))
+    deq = model.deq
+    shards = Shards.current(config.attack_batch(model.device))
     settings = to_jsonable(config)
     if config.norm == "Linf":  # added later: left out at its default, earlier stores resume
         del settings["norm"]
@@ -157,7 +159,7 @@ def evaluate_model(
             f"{', '.join(store.replaced)}; they are kept in {store.moved_to}"
         )
     with store:
-        cost = estimate_cost(estimator, (x, y), (x_dev, y_dev), config, extras, shards.block_size)
+        cost = estimate_cost(model, (x, y), (x_dev, y_dev), config, extras, shards.block_size)
         if cost["countable"]:
             expected = describe_cost(cost["steps"], cost["seconds_per_f"])
             say("expected cost before the work:\n" + expected)
@@ -165,7 +167,7 @@ def evaluate_model(
             say("expected cost unknown: the model has no f module whose evaluations can be counted")
         with ConvergenceLog() as log, counting_f(deq) as f_count:
             ctx = RunContext(
-                estimator, x, y, x_dev, y_dev, config, store, shards, say, log,
+                model, x, y, x_dev, y_dev, config, store, shards, say, log,
                 ready_made(deq.training_gradient), f_count=f_count,
             )  # fmt: skip
             config = ctx.config = eot_config(ctx)
@@ -191,7 +193,7 @@ def evaluate_model(
                     cells = cascade_cells(ctx, columns, defenses, clean, strengths)
             elif config.mode is Mode.VERDICT:
                 strengths = DevStrengths(ctx, estimates, defenses, dev, sweep)
-                costs = column_costs(estimator, columns, config, (x_dev, y_dev), cost["units"])
+                costs = column_costs(model, columns, config, (x_dev, y_dev), cost["units"])
                 with ctx.step("columns"):  # the cover and the audit, timed on their own too
                     cells, audits = verdict_cells(ctx, columns, defenses, clean, strengths, costs)
             else:
@@ -221,7 +223,7 @@ def eot_config(ctx: RunContext) -> EvaluationConfig:
     numbers = ctx.store.get("randomness")
     if numbers is None:
         few = slice(0, min(config.diagnostic_samples, len(ctx.x)))
-        numbers = repeated_forwards(ctx.estimator, ctx.x[few], ctx.batch)
+        numbers = repeated_forwards(ctx.model, ctx.x[few], ctx.batch)
         draws, switched = eot_draws_for(config, numbers)
         decision = {"eot_draws": draws, "switched_on": switched}
         numbers = ctx.store.put("randomness", {**numbers, **decision})
@@ -240,7 +242,7 @@ this warns (its robustness is that of a weaker classifier)."""
 
 
 def estimate_cost(
-    estimator: DEQEstimator,
+    model: DefendedModel | DEQEstimator,
     test: tuple[np.ndarray, np.ndarray],
     development: tuple[np.ndarray, np.ndarray],
     config: EvaluationConfig,
@@ -252,12 +254,13 @@ def estimate_cost(
     ``batch`` development images (default: the attack batch): ``{"steps", "unknown_columns",
     "bound", "seconds_per_f", "expected_wall_s"}``."""
     x_dev, y_dev = development
-    cost = expected_costs(estimator, config, development, len(test[0]), extra_estimates)
+    defended = as_defended(model)
+    cost = expected_costs(defended, config, development, len(test[0]), extra_estimates)
     if not cost["countable"]:
         return {**cost, "seconds_per_f": None, "expected_wall_s": None}
-    size = batch or config.attack_batch(estimator.device)
+    size = batch or config.attack_batch(defended.device)
     seconds = seconds_per_f(
-        estimator, ready_made(estimator.deq.training_gradient), x_dev[:size], y_dev[:size]
+        defended, ready_made(defended.deq.training_gradient), x_dev[:size], y_dev[:size]
     )
     cost["seconds_per_f"] = seconds
     cost["expected_wall_s"] = sum(cost["steps"].values()) * seconds
@@ -265,7 +268,7 @@ def estimate_cost(
 
 
 def column_costs(
-    estimator: DEQEstimator,
+    model: DefendedModel,
     columns: Sequence[Column],
     config: EvaluationConfig,
     development: tuple[np.ndarray, np.ndarray],
@@ -274,13 +277,13 @@ def column_costs(
     """Column label -> f evaluations per sample of one run (``cost.column_cost``), from the
     unit costs ``known`` by estimate repr (``estimate_cost``'s, counted before the run), else
     counted on two development images."""
-    probe = UnitCostProbe(estimator, development[0][:2], development[1][:2])
+    probe = UnitCostProbe(model, development[0][:2], development[1][:2])
     units = {}
     for column in columns:
         key = repr(column.estimate)
         units[key] = UnitCosts(*known[key]) if key in known else probe(column.estimate)
     return {
-        c.label: column_cost(c, config.threat, estimator.nb_classes, units[repr(c.estimate)])
+        c.label: column_cost(c, config.threat, model.nb_classes, units[repr(c.estimate)])
         for c in columns
     }
 
@@ -367,7 +370,7 @@ def entropy_defense_step(
 
     def block(index: np.ndarray) -> dict[str, np.ndarray]:
         result = evaluate_entropy_defense(
-            ctx.estimator, ctx.x[index], ctx.y[index], ctx.threat, defense,
+            ctx.model, ctx.x[index], ctx.y[index], ctx.threat, defense,
             craft_estimate=craft, autoattack=autoattack, seed=config.seed,
             batch_size=ctx.batch, progress=ctx.say, index=index,
         )  # fmt: skip

@@ -245,12 +245,12 @@ def build_report(ctx: RunContext, record: RunRecord) -> EvaluationReport:
         "fingerprint": dict(record.fingerprint),
         "mode": config.mode.value,
         "batch_size": ctx.batch,
-        "device": ctx.estimator.device.type,
+        "device": ctx.model.device.type,
         "n_test": len(ctx.x),
         "n_development": len(ctx.x_dev),
         "processes": ctx.shards.world,
         "sweep_plan": sweep.plan,
-        "solver": repr(ctx.estimator.deq.solver),
+        "solver": repr(ctx.model.deq.solver),
     }
     return EvaluationReport(
         settings=settings,

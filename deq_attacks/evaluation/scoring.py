@@ -33,6 +33,17 @@ def model_input(model: DefendedModel, x: np.ndarray | Tensor) -> Tensor:
     return processed.float()
 
 
+def defended_logits(model: DefendedModel, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """The defended logits (N, nb_classes) float32 of ``x`` (N, ...), ``batch_size`` samples
+    per forward, without a gradient: ``predict``'s numbers, from the defended model."""
+    outputs = [np.zeros((0, model.nb_classes), dtype=np.float32)]
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            batch = torch.as_tensor(x[start : start + batch_size], device=model.device)
+            outputs.append(model(batch).cpu().numpy().astype(np.float32))
+    return np.concatenate(outputs)
+
+
 def correct(logits: Tensor, y: Tensor) -> Tensor:
     """bool (B,): ``logits`` (B, K) predict the label ``y`` (B,) and are all finite."""
     return (logits.argmax(1) == y) & torch.isfinite(logits).all(1)
