@@ -1,8 +1,9 @@
-"""How deep a ready-made PGD column sits under ``evaluate_model``: from ``evaluate_model`` to the
-gradient estimate's ``injection_gradient`` at most 8 frames of package code (the column runner
-calls the attack, the attack the torch PGD of the attack layer, that the defended model's loss
-gradient, that the estimate); a column builds its one white-box view once, not once per block,
-and a torch column builds no ART classifier at all: the protocol runs on the neutral module."""
+"""How deep a ready-made PGD column sits: from ``deq-attacks evaluate`` (its ``main``) to the
+gradient estimate at most 8 hops of package code (the command, its job, ``evaluate_model``, the
+column runner, the attack, the torch PGD of the attack layer, the defended model's loss
+gradient, ``input_gradient``, then the estimate); a column builds its one white-box view once,
+not once per block, and a torch column builds no ART classifier at all: the protocol runs on
+the neutral module."""
 
 from __future__ import annotations
 
@@ -17,13 +18,20 @@ from evaluation_fixtures import SQUARE, TINY, splits, tiny_estimator
 from torch import Tensor
 
 import deq_attacks
-from deq_attacks import Final, Unrolled
+from deq_attacks import Final, Phantom, Unrolled
 from deq_attacks.evaluation import SweepConfig, column_scores, evaluate_model, protocol_columns
 from deq_attacks.gradients import BackwardPass, register_estimate, scoped_registry
 from deq_attacks.interfaces import DEQEstimator, WhiteBoxModule
 
 PACKAGE = str(Path(deq_attacks.__file__).resolve().parent)
 LIMIT = 8
+LINES = ["--model.name", "small_conv_deq", "--model.args.in_channels", "1",
+         "--model.args.image_size", "8", "--model.forward_threshold", "3",
+         "--model.training-gradient", "phantom", "--n-dev", "4", "--n-test", "4",
+         "--attacks", "pgd", "--bptt", "false", "--steps", "1", "--long_steps", "2",
+         "--diagnostic_samples", "2", "--sweep", "adjoint.n=1", "--sweep", "adjoint.beta=1.0",
+         "--sweep", "unrolled.n=1", "--sweep", "unrolled.k=1", "--sweep", "unrolled.lam=1.0",
+         "--mode", "table"]  # fmt: skip
 CONFIG = dataclasses.replace(
     TINY, attacks="pgd", bptt=False, sweep=SweepConfig({"unrolled": {"n": "1", "k": "1"}})
 )
@@ -61,6 +69,36 @@ def test_a_pgd_column_is_at_most_8_frames_under_evaluate_model(spy: Spy) -> None
     deepest = max(column, key=len)
     assert len(deepest) <= LIMIT, "\n".join(reversed(deepest))
     assert deepest[-1] == "protocol.py:evaluate_model" and "pgd.py:pgd" in deepest
+
+
+def test_from_the_evaluate_command_a_pgd_column_is_at_most_8_hops_from_its_estimate(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The ready-made estimate of a phantom-trained DEQ is ``Phantom``: the package frames
+    above each of its gradients in the ready-made PGD column, counted from the ``evaluate``
+    subcommand's ``main``: each frame is one hop, the last one (``input_gradient``) into the
+    estimate."""
+    from deq_attacks.cli import main
+
+    seen: list[list[str]] = []
+    original = Phantom.injection_gradient
+
+    def spy(self: Phantom, backward: BackwardPass) -> Tensor:
+        frames = [f for f in inspect.stack() if f.filename.startswith(PACKAGE)]
+        seen.append([f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.function}"
+                     for f in frames])  # fmt: skip
+        return original(self, backward)
+
+    monkeypatch.setattr(Phantom, "injection_gradient", spy)
+    assert main(["evaluate", *LINES, "--out-dir", str(tmp_path / "out")]) == 0
+    column = [frames for frames in seen if "evaluation/context.py:run_column" in frames]
+    assert column, "the ready-made PGD column made no gradient call"
+    deepest = max(column, key=len)
+    top = deepest.index("cli/evaluate.py:main")
+    hops = deepest[: top + 1]  # from input_gradient up to the subcommand's main
+    assert len(hops) <= LIMIT, "\n".join(reversed(hops))
+    assert hops[0] == "gradients/base.py:input_gradient"
+    assert "cli/jobs.py:evaluate" in hops and "adversarial/pgd.py:pgd" in hops
 
 
 def _constructions(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,35 +69,27 @@ def training_interrupted(run_dir: Path) -> str:
     )
 
 
-def run_protocol(
-    estimator: DEQEstimator,
-    dev: ImageDataset,
-    test: ImageDataset,
-    config: EvaluationConfig,
-    out_dir: Path,
-    description: dict[str, Any],
-) -> EvaluationReport:
-    """Evaluate on ``test`` (choices on ``dev``), write the outputs (rank 0), print the report."""
-    main_process = is_main_process()
-    start = time.perf_counter()
-    report = evaluate_model(
-        estimator,
-        (test.x, test.y),
-        (dev.x, dev.y),
-        config,
-        store_path=out_dir / STORE,
-        description=description,
-        progress=(lambda text: print(f"[{time.perf_counter() - start:6.1f} s] {text}", flush=True))
-        if main_process
-        else None,
-    )
-    if main_process:
-        title = f"White-box evaluation ({test.name}, {description.get('model', 'model')})"
-        paths = write_outputs(report, out_dir, title)
-        print("\n" + markdown_report(report, title))
-        print(f"\nwall time {time.perf_counter() - start:.0f} s; written: "
-              + ", ".join(str(p) for p in paths.values()))  # fmt: skip
-    return report
+def progress_since(start: float) -> Callable[[str], None] | None:
+    """The protocol's progress callback: each step printed with the seconds since ``start``,
+    by the main process (None in the others: silent)."""
+    if not is_main_process():
+        return None
+    return lambda text: print(f"[{time.perf_counter() - start:6.1f} s] {text}", flush=True)
+
+
+def publish(
+    report: EvaluationReport, test: ImageDataset, description: dict[str, Any], out_dir: Path,
+    start: float,
+) -> None:  # fmt: skip
+    """Write the outputs of ``report`` (evaluated on ``test``) and print it, by the main
+    process, with the wall time since ``start``."""
+    if not is_main_process():
+        return
+    title = f"White-box evaluation ({test.name}, {description.get('model', 'model')})"
+    paths = write_outputs(report, out_dir, title)
+    print("\n" + markdown_report(report, title))
+    print(f"\nwall time {time.perf_counter() - start:.0f} s; written: "
+          + ", ".join(str(p) for p in paths.values()))  # fmt: skip
 
 
 # --- evaluate -------------------------------------------------------------------------------
@@ -183,7 +176,13 @@ def evaluate(args: Namespace, config: EvaluationConfig) -> int:
                 print("  columns of unknown cost: " + ", ".join(cost["unknown_columns"]))
             return 0
         try:
-            run_protocol(estimator, split.dev, split.test, config, args.out_dir, description)
+            start = time.perf_counter()
+            report = evaluate_model(
+                estimator, (split.test.x, split.test.y), (split.dev.x, split.dev.y), config,
+                store_path=args.out_dir / STORE, description=description,
+                progress=progress_since(start),
+            )  # fmt: skip
+            publish(report, split.test, description, args.out_dir, start)
         except KeyboardInterrupt:
             print(interrupted(args.out_dir), file=sys.stderr)
             return 130
@@ -259,7 +258,13 @@ def demo(
     dev = held_out.subset(np.arange(args.n_dev))
     test = held_out.subset(np.arange(args.n_dev, args.n_dev + args.n_test))
     try:
-        run_protocol(estimator, dev, test, evaluation, args.out_dir, description)
+        begun = time.perf_counter()
+        report = evaluate_model(
+            estimator, (test.x, test.y), (dev.x, dev.y), evaluation,
+            store_path=args.out_dir / STORE, description=description,
+            progress=progress_since(begun),
+        )  # fmt: skip
+        publish(report, test, description, args.out_dir, begun)
     except KeyboardInterrupt:
         print(interrupted(args.out_dir), file=sys.stderr)
         return 130

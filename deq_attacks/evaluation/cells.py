@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +18,7 @@ from deq_attacks.evaluation.scores import Scores
 from deq_attacks.evaluation.settings import EvaluationConfig
 from deq_attacks.evaluation.shared_runs import clean_scores
 from deq_attacks.evaluation.store import ResultStore
-from deq_attacks.gradients import ready_made
+from deq_attacks.gradients import GradientEstimate, ready_made
 from deq_attacks.interfaces import DEQEstimator
 
 NOT_RUN = -1
@@ -51,6 +51,26 @@ class Cells:
         finite = scores.finite.get(defense)
         count = 0 if finite is None else int((~np.asarray(finite, dtype=bool)).sum())
         self.nonfinite.setdefault(defense, {})[column] = count
+
+    @classmethod
+    def table(cls, defenses: Iterable[str], columns: Sequence[Column]) -> Cells:
+        """The empty cells of table mode (every column on every sample), in column order."""
+        names = list(defenses)
+        return cls({d: {} for d in names}, order={d: [c.label for c in columns] for d in names})
+
+    def add_column(self, column: Column, scores: Scores, ready: GradientEstimate) -> None:
+        """Table mode: ``column``'s ``scores`` of every sample for each defense, and its
+        per-sample extras; the shared PGD run with the ready-made estimate ``ready`` is kept
+        as ``ready_scores``."""
+        for name in self.survived:
+            self.survived[name][column.label] = scores.correct[name].astype(np.int8)
+            self.record(name, column.label, scores)
+        if not column.shared:
+            for run, extra in scores.extras.items():
+                if extra:
+                    self.extras[run] = {k: v.tolist() for k, v in extra.items()}
+        if column.shared and column.attack.name == "pgd" and column.estimate == ready:
+            self.ready_scores = scores
 
     @property
     def ready(self) -> Scores:

@@ -52,6 +52,7 @@ from deq_attacks.deq.readout import Early, Ensemble, Final, Readout
 from deq_attacks.evaluation.aggregate import choose_early_exit, tied_best
 from deq_attacks.evaluation.attacks import Column, StandardAutoAttack
 from deq_attacks.evaluation.cascade import DevStrengths, cascade_cells
+from deq_attacks.evaluation.cells import Cells
 from deq_attacks.evaluation.columns import BPTT, protocol_columns, protocol_estimates
 from deq_attacks.evaluation.context import RunContext, check_split
 from deq_attacks.evaluation.cost import (
@@ -78,7 +79,6 @@ from deq_attacks.evaluation.settings import ENTROPY_FIELDS, EvaluationConfig, Mo
 from deq_attacks.evaluation.shared_runs import clean_scores, shared_pgd_scores
 from deq_attacks.evaluation.store import ResultStore, data_hash, weights_hash
 from deq_attacks.evaluation.sweep import run_sweep
-from deq_attacks.evaluation.table import table_cells
 from deq_attacks.evaluation.verdict import verdict_cells
 from deq_attacks.gradients import BackpropThroughSolver, GradientEstimate, estimate_spec, ready_made
 from deq_attacks.interfaces import DEQEstimator
@@ -196,9 +196,14 @@ def evaluate_model(
                 costs = column_costs(model, columns, config, (x_dev, y_dev), cost["units"])
                 with ctx.step("columns"):  # the cover and the audit, timed on their own too
                     cells, audits = verdict_cells(ctx, columns, defenses, clean, strengths, costs)
-            else:
+            else:  # table mode: every column on every sample, in one loop (no frame between)
+                cells = Cells.table(defenses, columns)
                 with ctx.step("columns"):
-                    cells = table_cells(ctx, columns, defenses)
+                    for column in columns:
+                        how = "one run for" if column.shared else "against"
+                        ctx.say(f"test split: {column.label} ({how} {', '.join(defenses)})")
+                        scores = ctx.run_column(column, defenses, np.arange(len(x)))
+                        cells.add_column(column, scores, ctx.ready)
             entropy_result = None
             if entropy is not None:
                 with ctx.step("entropy_defense"):

@@ -67,26 +67,12 @@ def fixed_step_pgd(
             many gradient calls (a randomized model draws anew in each); 1 is one call.
         on_step: called with the start and then with the iterate after each step (B, ...).
     """
-    steps = threat.steps if steps is None else steps
     seeds = seed if isinstance(seed, SampleSeeds) else SampleSeeds.first(int(seed), "pgd", len(x))
-    if len(seeds) != len(x):
-        raise ValueError(f"{len(seeds)} seeds for {len(x)} samples")
     defended = as_defended(model)
     if estimate != defended.estimate:
         defended = defended.view(estimate)
-    step_fn = None
-    if compile_backend:
-        defended = compiled(defended, compile_backend)
-        step_fn = compiled_step(compile_backend, threat.norm)
-    device = defended.device
-    x0 = torch.as_tensor(x, device=device)
-    start = random_start(x, threat.eps, seeds, threat.norm) if threat.random_start else x
-    x_adv = pgd(
-        defended.loss_gradient, x0, torch.as_tensor(y, device=device),
-        torch.as_tensor(start, device=device), eps=threat.eps, step=threat.step, steps=steps,
-        norm=threat.norm, eot_draws=eot_draws, step_fn=step_fn, on_step=on_step,
-    )  # fmt: skip
-    return x_adv.cpu().numpy()
+    attack = FixedStepPGD(steps, compile_backend, eot_draws)
+    return attack.run(defended, x, y, threat, seeds, on_step=on_step).x_adv
 
 
 @register_attack("pgd")
@@ -115,12 +101,26 @@ class FixedStepPGD(Attack):
         y: np.ndarray,
         threat: ThreatModel,
         seeds: SampleSeeds,
+        on_step: Callable[[Tensor], None] | None = None,
     ) -> AttackOutput:
-        x_adv = fixed_step_pgd(
-            model, model.estimate, x, y, threat, steps=self.steps, seed=seeds,
-            compile_backend=self.compile_backend, eot_draws=self.eot_draws,
+        """The PGD on one block with ``model``'s estimate (``fixed_step_pgd`` documents it);
+        ``on_step`` is called with the start and each iterate."""
+        if len(seeds) != len(x):
+            raise ValueError(f"{len(seeds)} seeds for {len(x)} samples")
+        step_fn = None
+        if self.compile_backend:
+            model = compiled(model, self.compile_backend)
+            step_fn = compiled_step(self.compile_backend, threat.norm)
+        device = model.device
+        x0 = torch.as_tensor(x, device=device)
+        start = random_start(x, threat.eps, seeds, threat.norm) if threat.random_start else x
+        x_adv = pgd(
+            model.loss_gradient, x0, torch.as_tensor(y, device=device),
+            torch.as_tensor(start, device=device), eps=threat.eps, step=threat.step,
+            steps=threat.steps if self.steps is None else self.steps, norm=threat.norm,
+            eot_draws=self.eot_draws, step_fn=step_fn, on_step=on_step,
         )  # fmt: skip
-        return AttackOutput(x_adv)
+        return AttackOutput(x_adv.cpu().numpy())
 
     def calls(self, threat: ThreatModel, num_classes: int) -> tuple[float, float]:
         return 0.0, float(threat.steps if self.steps is None else self.steps)
