@@ -23,7 +23,7 @@ from art.attacks.evasion import ProjectedGradientDescent
 from art.estimators.classification import PyTorchClassifier
 from torch import Tensor, nn
 
-from deq_attacks.adversarial import Gradient, art_random_start, pgd
+from deq_attacks.adversarial import DefendedModel, Gradient, art_random_start, pgd
 from deq_attacks.deq import DEQ
 from deq_attacks.gradients import ready_made
 from deq_attacks.interfaces import DEQEstimator, WhiteBoxModule, art_device_type
@@ -99,14 +99,20 @@ def pgd_attack(
     )
 
 
-def training_gradient(model: nn.Module) -> Gradient:
+def training_gradient(
+    model: nn.Module, image_shape: tuple[int, int, int], num_classes: int
+) -> Gradient:
     """The cross-entropy gradient w.r.t. the input that the adversary ascends: a DEQ's by its
-    ready-made estimate (loss-aware, ``WhiteBoxModule.loss_gradient``), any other network's
-    by autograd."""
+    ready-made estimate, through the attack layer's ``DefendedModel.loss_gradient`` (loss-aware,
+    the gradient the protocol's PGD columns ascend; the loader's labels taken as they are),
+    any other network's by autograd."""
     loss = nn.CrossEntropyLoss()
     if isinstance(model, DEQ):
         module = WhiteBoxModule(model, ready_made(model.training_gradient))
-        return lambda x, labels: module.loss_gradient(x, loss, labels)
+        defended = DefendedModel(
+            module, num_classes, image_shape, loss=loss, loss_labels=lambda labels: labels
+        )
+        return defended.loss_gradient
 
     def autograd(x: Tensor, labels: Tensor) -> Tensor:
         with torch.enable_grad():
@@ -129,7 +135,7 @@ def make_adversary(
     """The ``kind`` adversary ("torch" or "art", ``ADVERSARIES``) of ``budget`` on ``model``
     (batches of at most ``batch_size``)."""
     if kind == "torch":
-        gradient = training_gradient(model)
+        gradient = training_gradient(model, image_shape, num_classes)
 
         def torch_pgd(x: Tensor, y: Tensor) -> Tensor:
             model.eval()
