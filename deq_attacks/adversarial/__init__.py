@@ -6,7 +6,6 @@ from deq_attacks.adversarial.defended import (
     DefendedModel,
     NonFiniteAsWrong,
     as_defended,
-    check_attackable,
     check_draws,
 )
 from deq_attacks.adversarial.pgd import (
@@ -34,7 +33,6 @@ __all__ = [
     "SampleSeeds",
     "art_random_start",
     "as_defended",
-    "check_attackable",
     "check_draws",
     "compiled",
     "compiled_step",

@@ -36,22 +36,6 @@ def check_draws(draws: object) -> int:
     return draws
 
 
-def check_attackable(estimator: DEQEstimator) -> None:
-    """Raise unless ``DefendedModel.of`` can stand for ``estimator``: its preprocessing written
-    in torch (the attacks differentiate it) and no postprocessing defence."""
-    if not estimator.all_framework_preprocessing:
-        raise ValueError(
-            "the attacks differentiate the preprocessing: give the estimator preprocessing "
-            "written in torch (ART's framework preprocessing, e.g. preprocessing=(mean, std)), "
-            "not a numpy preprocessing defence"
-        )
-    if estimator.postprocessing_defences:
-        raise ValueError(
-            "ART postprocessing defences change only predict's output, not the logits that "
-            "attacks differentiate and the verdict scores: build the estimator without them"
-        )
-
-
 def _identity(x: Tensor) -> Tensor:
     return x
 
@@ -129,8 +113,19 @@ class DefendedModel(nn.Module):
         torch: ART's framework preprocessing, e.g. ``preprocessing=(mean, std)``; none when it
         is only ART's identity standardisation, mean 0 and std 1). An
         estimator with postprocessing defences is refused: they change only ``predict``'s
-        output, not the model attacks differentiate (``check_attackable``)."""
-        check_attackable(estimator)
+        output, not the model attacks differentiate."""
+        if not estimator.all_framework_preprocessing:
+            raise ValueError(
+                "the attacks differentiate the preprocessing: give the estimator preprocessing "
+                "written in torch (ART's framework preprocessing, e.g. preprocessing=(mean, "
+                "std)), not a numpy preprocessing defence"
+            )
+        if estimator.postprocessing_defences:
+            raise ValueError(
+                "ART postprocessing defences change only predict's output, not the logits "
+                "that attacks differentiate and the verdict scores: build the estimator "
+                "without them"
+            )
         white_box = estimator.white_box
         if estimate is not None or defense is not None:
             white_box = white_box.view(estimate, defense)
@@ -180,11 +175,8 @@ class DefendedModel(nn.Module):
         ``acceleration.compiled_f``). A new estimate, defense or DEQ is a new
         ``WhiteBoxModule`` over the same parameters; this model is not changed."""
         white_box = self.white_box
-        if deq is not None:
-            white_box = WhiteBoxModule(deq, estimate or self.estimate, defense or self.defense)
-            white_box.training = False
-        elif estimate is not None or defense is not None:
-            white_box = white_box.view(estimate, defense)
+        if estimate is not None or defense is not None or deq is not None:
+            white_box = white_box.view(estimate, defense, deq=deq)
         return DefendedModel(
             white_box, self.nb_classes, self.input_shape, loss=self.loss,
             loss_labels=self.loss_labels, preprocess=self.preprocess if self.preprocesses else None,

@@ -199,18 +199,15 @@ class DEQEstimator(PyTorchClassifier):
         self,
         estimate: GradientEstimate | None = None,
         defense: Readout | None = None,
-        *,
-        deq: DEQModel | None = None,
     ) -> DEQEstimator:
         """A new estimator over a view of this one's module (``WhiteBoxModule.view``: the same
         DEQ object, no parameter copied) with its own estimate and defense (None: this one's),
         and this one's loss, clip values, preprocessing and defences, device, input shape and
         classes; without an optimizer (a view attacks and predicts; it does not train). This
-        estimator is not changed. ``deq``: another DEQ that computes the same function over
-        the same parameters to view instead (e.g. ``deq_attacks.acceleration.compiled_f``)."""
+        estimator is not changed."""
         module = self.white_box.view(estimate, defense)
         return DEQEstimator(  # the same model, shape and classes: probed already
-            module if deq is None else deq,  # the view itself: one module per view
+            module,  # the view itself: one module per view
             input_shape=tuple(self.input_shape),
             nb_classes=self.nb_classes,
             estimate=module.estimate,

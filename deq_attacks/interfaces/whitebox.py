@@ -243,14 +243,20 @@ class WhiteBoxModule(nn.Module):
         self._defense = self._checked_defense(value)
 
     def view(
-        self, estimate: GradientEstimate | None = None, defense: Readout | None = None
+        self,
+        estimate: GradientEstimate | None = None,
+        defense: Readout | None = None,
+        *,
+        deq: DEQModel | None = None,
     ) -> WhiteBoxModule:
         """A new module over the same DEQ object (no parameter is copied) with its own estimate
         and defense (None: this module's), checked here. This module is not changed: the
         package's own code switches estimates and defenses this way. The view is in eval mode;
-        the shared DEQ's mode is left as it is (forwards run it in eval mode anyway)."""
+        the shared DEQ's mode is left as it is (forwards run it in eval mode anyway). ``deq``:
+        another DEQ that computes the same function over the same parameters to view instead
+        (e.g. ``deq_attacks.acceleration.compiled_f``)."""
         module = WhiteBoxModule(
-            self.deq,
+            self.deq if deq is None else deq,
             estimate if estimate is not None else self._estimate,
             defense if defense is not None else self._defense,
         )
