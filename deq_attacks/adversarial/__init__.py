@@ -9,6 +9,7 @@ from deq_attacks.adversarial.defended import (
     check_draws,
 )
 from deq_attacks.adversarial.pgd import (
+    ART_NORMS,
     NORMS,
     STEPS,
     Gradient,
@@ -24,6 +25,7 @@ from deq_attacks.adversarial.precision import PRECISIONS, precision
 from deq_attacks.adversarial.seeds import SampleSeeds
 
 __all__ = [
+    "ART_NORMS",
     "NORMS",
     "PRECISIONS",
     "STEPS",

@@ -33,6 +33,9 @@ Gradient = Callable[[Tensor, Tensor], Tensor]
 
 NORMS = ("Linf", "L2")
 
+#: ART's ``norm`` argument of each norm.
+ART_NORMS = {"Linf": np.inf, "L2": 2}
+
 
 def check_norm(norm: str) -> str:
     """``norm`` if it is one of ``NORMS``, else a ValueError naming them."""
@@ -64,7 +67,7 @@ def art_random_start(x: Tensor, eps: float, norm: str = "Linf") -> Tensor:
     (``art.utils.random_sphere`` over numpy's global generator, one (B, D) draw), float32,
     clipped to [0, 1]."""
     size = int(np.prod(x.shape[1:]))
-    noise = random_sphere(len(x), size, eps, {"Linf": np.inf, "L2": 2}[check_norm(norm)])
+    noise = random_sphere(len(x), size, eps, ART_NORMS[check_norm(norm)])
     noise_t = torch.from_numpy(noise.reshape(x.shape).astype(np.float32)).to(x.device)
     return (x + noise_t).clamp(0.0, 1.0)
 

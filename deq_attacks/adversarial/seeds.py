@@ -20,6 +20,12 @@ def _key(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def named_rng(seed: int, name: str) -> np.random.Generator:
+    """numpy's generator of the stream ``name`` of the run's ``seed`` (the same in every
+    process and run; another name, an independent stream)."""
+    return np.random.default_rng([seed, _key(name)])
+
+
 @dataclass(frozen=True)
 class SampleSeeds:
     """The seeds of one column on a block of samples.

@@ -133,7 +133,7 @@ def standard_budgets(config: EvaluationConfig) -> bool:
     the standard one (``Attack.budget_marks``: Square with 5,000 queries, ...)."""
     attacks = config.attack_specs
     marks = [standard for attack in attacks for _, _, standard in attack.budget_marks()]
-    return "autoattack" in config.attack_list and all(marks)
+    return any(attack.name == "autoattack" for attack in attacks) and all(marks)
 
 
 def held_out_images(dataset: str | Path, data_dir: str | Path) -> ImageDataset:

@@ -146,7 +146,7 @@ def cascade_cells(
             order[d].append(column.label)
         indices = (
             np.arange(n)
-            if _is_ready(ctx, column)  # on every sample: the diagnostics read it
+            if ctx.is_ready(column)  # on every sample: the diagnostics read it
             else np.flatnonzero(np.any([alive[d] for d in users], axis=0))
         )
         if not len(indices):
@@ -158,15 +158,15 @@ def cascade_cells(
             cells.survived[d][column.label][indices] = correct
             alive[d][indices] &= correct
             cells.record(d, column.label, scores)
-        if _is_ready(ctx, column):
+        if ctx.is_ready(column):
             cells.ready_scores = scores
 
-    for column in (c for c in columns if c.shared and _is_ready(ctx, c)):
+    for column in (c for c in columns if c.shared and ctx.is_ready(c)):
         run_shared(column, list(defenses))
     others = [  # only those some defense keeps: no ordering run for a column never run
         c
         for c in columns
-        if c.shared and not _is_ready(ctx, c) and any(c.label in kept[d] for d in defenses)
+        if c.shared and not ctx.is_ready(c) and any(c.label in kept[d] for d in defenses)
     ]
     for column in sorted(others, key=mean_strength) if any_alive() and len(others) > 1 else others:
         users = [d for d in defenses if column.label in kept[d]]
@@ -195,10 +195,6 @@ def cascade_cells(
                 if extra:
                     cells.extras[run] = {k: spread(v, indices, n) for k, v in extra.items()}
     return cells
-
-
-def _is_ready(ctx: RunContext, column: Column) -> bool:
-    return column.attack.name == "pgd" and column.estimate == ctx.ready
 
 
 def spread(values: np.ndarray, indices: np.ndarray, n: int) -> list[object]:

@@ -18,7 +18,7 @@ from deq_attacks.evaluation.scores import Scores
 from deq_attacks.evaluation.settings import EvaluationConfig
 from deq_attacks.evaluation.shared_runs import clean_scores
 from deq_attacks.evaluation.store import ResultStore
-from deq_attacks.gradients import GradientEstimate, ready_made
+from deq_attacks.gradients import ready_made
 from deq_attacks.interfaces import DEQEstimator
 
 NOT_RUN = -1
@@ -58,10 +58,10 @@ class Cells:
         names = list(defenses)
         return cls({d: {} for d in names}, order={d: [c.label for c in columns] for d in names})
 
-    def add_column(self, column: Column, scores: Scores, ready: GradientEstimate) -> None:
+    def add_column(self, column: Column, scores: Scores, ready: bool) -> None:
         """Table mode: ``column``'s ``scores`` of every sample for each defense, and its
-        per-sample extras; the shared PGD run with the ready-made estimate ``ready`` is kept
-        as ``ready_scores``."""
+        per-sample extras; kept as ``ready_scores`` if it is the ready-made PGD (``ready``,
+        ``RunContext.is_ready``)."""
         for name in self.survived:
             self.survived[name][column.label] = scores.correct[name].astype(np.int8)
             self.record(name, column.label, scores)
@@ -69,7 +69,7 @@ class Cells:
             for run, extra in scores.extras.items():
                 if extra:
                     self.extras[run] = {k: v.tolist() for k, v in extra.items()}
-        if column.shared and column.attack.name == "pgd" and column.estimate == ready:
+        if ready:
             self.ready_scores = scores
 
     @property

@@ -107,6 +107,11 @@ class RunContext:
             blocks.finish(number, fn(part))
         return arrays(self.store.put(key, blocks.result()))
 
+    def is_ready(self, column: Column) -> bool:
+        """Whether ``column`` is the ready-made PGD (the fixed-step PGD with the training
+        gradient's estimate ``ready``), the run every mode makes on every sample."""
+        return column.attack.name == "pgd" and column.estimate == self.ready
+
     def run_column(
         self,
         column: Column,

@@ -203,7 +203,7 @@ def evaluate_model(
                         how = "one run for" if column.shared else "against"
                         ctx.say(f"test split: {column.label} ({how} {', '.join(defenses)})")
                         scores = ctx.run_column(column, defenses, np.arange(len(x)))
-                        cells.add_column(column, scores, ctx.ready)
+                        cells.add_column(column, scores, ctx.is_ready(column))
             entropy_result = None
             if entropy is not None:
                 with ctx.step("entropy_defense"):

@@ -327,11 +327,6 @@ class EvaluationConfig:
         shared = {"eot_draws": self.eot_draws, "compile_backend": self.compile_backend}
         return tuple(attack.with_shared(**shared) for attack in parse_attacks(self.attacks))
 
-    @property
-    def attack_list(self) -> tuple[str, ...]:
-        """The attack names of ``attacks``, in column order."""
-        return tuple(attack.name for attack in self.attack_specs)
-
     def attack_batch(self, device: "torch.device") -> int:
         """The attack batch on ``device``: ``batch_size``, or the device type's default."""
         if self.batch_size is not None:

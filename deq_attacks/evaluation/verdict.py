@@ -32,12 +32,12 @@ and an audited survivor is robust in the table.
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from deq_attacks.adversarial.seeds import named_rng
 from deq_attacks.deq.readout import Readout
 from deq_attacks.evaluation.aggregate import clopper_pearson_upper
 from deq_attacks.evaluation.attacks import Column
@@ -73,7 +73,7 @@ def verdict_cells(
         samples some skipped column broke), ``escalated``, ``unaudited`` (survivors never
         audited), ``bound``.
     """
-    ready = next(c.label for c in columns if c.shared and c.estimate == ctx.ready)
+    ready = next(c.label for c in columns if ctx.is_ready(c))
     with ctx.step("cover"):
         strongest = {
             d: strongest_column(columns, d, strengths, ready) if clean.correct[d].any() else ready
@@ -128,7 +128,7 @@ def cover_context(ctx: RunContext) -> RunContext:
     n = len(ctx.x_dev)
     if size is None or size >= n:
         return ctx
-    rng = np.random.default_rng([ctx.config.seed, zlib.crc32(b"cover")])
+    rng = named_rng(ctx.config.seed, "cover")
     chosen = np.sort(rng.choice(n, size, replace=False))
     return dataclasses.replace(ctx, x_dev=ctx.x_dev[chosen], y_dev=ctx.y_dev[chosen])
 
@@ -162,7 +162,7 @@ def cover(
     (kept labels in run order, kept label -> the cheaper label that replaced it)."""
     n = len(ctx.x_dev)
     first = np.array(first_breakers(dev, defense, n), dtype=object)
-    ready = next(c.label for c in columns if c.shared and c.estimate == ctx.ready)
+    ready = next(c.label for c in columns if ctx.is_ready(c))
     always = (ready, strongest)
     needed = [c for c in dev.order[defense] if c in always or (first == c).any()]
     kept, swapped = list(needed), {}
@@ -209,7 +209,7 @@ def audit(
         return clean.correct[d] & ~np.any([row[c] == 0 for c in row], axis=0)
 
     # one random order of the test samples for every defense: each audits its first survivors
-    order = np.random.default_rng([ctx.config.seed, zlib.crc32(b"audit")]).permutation(n)
+    order = named_rng(ctx.config.seed, "audit").permutation(n)
     alive = {d: robust(d) for d in defenses}
     audited = {d: np.sort(order[alive[d][order]][: ctx.config.audit_size]) for d in defenses}
     skipped = {d: [c for c in columns if c.label not in keep[d]] for d in defenses}

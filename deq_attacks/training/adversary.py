@@ -23,7 +23,7 @@ from art.attacks.evasion import ProjectedGradientDescent
 from art.estimators.classification import PyTorchClassifier
 from torch import Tensor, nn
 
-from deq_attacks.adversarial import DefendedModel, Gradient, art_random_start, pgd
+from deq_attacks.adversarial import ART_NORMS, DefendedModel, Gradient, art_random_start, pgd
 from deq_attacks.deq import DEQ
 from deq_attacks.gradients import ready_made
 from deq_attacks.interfaces import DEQEstimator, WhiteBoxModule, art_device_type
@@ -89,7 +89,7 @@ def pgd_attack(
     """ART's PGD of ``budget`` (norm inf or 2, ``num_random_init`` 1 or 0)."""
     return ProjectedGradientDescent(
         classifier,
-        norm={"Linf": np.inf, "L2": 2}[budget.norm],
+        norm=ART_NORMS[budget.norm],
         eps=budget.eps,
         eps_step=budget.step,
         max_iter=budget.steps,

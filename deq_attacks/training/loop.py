@@ -397,16 +397,39 @@ def _train_epoch(
         state.global_step += 1
     seconds = time.perf_counter() - start
     totals = distributed.sum_over_processes(totals.to(processes.device)).cpu()
+    _record_epoch(
+        state, config, epoch, first_step, ctx.schedule,
+        float(totals[0] / totals[2]), float(totals[1] / totals[2]),
+        sum(penalties) / len(penalties) if penalties else None, float(totals[2]), seconds,
+    )  # fmt: skip
+
+
+def _record_epoch(
+    state: RunState,
+    config: TrainConfig,
+    epoch: int,
+    first_step: int,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    loss: float,
+    accuracy: float,
+    penalty: float | None,
+    samples: float,
+    seconds: float,
+) -> None:
+    """Append epoch ``epoch``'s training record to ``state.history`` (its steps ran from
+    ``first_step`` to ``state.global_step - 1``): the learning rate ``schedule`` ended at,
+    mean loss and accuracy, the mean Jacobian penalty (None: not computed), throughput and
+    wall seconds."""
     state.history.append(
         {
             "epoch": epoch + 1,
             "global_step": state.global_step,
             "phase": _phase(config, first_step, state.global_step - 1),
-            "lr": ctx.schedule.get_last_lr()[0],
-            "train_loss": float(totals[0] / totals[2]),
-            "train_accuracy": float(totals[1] / totals[2]),
-            "jacobian_penalty": sum(penalties) / len(penalties) if penalties else None,
-            "samples_per_s": float(totals[2]) / seconds,
+            "lr": schedule.get_last_lr()[0],
+            "train_loss": loss,
+            "train_accuracy": accuracy,
+            "jacobian_penalty": penalty,
+            "samples_per_s": samples / seconds,
             "train_seconds": seconds,
         }
     )
@@ -429,19 +452,10 @@ def _art_epoch(
                       run_dir)  # fmt: skip
     first_step = state.global_step
     state.global_step += totals.steps
-    state.history.append(
-        {
-            "epoch": epoch + 1,
-            "global_step": state.global_step,
-            "phase": _phase(config, first_step, state.global_step - 1),
-            "lr": parts.schedule.get_last_lr()[0],
-            "train_loss": totals.loss,
-            "train_accuracy": totals.correct / totals.samples,
-            "jacobian_penalty": None,
-            "samples_per_s": totals.samples / seconds,
-            "train_seconds": seconds,
-        }
-    )
+    _record_epoch(
+        state, config, epoch, first_step, parts.schedule, totals.loss,
+        totals.correct / totals.samples, None, totals.samples, seconds,
+    )  # fmt: skip
 
 
 def _finish_epoch(

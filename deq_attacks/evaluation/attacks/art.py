@@ -27,6 +27,7 @@ from art.attacks.evasion import AutoAttack as ArtAutoAttack
 from art.attacks.evasion import AutoProjectedGradientDescent, DeepFool, SquareAttack
 from art.estimators.classification import PyTorchClassifier
 
+from deq_attacks.adversarial.pgd import ART_NORMS
 from deq_attacks.adversarial.seeds import SampleSeeds
 from deq_attacks.evaluation.attacks.base import Attack, AttackOutput, register_attack
 from deq_attacks.evaluation.threat import ThreatModel
@@ -36,10 +37,6 @@ if TYPE_CHECKING:
     from art.attacks.attack import EvasionAttack
 
     from deq_attacks.adversarial.defended import DefendedModel
-
-
-#: ART's ``norm`` argument of each threat-model norm.
-ART_NORMS = {"Linf": np.inf, "L2": 2}
 
 
 def check_steps(steps: int | None) -> None:
