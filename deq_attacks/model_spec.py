@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deq_attacks.registry import canonical
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -67,8 +69,6 @@ DEFAULT_THRESHOLD = 8
 DEFAULT_BACKWARD_TOL = 1e-4
 #: Registered models that are not DEQs: trained with plain autograd, no DEQ-only steps.
 BASELINE_MODELS = frozenset({"resnet18", "wrn34_10"})
-#: Builder parameters filled from the data a model is built for (unless ``args`` sets them).
-DATA_KEYWORDS = ("num_classes", "in_channels", "image_size")
 
 
 class Gradient(str, enum.Enum):
@@ -140,7 +140,7 @@ class ModelSpec:
             for name in ("forward_solver", "backward_solver"):
                 if getattr(self, name) not in (None, DEFAULT_SOLVER):
                     out.append(f"{name} is for DEQs: {self.name} with autograd solves nothing")
-        elif self.name in BASELINE_MODELS and self.training_gradient is not None:
+        elif self.is_baseline and self.training_gradient is not None:
             out.append(f"{self.name} is not a DEQ: use training_gradient autograd")
         if self.training_gradient is not Gradient.EXACT and self.backward_solver not in (
             None,
@@ -151,15 +151,24 @@ class ModelSpec:
             out.append("key_map renames the keys of checkpoint: give checkpoint too")
         return out
 
+    @property
+    def is_baseline(self) -> bool:
+        """Whether ``name`` is a registered model that is not a DEQ (``BASELINE_MODELS``),
+        spelled as the registry reads names (``-`` as ``_``)."""
+        try:
+            return canonical(self.name) in BASELINE_MODELS
+        except (TypeError, ValueError):  # an entry point 'module:function', or no text
+            return False
+
     def registry_problems(self) -> list[str]:
         """The problems the model and solver registries find: an unknown model name, a solver
         text that does not build with the spec's threshold and tol. They import torch, so
         construction leaves them to the spec's users (``TrainConfig``, ``build_model``): a
         parser built from the spec's defaults stays free of torch."""
-        from deq_attacks.models.registry import list_models
+        from deq_attacks.models.registry import MODELS, list_models
 
         out: list[str] = []
-        if ":" not in self.name and self.name not in list_models():
+        if ":" not in self.name and self.name not in MODELS:
             out.append(
                 f"unknown model {self.name!r}: registered are {', '.join(list_models())}, or "
                 "give a 'module:function' entry point"
@@ -205,7 +214,7 @@ class ModelSpec:
         return ImplicitGradient(solver)
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -226,7 +235,7 @@ def _value_problems(s: ModelSpec) -> list[str]:
         )
     for name in ("forward_threshold", "backward_threshold"):
         value = getattr(s, name)
-        if value is not None and (not _is_int(value) or value < 1):
+        if value is not None and (not is_int(value) or value < 1):
             out.append(f"{name} must be null or an int >= 1, got {value!r}")
     for name in ("forward_solver", "backward_solver"):
         value = getattr(s, name)
@@ -237,7 +246,7 @@ def _value_problems(s: ModelSpec) -> list[str]:
         isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf
     ):
         out.append(f"solver_tol must be null or a finite number >= 0, got {tol!r}")
-    if not _is_int(s.phantom_k) or s.phantom_k < 1:
+    if not is_int(s.phantom_k) or s.phantom_k < 1:
         out.append(f"phantom_k must be an int >= 1, got {s.phantom_k!r}")
     lam = s.phantom_lam
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam <= 1:

@@ -79,6 +79,12 @@ def test_the_spec_validates_itself_and_the_builder_refuses_before_building() -> 
     assert exact.model.training_gradient == ImplicitGradient(Broyden(threshold=4, tol=1e-4))
     with pytest.raises(TypeError, match="resnet18 is a DEQ|not a deq_attacks DEQ"):
         build_model(ModelSpec("resnet18"), (3, 32, 32), 10)
+    # the registries' one name rule holds here too: '-' reads as '_'
+    dashed = build_model(ModelSpec("small-conv-deq"), (1, 8, 8), 10).model
+    assert type(dashed) is type(build_model(ModelSpec("small_conv_deq"), (1, 8, 8), 10).model)
+    assert ModelSpec("wrn34-10").is_baseline and not ModelSpec("pkg.mod:build").is_baseline
+    with pytest.raises(ValueError, match="wrn34-10 is not a DEQ"):
+        ModelSpec("wrn34-10", training_gradient=Gradient.PHANTOM)
 
 
 def test_one_fit_check_for_every_entry() -> None:

@@ -51,11 +51,6 @@ def estimate_class(name: str) -> type[GradientEstimate]:
     return ESTIMATES[name]
 
 
-def estimate_name(estimate: GradientEstimate) -> str:
-    """The registered name of ``estimate``'s class (raises for an unregistered class)."""
-    return ESTIMATES.name_of(estimate)
-
-
 def make_estimate(name: str, **params: Any) -> GradientEstimate:
     """``estimate_class(name)(**params)``; an unknown parameter raises listing the known ones."""
     estimate: GradientEstimate = ESTIMATES.make(name, **params)

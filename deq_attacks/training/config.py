@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deq_attacks.model_spec import BASELINE_MODELS, DEFAULT_SOLVER, Gradient, ModelSpec
+from deq_attacks.model_spec import BASELINE_MODELS, DEFAULT_SOLVER, Gradient, ModelSpec, is_int
 from deq_attacks.records import to_jsonable
 
 if TYPE_CHECKING:
@@ -62,10 +62,6 @@ class Device(str, enum.Enum):
     CUDA = "cuda"
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 class _Checks:
     """Collects the problems of one section's fields, each as one message."""
 
@@ -78,7 +74,7 @@ class _Checks:
             value = getattr(self.section, name)
             if optional and value is None:
                 continue
-            if not _is_int(value) or value < low:
+            if not is_int(value) or value < low:
                 what = f"None or an int >= {low}" if optional else f"an int >= {low}"
                 self.out.append(f"{name} must be {what}, got {value!r}")
 
@@ -465,7 +461,7 @@ def _cross_problems(c: TrainConfig) -> list[str]:
     if model.training_gradient is None:
         out.append("model.training_gradient must be given for training: exact, phantom or autograd")
     elif model.training_gradient is Gradient.AUTOGRAD:
-        if ":" not in model.name and model.name not in BASELINE_MODELS:
+        if ":" not in model.name and not model.is_baseline:
             out.append(f"{model.name} is a DEQ: use training_gradient exact or phantom")
         if c.optimiser.jac_weight > 0:
             out.append("Jacobian regularisation is DEQ-only: set jac_weight=0 for autograd")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from deq_attacks.model_spec import ModelSpec
+from deq_attacks.model_spec import DEFAULT_SOLVER, ModelSpec
 from deq_attacks.registry import Registry
 from deq_attacks.training.config import Device, Gradient, TrainConfig, paper_model
 
@@ -31,7 +31,7 @@ def exact(model: ModelSpec, forward: int = 8, backward: int = 7) -> ModelSpec:
         model,
         training_gradient=Gradient.EXACT,
         forward_threshold=forward,
-        backward_solver=model.backward_solver or "broyden",
+        backward_solver=model.backward_solver or DEFAULT_SOLVER,
         backward_threshold=backward,
     )
 
